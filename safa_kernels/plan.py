@@ -1,0 +1,122 @@
+"""Kernel plans: the merge rules of SPEC section 2 compiled to a per-column table.
+
+Every kernel backend (CPU C++, CUDA, Triton) executes the same dumb loop over a plan;
+all knowledge of layouts and modes lives here, once. A plan is built on the host the
+first time a (layout, op, mode, ...) combination is used on a device, and memoised on
+the layout, so the per-step merge allocates nothing.
+
+Plan semantics (the contract every kernel implements). Tensors are canonical 4-D:
+``out`` is ``(D, O, Ld, I)``, ``src`` is ``(S, O, Ls, I)`` (``src`` is ``out`` itself for
+in-place sync) and ``reference`` is ``(O, window, I)``, all with arbitrary strides.
+``index`` is int32 ``(P, 1 + K + T)`` and ``weight`` float32 ``(P, K)``. Row ``r``::
+
+    ref_col = index[r, 0]                 # -1: no reference swap in this row
+    sources = index[r, 1 : 1 + K]         # flat src positions s * Ls + col, -1 = padding
+    targets = index[r, 1 + K :]           # flat out positions d * Ld + col, -1 = padding
+    for every (o, i):
+        if ref_col >= 0 and takes_reference(o, i):   value = reference[o, ref_col, i]
+        elif sources[0] >= 0:                        value = sum_k weight[r, k] * src[sources[k]][o, :, i]
+        else:                                        continue   # nothing to write
+        for t in targets (t >= 0):                   out[t][o, :, i] = value
+
+``takes_reference`` is the runtime parity of the reference swap when it runs along an
+axis other than the long one: ``parity = [axis_part, div, size, swap_interval]`` with
+``axis_part`` 0 (always true: the long-axis parity is resolved into the plan), 1 (the
+axis is inside ``O``) or 2 (inside ``I``); then ``h = (x // div) % size`` for ``x = o``
+or ``i`` and the reference is taken iff ``(h // swap_interval) % 2 == 1``.
+
+A single source has weight exactly 1.0, and a kernel computes it as a copy, so swap,
+gather and stitch are bitwise copies. Rows touch disjoint cells of ``out`` and every
+row reads all its sources before writing, so in-place execution is race-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from .layout import ViewLayout
+
+__all__ = ["Plan", "get_plan", "OPS", "REF_NONE", "REF_LONG_AXIS", "REF_OTHER_AXIS"]
+
+OPS = ("gather", "stitch", "sync")
+REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    index: torch.Tensor   # int32 (P, 1 + K + T)
+    weight: torch.Tensor  # float32 (P, K)
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.shape[0]
+
+
+def _odd(offset: int, swap_interval: int) -> bool:
+    return (offset // swap_interval) % 2 == 1
+
+
+def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
+    """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
+    w, W, s, o = layout.window, layout.length, layout.stride, layout.overlap
+    tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, SPEC section 2)
+    for col in range(W):
+        cover = layout.coverage(col)                      # [(view, local)]
+        cells = [v * w + k for v, k in cover]
+        if op == "gather":
+            yield -1, [col], [1.0], cells
+            continue
+        ref_col = -1
+        if len(cover) == 1 and ref != REF_NONE:
+            view, local = cover[0]
+            lo, hi = layout.middle(view)
+            if lo <= local < hi and (ref == REF_OTHER_AXIS or _odd(local - lo, swap_interval)):
+                ref_col = local
+        if len(cover) == 1:
+            sources, weights = cells, [1.0]
+        elif mode == "swap":
+            # The pair (i, j): view i holds the overlap in its right part (local >= stride),
+            # view j in its left part at overlap offset q (SPEC: p = floor(q / w_swap) mod 2).
+            (vi, ki), (vj, kj) = cover if cover[0][1] >= s else cover[::-1]
+            winner = vj * w + kj if _odd(kj, swap_interval) else vi * w + ki
+            sources, weights = [winner], [1.0]
+        else:
+            raw = [1.0 if mode == "mean" else tri(k) for _, k in cover]
+            total = sum(raw)
+            sources, weights = cells, [x / total for x in raw]
+        if op == "stitch":
+            yield ref_col, sources, weights, [col]
+        elif len(cover) == 1:  # sync: a lone column changes only by the reference swap
+            if ref_col >= 0:
+                yield ref_col, ([] if ref == REF_OTHER_AXIS else sources), weights, cells
+        elif mode == "swap":  # sync: only the losing view's cell changes
+            yield -1, sources, weights, [c for c in cells if c != sources[0]]
+        else:
+            yield -1, sources, weights, cells
+
+
+def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
+    rows = list(_rows(layout, op, mode, swap_interval, ref))
+    K = max([len(r[1]) for r in rows] + [1])
+    T = max([len(r[3]) for r in rows] + [1])
+    index: List[List[int]] = []
+    weight: List[List[float]] = []
+    for ref_col, sources, weights, targets in rows:
+        index.append([ref_col] + sources + [-1] * (K - len(sources)) + targets + [-1] * (T - len(targets)))
+        weight.append(list(weights[: len(sources)]) + [0.0] * (K - len(sources)))
+    return Plan(torch.tensor(index, dtype=torch.int32).reshape(len(rows), 1 + K + T),
+                torch.tensor(weight, dtype=torch.float32).reshape(len(rows), K))
+
+
+def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
+             device: torch.device) -> Plan:
+    """The memoised plan on ``device`` (built on the host on first use)."""
+    key = (op, mode if op != "gather" else "", swap_interval if op != "gather" else 0, ref, str(device))
+    plan: Optional[Plan] = layout._plans.get(key)  # type: ignore[assignment]
+    if plan is None:
+        host = build_plan(layout, op, mode, swap_interval, ref)
+        plan = Plan(host.index.to(device), host.weight.to(device))
+        layout._plans[key] = plan
+    return plan

@@ -1,0 +1,127 @@
+"""Pure-PyTorch reference: the executable form of SPEC section 2, step 3.
+
+Written for reading, not speed: per-view loops over ``index_select``/``index_copy_``.
+Every kernel backend is tested against these functions, and they are the fallback on
+any device where no kernel was built. Arguments are validated by the public API in
+``ops.py``; these functions assume valid input.
+
+Conventions: ``latent`` has the long axis at ``dim``; ``views`` is
+``(num_views, *latent.shape)`` with ``window`` columns on the long axis; ``reference``
+is one view's shape.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .layout import ViewLayout
+
+MODES = ("swap", "mean", "triangular")
+
+
+def _parity(offsets: torch.Tensor, swap_interval: int) -> torch.Tensor:
+    """``p = floor(offset / swap_interval) mod 2`` (Eq. 9): True where the swap takes the other side."""
+    return (offsets // swap_interval) % 2 == 1
+
+
+def _cols(layout: ViewLayout, view: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(layout.columns(view), dtype=torch.long, device=device)
+
+
+def gather(latent: torch.Tensor, layout: ViewLayout, dim: int) -> torch.Tensor:
+    """``views[i] = F_i(latent)``: each view's window of the long axis."""
+    dim = dim % latent.ndim
+    return torch.stack([latent.index_select(dim, _cols(layout, i, latent.device))
+                        for i in range(layout.num_views)])
+
+
+def _triangular_weights(window: int) -> torch.Tensor:
+    k = torch.arange(window, dtype=torch.float32)
+    return torch.minimum(k + 1, window - k)
+
+
+def stitch(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap",
+           swap_interval: int = 1, reference: Optional[torch.Tensor] = None,
+           reference_axis: Optional[int] = None) -> torch.Tensor:
+    """Merge the views into the long latent ``J`` by ``mode`` (then the reference swap)."""
+    ndim = views.ndim - 1
+    dim = dim % ndim
+    shape = list(views.shape[1:])
+    shape[dim] = layout.length
+
+    if mode == "swap":
+        # Paint every view, then write each overlap explicitly from its pair (i, j):
+        # Eq. 9 with X1 = Left(X^j), X2 = Right(X^i); parity 0 keeps view i.
+        out = views.new_empty(shape)
+        for i in range(layout.num_views):
+            out.index_copy_(dim, _cols(layout, i, views.device), views[i])
+        q = torch.arange(layout.overlap, device=views.device)
+        mshape = [1] * ndim
+        mshape[dim] = layout.overlap
+        take_right_view = _parity(q, swap_interval).view(mshape)
+        for i, j in layout.neighbour_pairs():
+            left_part_of_j = views[j].index_select(dim, q)
+            right_part_of_i = views[i].index_select(dim, layout.stride + q)
+            cols = _cols(layout, j, views.device)[q]
+            out.index_copy_(dim, cols, torch.where(take_right_view, left_part_of_j, right_part_of_i))
+    elif mode in ("mean", "triangular"):
+        # MultiDiffusion: value / count over every covering view, accumulated in fp32.
+        acc = torch.zeros(shape, dtype=torch.float32, device=views.device)
+        count = torch.zeros(layout.length, dtype=torch.float32, device=views.device)
+        weight = (torch.ones(layout.window) if mode == "mean" else _triangular_weights(layout.window)).to(views.device)
+        bshape = [1] * ndim
+        bshape[dim] = layout.window
+        for i in range(layout.num_views):
+            cols = _cols(layout, i, views.device)
+            acc.index_add_(dim, cols, views[i].float() * weight.view(bshape))
+            count.index_add_(0, cols, weight)
+        cshape = [1] * ndim
+        cshape[dim] = layout.length
+        out = (acc / count.view(cshape)).to(views.dtype)
+        # A column covered by one view takes that view's value exactly (not x * w / w).
+        for i in range(layout.num_views):
+            lo, hi = layout.middle(i)
+            if hi > lo:
+                local = torch.arange(lo, hi, device=views.device)
+                out.index_copy_(dim, _cols(layout, i, views.device)[local], views[i].index_select(dim, local))
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    if reference is not None:
+        _reference_swap(out, views, layout, dim, swap_interval, reference, reference_axis)
+    return out
+
+
+def _reference_swap(out: torch.Tensor, views: torch.Tensor, layout: ViewLayout, dim: int,
+                    swap_interval: int, reference: torch.Tensor, reference_axis: Optional[int]) -> None:
+    """Eq. 10: in each view's middle, parity-1 positions take ``Middle(X^0)``, written into ``out``.
+
+    Parity runs over the offset from the middle's start along the long axis, or, when
+    ``reference_axis`` is another axis (rows of an image), over that axis's index.
+    """
+    ndim = out.ndim
+    axis = dim if reference_axis is None else reference_axis % ndim
+    for i in range(layout.num_views):
+        lo, hi = layout.middle(i)
+        if hi <= lo:
+            continue
+        local = torch.arange(lo, hi, device=out.device)
+        cols = _cols(layout, i, out.device)[local]
+        own = views[i].index_select(dim, local)
+        ref = reference.index_select(dim, local)
+        if axis == dim:
+            take_ref = _parity(local - lo, swap_interval)
+        else:
+            take_ref = _parity(torch.arange(out.shape[axis], device=out.device), swap_interval)
+        mshape = [1] * ndim
+        mshape[axis] = take_ref.numel()
+        out.index_copy_(dim, cols, torch.where(take_ref.view(mshape), ref, own))
+
+
+def sync_(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap", swap_interval: int = 1,
+          reference: Optional[torch.Tensor] = None, reference_axis: Optional[int] = None) -> torch.Tensor:
+    """In place: every view becomes its window of the merged latent (SPEC section 3)."""
+    merged = stitch(views, layout, dim, mode, swap_interval, reference, reference_axis)
+    views.copy_(gather(merged, layout, dim))
+    return views

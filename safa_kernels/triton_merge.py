@@ -1,0 +1,2 @@
+"""Triton plan executor (placeholder until the kernel lands): registers nothing yet."""
+AVAILABLE = False
