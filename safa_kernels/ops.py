@@ -54,9 +54,9 @@ def _op(backend: str) -> Callable:
 
 
 # -- which backends exist -------------------------------------------------------------
-def _has_kernel(backend: str, device: torch.device) -> bool:
-    """Whether ``backend`` has a kernel registered for ``device``'s dispatch key."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+def _has_kernel(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` has a kernel registered for the device type's dispatch key."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"safa::merge_{backend}_", key)
@@ -64,10 +64,16 @@ def _has_kernel(backend: str, device: torch.device) -> bool:
 
 def available_backends(device: torch.device | str = "cpu") -> Tuple[str, ...]:
     """Backends that can run on ``device``, fastest first; ``reference`` is always last."""
+    return _available_backends(torch.device(device).type)
+
+
+# A constant for torch.compile: the dispatcher query is not traceable, and the answer
+# does not change once the package (and with it the extension and Triton) is imported.
+@torch.compiler.assume_constant_result
+def _available_backends(device_type: str) -> Tuple[str, ...]:
     from . import _extension, triton_merge  # noqa: F401  (registers what could be built)
-    device = torch.device(device)
-    preferred = ("cpp", "triton") if device.type == "cpu" else ("cuda", "triton", "cpp")
-    return tuple(b for b in preferred if _has_kernel(b, device)) + ("reference",)
+    preferred = ("cpp", "triton") if device_type == "cpu" else ("cuda", "triton", "cpp")
+    return tuple(b for b in preferred if _has_kernel(b, device_type)) + ("reference",)
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
@@ -189,9 +195,9 @@ def _parity(shape, dim: int, axis: Optional[int], swap_interval: int) -> Tuple[i
 
 def _run(backend: str, out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[torch.Tensor],
          layout: ViewLayout, op: str, mode: str, swap_interval: int, ref_kind: int, parity: list) -> None:
-    plan = get_plan(layout, op, mode, swap_interval, ref_kind, out.device)
-    if plan.num_rows:
-        _op(backend)(out, src, reference, plan.index, plan.weight, parity)
+    index, weight = get_plan(layout, op, mode, swap_interval, ref_kind, out.device)
+    if index.shape[0]:  # e.g. sync_ with no overlap and no reference has nothing to do
+        _op(backend)(out, src, reference, index, weight, parity)
 
 
 # -- public API ---------------------------------------------------------------------------

@@ -31,8 +31,7 @@ row reads all its sources before writing, so in-place execution is race-free.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -44,14 +43,9 @@ OPS = ("gather", "stitch", "sync")
 REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     index: torch.Tensor   # int32 (P, 1 + K + T)
     weight: torch.Tensor  # float32 (P, K)
-
-    @property
-    def num_rows(self) -> int:
-        return self.index.shape[0]
 
 
 def _odd(offset: int, swap_interval: int) -> bool:
@@ -110,6 +104,9 @@ def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
                 torch.tensor(weight, dtype=torch.float32).reshape(len(rows), K))
 
 
+# torch.compile calls this eagerly while tracing and treats the plan as a constant
+# (tracing the Python loops of `build_plan` would unroll them into the graph builder).
+@torch.compiler.assume_constant_result
 def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
              device: torch.device) -> Plan:
     """The memoised plan on ``device`` (built on the host on first use)."""
