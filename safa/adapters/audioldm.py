@@ -1,0 +1,114 @@
+"""Adapters for the mel-spectrogram latent diffusion family: AudioLDM, MusicLDM, AudioLDM2.
+
+Latent ``(B, 8, T, F)`` with time on dim -2; the VAE decodes to a mel spectrogram
+``(B, 1, T * vae_scale_factor, mel_bins)`` and the HiFi-GAN vocoder to a 16 kHz waveform.
+With the released checkpoints: 100 mel frames per second, VAE factor 4, so 25 latent
+frames per second and a native window of 10.24 s = 256 latent frames (what the models
+were trained on; SaFa's default window).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .base import Adapter, Conditions, register_adapter
+
+__all__ = ["AudioLDMAdapter", "AudioLDM2Adapter"]
+
+# The AudioLDM family is trained on 10.24 s clips (paper, section 3.1).
+NATIVE_WINDOW_SECONDS = 10.24
+
+
+@register_adapter
+class AudioLDMAdapter(Adapter):
+    """AudioLDM and MusicLDM: one CLAP text embedding per prompt, passed to the UNet as ``class_labels``."""
+
+    pipeline_classes = ("AudioLDMPipeline", "MusicLDMPipeline")
+    kind = "audio"
+    long_dim = -2
+    reference_axis = -2  # audio: the reference swap alternates along time (SPEC 2.3)
+    decoded_dim = -2
+    decode_context = 8  # latent frames each side of a tile: covers the VAE decoder's receptive field
+
+    @property
+    def decoded_scale(self) -> int:  # type: ignore[override]
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def finalize_scale(self) -> int:  # type: ignore[override]
+        return int(math.prod(self.pipe.vocoder.config.upsample_rates))
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.pipe.vocoder.config.sampling_rate)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / (self.decoded_scale * self.finalize_scale)
+
+    def native_window(self) -> int:
+        return max(1, int(round(NATIVE_WINDOW_SECONDS * self.frames_per_second)))
+
+    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+        bins = int(self.pipe.vocoder.config.model_in_dim) // self.decoded_scale
+        return (batch_size, int(self.pipe.unet.config.in_channels), int(length), bins)
+
+    # -- conditions ------------------------------------------------------------------------
+    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
+        """The pipeline's own encoder; returns a tuple of tensors, each ``[neg; pos]`` rows under CFG."""
+        return (self.pipe._encode_prompt(prompts, self.device, 1, cfg, negative),)
+
+    _keys: Tuple[str, ...] = ("class_labels",)
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+                       guidance_scale: float) -> Conditions:
+        prompts = list(prompts)
+        cfg = guidance_scale > 1.0  # the pipelines' own rule for classifier-free guidance
+        negative = [negative_prompt or ""] * len(prompts) if cfg else None
+        with torch.no_grad():
+            tensors = self._encode(prompts, negative, cfg)
+        p = len(prompts)
+        if cfg:  # the pipelines return cat([negative, positive]) along dim 0
+            return Conditions({k: v[p:] for k, v in zip(self._keys, tensors)},
+                              {k: v[:p] for k, v in zip(self._keys, tensors)})
+        return Conditions(dict(zip(self._keys, tensors)))
+
+    # -- denoiser --------------------------------------------------------------------------
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+        return self.pipe.unet(x, t, encoder_hidden_states=None, class_labels=c["class_labels"]).sample
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
+        if cond.negative is None:
+            return self._unet(latents, t, cond.positive)
+        # Same batching as the pipelines: [uncond; cond] in one forward pass.
+        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
+        out = self._unet(torch.cat([latents, latents]), t, both)
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    # -- decoding --------------------------------------------------------------------------
+    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latent = latent.to(device=self.device, dtype=vae.dtype)
+        return vae.decode(latent / vae.config.scaling_factor).sample
+
+    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.pipe.mel_spectrogram_to_waveform(decoded)
+
+
+@register_adapter
+class AudioLDM2Adapter(AudioLDMAdapter):
+    """AudioLDM2: CLAP -> GPT-2 generated embeddings plus T5 embeddings with an attention mask."""
+
+    pipeline_classes = ("AudioLDM2Pipeline",)
+    _keys = ("prompt_embeds", "attention_mask", "generated_prompt_embeds")
+
+    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
+        return tuple(self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative))
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+        return self.pipe.unet(x, t, encoder_hidden_states=c["generated_prompt_embeds"],
+                              encoder_hidden_states_1=c["prompt_embeds"],
+                              encoder_attention_mask_1=c["attention_mask"], return_dict=False)[0]

@@ -1,0 +1,250 @@
+"""The adapter protocol: what the joint-diffusion sampler needs to know about a pipeline family.
+
+The sampler (``safa.sampler.JointDiffusion``) is model-agnostic. It owns the long latent,
+the views, the reference window, the scheduler loop and the merge; everything that depends
+on the wrapped diffusers pipeline goes through one small :class:`Adapter` subclass per
+pipeline family. An adapter holds a reference to the pipeline (no weights are copied).
+
+Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
+
+1. Subclass :class:`Adapter`, set the class attributes ``pipeline_classes`` (class names it
+   accepts), ``kind`` (``"audio"`` or ``"image"``), ``long_dim`` and ``reference_axis``.
+2. Implement :meth:`latent_shape`, :meth:`native_window`, :meth:`columns_for`,
+   :meth:`output_length`, :meth:`encode_prompts`, :meth:`predict` and :meth:`decode_latents`
+   (and :meth:`finalize` plus ``finalize_scale`` when decoding has a second stage such as
+   a vocoder). Override :meth:`set_timesteps` / :meth:`init_noise` only when the pipeline
+   does something special (e.g. SD3's shifted flow-matching sigmas).
+3. Decorate the class with :func:`register_adapter`. Modules placed in ``safa/adapters/``
+   are imported automatically on the first lookup; anything else calls
+   ``register_adapter`` at import time and is listed in ``safa.adapters._EXTRA_MODULES``.
+
+Axes: a *latent* is the pipeline's own latent tensor ``(B, ...)``. ``long_dim`` is the
+long (time / panorama width) axis, a negative index so it is valid for the latent with or
+without extra leading axes; ``reference_axis`` is the axis along which the reference swap
+alternates (SPEC 2.3: the long axis for audio, rows for images).
+
+Conditions: :meth:`encode_prompts` encodes a list of ``P`` prompts once; the sampler
+then asks :meth:`predict` for a batch of windows where row ``r`` uses prompt
+``rows[r]`` (a ``LongTensor``); :meth:`Conditions.take` does that indexing for any number
+of tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+
+__all__ = ["Adapter", "Conditions", "register_adapter", "registered_adapters", "adapter_class_for"]
+
+
+@dataclass
+class Conditions:
+    """Encoded prompts. Every tensor in ``positive`` / ``negative`` has one row per prompt on dim 0.
+
+    ``negative`` is None without classifier-free guidance. ``extra`` carries anything
+    per-call that is not per prompt (e.g. a guidance-scale tensor); it is passed through
+    :meth:`take` unchanged.
+    """
+
+    positive: Dict[str, torch.Tensor]
+    negative: Optional[Dict[str, torch.Tensor]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return next(iter(self.positive.values())).shape[0]
+
+    def take(self, rows: torch.Tensor) -> "Conditions":
+        """The conditions of a batch whose row ``r`` uses prompt ``rows[r]``."""
+        def pick(d: Optional[Dict[str, torch.Tensor]]) -> Optional[Dict[str, torch.Tensor]]:
+            if d is None:
+                return None
+            return {k: (v.index_select(0, rows.to(v.device)) if isinstance(v, torch.Tensor) else v)
+                    for k, v in d.items()}
+        return Conditions(pick(self.positive), pick(self.negative), dict(self.extra))
+
+
+_REGISTRY: Dict[str, Type["Adapter"]] = {}
+
+
+def register_adapter(cls: Type["Adapter"]) -> Type["Adapter"]:
+    """Class decorator: make ``cls`` the adapter for each name in ``cls.pipeline_classes``."""
+    if not cls.pipeline_classes:
+        raise TypeError(f"{cls.__name__}.pipeline_classes is empty")
+    for name in cls.pipeline_classes:
+        _REGISTRY[name] = cls
+    return cls
+
+
+def registered_adapters() -> Dict[str, Type["Adapter"]]:
+    """Pipeline class name -> adapter class, for every adapter imported so far."""
+    return dict(_REGISTRY)
+
+
+def adapter_class_for(pipe: Any) -> Type["Adapter"]:
+    """The adapter class for ``pipe``'s class (or its nearest registered base class).
+
+    Raises ``ValueError`` naming the supported pipeline classes when there is none.
+    """
+    for klass in type(pipe).__mro__:
+        if klass.__name__ in _REGISTRY:
+            return _REGISTRY[klass.__name__]
+    supported = ", ".join(sorted(_REGISTRY)) or "(none registered)"
+    raise ValueError(f"unsupported pipeline class {type(pipe).__name__}; supported: {supported}")
+
+
+class Adapter:
+    """Base class of the per-family adapters. Subclasses set the class attributes below.
+
+    Attributes:
+        pipeline_classes: names of the diffusers pipeline classes this adapter accepts.
+        kind: ``"audio"`` (output ``(B, samples)``) or ``"image"`` (output ``(B, 3, H, W)``).
+        long_dim: the long axis of the latent, negative (e.g. ``-2`` for AudioLDM's
+            ``(B, 8, T, 16)``, ``-1`` for images ``(B, 4, H, W)``).
+        reference_axis: axis along which the reference swap alternates (negative).
+        decoded_dim: long axis of :meth:`decode_latents`' output (negative).
+        decoded_scale: columns of :meth:`decode_latents`' output per latent column.
+        finalize_scale: output columns (samples / pixels) per decoded column.
+        decode_context: latent columns of context a tiled decode adds on each side of a tile
+            (about the decoder's receptive field; the output there is discarded).
+    """
+
+    pipeline_classes: ClassVar[Tuple[str, ...]] = ()
+    kind: ClassVar[str] = "audio"
+    long_dim: ClassVar[int] = -1
+    reference_axis: ClassVar[int] = -1
+    decoded_dim: ClassVar[int] = -1
+    decoded_scale: ClassVar[int] = 1
+    finalize_scale: ClassVar[int] = 1
+    decode_context: ClassVar[int] = 8
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    # -- geometry -----------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> Optional[int]:
+        """Output samples per second for audio; None for images."""
+        return None
+
+    def native_window(self) -> int:
+        """The window (latent columns on ``long_dim``) the model was trained on."""
+        raise NotImplementedError
+
+    def window_columns(self, window: float) -> int:
+        """Convert the user's ``window`` (seconds for audio, latent columns for images) to columns."""
+        if self.kind == "audio":
+            return int(round(float(window) * self.frames_per_second))
+        if float(window) != int(window):
+            raise ValueError(f"window is in latent columns for image pipelines: an int, got {window}")
+        return int(window)
+
+    @property
+    def frames_per_second(self) -> float:
+        """Latent columns per second of audio (audio adapters only)."""
+        raise NotImplementedError
+
+    def columns_for(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        """Latent columns needed for the requested length (``seconds`` for audio, ``width`` pixels for images)."""
+        if self.kind == "audio":
+            if seconds is None:
+                raise ValueError("seconds is required for audio pipelines")
+            return max(1, math.ceil(float(seconds) * self.frames_per_second - 1e-9))
+        if width is None:
+            raise ValueError("width is required for image pipelines")
+        return max(1, math.ceil(int(width) / (self.decoded_scale * self.finalize_scale)))
+
+    def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        """Output columns (samples / pixels) to crop the decoded output to."""
+        if self.kind == "audio":
+            return int(round(float(seconds) * self.sample_rate))
+        return int(width)
+
+    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+        """Shape of a latent with ``length`` columns on ``long_dim``."""
+        raise NotImplementedError
+
+    # -- sampling -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the latents (the denoiser's dtype)."""
+        return self.pipe.unet.dtype
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+                       guidance_scale: float) -> Conditions:
+        """Encode ``prompts`` (one row each) and, when ``guidance_scale > 1``, the shared negative prompt."""
+        raise NotImplementedError
+
+    def set_timesteps(self, num_inference_steps: int, window: int) -> torch.Tensor:
+        """Set the scheduler up for ``num_inference_steps``; return the timesteps to loop over.
+
+        ``window`` is the latent columns of one window (some pipelines shift the schedule
+        by resolution).
+        """
+        self.pipe.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.pipe.scheduler.timesteps
+
+    def init_noise(self, shape: Tuple[int, ...], generator: Any, latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Initial noise of ``shape`` scaled by the scheduler's ``init_noise_sigma`` (as the pipeline does)."""
+        from diffusers.utils.torch_utils import randn_tensor
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        else:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+            latents = latents.to(device=self.device, dtype=self.dtype)
+        return latents * self.pipe.scheduler.init_noise_sigma
+
+    def step_kwargs(self, generator: Any, eta: float) -> Dict[str, Any]:
+        """Extra keyword arguments for ``scheduler.step`` (``eta``, ``generator`` where accepted)."""
+        import inspect
+        params = set(inspect.signature(self.pipe.scheduler.step).parameters)
+        kwargs: Dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
+        """The scheduler-ready model output for a batch of windows.
+
+        ``latents`` is ``(N, ...)`` already passed through ``scheduler.scale_model_input``;
+        ``cond`` holds N rows (from :meth:`Conditions.take`). Classifier-free guidance is
+        applied here when ``cond.negative`` is set.
+        """
+        raise NotImplementedError
+
+    # -- decoding -------------------------------------------------------------------------
+    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        """First decoding stage (the VAE): latent -> mel spectrogram / pixels, long axis on ``decoded_dim``."""
+        raise NotImplementedError
+
+    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Second stage (the vocoder for mel pipelines); identity by default.
+
+        Audio adapters return ``(B, samples)`` float32 on the CPU; image adapters
+        ``(B, 3, H, W)`` in ``[0, 1]``.
+        """
+        return decoded
+
+    def to_output(self, output: torch.Tensor, output_type: str) -> Any:
+        """Convert the cropped final output to ``output_type`` (``"pt"``, ``"np"``, ``"pil"`` for images)."""
+        if output_type == "pt":
+            return output
+        if output_type == "np":
+            return output.float().cpu().numpy() if self.kind == "audio" else \
+                output.float().cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil" and self.kind == "image":
+            import numpy as np
+            from PIL import Image
+            arr = (output.float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            return [Image.fromarray(a) for a in arr]
+        allowed = ("pt", "np", "latent") + (("pil",) if self.kind == "image" else ())
+        raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")
