@@ -1,0 +1,383 @@
+// CPU executor of a merge plan: the kernel behind `safa::merge_cpp_`.
+//
+// The plan contract (what a row means) is documented once, in safa_kernels/plan.py; this
+// file only executes it. Tensors arrive canonical and 4-D with arbitrary strides:
+//   out (D, O, Ld, I), src (S, O, Ls, I) or undefined (= out, in-place sync),
+//   reference (O, window, I), index int32 (P, 1 + K + T), weight float32 (P, K).
+//
+// The work is memory-bound, so the loop is shaped around memory traffic:
+//  * a plan row is decoded once and then applied to all O x I cells of its column;
+//  * consecutive copy rows whose sources and targets all advance by one column are
+//    executed as one run, so a view's span of the long axis moves as one memcpy per outer
+//    index when the long axis is dense (stitch and gather are almost entirely such runs);
+//  * single-source rows are bitwise copies (memcpy or element assignment), never x * 1.0;
+//  * rows are independent (they write disjoint cells, and every row reads only cells of
+//    its own column of J), so chunks of rows run in parallel with no synchronisation.
+//
+// Deliberately includes only ATen/ATen.h, ATen/Parallel.h and torch/library.h (not
+// torch/extension.h, which pulls in pybind11 and triples the build time).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace safa {
+namespace {
+
+// Half and bfloat16 accumulate in float, float64 in double (the contract of ops.py).
+template <typename T> struct Accumulate { using type = float; };
+template <> struct Accumulate<double> { using type = double; };
+
+// A canonical 4-D operand: base pointer and element strides.
+template <typename T>
+struct Operand {
+  T* data;
+  int64_t long_size;  // columns per view: a flat plan position p is view p / long_size, column p % long_size
+  int64_t view_stride, outer_stride, long_stride, inner_stride;
+
+  // The cell of flat plan position `pos` at outer index 0, inner index 0.
+  T* cell(int64_t pos) const {
+    return data + (pos / long_size) * view_stride + (pos % long_size) * long_stride;
+  }
+};
+
+template <typename T>
+Operand<T> operand(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.size(2), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Runtime parity of a reference swap along an axis inside O (axis_part 1) or I (axis_part 2);
+// axis_part 0 means "always" (the long-axis parity is already resolved into the plan).
+struct Parity {
+  int64_t axis_part, div, size, interval;
+  bool takes(int64_t x) const { return ((x / div) % size / interval) % 2 == 1; }
+};
+
+// Everything one row needs, decoded once from the plan.
+template <typename T>
+struct Row {
+  int32_t ref_col;
+  int64_t num_sources = 0, num_targets = 0;
+  const T** sources;        // cell(pos) of each valid source (length num_sources)
+  float* weights;           // their weights
+  T** targets;              // cell(pos) of each valid target
+};
+
+template <typename T>
+class PlanExecutor {
+  using Acc = typename Accumulate<T>::type;
+  // Inner elements handled per accumulation tile: a stack array the compiler keeps in
+  // vector registers / L1, so the k-loop of a weighted row vectorises over i.
+  static constexpr int64_t kTile = 64;
+
+ public:
+  PlanExecutor(const at::Tensor& out, const at::Tensor& src, const at::Tensor& reference,
+               const at::Tensor& index, const at::Tensor& weight, Parity parity)
+      : out_(operand<T>(out)), src_(src.defined() ? operand<T>(src) : out_),
+        outer_(out.size(1)), inner_(out.size(3)),
+        K_(weight.size(1)), T_(index.size(1) - 1 - weight.size(1)),
+        index_(index.data_ptr<int32_t>()), weight_(weight.data_ptr<float>()), parity_(parity) {
+    if (reference.defined()) {
+      ref_ = reference.data_ptr<T>();
+      ref_outer_stride_ = reference.stride(0);
+      ref_long_stride_ = reference.stride(1);
+      ref_inner_stride_ = reference.stride(2);
+    }
+    // A size-1 inner axis has no meaningful stride: treat it as dense.
+    src_inner_ = inner_ == 1 ? 1 : src_.inner_stride;
+    out_inner_ = inner_ == 1 ? 1 : out_.inner_stride;
+    ref_inner_ = inner_ == 1 ? 1 : ref_inner_stride_;
+  }
+
+  // Execute rows [begin, end): called once per parallel chunk.
+  void run(int64_t begin, int64_t end) const {
+    std::vector<const T*> sources(K_);
+    std::vector<float> weights(K_);
+    std::vector<T*> targets(T_);
+    std::vector<int64_t> target_pos(T_);
+    Row<T> row{};
+    row.sources = sources.data();
+    row.weights = weights.data();
+    row.targets = targets.data();
+    for (int64_t r = begin; r < end;) {
+      const int32_t* entry = index_ + r * (1 + K_ + T_);
+      decode(r, entry, row, target_pos.data());
+      if (row.ref_col < 0 && row.num_sources == 1) {
+        const int64_t run = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
+        copy_columns(row, run);
+        r += run;
+      } else {
+        apply_row(row);
+        ++r;
+      }
+    }
+  }
+
+ private:
+  void decode(int64_t r, const int32_t* entry, Row<T>& row, int64_t* target_pos) const {
+    row.ref_col = entry[0];
+    row.num_sources = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      const int32_t pos = entry[1 + k];
+      if (pos < 0) continue;  // padding
+      row.sources[row.num_sources] = src_.cell(pos);
+      row.weights[row.num_sources] = weight_[r * K_ + k];
+      ++row.num_sources;
+    }
+    row.num_targets = 0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const int32_t pos = entry[1 + K_ + t];
+      if (pos < 0) continue;
+      target_pos[row.num_targets] = pos;
+      row.targets[row.num_targets++] = out_.cell(pos);
+    }
+  }
+
+  // How many rows from r (at most end - r) form one run of plain copies: row r + n copies
+  // from source position + n to every target position + n, all within the same view.
+  int64_t copy_run_length(const int32_t* entry, const int64_t* target_pos, int64_t num_targets,
+                          int64_t r, int64_t end) const {
+    const int64_t width = 1 + K_ + T_;
+    int32_t source_pos = -1;
+    for (int64_t k = 0; k < K_ && source_pos < 0; ++k) source_pos = entry[1 + k];
+    int64_t room = src_.long_size - source_pos % src_.long_size;  // columns left in its view
+    for (int64_t t = 0; t < num_targets; ++t)
+      room = std::min(room, out_.long_size - target_pos[t] % out_.long_size);
+    room = std::min(room, end - r);
+    int64_t n = 1;
+    for (; n < room; ++n) {
+      const int32_t* next = entry + n * width;
+      if (next[0] >= 0) break;
+      // Same shape: the first source advanced by n, no other source, targets advanced by n.
+      int64_t k = 0, found = 0;
+      for (; k < K_; ++k) {
+        const int32_t pos = next[1 + k];
+        if (pos < 0) continue;
+        if (found++ || pos != source_pos + n) break;
+      }
+      if (k < K_ || found != 1) break;
+      int64_t t = 0, seen = 0;
+      for (; t < T_; ++t) {
+        const int32_t pos = next[1 + K_ + t];
+        if (pos < 0) continue;
+        if (seen >= num_targets || pos != target_pos[seen] + n) break;
+        ++seen;
+      }
+      if (t < T_ || seen != num_targets) break;
+    }
+    return n;
+  }
+
+  // Copy `columns` consecutive columns from the row's single source to each of its targets.
+  void copy_columns(const Row<T>& row, int64_t columns) const {
+    const T* from = row.sources[0];
+    const bool dense_from = src_inner_ == 1 && (columns == 1 || src_.long_stride == inner_);
+    for (int64_t t = 0; t < row.num_targets; ++t) {
+      T* to = row.targets[t];
+      if (to == from) continue;  // a copy onto itself changes nothing
+      const bool dense_to = out_inner_ == 1 && (columns == 1 || out_.long_stride == inner_);
+      for (int64_t o = 0; o < outer_; ++o) {
+        const T* s = from + o * src_.outer_stride;
+        T* d = to + o * out_.outer_stride;
+        if (dense_from && dense_to) {
+          std::memcpy(d, s, sizeof(T) * columns * inner_);
+          continue;
+        }
+        for (int64_t c = 0; c < columns; ++c)
+          copy_inner(d + c * out_.long_stride, s + c * src_.long_stride, src_inner_);
+      }
+    }
+  }
+
+  // One column's inner segment: bitwise, never through arithmetic.
+  void copy_inner(T* d, const T* s, int64_t s_inner) const {
+    if (s_inner == 1 && out_inner_ == 1) {
+      std::memcpy(d, s, sizeof(T) * inner_);
+    } else {
+      for (int64_t i = 0; i < inner_; ++i) d[i * out_inner_] = s[i * s_inner];
+    }
+  }
+
+  // The weighted mean of the row's sources at (o, i), written to every target, tile by tile.
+  void weighted_inner(const Row<T>& row, int64_t o) const {
+    Acc acc[kTile];
+    for (int64_t i0 = 0; i0 < inner_; i0 += kTile) {
+      const int64_t n = std::min(kTile, inner_ - i0);
+      std::fill(acc, acc + n, Acc(0));
+      for (int64_t k = 0; k < row.num_sources; ++k) {
+        const T* s = row.sources[k] + o * src_.outer_stride + i0 * src_inner_;
+        const Acc w = static_cast<Acc>(row.weights[k]);
+        if (src_inner_ == 1) {
+          for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<Acc>(s[i]);
+        } else {
+          for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<Acc>(s[i * src_inner_]);
+        }
+      }
+      // All sources of this tile are read before any target is written (in-place sync).
+      for (int64_t t = 0; t < row.num_targets; ++t) {
+        T* d = row.targets[t] + o * out_.outer_stride + i0 * out_inner_;
+        for (int64_t i = 0; i < n; ++i) d[i * out_inner_] = static_cast<T>(acc[i]);
+      }
+    }
+  }
+
+  // The row's own value (no reference) for outer index o, into every target.
+  void own_inner(const Row<T>& row, int64_t o) const {
+    if (row.num_sources == 0) return;  // nothing to write: the cell keeps its value
+    if (row.num_sources == 1) {
+      const T* s = row.sources[0] + o * src_.outer_stride;
+      for (int64_t t = 0; t < row.num_targets; ++t)
+        if (row.targets[t] != row.sources[0]) copy_inner(row.targets[t] + o * out_.outer_stride, s, src_inner_);
+    } else {
+      weighted_inner(row, o);
+    }
+  }
+
+  // A row with a reference column, or with several sources.
+  void apply_row(const Row<T>& row) const {
+    const T* ref_col = row.ref_col >= 0 ? ref_ + row.ref_col * ref_long_stride_ : nullptr;
+    for (int64_t o = 0; o < outer_; ++o) {
+      if (ref_col == nullptr) {
+        own_inner(row, o);
+      } else if (parity_.axis_part == 0 || (parity_.axis_part == 1 && parity_.takes(o))) {
+        const T* s = ref_col + o * ref_outer_stride_;
+        for (int64_t t = 0; t < row.num_targets; ++t) copy_inner(row.targets[t] + o * out_.outer_stride, s, ref_inner_);
+      } else if (parity_.axis_part == 1) {
+        own_inner(row, o);
+      } else {
+        mixed_inner(row, ref_col + o * ref_outer_stride_, o);
+      }
+    }
+  }
+
+  // Reference parity along the inner axis: element by element, reference or own value.
+  void mixed_inner(const Row<T>& row, const T* ref, int64_t o) const {
+    for (int64_t i = 0; i < inner_; ++i) {
+      T value;
+      if (parity_.takes(i)) {
+        value = ref[i * ref_inner_];
+      } else if (row.num_sources == 1) {
+        value = row.sources[0][o * src_.outer_stride + i * src_inner_];
+      } else if (row.num_sources > 1) {
+        Acc acc = 0;
+        for (int64_t k = 0; k < row.num_sources; ++k)
+          acc += static_cast<Acc>(row.weights[k]) *
+                 static_cast<Acc>(row.sources[k][o * src_.outer_stride + i * src_inner_]);
+        value = static_cast<T>(acc);
+      } else {
+        continue;
+      }
+      for (int64_t t = 0; t < row.num_targets; ++t) row.targets[t][o * out_.outer_stride + i * out_inner_] = value;
+    }
+  }
+
+  Operand<T> out_, src_;
+  int64_t outer_, inner_, K_, T_;
+  const int32_t* index_;
+  const float* weight_;
+  Parity parity_;
+  const T* ref_ = nullptr;
+  int64_t ref_outer_stride_ = 0, ref_long_stride_ = 0, ref_inner_stride_ = 0;
+  int64_t src_inner_, out_inner_, ref_inner_;
+};
+
+// Every index of the plan must address a real cell: checked once, before any write, so a
+// bad plan is an error message rather than a wild write.
+void check_plan_indices(const at::Tensor& index, int64_t K, int64_t num_sources, int64_t num_targets,
+                        int64_t window) {
+  const int32_t* entry = index.data_ptr<int32_t>();
+  const int64_t P = index.size(0), width = index.size(1);
+  for (int64_t r = 0; r < P; ++r, entry += width) {
+    TORCH_CHECK(entry[0] >= -1 && entry[0] < window, "merge_cpp_: index[", r, ", 0] (reference column) is ",
+                entry[0], ", expected -1 or a column in [0, ", window, ")",
+                window == 0 ? " (no reference tensor was given)" : "");
+    for (int64_t k = 1; k < width; ++k) {
+      const int64_t limit = k <= K ? num_sources : num_targets;
+      TORCH_CHECK(entry[k] >= -1 && entry[k] < limit, "merge_cpp_: index[", r, ", ", k, "] is ", entry[k],
+                  ", expected -1 or a flat ", k <= K ? "source" : "target", " position in [0, ", limit, ")");
+    }
+  }
+}
+
+void check_operand(const char* name, const at::Tensor& t, int64_t dims, const at::Tensor& out) {
+  TORCH_CHECK(t.dim() == dims, "merge_cpp_: ", name, " must be ", dims, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == out.scalar_type(), "merge_cpp_: ", name, " must have out's dtype ",
+              out.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == out.device(), "merge_cpp_: ", name, " must be on out's device ", out.device(),
+              ", got ", t.device());
+}
+
+void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
+               const std::optional<at::Tensor>& reference_opt, const at::Tensor& index, const at::Tensor& weight,
+               at::IntArrayRef parity) {
+  const at::ScalarType dtype = out.scalar_type();
+  TORCH_CHECK(out.dim() == 4, "merge_cpp_: out must be 4-D (views, outer, long, inner), got shape ", out.sizes());
+  TORCH_CHECK(out.device().is_cpu(), "merge_cpp_: out must be a CPU tensor, got ", out.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "merge_cpp_: out must be float32, float64, float16 or bfloat16, got ", dtype);
+  const at::Tensor src = src_opt.has_value() ? *src_opt : at::Tensor();
+  const at::Tensor reference = reference_opt.has_value() ? *reference_opt : at::Tensor();
+  if (src.defined()) {
+    check_operand("src", src, 4, out);
+    TORCH_CHECK(src.size(1) == out.size(1) && src.size(3) == out.size(3),
+                "merge_cpp_: src (S, O, Ls, I) must share out's outer and inner sizes (", out.size(1), ", ",
+                out.size(3), "), got shape ", src.sizes());
+  }
+  if (reference.defined()) {
+    check_operand("reference", reference, 3, out);
+    TORCH_CHECK(reference.size(0) == out.size(1) && reference.size(2) == out.size(3),
+                "merge_cpp_: reference (O, window, I) must share out's outer and inner sizes (", out.size(1), ", ",
+                out.size(3), "), got shape ", reference.sizes());
+  }
+  TORCH_CHECK(index.scalar_type() == at::kInt, "merge_cpp_: index must be int32, got ", index.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "merge_cpp_: weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK(index.device().is_cpu() && weight.device().is_cpu(), "merge_cpp_: index and weight must be on the CPU, "
+              "got ", index.device(), " and ", weight.device());
+  TORCH_CHECK(index.dim() == 2 && weight.dim() == 2, "merge_cpp_: index (P, 1+K+T) and weight (P, K) must be 2-D, "
+              "got shapes ", index.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(index.is_contiguous() && weight.is_contiguous(), "merge_cpp_: index and weight must be contiguous");
+  const int64_t P = index.size(0), K = weight.size(1);
+  TORCH_CHECK(weight.size(0) == P, "merge_cpp_: weight must have one row per index row (", P, "), got ",
+              weight.size(0));
+  TORCH_CHECK(K >= 1 && index.size(1) >= 1 + K, "merge_cpp_: index must have 1 + K + T columns for weight's K = ",
+              K, " (K >= 1), got ", index.size(1));
+  TORCH_CHECK(parity.size() == 4, "merge_cpp_: parity must be [axis_part, div, size, swap_interval], got ",
+              parity.size(), " values");
+  const Parity par{parity[0], parity[1], parity[2], parity[3]};
+  TORCH_CHECK(par.axis_part >= 0 && par.axis_part <= 2, "merge_cpp_: parity[0] (axis_part) must be 0, 1 or 2, got ",
+              par.axis_part);
+  TORCH_CHECK(par.div >= 1 && par.size >= 1 && par.interval >= 1,
+              "merge_cpp_: parity div, size and swap_interval must be >= 1, got ", parity);
+
+  const at::Tensor& source = src.defined() ? src : out;
+  check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2),
+                     reference.defined() ? reference.size(1) : 0);
+  const int64_t cells_per_row = out.size(1) * out.size(3);
+  if (P == 0 || cells_per_row == 0) return;
+
+  // Aim for chunks of ~64K cells: big enough to amortise a task, small enough to balance.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / cells_per_row);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "merge_cpp_", [&] {
+    const PlanExecutor<scalar_t> executor(out, src, reference, index, weight, par);
+    at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) { executor.run(begin, end); });
+  });
+}
+
+}  // namespace
+}  // namespace safa
+
+TORCH_LIBRARY_IMPL(safa, CPU, m) { m.impl("merge_cpp_", &safa::merge_cpu); }
+
+// `import safa_kernels._C` loads this library, which runs the registration above; the
+// module itself is empty.
+static PyModuleDef safa_kernels_module = {PyModuleDef_HEAD_INIT, "_C",
+                                          "safa_kernels compiled kernels (registered with torch.library)", -1,
+                                          nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&safa_kernels_module); }

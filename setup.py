@@ -1,0 +1,54 @@
+"""Build of safa_kernels._C, the compiled merge kernels.
+
+Always a C++ extension with the CPU kernel (csrc/merge_cpu.cpp). With CUDA, the same
+module also carries the CUDA kernel (csrc/cuda/): built when the installed torch has
+CUDA and nvcc is found (CUDA_HOME), or forced with FORCE_CUDA=1 (e.g. a GPU-less build
+box). TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
+
+Build against the torch already installed (an isolated build would download another):
+
+    pip install --no-build-isolation -e .
+"""
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    cpu_sources = ["csrc/merge_cpu.cpp"]
+    cxx_flags = ["-O3", "-std=c++17"]
+    if not _want_cuda():
+        return cpp_extension.CppExtension("safa_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CUDAExtension(
+        "safa_kernels._C",
+        cpu_sources + ["csrc/cuda/merge_cuda.cpp", "csrc/cuda/merge_kernel.cu"],
+        define_macros=[("SAFA_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+    )
+
+
+setup(
+    name="safa",
+    version="0.1.0",
+    description="Training-free long-form generation with diffusion models (Latent Swap Joint Diffusion), "
+                "with fused merge kernels for overlapping views",
+    packages=find_packages(include=["safa_kernels*", "safa*"]),
+    python_requires=">=3.9",
+    # torch itself is deliberately absent: it is installed pinned (CPU or CUDA build) before
+    # this package, and listing it would let pip replace it.
+    install_requires=["numpy", "diffusers", "transformers", "soundfile", "scipy", "pillow"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    entry_points={"console_scripts": ["safa=safa.cli:main"]},
+    zip_safe=False,
+)
