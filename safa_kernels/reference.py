@@ -66,15 +66,17 @@ def stitch(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap"
             cols = _cols(layout, j, views.device)[q]
             out.index_copy_(dim, cols, torch.where(take_right_view, left_part_of_j, right_part_of_i))
     elif mode in ("mean", "triangular"):
-        # MultiDiffusion: value / count over every covering view, accumulated in fp32.
-        acc = torch.zeros(shape, dtype=torch.float32, device=views.device)
+        # MultiDiffusion: value / count over every covering view, accumulated in fp32
+        # (fp64 for fp64 views).
+        acc_dtype = torch.float64 if views.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(shape, dtype=acc_dtype, device=views.device)
         count = torch.zeros(layout.length, dtype=torch.float32, device=views.device)
         weight = (torch.ones(layout.window) if mode == "mean" else _triangular_weights(layout.window)).to(views.device)
         bshape = [1] * ndim
         bshape[dim] = layout.window
         for i in range(layout.num_views):
             cols = _cols(layout, i, views.device)
-            acc.index_add_(dim, cols, views[i].float() * weight.view(bshape))
+            acc.index_add_(dim, cols, views[i].to(acc_dtype) * weight.view(bshape))
             count.index_add_(0, cols, weight)
         cshape = [1] * ndim
         cshape[dim] = layout.length
