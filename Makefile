@@ -1,0 +1,40 @@
+# make test  : set up .venv (pinned CPU torch), build the extension, run the tests
+# make demo  : generate a 60 s looped soundscape with the built-in texture model into out/
+# make bench : op and pipeline benchmarks (not part of make test)
+# make cuda-check : compile every .cu file with nvcc (sm_90, compile-only)
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel on this machine; an unpinned torch would pull a 5 GB CUDA build.
+# On a GPU machine: make TORCH="torch==2.14.1" (any CUDA build) test.
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+
+.PHONY: install test demo bench cuda-check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# --no-build-isolation: compile against the torch installed above, not a fresh download.
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m safa.demo --out out
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+cuda-check:
+	bash tools/check_cuda_compile.sh
+
+clean:
+	rm -rf build *.egg-info safa_kernels/_C*.so out .pytest_cache
