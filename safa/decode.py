@@ -1,0 +1,133 @@
+"""Decoding the long latent: whole, per view then stitched, or tiled with bounded memory (SPEC 2.4).
+
+All three take the adapter's two decoding stages: ``decode_latents`` (the VAE: latent ->
+mel spectrogram / pixels, ``decoded_scale`` columns per latent column) and ``finalize``
+(the vocoder for mel pipelines, ``finalize_scale`` output columns per decoded column;
+identity otherwise). The final output has its long axis last: ``(B, samples)`` for audio,
+``(B, 3, H, W)`` for images.
+
+Loop layouts are decoded with circular context so the output loops without a seam.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from safa_kernels import ViewLayout, gather, stitch
+
+from .adapters.base import Adapter
+
+__all__ = ["DECODE_MODES", "decode", "decode_full", "decode_views", "decode_tiled"]
+
+DECODE_MODES = ("full", "views", "tiled")
+
+
+def _window(x: torch.Tensor, dim: int, start: int, stop: int, circular: bool) -> torch.Tensor:
+    """Columns ``[start, stop)`` of ``x`` on ``dim``: wrapped when ``circular``, clamped to the edges otherwise."""
+    n = x.shape[dim]
+    if circular:
+        idx = torch.arange(start, stop, device=x.device) % n
+        return x.index_select(dim, idx)
+    return x.narrow(dim, max(0, start), min(n, stop) - max(0, start))
+
+
+def _apply_with_context(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int, scale: int,
+                        out_dim: int, start: int, stop: int, context: int, circular: bool) -> torch.Tensor:
+    """``fn`` on columns ``[start, stop)`` of ``x`` plus ``context`` columns each side, cropped to ``[start, stop)``.
+
+    ``fn`` maps ``c`` input columns on ``dim`` to ``c * scale`` output columns on ``out_dim``.
+    Edge effects of the decoder fall in the context and are discarded.
+    """
+    n = x.shape[dim]
+    lo = start - context if circular else max(0, start - context)
+    hi = stop + context if circular else min(n, stop + context)
+    y = fn(_window(x, dim, lo, hi, circular))
+    return y.narrow(out_dim, (start - lo) * scale, (stop - start) * scale)
+
+
+def decode_full(adapter: Adapter, latent: torch.Tensor, loop: bool) -> torch.Tensor:
+    """Decode the whole long latent at once (memory grows with length)."""
+    def both(z: torch.Tensor) -> torch.Tensor:
+        return adapter.finalize(adapter.decode_latents(z))
+    n = latent.shape[adapter.long_dim]
+    if not loop:
+        return both(latent)
+    scale = adapter.decoded_scale * adapter.finalize_scale
+    return _apply_with_context(both, latent, adapter.long_dim, scale, -1, 0, n,
+                               min(adapter.decode_context, n), True)
+
+
+def _decoded_layout(layout: ViewLayout, scale: int) -> ViewLayout:
+    return ViewLayout(layout.length * scale, layout.window * scale, layout.overlap * scale, layout.loop)
+
+
+def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,
+                 view_batch_size: Optional[int] = None) -> torch.Tensor:
+    """Decode every view's window with the VAE, stitch in the decoded domain, then ``finalize``.
+
+    The paper's fix for 1-D VAEs (appendix, Make-An-Audio 2): concatenate at the mel level
+    rather than the latent level. Two overlapping views are cut at the middle of their
+    overlap (a swap with interval = half the overlap); overlaps wider than half a window
+    (MultiDiffusion-style layouts) are cross-faded with triangular weights instead.
+    """
+    dim = adapter.long_dim
+    views = gather(latent, layout, dim)  # (n, B, ...)
+    n, b = views.shape[0], views.shape[1]
+    flat = views.reshape(n * b, *views.shape[2:])
+    chunk = (view_batch_size or n) * b
+    decoded = torch.cat([adapter.decode_latents(flat[i:i + chunk]) for i in range(0, n * b, chunk)])
+    decoded = decoded.reshape(n, b, *decoded.shape[1:])
+    dlayout = _decoded_layout(layout, adapter.decoded_scale)
+    if 2 * dlayout.overlap <= dlayout.window:
+        merged = stitch(decoded, dlayout, adapter.decoded_dim, "swap", max(1, math.ceil(dlayout.overlap / 2)))
+    else:
+        merged = stitch(decoded, dlayout, adapter.decoded_dim, "triangular")
+    if not layout.loop:
+        return adapter.finalize(merged)
+    m = merged.shape[adapter.decoded_dim]
+    return _apply_with_context(adapter.finalize, merged, adapter.decoded_dim, adapter.finalize_scale, -1, 0, m,
+                               min(adapter.decode_context * adapter.decoded_scale, m), True)
+
+
+def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) -> torch.Tensor:
+    """Decode ``tile`` latent columns at a time (plus ``adapter.decode_context`` each side).
+
+    Peak memory is that of decoding one tile, whatever the length; only the output buffer
+    grows with length. Tiles see only local context, so GroupNorm statistics differ
+    slightly from :func:`decode_full`; with ``tile >= length`` the two are identical.
+    """
+    dim = adapter.long_dim
+    n = latent.shape[dim]
+    if tile >= n:
+        return decode_full(adapter, latent, loop)
+    scale = adapter.decoded_scale * adapter.finalize_scale
+    context = min(adapter.decode_context, n)
+
+    def both(z: torch.Tensor) -> torch.Tensor:
+        return adapter.finalize(adapter.decode_latents(z))
+
+    out: Optional[torch.Tensor] = None
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        piece = _apply_with_context(both, latent, dim, scale, -1, start, stop, context, loop)
+        if out is None:  # allocate once we know the output's other dims, dtype and device
+            out = piece.new_empty(*piece.shape[:-1], n * scale)
+        out[..., start * scale:stop * scale] = piece
+    return out
+
+
+def decode(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str = "full",
+           view_batch_size: Optional[int] = None, tile: Optional[int] = None) -> torch.Tensor:
+    """Decode the long ``latent`` (``layout.length`` columns) with ``mode`` in :data:`DECODE_MODES`.
+
+    ``tile`` (tiled mode) defaults to one window.
+    """
+    if mode == "full":
+        return decode_full(adapter, latent, layout.loop)
+    if mode == "views":
+        return decode_views(adapter, latent, layout, view_batch_size)
+    if mode == "tiled":
+        return decode_tiled(adapter, latent, layout.loop, tile or layout.window)
+    raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
