@@ -26,14 +26,14 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpu_sources = ["csrc/merge_cpu.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch requires (cpp_extension adds it)
     if not _want_cuda():
         return cpp_extension.CppExtension("safa_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
     return cpp_extension.CUDAExtension(
         "safa_kernels._C",
         cpu_sources + ["csrc/cuda/merge_cuda.cpp", "csrc/cuda/merge_kernel.cu"],
         define_macros=[("SAFA_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
     )
 
 

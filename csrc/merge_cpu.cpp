@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include "merge_checks.h"
+
 namespace safa {
 namespace {
 
@@ -305,55 +307,14 @@ void check_plan_indices(const at::Tensor& index, int64_t K, int64_t num_sources,
   }
 }
 
-void check_operand(const char* name, const at::Tensor& t, int64_t dims, const at::Tensor& out) {
-  TORCH_CHECK(t.dim() == dims, "merge_cpp_: ", name, " must be ", dims, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == out.scalar_type(), "merge_cpp_: ", name, " must have out's dtype ",
-              out.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == out.device(), "merge_cpp_: ", name, " must be on out's device ", out.device(),
-              ", got ", t.device());
-}
-
 void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
                const std::optional<at::Tensor>& reference_opt, const at::Tensor& index, const at::Tensor& weight,
                at::IntArrayRef parity) {
-  const at::ScalarType dtype = out.scalar_type();
-  TORCH_CHECK(out.dim() == 4, "merge_cpp_: out must be 4-D (views, outer, long, inner), got shape ", out.sizes());
-  TORCH_CHECK(out.device().is_cpu(), "merge_cpp_: out must be a CPU tensor, got ", out.device());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "merge_cpp_: out must be float32, float64, float16 or bfloat16, got ", dtype);
-  const at::Tensor src = src_opt.has_value() ? *src_opt : at::Tensor();
-  const at::Tensor reference = reference_opt.has_value() ? *reference_opt : at::Tensor();
-  if (src.defined()) {
-    check_operand("src", src, 4, out);
-    TORCH_CHECK(src.size(1) == out.size(1) && src.size(3) == out.size(3),
-                "merge_cpp_: src (S, O, Ls, I) must share out's outer and inner sizes (", out.size(1), ", ",
-                out.size(3), "), got shape ", src.sizes());
-  }
-  if (reference.defined()) {
-    check_operand("reference", reference, 3, out);
-    TORCH_CHECK(reference.size(0) == out.size(1) && reference.size(2) == out.size(3),
-                "merge_cpp_: reference (O, window, I) must share out's outer and inner sizes (", out.size(1), ", ",
-                out.size(3), "), got shape ", reference.sizes());
-  }
-  TORCH_CHECK(index.scalar_type() == at::kInt, "merge_cpp_: index must be int32, got ", index.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, "merge_cpp_: weight must be float32, got ", weight.scalar_type());
-  TORCH_CHECK(index.device().is_cpu() && weight.device().is_cpu(), "merge_cpp_: index and weight must be on the CPU, "
-              "got ", index.device(), " and ", weight.device());
-  TORCH_CHECK(index.dim() == 2 && weight.dim() == 2, "merge_cpp_: index (P, 1+K+T) and weight (P, K) must be 2-D, "
-              "got shapes ", index.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(index.is_contiguous() && weight.is_contiguous(), "merge_cpp_: index and weight must be contiguous");
+  const MergeOperands operands =
+      check_merge_args("merge_cpp_", at::kCPU, out, src_opt, reference_opt, index, weight, parity);
+  const at::Tensor &src = operands.src, &reference = operands.reference;
   const int64_t P = index.size(0), K = weight.size(1);
-  TORCH_CHECK(weight.size(0) == P, "merge_cpp_: weight must have one row per index row (", P, "), got ",
-              weight.size(0));
-  TORCH_CHECK(K >= 1 && index.size(1) >= 1 + K, "merge_cpp_: index must have 1 + K + T columns for weight's K = ",
-              K, " (K >= 1), got ", index.size(1));
-  TORCH_CHECK(parity.size() == 4, "merge_cpp_: parity must be [axis_part, div, size, swap_interval], got ",
-              parity.size(), " values");
   const Parity par{parity[0], parity[1], parity[2], parity[3]};
-  TORCH_CHECK(par.axis_part >= 0 && par.axis_part <= 2, "merge_cpp_: parity[0] (axis_part) must be 0, 1 or 2, got ",
-              par.axis_part);
-  TORCH_CHECK(par.div >= 1 && par.size >= 1 && par.interval >= 1,
-              "merge_cpp_: parity div, size and swap_interval must be >= 1, got ", parity);
 
   const at::Tensor& source = src.defined() ? src : out;
   check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2),
@@ -363,7 +324,7 @@ void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
 
   // Aim for chunks of ~64K cells: big enough to amortise a task, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / cells_per_row);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "merge_cpp_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "merge_cpp_", [&] {
     const PlanExecutor<scalar_t> executor(out, src, reference, index, weight, par);
     at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) { executor.run(begin, end); });
   });
