@@ -1,0 +1,6 @@
+"""``python -m safa`` = the ``safa`` command line."""
+import sys
+
+from safa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""The ``safa`` command line: ``safa <subcommand> ...`` (``python -m safa`` works too).
+
+Subcommands live in :mod:`safa.commands` (one module each, exposing ``add_parser``);
+``safa generate`` is :mod:`safa.commands.generate`. User errors (bad arguments, a missing
+model directory, an unsupported pipeline, an impossible length, an unwritable output) are
+reported as one line on stderr with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import List, Optional
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand module of :mod:`safa.commands` registered."""
+    from . import __version__, commands
+    parser = argparse.ArgumentParser(prog="safa", description="Training-free long-form generation with "
+                                     "diffusion models by Latent Swap Joint Diffusion (SaFa).")
+    parser.add_argument("--version", action="version", version=f"safa {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(module, "add_parser"):
+            module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError) as exc:
+        msg = " ".join(str(exc).split())  # one line, whatever the exception's formatting
+        print(f"safa {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"safa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
