@@ -33,12 +33,24 @@ OP_NAME = "safa::merge_triton_"
 
 # Read once: Triton decides interpreter vs compiler at kernel definition from the same variable.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (import blocked)
+        return False
+
+
+AVAILABLE = _triton_installed()
 
 # GPU launch shape: 1024 elements over 4 warps is 8 elements per thread, enough in-flight
 # loads to saturate bandwidth for a gather-style kernel without many tiny programs.
 GPU_BLOCK = 1024
 GPU_WARPS = 4
+# No FMA contraction: the weighted sum then rounds like the CPU backends (x * w, then +);
+# the kernel is memory-bound, so fusing buys nothing. Explicit, as Triton 3.9 warns when unset.
+LAUNCH_OPTIONS = {"num_warps": GPU_WARPS, "enable_fp_fusion": False}
 # The interpreter pays ~2 ms per program instance and vectorises within one with numpy, so
 # it gets few, large programs (capped so one program's temporaries stay small).
 INTERPRET_MAX_BLOCK = 1 << 16
@@ -198,7 +210,7 @@ def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
     rstr = reference.stride() if reference is not None else (0, 0, 0)
     axis_part, div, size, interval = (int(v) for v in parity)
     acc = tl.float64 if out.dtype == torch.float64 else tl.float32
-    kwargs = {} if INTERPRET else {"num_warps": GPU_WARPS}
+    kwargs = {} if INTERPRET else LAUNCH_OPTIONS
     with torch.cuda.device(out.device) if out.device.type == "cuda" else _null():
         kernel[grid](out, source, ref, index, weight,
                      n, P, I, source.shape[2], Ld,
