@@ -19,6 +19,7 @@ its targets; rows write disjoint cells and a lane's reads and writes are of the 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import List, Optional
@@ -199,11 +200,11 @@ def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
     if n == 0:
         return
     source = out if src is None else src
-    if source.numel() == 0:  # no view to read from: a valid plan has no source rows then
+    if source.numel() == 0 and reference is None:  # no view to read from: a valid plan then writes nothing
         return
     kernel, tl = _build_kernel()
     block = _block(n)
-    grid = (triton_cdiv(n, block),)
+    grid = ((n + block - 1) // block,)
     if wide is None:
         wide = n + block > _INT32_MAX  # the last program's lanes run up to grid * block
     ref = reference if reference is not None else out  # placeholder pointer, never read
@@ -211,27 +212,16 @@ def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
     axis_part, div, size, interval = (int(v) for v in parity)
     acc = tl.float64 if out.dtype == torch.float64 else tl.float32
     kwargs = {} if INTERPRET else LAUNCH_OPTIONS
-    with torch.cuda.device(out.device) if out.device.type == "cuda" else _null():
+    # Triton launches on the current device's stream: make that out's device.
+    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](out, source, ref, index, weight,
-                     n, P, I, source.shape[2], Ld,
+                     n, P, I, max(source.shape[2], 1), max(Ld, 1),  # never a zero divisor, even masked
                      *out.stride(), *source.stride(), *rstr,
                      *index.stride(), *weight.stride(),
                      div, size, interval,
                      K=K, T=T, IN_PLACE=src is None, HAS_REF=reference is not None,
                      AXIS_PART=axis_part if reference is not None else 0,
                      ACC=acc, WIDE=bool(wide), BLOCK=block, **kwargs)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _merge_impl(out, src, reference, index, weight, parity) -> None:

@@ -20,7 +20,7 @@ import safa_kernels  # noqa: E402
 from safa_kernels import ViewLayout, gather, reference, stitch, sync_  # noqa: E402
 from safa_kernels import triton_merge  # noqa: E402
 from safa_kernels.ops import _has_kernel  # noqa: E402
-from safa_kernels.plan import get_plan, REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS  # noqa: E402
+from safa_kernels.plan import get_plan, REF_NONE, REF_LONG_AXIS  # noqa: E402
 
 from plan_executor import execute  # noqa: E402
 
@@ -302,7 +302,7 @@ def _random_plan(g, P, K, T, Ls, S, Ld, D, with_ref, window, in_place):
 
 
 def _expected(out, src, ref, index, weight, parity):
-    """The plan executor, with the sum computed the kernel's way for fp64 (it upcasts to fp32)."""
+    """What tests/plan_executor.py makes of the plan (on copies)."""
     expected = out.clone()
     execute(expected, None if src is None else src.clone(), ref, index, weight, parity)
     return expected
