@@ -291,10 +291,12 @@ class JointDiffusion:
         flat = state.view(num_windows * batch_size, *window_shape[1:])  # the scheduler's batch
         step_kwargs = adapter.step_kwargs(generator, eta)
         chunk_rows = (view_batch_size or num_windows) * batch_size
+        scale_input = hasattr(scheduler, "scale_model_input")
 
         with pipe.progress_bar(total=num_steps) as progress:
             for i, t in enumerate(timesteps):
-                model_in = scheduler.scale_model_input(flat, t)
+                # Flow-matching schedulers have no scale_model_input: their input is the sample.
+                model_in = scheduler.scale_model_input(flat, t) if scale_input else flat
                 model_out = torch.cat([
                     adapter.predict(model_in[r:r + chunk_rows], t, cond.take(rows_prompt[r:r + chunk_rows]),
                                     guidance_scale)

@@ -15,7 +15,7 @@ import torch
 
 from .base import Adapter, Conditions, register_adapter
 
-__all__ = ["AudioLDMAdapter", "AudioLDM2Adapter"]
+__all__ = ["AudioLDMAdapter", "MusicLDMAdapter", "AudioLDM2Adapter"]
 
 # The AudioLDM family is trained on 10.24 s clips (paper, section 3.1).
 NATIVE_WINDOW_SECONDS = 10.24
@@ -25,7 +25,7 @@ NATIVE_WINDOW_SECONDS = 10.24
 class AudioLDMAdapter(Adapter):
     """AudioLDM and MusicLDM: one CLAP text embedding per prompt, passed to the UNet as ``class_labels``."""
 
-    pipeline_classes = ("AudioLDMPipeline", "MusicLDMPipeline")
+    pipeline_classes = ("AudioLDMPipeline",)
     kind = "audio"
     long_dim = -2
     reference_axis = -2  # audio: the reference swap alternates along time (SPEC 2.3)
@@ -96,6 +96,32 @@ class AudioLDMAdapter(Adapter):
 
     def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.pipe.mel_spectrogram_to_waveform(decoded)
+
+
+@register_adapter
+class MusicLDMAdapter(AudioLDMAdapter):
+    """MusicLDM: like AudioLDM (CLAP embedding as ``class_labels``), but the text goes through ``ClapModel``.
+
+    The prompt encoding is the pipeline's ``_encode_prompt``, re-done here because with
+    transformers 5 ``ClapModel.get_text_features`` returns a model output whose
+    ``pooler_output`` holds the features (diffusers' MusicLDM expects a tensor).
+    """
+
+    pipeline_classes = ("MusicLDMPipeline",)
+
+    def _features(self, texts: list) -> torch.Tensor:
+        pipe = self.pipe
+        tokens = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        feats = pipe.text_encoder.get_text_features(tokens.input_ids.to(self.device),
+                                                    attention_mask=tokens.attention_mask.to(self.device))
+        if not isinstance(feats, torch.Tensor):
+            feats = feats.pooler_output
+        return feats.to(dtype=pipe.text_encoder.text_model.dtype, device=self.device)
+
+    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
+        pos = self._features(prompts)
+        return (torch.cat([self._features(negative), pos]) if cfg else pos,)
 
 
 @register_adapter

@@ -199,7 +199,7 @@ class Adapter:
             if tuple(latents.shape) != tuple(shape):
                 raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
             latents = latents.to(device=self.device, dtype=self.dtype)
-        return latents * self.pipe.scheduler.init_noise_sigma
+        return latents * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
 
     def step_kwargs(self, generator: Any, eta: float) -> Dict[str, Any]:
         """Extra keyword arguments for ``scheduler.step`` (``eta``, ``generator`` where accepted)."""
