@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference as _reference
+from ._compile import constant_under_compile
 from .layout import ViewLayout
 from .plan import REF_LONG_AXIS, REF_NONE, REF_OTHER_AXIS, get_plan
 
@@ -69,7 +70,7 @@ def available_backends(device: torch.device | str = "cpu") -> Tuple[str, ...]:
 
 # A constant for torch.compile: the dispatcher query is not traceable, and the answer
 # does not change once the package (and with it the extension and Triton) is imported.
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _available_backends(device_type: str) -> Tuple[str, ...]:
     from . import _extension, triton_merge  # noqa: F401  (registers what could be built)
     preferred = ("cpp", "triton") if device_type == "cpu" else ("cuda", "triton", "cpp")

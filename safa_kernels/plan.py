@@ -26,8 +26,9 @@ axis is inside ``O``) or 2 (inside ``I``); then ``h = (x // div) % size`` for ``
 or ``i`` and the reference is taken iff ``(h // swap_interval) % 2 == 1``.
 
 A single source has weight exactly 1.0, and a kernel computes it as a copy, so swap,
-gather and stitch are bitwise copies. Rows touch disjoint cells of ``out`` and every
-row reads all its sources before writing, so in-place execution is race-free.
+gather and stitch are bitwise copies. In-place execution is race-free because no row
+reads a cell that another row writes (a row reads and writes only cells of its own
+column of the long latent), and a row reads its sources before writing its targets.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from ._compile import constant_under_compile
 from .layout import ViewLayout
 
 __all__ = ["Plan", "get_plan", "OPS", "REF_NONE", "REF_LONG_AXIS", "REF_OTHER_AXIS"]
@@ -106,7 +108,7 @@ def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
 
 # torch.compile calls this eagerly while tracing and treats the plan as a constant
 # (tracing the Python loops of `build_plan` would unroll them into the graph builder).
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
              device: torch.device) -> Plan:
     """The memoised plan on ``device`` (built on the host on first use)."""
