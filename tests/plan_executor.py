@@ -22,8 +22,9 @@ def execute(out, src, reference, index, weight, parity):
         own = None
         if sources[0] >= 0:
             terms = [src[s // Ls, :, s % Ls, :] for s in sources if s >= 0]
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
             own = terms[0].clone() if len(terms) == 1 else sum(
-                wk * t.float() for wk, t in zip(w, terms)).to(out.dtype)
+                wk * t.to(acc) for wk, t in zip(w, terms)).to(out.dtype)
         if ref_col >= 0:
             ref = reference[:, ref_col, :]
             value = torch.where(take_ref, ref, own) if own is not None else ref
