@@ -18,21 +18,59 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
+    AudioLDM2Pipeline,
+    AudioLDM2ProjectionModel,
+    AudioLDM2UNet2DConditionModel,
     AudioLDMPipeline,
     AutoencoderKL,
+    AutoencoderOobleck,
+    CosineDPMSolverMultistepScheduler,
     DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    MusicLDMPipeline,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableAudioDiTModel,
+    StableAudioPipeline,
+    StableAudioProjectionModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
+    ClapAudioConfig,
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
     ClapTextConfig,
     ClapTextModelWithProjection,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
     RobertaTokenizer,
     SpeechT5HifiGan,
     SpeechT5HifiGanConfig,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
 __all__ = [
     "tiny_audioldm_pipeline",
+    "tiny_audioldm2_pipeline",
+    "tiny_musicldm_pipeline",
+    "tiny_stable_audio_pipeline",
+    "tiny_sd_pipeline",
+    "tiny_sdxl_pipeline",
+    "tiny_sd3_pipeline",
+    "tiny_roberta_tokenizer",
+    "tiny_clip_tokenizer",
+    "tiny_t5_tokenizer",
 ]
 
 # Tiny text vocabularies: small enough to keep embedding tables negligible, large enough that
@@ -73,8 +111,35 @@ def tiny_roberta_tokenizer(model_max_length: int = _MAX_TEXT_LEN) -> RobertaToke
     return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
-def _tiny_clap_text_encoder(projection_dim: int, vocab_size: int) -> ClapTextModelWithProjection:
-    config = ClapTextConfig(
+def tiny_clip_tokenizer(model_max_length: int = _MAX_TEXT_LEN) -> CLIPTokenizer:
+    """A CLIP tokenizer built in code: one token per byte, plus its end-of-word ('</w>') form.
+
+    CLIP's BPE marks the last symbol of every word with '</w>', so both forms must be in the
+    vocabulary for a merge-free BPE to tokenize any ASCII word.
+    """
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    for ch in _bytes_to_unicode().values():
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = _MAX_TEXT_LEN) -> T5Tokenizer:
+    """A T5 (SentencePiece unigram) tokenizer built in code over printable ASCII.
+
+    transformers 5 takes the unigram vocabulary as ``[(piece, log_prob), ...]``; pad/eos/unk
+    keep T5's ids 0/1/2. No extra_ids: the sentinel tokens are for span corruption only.
+    """
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for c in map(chr, range(33, 127)):
+        pieces.append((c, -3.0))
+        pieces.append(("\u2581" + c, -2.5))
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_clap_text_config(projection_dim: int, vocab_size: int) -> ClapTextConfig:
+    return ClapTextConfig(
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
@@ -88,7 +153,37 @@ def _tiny_clap_text_encoder(projection_dim: int, vocab_size: int) -> ClapTextMod
         max_position_embeddings=_MAX_TEXT_LEN + 2,
         projection_dim=projection_dim,
     )
-    return ClapTextModelWithProjection(config)
+
+
+def _tiny_clap_model(projection_dim: int, vocab_size: int) -> ClapModel:
+    """Full CLAP (text + audio towers): MusicLDM and AudioLDM2 take a ClapModel and only call its
+    text tower while sampling; the audio tower is there for their waveform ranking."""
+    audio = ClapAudioConfig(
+        spec_size=64,
+        window_size=4,
+        num_mel_bins=64,
+        intermediate_size=16,
+        layer_norm_eps=1e-5,
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        num_hidden_layers=2,
+        hidden_size=16,
+        patch_embeds_hidden_size=8,
+        projection_dim=projection_dim,
+        patch_size=2,
+        patch_stride=2,
+        patch_embed_input_channels=4,
+    )
+    config = ClapConfig(
+        text_config=_tiny_clap_text_config(projection_dim, vocab_size).to_dict(),
+        audio_config=audio.to_dict(),
+        projection_dim=projection_dim,
+    )
+    return ClapModel(config)
+
+
+def _tiny_clap_text_encoder(projection_dim: int, vocab_size: int) -> ClapTextModelWithProjection:
+    return ClapTextModelWithProjection(_tiny_clap_text_config(projection_dim, vocab_size))
 
 
 def _tiny_audio_vae(latent_channels: int = 8) -> AutoencoderKL:
@@ -181,3 +276,325 @@ def _finish(pipe):
             comp.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _audio_ldm_unet(sample_size: int, class_dim: int) -> UNet2DConditionModel:
+    """AudioLDM/MusicLDM UNet: text enters only as a projected class embedding."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=8,
+        out_channels=8,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(8, 16, 32),
+        attention_head_dim=8,
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=class_dim,
+        class_embeddings_concat=True,
+    )
+
+
+def tiny_musicldm_pipeline(seed: int = 0) -> MusicLDMPipeline:
+    """A tiny random MusicLDMPipeline: same latent layout and timing as AudioLDM, CLAP text
+    embedding as class label, full ClapModel + feature extractor as in the real pipeline."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_roberta_tokenizer()
+    pipe = MusicLDMPipeline(
+        vae=_tiny_audio_vae(8),
+        text_encoder=_tiny_clap_model(projection_dim=16, vocab_size=len(tokenizer)),
+        tokenizer=tokenizer,
+        # Built from defaults (no files): 48 kHz CLAP front end, used only to rank waveforms.
+        feature_extractor=ClapFeatureExtractor(),
+        unet=_audio_ldm_unet(sample_size=128, class_dim=16),
+        scheduler=_ldm_ddim_scheduler(),
+        vocoder=_tiny_hifigan(),
+    )
+    return _finish(pipe)
+
+
+def tiny_audioldm2_pipeline(seed: int = 0) -> AudioLDM2Pipeline:
+    """A tiny random AudioLDM2Pipeline: latent (B, 8, T, 16), 25 frames/s, 16 kHz.
+
+    CLAP + T5 embeddings are projected and fed through a GPT-2 that generates ``max_new_tokens``
+    hidden states; the UNet cross-attends to those (dim 16) and to the T5 states (dim 32).
+    The default length is 10.24 s (``sample_size`` 256 latent frames), as in the real model.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_roberta_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    text_encoder = _tiny_clap_model(projection_dim=16, vocab_size=len(tokenizer))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
+                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )
+    # GPT2LMHeadModel, not GPT2Model: in transformers 5 only the LM-head class carries the
+    # GenerationMixin helpers that AudioLDM2.generate_language_model calls.
+    language_model = GPT2LMHeadModel(
+        GPT2Config(n_embd=16, n_head=2, n_layer=1, vocab_size=8, n_positions=99, bos_token_id=0, eos_token_id=0)
+    )
+    # Read by generate_language_model when __call__ is given no max_new_tokens; a small number
+    # keeps the autoregressive loop cheap (the real checkpoint uses 8).
+    language_model.config.max_new_tokens = 8
+    projection_model = AudioLDM2ProjectionModel(
+        text_encoder_dim=16, text_encoder_1_dim=32, langauge_model_dim=16
+    )
+    unet = AudioLDM2UNet2DConditionModel(
+        sample_size=256,
+        in_channels=8,
+        out_channels=8,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        # per block: self-attention, cross-attention to GPT-2 states, cross-attention to T5
+        cross_attention_dim=([None, 16, 32],) * 3,
+        attention_head_dim=8,
+    )
+    pipe = AudioLDM2Pipeline(
+        vae=_tiny_audio_vae(8),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        projection_model=projection_model,
+        language_model=language_model,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        feature_extractor=ClapFeatureExtractor(),
+        unet=unet,
+        scheduler=_ldm_ddim_scheduler(),
+        vocoder=_tiny_hifigan(),
+    )
+    return _finish(pipe)
+
+
+def tiny_stable_audio_pipeline(seed: int = 0, sample_size: int = 64) -> StableAudioPipeline:
+    """A tiny random StableAudioPipeline (Stable Audio Open layout): latent (B, 64, T), time last.
+
+    44.1 kHz stereo and a 2048-sample hop (2*4*4*8*8), i.e. ~21.5 latent frames/s as in the real
+    model; 64 latent channels as in the real model (cheap: only the first/last projections see
+    them). The window is ``sample_size`` latent frames (64 ~ 2.97 s; the real model has 1024 ~
+    47.5 s): Stable Audio always generates the full window and crops the waveform.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer(model_max_length=32)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=16, d_kv=8, num_heads=2, num_layers=1,
+                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )
+    projection_model = StableAudioProjectionModel(
+        text_encoder_dim=16, conditioning_dim=16, min_value=0, max_value=512
+    )
+    transformer = StableAudioDiTModel(
+        sample_size=sample_size,
+        in_channels=64,
+        out_channels=64,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,
+        cross_attention_dim=16,
+        time_proj_dim=16,
+        # the global condition is [seconds_start, seconds_end] hidden states concatenated
+        global_states_input_dim=32,
+        cross_attention_input_dim=16,
+    )
+    vae = AutoencoderOobleck(
+        encoder_hidden_size=4,
+        downsampling_ratios=[2, 4, 4, 8, 8],
+        channel_multiples=[1, 1, 1, 1, 1],
+        decoder_channels=4,
+        decoder_input_channels=64,
+        audio_channels=2,
+        sampling_rate=44100,
+    )
+    scheduler = CosineDPMSolverMultistepScheduler(
+        solver_order=2,
+        prediction_type="v_prediction",
+        sigma_data=1.0,
+        sigma_min=0.3,
+        sigma_max=500.0,
+        sigma_schedule="exponential",
+    )
+    pipe = StableAudioPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        projection_model=projection_model,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+def _tiny_image_vae(latent_channels: int = 4, **kwargs) -> AutoencoderKL:
+    # Four levels -> downsampling by 8 as in every SD VAE, with 8 channels so that decoding a
+    # 512 x 2048 panorama stays cheap on a CPU.
+    return AutoencoderKL(
+        block_out_channels=[8, 8, 8, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=256,
+        **kwargs,
+    )
+
+
+def _tiny_clip_config(vocab_size: int, hidden_size: int = 32, projection_dim: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        layer_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        max_position_embeddings=_MAX_TEXT_LEN,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0, sample_size: int = 64) -> StableDiffusionPipeline:
+    """A tiny random StableDiffusionPipeline (SD 1.x/2.x layout): latent (B, 4, H, W), VAE /8.
+
+    ``sample_size`` 64 latent columns (512 px) as in SD 1.x, which is the native window.
+    DDIM as in most panorama work (diffusers' Panorama pipeline defaults to DDIM).
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        # attention only at 1/4 resolution (16 x 16 tokens for a 64 x 64 window): full-size
+        # attention would dominate the CPU time of every test
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_image_vae(4),
+        text_encoder=CLIPTextModel(_tiny_clip_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionXLPipeline:
+    """A tiny random StableDiffusionXLPipeline: two CLIP encoders (hidden states concatenated to
+    64 channels), pooled embedding + 6 added time ids through ``addition_embed_type='text_time'``.
+
+    ``sample_size`` 32 latent columns (256 px) keeps tests fast; the real SDXL uses 128.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_clip_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer_2)))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # pooled text embedding (32) + 6 time ids x 8
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_image_vae(4),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    return _finish(pipe)
+
+
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusion3Pipeline:
+    """A tiny random StableDiffusion3Pipeline: MMDiT transformer, two CLIP encoders with
+    projection (pooled 32 + 32 = 64) and a T5 (joint attention dim 32), FlowMatchEuler.
+
+    Latent (B, 4, H, W) with a VAE /8 (the real SD3 has 16 latent channels; the pipeline reads
+    the count from the transformer). ``sample_size`` 32 (256 px); the real SD3 uses 128.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer()
+    tokenizer_3 = tiny_t5_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer_2)))
+    text_encoder_3 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
+                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        # patch 2 as in the real model: a 32 x 32 latent window is 256 tokens
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        pos_embed_max_size=96,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_image_vae(4, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return _finish(pipe)
