@@ -1,0 +1,330 @@
+"""The joint-diffusion sampler on tiny random-weight pipelines (CPU, offline).
+
+Window 1.28 s = 32 latent frames (the tiny UNets downsample by 4) and a handful of steps
+keep every call well under a second.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
+
+import safa.testing.pipelines as tp
+from safa import METHODS, JointDiffusion
+from safa.adapters import Adapter, get_adapter, registered_adapters
+from safa.decode import decode_tiled
+from safa.sampler import plan_layout
+from safa_kernels import ViewLayout
+
+WINDOW_S = 1.28  # 32 latent frames at 25 frames/s
+W = 32
+SR = 16000
+SCHEDULERS = (DDIMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+              EulerAncestralDiscreteScheduler, DDPMScheduler)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def audioldm():
+    return tp.tiny_audioldm_pipeline()
+
+
+@pytest.fixture(scope="module")
+def jd(audioldm):
+    audioldm.scheduler = DDIMScheduler.from_config(audioldm.scheduler.config)
+    return JointDiffusion(audioldm)
+
+
+def _factory(name: str):
+    f = getattr(tp, name, None)
+    if f is None:
+        pytest.skip(f"safa.testing.pipelines has no {name} yet")
+    return f
+
+
+# -- geometry -------------------------------------------------------------------------------
+def test_plan_layout_open_covers_and_loop_is_exact():
+    open_ = plan_layout(83, 32, 6, loop=False, mode="swap")
+    assert open_.length >= 83 and open_.overlap == 6 and not open_.loop
+    assert ViewLayout.covering(83, 32, 6).num_views == open_.num_views
+    # 96 = 4 * 24: the requested overlap 8 fits exactly.
+    assert plan_layout(96, 32, 8, loop=True, mode="swap") == ViewLayout(96, 32, 8, loop=True)
+    # 100 = 4 * 25 (overlap 7) or 5 * 20 (overlap 12): 7 is closest to 8.
+    assert plan_layout(100, 32, 8, loop=True, mode="swap") == ViewLayout(100, 32, 7, loop=True)
+    # Swap needs overlap <= window / 2: 60 = 3 * 20 would need 12 -> ok; 2 * 30 -> 2.
+    assert plan_layout(60, 32, 3, loop=True, mode="swap").overlap == 2
+    with pytest.warns(UserWarning, match="not seamless"):
+        layout = plan_layout(83, 32, 8, loop=True, mode="swap")  # 83 is prime
+    assert layout.loop and layout.length >= 83
+    with pytest.raises(ValueError, match="shorter than one window"):
+        plan_layout(31, 32, 8, loop=False, mode="swap")
+
+
+# -- exact length, every method, open and loop --------------------------------------------
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_exact_length_every_method(jd, method, loop):
+    seconds = 3.3  # 82.5 latent frames: never a whole number of views
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loop falls back to crop here (tested above)
+        out = jd("rain", seconds, method=method, loop=loop, window=WINDOW_S, overlap=0.25,
+                 num_inference_steps=3, generator=gen())
+    assert out.audio.shape == (1, round(seconds * SR))
+    assert np.isfinite(out.audio).all()
+    assert out.sample_rate == SR and out.layout.window == W and out.layout.loop == loop
+    assert out.latent.shape == (1, 8, out.layout.length, 16) and out.columns == 83
+    assert out.layout.num_views >= 3
+
+
+@pytest.mark.parametrize("decode", ["full", "views", "tiled"])
+def test_loop_exact_length_every_decode(jd, decode):
+    out = jd("rain", 3.84, loop=True, window=WINDOW_S, overlap=0.25, num_inference_steps=2, generator=gen(),
+             decode=decode)
+    assert out.layout == ViewLayout(96, 32, 8, loop=True)
+    assert out.audio.shape == (1, round(3.84 * SR)) and np.isfinite(out.audio).all()
+
+
+@pytest.mark.parametrize("factory", ["tiny_musicldm_pipeline", "tiny_audioldm2_pipeline"])
+def test_other_families_exact_length(factory):
+    pipe = _factory(factory)()
+    jd = JointDiffusion(pipe)
+    for loop in (False, True):
+        out = jd(["rain", "wind", "calm"], 2.88, loop=loop, window=WINDOW_S, overlap=0.25,
+                 num_inference_steps=2, generator=gen(), negative_prompt="noise")
+        assert out.layout.num_views == 3 and out.layout.overlap == 8
+        assert out.audio.shape == (1, round(2.88 * SR)) and np.isfinite(out.audio).all()
+
+
+# -- one view reproduces the wrapped pipeline -------------------------------------------------
+def _capture_last(store):
+    def cb(i, t, latents):
+        store["latents"] = latents.clone()
+    return cb
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_one_view_equals_audioldm_pipeline(audioldm, jd, method):
+    store = {}
+    ref = audioldm("rain", audio_length_in_s=WINDOW_S, num_inference_steps=4, guidance_scale=2.5,
+                   negative_prompt="noise", generator=gen(3), callback=_capture_last(store)).audios
+    out = jd("rain", WINDOW_S, method=method, window=WINDOW_S, num_inference_steps=4, guidance_scale=2.5,
+             negative_prompt="noise", generator=gen(3), output_type="pt")
+    assert out.layout.num_views == 1
+    torch.testing.assert_close(out.latent, store["latents"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.audio.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("scheduler", [DPMSolverMultistepScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler])
+def test_one_view_equals_pipeline_stateful_and_stochastic_schedulers(scheduler):
+    # Multistep history and per-step noise: the wrapper's single batched step is the pipeline's.
+    pipe = tp.tiny_audioldm_pipeline()
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    store = {}
+    pipe("rain", audio_length_in_s=WINDOW_S, num_inference_steps=4, generator=gen(5), callback=_capture_last(store))
+    out = JointDiffusion(pipe)("rain", WINDOW_S, window=WINDOW_S, num_inference_steps=4, generator=gen(5),
+                               output_type="latent")
+    torch.testing.assert_close(out.latent, store["latents"], rtol=1e-5, atol=1e-5)
+
+
+def test_one_view_equals_audioldm2_pipeline():
+    pipe = _factory("tiny_audioldm2_pipeline")()
+    kw = dict(num_inference_steps=3, guidance_scale=3.5, negative_prompt="noise")
+    ref = pipe("rain", audio_length_in_s=WINDOW_S, generator=gen(1), output_type="latent", **kw).audios
+    out = JointDiffusion(pipe)("rain", WINDOW_S, window=WINDOW_S, generator=gen(1), output_type="latent", **kw)
+    torch.testing.assert_close(out.latent, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- loop shift-equivariance --------------------------------------------------------------
+@pytest.mark.parametrize("method,guide", [("safa_selfloop", 0.3), ("multidiffusion", 0.3),
+                                          ("multidiffusion_triangular", 0.3), ("safa", 0.0)])
+def test_loop_without_reference_is_shift_equivariant(jd, method, guide):
+    layout = ViewLayout(96, 32, 8, loop=True)
+    noise = torch.randn(1, 8, 96, 16, generator=gen(7))
+    kw = dict(method=method, guide=guide, loop=True, window=WINDOW_S, overlap=0.25, num_inference_steps=3,
+              output_type="latent")
+    a = jd("rain", 3.84, latents=noise, **kw)
+    b = jd("rain", 3.84, latents=noise.roll(layout.stride, dims=-2), **kw)
+    assert a.layout == b.layout == layout
+    torch.testing.assert_close(b.latent, a.latent.roll(layout.stride, dims=-2), rtol=1e-4, atol=1e-4)
+
+
+# -- the sampler equals Algorithm 1 written naively --------------------------------------
+def _naive_algorithm1(pipe, layout, steps, g, mode, use_ref, guide, w_swap, j_t, x0_t, prompts, ref_prompt):
+    """Algorithm 1 / SPEC section 2, one view at a time, one column at a time (DDIM, eta 0)."""
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    n, w, s = layout.num_views, layout.window, layout.stride
+
+    embs = {p: pipe._encode_prompt([p], "cpu", 1, True, [""]) for p in set(prompts) | {ref_prompt}}
+
+    def eps(x, t, prompt):
+        emb = embs[prompt]
+        out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=None, class_labels=emb).sample
+        u, c = out.chunk(2)
+        return u + g * (c - u)
+
+    J, X0 = j_t.clone(), x0_t.clone()
+    guide_steps = math.floor(guide * len(sched.timesteps) + 0.5) if use_ref else 0
+    for step, t in enumerate(sched.timesteps):
+        X = []
+        for i in range(n):
+            x = J[:, :, layout.columns(i), :]  # F_i(J)
+            X.append(sched.step(eps(x, t, prompts[i]), t, x).prev_sample)
+        if use_ref:
+            X0 = sched.step(eps(X0, t, ref_prompt), t, X0).prev_sample
+        new = torch.empty_like(J)
+        for col in range(layout.length):
+            cov = layout.coverage(col)
+            if mode == "mean":
+                new[:, :, col] = sum(X[v][:, :, k] for v, k in cov) / len(cov)
+            elif mode == "triangular":
+                wts = [min(k + 1, w - k) for v, k in cov]
+                new[:, :, col] = sum(wt * X[v][:, :, k] for wt, (v, k) in zip(wts, cov)) / sum(wts)
+            elif len(cov) == 1:
+                v, k = cov[0]
+                new[:, :, col] = X[v][:, :, k]
+                lo, hi = layout.middle(v)
+                if step < guide_steps and lo <= k < hi and ((k - lo) // w_swap) % 2 == 1:
+                    new[:, :, col] = X0[:, :, k]  # Eq. 10: p = 1 takes Middle(X^0)
+            else:
+                (a, ka), (b, kb) = cov if cov[0][1] >= s else cov[::-1]  # a: its right part
+                p = ((ka - s) // w_swap) % 2  # Eq. 9 at overlap offset k
+                new[:, :, col] = X[a][:, :, ka] if p == 0 else X[b][:, :, kb]
+        J = new
+    return J
+
+
+@pytest.mark.parametrize("method,loop,w_swap", [("safa", False, 1), ("safa", True, 2),
+                                                ("multidiffusion", True, 1), ("multidiffusion_triangular", False, 1)])
+def test_ddim_equals_naive_algorithm1(jd, audioldm, method, loop, w_swap):
+    mode, use_ref = METHODS[method]
+    layout = ViewLayout(80, 32, 8, loop=False) if not loop else ViewLayout(72, 32, 8, loop=True)
+    j_t = torch.randn(1, 8, layout.length, 16, generator=gen(11))
+    x0_t = torch.randn(1, 8, 32, 16, generator=gen(12))
+    prompts = ["rain", "wind", "calm"]
+    out = jd(prompts, layout.length / 25, method=method, loop=loop, window=WINDOW_S, overlap=0.25,
+             swap_interval=w_swap, guide=0.5, num_inference_steps=3, guidance_scale=2.5, latents=j_t,
+             reference_latents=x0_t if use_ref else None, reference_prompt="thunder", output_type="latent")
+    assert out.layout == layout
+    naive = _naive_algorithm1(audioldm, layout, 3, 2.5, mode, use_ref, 0.5, w_swap, j_t, x0_t, prompts, "thunder")
+    torch.testing.assert_close(out.latent, naive, rtol=1e-4, atol=1e-4)
+
+
+# -- every scheduler x every method ------------------------------------------------------
+@pytest.mark.parametrize("scheduler", SCHEDULERS, ids=lambda c: c.__name__)
+def test_every_scheduler_every_method(scheduler):
+    pipe = tp.tiny_audioldm_pipeline()
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    jd = JointDiffusion(pipe)
+    for method in METHODS:
+        out = jd("rain", 2.9, method=method, loop=method == "safa", window=WINDOW_S, overlap=0.25,
+                 num_inference_steps=4, generator=gen(), output_type="latent")  # PNDM needs >= 4
+        assert torch.isfinite(out.latent).all(), (scheduler.__name__, method)
+        if getattr(pipe.scheduler, "step_index", None) is not None:
+            # One scheduler.step per timestep for all n + 1 windows, not one per view.
+            assert pipe.scheduler.step_index == len(pipe.scheduler.timesteps)
+
+
+# -- options ----------------------------------------------------------------------------------
+def test_view_batch_size_does_not_change_the_result(jd):
+    kw = dict(window=WINDOW_S, overlap=0.25, num_inference_steps=3, output_type="latent")
+    a = jd("rain", 3.3, generator=gen(), **kw)
+    b = jd("rain", 3.3, generator=gen(), view_batch_size=1, **kw)
+    # Convolutions may pick batch-size dependent kernels: equal up to float rounding.
+    torch.testing.assert_close(a.latent, b.latent, rtol=1e-4, atol=1e-4)
+
+
+def test_per_view_prompts_and_reference_prompt(jd):
+    kw = dict(window=WINDOW_S, overlap=0.25, num_inference_steps=2, output_type="latent")
+    n = jd.layout_for(2.9, window=WINDOW_S, overlap=0.25).num_views
+    same = jd(["rain"] * n, 2.9, generator=gen(), **kw).latent
+    torch.testing.assert_close(same, jd("rain", 2.9, generator=gen(), **kw).latent)
+    per_view = jd(["rain", "wind", "calm"][:n], 2.9, generator=gen(), **kw).latent
+    assert not torch.allclose(per_view, same)
+    other_ref = jd("rain", 2.9, reference_prompt="thunder", generator=gen(), **kw).latent
+    assert not torch.allclose(other_ref, same)
+
+
+def test_callback_on_step_end(jd):
+    seen = []
+
+    def cb(pipe, step, t, kwargs):
+        seen.append((step, kwargs["views"].shape, kwargs["reference"] is not None))
+        if step == 1:
+            return {"views": torch.zeros_like(kwargs["views"])}
+        return None
+
+    out = jd("rain", 2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=2, callback_on_step_end=cb,
+             output_type="latent")
+    assert [s for s, _, _ in seen] == [0, 1] and all(r for _, _, r in seen)
+    assert seen[0][1] == (3, 1, 8, 32, 16)
+    assert torch.count_nonzero(out.latent) == 0  # the callback's replacement was applied
+
+
+def test_tiled_decode_bounded_and_equal_to_full_for_one_tile(jd):
+    adapter = jd.adapter
+    latent = torch.randn(1, 8, 96, 16, generator=gen(2))
+    full = decode_tiled(adapter, latent, loop=False, tile=96)
+    torch.testing.assert_close(full, adapter.finalize(adapter.decode_latents(latent)))
+    seen = []
+    orig = adapter.decode_latents
+    adapter.decode_latents = lambda z: (seen.append(z.shape[-2]), orig(z))[1]
+    try:
+        long = torch.randn(1, 8, 25 * 60, 16, generator=gen(2))  # one minute
+        out = decode_tiled(adapter, long, loop=True, tile=W)
+    finally:
+        del adapter.decode_latents
+    assert out.shape == (1, 25 * 60 * 640) and torch.isfinite(out).all()
+    # Every decoder call sees one tile plus context: memory does not grow with length.
+    assert max(seen) <= W + 2 * adapter.decode_context and len(seen) == math.ceil(1500 / W)
+
+
+# -- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="nope"), "method must be one of"),
+    (dict(overlap=0.6), r"overlap must be in \[0.0, 0.5\]"),
+    (dict(method="multidiffusion", overlap=1.0), r"overlap must be in \[0.0, 1.0\)"),
+    (dict(overlap=-0.1), "overlap must be in"),
+    (dict(guide=1.5), r"guide must be in \[0.0, 1.0\]"),
+    (dict(seconds=1.0), "shorter than one window"),
+    (dict(seconds=-2.0), "seconds must be"),
+    (dict(prompt=["a", "b"]), "list of 1 or 3 prompts"),
+    (dict(swap_interval=0), "swap_interval must be"),
+    (dict(num_inference_steps=0), "num_inference_steps must be"),
+    (dict(view_batch_size=0), "view_batch_size must be"),
+    (dict(decode="nope"), "decode must be one of"),
+    (dict(window=-1.0), "window must be > 0"),
+    (dict(width=512), "width is for image pipelines"),
+    (dict(output_type="pil"), "output_type must be one of"),
+    (dict(latents=torch.zeros(1, 8, 10, 16)), "latents must have shape"),
+])
+def test_bad_input_raises_value_error(jd, kwargs, match):
+    args = dict(prompt="rain", seconds=2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        jd(args.pop("prompt"), args.pop("seconds"), **args)
+
+
+def test_unsupported_pipeline_lists_supported():
+    class FancyPipeline:
+        pass
+    with pytest.raises(ValueError, match="unsupported pipeline class FancyPipeline; supported: .*AudioLDMPipeline"):
+        JointDiffusion(FancyPipeline())
+    assert {"AudioLDMPipeline", "AudioLDM2Pipeline", "MusicLDMPipeline"} <= set(registered_adapters())
+
+
+def test_adapter_registry_resolves_subclasses(audioldm):
+    class MyAudioLDM(type(audioldm)):
+        pass
+    adapter = get_adapter(audioldm)
+    assert isinstance(adapter, Adapter) and adapter.native_window() == 256  # 10.24 s at 25 frames/s
+    assert adapter.frames_per_second == 25 and adapter.sample_rate == SR
+    assert type(get_adapter(MyAudioLDM.__new__(MyAudioLDM))) is type(adapter)
