@@ -1,0 +1,85 @@
+"""Adapter for the built-in analytic texture model (:class:`safa.texture.TexturePipeline`).
+
+Latent ``(B, 8, T, 16)`` with time on dim -2 at 25 frames per second (like AudioLDM);
+the "VAE" stage is the texture decoder's latent -> log-mel map (4 mel frames per latent
+frame) and the "vocoder" stage is Griffin-Lim (hop 160 at 16 kHz).  Conditions are the
+model's class-weight vectors (``class_weights``: one-hot for a class name, the class
+prior for ``""``), so classifier-free guidance batches exactly like text embeddings.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .base import Adapter, Conditions, register_adapter
+
+__all__ = ["TextureAdapter"]
+
+
+@register_adapter
+class TextureAdapter(Adapter):
+    """The texture model behind the adapter protocol; the model acts where a UNet does."""
+
+    pipeline_classes = ("TexturePipeline",)
+    kind = "audio"
+    long_dim = -2
+    reference_axis = -2
+    decoded_dim = -2
+    # Decoding is bilinear upsampling (receptive field 1 latent frame) then Griffin-Lim,
+    # whose STFT spans 1024 samples = 1.6 latent frames; 4 frames of context each side of a
+    # tile keeps tile edges out of the kept output.
+    decode_context = 4
+
+    @property
+    def decoded_scale(self) -> int:  # type: ignore[override]
+        return int(self.pipe.decoder.time_scale)
+
+    @property
+    def finalize_scale(self) -> int:  # type: ignore[override]
+        return int(self.pipe.decoder.hop)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.pipe.decoder.sample_rate)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / (self.decoded_scale * self.finalize_scale)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.dtype
+
+    def native_window(self) -> int:
+        # The model is defined on exactly this many frames (it raises on anything else).
+        return int(self.pipe.model.window)
+
+    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+        m = self.pipe.model
+        return (batch_size, int(m.channels), int(length), int(m.freq_bins))
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+                       guidance_scale: float) -> Conditions:
+        prompts = list(prompts)
+        pos = {"class_weights": self.pipe.encode_prompt(prompts).to(self.device)}
+        if guidance_scale > 1.0:  # the pipeline's own rule for classifier-free guidance
+            neg = self.pipe.encode_prompt([negative_prompt or ""] * len(prompts)).to(self.device)
+            return Conditions(pos, {"class_weights": neg})
+        return Conditions(pos)
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
+        if cond.negative is None:
+            return self.pipe.denoise(latents, t, cond.positive["class_weights"])
+        # Same batching as TexturePipeline.__call__: [uncond; cond] in one call.
+        cw = torch.cat([cond.negative["class_weights"], cond.positive["class_weights"]])
+        t2 = torch.cat([t.reshape(-1)] * 2) if torch.is_tensor(t) and t.dim() > 0 and t.numel() > 1 else t
+        out = self.pipe.denoise(torch.cat([latents, latents]), t2, cw)
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.pipe.decoder.latent_to_mel(latent.to(self.device, torch.float32))
+
+    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.pipe.decoder.mel_to_audio(decoded)

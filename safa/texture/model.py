@@ -1,0 +1,467 @@
+"""An analytic texture "diffusion model" whose denoiser is exact.
+
+Data model
+----------
+Latents are laid out like AudioLDM's: ``(B, C, T, F)`` with time on dim -2, and the model
+is defined on windows of ``window`` frames only (like a real model trained on fixed clips).
+
+* A *class* (rain, wind, surf, ...) owns one stationary temporal covariance ``K_t`` over the
+  window (``window x window``, Toeplitz, built from a class kernel ``k(tau)``) and a few
+  *sub-styles* (loudness / brightness variants).
+* A *sub-style* ``k`` of class ``c`` is the zero-mean Gaussian ``N(0, A_k (x) K_t^c)`` over the
+  window, where ``A_k`` is a ``(C F) x (C F)`` channel-frequency covariance (its spectral
+  envelope).  The vectorisation order is ``(c, f)`` outer, ``t`` inner.
+* The class distribution is the mixture of its sub-styles; the unconditional distribution
+  is the mixture over classes (uniform class prior).
+
+Why Kronecker: with ``A = U_a diag(nu) U_a^T`` and ``K_t = U_t diag(mu) U_t^T`` the window
+covariance is diagonal in the basis ``U_a (x) U_t`` with eigenvalues ``nu_i mu_j``, so the
+exact posterior mean under Gaussian noise is two small matmuls in, a per-coefficient gain,
+and two matmuls out.  Sub-styles of a class share ``K_t`` so its (larger) rotation is done
+once per class.
+
+Denoiser
+--------
+With ``x_t = a x_0 + b eps`` (``a = sqrt(alpha_bar)``, ``b = sqrt(1 - alpha_bar)``) and
+``y`` a coefficient in a component's eigenbasis with eigenvalue ``lam``:
+
+    E[x_0 | y]  = a lam / (a^2 lam + b^2) * y
+    E[eps | y]  = b / (a^2 lam + b^2) * y            (stable as b -> 0, no division by b)
+    E[v | y]    = a b (1 - lam) / (a^2 lam + b^2) * y (v = a eps - b x_0)
+
+and components are mixed by their exact posterior responsibilities
+``softmax_k(log pi_k + log N(x_t; 0, a^2 Sigma_k + b^2 I))`` computed in log space.
+Because every output is linear in ``x_t`` given the responsibilities, the mixture of the
+per-component expectations is the exact posterior expectation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+__all__ = ["TextureModel", "TextureClass", "DEFAULT_CLASSES", "alpha_bar_at"]
+
+# ----------------------------------------------------------------------------------------
+# Class definitions: named, hand-written spectral envelopes and temporal kernels.
+# Everything else (channel mixing, envelope ripple) comes from a seeded generator.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextureClass:
+    """One texture class.
+
+    ``temporal`` is a list of kernel terms ``(kind, weight, length, period)`` with kind in
+    ``exp`` (``exp(-|tau|/length)``, rough: real high-frequency detail along time), ``se``
+    (``exp(-tau^2 / 2 length^2)``, smooth), ``qp`` (``exp(-|tau|/length) cos(2 pi tau /
+    period)``, quasi-periodic) and ``white`` (a nugget).  Each term is a PSD kernel, so the
+    weighted sum is one too.
+
+    ``envelope`` gives the variance profile over the ``F`` latent frequency bins as a
+    function of the normalised bin position ``u in [0, 1]`` (``centre``, ``width`` of a
+    log-Gaussian bump plus a ``floor``); ``harmonics`` adds narrow peaks (engine hum).
+    ``freq_corr`` is the correlation length across frequency bins.
+    """
+
+    name: str
+    temporal: Tuple[Tuple[str, float, float, float], ...]
+    centre: float
+    width: float
+    floor: float
+    freq_corr: float
+    harmonics: Tuple[float, ...] = ()
+
+
+DEFAULT_CLASSES: Tuple[TextureClass, ...] = (
+    TextureClass("rain", (("exp", 0.6, 1.5, 0.0), ("white", 0.4, 0.0, 0.0)),
+                 centre=0.75, width=0.35, floor=0.15, freq_corr=3.0),
+    TextureClass("wind", (("se", 0.75, 10.0, 0.0), ("exp", 0.25, 3.0, 0.0)),
+                 centre=0.2, width=0.25, floor=0.05, freq_corr=4.0),
+    TextureClass("surf", (("qp", 0.6, 60.0, 90.0), ("exp", 0.4, 4.0, 0.0)),
+                 centre=0.4, width=0.5, floor=0.1, freq_corr=5.0),
+    TextureClass("engine", (("qp", 0.5, 40.0, 6.0), ("exp", 0.5, 8.0, 0.0)),
+                 centre=0.15, width=0.15, floor=0.05, freq_corr=1.0, harmonics=(0.1, 0.2, 0.3, 0.4)),
+    TextureClass("crowd", (("exp", 0.6, 3.0, 0.0), ("se", 0.4, 15.0, 0.0)),
+                 centre=0.45, width=0.2, floor=0.08, freq_corr=2.0),
+    TextureClass("fire", (("white", 0.5, 0.0, 0.0), ("exp", 0.3, 1.0, 0.0), ("se", 0.2, 20.0, 0.0)),
+                 centre=0.6, width=0.5, floor=0.2, freq_corr=2.5),
+)
+
+# Sub-styles: (name, loudness gain on the std, brightness tilt exponent).
+DEFAULT_SUBSTYLES: Tuple[Tuple[str, float, float], ...] = (
+    ("soft-dark", 0.7, -1.0),
+    ("medium", 1.0, 0.0),
+    ("loud-bright", 1.35, 1.0),
+)
+
+
+def temporal_kernel(terms: Sequence[Tuple[str, float, float, float]], lags: np.ndarray) -> np.ndarray:
+    """The class's stationary temporal kernel at integer ``lags``, normalised so k(0) = 1."""
+    tau = np.abs(lags.astype(np.float64))
+    out = np.zeros_like(tau)
+    for kind, weight, length, period in terms:
+        if kind == "exp":
+            out += weight * np.exp(-tau / length)
+        elif kind == "se":
+            out += weight * np.exp(-0.5 * (tau / length) ** 2)
+        elif kind == "qp":
+            out += weight * np.exp(-tau / length) * np.cos(2 * np.pi * tau / period)
+        elif kind == "white":
+            out += weight * (tau == 0)
+        else:
+            raise ValueError(f"unknown kernel term {kind!r}")
+    total = sum(t[1] for t in terms)
+    return out / total
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """``alpha_bar`` at (possibly fractional) timesteps, as diffusers' schedules mean them.
+
+    Integer timesteps index ``alphas_cumprod``. Fractional ones (Euler/Heun with Karras or
+    exponential sigmas) come from ``_sigma_to_t``, which interpolates ``t`` linearly in
+    ``log sigma`` between neighbouring integers; we invert exactly that.
+    """
+    ac = alphas_cumprod.to(torch.float64)
+    t = timestep.to(torch.float64).clamp(0, ac.numel() - 1)
+    lo = t.floor().long()
+    hi = torch.clamp(lo + 1, max=ac.numel() - 1)
+    frac = t - lo.to(torch.float64)
+    if bool((frac == 0).all()):
+        return ac[lo]
+    log_sigma = 0.5 * (torch.log1p(-ac) - torch.log(ac))
+    ls = (1 - frac) * log_sigma[lo] + frac * log_sigma[hi]
+    sigma2 = torch.exp(2 * ls)
+    return 1.0 / (1.0 + sigma2)
+
+
+class TextureModel(ModelMixin, ConfigMixin):
+    """Mixture-of-Kronecker-Gaussians texture prior with an exact denoiser.
+
+    Call it like a UNet: ``model(sample, timestep, class_weights) -> model output`` where
+    ``sample`` is ``(B, C, window, F)`` (already scaled by the scheduler's
+    ``scale_model_input``, i.e. the variance-preserving ``x_t``), ``timestep`` a scalar or a
+    ``(B,)`` tensor, and ``class_weights`` a ``(B, num_classes)`` probability vector (one-hot
+    for a class prompt, the class prior for the empty prompt).  The output is epsilon,
+    v or x_0 according to :meth:`set_schedule`.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, channels: int = 8, freq_bins: int = 16, window: int = 256, seed: int = 0,
+                 class_names: Optional[List[str]] = None, frame_rate: float = 25.0,
+                 num_train_timesteps: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0195,
+                 prediction_type: str = "epsilon") -> None:
+        super().__init__()
+        by_name = {c.name: c for c in DEFAULT_CLASSES}
+        names = list(class_names) if class_names else [c.name for c in DEFAULT_CLASSES]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown texture classes {unknown}; known: {sorted(by_name)}")
+        self.classes: List[TextureClass] = [by_name[n] for n in names]
+        self.substyles = list(DEFAULT_SUBSTYLES)
+        self.channels, self.freq_bins, self.window = channels, freq_bins, window
+        gen = np.random.default_rng(seed)
+        cf = channels * freq_bins
+
+        # Temporal factors, one per class; eigendecomposed once (float64, then stored).
+        lags = np.arange(window)[:, None] - np.arange(window)[None, :]
+        kt, ut, mut = [], [], []
+        for cls in self.classes:
+            k = temporal_kernel(cls.temporal, lags) + 1e-4 * np.eye(window)  # nugget: conditioning
+            mu, u = np.linalg.eigh(k)
+            kt.append(k), ut.append(u), mut.append(np.clip(mu, 1e-8, None))
+
+        # Channel-frequency factors, one per (class, sub-style).
+        ua, nua, aa, comp_class = [], [], [], []
+        fpos = (np.arange(freq_bins) + 0.5) / freq_bins
+        for ci, cls in enumerate(self.classes):
+            # Channel mixing: a seeded random correlation matrix (the "VAE" channel mixing).
+            g = gen.standard_normal((channels, channels + 2))
+            kc = g @ g.T
+            d = np.sqrt(np.diag(kc))
+            kc = kc / d[:, None] / d[None, :]
+            kf = np.exp(-np.abs(fpos[:, None] - fpos[None, :]) * freq_bins / cls.freq_corr)
+            env = cls.floor + np.exp(-0.5 * ((fpos - cls.centre) / cls.width) ** 2)
+            for h in cls.harmonics:
+                env = env + 1.5 * np.exp(-0.5 * ((fpos - h) / 0.02) ** 2)
+            env = env * np.exp(0.15 * gen.standard_normal(freq_bins))  # seeded ripple
+            env = env / env.mean()
+            for _, gain, tilt in self.substyles:
+                v = gain ** 2 * env * np.exp(tilt * 1.2 * (fpos - 0.5))  # brightness tilt
+                sd = np.sqrt(np.tile(v, channels))  # (c, f) order, f inner
+                a = sd[:, None] * np.kron(kc, kf) * sd[None, :] + 1e-4 * np.eye(cf)
+                nu, u = np.linalg.eigh(a)
+                ua.append(u), nua.append(np.clip(nu, 1e-8, None)), aa.append(a)
+                comp_class.append(ci)
+
+        n_sub = len(self.substyles)
+        self.register_buffer("temporal_cov", torch.tensor(np.stack(kt)), persistent=False)
+        self.register_buffer("temporal_basis", torch.tensor(np.stack(ut)), persistent=False)
+        self.register_buffer("temporal_eig", torch.tensor(np.stack(mut)), persistent=False)
+        self.register_buffer("chanfreq_cov", torch.tensor(np.stack(aa)), persistent=False)
+        self.register_buffer("chanfreq_basis", torch.tensor(np.stack(ua)), persistent=False)
+        self.register_buffer("chanfreq_eig", torch.tensor(np.stack(nua)), persistent=False)
+        self.register_buffer("component_class", torch.tensor(comp_class, dtype=torch.long), persistent=False)
+        self.register_buffer("substyle_logprior",
+                             torch.full((len(comp_class),), -math.log(n_sub), dtype=torch.float64), persistent=False)
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0), persistent=False)
+        self.prediction_type = prediction_type
+        self._cast_cache: Dict[torch.dtype, Tuple[torch.Tensor, ...]] = {}
+
+    # -- names and conditions ---------------------------------------------------------
+    @property
+    def class_names(self) -> List[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_components(self) -> int:
+        return int(self.component_class.numel())
+
+    def component_name(self, k: int) -> str:
+        cls = self.classes[int(self.component_class[k])]
+        return f"{cls.name}/{self.substyles[k % len(self.substyles)][0]}"
+
+    def class_prior(self) -> torch.Tensor:
+        """The unconditional class distribution (uniform)."""
+        return torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+
+    def encode_prompt(self, prompt: Union[str, Sequence[str]]) -> torch.Tensor:
+        """Prompt(s) -> ``(B, num_classes)`` class weights. ``""`` is the unconditional prior.
+
+        A prompt names a class (case and surrounding space ignored); anything else is a
+        ``ValueError`` listing the classes, because silently falling back to the
+        unconditional model would hide typos.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows = []
+        for p in prompts:
+            key = (p or "").strip().lower()
+            if not key:
+                rows.append(self.class_prior())
+                continue
+            if key not in self.class_names:
+                raise ValueError(f"unknown texture prompt {p!r}; the built-in texture model knows: "
+                                 f"{', '.join(self.class_names)} (or '' for the unconditional mixture)")
+            row = torch.zeros(self.num_classes, dtype=torch.float64)
+            row[self.class_names.index(key)] = 1.0
+            rows.append(row)
+        return torch.stack(rows)
+
+    def component_logprior(self, class_weights: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` log prior of each component given ``(B, num_classes)`` class weights."""
+        cw = class_weights.to(torch.float64)
+        return torch.log(cw[:, self.component_class]) + self.substyle_logprior
+
+    # -- schedule ---------------------------------------------------------------------
+    def set_schedule(self, alphas_cumprod: torch.Tensor, prediction_type: str) -> None:
+        """Bind the scheduler's noise schedule and prediction type (what a UNet was trained for)."""
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().clone()
+        self.prediction_type = prediction_type
+
+    def bind_scheduler(self, scheduler) -> None:
+        """Take ``alphas_cumprod`` and ``prediction_type`` from a diffusers scheduler."""
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        if ac is None:
+            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: the texture model's "
+                            "denoiser needs a variance-preserving (DDPM-family) schedule")
+        self.set_schedule(ac, scheduler.config.prediction_type)
+
+    # -- core linear algebra ----------------------------------------------------------
+    def _factors(self, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        key = (dtype, device)
+        if key not in self._cast_cache:
+            self._cast_cache[key] = (self.temporal_basis.to(device, dtype), self.chanfreq_basis.to(device, dtype))
+        return self._cast_cache[key]
+
+    def _to_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T, F)`` -> ``(B, C*F, T)``: rows in ``(c, f)`` order, time last."""
+        b, c, t, f = x.shape
+        if (c, t, f) != (self.channels, self.window, self.freq_bins):
+            raise ValueError(f"texture model expects windows of shape (B, {self.channels}, {self.window}, "
+                             f"{self.freq_bins}) (time on dim -2), got {tuple(x.shape)}")
+        return x.permute(0, 1, 3, 2).reshape(b, c * f, t)
+
+    def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        b = m.shape[0]
+        return m.reshape(b, self.channels, self.freq_bins, self.window).permute(0, 1, 3, 2)
+
+    def _eig(self, comps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(K', CF, T)`` eigenvalues of the window covariance of components ``comps`` (float64)."""
+        comps = torch.arange(self.num_components) if comps is None else comps
+        return self.chanfreq_eig[comps, :, None] * self.temporal_eig[self.component_class[comps]][:, None, :]
+
+    def _rotate_in(self, x: torch.Tensor, comps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, C, T, F)`` -> ``(B, K', CF, T)`` coefficients in the eigenbases of ``comps``."""
+        comps = torch.arange(self.num_components) if comps is None else comps
+        ut, ua = self._factors(x.dtype, x.device)
+        classes, local = torch.unique(self.component_class[comps], return_inverse=True)
+        m = self._to_matrix(x)
+        z = torch.matmul(m[:, None], ut[classes][None])              # (B, classes, CF, T): shared per class
+        return torch.matmul(ua[comps].transpose(-1, -2)[None], z[:, local])
+
+    def _rotate_out(self, coef: torch.Tensor, comps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, K', CF, T)`` coefficients of ``comps`` -> ``(B, C, T, F)``, summed over components."""
+        comps = torch.arange(self.num_components) if comps is None else comps
+        ut, ua = self._factors(coef.dtype, coef.device)
+        classes, local = torch.unique(self.component_class[comps], return_inverse=True)
+        b, _, cf, t = coef.shape
+        z = torch.matmul(ua[comps][None], coef)                       # (B, K', CF, T)
+        per_class = torch.zeros(b, classes.numel(), cf, t, dtype=coef.dtype, device=coef.device)
+        per_class.index_add_(1, local.to(coef.device), z)             # one temporal rotation per class
+        return self._from_matrix(torch.matmul(per_class, ut[classes].transpose(-1, -2)[None]).sum(1))
+
+    def _noisy_stats(self, alpha_bar: torch.Tensor, comps: torch.Tensor, dtype: torch.dtype
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per distinct ``alpha_bar``: inverse variances ``(U, K', CF, T)`` in ``dtype``, log-dets
+        ``(U, K')`` in float64, and the row -> distinct index map.  Rows of a sampler batch
+        share their timestep, so this is computed once per step, not once per row."""
+        uniq, inv = torch.unique(alpha_bar.to(torch.float64), return_inverse=True)
+        var = uniq.reshape(-1, 1, 1, 1) * self._eig(comps)[None] + (1 - uniq).reshape(-1, 1, 1, 1)
+        return (1.0 / var).to(dtype), torch.log(var).sum((-1, -2)), inv
+
+    def log_likelihoods(self, x: torch.Tensor, alpha_bar: Union[float, torch.Tensor] = 1.0,
+                        coef: Optional[torch.Tensor] = None, comps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, K')`` log densities of ``x`` under each component of ``N(0, a^2 Sigma_k + b^2 I)``.
+
+        With ``alpha_bar = 1`` this is the clean model's component log-likelihood.
+        """
+        comps = torch.arange(self.num_components) if comps is None else comps
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        if coef is None:
+            coef = self._rotate_in(x, comps)
+        inv_var, logdet, row = self._noisy_stats(ab, comps, coef.dtype)
+        # Squares and products in the working dtype, the sum over ~C*F*T terms in float64.
+        quad = (coef * coef * inv_var[row]).sum((-1, -2), dtype=torch.float64)
+        d = coef.shape[-1] * coef.shape[-2]
+        return -0.5 * (quad + logdet[row] + d * math.log(2 * math.pi))
+
+    def responsibilities(self, x: torch.Tensor, class_weights: torch.Tensor,
+                         alpha_bar: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        """``(B, K)`` posterior component probabilities (log-sum-exp stable)."""
+        ll = self.log_likelihoods(x, alpha_bar) + self.component_logprior(class_weights).to(x.device)
+        return torch.softmax(ll, dim=-1)
+
+    # -- the denoiser -----------------------------------------------------------------
+    def alpha_bar(self, timestep: Union[int, float, torch.Tensor], batch: int) -> torch.Tensor:
+        t = torch.as_tensor(timestep).reshape(-1).to(torch.float64)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch}")
+        return alpha_bar_at(self.alphas_cumprod, t)
+
+    def denoise(self, x_t: torch.Tensor, alpha_bar: torch.Tensor, class_weights: torch.Tensor,
+                output: str = "epsilon") -> torch.Tensor:
+        """Exact posterior expectation of ``output`` (epsilon, v_prediction or sample).
+
+        ``x_t`` is ``(B, C, T, F)``, ``alpha_bar`` ``(B,)`` and ``class_weights``
+        ``(B, num_classes)``.  Rows are grouped by which components have non-zero prior
+        (a class prompt needs only its own sub-styles), so a conditional row costs a
+        fraction of an unconditional one.
+        """
+        if output not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported output {output!r}")
+        ab_all = alpha_bar.to(torch.float64).reshape(-1).expand(x_t.shape[0])
+        logprior = self.component_logprior(class_weights.to(torch.float64).cpu())
+        support = torch.isfinite(logprior)
+        out = torch.empty_like(x_t)
+        patterns, group = torch.unique(support, dim=0, return_inverse=True)
+        for g in range(patterns.shape[0]):
+            rows = torch.nonzero(group == g).reshape(-1)
+            comps = torch.nonzero(patterns[g]).reshape(-1)
+            x, ab = x_t[rows.to(x_t.device)], ab_all[rows]
+            coef = self._rotate_in(x, comps)
+            ll = self.log_likelihoods(x, ab, coef=coef, comps=comps) + logprior[rows][:, comps].to(x.device)
+            resp = torch.softmax(ll, dim=-1)                          # (b, K'), float64
+            # A responsibility below 1e-20 changes nothing at float64 precision, but its
+            # products would be float32 denormals (a 10-100x slowdown in the matmuls); drop
+            # it, and skip components that no row of the group needs any more.
+            resp = torch.where(resp < 1e-20, torch.zeros_like(resp), resp)
+            keep = torch.nonzero(resp.amax(0) > 0).reshape(-1)
+            comps, coef, resp = comps[keep], coef[:, keep.to(coef.device)], resp[:, keep]
+            uniq, row = torch.unique(ab, return_inverse=True)
+            u = uniq.reshape(-1, 1, 1, 1)
+            lam = self._eig(comps)[None]
+            denom = u * lam + (1 - u)
+            if output == "epsilon":
+                gain = (1 - u).sqrt() / denom
+            elif output == "v_prediction":
+                gain = (u * (1 - u)).sqrt() * (1 - lam) / denom
+            else:
+                gain = u.sqrt() * lam / denom
+            gain = gain.to(x.dtype)[row] * resp.to(x.dtype)[:, :, None, None]
+            out[rows.to(x_t.device)] = self._rotate_out(coef * gain, comps)
+        return out
+
+    def forward(self, sample: torch.Tensor, timestep: Union[int, float, torch.Tensor],
+                class_weights: torch.Tensor, return_dict: bool = False):
+        """UNet-shaped call: the scheduler-scaled ``x_t`` in, the scheduler's target out."""
+        cw = class_weights
+        if cw.dim() == 1:
+            cw = cw[None].expand(sample.shape[0], -1)
+        out = self.denoise(sample, self.alpha_bar(timestep, sample.shape[0]), cw, self.prediction_type)
+        return (out,) if not return_dict else {"sample": out}
+
+    # -- exact sampling from the model --------------------------------------------------
+    def component_cov(self, k: int) -> torch.Tensor:
+        """Dense ``(C F T) x (C F T)`` covariance of component ``k`` in ``(c, f, t)`` order (tests)."""
+        return torch.kron(self.chanfreq_cov[k], self.temporal_cov[self.component_class[k]])
+
+    def sample_components(self, class_weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw a component index per row of ``(B, num_classes)`` class weights."""
+        p = torch.exp(self.component_logprior(class_weights))
+        return torch.multinomial(p, 1, generator=generator).reshape(-1)
+
+    def sample(self, components: torch.Tensor, length: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Exact samples ``(B, C, length, F)`` of the given components.
+
+        ``length = window`` samples the model itself. A longer length samples the stationary
+        Gaussian process with the same kernel over ``length`` frames, so every window of it
+        is distributed exactly as the component: a *true long texture* used as the
+        reference row of the evaluation (one sub-style throughout).
+        """
+        length = self.window if length is None else int(length)
+        comps = torch.as_tensor(components).reshape(-1)
+        out = torch.empty(comps.numel(), self.channels, length, self.freq_bins, dtype=torch.float64)
+        lags = np.arange(length)[:, None] - np.arange(length)[None, :]
+        chol_t: Dict[int, torch.Tensor] = {}
+        for i, k in enumerate(comps.tolist()):
+            c = int(self.component_class[k])
+            if c not in chol_t:
+                kt = temporal_kernel(self.classes[c].temporal, lags) + 1e-4 * np.eye(length)
+                chol_t[c] = torch.linalg.cholesky(torch.tensor(kt))
+            la = torch.linalg.cholesky(self.chanfreq_cov[k])
+            e = torch.randn(self.channels * self.freq_bins, length, generator=generator, dtype=torch.float64)
+            m = la @ e @ chol_t[c].T
+            out[i] = m.reshape(self.channels, self.freq_bins, length).permute(0, 2, 1)
+        return out.to(dtype)
+
+    def whiten(self, x: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+        """``(B, CF, T)`` whitened coefficients of windows ``x`` under ``components`` (``(B,)``).
+
+        Columns are the temporal eigenmodes sorted by *decreasing* eigenvalue (for a
+        stationary kernel: from slow to fast), so slices along the last axis are
+        temporal-frequency bands.
+        """
+        idx = torch.as_tensor(components).reshape(-1)
+        coef = self._rotate_in(x.to(torch.float64))
+        rows = coef[torch.arange(coef.shape[0]), idx]
+        lam = self._eig()[idx]
+        w = rows / lam.sqrt()
+        order = torch.argsort(self.temporal_eig[self.component_class[idx]], dim=-1, descending=True)
+        return torch.gather(w, -1, order[:, None, :].expand_as(w))
