@@ -1,0 +1,144 @@
+"""Adapter for Stable Audio Open (``StableAudioPipeline``): a DiT over a 1-D latent.
+
+Latent ``(B, 64, T)`` with time last; the Oobleck VAE decodes one latent frame to ``hop_length``
+(2048) stereo samples at 44.1 kHz, so about 21.5 latent frames per second. The native window is
+the transformer's ``sample_size`` (1024 frames, 47.55 s for the released checkpoint).
+
+Timing conditioning, per window: Stable Audio is conditioned on ``seconds_start`` and
+``seconds_total`` and fills ``seconds_total`` seconds of its window with sound, then silence
+("end-cutting"). Every view and the reference is a complete window of audio, so each window is
+conditioned on ``(0, window seconds)``, computed from the window actually denoised, never on the
+whole output's length (which would ask for silence after the window's length, and exceeds the
+conditioner's range for long outputs). A window-sized call of the pipeline with its default
+``audio_end_in_s`` uses exactly these values, which is what the one-view equivalence checks.
+
+Output: ``(B, channels, samples)`` (stereo for the released model), as the pipeline returns it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .base import Adapter, Conditions, register_adapter
+
+__all__ = ["StableAudioAdapter"]
+
+
+@register_adapter
+class StableAudioAdapter(Adapter):
+    pipeline_classes = ("StableAudioPipeline",)
+    kind = "audio"
+    long_dim = -1
+    reference_axis = -1  # audio: the reference swap alternates along time (SPEC 2.3)
+    decoded_dim = -1
+    finalize_scale = 1
+    # Latent frames of context each side of a decoded tile. The decoder's first conv (kernel 7)
+    # sees 3 frames each side; the dilated residual units after each upsampling add under one
+    # latent frame more, so 4 covers it.
+    decode_context = 4
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__(pipe)
+        # Rotary tables and duration states depend only on the window length: cache them.
+        self._rotary: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._duration: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- geometry -----------------------------------------------------------------------------
+    @property
+    def decoded_scale(self) -> int:  # type: ignore[override]
+        return int(self.pipe.vae.hop_length)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.pipe.vae.config.sampling_rate)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.decoded_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def native_window(self) -> int:
+        return int(self.pipe.transformer.config.sample_size)
+
+    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+        return (batch_size, int(self.pipe.transformer.config.in_channels), int(length))
+
+    # -- conditions ---------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+                       guidance_scale: float) -> Conditions:
+        pipe = self.pipe
+        prompts = list(prompts)
+        cfg = guidance_scale > 1.0  # the pipeline's own rule
+        with torch.no_grad():
+            if cfg and negative_prompt is not None:
+                both = pipe.encode_prompt(prompts, self.device, True, [negative_prompt] * len(prompts))
+                neg, pos = both[:len(prompts)], both[len(prompts):]
+            else:
+                pos = pipe.encode_prompt(prompts, self.device, False)
+                neg = None
+        if not cfg:
+            return Conditions({"text": pos})
+        if neg is None:
+            # The pipeline's unconditional branch without a negative prompt: the whole
+            # cross-attention context (text AND duration tokens) is zero; the global
+            # (duration) condition stays.
+            return Conditions({"text": pos}, {"text": torch.zeros_like(pos)}, {"null_negative": True})
+        return Conditions({"text": pos}, {"text": neg}, {"null_negative": False})
+
+    def _duration_states(self, frames: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(seconds_start, seconds_end)`` hidden states, each ``(1, 1, D)``, for a window of ``frames``."""
+        if frames not in self._duration:
+            seconds = frames * self.decoded_scale / self.sample_rate
+            proj = self.pipe.projection_model.config
+            if not proj.min_value <= seconds <= proj.max_value:
+                raise ValueError(f"a window of {seconds:.2f} s is outside the timing conditioner's range "
+                                 f"[{proj.min_value}, {proj.max_value}] s: choose a shorter window")
+            with torch.no_grad():
+                start, end = self.pipe.encode_duration(0.0, seconds, self.device, False, 1)
+            self._duration[frames] = (start, end)
+        start, end = self._duration[frames]
+        return start.to(dtype), end.to(dtype)
+
+    def _rotary_embedding(self, frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if frames not in self._rotary:
+            from diffusers.models.embeddings import get_1d_rotary_pos_embed
+            # +1: the global duration token is prepended to the latent sequence
+            self._rotary[frames] = get_1d_rotary_pos_embed(
+                self.pipe.rotary_embed_dim, frames + 1, use_real=True, repeat_interleave_real=False)
+        return self._rotary[frames]
+
+    # -- denoiser -------------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
+        n, frames = latents.shape[0], latents.shape[-1]
+        text = cond.positive["text"]
+        start, end = self._duration_states(frames, text.dtype)
+        start, end = start.expand(n, -1, -1), end.expand(n, -1, -1)
+        context = torch.cat([text, start, end], dim=1)
+        global_states = torch.cat([start, end], dim=2)
+        x = latents
+        if cond.negative is not None:
+            neg_context = torch.cat([cond.negative["text"], start, end], dim=1)
+            if cond.extra.get("null_negative", False):
+                neg_context = torch.zeros_like(neg_context)
+            context = torch.cat([neg_context, context])
+            global_states = torch.cat([global_states, global_states])
+            x = torch.cat([latents, latents])
+        out = self.pipe.transformer(x, t.reshape(1), encoder_hidden_states=context,
+                                    global_hidden_states=global_states,
+                                    rotary_embedding=self._rotary_embedding(frames), return_dict=False)[0]
+        if cond.negative is None:
+            return out
+        uncond, cond_out = out.chunk(2)
+        return uncond + guidance_scale * (cond_out - uncond)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latent.to(device=self.device, dtype=vae.dtype)).sample
+
+    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
+        return decoded.float().cpu()
