@@ -59,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images "
                                                "(default out.wav / out.png)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or library warnings")
     p.set_defaults(func=run)
     return p
 
@@ -140,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
             check_writable(out)
         except OSError as exc:
             raise CLIError(f"cannot write --out {out}: {exc}") from None
+    if args.quiet:  # no loading bars or deprecation notices either: stderr is for errors only
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+        for log in (dlog, tlog):
+            log.disable_progress_bar()
+            log.set_verbosity_error()
     pipe = load_pipeline(args.model)
     jd = JointDiffusion(pipe)  # ValueError (unsupported pipeline) -> exit 2
     kind = jd.adapter.kind

@@ -1,0 +1,128 @@
+"""``safa generate`` end to end on a tiny AudioLDM saved with ``save_pretrained`` (CPU, offline)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+import safa.testing.pipelines as tp
+from safa.audio_io import atomic_path
+from safa.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--prompt", "rain", "--window", "1.28", "--overlap", "0.25", "--steps", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_audioldm")
+    tp.tiny_audioldm_pipeline().save_pretrained(str(d))
+    return str(d)
+
+
+def _run(*args: str):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "safa", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def _only_inputs(directory) -> list:
+    return sorted(os.listdir(directory))
+
+
+def test_generate_subprocess_writes_audio_and_spectrogram(model_dir, tmp_path):
+    out = tmp_path / "rain.wav"
+    proc = _run("generate", "--model", model_dir, *FAST, "--prompt", "wind", "--prompt", "calm",
+                "--seconds", "2.9", "--scheduler", "DPMSolverMultistep", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data, sr = sf.read(str(out))
+    assert sr == 16000 and data.shape == (round(2.9 * 16000),) and np.isfinite(data).all()
+    spec = Image.open(tmp_path / "rain.png")
+    assert spec.size[1] == 256 and spec.size[0] > 100
+    assert "3 views" in proc.stdout
+    assert _only_inputs(tmp_path) == ["rain.png", "rain.wav"]  # no temporary files left
+
+
+def test_generate_flac_loop_in_process(model_dir, tmp_path, capsys):
+    out = tmp_path / "loop.flac"
+    code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3.84", "--loop", "--method",
+                 "multidiffusion", "--decode", "tiled", "--out", str(out), "--no-spectrogram"])
+    assert code == 0, capsys.readouterr().err
+    data, sr = sf.read(str(out))
+    assert data.shape == (round(3.84 * 16000),)
+    assert _only_inputs(tmp_path) == ["loop.flac"]
+
+
+def _assert_one_line_error(code_or_proc, err, pattern, tmp_path):
+    code = code_or_proc if isinstance(code_or_proc, int) else code_or_proc.returncode
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and pattern in lines[0] and lines[0].startswith("safa generate: error:"), err
+    assert _only_inputs(tmp_path) == []  # nothing written, no partial file
+
+
+def test_missing_model_directory_subprocess(tmp_path):
+    out = tmp_path / "x.wav"
+    proc = _run("generate", "--model", str(tmp_path / "nope"), *FAST, "--seconds", "3", "--out", str(out))
+    _assert_one_line_error(proc, proc.stderr, "does not exist", tmp_path)
+
+
+def test_unsupported_pipeline(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code = main(["generate", "--model", str(model), *FAST, "--seconds", "3", "--out", str(out_dir / "x.wav")])
+    err = capsys.readouterr().err
+    assert "supported: " in err and "AudioLDMPipeline" in err
+    _assert_one_line_error(code, err, "unsupported pipeline KandinskyPipeline", out_dir)
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--seconds", "0.5"], "shorter than one window"),
+    (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "overlap must be in"),
+    (["--seconds", "3", "--overlap", "0.7"], "overlap must be in [0.0, 0.5]"),
+])
+def test_impossible_length_and_overlap(model_dir, tmp_path, capsys, extra, pattern):
+    args = ["generate", "--model", model_dir, *FAST, *extra, "--out", str(tmp_path / "x.wav")]
+    args[args.index("--overlap") + 1] = extra[extra.index("--overlap") + 1] if "--overlap" in extra else "0.25"
+    code = main(args)
+    _assert_one_line_error(code, capsys.readouterr().err, pattern, tmp_path)
+
+
+def test_unwritable_output(model_dir, tmp_path, capsys):
+    code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3",
+                 "--out", str(tmp_path / "missing_dir" / "x.wav")])
+    _assert_one_line_error(code, capsys.readouterr().err, "cannot write", tmp_path)
+    code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--out", str(tmp_path / "x.mp3")])
+    _assert_one_line_error(code, capsys.readouterr().err, "--out must end in", tmp_path)
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "a.wav"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise KeyboardInterrupt
+    assert _only_inputs(tmp_path) == []
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp:
+            raise RuntimeError("boom")
+    assert target.read_text() == "old" and _only_inputs(tmp_path) == ["a.wav"]
+
+
+def test_help_lists_generate(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "generate" in capsys.readouterr().out
+    assert main([]) == 2
