@@ -6,11 +6,13 @@
 //   reference (O, window, I), index int32 (P, 1 + K + T), weight float32 (P, K).
 //
 // The work is memory-bound, so the loop is shaped around memory traffic:
-//  * a plan row is decoded once and then applied to all O x I cells of its column;
+//  * plan rows are decoded once per call, a block at a time, and the block is then
+//    applied plane by plane (one outer index at a time), so every operand is walked as a
+//    few sequential streams rather than O far-apart lines per row;
 //  * consecutive copy rows whose sources and targets all advance by one column are
 //    executed as one run, so a view's span of the long axis moves as one memcpy per outer
 //    index when the long axis is dense (stitch and gather are almost entirely such runs);
-//  * single-source rows are bitwise copies (memcpy or element assignment), never x * 1.0;
+//  * single-source rows are bitwise copies (memcpy or fixed-size moves), never x * 1.0;
 //  * rows are independent (they write disjoint cells, and every row reads only cells of
 //    its own column of J), so chunks of rows run in parallel with no synchronisation.
 //
@@ -71,12 +73,22 @@ struct Row {
   T** targets;              // cell(pos) of each valid target
 };
 
+// A run of `columns` copy rows (see copy_run_length) for one target, at outer index 0.
+template <typename T>
+struct CopyJob {
+  const T* from;
+  T* to;
+  int64_t columns;
+};
+
 template <typename T>
 class PlanExecutor {
   using Acc = typename Accumulate<T>::type;
+  using CopyJob = safa::CopyJob<T>;
   // Inner elements handled per accumulation tile: a stack array the compiler keeps in
   // vector registers / L1, so the k-loop of a weighted row vectorises over i.
   static constexpr int64_t kTile = 64;
+  static constexpr int64_t kBlockBytes = 16384;
 
  public:
   PlanExecutor(const at::Tensor& out, const at::Tensor& src, const at::Tensor& reference,
@@ -95,28 +107,55 @@ class PlanExecutor {
     src_inner_ = inner_ == 1 ? 1 : src_.inner_stride;
     out_inner_ = inner_ == 1 ? 1 : out_.inner_stride;
     ref_inner_ = inner_ == 1 ? 1 : ref_inner_stride_;
+    // ~16 KB of each operand's plane per block (measured: 4 KB and 64 KB blocks are slower
+    // for AudioLDM latents), and at least 16 rows to amortise the block's bookkeeping.
+    block_rows_ = std::max<int64_t>(16, kBlockBytes / (inner_ * static_cast<int64_t>(sizeof(T))));
   }
 
   // Execute rows [begin, end): called once per parallel chunk.
+  //
+  // Rows are decoded a block at a time, then the block is applied one outer index at a
+  // time. For a fixed outer index the block's cells are neighbours in memory, so each
+  // operand is read and written as a few sequential streams; applying row by row instead
+  // would touch O far-apart lines per row (O streams per operand, with power-of-two
+  // strides that alias in the caches), which is several times slower once the latent no
+  // longer fits in the last-level cache.
   void run(int64_t begin, int64_t end) const {
-    std::vector<const T*> sources(K_);
-    std::vector<float> weights(K_);
-    std::vector<T*> targets(T_);
+    std::vector<Row<T>> block(block_rows_);
+    std::vector<const T*> sources(block_rows_ * K_);
+    std::vector<float> weights(block_rows_ * K_);
+    std::vector<T*> targets(block_rows_ * T_);
     std::vector<int64_t> target_pos(T_);
-    Row<T> row{};
-    row.sources = sources.data();
-    row.weights = weights.data();
-    row.targets = targets.data();
+    std::vector<CopyJob> copies;
+    copies.reserve(block_rows_ * T_);
+    for (int64_t b = 0; b < block_rows_; ++b) {
+      block[b].sources = sources.data() + b * K_;
+      block[b].weights = weights.data() + b * K_;
+      block[b].targets = targets.data() + b * T_;
+    }
     for (int64_t r = begin; r < end;) {
-      const int32_t* entry = index_ + r * (1 + K_ + T_);
-      decode(r, entry, row, target_pos.data());
-      if (row.ref_col < 0 && row.num_sources == 1) {
-        const int64_t run = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
-        copy_columns(row, run);
-        r += run;
-      } else {
-        apply_row(row);
-        ++r;
+      // Decode: copy rows become flat (from, to, columns) jobs; other rows stay rows.
+      int64_t rows = 0;
+      copies.clear();
+      while (rows < block_rows_ && r < end) {
+        Row<T>& row = block[rows];
+        const int32_t* entry = index_ + r * (1 + K_ + T_);
+        decode(r, entry, row, target_pos.data());
+        if (row.ref_col < 0 && row.num_sources == 1) {
+          const int64_t columns = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
+          for (int64_t t = 0; t < row.num_targets; ++t)
+            if (row.targets[t] != row.sources[0])  // a copy onto itself changes nothing
+              copies.push_back({row.sources[0], row.targets[t], columns});
+          r += columns;
+        } else {
+          ++rows;
+          ++r;
+        }
+        if (static_cast<int64_t>(copies.size()) >= block_rows_) break;
+      }
+      for (int64_t o = 0; o < outer_; ++o) {
+        copy_jobs(copies, o);
+        for (int64_t b = 0; b < rows; ++b) apply_row(block[b], o);
       }
     }
   }
@@ -176,31 +215,44 @@ class PlanExecutor {
     return n;
   }
 
-  // Copy `columns` consecutive columns from the row's single source to each of its targets.
-  void copy_columns(const Row<T>& row, int64_t columns) const {
-    const T* from = row.sources[0];
-    const bool dense_from = src_inner_ == 1 && (columns == 1 || src_.long_stride == inner_);
-    for (int64_t t = 0; t < row.num_targets; ++t) {
-      T* to = row.targets[t];
-      if (to == from) continue;  // a copy onto itself changes nothing
-      const bool dense_to = out_inner_ == 1 && (columns == 1 || out_.long_stride == inner_);
-      for (int64_t o = 0; o < outer_; ++o) {
-        const T* s = from + o * src_.outer_stride;
-        T* d = to + o * out_.outer_stride;
-        if (dense_from && dense_to) {
-          std::memcpy(d, s, sizeof(T) * columns * inner_);
-          continue;
-        }
-        for (int64_t c = 0; c < columns; ++c)
-          copy_inner(d + c * out_.long_stride, s + c * src_.long_stride, src_inner_);
+  // Every copy job of a block at outer index o: the hot loop of swap, gather and stitch.
+  void copy_jobs(const std::vector<CopyJob>& jobs, int64_t o) const {
+    const int64_t from_offset = o * src_.outer_stride, to_offset = o * out_.outer_stride;
+    const bool dense_column = src_inner_ == 1 && out_inner_ == 1;
+    const bool dense_run = dense_column && src_.long_stride == inner_ && out_.long_stride == inner_;
+    for (const CopyJob& job : jobs) {
+      const T* from = job.from + from_offset;
+      T* to = job.to + to_offset;
+      if (dense_column && (job.columns == 1 || dense_run)) {
+        copy_bytes(to, from, sizeof(T) * job.columns * inner_);
+      } else {
+        for (int64_t c = 0; c < job.columns; ++c)
+          copy_inner(to + c * out_.long_stride, from + c * src_.long_stride, src_inner_);
       }
     }
+  }
+
+  // memcpy, with the short copies (one column of AudioLDM's 16 floats is 64 bytes, of an
+  // image latent 4 bytes) done inline with fixed-size moves: a call per copy would cost
+  // more than the copy.
+  static void copy_bytes(void* to, const void* from, size_t n) {
+    if (n > 256) {
+      std::memcpy(to, from, n);
+      return;
+    }
+    char* d = static_cast<char*>(to);
+    const char* s = static_cast<const char*>(from);
+    for (; n >= 32; n -= 32, d += 32, s += 32) std::memcpy(d, s, 32);
+    if (n & 16) std::memcpy(d, s, 16), d += 16, s += 16;
+    if (n & 8) std::memcpy(d, s, 8), d += 8, s += 8;
+    if (n & 4) std::memcpy(d, s, 4), d += 4, s += 4;
+    if (n & 2) std::memcpy(d, s, 2);  // element sizes are 2, 4 or 8: no odd byte
   }
 
   // One column's inner segment: bitwise, never through arithmetic.
   void copy_inner(T* d, const T* s, int64_t s_inner) const {
     if (s_inner == 1 && out_inner_ == 1) {
-      std::memcpy(d, s, sizeof(T) * inner_);
+      copy_bytes(d, s, sizeof(T) * inner_);
     } else {
       for (int64_t i = 0; i < inner_; ++i) d[i * out_inner_] = s[i * s_inner];
     }
@@ -241,20 +293,19 @@ class PlanExecutor {
     }
   }
 
-  // A row with a reference column, or with several sources.
-  void apply_row(const Row<T>& row) const {
-    const T* ref_col = row.ref_col >= 0 ? ref_ + row.ref_col * ref_long_stride_ : nullptr;
-    for (int64_t o = 0; o < outer_; ++o) {
-      if (ref_col == nullptr) {
-        own_inner(row, o);
-      } else if (parity_.axis_part == 0 || (parity_.axis_part == 1 && parity_.takes(o))) {
-        const T* s = ref_col + o * ref_outer_stride_;
-        for (int64_t t = 0; t < row.num_targets; ++t) copy_inner(row.targets[t] + o * out_.outer_stride, s, ref_inner_);
-      } else if (parity_.axis_part == 1) {
-        own_inner(row, o);
-      } else {
-        mixed_inner(row, ref_col + o * ref_outer_stride_, o);
-      }
+  // A row with a reference column, or with several sources, at outer index o.
+  void apply_row(const Row<T>& row, int64_t o) const {
+    if (row.ref_col < 0) {
+      own_inner(row, o);
+      return;
+    }
+    const T* ref = ref_ + row.ref_col * ref_long_stride_ + o * ref_outer_stride_;
+    if (parity_.axis_part == 0 || (parity_.axis_part == 1 && parity_.takes(o))) {
+      for (int64_t t = 0; t < row.num_targets; ++t) copy_inner(row.targets[t] + o * out_.outer_stride, ref, ref_inner_);
+    } else if (parity_.axis_part == 1) {
+      own_inner(row, o);
+    } else {
+      mixed_inner(row, ref, o);
     }
   }
 
@@ -287,6 +338,7 @@ class PlanExecutor {
   const T* ref_ = nullptr;
   int64_t ref_outer_stride_ = 0, ref_long_stride_ = 0, ref_inner_stride_ = 0;
   int64_t src_inner_, out_inner_, ref_inner_;
+  int64_t block_rows_;
 };
 
 // Every index of the plan must address a real cell: checked once, before any write, so a
