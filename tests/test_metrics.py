@@ -1,0 +1,164 @@
+"""safa.metrics on synthetic inputs with known answers, and smoke tests of safa evaluate / the demo."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from safa import metrics as M
+from safa.texture import TextureModel
+from safa_kernels import ViewLayout
+
+
+@pytest.fixture(scope="module")
+def model() -> TextureModel:
+    # Small but real: 2 channels x 4 bins, a 40-frame window.
+    return TextureModel(channels=2, freq_bins=4, window=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def truth(model):
+    """Exact long samples (one component each) over an open layout of 5 views, overlap 12."""
+    layout = ViewLayout.covering(150, 40, 12)
+    n = 60
+    cw = model.encode_prompt(["rain", "fire", "crowd"] * (n // 3)).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    comps = model.sample_components(cw, generator=gen)
+    return layout, cw, model.sample(comps, layout.length, generator=gen, dtype=torch.float64), comps
+
+
+def _smooth_overlaps(x: torch.Tensor, layout: ViewLayout) -> torch.Tensor:
+    """Average each overlap column with its neighbours along time (what averaging does to detail)."""
+    y = x.clone()
+    for _, cols in M.overlap_columns(layout):
+        for c in cols:
+            y[:, :, c] = (x[:, :, c - 1] + 2 * x[:, :, c] + x[:, :, (c + 1) % x.shape[2]]) / 4
+    return y
+
+
+def test_geometry(truth) -> None:
+    layout = truth[0]
+    ov = M.overlap_columns(layout)
+    assert [p for p, _ in ov] == layout.neighbour_pairs()
+    assert ov[0][1] == list(range(28, 40))
+    loop = ViewLayout(90, 40, 10, loop=True)
+    assert M.overlap_columns(loop)[-1] == ((2, 0), list(range(0, 10)))
+    for v, cols in M.interior_columns(layout, 12):
+        assert all(len(layout.coverage(c)) == 1 for c in cols)
+    with pytest.raises(ValueError, match="middle region"):
+        M.interior_columns(ViewLayout.covering(100, 40, 18), 12)
+
+
+def test_hf_ratio_true_smoothed_and_noisy(truth) -> None:
+    layout, _, x, _ = truth
+    m, lo, hi = M.ratio_ci(*M.hf_energies(M.region_spectra(x, layout)))
+    assert lo < 1 < hi and hi - lo < 0.4                      # stationary: no overlap effect
+    m, lo, hi = M.ratio_ci(*M.hf_energies(M.region_spectra(_smooth_overlaps(x, layout), layout)))
+    assert hi < 0.7                                           # a high-frequency deficit
+    noisy = x.clone()
+    for _, cols in M.overlap_columns(layout):
+        noisy[:, :, cols] += 0.7 * torch.randn_like(noisy[:, :, cols], generator=None)
+    assert M.mean_ci(M.hf_energy_ratio(M.region_spectra(noisy, layout)))[0] > 1.2
+    rel = M.region_spectra(_smooth_overlaps(x, layout), layout).relative_log_amplitude()
+    assert rel["interior"][0] == 0 and rel["overlap"][-1] < rel["interior"][-1]
+
+
+def test_probe_fidelity_true_vs_damaged_seams(model, truth) -> None:
+    layout, cw, x, _ = truth
+    fid = M.probe_fidelity(model, x, layout, cw, min_eigenvalue=0.1)
+    assert fid.probe == 16 and fid.seam.shape == (60, 4)
+    # True samples: whitened variances ~1 everywhere, tiny KL, seams like interiors.
+    assert np.abs(fid.seam.mean(0) - 1).max() < 0.08 and np.abs(fid.interior.mean(0) - 1).max() < 0.08
+    assert fid.kl("seam").mean() < 0.01
+    smooth = M.probe_fidelity(model, _smooth_overlaps(x, layout), layout, cw, min_eigenvalue=0.1)
+    assert smooth.seam[:, -1].mean() < 0.8                     # fastest band loses variance
+    assert smooth.kl("seam").mean() > 5 * max(smooth.kl("interior").mean(), 1e-3)
+    np.testing.assert_allclose(smooth.interior, fid.interior)  # interiors untouched
+
+
+def test_whitening_is_exact_on_model_windows(model) -> None:
+    cw = model.encode_prompt(["wind"] * 64).to(torch.float64)
+    comps = model.sample_components(cw, generator=torch.Generator().manual_seed(1))
+    x = model.sample(comps, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sq, got = M.whitened_band_variances(model, x, cw, bands=4, min_eigenvalue=0.0)
+    assert (got == comps).float().mean() > 0.95                # the right sub-style is found
+    assert np.abs(sq.mean(0).numpy() - 1).max() < 0.05
+    # Halving the windows shows up as variance 1/4 in every band.
+    sq2, _ = M.whitened_band_variances(model, 0.5 * x, cw, bands=4, min_eigenvalue=0.0)
+    assert sq2.mean() < 0.6
+
+
+def test_cross_view_consistency(model, truth) -> None:
+    layout, cw, x, comps = truth
+    same, frac = M.cross_view_consistency(model, x, layout, cw)
+    assert same.all() and (frac == 1).all()
+    # Replace the last view of every sample by a window of another sub-style of its class.
+    other = comps + torch.where(comps % 3 == 2, -1, 1)
+    y = x.clone()
+    y[:, :, layout.length - 40:] = model.sample(other, generator=torch.Generator().manual_seed(7),
+                                                dtype=torch.float64)
+    same2, frac2 = M.cross_view_consistency(model, y, layout, cw)
+    # View 4 changed; view 3 straddles both sub-styles and may go either way.
+    assert not same2.any() and ((np.isclose(frac2, 0.8)) | (np.isclose(frac2, 0.6))).all()
+
+
+def test_frechet_distance_known_values() -> None:
+    assert M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)) == pytest.approx(0, abs=1e-9)
+    # 1-D: (mu1 - mu2)^2 + (s1 - s2)^2.
+    assert M.frechet_distance([1.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(4 + 1)
+    # Diagonal: sum over dims.
+    d = M.frechet_distance([0, 0], np.diag([1.0, 9.0]), [1, 0], np.diag([4.0, 1.0]))
+    assert d == pytest.approx(1 + (1 - 2) ** 2 + (3 - 1) ** 2)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 2))
+    b = rng.standard_normal((20000, 2)) * 2 + 1
+    assert M.frechet_distance_from_embeddings(a, b) == pytest.approx(2 * 1 + 2 * 1, rel=0.05)
+
+
+def test_class_kl_and_intra_similarity() -> None:
+    assert M.class_kl([[1, 0]], [[0.5, 0.5]]) == pytest.approx(math.log(2))
+    assert M.class_kl([[0.3, 0.7]], [[0.3, 0.7]]) == pytest.approx(0, abs=1e-12)
+    # Paired vs unpaired: two swapped one-hots are far apart pairwise, equal on average.
+    p, q = [[1, 0], [0, 1]], [[0.01, 0.99], [0.99, 0.01]]
+    assert M.class_kl(p, q) > 4 and M.class_kl(p, q, paired=False) == pytest.approx(0, abs=1e-9)
+    same = M.intra_similarity([[1, 1, 1]], lambda s: np.array([1.0, 2.0]))
+    ortho = M.intra_similarity([[0, 1]], lambda s: np.eye(2)[s])
+    assert same[0] == pytest.approx(1) and ortho[0] == pytest.approx(0)
+    with pytest.raises(ValueError):
+        M.intra_similarity([[0]], lambda s: np.ones(2))
+
+
+def test_intervals() -> None:
+    m, h = M.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2 and h == pytest.approx(1.96 * 1 / math.sqrt(3))
+    p, lo, hi = M.proportion_ci(10, 10)
+    assert p == 1 and hi == 1 and 0.65 < lo < 0.75
+
+
+def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
+    from safa.cli import main
+    plot = tmp_path / "ev.png"
+    rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "24", "--steps", "3",
+               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("true", "one window", "safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular",
+                 "wrap HF", "note:"):
+        assert name in out
+    assert plot.stat().st_size > 1000
+    assert main(["evaluate", "--methods", "nope", "--samples", "2"]) == 2
+
+
+def test_demo_smoke(tmp_path, capsys) -> None:
+    from safa.demo import main
+    assert main(["--out", str(tmp_path), "--seconds", "2.4", "--window", "24", "--steps", "2",
+                 "--samples", "2", "--prompt", "surf"]) == 0
+    for f in ("safa.wav", "multidiffusion.wav", "spectrograms.png"):
+        assert (tmp_path / f).stat().st_size > 1000
+    import soundfile as sf
+    audio, sr = sf.read(str(tmp_path / "safa.wav"))
+    assert sr == 16000 and audio.shape == (38400,)
+    assert "HF ovl/int" in capsys.readouterr().out
