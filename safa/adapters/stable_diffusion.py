@@ -39,7 +39,10 @@ class ImageAdapter(Adapter):
     reference_axis = -2  # images: the reference swap alternates over rows (SPEC 2.3)
     decoded_dim = -1
     finalize_scale = 1
-    decode_context = 4  # latent columns each side of a tile: about the VAE decoder's receptive field
+    # decode_context: the base default (8 latent columns each side of a tile). The SD VAE decoder
+    # has GroupNorm and a mid-block self-attention, so no finite context makes a tiled decode
+    # exact; 8 covers its convolutions' effective reach (diffusers' own tiled VAE decode blends
+    # over a comparable margin).
 
     _denoiser: str = "unet"
 
