@@ -125,6 +125,23 @@ def test_audio_latent_in_place_sync_and_stitch_match_reference(mode, with_refere
 
 
 @needs_cpp
+@pytest.mark.parametrize("mode", ["swap", "mean"])
+def test_long_latent_spanning_many_blocks_matches_reference(mode):
+    # The kernel decodes ~64 KB of plane per block (1024 columns of 16 floats): 5000
+    # columns with a 2-thread split exercise several blocks per chunk and runs cut by them.
+    layout = ViewLayout.covering(5000, window=256, overlap=51)
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(layout.num_views, 1, 2, 256, 16, generator=g)
+    expected = reference.stitch(views, layout, -2, mode)
+    latent = stitch(views, layout, -2, mode, backend="cpp")
+    synced = sync_(views.clone(), layout, -2, mode, backend="cpp")
+    assert_same = torch.equal if mode == "swap" else (lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=1e-6))
+    assert assert_same(latent, expected)
+    assert assert_same(synced, reference.gather(expected, layout, -2))
+    assert torch.equal(sk.gather(expected, layout, -2, backend="cpp"), reference.gather(expected, layout, -2))
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_copies_are_bit_exact_for_every_bit_pattern(dtype):
     layout = ViewLayout(length=64 + 2 * 50, window=64, overlap=14, loop=False)
