@@ -149,6 +149,17 @@ def test_one_view_equals_pipeline(pipes, name, guidance, negative):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_panorama_pipeline_class_is_supported(pipes):
+    """diffusers' own MultiDiffusion pipeline has SD's components: same adapter, same output."""
+    from diffusers import StableDiffusionPanoramaPipeline
+    sd = pipes["sd"]
+    pano = StableDiffusionPanoramaPipeline(**sd.components, requires_safety_checker=False)
+    kw = dict(width=601, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    a = _jd(sd)("a mountain range", generator=_gen(), **kw).images
+    b = _jd(pano)("a mountain range", generator=_gen(), **kw).images
+    np.testing.assert_array_equal(a, b)
+
+
 def test_sdxl_time_ids_are_per_window(pipes):
     adapter = JointDiffusion(pipes["sdxl"]).adapter
     ids = adapter._time_ids(32, 40, 3, torch.float32)
