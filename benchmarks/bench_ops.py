@@ -128,6 +128,32 @@ def test_stitch(benchmark, device, minutes, impl, mode):
         bytes=plan_bytes(layout, "stitch", mode, REF_NONE, 2 * 8 * 16, 4))
 
 
+KERNEL_ONLY = [("stitch", "swap", 1), ("stitch", "swap", 64), ("stitch", "mean", 1), ("sync", "swap", 1)]
+
+
+@pytest.mark.skipif("cpp" not in sk.available_backends("cpu"), reason="safa_kernels._C is not built")
+@pytest.mark.parametrize("op,mode,interval", KERNEL_ONLY, ids=[f"{o}-{m}-interval{i}" for o, m, i in KERNEL_ONLY])
+@pytest.mark.parametrize("minutes", MINUTES)
+def test_kernel_only(benchmark, minutes, op, mode, interval):
+    """The raw C++ op: no public-API Python, and stitch writes into a preallocated latent
+    instead of allocating (and page-faulting) a fresh one per call. swap_interval 64 turns
+    each overlap into two runs instead of 51 alternating single-column copies."""
+    benchmark.group = f"cpu {minutes} min"
+    layout = layout_for(minutes * 60)
+    views = torch.randn(view_shape(layout)).view(layout.num_views, 16, WINDOW, 16)
+    plan = build_plan(layout, op, mode, interval, REF_NONE)
+    kernel = torch.ops.safa.merge_cpp_.default
+    parity = [0, 1, 1, interval]
+    if op == "stitch":
+        latent = torch.empty(1, 16, layout.length, 16)
+        fn = lambda: kernel(latent, views, None, plan.index, plan.weight, parity)  # noqa: E731
+    else:
+        fn = lambda: kernel(views, None, None, plan.index, plan.weight, parity)  # noqa: E731
+    impl = "cpp op" if interval == 1 else f"cpp op, interval {interval}"
+    run(benchmark, fn, "cpu", op=f"{'sync_' if op == 'sync' else op} {mode}", impl=impl, minutes=minutes,
+        views=layout.num_views, bytes=plan_bytes(layout, op, mode, REF_NONE, 2 * 8 * 16, 4))
+
+
 @pytest.mark.parametrize("device,minutes,impl,mode", MODE_PARAMS, ids=MODE_IDS)
 def test_sync(benchmark, device, minutes, impl, mode):
     benchmark.group = f"{device} {minutes} min"

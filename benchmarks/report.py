@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 
 OP_ORDER = ["gather", "stitch swap", "stitch mean", "sync_ swap", "sync_ mean"]
-IMPL_ORDER = ["cuda", "triton", "cpp", "reference", "naive"]
+IMPL_ORDER = ["cuda", "triton", "cpp", "cpp op", "cpp op, interval 64", "reference", "naive"]
 
 
 def main(path: str) -> None:
