@@ -25,7 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from safa_kernels import ViewLayout, gather, stitch, sync_
+from torch.profiler import record_function
 
+from . import accel as _accel
 from .adapters import Adapter, get_adapter
 from . import decode as _decoding
 from .decode import DECODE_MODES
@@ -117,9 +119,18 @@ class JointDiffusion:
     supported ones. Use the pipeline's own ``scheduler`` (swap it on ``pipe`` as usual).
     """
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, *, compile: bool = False, cuda_graphs: bool = False) -> None:
+        # compile: torch.compile the denoiser and the merge (fullgraph); cuda_graphs: capture
+        # the denoiser call once per generation and replay it each step (CUDA only).
+        # Both live in safa/accel.py.
+        if not isinstance(compile, bool) or not isinstance(cuda_graphs, bool):
+            raise ValueError(f"compile and cuda_graphs must be bools, got {compile!r}, {cuda_graphs!r}")
+        if cuda_graphs and not torch.cuda.is_available():
+            raise RuntimeError("cuda_graphs=True needs CUDA, and this machine has none (CUDA graphs do not "
+                               "exist on CPU): use cuda_graphs=False; compile=True works on CPU")
         self.pipe = pipe
         self.adapter: Adapter = get_adapter(pipe)
+        self.compile, self.cuda_graphs = compile, cuda_graphs
 
     @property
     def sample_rate(self) -> Optional[int]:
@@ -293,31 +304,38 @@ class JointDiffusion:
         chunk_rows = (view_batch_size or num_windows) * batch_size
         scale_input = hasattr(scheduler, "scale_model_input")
 
+        if self.cuda_graphs:
+            _accel.check_cuda_graphs(flat.device)
+        runner = _accel.StepRunner(adapter, cond, rows_prompt, chunk_rows, guidance_scale, timesteps, layout, dim,
+                                   mode, swap_interval, adapter.reference_axis, n,
+                                   compile=self.compile, cuda_graphs=self.cuda_graphs)
+        # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
         with pipe.progress_bar(total=num_steps) as progress:
             for i, t in enumerate(timesteps):
-                # Flow-matching schedulers have no scale_model_input: their input is the sample.
-                model_in = scheduler.scale_model_input(flat, t) if scale_input else flat
-                model_out = torch.cat([
-                    adapter.predict(model_in[r:r + chunk_rows], t, cond.take(rows_prompt[r:r + chunk_rows]),
-                                    guidance_scale)
-                    for r in range(0, model_in.shape[0], chunk_rows)])
-                flat = scheduler.step(model_out, t, flat, **step_kwargs).prev_sample.contiguous()
-                state = flat.view(num_windows, *window_shape)
-                # The whole merge of Algorithm 1: self-loop swap / averaging over the overlaps,
-                # plus the reference-guided swap of the middles for the first guide_steps steps.
-                reference = state[n] if i < guide_steps else None
-                sync_(state[:n], layout, dim, mode, swap_interval, reference=reference,
-                      reference_axis=adapter.reference_axis if reference is not None else None)
-                if callback_on_step_end is not None:
-                    got = callback_on_step_end(self, i, t, {"views": state[:n],
-                                                            "reference": state[n] if use_reference else None,
-                                                            "layout": layout})
-                    if got:
-                        if got.get("views") is not None:
-                            state[:n] = got["views"]
-                        if use_reference and got.get("reference") is not None:
-                            state[n] = got["reference"]
-                progress.update()
+                with record_function("safa.step"):
+                    t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
+                    with record_function("safa.scheduler"):
+                        # Flow-matching schedulers have no scale_model_input: their input is the sample.
+                        model_in = scheduler.scale_model_input(flat, t_sched) if scale_input else flat
+                    with record_function("safa.model"):
+                        model_out = runner.predict(model_in, i)
+                    with record_function("safa.scheduler"):
+                        flat = scheduler.step(model_out, t_sched, flat, **step_kwargs).prev_sample.contiguous()
+                    state = flat.view(num_windows, *window_shape)
+                    # The whole merge of Algorithm 1, one op: self-loop swap / averaging over the overlaps,
+                    # plus the reference-guided swap of the middles for the first guide_steps steps.
+                    with record_function("safa.merge"):
+                        runner.merge(state, i < guide_steps)
+                    if callback_on_step_end is not None:
+                        got = callback_on_step_end(self, i, t, {"views": state[:n],
+                                                                "reference": state[n] if use_reference else None,
+                                                                "layout": layout})
+                        if got:
+                            if got.get("views") is not None:
+                                state[:n] = got["views"]
+                            if use_reference and got.get("reference") is not None:
+                                state[n] = got["reference"]
+                    progress.update()
 
         latent = stitch(state[:n], layout, dim, mode, swap_interval)
         audio = images = None

@@ -1,0 +1,313 @@
+"""Performance tooling: the per-step profile, compile / CUDA-graph step functions, gpu_bench smoke.
+
+CPU tests use the tiny random AudioLDM with a 16-column window (0.64 s) so each call is a
+few UNet passes on 16 x 16 latents. GPU tests (``-m gpu``) are skipped without CUDA.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from safa import accel, profiling
+from safa.sampler import METHODS, JointDiffusion
+from safa_kernels import ViewLayout, reference
+from safa_kernels.ops import available_backends
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def gpu(test):
+    """``-m gpu`` selects it; skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
+
+
+# 0.64 s windows (16 latent columns) over 1.6 s: 3 views with 3 overlapping columns.
+SMALL = dict(seconds=1.6, window=0.64, guidance_scale=1.0, guide=1.0, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from safa.testing import tiny_audioldm_pipeline
+    return tiny_audioldm_pipeline()
+
+
+def run(jd: JointDiffusion, steps: int = 2, seed: int = 0, **kw) -> torch.Tensor:
+    device = jd.adapter.device
+    args = dict(SMALL, **kw)
+    return jd("rain", num_inference_steps=steps, generator=torch.Generator(device=device).manual_seed(seed),
+              **args).latent
+
+
+# -- the profile --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(METHODS))
+def test_merge_is_one_op_per_step(pipe, method):
+    """Every method's whole merge (SaFa: self-loop swap + reference swap) is ONE safa::merge_* op."""
+    jd = JointDiffusion(pipe)
+    run(jd, steps=1, method=method)  # plans built outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(jd, steps=2, method=method)
+    steps = profiling.analyse(prof.events())
+    assert len(steps) == 2
+    for s in steps:
+        assert s.merge_ops == 1, (method, s)
+        assert s.merge_compute_ops == 1, (method, s)  # everything else in the range is a view
+        assert s.ops["model"] > 10 and s.ops["scheduler"] > 0
+        assert s.total_ms >= s.ms["model"] > 0
+    # the call: gather of the initial noise, one merge per step, the final stitch
+    merges = [e for e in prof.events() if e.name.startswith("safa::merge_")]
+    assert len(merges) == 2 + 2 and len({e.name for e in merges}) == 1
+
+
+def test_analyse_attributes_ops_to_ranges():
+    from torch.profiler import record_function
+    x = torch.randn(64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with record_function("safa.step"):
+                with record_function("safa.model"):
+                    (x * 2).sum()      # two top-level ops (their callees are not counted)
+                with record_function("safa.scheduler"):
+                    x.add(1)
+                x.clone()              # other
+    steps = profiling.analyse(prof.events())
+    assert [s.ops for s in steps] == [{"model": 2, "scheduler": 1, "merge": 0, "other": 1}] * 2
+    assert all(s.merge_ops == 0 and s.launches == dict.fromkeys(profiling.CATEGORIES, 0) for s in steps)
+
+
+@pytest.mark.parametrize("mode,with_reference", [("swap", True), ("swap", False), ("mean", False)])
+def test_naive_merge_equals_ours(mode, with_reference):
+    layout = ViewLayout.covering(70, 16, 5)
+    state = torch.randn(layout.num_views + 1, 2, 3, 16, 4)
+    expected = state.clone()
+    accel.merge_step(expected, layout.num_views, layout, -2, mode, 2, -2, with_reference)
+    got = state.clone()
+    profiling.naive_merge_step(got, layout.num_views, layout, -2, mode, 2, -2, with_reference)
+    if mode == "swap":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got[:-1], state[:-1])  # the merge did something
+
+
+def test_naive_reference_swap_along_another_axis():
+    layout = ViewLayout.covering(40, 16, 4)
+    views, ref = torch.randn(layout.num_views, 2, 6, 16), torch.randn(2, 6, 16)
+    expected = reference.sync_(views.clone(), layout, -1, "swap", 1, ref, 1)
+    got = views.clone()
+    profiling.load_naive().naive_sync_(got, layout, -1, "swap", 1)
+    profiling.naive_reference_swap_(got, ref, layout, -1, 1, 1)
+    assert torch.equal(got, expected)
+
+
+def test_profile_cli_compare_writes_traces(tmp_path, capsys):
+    from safa.cli import main
+    trace = tmp_path / "trace.json"
+    code = main(["profile", "--seconds", "1.6", "--window", "0.64", "--guidance", "1", "--steps", "2",
+                 "--warmup", "1", "--compare", "--trace", str(trace)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "naive eager" in out and "merge ms" in out and "ratio" in out
+    for path in (trace, tmp_path / "trace.naive.json"):
+        names = {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
+        assert {"safa.step", "safa.model", "safa.scheduler", "safa.merge"} <= names
+    ours = json.loads(trace.read_text())["traceEvents"]
+    # 2 steps, one op each, plus the call's initial gather and final stitch
+    assert sum(str(e.get("name", "")).startswith("safa::merge_") for e in ours) == 2 + 2
+
+
+def test_profile_cli_rejects_what_naive_cannot_do(capsys):
+    from safa.cli import main
+    assert main(["profile", "--method", "multidiffusion_triangular", "--compare"]) == 2
+    assert "naive merge implements" in capsys.readouterr().err
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(METHODS))
+def test_merge_step_compiles_without_graph_breaks(method):
+    mode, uses_reference = METHODS[method]
+    layout = accel.intern_layout(ViewLayout.covering(90, 16, 5 if mode == "swap" else 7))
+    state = torch.randn(layout.num_views + 1, 2, 3, 16, 4)
+    for with_reference in {False, uses_reference}:
+        args = (layout.num_views, layout, -2, mode, 1, -2, with_reference)
+        explained = torch._dynamo.explain(accel.merge_step)(state.clone(), *args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        targets = [str(n.target) for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
+        assert sum("merge_" in t for t in targets) == 1, targets
+        expected, got = state.clone(), state.clone()
+        accel.merge_step(expected, *args)
+        accel.compiled_merge_step()(got, *args)  # fullgraph=True: a graph break would raise
+        assert torch.equal(got, expected)
+
+
+def test_equal_layouts_share_one_compiled_graph():
+    a, b = ViewLayout.covering(90, 16, 5), ViewLayout.covering(90, 16, 5)
+    assert a is not b and accel.intern_layout(a) is accel.intern_layout(b)
+
+
+def test_compile_true_matches_eager_without_recompiling(pipe, monkeypatch):
+    # The plumbing with dynamo's "eager" backend (inductor codegen of the UNet takes minutes
+    # on this CPU; its speed and numerics are measured by benchmarks/gpu_bench.py instead).
+    monkeypatch.setattr(accel, "COMPILE_BACKEND", "eager")
+    expected = run(JointDiffusion(pipe), method="safa")
+    jd = JointDiffusion(pipe, compile=True)
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(run(jd, method="safa"), expected)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(run(jd, method="safa"), expected)  # a second call compiles nothing new
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+# -- the static-buffer step (what cuda_graphs=True captures) -------------------------------------------------
+def test_static_model_step_is_shape_stable_and_equals_eager(pipe):
+    jd = JointDiffusion(pipe)
+    adapter = jd.adapter
+    cond = adapter.encode_prompts(["rain", "wind"], None, 2.5)
+    rows = torch.tensor([0, 1, 1])
+    chunks = [(0, 2, cond.take(rows[:2])), (2, 3, cond.take(rows[2:]))]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 8, 16, 16, generator=g) for _ in range(3)]
+    timesteps = torch.tensor([900, 500, 1])
+    static = accel.StaticModelStep(adapter.predict, chunks, 2.5, inputs[0], timesteps[0])
+    pointers = (static.x.data_ptr(), static.t.data_ptr())
+    outs = []
+    for x, t in zip(inputs, timesteps):
+        static.load(x, t)
+        out = static.forward()
+        eager = torch.cat([adapter.predict(x[a:b], t, c, 2.5) for a, b, c in chunks])
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        assert (static.x.data_ptr(), static.t.data_ptr()) == pointers
+        outs.append(out)
+    assert len({(o.shape, o.stride(), o.dtype) for o in outs}) == 1
+    with pytest.raises(ValueError, match="static step built for"):
+        static.load(inputs[0][:2], timesteps[0])
+
+
+def test_step_runner_scheduler_gets_host_timesteps():
+    timesteps = torch.tensor([3, 2, 1])
+    runner = accel.StepRunner.__new__(accel.StepRunner)
+    runner.scheduler_timesteps = timesteps.cpu()
+    assert runner.scheduler_timestep(1).device.type == "cpu"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error")
+def test_cuda_graphs_raises_clearly_without_cuda(pipe):
+    with pytest.raises(RuntimeError, match="cuda_graphs=True needs CUDA"):
+        JointDiffusion(pipe, cuda_graphs=True)
+    with pytest.raises(RuntimeError, match="CUDA graphs do not exist on CPU"):
+        accel.check_cuda_graphs(torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be bools"):
+        JointDiffusion(pipe, compile="yes")
+
+
+# -- gpu_bench.py cannot rot --------------------------------------------------------------------------------
+def test_gpu_bench_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    results = tmp_path / "RESULTS.md"
+    assert gpu_bench.main(["--smoke", "--results", str(results), "--json", str(tmp_path / "r.json")]) == 0
+    text = results.read_text()
+    assert "| smoke" in text and "torch " in text
+    data = json.loads((tmp_path / "r.json").read_text())
+    ops = {r["op"] for r in data["ops"]}
+    assert {"copy_", "sync swap+ref", "stitch swap"} <= ops
+    assert all(r["median_us"] > 0 for r in data["ops"])
+    assert {r["mode"] for r in data["pipeline"]} >= {"eager"}
+    assert data["default_backend"] in available_backends("cpu")
+
+
+def test_gpu_sh_is_valid_bash():
+    import subprocess
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------------
+def _sync_free_steps(jd: JointDiffusion, steps: int = 4, **kw) -> torch.Tensor:
+    """Run with torch.cuda.set_sync_debug_mode('error') from the end of step 0 (which may sync
+    legitimately: schedulers find their step index, a CUDA graph is captured) to the last step."""
+    def callback(_jd, i, _t, _kw):
+        torch.cuda.set_sync_debug_mode("error" if i < steps - 1 else 0)
+
+    try:
+        return run(jd, steps=steps, callback_on_step_end=callback, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@gpu
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda_graphs"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_no_host_sync_inside_the_step_loop(pipe, method, cuda_graphs):
+    pipe.to("cuda")
+    try:
+        latent = _sync_free_steps(JointDiffusion(pipe, cuda_graphs=cuda_graphs), method=method)
+        expected = run(JointDiffusion(pipe), steps=4, method=method)
+        torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        pipe.to("cpu")
+
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_merge_is_one_launch_per_step_on_cuda(pipe, backend):
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"needs CUDA and the {backend} backend")
+    pipe.to("cuda")
+    try:
+        jd = JointDiffusion(pipe)
+        os.environ["SAFA_BACKEND"] = backend
+        run(jd, steps=1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(jd, steps=3)
+    finally:
+        os.environ.pop("SAFA_BACKEND", None)
+        pipe.to("cpu")
+    for s in profiling.analyse(prof.events()):
+        assert s.merge_ops == 1 and s.launches["merge"] == 1, s
+
+
+
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["swap", "mean", "triangular"])
+@pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
+def test_cuda_and_triton_match_the_reference(dtype, mode, loop):
+    """Both GPU backends on CUDA tensors: copies (gather, swap, reference swap) bitwise."""
+    from safa_kernels import gather, stitch, sync_
+    backends = [b for b in ("cuda", "triton") if b in available_backends("cuda")]
+    if not backends:
+        pytest.skip("no GPU backend")
+    layout = ViewLayout.covering(700, 256, 51 if mode == "swap" else 128, loop=loop)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    views = torch.randn(layout.num_views, 2, 8, 256, 16, device="cuda", generator=g).to(dtype)
+    ref = torch.randn(2, 8, 256, 16, device="cuda", generator=g).to(dtype)
+    latent = torch.randn(2, 8, layout.length, 16, device="cuda", generator=g).to(dtype)
+    for backend in backends:
+        assert torch.equal(gather(latent, layout, -2, backend=backend), reference.gather(latent, layout, 2))
+        for axis in (None, 1):
+            r = ref if mode == "swap" else None
+            a = None if r is None else axis
+            expected = reference.stitch(views, layout, 2, mode, 2, r, a)
+            got = stitch(views, layout, -2, mode, 2, r, a, backend=backend)
+            synced = sync_(views.clone(), layout, -2, mode, 2, r, a, backend=backend)
+            if mode == "swap":
+                assert torch.equal(got, expected), backend
+                assert torch.equal(synced, reference.gather(expected, layout, 2)), backend
+            else:
+                tol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+                torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+                torch.testing.assert_close(synced, reference.gather(expected, layout, 2), rtol=tol, atol=tol)
+
