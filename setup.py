@@ -18,9 +18,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _want_cuda() -> bool:
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
     import torch
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        # Forcing works on a GPU-less machine, not with a CPU-only torch: the CUDA glue
+        # links against torch's CUDA libraries.
+        if torch.version.cuda is None:
+            raise RuntimeError(f"FORCE_CUDA=1 needs a CUDA build of torch; torch {torch.__version__} is CPU-only")
+        return True
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
