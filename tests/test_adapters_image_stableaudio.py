@@ -204,3 +204,49 @@ def test_image_decode_modes_give_the_requested_size(pipes, name, decode):
            generator=_gen(), decode=decode, output_type="np")
     assert r.images.shape == (1, TEST_HEIGHT, SIZES[name]["width"], 3)
     assert np.isfinite(r.images).all()
+
+
+SD_SCHEDULERS = ["DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "DDPMScheduler"]
+
+
+def _with_scheduler(pipe, name: str):
+    import diffusers
+    cls = getattr(diffusers, name)
+    kwargs = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
+    return type(pipe)(**{**pipe.components, "scheduler": cls.from_config(pipe.scheduler.config, **kwargs)})
+
+
+@pytest.mark.parametrize("scheduler", SD_SCHEDULERS)
+def test_sd_every_scheduler(pipes, scheduler):
+    """Multistep (PNDM, DPM-Solver) and stochastic (Euler a, DDPM) schedulers: the views' state is per
+    batch row, so the long panorama runs, and one view still reproduces the pipeline."""
+    pipe = _with_scheduler(pipes["sd"], scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    for method in METHODS:
+        r = _jd(pipe)("a mountain range", width=601, method=method, loop=True, num_inference_steps=3,
+                      guidance_scale=3.0, generator=_gen(), output_type="np")
+        assert r.images.shape == (1, TEST_HEIGHT, 601, 3) and np.isfinite(r.images).all()
+    ours, theirs = _one_view_pair(pipe, "sd", 3.0, None)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_sd3_dynamic_shift_is_that_of_one_window(pipes):
+    """With resolution-dependent shifting (SD3.5-style configs) the schedule is the one the pipeline
+    uses for a window-sized image: one view reproduces the pipeline, and a wide panorama gets the
+    same timesteps as one window (not those of its full width)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    base = pipes["sd3"]
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
+                                            max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
+    pipe = type(base)(**{**base.components, "scheduler": sched})
+    pipe.set_progress_bar_config(disable=True)
+    ours, theirs = _one_view_pair(pipe, "sd3", 4.0, None)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    jd = _jd(pipe)
+    one = jd.adapter.set_timesteps(4, 32).clone()
+    assert not torch.equal(jd.adapter.set_timesteps(4, 128), one)  # the shift does depend on the width
+    seen = []
+    jd("a mountain range", width=1000, num_inference_steps=4, guidance_scale=1.0, generator=_gen(),
+       output_type="latent", callback_on_step_end=lambda j, i, t, kw: seen.append(float(t)))
+    assert seen == one.tolist()
