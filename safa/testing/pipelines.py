@@ -29,7 +29,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     MusicLDMPipeline,
-    PNDMScheduler,
     SD3Transformer2DModel,
     StableAudioDiTModel,
     StableAudioPipeline,
@@ -73,8 +72,9 @@ __all__ = [
     "tiny_t5_tokenizer",
 ]
 
-# Tiny text vocabularies: small enough to keep embedding tables negligible, large enough that
-# any ASCII prompt tokenizes without unknown tokens.
+# Prompt length in tokens (CLIP's and the AudioLDM family's 77). The tokenizers below have tiny
+# vocabularies (one token per byte / character, no merges): embedding tables stay negligible and
+# any ASCII prompt still tokenizes without unknown tokens.
 _MAX_TEXT_LEN = 77
 
 
