@@ -12,7 +12,7 @@ variable, else automatic: the fastest backend available for the tensor's device
 
 Per call the hot path is: validate (Python ints), look up the memoised plan, one op
 call. We use ``torch.library.Library.define`` + ``register_fake`` rather than
-``torch.library.custom_op``: the latter wraps every call in a Python layer (~10 us
+``torch.library.custom_op``: the latter wraps every call in a Python layer (~20 us,
 measured in benchmarks/README.md) that a C++ kernel does not need.
 """
 from __future__ import annotations
@@ -68,13 +68,22 @@ def available_backends(device: torch.device | str = "cpu") -> Tuple[str, ...]:
     return _available_backends(torch.device(device).type)
 
 
-# A constant for torch.compile: the dispatcher query is not traceable, and the answer
-# does not change once the package (and with it the extension and Triton) is imported.
+# Memoised, and a constant for torch.compile: the dispatcher query costs microseconds per
+# call and is not traceable, and its answer is fixed once the package (and with it the
+# extension and the Triton kernel) has been imported. (Not functools.lru_cache: dynamo
+# warns on every compiled call through one.)
+_BACKENDS_BY_DEVICE: Dict[str, Tuple[str, ...]] = {}
+
+
 @constant_under_compile
 def _available_backends(device_type: str) -> Tuple[str, ...]:
-    from . import _extension, triton_merge  # noqa: F401  (registers what could be built)
-    preferred = ("cpp", "triton") if device_type == "cpu" else ("cuda", "triton", "cpp")
-    return tuple(b for b in preferred if _has_kernel(b, device_type)) + ("reference",)
+    found = _BACKENDS_BY_DEVICE.get(device_type)
+    if found is None:
+        from . import _extension, triton_merge  # noqa: F401  (registers what could be built)
+        preferred = ("cpp", "triton") if device_type == "cpu" else ("cuda", "triton", "cpp")
+        found = tuple(b for b in preferred if _has_kernel(b, device_type)) + ("reference",)
+        _BACKENDS_BY_DEVICE[device_type] = found
+    return found
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
@@ -165,17 +174,18 @@ def _canonical(x: torch.Tensor, dim: int, lead: bool) -> Optional[torch.Tensor]:
     ``dim`` is the long axis in latent coordinates; ``lead`` says whether ``x`` has a
     leading view axis.
     """
-    sizes, strides = list(x.shape), list(x.stride())
-    if lead:
-        lead_size, lead_stride = sizes.pop(0), strides.pop(0)
-    else:
-        lead_size, lead_stride = 1, 0
+    sizes = x.shape[1:] if lead else x.shape
+    shape = (x.shape[0] if lead else 1, math.prod(sizes[:dim]), sizes[dim], math.prod(sizes[dim + 1:]))
+    if x.is_contiguous():  # the common case, decided in C++
+        return x.view(shape)
+    if x.numel() == 0:  # nothing will be read or written: any tensor of the shape will do
+        return x.new_empty(shape)
+    sizes, strides = list(sizes), list(x.stride()[1:] if lead else x.stride())
     outer_st = _merged_stride(sizes[:dim], strides[:dim])
     inner_st = _merged_stride(sizes[dim + 1:], strides[dim + 1:])
     if outer_st is None or inner_st is None:
         return None
-    shape = (lead_size, math.prod(sizes[:dim]), sizes[dim], math.prod(sizes[dim + 1:]))
-    return x.as_strided(shape, (lead_stride, outer_st, strides[dim], inner_st))
+    return x.as_strided(shape, (x.stride(0) if lead else 0, outer_st, strides[dim], inner_st))
 
 
 def _canonical_input(x: torch.Tensor, dim: int, lead: bool) -> torch.Tensor:

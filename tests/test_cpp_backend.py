@@ -181,8 +181,6 @@ def test_zero_size_outer_or_inner_is_a_no_op(shape):
 
 
 @needs_cpp
-@pytest.mark.xfail(strict=True, reason="ops._canonical returns None for zero-size tensors (a size-0 dim fails "
-                   "its stride check), so stitch/sync_ never reach the kernel: reported to the ops.py owner")
 def test_public_api_accepts_zero_size_latents():
     layout = ViewLayout(length=6 + 4, window=6, overlap=2)
     views = torch.empty(2, 3, 0, 6)  # (views, batch, channels = 0, time)
