@@ -105,12 +105,15 @@ def write_spectrogram(path: str, audio: Any, sample_rate: int, view_spans: Seque
                       max_width: int = 4096) -> None:
     """Write a spectrogram PNG of ``audio`` with the views' windows marked, atomically.
 
-    ``view_spans``: ``(start_s, end_s)`` of every view in seconds; with ``loop`` a view that
-    ends past ``duration`` wraps to the start, otherwise it is clipped (a cropped covering layout). Window boundaries are drawn as vertical lines and overlaps (time
-    covered by two views) are tinted. Drawn with PIL (no matplotlib needed).
+    ``audio``: ``(samples,)`` or ``(channels, samples)`` (mixed down). ``view_spans``:
+    ``(start_s, end_s)`` of every view in seconds; with ``loop`` a view that ends past
+    ``duration`` wraps to the start, otherwise it is clipped (a cropped covering layout).
+    Window boundaries are drawn as vertical lines and overlaps (time covered by two views)
+    are tinted. Drawn with PIL (no matplotlib needed).
     """
     from PIL import Image, ImageDraw
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    audio = np.asarray(audio, dtype=np.float32)
+    audio = audio.reshape(-1, audio.shape[-1]).mean(axis=0)  # (channels, samples): mix down to mono
     duration = duration if duration is not None else audio.size / sample_rate
     n_fft = 512
     hop = max(n_fft // 4, int(np.ceil(audio.size / max_width)))

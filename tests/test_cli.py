@@ -126,3 +126,15 @@ def test_help_lists_generate(capsys):
         main(["--help"])
     assert exc.value.code == 0 and "generate" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_spectrogram_of_stereo_audio_spans_the_duration(tmp_path):
+    # (channels, samples) is mixed down, not flattened into twice the duration.
+    from PIL import Image
+    from safa.audio_io import write_spectrogram
+    sr, seconds = 8000, 2.0
+    t = np.arange(int(sr * seconds)) / sr
+    mono, stereo = tmp_path / "mono.png", tmp_path / "stereo.png"
+    write_spectrogram(str(mono), np.sin(2 * np.pi * 440 * t), sr)
+    write_spectrogram(str(stereo), np.stack([np.sin(2 * np.pi * 440 * t)] * 2), sr)
+    assert Image.open(stereo).size == Image.open(mono).size

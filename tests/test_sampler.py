@@ -328,3 +328,10 @@ def test_adapter_registry_resolves_subclasses(audioldm):
     assert isinstance(adapter, Adapter) and adapter.native_window() == 256  # 10.24 s at 25 frames/s
     assert adapter.frames_per_second == 25 and adapter.sample_rate == SR
     assert type(get_adapter(MyAudioLDM.__new__(MyAudioLDM))) is type(adapter)
+
+
+def test_loop_layout_keeps_a_requested_overlap():
+    # 128 columns of window 64: overlap 0 (stride 64) is nearer 13 than 32 is, but a loop
+    # without overlap leaves every seam unblended.
+    assert plan_layout(128, 64, 13, loop=True, mode="swap").overlap == 32
+    assert plan_layout(128, 64, 0, loop=True, mode="swap").overlap == 0
