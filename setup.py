@@ -51,6 +51,8 @@ setup(
     # torch itself is deliberately absent: it is installed pinned (CPU or CUDA build) before
     # this package, and listing it would let pip replace it.
     install_requires=["numpy", "diffusers", "transformers", "soundfile", "scipy", "pillow"],
+    # Stable Audio Open's CosineDPMSolverMultistep scheduler imports torchsde.
+    extras_require={"stable-audio": ["torchsde"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     entry_points={"console_scripts": ["safa=safa.cli:main"]},
