@@ -202,8 +202,15 @@ def choose_backend(rows: List[Dict[str, Any]], backends: List[str]) -> str:
 
 
 # -- pipeline -----------------------------------------------------------------------------------------
-def bench_pipeline(device: torch.device, smoke: bool, with_compile: bool, steps: int) -> List[Dict[str, Any]]:
-    """Per-step median of the tiny AudioLDM, eager / compile / CUDA graphs, same process."""
+def bench_pipeline(device: torch.device, smoke: bool, with_compile: bool, steps: int,
+                   rounds: int = 3) -> List[Dict[str, Any]]:
+    """Per-step median of the tiny AudioLDM, eager / compile / CUDA graphs, same process.
+
+    After one first call per mode (compilation, capture, plans: reported as ``first_call_s``),
+    the modes take turns for ``rounds`` rounds (A B C A B C ...), so that a machine whose
+    load changes during the run slows every mode alike; the median is over every step
+    interval (step 1 on) of every round.
+    """
     from safa.sampler import JointDiffusion
     from safa.testing import tiny_audioldm_pipeline
 
@@ -214,28 +221,34 @@ def bench_pipeline(device: torch.device, smoke: bool, with_compile: bool, steps:
         modes.append(("compile", {"compile": True}))
     if device.type == "cuda":
         modes.append(("cuda_graphs", {"cuda_graphs": True}))
-    rows = []
-    for name, flags in modes:
-        jd = JointDiffusion(pipe, **flags)
-        layout = jd.layout_for(kwargs["seconds"], window=kwargs.get("window"))
-        ends: List[float] = []
+    runners = [(name, JointDiffusion(pipe, **flags)) for name, flags in modes]
+    ends: List[float] = []
 
-        def stamp(*_: Any) -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            ends.append(time.perf_counter())
+    def stamp(*_: Any) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ends.append(time.perf_counter())
 
-        for call in range(2):  # the first call compiles / captures / builds plans
-            ends.clear()
-            t0 = time.perf_counter()
-            jd("rain", num_inference_steps=steps, output_type="latent", callback_on_step_end=stamp,
-               generator=torch.Generator(device=device).manual_seed(0), **kwargs)
-            if call == 0:
-                first_call_s = time.perf_counter() - t0
-        per_step = [(b - a) * 1e3 for a, b in zip(ends, ends[1:])]
-        rows.append(dict(mode=name, views=layout.num_views, window=layout.window, steps=steps,
-                         median_step_ms=statistics.median(per_step), first_call_s=first_call_s))
-    return rows
+    def call(jd: Any) -> List[float]:
+        ends.clear()
+        jd("rain", num_inference_steps=steps, output_type="latent", callback_on_step_end=stamp,
+           generator=torch.Generator(device=device).manual_seed(0), **kwargs)
+        return [(b - a) * 1e3 for a, b in zip(ends, ends[1:])]
+
+    first_call_s: Dict[str, float] = {}
+    for name, jd in runners:
+        t0 = time.perf_counter()
+        call(jd)
+        first_call_s[name] = time.perf_counter() - t0
+    per_step: Dict[str, List[float]] = {name: [] for name, _ in runners}
+    for _ in range(rounds):
+        for name, jd in runners:
+            per_step[name] += call(jd)
+    layout = runners[0][1].layout_for(kwargs["seconds"], window=kwargs.get("window"))
+    return [dict(mode=name, views=layout.num_views, window=layout.window, steps=steps, rounds=rounds,
+                 median_step_ms=statistics.median(per_step[name]), first_call_s=first_call_s[name],
+                 step_ms=per_step[name])
+            for name, _ in runners]
 
 
 # -- output -------------------------------------------------------------------------------------------
@@ -296,8 +309,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--table", default=None, help="also write the short table to this file")
     p.add_argument("--compile", dest="with_compile", action="store_true", default=None,
                    help="include compile=True in the pipeline benchmark (default: on CUDA, not in --smoke)")
+    p.add_argument("--rounds", type=int, default=None, help="pipeline rounds per mode (default 3; 2 in --smoke)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--steps", type=int, default=None, help="pipeline steps per call (default 10; 3 in --smoke)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Kernel backends of the device; on CPU, Triton means its interpreter: far too slow to time.
     backends = [b for b in available_backends(device) if b not in ("reference",) and
@@ -313,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with_compile = args.with_compile if args.with_compile is not None else (device.type == "cuda" and not args.smoke)
     steps = args.steps or (3 if args.smoke else 10)
     pipeline = [] if args.no_pipeline else bench_pipeline(device, args.smoke and not args.full_window,
-                                                          with_compile, steps)
+                                                          with_compile, steps, args.rounds or (2 if args.smoke else 3))
     chosen = choose_backend(rows, backends) if backends and rows else (backends or ["reference"])[0]
     write_results(Path(args.results), env, rows, pipeline, "smoke" if args.smoke else "full", command)
     if args.json:

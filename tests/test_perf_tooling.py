@@ -160,8 +160,10 @@ def test_compile_true_matches_eager_without_recompiling(pipe, monkeypatch):
     torch._dynamo.utils.counters.clear()
     assert torch.equal(run(jd, method="safa"), expected)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert torch.equal(run(jd, method="safa"), expected)  # a second call compiles nothing new
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert torch.equal(run(jd, method="safa"), expected)  # a second call compiles nothing new
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert [s.merge_ops for s in profiling.analyse(prof.events())] == [1, 1]  # still one op per step
 
 
 # -- the static-buffer step (what cuda_graphs=True captures) -------------------------------------------------
