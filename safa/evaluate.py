@@ -206,17 +206,24 @@ def _notes(res: EvalResult) -> List[str]:
                        ("below 1: swap also loses HF energy (contradicts the paper's claim)" if hi < 1 else
                         "above 1: swap adds HF energy beyond the texture's own"))
             notes.append(f"{sw}: overlap HF energy {m:.3f} [{lo:.3f}, {hi:.3f}] x interior, {verdict}.")
+    for avg in ("multidiffusion", "multidiffusion_triangular"):
+        for sw in ("safa_selfloop", "safa"):
+            if avg in by and sw in by:
+                d, lo, hi = M.paired_ratio_difference_ci(by[avg].hf, by[sw].hf)
+                v = ("averaging keeps less HF energy than swap" if hi < 0 else
+                     "averaging keeps MORE HF energy than swap" if lo > 0 else "no significant difference")
+                notes.append(f"HF ratio {avg} - {sw} = {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap): {v}.")
+                break
     if "safa" in by and "safa_selfloop" in by:
         a, b = by["safa"].consistent, by["safa_selfloop"].consistent
-        pa, la, ha = M.proportion_ci(int(a.sum()), len(a))
-        pb, lb, hb = M.proportion_ci(int(b.sum()), len(b))
-        if la > hb:
-            v = "reference guidance raises cross-view consistency (paper's claim holds)"
-        elif ha < lb:
-            v = "reference guidance LOWERS cross-view consistency (contradicts the paper's claim)"
+        p = M.mcnemar_p(a, b)
+        if p < 0.05:
+            v = ("reference guidance raises cross-view consistency (paper's claim holds)" if a.mean() > b.mean() else
+                 "reference guidance LOWERS cross-view consistency (contradicts the paper's claim)")
         else:
-            v = "intervals overlap: no significant effect of reference guidance at this sample size"
-        notes.append(f"consistency safa {pa:.2f} vs safa_selfloop {pb:.2f}: {v}.")
+            v = "no significant effect of reference guidance at this sample size"
+        notes.append(f"consistency safa {a.mean():.2f} vs safa_selfloop {b.mean():.2f} (same noise; exact McNemar "
+                     f"p = {p:.3g}): {v}.")
     notes.append("'true' rows are exact long samples (one sub-style each), so their consistency is 1 by "
                  "construction; KL counts whitened directions with eigenvalue >= "
                  f"{res.settings['min_eigenvalue']} (finer ones are below any finite-step sampler's last noise level).")
@@ -265,37 +272,36 @@ _COLORS = [(0, 0, 0), (120, 120, 120), (214, 39, 40), (255, 127, 14), (31, 119, 
 
 
 def write_plot(res: EvalResult, path: str) -> None:
-    """Two panels: relative log-amplitude along time per temporal-frequency band (Fig. 2b:
-    interior of the true samples vs the overlaps of each method), and HF ratio with CIs."""
+    """Two panels: the overlap / interior log-amplitude ratio along time per temporal-frequency
+    band for every row (Fig. 2b), and the HF energy ratio with its interval."""
     from PIL import Image, ImageDraw
     from .audio_io import atomic_path
     width, height, pad = 1100, 460, 60
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    # Panel 1: spectra.
+    # Panel 1: Fig. 2b as a ratio: overlap vs interior log-amplitude per temporal band, per row
+    # (each row against its own interior, so a sampler's overall level does not show).
     x0, x1, y0, y1 = pad, width // 2 - 20, 40, height - pad
-    true = next(r for r in res.rows if r.name == "true")
-    ref = true.spectrum_interior[0]
-    curves = [("true interior", true.spectrum_interior), ("true overlap", true.spectrum_overlap)]
-    curves += [(f"{r.name} overlap", r.spectrum_overlap) for r in res.rows if r.spectrum_overlap is not None
-               and r.name != "true"]
-    vals = [0.5 * np.log10(np.maximum(c, 1e-30) / ref) for _, c in curves]
-    lo = min(v.min() for v in vals)
-    hi = max(v.max() for v in vals)
-    lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+    rows_sp = [r for r in res.rows if r.spectrum_overlap is not None]
+    vals = [0.5 * np.log10(np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30))
+            for r in rows_sp]
+    lo = min(-0.05, min(v.min() for v in vals))
+    hi = max(0.05, max(v.max() for v in vals))
+    lo, hi = lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)
     fx = lambda f: x0 + (x1 - x0) * f / 0.5
     fy = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
     d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 10), "relative log10 amplitude along time (Fig. 2b)", fill="black")
+    d.text((x0, 10), "log10 amplitude, overlap / interior, per temporal band (Fig. 2b)", fill="black")
+    d.line([(x0, fy(0.0)), (x1, fy(0.0))], fill=(160, 160, 160), width=1)
+    d.text((x0 - 40, fy(0.0) - 6), "0", fill="black")
     d.text((x0, y1 + 8), "0", fill="black")
     d.text((x1 - 70, y1 + 8), "0.5 cyc/frame", fill="black")
-    d.text((x0 - 50, y0), f"{hi:.2f}", fill="black")
-    d.text((x0 - 50, y1 - 10), f"{lo:.2f}", fill="black")
-    for i, ((name, _), v) in enumerate(zip(curves, vals)):
-        color = _COLORS[i % len(_COLORS)]
-        pts = [(fx(f), fy(a)) for f, a in zip(res.freqs, v)]
-        d.line(pts, fill=color, width=2)
-        d.text((x0 + 10, y0 + 8 + 14 * i), name, fill=color)
+    d.text((x0 - 50, y0), f"{hi:+.2f}", fill="black")
+    d.text((x0 - 50, y1 - 10), f"{lo:+.2f}", fill="black")
+    for i, (r, v) in enumerate(zip(rows_sp, vals)):
+        color = _COLORS[0] if r.name == "true" else _COLORS[(i + 1) % len(_COLORS)]
+        d.line([(fx(f), fy(a)) for f, a in zip(res.freqs, v)], fill=color, width=2)
+        d.text((x0 + 10, y0 + 8 + 14 * i), r.name, fill=color)
     # Panel 2: HF ratio with CI.
     x0, x1 = width // 2 + 40, width - 20
     rows = [r for r in res.rows if r.hf is not None]
@@ -307,6 +313,8 @@ def write_plot(res: EvalResult, path: str) -> None:
     d.text((x0, 10), "HF energy overlap / interior (95% CI)", fill="black")
     d.line([(x0, fy(1.0)), (x1, fy(1.0))], fill=(160, 160, 160), width=1)
     d.text((x0 - 40, fy(1.0) - 6), "1.0", fill="black")
+    d.text((x0 - 40, y0), f"{hi:.2f}", fill="black")
+    d.text((x0 - 40, y1 - 10), f"{lo:.2f}", fill="black")
     slot = (x1 - x0) / max(1, len(rows))
     for i, (r, (m, l, h)) in enumerate(zip(rows, stats)):
         cx = x0 + slot * (i + 0.5)

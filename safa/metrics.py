@@ -43,7 +43,7 @@ from safa_kernels import ViewLayout
 
 __all__ = ["overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
            "hf_energies", "ratio_ci", "probe_fidelity", "ProbeFidelity", "cross_view_consistency", "frechet_distance",
-           "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci",
+           "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci", "paired_ratio_difference_ci", "mcnemar_p",
            "whitened_band_variances", "most_likely_components", "gaussian_kl_to_unit"]
 
 
@@ -388,6 +388,30 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], boots: int = 2000, seed
     idx = np.random.default_rng(seed).integers(0, num.size, size=(boots, num.size))
     r = num[idx].sum(1) / den[idx].sum(1)
     return est, float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
+def paired_ratio_difference_ci(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray],
+                               boots: int = 2000, seed: int = 0) -> Tuple[float, float, float]:
+    """``ratio(a) - ratio(b)`` for per-sample ``(num, den)`` pairs of the *same* samples (same
+    noise, same prompts), with a paired bootstrap 95% interval (samples resampled jointly)."""
+    an, ad = (np.asarray(v, np.float64).reshape(-1) for v in a)
+    bn, bd = (np.asarray(v, np.float64).reshape(-1) for v in b)
+    est = float(an.sum() / ad.sum() - bn.sum() / bd.sum())
+    idx = np.random.default_rng(seed).integers(0, an.size, size=(boots, an.size))
+    r = an[idx].sum(1) / ad[idx].sum(1) - bn[idx].sum(1) / bd[idx].sum(1)
+    return est, float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
+def mcnemar_p(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value for paired binary outcomes (same samples, two methods)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return float(min(1.0, 2 * tail))
 
 
 def proportion_ci(successes: int, n: int, z: float = 1.96) -> Tuple[float, float, float]:

@@ -162,3 +162,14 @@ def test_demo_smoke(tmp_path, capsys) -> None:
     audio, sr = sf.read(str(tmp_path / "safa.wav"))
     assert sr == 16000 and audio.shape == (38400,)
     assert "HF ovl/int" in capsys.readouterr().out
+
+
+def test_paired_statistics() -> None:
+    a = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 1], bool)
+    b = np.zeros(10, bool)
+    assert M.mcnemar_p(a, b) == pytest.approx(2 * 1 / 2 ** 9)
+    assert M.mcnemar_p(a, a) == 1.0
+    rng = np.random.default_rng(0)
+    den = rng.uniform(1, 2, 40)
+    d, lo, hi = M.paired_ratio_difference_ci((0.8 * den, den), (den * rng.uniform(0.99, 1.01, 40), den))
+    assert d == pytest.approx(-0.2, abs=0.01) and hi < 0 and lo > -0.25
