@@ -63,6 +63,12 @@ def test_forward_uses_bound_scheduler(tiny: TextureModel) -> None:
         torch.testing.assert_close(got, brute_force(tiny, x, ab, cw, ptype), rtol=1e-8, atol=1e-8)
 
 
+def test_flow_matching_scheduler_is_refused(tiny: TextureModel) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    with pytest.raises(ValueError, match="variance-preserving"):
+        tiny.bind_scheduler(FlowMatchEulerDiscreteScheduler())
+
+
 def test_fractional_timesteps_invert_diffusers_sigma_to_t() -> None:
     """Karras-sigma Euler passes fractional timesteps; the model must recover sigma exactly."""
     sched = EulerDiscreteScheduler(**BETAS, use_karras_sigmas=True)

@@ -276,8 +276,10 @@ class TextureModel(ModelMixin, ConfigMixin):
         """Take ``alphas_cumprod`` and ``prediction_type`` from a diffusers scheduler."""
         ac = getattr(scheduler, "alphas_cumprod", None)
         if ac is None:
-            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: the texture model's "
-                            "denoiser needs a variance-preserving (DDPM-family) schedule")
+            # ValueError: the CLI reports it as a one-line user error (a --scheduler choice).
+            raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: the texture model's "
+                             "denoiser needs a variance-preserving (DDPM-family) scheduler such as DDIM, "
+                             "DPMSolverMultistep, EulerDiscrete or UniPCMultistep")
         self.set_schedule(ac, scheduler.config.prediction_type)
 
     # -- core linear algebra ----------------------------------------------------------
