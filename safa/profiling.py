@@ -384,8 +384,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--compare: the naive merge implements {NAIVE_METHODS}, not {args.method!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
+    pipe = load(args.model)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs)

@@ -126,6 +126,9 @@ def test_profile_cli_rejects_what_naive_cannot_do(capsys):
     from safa.cli import main
     assert main(["profile", "--method", "multidiffusion_triangular", "--compare"]) == 2
     assert "naive merge implements" in capsys.readouterr().err
+    if not HAS_CUDA:
+        assert main(["profile", "--cuda-graphs"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
 
 
 # -- torch.compile -------------------------------------------------------------------------------
