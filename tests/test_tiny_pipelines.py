@@ -17,16 +17,6 @@ needs_torchsde = pytest.mark.skipif(importlib.util.find_spec("torchsde") is None
                                     reason="CosineDPMSolverMultistepScheduler needs torchsde")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dominated by per-op overhead: on the shared 2-core machine, 2 intra-op threads
-    made these tests ~7x slower under load (thread hand-offs), so run them on one and restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen() -> torch.Generator:
     return torch.Generator("cpu").manual_seed(0)
 

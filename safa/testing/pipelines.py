@@ -186,6 +186,11 @@ def _tiny_clap_text_encoder(projection_dim: int, vocab_size: int) -> ClapTextMod
     return ClapTextModelWithProjection(_tiny_clap_text_config(projection_dim, vocab_size))
 
 
+def _tiny_t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=d_model, d_kv=8, num_heads=2,
+                                   num_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
 def _tiny_audio_vae(latent_channels: int = 8) -> AutoencoderKL:
     # Three resolution levels -> downsampling by 4, as in AudioLDM's VAE (64 mel bins -> 16).
     return AutoencoderKL(
@@ -326,10 +331,7 @@ def tiny_audioldm2_pipeline(seed: int = 0) -> AudioLDM2Pipeline:
     tokenizer = tiny_roberta_tokenizer()
     tokenizer_2 = tiny_t5_tokenizer()
     text_encoder = _tiny_clap_model(projection_dim=16, vocab_size=len(tokenizer))
-    text_encoder_2 = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
-                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
+    text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), d_model=32)
     # GPT2LMHeadModel, not GPT2Model: in transformers 5 only the LM-head class carries the
     # GenerationMixin helpers that AudioLDM2.generate_language_model calls.
     language_model = GPT2LMHeadModel(
@@ -380,10 +382,7 @@ def tiny_stable_audio_pipeline(seed: int = 0, sample_size: int = 64) -> StableAu
     """
     torch.manual_seed(seed)
     tokenizer = tiny_t5_tokenizer(model_max_length=32)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=16, d_kv=8, num_heads=2, num_layers=1,
-                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
+    text_encoder = _tiny_t5_encoder(len(tokenizer), d_model=16)
     projection_model = StableAudioProjectionModel(
         text_encoder_dim=16, conditioning_dim=16, min_value=0, max_value=512
     )
@@ -567,10 +566,7 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusion3P
     tokenizer_3 = tiny_t5_tokenizer()
     text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer)))
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer_2)))
-    text_encoder_3 = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=32, d_kv=8, num_heads=2, num_layers=1,
-                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )
+    text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), d_model=32)
     transformer = SD3Transformer2DModel(
         sample_size=sample_size,
         # patch 2 as in the real model: a 32 x 32 latent window is 256 tokens
