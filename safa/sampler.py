@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from safa_kernels import ViewLayout, gather, stitch, sync_
+from safa_kernels import ViewLayout, gather, stitch
 from torch.profiler import record_function
 
 from . import accel as _accel

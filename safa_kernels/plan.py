@@ -56,7 +56,7 @@ def _odd(offset: int, swap_interval: int) -> bool:
 
 def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
     """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
-    w, W, s, o = layout.window, layout.length, layout.stride, layout.overlap
+    w, W, s = layout.window, layout.length, layout.stride
     tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, SPEC section 2)
     for col in range(W):
         cover = layout.coverage(col)                      # [(view, local)]

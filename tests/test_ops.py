@@ -3,8 +3,6 @@
 Copies (gather, swap stitch/sync, reference swap) must be bitwise equal to the reference
 on every backend and dtype; averages agree to a tight tolerance.
 """
-import itertools
-import warnings
 
 import pytest
 import torch
