@@ -5,8 +5,8 @@ so the true distribution of every window is known) with the same prompts, seeds,
 and steps; :mod:`safa.metrics` then measures, per long sample:
 
 * ``HF ovl/int``: high-frequency energy along time of the overlap regions over that of the
-  interior segments, summed over samples (paper Fig. 2b; 1 = stationary, < 1 = overlaps
-  smoothed), with a bootstrap interval over samples;
+  interior segments (paper Fig. 2b; 1 = stationary, < 1 = overlaps smoothed): geometric
+  mean over samples, interval on the log scale;
 * ``seam KL`` / ``int KL``: Gaussian KL to N(0, 1) of the whitened coefficients of probe
   windows straddling the seams / inside the views (0 = exactly the model's distribution);
 * ``seam-int``: the per-sample difference of the two KLs (the seam's excess over the
@@ -181,12 +181,12 @@ def _fmt_prop(x: Optional[np.ndarray]) -> str:
 def _fmt_ratio(x: Optional[Tuple[np.ndarray, np.ndarray]]) -> str:
     if x is None:
         return "-"
-    m, lo, hi = M.ratio_ci(*x)
+    m, lo, hi = M.log_ratio_ci(*x)
     return f"{m:.3f} [{lo:.3f},{hi:.3f}]"
 
 
 def _ci(x: Tuple[np.ndarray, np.ndarray]) -> Tuple[float, float, float]:
-    return M.ratio_ci(*x)
+    return M.log_ratio_ci(*x)
 
 
 def _notes(res: EvalResult) -> List[str]:
@@ -209,10 +209,10 @@ def _notes(res: EvalResult) -> List[str]:
     for avg in ("multidiffusion", "multidiffusion_triangular"):
         for sw in ("safa_selfloop", "safa"):
             if avg in by and sw in by:
-                d, lo, hi = M.paired_ratio_difference_ci(by[avg].hf, by[sw].hf)
-                v = ("averaging keeps less HF energy than swap" if hi < 0 else
-                     "averaging keeps MORE HF energy than swap" if lo > 0 else "no significant difference")
-                notes.append(f"HF ratio {avg} - {sw} = {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap): {v}.")
+                d, lo, hi = M.paired_log_ratio_ci(by[avg].hf, by[sw].hf)
+                v = ("averaging keeps less HF energy than swap" if hi < 1 else
+                     "averaging keeps MORE HF energy than swap" if lo > 1 else "no significant difference")
+                notes.append(f"HF ratio {avg} / {sw} = {d:.3f} [{lo:.3f}, {hi:.3f}] (paired, same noise): {v}.")
                 break
     if "safa" in by and "safa_selfloop" in by:
         a, b = by["safa"].consistent, by["safa_selfloop"].consistent
@@ -258,8 +258,8 @@ def format_table(res: EvalResult) -> str:
     lines.append(fmt.format(*head))
     lines.append(fmt.format(*["-" * w for w in widths]))
     lines += [fmt.format(*c) for c in table]
-    lines.append("mean ± 95% CI over samples (HF: ratio of summed energies, bootstrap interval; Wilson "
-                 "interval for 'consistent'); seam-int = per-sample paired "
+    lines.append("mean ± 95% CI over samples (HF: geometric mean of per-sample ratios, interval on the log "
+                 "scale; Wilson interval for 'consistent'); seam-int = per-sample paired "
                  "difference of the KLs (the seam's own excess, sampler error cancelled); v_hf = whitened variance "
                  "of the fastest temporal band (1 = exact).")
     lines += [f"note: {n}" for n in res.notes]

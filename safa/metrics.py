@@ -43,7 +43,7 @@ from safa_kernels import ViewLayout
 
 __all__ = ["overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
            "hf_energies", "ratio_ci", "probe_fidelity", "ProbeFidelity", "cross_view_consistency", "frechet_distance",
-           "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci", "paired_ratio_difference_ci", "mcnemar_p",
+           "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci", "paired_ratio_difference_ci", "mcnemar_p", "log_ratio_ci", "paired_log_ratio_ci",
            "whitened_band_variances", "most_likely_components", "gaussian_kl_to_unit"]
 
 
@@ -388,6 +388,29 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], boots: int = 2000, seed
     idx = np.random.default_rng(seed).integers(0, num.size, size=(boots, num.size))
     r = num[idx].sum(1) / den[idx].sum(1)
     return est, float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
+def log_ratio_ci(num: Sequence[float], den: Sequence[float], z: float = 1.96) -> Tuple[float, float, float]:
+    """Geometric mean of per-sample ratios ``num / den`` with a 95% t-style interval on the log
+    scale: ``exp(mean(log r) +- z sd / sqrt(n))``.
+
+    Every sample weighs the same (a ratio of sums is dominated by the loudest samples, and its
+    bootstrap interval undercovers when a few samples dominate), and the log makes the
+    ratio's noise symmetric.
+    """
+    r = np.log(np.asarray(num, np.float64).reshape(-1) / np.asarray(den, np.float64).reshape(-1))
+    m, h = mean_ci(r, z)
+    return float(math.exp(m)), float(math.exp(m - h)), float(math.exp(m + h))
+
+
+def paired_log_ratio_ci(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray],
+                        z: float = 1.96) -> Tuple[float, float, float]:
+    """Geometric mean over samples of ``ratio_a / ratio_b`` (same samples: same noise, same
+    prompts) with a paired 95% interval on the log scale; < 1 means ``a`` keeps less."""
+    ra = np.log(np.asarray(a[0], np.float64) / np.asarray(a[1], np.float64)).reshape(-1)
+    rb = np.log(np.asarray(b[0], np.float64) / np.asarray(b[1], np.float64)).reshape(-1)
+    m, h = mean_ci(ra - rb, z)
+    return float(math.exp(m)), float(math.exp(m - h)), float(math.exp(m + h))
 
 
 def paired_ratio_difference_ci(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray],

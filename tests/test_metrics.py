@@ -54,10 +54,11 @@ def test_geometry(truth) -> None:
 
 def test_hf_ratio_true_smoothed_and_noisy(truth) -> None:
     layout, _, x, _ = truth
-    m, lo, hi = M.ratio_ci(*M.hf_energies(M.region_spectra(x, layout)))
-    assert lo < 1 < hi and hi - lo < 0.4                      # stationary: no overlap effect
-    m, lo, hi = M.ratio_ci(*M.hf_energies(M.region_spectra(_smooth_overlaps(x, layout), layout)))
-    assert hi < 0.7                                           # a high-frequency deficit
+    for ci in (M.ratio_ci, M.log_ratio_ci):
+        m, lo, hi = ci(*M.hf_energies(M.region_spectra(x, layout)))
+        assert lo < 1 < hi and hi - lo < 0.4                  # stationary: no overlap effect
+        m, lo, hi = ci(*M.hf_energies(M.region_spectra(_smooth_overlaps(x, layout), layout)))
+        assert hi < 0.7                                       # a high-frequency deficit
     noisy = x.clone()
     for _, cols in M.overlap_columns(layout):
         noisy[:, :, cols] += 0.7 * torch.randn_like(noisy[:, :, cols], generator=None)
@@ -173,3 +174,7 @@ def test_paired_statistics() -> None:
     den = rng.uniform(1, 2, 40)
     d, lo, hi = M.paired_ratio_difference_ci((0.8 * den, den), (den * rng.uniform(0.99, 1.01, 40), den))
     assert d == pytest.approx(-0.2, abs=0.01) and hi < 0 and lo > -0.25
+    g, lo, hi = M.paired_log_ratio_ci((0.8 * den, den), (den * rng.uniform(0.99, 1.01, 40), den))
+    assert g == pytest.approx(0.8, rel=0.01) and lo < 0.8 < hi < 0.82
+    g, lo, hi = M.log_ratio_ci([2.0, 8.0], [1.0, 1.0])
+    assert g == pytest.approx(4.0)
