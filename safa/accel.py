@@ -44,8 +44,6 @@ def merge_step(state: torch.Tensor, num_views: int, layout: ViewLayout, dim: int
           reference_axis=reference_axis if with_reference else None)
 
 
-_MERGE_STEP = merge_step
-
 # torch.compile backend of the denoiser under compile=True; "inductor" generates fused
 # kernels, the only one that makes the model faster ("eager"/"aot_eager" only trace).
 COMPILE_BACKEND = "inductor"
@@ -73,7 +71,7 @@ def compiled_merge_step() -> Callable[..., None]:
     """
     global _compiled_merge
     if _compiled_merge is None:
-        _compiled_merge = torch.compile(_MERGE_STEP, fullgraph=True, dynamic=False, backend="eager")
+        _compiled_merge = torch.compile(merge_step, fullgraph=True, dynamic=False, backend="eager")
     return _compiled_merge
 
 
@@ -141,7 +139,8 @@ class StepRunner:
     def __init__(self, adapter: Adapter, cond: Conditions, rows_prompt: torch.Tensor, chunk_rows: int,
                  guidance_scale: float, timesteps: torch.Tensor, layout: ViewLayout, dim: int, mode: str,
                  swap_interval: int, reference_axis: Optional[int], num_views: int, *,
-                 compile: bool = False, cuda_graphs: bool = False) -> None:
+                 compile: bool = False, cuda_graphs: bool = False,
+                 merge: Optional[Callable[..., None]] = None) -> None:
         self.adapter, self.guidance_scale = adapter, guidance_scale
         rows = int(rows_prompt.shape[0])
         self.chunks: List[Chunk] = [(r, min(r + chunk_rows, rows), cond.take(rows_prompt[r:r + chunk_rows]))
@@ -152,13 +151,12 @@ class StepRunner:
         self.merge_args = (num_views, intern_layout(layout), dim, mode, swap_interval, reference_axis)
         self.cuda_graphs = cuda_graphs
         self._predict: Callable[..., torch.Tensor] = adapter.predict
-        # The module attribute, read per call: `safa profile --compare` swaps in the naive merge.
-        self._merge: Callable[..., None] = merge_step
+        self._merge: Callable[..., None] = merge if merge is not None else merge_step
         if compile:
             # dynamic=False: every step has the same shapes; a static graph is what both
             # inductor and a later CUDA-graph capture want.
             self._predict = torch.compile(adapter.predict, dynamic=False, backend=COMPILE_BACKEND)
-            if self._merge is _MERGE_STEP:
+            if merge is None:
                 self._merge = compiled_merge_step()
         self._graphed: Optional[_GraphedModelStep] = None
 

@@ -40,7 +40,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from safa_kernels import ViewLayout
 
-from . import accel
 
 __all__ = ["CATEGORIES", "StepBreakdown", "ProfileResult", "analyse", "profile_steps", "naive_merge_step",
            "naive_reference_swap_", "load_naive", "format_breakdown", "format_comparison", "add_arguments",
@@ -110,22 +109,6 @@ def naive_merge_step(state: torch.Tensor, num_views: int, layout: ViewLayout, di
 
 
 NAIVE_METHODS = ("safa", "safa_selfloop", "multidiffusion")  # the modes naive.py implements
-
-
-@contextlib.contextmanager
-def merge_implementation(name: str) -> Iterator[None]:
-    """Within the block, the sampler merges with ``name``: ``"safa"`` (the op) or ``"naive"``."""
-    if name == "safa":
-        yield
-        return
-    if name != "naive":
-        raise ValueError(f"merge implementation must be 'safa' or 'naive', got {name!r}")
-    saved = accel.merge_step
-    accel.merge_step = naive_merge_step  # StepRunner reads the module attribute when built
-    try:
-        yield
-    finally:
-        accel.merge_step = saved
 
 
 @contextlib.contextmanager
@@ -259,15 +242,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, merge: str = "safa",
-                  backend: Optional[str] = None, warmup_steps: int = 2, trace: Optional[str] = None,
+def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, backend: Optional[str] = None, warmup_steps: int = 2, trace: Optional[str] = None,
                   seed: int = 0) -> ProfileResult:
     """Run ``jd(**call_kwargs)`` under ``torch.profiler`` and break its steps down.
 
     A warm-up call of ``warmup_steps`` steps first (plans, compilation, allocator), then a
     timed call without the profiler (per-step wall time from step-end callbacks), then the
-    profiled call. ``merge`` is ``"safa"`` (our op) or ``"naive"``; ``backend`` sets
-    ``SAFA_BACKEND`` for the call.
+    profiled call. ``backend`` sets ``SAFA_BACKEND`` for the call. To profile another merge,
+    pass a ``JointDiffusion(pipe, merge_step=...)``.
     """
     device = torch.device(jd.adapter.device)
 
@@ -279,7 +261,7 @@ def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, merge: st
             kwargs["callback_on_step_end"] = callback
         jd(**kwargs)
 
-    with merge_implementation(merge), _backend(backend):
+    with _backend(backend):
         if warmup_steps:
             call(warmup_steps)
         ends: List[float] = []
@@ -410,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_breakdown(ours))
     if args.compare:
         trace = None if not args.trace else os.path.splitext(args.trace)[0] + ".naive.json"
-        naive = profile_steps(jd, kwargs, label="naive eager", merge="naive", warmup_steps=args.warmup, trace=trace)
+        naive_jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                                  merge_step=naive_merge_step)
+        naive = profile_steps(naive_jd, kwargs, label="naive eager", warmup_steps=args.warmup, trace=trace)
         print()
         print(format_breakdown(naive))
         print()

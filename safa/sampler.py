@@ -125,10 +125,13 @@ class JointDiffusion:
     supported ones. Use the pipeline's own ``scheduler`` (swap it on ``pipe`` as usual).
     """
 
-    def __init__(self, pipe: Any, *, compile: bool = False, cuda_graphs: bool = False) -> None:
+    def __init__(self, pipe: Any, *, compile: bool = False, cuda_graphs: bool = False,
+                 merge_step: Optional[Callable[..., None]] = None) -> None:
         # compile: torch.compile the denoiser and the merge (fullgraph); cuda_graphs: capture
         # the denoiser call once per generation and replay it each step (CUDA only).
-        # Both live in safa/accel.py.
+        # Both live in safa/accel.py. merge_step: the per-step merge, with the signature of
+        # safa.accel.merge_step (default: that function, one safa_kernels.sync_ call);
+        # another one is swapped in to compare merges (`safa profile --compare`).
         if not isinstance(compile, bool) or not isinstance(cuda_graphs, bool):
             raise ValueError(f"compile and cuda_graphs must be bools, got {compile!r}, {cuda_graphs!r}")
         if cuda_graphs and not torch.cuda.is_available():
@@ -137,6 +140,7 @@ class JointDiffusion:
         self.pipe = pipe
         self.adapter: Adapter = get_adapter(pipe)
         self.compile, self.cuda_graphs = compile, cuda_graphs
+        self.merge_step = merge_step
 
     @property
     def sample_rate(self) -> Optional[int]:
@@ -314,7 +318,7 @@ class JointDiffusion:
             _accel.check_cuda_graphs(flat.device)
         runner = _accel.StepRunner(adapter, cond, rows_prompt, chunk_rows, guidance_scale, timesteps, layout, dim,
                                    mode, swap_interval, adapter.reference_axis, n,
-                                   compile=self.compile, cuda_graphs=self.cuda_graphs)
+                                   compile=self.compile, cuda_graphs=self.cuda_graphs, merge=self.merge_step)
         # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
         with pipe.progress_bar(total=num_steps) as progress:
             for i, t in enumerate(timesteps):
