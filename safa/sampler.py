@@ -73,8 +73,8 @@ def plan_layout(columns: int, window: int, overlap: int, loop: bool, mode: str) 
     Open layouts: the fewest views that cover ``columns``. Loop layouts must have exactly
     ``columns`` columns to loop without a seam, so the overlap is re-spaced: among the
     strides dividing ``columns`` (overlap ``<= window / 2`` in swap mode, ``< window``
-    otherwise; at least two views) the one whose overlap is closest to ``overlap``, and
-    nonzero when ``overlap`` is. When no
+    otherwise; at least two views) the one whose overlap is closest to ``overlap`` by ratio,
+    and nonzero when ``overlap`` is. When no
     stride divides ``columns`` the covering loop is generated and cropped, with a warning.
     """
     if columns < window:
@@ -83,10 +83,11 @@ def plan_layout(columns: int, window: int, overlap: int, loop: bool, mode: str) 
     if not loop:
         return ViewLayout.covering(columns, window, overlap, loop=False)
     max_overlap = window // 2 if mode == "swap" else window - 1
-    # Closest overlap first, but never trade a requested overlap for none at all: with zero
-    # overlap nothing joins neighbouring views and every seam stays unblended.
-    def badness(o: int) -> Tuple[bool, int, int]:
-        return (overlap > 0 and o == 0, abs(o - overlap), -o)
+    # Closest overlap by ratio (at 60 s of AudioLDM, 106 columns is nearer a requested 51
+    # than 6 is: a 6-column seam barely blends), and never none at all when one was asked for:
+    # with zero overlap nothing joins neighbouring views.
+    def badness(o: int) -> Tuple[bool, float, int]:
+        return (overlap > 0 and o == 0, abs(math.log((o + 1) / (overlap + 1))), -o)
 
     best: Optional[int] = None
     for stride in range(max(1, window - max_overlap), window + 1):

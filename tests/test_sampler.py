@@ -335,3 +335,9 @@ def test_loop_layout_keeps_a_requested_overlap():
     # without overlap leaves every seam unblended.
     assert plan_layout(128, 64, 13, loop=True, mode="swap").overlap == 32
     assert plan_layout(128, 64, 0, loop=True, mode="swap").overlap == 0
+
+
+def test_loop_layout_overlap_is_chosen_by_ratio():
+    # 60 s of AudioLDM (1500 columns, window 256, overlap 0.2 = 51): the strides dividing
+    # 1500 give overlap 106 or 6; a 6-column seam would barely blend.
+    assert plan_layout(1500, 256, 51, loop=True, mode="swap").overlap == 106
