@@ -132,9 +132,19 @@ class ViewLayout:
 
     def coverage(self, column: int) -> List[Tuple[int, int]]:
         """Every ``(view, local column)`` that covers ``column``, in increasing view order."""
+        s, w, n = self.stride, self.window, self.num_views
+        # Only views starting within `window` columns before `column` can cover it.
+        last = column // s
+        first = last - (w - 1) // s
         out = []
-        for view in range(self.num_views):
-            local = (column - view * self.stride) % self.length if self.loop else column - view * self.stride
-            if 0 <= local < self.window:
+        for i in range(first, last + 1):
+            if self.loop:
+                view = i % n
+                local = (column - view * s) % self.length
+            elif 0 <= i < n:
+                view, local = i, column - i * s
+            else:
+                continue
+            if local < w:
                 out.append((view, local))
-        return out
+        return sorted(out)

@@ -32,6 +32,7 @@ column of the long latent), and a row reads its sources before writing its targe
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -106,16 +107,25 @@ def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
                 torch.tensor(weight, dtype=torch.float32).reshape(len(rows), K))
 
 
+@functools.lru_cache(maxsize=64)
+def _host_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
+    """:func:`build_plan` memoised by value: equal layouts built afresh per call (as a sampler
+    does per generation) share one host plan instead of rebuilding it (~0.1 s at 10 minutes)."""
+    return build_plan(layout, op, mode, swap_interval, ref)
+
+
 # torch.compile calls this eagerly while tracing and treats the plan as a constant
 # (tracing the Python loops of `build_plan` would unroll them into the graph builder).
 @constant_under_compile
 def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
              device: torch.device) -> Plan:
     """The memoised plan on ``device`` (built on the host on first use)."""
-    key = (op, mode if op != "gather" else "", swap_interval if op != "gather" else 0, ref, str(device))
+    if op == "gather":  # one gather plan whatever the merge arguments
+        mode, swap_interval = "swap", 1
+    key = (op, mode, swap_interval, ref, str(device))
     plan: Optional[Plan] = layout._plans.get(key)  # type: ignore[assignment]
     if plan is None:
-        host = build_plan(layout, op, mode, swap_interval, ref)
+        host = _host_plan(layout, op, mode, swap_interval, ref)
         plan = Plan(host.index.to(device), host.weight.to(device))
         layout._plans[key] = plan
     return plan
