@@ -275,3 +275,33 @@ def test_averaging_accepts_large_overlap():
     views = torch.randn(layout.num_views, 1, 4, 64)
     for mode in ("mean", "triangular"):
         assert stitch(views, layout, dim=-1, mode=mode).shape == (1, 4, layout.length)
+
+
+def test_package_works_without_the_extension(tmp_path):
+    # A copy of the Python sources without the built _C: one warning that names it, and the
+    # reference does the merging.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    shutil.copytree(Path(sk.__file__).parent, tmp_path / "safa_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    code = """
+import sys, warnings
+# An editable install maps the package to the source tree, built _C included: drop that finder.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, safa_kernels as sk
+assert sk.__file__.startswith(%r), sk.__file__
+mine = [str(w.message) for w in caught if "safa_kernels" in str(w.message)]
+assert len(mine) == 1 and "safa_kernels._C is not built" in mine[0], mine
+assert "cpp" not in sk.available_backends("cpu")
+layout = sk.ViewLayout(20, 8, 2)
+x = torch.randn(2, 20, 3)
+assert torch.equal(sk.stitch(sk.gather(x, layout, 1), layout, 1), x)
+print("ok")
+""" % str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
