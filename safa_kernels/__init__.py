@@ -1,7 +1,16 @@
 """safa_kernels: fused gather / stitch / sync of overlapping views for joint diffusion.
 
+>>> import torch
 >>> from safa_kernels import ViewLayout, gather, stitch, sync_
->>> layout = ViewLayout(length=1024, window=256, overlap=51 - 51 % 1, loop=False)  # doctest: +SKIP
+>>> layout = ViewLayout.covering(1000, window=256, overlap=51)
+>>> layout.num_views, layout.length
+(5, 1076)
+>>> views = gather(torch.randn(2, 8, layout.length, 16), layout, dim=-2)
+>>> views.shape
+torch.Size([5, 2, 8, 256, 16])
+>>> _ = sync_(views, layout, dim=-2, mode="swap")      # merge the overlaps in place
+>>> stitch(views, layout, dim=-2).shape
+torch.Size([2, 8, 1076, 16])
 """
 from .layout import ViewLayout
 from .ops import BACKENDS, KERNEL_BACKENDS, MODES, available_backends, gather, resolve_backend, stitch, sync_

@@ -11,3 +11,11 @@ def test_readme_kernel_example_runs():
         scope: dict = {}
         exec(compile(block, "README.md", "exec"), scope)
         assert scope["merged"].shape == (2, 8, scope["layout"].length, 16)
+
+
+def test_package_docstring_example_runs():
+    import doctest
+
+    import safa_kernels
+    result = doctest.testmod(safa_kernels)
+    assert result.attempted > 0 and result.failed == 0
