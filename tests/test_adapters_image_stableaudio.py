@@ -250,3 +250,16 @@ def test_sd3_dynamic_shift_is_that_of_one_window(pipes):
     jd("a mountain range", width=1000, num_inference_steps=4, guidance_scale=1.0, generator=_gen(),
        output_type="latent", callback_on_step_end=lambda j, i, t, kw: seen.append(float(t)))
     assert seen == one.tolist()
+
+
+@needs_torchsde
+def test_stable_audio_rotary_tables_live_on_the_denoiser_device(pipes, monkeypatch):
+    # On the host they would be copied host-to-device by every attention layer each step: a
+    # host sync per layer, and an error inside a CUDA graph capture. Cached per device, so a
+    # later pipe.to(...) gets tables on the new device.
+    adapter = JointDiffusion(pipes["stable_audio"]).adapter
+    cos, sin = adapter._rotary_embedding(64)
+    assert cos.device == sin.device == adapter.device
+    monkeypatch.setattr(type(adapter), "device", property(lambda self: torch.device("meta")))
+    cos, sin = adapter._rotary_embedding(64)
+    assert cos.device.type == sin.device.type == "meta"

@@ -42,9 +42,10 @@ class StableAudioAdapter(Adapter):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
-        # Rotary tables and duration states depend only on the window length: cache them.
-        self._rotary: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._duration: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Rotary tables and duration states depend only on the window length (and live on the
+        # denoiser's device, which a later pipe.to(...) changes): cache them per (length, device).
+        self._rotary: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._duration: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- geometry -----------------------------------------------------------------------------
     @property
@@ -93,7 +94,8 @@ class StableAudioAdapter(Adapter):
 
     def _duration_states(self, frames: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(seconds_start, seconds_end)`` hidden states, each ``(1, 1, D)``, for a window of ``frames``."""
-        if frames not in self._duration:
+        key = (frames, self.device)
+        if key not in self._duration:
             seconds = frames * self.decoded_scale / self.sample_rate
             proj = self.pipe.projection_model.config
             if not proj.min_value <= seconds <= proj.max_value:
@@ -101,17 +103,21 @@ class StableAudioAdapter(Adapter):
                                  f"[{proj.min_value}, {proj.max_value}] s: choose a shorter window")
             with torch.no_grad():
                 start, end = self.pipe.encode_duration(0.0, seconds, self.device, False, 1)
-            self._duration[frames] = (start, end)
-        start, end = self._duration[frames]
+            self._duration[key] = (start, end)
+        start, end = self._duration[key]
         return start.to(dtype), end.to(dtype)
 
     def _rotary_embedding(self, frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if frames not in self._rotary:
+        key = (frames, self.device)
+        if key not in self._rotary:
             from diffusers.models.embeddings import get_1d_rotary_pos_embed
-            # +1: the global duration token is prepended to the latent sequence
-            self._rotary[frames] = get_1d_rotary_pos_embed(
+            # +1: the global duration token is prepended to the latent sequence. Built on the
+            # host: moved to the denoiser's device once here, or every attention layer would
+            # copy it host-to-device (a host sync) each step, which a CUDA graph capture refuses.
+            cos, sin = get_1d_rotary_pos_embed(
                 self.pipe.rotary_embed_dim, frames + 1, use_real=True, repeat_interleave_real=False)
-        return self._rotary[frames]
+            self._rotary[key] = (cos.to(self.device), sin.to(self.device))
+        return self._rotary[key]
 
     # -- denoiser -------------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
