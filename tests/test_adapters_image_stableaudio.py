@@ -167,6 +167,20 @@ def test_sdxl_time_ids_are_per_window(pipes):
     assert ids.tolist() == [[256.0, 320.0, 0.0, 0.0, 256.0, 320.0]] * 3
 
 
+def test_sdxl_time_ids_are_built_once_per_device(pipes, monkeypatch):
+    # The pipeline builds them on the host: copied to the device every step they would be a
+    # host sync per step (and an error under cuda_graphs capture).
+    adapter = JointDiffusion(pipes["sdxl"]).adapter
+    built = []
+    real = adapter.pipe._get_add_time_ids
+    monkeypatch.setattr(adapter.pipe, "_get_add_time_ids", lambda *a, **k: built.append(1) or real(*a, **k))
+    first = adapter._time_ids(32, 40, 3, torch.float32)
+    assert torch.equal(adapter._time_ids(32, 40, 2, torch.float32), first[:2]) and len(built) == 1
+    assert first.device == adapter.device
+    monkeypatch.setattr(type(adapter), "device", property(lambda self: torch.device("meta")))
+    assert adapter._time_ids(32, 40, 3, torch.float32).device.type == "meta" and len(built) == 2
+
+
 @needs_torchsde
 def test_stable_audio_timing_is_per_window(pipes):
     pipe = pipes["stable_audio"]

@@ -157,13 +157,19 @@ class StableDiffusionXLAdapter(ImageAdapter):
         return Conditions(positive, negative_c)
 
     def _time_ids(self, rows: int, cols: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        pipe = self.pipe
-        size = (rows * self.decoded_scale, cols * self.decoded_scale)
-        enc2 = pipe.text_encoder_2
-        proj_dim = int(enc2.config.projection_dim) if enc2 is not None else None
-        # The pipeline's helper also checks the ids against the UNet's added-embedding width.
-        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj_dim)
-        return ids.to(self.device).repeat(batch, 1)
+        # Memoised on the device: the pipeline's helper builds them on the host, and a
+        # host-to-device copy per step is a host sync (and an error under CUDA graph capture).
+        cache = self.__dict__.setdefault("_time_ids_cache", {})
+        key = (rows, cols, dtype, self.device)
+        if key not in cache:
+            pipe = self.pipe
+            size = (rows * self.decoded_scale, cols * self.decoded_scale)
+            enc2 = pipe.text_encoder_2
+            proj_dim = int(enc2.config.projection_dim) if enc2 is not None else None
+            # The pipeline's helper also checks the ids against the UNet's added-embedding width.
+            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj_dim)
+            cache[key] = ids.to(self.device)
+        return cache[key].repeat(batch, 1)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
         time_ids = self._time_ids(x.shape[-2], x.shape[-1], x.shape[0], c["encoder_hidden_states"].dtype)
