@@ -3,7 +3,8 @@
 Always a C++ extension with the CPU kernel (csrc/merge_cpu.cpp). With CUDA, the same
 module also carries the CUDA kernel (csrc/cuda/): built when the installed torch has
 CUDA and nvcc is found (CUDA_HOME), or forced with FORCE_CUDA=1 (e.g. a GPU-less build
-box). TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
+box); FORCE_CUDA=0 builds the CPU kernel only (a fallback after a failed CUDA build).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
 
 Build against the torch already installed (an isolated build would download another):
 
@@ -19,6 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _want_cuda() -> bool:
     import torch
+    if os.environ.get("FORCE_CUDA") == "0":  # explicitly off (unset: automatic)
+        return False
     if os.environ.get("FORCE_CUDA", "0") == "1":
         # Forcing works on a GPU-less machine, not with a CPU-only torch: the CUDA glue
         # links against torch's CUDA libraries.

@@ -52,7 +52,9 @@ else
   echo "gpu.sh: no nvcc (set CUDA_HOME): building without the CUDA kernel; Triton only" >&2
 fi
 if [[ $CUDA_BUILT = 0 ]]; then
-  timeout 300 "$PY" -m pip install -q --no-build-isolation -e . || die "even the CPU-only build failed"
+  # FORCE_CUDA=0: with a CUDA torch and a CUDA_HOME (or /usr/local/cuda) setup.py would
+  # otherwise attempt the CUDA build again, fail the same way, and end the run here.
+  FORCE_CUDA=0 timeout 300 "$PY" -m pip install -q --no-build-isolation -e . || die "even the CPU-only build failed"
 fi
 "$PY" -c 'import safa_kernels as sk; print("GPU backends:", sk.available_backends("cuda"))'
 

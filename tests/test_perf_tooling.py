@@ -235,6 +235,29 @@ def test_gpu_sh_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
 
 
+@pytest.mark.parametrize("force, cuda_sources", [(None, True), ("0", False), ("1", True)])
+def test_setup_py_extension_choice(monkeypatch, force, cuda_sources):
+    # gpu.sh's fallback after a failed CUDA build sets FORCE_CUDA=0: with a CUDA torch and a
+    # CUDA_HOME the automatic choice would retry the CUDA build and fail again.
+    import runpy
+    import setuptools
+    from torch.utils import cpp_extension
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/nonexistent-cuda")
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kw: (name, sources))
+    monkeypatch.setattr(cpp_extension, "CppExtension", lambda name, sources, **kw: (name, sources))
+    if force is None:
+        monkeypatch.delenv("FORCE_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("FORCE_CUDA", force)
+    runpy.run_path(str(ROOT / "setup.py"))
+    (name, sources), = captured["ext_modules"]
+    assert name == "safa_kernels._C"
+    assert any(src.endswith(".cu") for src in sources) is cuda_sources
+
+
 # -- on a GPU ------------------------------------------------------------------------------------------------
 def _sync_free_steps(jd: JointDiffusion, steps: int = 4, **kw) -> torch.Tensor:
     """Run with torch.cuda.set_sync_debug_mode('error') from the end of step 0 (which may sync
