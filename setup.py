@@ -40,7 +40,9 @@ def _extension():
         "safa_kernels._C",
         cpu_sources + ["csrc/cuda/merge_cuda.cpp", "csrc/cuda/merge_kernel.cu"],
         define_macros=[("SAFA_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        # -fmad=false: no fused multiply-add, so weighted means round like the CPU and Triton
+        # kernels (Triton disables it too); the kernel is memory-bound, FMA buys nothing.
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-fmad=false"]},
     )
 
 

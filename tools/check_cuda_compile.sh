@@ -28,7 +28,7 @@ if [[ ${#CU_FILES[@]} -eq 0 ]]; then
   exit 1
 fi
 for f in "${CU_FILES[@]}"; do
-  if "$NVCC" -c -std=c++17 -O3 -arch=sm_90 -Werror all-warnings -o "$TMP/$(basename "$f").o" "$f"; then
+  if "$NVCC" -c -std=c++17 -O3 -fmad=false -arch=sm_90 -Werror all-warnings -o "$TMP/$(basename "$f").o" "$f"; then
     echo "ok    nvcc sm_90  $f"
   else
     echo "FAIL  nvcc sm_90  $f" >&2
