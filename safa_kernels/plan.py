@@ -95,6 +95,8 @@ def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
 
 
 def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     rows = list(_rows(layout, op, mode, swap_interval, ref))
     K = max([len(r[1]) for r in rows] + [1])
     T = max([len(r[3]) for r in rows] + [1])

@@ -305,3 +305,9 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_plan_rejects_unknown_op():
+    from safa_kernels.plan import REF_NONE, build_plan
+    with pytest.raises(ValueError, match="op must be one of"):
+        build_plan(ViewLayout(20, 8, 2), "scatter", "swap", 1, REF_NONE)
