@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .methods import METHODS
 
 __all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "write_plot", "ALL_METHODS"]
 
-ALL_METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular")
+ALL_METHODS = tuple(METHODS)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
              guidance_scale: float = 1.0, seed: int = 0, window: Optional[int] = None,
              min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None) -> EvalResult:
     """Run every method and the reference rows; see the module docstring for the columns."""
-    from .sampler import JointDiffusion, METHODS
+    from .sampler import JointDiffusion
     from .texture import make_texture_pipeline
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -331,7 +332,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``safa evaluate``."""
     p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods (default: all four)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
     p.add_argument("--samples", type=int, default=8, help="long samples per row (default 8)")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each sample (default 40)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")

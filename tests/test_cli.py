@@ -87,7 +87,8 @@ def test_unsupported_pipeline(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,pattern", [
-    (["--seconds", "0.5"], "shorter than one window"),
+    (["--seconds", "0.5", "--loop"], "shorter than one window"),
+    (["--seconds", "3", "--method", "multidiffusion", "--guide", "0.5"], "guide does not apply"),
     (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "overlap must be in"),
     (["--seconds", "3", "--overlap", "0.7"], "overlap must be in [0.0, 0.5]"),
 ])

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable, write_audio, write_image, write_spectrogram
 from ..cli import CLIError
+from ..methods import METHODS
 
 __all__ = ["add_parser", "run", "load_pipeline", "set_scheduler", "BUILTIN_MODEL"]
 
@@ -23,7 +24,6 @@ __all__ = ["add_parser", "run", "load_pipeline", "set_scheduler", "BUILTIN_MODEL
 BUILTIN_MODEL = "builtin:texture"
 # Pipeline classes that are not in diffusers: module that exports them.
 _CUSTOM_PIPELINE_MODULES = ("safa.texture",)
-METHOD_CHOICES = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -41,7 +41,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
     length.add_argument("--width", type=int, default=None, help="panorama width in pixels")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="safa", help="joint diffusion method (default safa)")
+    p.add_argument("--height", type=int, default=None,
+                   help="panorama height in pixels (default: the model's native window height)")
+    p.add_argument("--method", choices=tuple(METHODS), default="safa", help="joint diffusion method (default safa)")
     p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default 200)")
     p.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance scale (default 2.5)")
@@ -51,8 +53,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=None,
                    help="window: seconds for audio, latent columns for images (default: the model's native one)")
     p.add_argument("--overlap", type=float, default=0.2, help="overlap rate (default 0.2)")
-    p.add_argument("--swap-interval", type=int, default=1, help="swap interval w_swap (default 1)")
-    p.add_argument("--guide", type=float, default=0.3, help="reference guidance step rate r_guide (default 0.3)")
+    p.add_argument("--swap-interval", type=int, default=None,
+                   help="swap interval w_swap of the swap methods (default: the method's, 1)")
+    p.add_argument("--guide", type=float, default=None,
+                   help="SaFa's reference guidance step rate r_guide (default: the method's, 0.3)")
     p.add_argument("--view-batch-size", type=int, default=None, help="windows per model call (default all)")
     p.add_argument("--decode", choices=("full", "views", "tiled"), default="full", help="decoding (default full)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -172,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or [""]
     started = time.perf_counter()
     result = jd(prompts if len(prompts) > 1 else prompts[0], seconds=args.seconds, width=args.width,
+                height=args.height,
                 method=args.method, loop=args.loop, num_inference_steps=args.steps,
                 guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt,
