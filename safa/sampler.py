@@ -224,7 +224,12 @@ class JointDiffusion:
             raise ValueError(f"loop must be a bool, got {loop!r}")
         # Swap is defined between two views only (no column covered by three): docs/kernels.md.
         hi = method.max_overlap_rate
-        rate = _check_rate("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
+        try:
+            rate = _check_rate("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
+        except ValueError as exc:
+            hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
+                    f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
+            raise ValueError(f"{exc}{hint}") from None
         w = self.window_columns(window)
         o = int(round(rate * w))
         if o >= w:

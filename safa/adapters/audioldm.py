@@ -28,7 +28,7 @@ class AudioLDMAdapter(Adapter):
     pipeline_classes = ("AudioLDMPipeline",)
     kind = "audio"
     long_dim = -2
-    reference_axis = -2  # audio: the reference swap alternates along time (SPEC 2.3)
+    reference_axis = -2  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -2
     decode_context = 8  # latent frames each side of a tile: covers the VAE decoder's receptive field
 

@@ -21,7 +21,7 @@ Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
 Axes: a *latent* is the pipeline's own latent tensor ``(B, ...)``. ``long_dim`` is the
 long (time / panorama width) axis, a negative index so it is valid for the latent with or
 without extra leading axes; ``reference_axis`` is the axis along which the reference swap
-alternates (SPEC 2.3: the long axis for audio, rows for images).
+alternates (paper Sec. 2.3, docs/method.md section 3: the long axis for audio, rows for images).
 
 Conditions: :meth:`encode_prompts` encodes a list of ``P`` prompts once; the sampler
 then asks :meth:`predict` for a batch of windows where row ``r`` uses prompt

@@ -33,7 +33,7 @@ class StableAudioAdapter(Adapter):
     pipeline_classes = ("StableAudioPipeline",)
     kind = "audio"
     long_dim = -1
-    reference_axis = -1  # audio: the reference swap alternates along time (SPEC 2.3)
+    reference_axis = -1  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -1
     finalize_scale = 1
     # Latent frames of context each side of a decoded tile: the Oobleck decoder's whole receptive

@@ -3,7 +3,7 @@
 Latent ``(B, C, H, W)`` (C = 4) with the panorama running along the width (dim -1); the VAE
 decodes 1 latent column to ``vae_scale_factor`` (8) pixel columns. The native window is the
 UNet's ``sample_size`` (64 latent columns = 512 px for SD 1.x, 96 for SD 2.x at 768 px, 128 for
-SDXL). The reference-guided swap alternates over *rows* (dim -2, SPEC 2.3): segment-level swaps
+SDXL). The reference-guided swap alternates over *rows* (dim -2; paper Sec. 2.3, Fig. 4): segment-level swaps
 of the flattened image rather than pixel-wise column swaps (paper, Fig. 4).
 
 The panorama height is the call's ``height=`` (pixels, a multiple of the VAE factor), by default
@@ -36,7 +36,7 @@ class ImageAdapter(Adapter):
 
     kind = "image"
     long_dim = -1
-    reference_axis = -2  # images: the reference swap alternates over rows (SPEC 2.3)
+    reference_axis = -2  # images: the reference swap alternates over rows (paper Sec. 2.3, Fig. 4)
     decoded_dim = -1
     finalize_scale = 1
     # decode_context: the base default (8 latent columns each side of a tile). The SD VAE decoder
