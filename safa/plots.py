@@ -59,8 +59,10 @@ def layout_title(method: str, prompt: Union[str, Sequence[str]], layout: Any, fr
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     what = " → ".join(repr(p) for p in prompts)
     fps = frames_per_second
-    return (f"{method}: {what}, {layout.length / fps:.2f} s {'loop' if layout.loop else 'open'}, "
-            f"{layout.num_views} views of {layout.window / fps:.2f} s overlapping {layout.overlap / fps:.2f} s "
+    # The layout's length is not given in seconds: an open layout may cover more than the
+    # audio, which is cropped to the requested length (the time axis shows that one).
+    return (f"{method}: {what}, {'loop' if layout.loop else 'open'} layout of {layout.num_views} views of "
+            f"{layout.window / fps:.2f} s overlapping {layout.overlap / fps:.2f} s "
             f"(latent frames: length {layout.length}, window {layout.window}, overlap {layout.overlap})")
 
 

@@ -59,7 +59,8 @@ def test_spectrogram_figure_has_labelled_axes_colour_bar_and_views():
     title = plots.layout_title("safa", "rain", layout, 25.0)
     fig = plots.spectrogram_figure(spec, spans, loop=True, title=title)
     assert isinstance(fig, Figure) and fig.get_suptitle() == title
-    for needle in ("safa", "'rain'", "4 views", "loop", "12.00 s", "window 100", "overlap 25"):
+    for needle in ("safa", "'rain'", "loop layout of 4 views of 4.00 s overlapping 1.00 s", "length 300",
+                   "window 100", "overlap 25"):
         assert needle in title
     (ax,) = _spectrogram_axes(fig)
     assert ax.get_xlabel() == "time (s)" and ax.get_ylabel() == "frequency (Hz)"
