@@ -3,8 +3,9 @@
     safa generate --model DIR_OR_ID --prompt "rain" [--prompt ... one per view] --seconds 60 \\
         --method safa --loop --steps 200 --guidance 2.5 --seed 0 --out rain.wav
 
-Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram with the views' windows and
-overlaps marked, or a PNG (images). Files are written atomically.
+Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
+dB colour bar) with the views' windows and overlaps marked, or a PNG (images). Files are
+written atomically.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import time
 from typing import Any, Optional
 
-from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable, write_audio, write_image, write_spectrogram
+from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable, write_audio, write_image
 from ..cli import CLIError
 from ..methods import METHODS
 
@@ -190,10 +191,12 @@ def run(args: argparse.Namespace) -> int:
         write_audio(out, audio, result.sample_rate)
         written = [out]
         if not args.no_spectrogram:
+            from ..plots import layout_title, view_spans, write_spectrogram
+            from ..spectrogram import compute_spectrogram
             spec_path = os.path.splitext(out)[0] + ".png"
             fps = jd.adapter.frames_per_second
-            spans = [(s / fps, (s + layout.window) / fps) for s in layout.starts]
-            write_spectrogram(spec_path, audio, result.sample_rate, spans, duration=args.seconds, loop=layout.loop)
+            write_spectrogram(spec_path, compute_spectrogram(audio, result.sample_rate), view_spans(layout, fps),
+                              loop=layout.loop, title=layout_title(args.method, prompts, layout, fps))
             written.append(spec_path)
         what = f"{audio.shape[-1] / result.sample_rate:.2f} s at {result.sample_rate} Hz"
     else:
