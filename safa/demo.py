@@ -32,8 +32,8 @@ import torch
 
 __all__ = ["main", "DEMO_WINDOW"]
 
-# 312 frames: round(0.2 * 312) = 62 overlap, stride 250 divides 1500 frames (60 s) exactly.
-DEMO_WINDOW = 312
+# 12.48 s = 312 frames: overlap 62 (rate 0.2), and stride 250 divides 1500 frames (60 s) exactly.
+DEMO_WINDOW = 12.48
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -43,7 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prompt", default="rain", help="texture class (default rain)")
     p.add_argument("--seconds", type=float, default=60.0, help="loop length (default 60)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--window", type=int, default=DEMO_WINDOW, help=f"model window in frames (default {DEMO_WINDOW})")
+    p.add_argument("--window", type=float, default=DEMO_WINDOW,
+                   help=f"window in seconds: the built-in model is built for it (default {DEMO_WINDOW})")
     p.add_argument("--samples", type=int, default=6, help="samples per row of the seam-fidelity table (default 6)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -53,11 +54,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .evaluate import evaluate, format_table, write_plot
     from .plots import layout_title, view_spans, write_spectrogram
     from .spectrogram import compute_spectrogram
-    from .texture import make_texture_pipeline
+    from .texture import make_texture_pipeline, window_frames
 
     os.makedirs(args.out, exist_ok=True)
     t_all = time.perf_counter()
-    pipe = make_texture_pipeline(window=args.window)
+    pipe = make_texture_pipeline(window=window_frames(args.window))
     pipe.model.encode_prompt(args.prompt)  # unknown names fail before any work
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe)

@@ -95,18 +95,18 @@ def _prompts_for(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
 
 def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: float = 40.0, steps: int = 25,
              prompts: Optional[Sequence[str]] = None, loop: bool = False, overlap: float = 0.2,
-             guidance_scale: float = 1.0, seed: int = 0, window: Optional[int] = None,
+             guidance_scale: float = 1.0, seed: int = 0, window: Optional[float] = None,
              min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None) -> EvalResult:
     """Run every method and the reference rows; see the module docstring for the columns."""
     from .sampler import JointDiffusion
-    from .texture import make_texture_pipeline
+    from .texture import make_texture_pipeline, window_frames
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
     if pipe is None:
-        pipe = make_texture_pipeline(window=window or 256)
+        pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
     pipe.set_progress_bar_config(disable=True)
     model = pipe.model
     prompts = list(prompts) if prompts else list(model.class_names)
@@ -149,7 +149,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
         latents = []
         for i, (p, c) in enumerate(plan):
             out = jd(p, seconds=seconds, method=method, loop=loop, overlap=overlap, num_inference_steps=steps,
-                     guidance_scale=guidance_scale, batch_size=c, output_type="latent",
+                     guidance_scale=guidance_scale, num_waveforms_per_prompt=c, output_type="latent",
                      generator=torch.Generator().manual_seed(seed + i))
             latents.append(out.latent)
         latent = torch.cat(latents)
@@ -335,40 +335,58 @@ def write_plot(res: EvalResult, path: str) -> None:
 # -- CLI ----------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``safa evaluate``."""
+    from .commands.common import add_guidance_argument
     p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
     p.add_argument("--samples", type=int, default=8, help="long samples per row (default 8)")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each sample (default 40)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--prompts", default="", help="comma-separated texture classes (default: all, round-robin)")
     p.add_argument("--loop", action="store_true", help="loop layout (adds wrap-seam columns)")
     p.add_argument("--overlap", type=float, default=0.2, help="overlap rate (default 0.2)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance (default 1: the exact conditional denoiser needs none)")
-    p.add_argument("--window", type=int, default=256, help="model window in latent frames (default 256 = 10.24 s)")
+    add_guidance_argument(p, 1.0, "the exact conditional denoiser needs none")
+    p.add_argument("--window", type=float, default=None,
+                   help="window in seconds: the built-in model is built for it (default its native 10.24 s)")
     p.add_argument("--min-eigenvalue", type=float, default=1.0,
                    help="whitened directions counted in the KL columns (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="evaluate.png", help="PNG to write (default evaluate.png)")
+    p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
+    p.add_argument("--plot", default=None, help="the plot's path (default: evaluate.png in --out)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, library warnings or notices")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """``safa evaluate``: print the table, write the plot."""
+    """``safa evaluate``: print the table and write it with the plot (atomically)."""
+    import os
     import sys
-    from .audio_io import check_writable
+
+    from .audio_io import atomic_path, check_writable
+    from .cli import CLIError
+    from .commands.common import setup_logging
+    setup_logging(args.quiet)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] or None
-    if args.plot:
-        check_writable(args.plot)
+    os.makedirs(args.out, exist_ok=True)
+    table_path = os.path.join(args.out, "evaluate.txt")
+    plot = args.plot or os.path.join(args.out, "evaluate.png")
+    for path in (table_path, plot):  # fail before the (long) evaluation, not after it
+        try:
+            check_writable(path)
+        except OSError as exc:
+            raise CLIError(f"cannot write {path}: {exc}") from None
     res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                    loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
                    window=args.window, min_eigenvalue=args.min_eigenvalue,
-                   log=lambda m: print(m, file=sys.stderr))
-    print(format_table(res))
-    if args.plot:
-        write_plot(res, args.plot)
-        print(f"plot: {args.plot}")
+                   log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    table = format_table(res)
+    print(table)
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+    write_plot(res, plot)
+    print(f"wrote {table_path}, {plot}")
     return 0

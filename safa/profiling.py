@@ -232,7 +232,7 @@ def load(model: str) -> Any:
     if model == TINY_AUDIOLDM:
         from .testing import tiny_audioldm_pipeline
         return tiny_audioldm_pipeline()
-    from .commands.generate import load_pipeline
+    from .commands.common import load_pipeline
     return load_pipeline(model)
 
 
