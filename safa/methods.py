@@ -61,10 +61,10 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 
 def leading_steps(fraction: float, num_steps: int) -> int:
-    """How many of the first ``num_steps`` steps "the first ``fraction`` of the steps" is.
+    """The number of steps in "the first ``fraction`` of ``num_steps`` steps", rounded half up.
 
-    Rounded half up: 0.3 * 25 = 7.5 gives 8 steps (Python's round would give 8 here but 2
-    for 0.5 * 5 = 2.5; half-up is what "the first 30%" means for every T).
+    0.3 * 25 = 7.5 gives 8 steps (Python's round would give 8 here but 2 for 0.5 * 5 = 2.5;
+    half-up is what "the first 30%" means for every T).
     """
     return int(math.floor(fraction * num_steps + 0.5))
 
@@ -111,7 +111,7 @@ class MethodHooks:
         return None
 
     def before_model(self, i: int, views: "torch.Tensor") -> None:
-        """Step ``i``, before the model: may update the views' noisy latents in place."""
+        """Step ``i``, before the model: may update the views' noisy latents ``(n, B, ...)`` in place."""
 
     def model_context(self, i: int) -> ContextManager[None]:
         """Step ``i``: a context around the model call (no-op by default)."""
