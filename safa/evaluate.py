@@ -1,8 +1,9 @@
 """``safa evaluate``: exact seam-fidelity evaluation of the joint-diffusion methods.
 
-Every method samples long latents from the built-in texture model (whose denoiser is exact,
-so the true distribution of every window is known) with the same prompts, seeds, scheduler
-and steps; :mod:`safa.metrics` then measures, per long sample:
+Every method samples long latents from the built-in texture model (whose denoiser is exact
+and differentiable, so the true distribution of every window is known and SyncDiffusion's
+gradients exist) with the same prompts, seeds, scheduler and steps; a method that cannot run
+on it is listed as not applicable (MAD: the model has no attention to merge); :mod:`safa.metrics` then measures, per long sample:
 
 * ``HF ovl/int``: high-frequency energy along time of the overlap regions over that of the
   interior segments (paper Fig. 2b; 1 = stationary, < 1 = overlaps smoothed): geometric
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .methods import METHODS
+from .methods import METHODS, NotApplicable, get_method
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -70,6 +71,7 @@ class EvalResult:
     layout: Any
     settings: Dict[str, Any]
     notes: List[str] = field(default_factory=list)
+    not_applicable: Dict[str, str] = field(default_factory=dict)  # method -> why it cannot run on the model
 
 
 def _row_from_latent(name: str, model, latent: torch.Tensor, layout, cw: torch.Tensor,
@@ -144,7 +146,14 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
                          seconds=time.perf_counter() - t0))
     say(f"reference rows done ({rows[-1].seconds:.1f} s for the single windows)")
 
+    not_applicable: Dict[str, str] = {}
     for method in methods:
+        try:
+            get_method(method).check_pipeline(jd.adapter)
+        except NotApplicable as exc:  # e.g. MAD: the texture model has no attention to merge
+            not_applicable[method] = str(exc)
+            say(f"{method}: not applicable ({exc})")
+            continue
         t0 = time.perf_counter()
         latents = []
         for i, (p, c) in enumerate(plan):
@@ -161,7 +170,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     settings = dict(samples=samples, seconds=seconds, steps=steps, prompts=prompts, loop=loop, overlap=overlap,
                     guidance_scale=guidance_scale, seed=seed, window=layout.window, layout=str(layout),
                     scheduler=type(pipe.scheduler).__name__, min_eigenvalue=min_eigenvalue)
-    result = EvalResult(rows, freqs, layout, settings)
+    result = EvalResult(rows, freqs, layout, settings, not_applicable=not_applicable)
     result.notes = _notes(result)
     return result
 
@@ -267,6 +276,7 @@ def format_table(res: EvalResult) -> str:
     lines.append(fmt.format(*head))
     lines.append(fmt.format(*["-" * w for w in widths]))
     lines += [fmt.format(*c) for c in table]
+    lines += [f"{name}: not applicable: {why}" for name, why in res.not_applicable.items()]
     lines.append("mean ± 95% CI over samples (HF: geometric mean of per-sample ratios, interval on the log "
                  "scale; Wilson interval for 'consistent'); seam-int = per-sample paired "
                  "difference of the KLs (the seam's own excess, sampler error cancelled); v_hf = whitened variance "

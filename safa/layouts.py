@@ -80,8 +80,12 @@ class _Fit:
         return self.length % self.num_views == 0
 
 
-def _fits(length: int, window: int, overlap_rate: float, mode: str, multiple: int, fixed: bool) -> List[_Fit]:
-    """Every (window, views) that loops ``length`` columns within the tolerances, best first."""
+def _fits(length: int, window: int, overlap_rate: float, mode: str, multiple: int, fixed: bool,
+          stride_multiple: int = 1) -> List[_Fit]:
+    """Every (window, views) that loops ``length`` columns within the tolerances, best first.
+
+    ``stride_multiple > 1``: only uniform layouts whose stride is a multiple of it (MAD's grid).
+    """
     found = []
     for w in _windows(window, multiple, fixed):
         if w > length:
@@ -91,6 +95,8 @@ def _fits(length: int, window: int, overlap_rate: float, mode: str, multiple: in
         hi_rate = min(0.999, overlap_rate + OVERLAP_RATE_TOLERANCE)
         for n in range(max(2, math.floor(length / (w * (1 - lo_rate)))), math.ceil(length / (w * (1 - hi_rate))) + 1):
             fit = _Fit(length, w, n)
+            if stride_multiple > 1 and (not fit.uniform or (length // n) % stride_multiple):
+                continue
             widest = w - length // n          # overlap of the shortest stride
             narrowest = w - -(-length // n)   # ... of the longest one
             if widest > _max_overlap(w, mode) or narrowest < (1 if overlap_rate > 0 else 0):
@@ -103,7 +109,8 @@ def _fits(length: int, window: int, overlap_rate: float, mode: str, multiple: in
 
 
 def loop_layout(columns: float, window: int, overlap_rate: float, mode: str, multiple: int = 1,
-                fixed: bool = False, describe: Optional[Callable[[float], str]] = None) -> ViewLayout:
+                fixed: bool = False, describe: Optional[Callable[[float], str]] = None,
+                stride_multiple: int = 1) -> ViewLayout:
     """The seamless loop layout of exactly ``columns`` columns nearest what was asked.
 
     Args:
@@ -116,6 +123,8 @@ def loop_layout(columns: float, window: int, overlap_rate: float, mode: str, mul
             nearest possible, within :data:`OVERLAP_RATE_TOLERANCE`.
         mode: the merge mode (``"swap"`` allows overlaps up to half a window).
         describe: formats a length in columns for the error message (e.g. in seconds).
+        stride_multiple: with > 1, only uniform layouts whose stride (and window) are multiples
+            of it (a method that works on a coarser grid, e.g. MAD's attention resolutions).
 
     Raises:
         LoopLengthError: no layout fits; the message names the nearest loopable lengths.
@@ -123,7 +132,8 @@ def loop_layout(columns: float, window: int, overlap_rate: float, mode: str, mul
     fmt = describe or _columns
     whole = round(columns)
     if abs(columns - whole) <= 1e-6 * max(1.0, columns):
-        fits = _fits(whole, window, overlap_rate, mode, multiple, fixed)
+        multiple = multiple * stride_multiple // math.gcd(multiple, stride_multiple)
+        fits = _fits(whole, window, overlap_rate, mode, multiple, fixed, stride_multiple)
         if fits:
             best = fits[0]
             return ViewLayout.spaced(best.length, best.window, best.num_views, loop=True)
@@ -135,7 +145,7 @@ def loop_layout(columns: float, window: int, overlap_rate: float, mode: str, mul
         why = "it is not a whole number of latent columns, so the loop point would fall inside one"
 
     def loopable(n: int) -> bool:
-        return bool(_fits(n, window, overlap_rate, mode, multiple, fixed))
+        return bool(_fits(n, window, overlap_rate, mode, multiple, fixed, stride_multiple))
 
     below = next((n for n in range(math.ceil(columns) - 1, 0, -1) if loopable(n)), None)
     above = next(n for n in range(math.floor(columns) + 1, math.floor(columns) + 4 * window + 10) if loopable(n))

@@ -11,8 +11,10 @@ Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top
 4. ``prepare_latents``: ``J_T`` drawn whole and gathered into the views, so overlapping
    views start equal; ``prepare_reference``: the reference window ``X^0`` with its own noise
    and its own copy of the scheduler (SaFa only);
-5. the loop, per step: every view (plus ``X^0`` while it guides) through the model as one
-   batch (chunked by ``view_batch_size`` only to bound memory); ``scheduler.step`` ONCE on the
+5. the loop, per step: the method's hook before the model (SyncDiffusion's gradient step);
+   every view (plus ``X^0`` while it guides) through the model as one
+   batch (chunked by ``view_batch_size`` only to bound memory; inside the method's model
+   context, MAD's merged attention); ``scheduler.step`` ONCE on the
    views' rows (multistep history and stochastic noise are per row) and once on ``X^0`` with
    its own scheduler; then ONE ``sync_`` merges the overlaps in place (self-loop swap, Eq. 9,
    or averaging) plus the reference swap of the middles (Eq. 10) during the first
@@ -38,7 +40,7 @@ from .adapters import Adapter, get_adapter
 from .decode import DECODE_MODES
 from .layouts import loop_layout, open_layout
 from . import prompts as _prompts
-from .methods import METHODS, Method, get_method
+from .methods import METHODS, Method, MethodContext, get_method
 from .prompts import PromptBatch
 
 __all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS"]
@@ -83,6 +85,20 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Opti
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) -> int:
+    """``overlap`` columns rounded to the nearest multiple of ``multiple``, nonzero when it is (MAD's layouts)."""
+    if window % multiple:
+        raise ValueError(f"window must be a multiple of {multiple} latent columns for method {method.name!r} "
+                         f"(the UNet's deepest attention downsampling), got {window}")
+    snapped = multiple * int(math.floor(overlap / multiple + 0.5))
+    if overlap > 0:
+        snapped = max(snapped, multiple)
+    if snapped >= window:
+        raise ValueError(f"overlap of {overlap:g} columns rounds to {snapped}, a whole window of {window}, for method "
+                         f"{method.name!r} (overlaps are multiples of {multiple} columns): ask for a smaller overlap")
+    return snapped
 
 
 def _scale_model_input(scheduler: Any, sample: torch.Tensor, t: Any) -> torch.Tensor:
@@ -206,14 +222,16 @@ class JointDiffusion:
                     f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
             raise ValueError(f"{exc}{hint}") from None
         w = self.window_columns(window)
-        o = int(round(rate * w))
+        multiple = method.layout_multiple(adapter)
+        o = int(round(rate * w)) if multiple == 1 else _snap_overlap(rate * w, w, multiple, method)
         if o >= w:
             raise ValueError(f"overlap rate {overlap} gives {o} overlapping columns for a window of {w}: "
                              f"it must leave at least one column of stride")
         out_len = adapter.output_length(seconds=seconds, width=width)
         if loop:
             layout = loop_layout(adapter.length_in_columns(seconds=seconds, width=width), w, rate, method.merge_mode,
-                                 adapter.window_multiple(), adapter.fixed_window, adapter.describe_columns)
+                                 adapter.window_multiple(), adapter.fixed_window, adapter.describe_columns,
+                                 stride_multiple=multiple)
             return layout, layout.length, out_len
         columns = adapter.columns_for(seconds=seconds, width=width)
         if columns >= w:
@@ -307,7 +325,9 @@ class JointDiffusion:
                 prompt; default: each batch prompt's first view prompt).
             method: a :class:`~safa.methods.Method` or its shorthand: ``"safa"`` (default:
                 self-loop swap + reference-guided swap), ``"safa_selfloop"`` (SaFa*),
-                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*).
+                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*), ``"mad"``
+                (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
+                grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
             loop: seamless loop / 360-degree layout (the last view overlaps the first).
             num_inference_steps: denoising steps (default 200, the paper's).
             guidance_scale: classifier-free guidance (default 2.5, AudioLDM's; off when <= 1).
@@ -348,6 +368,7 @@ class JointDiffusion:
         adapter, pipe = self.adapter, self.pipe
         # 1. Check inputs; the method object (guide= / swap_interval= are its parameters).
         method = get_method(method, guide=guide, swap_interval=swap_interval)
+        method.check_pipeline(adapter)
         seconds, per_prompt = self._pipeline_names(seconds, audio_length_in_s, width, num_waveforms_per_prompt,
                                                    num_images_per_prompt)
         output_type = self.check_inputs(seconds, width, height, loop, num_inference_steps, per_prompt,
@@ -398,21 +419,28 @@ class JointDiffusion:
         # covers the views' rows (view-major) once per view.
         view_step_kwargs = adapter.step_kwargs(generator * n if isinstance(generator, list) else generator, eta)
         ref_step_kwargs = adapter.step_kwargs(generator, eta)
+        # The method's hooks inside the step (MAD, SyncDiffusion); entered around the loop.
+        hooks = method.hooks(MethodContext(adapter=adapter, scheduler=scheduler, step=config,
+                                           scheduler_timesteps=runner.scheduler_timesteps,
+                                           window_shape=window_shape, cuda_graphs=self.cuda_graphs))
         view_rows_count = n * batch_size
         # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
-        with pipe.progress_bar(total=num_steps) as progress:
+        with hooks, pipe.progress_bar(total=num_steps) as progress:
             for i, t in enumerate(timesteps):
                 guiding = i < guide_steps
                 with record_function("safa.step"):
                     t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
+                    # 6.0 The method's pre-model hook: SyncDiffusion's gradient step on the views' x_t.
+                    hooks.before_model(i, views)
                     flat = views.view(view_rows_count, *window_shape[1:])  # the scheduler's batch
                     # 6.1 Model input: every view, plus X^0 (on its own scheduler) while it guides.
                     with record_function("safa.scheduler"):
                         model_in = _scale_model_input(scheduler, flat, t_sched)
                         if guiding:
                             model_in = torch.cat([model_in, _scale_model_input(ref_scheduler, reference, t_sched)])
-                    # 6.2 One model batch (classifier-free guidance inside adapter.predict).
-                    with record_function("safa.model"):
+                    # 6.2 One model batch (classifier-free guidance inside adapter.predict), in the
+                    # method's model context (MAD: self-attention merged over the long latent).
+                    with record_function("safa.model"), hooks.model_context(i):
                         model_out = runner.predict(model_in, i, guiding)
                     # 6.3 Scheduler steps: all views as one batch; X^0 on its own scheduler.
                     with record_function("safa.scheduler"):

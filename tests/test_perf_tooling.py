@@ -49,7 +49,9 @@ def run(jd: JointDiffusion, steps: int = 2, seed: int = 0, **kw) -> torch.Tensor
 
 
 # -- the profile --------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", list(METHODS))
+# MAD also merges inside the model (stitch + gather per self-attention call while it is on):
+# tests/test_baselines.py counts those.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "mad"])
 def test_merge_is_one_op_per_step(pipe, method):
     """Every method's whole merge (SaFa: self-loop swap + reference swap) is ONE safa::merge_* op."""
     jd = JointDiffusion(pipe)
