@@ -12,7 +12,8 @@
 //  * consecutive copy rows whose sources and targets all advance by one column are
 //    executed as one run, so a view's span of the long axis moves as one memcpy per outer
 //    index when the long axis is dense (stitch and gather are almost entirely such runs);
-//  * single-source rows are bitwise copies (memcpy or fixed-size moves), never x * 1.0;
+//  * rows with one source of weight 1 are bitwise copies (memcpy or fixed-size moves),
+//    never x * 1.0; one source of another weight (an adjoint plan) is multiplied;
 //  * rows are independent (they write disjoint cells, and every row reads only cells of
 //    its own column of J), so chunks of rows run in parallel with no synchronisation.
 //
@@ -71,6 +72,9 @@ struct Row {
   const T** sources;        // cell(pos) of each valid source (length num_sources)
   float* weights;           // their weights
   T** targets;              // cell(pos) of each valid target
+
+  // One source of weight exactly 1: a bitwise copy (the plan contract, plan.py).
+  bool is_copy() const { return num_sources == 1 && weights[0] == 1.0f; }
 };
 
 // A run of `columns` copy rows (see copy_run_length) for one target, at outer index 0.
@@ -141,7 +145,7 @@ class PlanExecutor {
         Row<T>& row = block[rows];
         const int32_t* entry = index_ + r * (1 + K_ + T_);
         decode(r, entry, row, target_pos.data());
-        if (row.ref_col < 0 && row.num_sources == 1) {
+        if (row.ref_col < 0 && row.is_copy()) {
           const int64_t columns = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
           for (int64_t t = 0; t < row.num_targets; ++t)
             if (row.targets[t] != row.sources[0])  // a copy onto itself changes nothing
@@ -196,12 +200,13 @@ class PlanExecutor {
     for (; n < room; ++n) {
       const int32_t* next = entry + n * width;
       if (next[0] >= 0) break;
-      // Same shape: the first source advanced by n, no other source, targets advanced by n.
+      // Same shape: the first source advanced by n with weight 1, no other source, targets
+      // advanced by n.
       int64_t k = 0, found = 0;
       for (; k < K_; ++k) {
         const int32_t pos = next[1 + k];
         if (pos < 0) continue;
-        if (found++ || pos != source_pos + n) break;
+        if (found++ || pos != source_pos + n || weight_[(r + n) * K_ + k] != 1.0f) break;
       }
       if (k < K_ || found != 1) break;
       int64_t t = 0, seen = 0;
@@ -285,7 +290,7 @@ class PlanExecutor {
   // The row's own value (no reference) for outer index o, into every target.
   void own_inner(const Row<T>& row, int64_t o) const {
     if (row.num_sources == 0) return;  // nothing to write: the cell keeps its value
-    if (row.num_sources == 1) {
+    if (row.is_copy()) {
       const T* s = row.sources[0] + o * src_.outer_stride;
       for (int64_t t = 0; t < row.num_targets; ++t)
         if (row.targets[t] != row.sources[0]) copy_inner(row.targets[t] + o * out_.outer_stride, s, src_inner_);
@@ -316,9 +321,9 @@ class PlanExecutor {
       T value;
       if (parity_.takes(i)) {
         value = ref[i * ref_inner_];
-      } else if (row.num_sources == 1) {
+      } else if (row.is_copy()) {
         value = row.sources[0][o * src_.outer_stride + i * src_inner_];
-      } else if (row.num_sources > 1) {
+      } else if (row.num_sources > 0) {
         Acc acc = 0;
         for (int64_t k = 0; k < row.num_sources; ++k)
           acc += static_cast<Acc>(row.weights[k]) *
