@@ -377,6 +377,7 @@ void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
   const at::Tensor& source = src.defined() ? src : out;
   check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2),
                      reference.defined() ? reference.size(1) : 0);
+  mark_written(out);
   const int64_t cells_per_row = out.size(1) * out.size(3);
   if (P == 0 || cells_per_row == 0) return;
 

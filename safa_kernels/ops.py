@@ -42,6 +42,7 @@ import torch
 
 from . import reference as _reference
 from ._compile import constant_under_compile
+from ._memory import INTERNAL_OVERLAP, PARTIAL_OVERLAP, has_internal_overlap, shares_memory
 from .layout import ViewLayout
 from .plan import REF_LONG_AXIS, REF_NONE, REF_OTHER_AXIS, get_plan
 
@@ -474,6 +475,20 @@ def stitch(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "
     return _stitch(views, layout, dim, mode, swap_interval, reference, axis, resolve_backend(backend, views.device))
 
 
+def _check_writable(views: torch.Tensor, reference: Optional[torch.Tensor]) -> None:
+    """sync_ writes ``views`` while it reads it and ``reference``: refuse aliased memory, before any write.
+
+    Under torch.compile the graph mutates ``views`` functionally (reads everything, then
+    copies back), and tracing cannot read addresses: the checks are eager only.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if has_internal_overlap(views):
+        raise RuntimeError(f"sync_: views: {INTERNAL_OVERLAP}")
+    if reference is not None and shares_memory(views, reference):
+        raise RuntimeError(f"sync_: views and reference: {PARTIAL_OVERLAP}")
+
+
 def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "swap", swap_interval: int = 1,
           reference: Optional[torch.Tensor] = None, reference_axis: Optional[int] = None, *,
           backend: Optional[str] = None) -> torch.Tensor:
@@ -481,7 +496,8 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "s
 
     Equal to ``views.copy_(gather(stitch(views, ...)))`` but writes only the cells that
     change: in swap mode the losing half of each overlap and, with ``reference``, the
-    reference's half of each middle region.
+    reference's half of each middle region. ``views`` must not have elements that share
+    memory with each other or with ``reference`` (a RuntimeError, before any write).
 
     Under autograd (grad mode on, ``views`` or ``reference`` requiring grad) it runs as
     exactly that ``copy_``: the mutation is recorded, gradients flow through the merge,
@@ -489,6 +505,7 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "s
     """
     dim, axis = _check_merge_args(views, layout, dim, mode, swap_interval, reference, reference_axis)
     backend = resolve_backend(backend, views.device)
+    _check_writable(views, reference)
     if backend == "reference":  # differentiable as written
         return _reference.sync_(views, layout, dim, mode, swap_interval, reference, axis)
     if torch.is_grad_enabled() and (views.requires_grad or (reference is not None and reference.requires_grad)):

@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from . import ops as _ops  # noqa: F401  (defines safa::merge_triton_ before we register its kernel)
+from ._memory import INTERNAL_OVERLAP, PARTIAL_OVERLAP, has_internal_overlap, shares_memory
 
 __all__ = ["AVAILABLE", "INTERPRET", "merge_"]
 
@@ -177,6 +178,11 @@ def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
         fail("index and weight must be on out's device")
     if len(parity) != 4 or parity[0] not in (0, 1, 2) or (parity[0] and min(parity[1:]) < 1):
         fail(f"parity must be [axis_part in 0..2, div >= 1, size >= 1, swap_interval >= 1], got {list(parity)}")
+    if has_internal_overlap(out):
+        fail(f"out: {INTERNAL_OVERLAP}")
+    for name, x in (("src", src), ("reference", reference)):
+        if x is not None and shares_memory(out, x):
+            fail(f"out and {name}: {PARTIAL_OVERLAP}")
 
 
 def _block(n: int) -> int:
@@ -193,6 +199,7 @@ def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
     used exactly when the flattened element count does not fit int32 (tests force it).
     """
     _check(out, src, reference, index, weight, parity)
+    torch.autograd.graph.increment_version(out)  # as PyTorch's in-place ops do (see merge_checks.h)
     P, K = weight.shape
     T = index.shape[1] - 1 - K
     _, O, Ld, I = out.shape

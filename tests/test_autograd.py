@@ -205,6 +205,18 @@ def test_sync_on_a_leaf_that_requires_grad_raises_before_writing(backend):
     assert not torch.equal(views.detach(), before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_of_a_tensor_saved_for_backward_is_detected(backend):
+    # The merge bumps the version counter, so a backward that needs the old values refuses.
+    layout, _, views, kw = case("mean", False, "none", dtype=torch.float32)
+    y = views * 2
+    loss = (y * y).sum()  # saves y
+    with torch.no_grad():
+        sync_(y, layout, 1, backend=backend, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # -- torch.library registration and torch.compile ------------------------------------------------
 def _functional_op_cases(backend):
     layout, latent, views, kw = case("mean", True, "before", dtype=torch.float32)
