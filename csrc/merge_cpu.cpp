@@ -68,13 +68,11 @@ struct Parity {
 template <typename T>
 struct Row {
   int32_t ref_col;
+  bool copy;                // one source of weight exactly 1: a bitwise copy (the plan contract, plan.py)
   int64_t num_sources = 0, num_targets = 0;
   const T** sources;        // cell(pos) of each valid source (length num_sources)
   float* weights;           // their weights
   T** targets;              // cell(pos) of each valid target
-
-  // One source of weight exactly 1: a bitwise copy (the plan contract, plan.py).
-  bool is_copy() const { return num_sources == 1 && weights[0] == 1.0f; }
 };
 
 // A run of `columns` copy rows (see copy_run_length) for one target, at outer index 0.
@@ -145,7 +143,7 @@ class PlanExecutor {
         Row<T>& row = block[rows];
         const int32_t* entry = index_ + r * (1 + K_ + T_);
         decode(r, entry, row, target_pos.data());
-        if (row.ref_col < 0 && row.is_copy()) {
+        if (row.ref_col < 0 && row.copy) {
           const int64_t columns = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
           for (int64_t t = 0; t < row.num_targets; ++t)
             if (row.targets[t] != row.sources[0])  // a copy onto itself changes nothing
@@ -176,6 +174,7 @@ class PlanExecutor {
       row.weights[row.num_sources] = weight_[r * K_ + k];
       ++row.num_sources;
     }
+    row.copy = row.num_sources == 1 && row.weights[0] == 1.0f;
     row.num_targets = 0;
     for (int64_t t = 0; t < T_; ++t) {
       const int32_t pos = entry[1 + K_ + t];
@@ -290,7 +289,7 @@ class PlanExecutor {
   // The row's own value (no reference) for outer index o, into every target.
   void own_inner(const Row<T>& row, int64_t o) const {
     if (row.num_sources == 0) return;  // nothing to write: the cell keeps its value
-    if (row.is_copy()) {
+    if (row.copy) {
       const T* s = row.sources[0] + o * src_.outer_stride;
       for (int64_t t = 0; t < row.num_targets; ++t)
         if (row.targets[t] != row.sources[0]) copy_inner(row.targets[t] + o * out_.outer_stride, s, src_inner_);
@@ -321,7 +320,7 @@ class PlanExecutor {
       T value;
       if (parity_.takes(i)) {
         value = ref[i * ref_inner_];
-      } else if (row.is_copy()) {
+      } else if (row.copy) {
         value = row.sources[0][o * src_.outer_stride + i * src_inner_];
       } else if (row.num_sources > 0) {
         Acc acc = 0;
