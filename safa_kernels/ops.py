@@ -292,16 +292,21 @@ def _zeros(like: torch.Tensor, shape) -> torch.Tensor:
     return like.new_zeros(()).expand(list(shape))
 
 
+def _gather_views(latent: torch.Tensor, layout: ViewLayout, dim: int, backend: str) -> torch.Tensor:
+    """gather's work: allocate the views, run the plan."""
+    views = latent.new_empty([layout.num_views] + _long_axis(latent.shape, dim, layout.window))
+    _run(backend, _canonical(views, dim, True), _canonical_input(latent, dim, False), None,
+         layout, "gather", "swap", 1, REF_NONE, [0, 1, 1, 1])
+    return views
+
+
 def _gather_fake(latent, layout, dim, backend):
     layout = _op_layout("gather", layout, backend, "latent", latent, False, dim)
     return latent.new_empty([layout.num_views] + _long_axis(latent.shape, dim, layout.window))
 
 
 def _gather_impl(latent, layout, dim, backend):
-    views = _gather_fake(latent, layout, dim, backend)
-    _run(backend, _canonical(views, dim, True), _canonical_input(latent, dim, False), None,
-         _layout_of(*layout), "gather", "swap", 1, REF_NONE, [0, 1, 1, 1])
-    return views
+    return _gather_views(latent, _op_layout("gather", layout, backend, "latent", latent, False, dim), dim, backend)
 
 
 def _gather_adjoint_fake(views, layout, dim, backend):
@@ -316,23 +321,35 @@ def _gather_adjoint_impl(views, layout, dim, backend):
     return latent
 
 
-def _stitch_fake(views, reference, layout, dim, mode, swap_interval, reference_axis, backend):
+def _stitch_latent(views: torch.Tensor, reference: Optional[torch.Tensor], layout: ViewLayout, dim: int, mode: str,
+                   swap_interval: int, reference_axis: Optional[int], backend: str) -> torch.Tensor:
+    """stitch's work: allocate the latent, run the plan."""
+    latent = views.new_empty(_long_axis(views.shape[1:], dim, layout.length))
+    ref_kind, parity = _parity(latent.shape, dim, reference_axis, swap_interval)
+    ref = None if reference is None else _canonical_input(reference, dim, False)[0]
+    _run(backend, _canonical(latent, dim, False), _canonical_input(views, dim, True), ref,
+         layout, "stitch", mode, swap_interval, ref_kind, parity)
+    return latent
+
+
+def _stitch_op_layout(views, reference, layout, dim, mode, swap_interval, reference_axis, backend) -> ViewLayout:
     layout = _op_layout("stitch", layout, backend, "views", views, True, dim, mode, swap_interval, reference_axis)
     if (reference is None) != (reference_axis is None):
         raise ValueError("safa::stitch: reference and reference_axis must be given together")
     if reference is not None and tuple(reference.shape) != tuple(views.shape[1:]):
         raise ValueError(f"safa::stitch: reference must have one view's shape {tuple(views.shape[1:])}, "
                          f"got {tuple(reference.shape)}")
+    return layout
+
+
+def _stitch_fake(views, reference, layout, dim, mode, swap_interval, reference_axis, backend):
+    layout = _stitch_op_layout(views, reference, layout, dim, mode, swap_interval, reference_axis, backend)
     return views.new_empty(_long_axis(views.shape[1:], dim, layout.length))
 
 
 def _stitch_impl(views, reference, layout, dim, mode, swap_interval, reference_axis, backend):
-    latent = _stitch_fake(views, reference, layout, dim, mode, swap_interval, reference_axis, backend)
-    ref_kind, parity = _parity(latent.shape, dim, reference_axis, swap_interval)
-    ref = None if reference is None else _canonical_input(reference, dim, False)[0]
-    _run(backend, _canonical(latent, dim, False), _canonical_input(views, dim, True), ref,
-         _layout_of(*layout), "stitch", mode, swap_interval, ref_kind, parity)
-    return latent
+    layout = _stitch_op_layout(views, reference, layout, dim, mode, swap_interval, reference_axis, backend)
+    return _stitch_latent(views, reference, layout, dim, mode, swap_interval, reference_axis, backend)
 
 
 def _stitch_adjoint_fake(latent, layout, dim, mode, swap_interval, reference_axis, backend):
@@ -430,17 +447,29 @@ for _name, _impl, _fake, _setup, _backward in [
     torch.library.register_autograd(f"safa::{_name}", _backward, setup_context=_setup, lib=_lib)
 
 
+# The public ops call the functional op only when autograd has something to record; else
+# the op's own kernel directly, without the dispatcher's Python autograd layer (~9 us per
+# call, measured in benchmarks/README.md) that would only pass the call through.
+def _records_grad(x: torch.Tensor, reference: Optional[torch.Tensor] = None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad))
+
+
 def _gather(latent: torch.Tensor, layout: ViewLayout, dim: int, backend: str) -> torch.Tensor:
     if backend == "reference":
         return _reference.gather(latent, layout, dim)
-    return torch.ops.safa.gather.default(latent, _geometry(layout), dim, backend)
+    if _records_grad(latent):
+        return torch.ops.safa.gather.default(latent, _geometry(layout), dim, backend)
+    return _gather_views(latent, layout, dim, backend)
 
 
 def _stitch(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str, swap_interval: int,
             reference: Optional[torch.Tensor], axis: Optional[int], backend: str) -> torch.Tensor:
     if backend == "reference":
         return _reference.stitch(views, layout, dim, mode, swap_interval, reference, axis)
-    return torch.ops.safa.stitch.default(views, reference, _geometry(layout), dim, mode, swap_interval, axis, backend)
+    if _records_grad(views, reference):
+        return torch.ops.safa.stitch.default(views, reference, _geometry(layout), dim, mode, swap_interval, axis,
+                                             backend)
+    return _stitch_latent(views, reference, layout, dim, mode, swap_interval, axis, backend)
 
 
 # -- public API ---------------------------------------------------------------------------
@@ -508,7 +537,7 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "s
     _check_writable(views, reference)
     if backend == "reference":  # differentiable as written
         return _reference.sync_(views, layout, dim, mode, swap_interval, reference, axis)
-    if torch.is_grad_enabled() and (views.requires_grad or (reference is not None and reference.requires_grad)):
+    if _records_grad(views, reference):
         merged = _stitch(views, layout, dim, mode, swap_interval, reference, axis, backend)
         return views.copy_(_gather(merged, layout, dim, backend))
     ref_kind, parity = _parity(list(views.shape[1:]), dim, axis, swap_interval)

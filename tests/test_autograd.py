@@ -273,3 +273,18 @@ def test_functional_ops_reject_bad_arguments():
         args[position] = value
         with pytest.raises(ValueError, match=f"safa::{name}: {message}"):
             getattr(torch.ops.safa, name).default(*args)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mode,ref", [("swap", "long"), ("mean", "before"), ("triangular", "none")])
+def test_values_do_not_depend_on_autograd(backend, mode, ref):
+    # With an input requiring grad the public ops go through the functional ops, else straight
+    # to their kernels: the same values either way.
+    layout, latent, views, kw = case(mode, False, ref, dtype=torch.float32)
+    with torch.no_grad():
+        expected = (gather(latent, layout, 1, backend=backend), stitch(views, layout, 1, backend=backend, **kw),
+                    sync_(views.clone(), layout, 1, backend=backend, **kw))
+    actual = (gather(latent, layout, 1, backend=backend), stitch(views, layout, 1, backend=backend, **kw),
+              sync_(views.clone(), layout, 1, backend=backend, **kw))
+    for a, e in zip(actual, expected):
+        assert a.requires_grad and torch.equal(a.detach(), e)
