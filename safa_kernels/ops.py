@@ -448,7 +448,7 @@ for _name, _impl, _fake, _setup, _backward in [
 
 
 # The public ops call the functional op only when autograd has something to record; else
-# the op's own kernel directly, without the dispatcher's Python autograd layer (~9 us per
+# the op's own kernel directly, without the dispatcher's Python autograd layer (~10 us per
 # call, measured in benchmarks/README.md) that would only pass the call through.
 def _records_grad(x: torch.Tensor, reference: Optional[torch.Tensor] = None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad))

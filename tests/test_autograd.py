@@ -52,8 +52,18 @@ def with_reference(kw, inputs):
 
 
 # -- finite differences -----------------------------------------------------------------------
-# Fast mode (random projections of the Jacobian) where each call is slow: Python loops or
-# Triton's interpreter; the whole Jacobian for the C++ kernel.
+# Fast mode: random projections u^T J v of the Jacobian against finite differences (any
+# wrong entry shows, almost surely); the whole Jacobian for a few cases on the C++ kernel.
+def gradcheck_merges(layout, views, kw, backend, fast_mode=True):
+    assert torch.autograd.gradcheck(
+        lambda *xs: stitch(xs[0], layout, 1, backend=backend, **with_reference(kw, xs)),
+        merge_inputs(views, kw), fast_mode=fast_mode)
+    # sync_ mutates its argument: gradcheck's inputs must stay leaves, so merge a copy.
+    assert torch.autograd.gradcheck(
+        lambda *xs: sync_(xs[0].clone(), layout, 1, backend=backend, **with_reference(kw, xs)),
+        merge_inputs(views, kw), fast_mode=fast_mode)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
 def test_gradcheck_gather(backend, loop):
@@ -66,14 +76,15 @@ def test_gradcheck_gather(backend, loop):
 @pytest.mark.parametrize("mode,loop,ref", CASES, ids=IDS)
 def test_gradcheck_merge(backend, mode, loop, ref):
     layout, _, views, kw = case(mode, loop, ref)
-    fast = backend != "cpp"
-    assert torch.autograd.gradcheck(
-        lambda *xs: stitch(xs[0], layout, 1, backend=backend, **with_reference(kw, xs)),
-        merge_inputs(views, kw), fast_mode=fast)
-    # sync_ mutates its argument: gradcheck's inputs must stay leaves, so merge a copy.
-    assert torch.autograd.gradcheck(
-        lambda *xs: sync_(xs[0].clone(), layout, 1, backend=backend, **with_reference(kw, xs)),
-        merge_inputs(views, kw), fast_mode=fast)
+    gradcheck_merges(layout, views, kw, backend)
+
+
+@pytest.mark.skipif("cpp" not in KERNELS, reason="safa_kernels._C is not built")
+@pytest.mark.parametrize("mode,loop,ref", [("swap", True, "long"), ("mean", False, "before"),
+                                           ("triangular", True, "after")])
+def test_gradcheck_whole_jacobian(mode, loop, ref):
+    layout, _, views, kw = case(mode, loop, ref)
+    gradcheck_merges(layout, views, kw, "cpp", fast_mode=False)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
