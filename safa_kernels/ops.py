@@ -39,6 +39,7 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import reference as _reference
 from ._compile import constant_under_compile
@@ -454,9 +455,31 @@ def _records_grad(x: torch.Tensor, reference: Optional[torch.Tensor] = None) -> 
     return torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad))
 
 
+# Forward-mode AD (torch.autograd.forward_ad): the kernels know nothing of tangents, and the
+# ops are linear, so an output's tangent is the op applied to the inputs' tangents (zero
+# for an input without one). Checked only inside a dual level: one module read otherwise.
+def _forward_ad_active() -> bool:
+    return _forward_ad._current_level >= 0
+
+
+def _tangents(*tensors):
+    """(primals, tangents) of ``tensors``; tangents is None when none of them has one."""
+    unpacked = [None if t is None else _forward_ad.unpack_dual(t) for t in tensors]
+    if all(u is None or u.tangent is None for u in unpacked):
+        return tensors, None
+    primals = [None if u is None else u.primal for u in unpacked]
+    tangents = [None if u is None else (u.tangent if u.tangent is not None else _zeros(u.primal, u.primal.shape))
+                for u in unpacked]
+    return primals, tangents
+
+
 def _gather(latent: torch.Tensor, layout: ViewLayout, dim: int, backend: str) -> torch.Tensor:
     if backend == "reference":
         return _reference.gather(latent, layout, dim)
+    if _forward_ad_active():
+        (primal,), tangents = _tangents(latent)
+        if tangents is not None:
+            return _forward_ad.make_dual(_gather(primal, layout, dim, backend), _gather(*tangents, layout, dim, backend))
     if _records_grad(latent):
         return torch.ops.safa.gather.default(latent, _geometry(layout), dim, backend)
     return _gather_views(latent, layout, dim, backend)
@@ -466,6 +489,12 @@ def _stitch(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str, swap_i
             reference: Optional[torch.Tensor], axis: Optional[int], backend: str) -> torch.Tensor:
     if backend == "reference":
         return _reference.stitch(views, layout, dim, mode, swap_interval, reference, axis)
+    if _forward_ad_active():
+        (views_p, reference_p), tangents = _tangents(views, reference)
+        if tangents is not None:
+            return _forward_ad.make_dual(_stitch(views_p, layout, dim, mode, swap_interval, reference_p, axis, backend),
+                                         _stitch(tangents[0], layout, dim, mode, swap_interval, tangents[1], axis,
+                                                 backend))
     if _records_grad(views, reference):
         return torch.ops.safa.stitch.default(views, reference, _geometry(layout), dim, mode, swap_interval, axis,
                                              backend)
@@ -537,7 +566,7 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "s
     _check_writable(views, reference)
     if backend == "reference":  # differentiable as written
         return _reference.sync_(views, layout, dim, mode, swap_interval, reference, axis)
-    if _records_grad(views, reference):
+    if _records_grad(views, reference) or (_forward_ad_active() and _tangents(views, reference)[1] is not None):
         merged = _stitch(views, layout, dim, mode, swap_interval, reference, axis, backend)
         return views.copy_(_gather(merged, layout, dim, backend))
     ref_kind, parity = _parity(list(views.shape[1:]), dim, axis, swap_interval)

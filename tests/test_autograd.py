@@ -6,6 +6,7 @@ kernels, and the adjoints' backward passes run the ops again. sync_ under autogr
 float64), the reference backend's own autograd (PyTorch's derivatives of the spec), and
 derivatives worked out by hand.
 """
+import functools
 import itertools
 
 import pytest
@@ -52,16 +53,17 @@ def with_reference(kw, inputs):
 
 
 # -- finite differences -----------------------------------------------------------------------
-# Fast mode: random projections u^T J v of the Jacobian against finite differences (any
-# wrong entry shows, almost surely); the whole Jacobian for a few cases on the C++ kernel.
+# Reverse and forward mode (torch.autograd.forward_ad). Fast mode: random projections
+# u^T J v of the Jacobian against finite differences (any wrong entry shows, almost surely);
+# the whole Jacobian for a few cases on the C++ kernel.
 def gradcheck_merges(layout, views, kw, backend, fast_mode=True):
     assert torch.autograd.gradcheck(
         lambda *xs: stitch(xs[0], layout, 1, backend=backend, **with_reference(kw, xs)),
-        merge_inputs(views, kw), fast_mode=fast_mode)
+        merge_inputs(views, kw), fast_mode=fast_mode, check_forward_ad=True)
     # sync_ mutates its argument: gradcheck's inputs must stay leaves, so merge a copy.
     assert torch.autograd.gradcheck(
         lambda *xs: sync_(xs[0].clone(), layout, 1, backend=backend, **with_reference(kw, xs)),
-        merge_inputs(views, kw), fast_mode=fast_mode)
+        merge_inputs(views, kw), fast_mode=fast_mode, check_forward_ad=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,7 +71,7 @@ def gradcheck_merges(layout, views, kw, backend, fast_mode=True):
 def test_gradcheck_gather(backend, loop):
     layout, latent, _, _ = case("mean", loop, "none")
     assert torch.autograd.gradcheck(lambda x: gather(x, layout, 1, backend=backend), (latent,),
-                                    fast_mode=backend != "cpp")
+                                    fast_mode=backend != "cpp", check_forward_ad=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -299,3 +301,29 @@ def test_values_do_not_depend_on_autograd(backend, mode, ref):
               sync_(views.clone(), layout, 1, backend=backend, **kw))
     for a, e in zip(actual, expected):
         assert a.requires_grad and torch.equal(a.detach(), e)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_torch_func_transforms_are_right_or_refused(backend):
+    # torch.func.jvp runs forward-mode AD through the ops; grad and vmap need functorch rules
+    # that torch.library ops registered this way do not have (a RuntimeError, never a wrong
+    # value).
+    layout, _, views, kw = case("triangular", False, "long", dtype=torch.float64)
+    views, reference = views.detach(), kw["reference"].detach()
+    merge = functools.partial(stitch, layout=layout, dim=1, mode="triangular", swap_interval=2,
+                              reference=reference)
+    tangent = torch.randn_like(views)
+    _, actual = torch.func.jvp(lambda v: merge(v, backend=backend), (views,), (tangent,))
+    _, expected = torch.func.jvp(lambda v: merge(v, backend="reference"), (views,), (tangent,))
+    torch.testing.assert_close(actual, expected)
+    batch = torch.stack([views, 2 * views])
+    cases = [(lambda: torch.func.grad(lambda v: merge(v, backend=backend).square().sum())(views),
+              torch.func.grad(lambda v: merge(v, backend="reference").square().sum())(views)),
+             (lambda: torch.func.vmap(lambda v: merge(v, backend=backend))(batch),
+              torch.stack([merge(v, backend="reference") for v in batch]))]
+    for transform, expected in cases:
+        try:
+            result = transform()
+        except RuntimeError:
+            continue
+        torch.testing.assert_close(result, expected)
