@@ -1,4 +1,4 @@
-"""Decoding the long latent: whole, per view then stitched, or tiled with bounded memory (SPEC 2.4).
+"""Decoding the long latent: whole, per view then stitched, or tiled with bounded memory (docs/method.md, section 8).
 
 All three take the adapter's two decoding stages: ``decode_latents`` (the VAE: latent ->
 mel spectrogram / pixels, ``decoded_scale`` columns per latent column) and ``finalize``

@@ -26,18 +26,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import metrics as M
+from .methods import METHODS
 
-__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "write_plot", "ALL_METHODS"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-ALL_METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular")
+__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "evaluation_figure", "write_plot", "ALL_METHODS"]
+
+ALL_METHODS = tuple(METHODS)
 
 
 @dataclass
@@ -93,7 +98,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
              guidance_scale: float = 1.0, seed: int = 0, window: Optional[int] = None,
              min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None) -> EvalResult:
     """Run every method and the reference rows; see the module docstring for the columns."""
-    from .sampler import JointDiffusion, METHODS
+    from .sampler import JointDiffusion
     from .texture import make_texture_pipeline
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -230,6 +235,13 @@ def _notes(res: EvalResult) -> List[str]:
     return notes
 
 
+def _settings_line(res: EvalResult) -> str:
+    s = res.settings
+    return (f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']} s "
+            f"{'loop' if s['loop'] else 'open'}, {s['layout']}, {s['steps']} steps {s['scheduler']}, "
+            f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
+
+
 def format_table(res: EvalResult) -> str:
     """The table (text), with settings and notes."""
     loop = bool(res.settings["loop"])
@@ -251,10 +263,7 @@ def format_table(res: EvalResult) -> str:
         table.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    s = res.settings
-    lines.append(f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']} s "
-                 f"{'loop' if loop else 'open'}, {s['layout']}, {s['steps']} steps {s['scheduler']}, "
-                 f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
+    lines.append(_settings_line(res))
     lines.append(fmt.format(*head))
     lines.append(fmt.format(*["-" * w for w in widths]))
     lines += [fmt.format(*c) for c in table]
@@ -266,64 +275,61 @@ def format_table(res: EvalResult) -> str:
     return "\n".join(lines)
 
 
-# -- plot (Pillow only) -----------------------------------------------------------------------
-_COLORS = [(0, 0, 0), (120, 120, 120), (214, 39, 40), (255, 127, 14), (31, 119, 180), (44, 160, 44),
-           (148, 103, 189), (140, 86, 75)]
+# -- plot ---------------------------------------------------------------------------------------
+def evaluation_figure(res: EvalResult) -> "Figure":
+    """The evaluation as a Figure (nothing written); two panels.
+
+    Left, the paper's Fig. 2b as a ratio: for every row, the log-amplitude of the overlap
+    regions' spectrum along time minus that of the interior segments, per temporal-frequency
+    band (each row against its own interior, so a sampler's overall level cancels; 0 = the
+    overlaps are as detailed as the interior). Right, the HF energy ratio of the table with
+    its 95% interval (and the wrap seam's for loop layouts).
+    """
+    from .plots import new_figure
+    fig = new_figure(14.0, 5.0)
+    curves_ax, hf_ax = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.4, 1.0]))
+    colors = {}
+    for r in res.rows:
+        colors[r.name] = "black" if r.name == "true" else f"C{len(colors) % 10}"
+
+    curves_ax.axvspan(M.HF_CUTOFF, 0.5, color="0.92", lw=0, label=f"HF band (>= {M.HF_CUTOFF:g})")
+    curves_ax.axhline(0.0, color="0.5", lw=1.0, ls="--", label="interior (reference)")
+    for r in res.rows:
+        if r.spectrum_overlap is None:
+            continue
+        ratio = np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30)
+        curves_ax.plot(res.freqs, 0.5 * np.log10(ratio), marker="o", ms=3, lw=1.5, color=colors[r.name],
+                       label=r.name)
+    curves_ax.set_xlim(0.0, 0.5)
+    curves_ax.set_xlabel("temporal frequency (cycles per latent frame)")
+    curves_ax.set_ylabel("log10 amplitude, overlap − interior")
+    curves_ax.set_title("Relative log-amplitude of the overlaps (paper Fig. 2b)", fontsize="medium")
+    curves_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: curves stay visible
+
+    hf_ax.axhline(1.0, color="0.5", lw=1.0, ls="--")
+    rows = [r for r in res.rows if r.hf is not None]
+    for x, r in enumerate(rows):
+        for offset, pair, marker, label in ((0.0, r.hf, "o", "overlaps"), (0.2, r.wrap_hf, "s", "wrap seam")):
+            if pair is None:
+                continue
+            m, lo, hi = _ci(pair)
+            hf_ax.errorbar([x + offset], [m], yerr=[[m - lo], [hi - m]], fmt=marker, color=colors[r.name],
+                           mfc="white" if label == "wrap seam" else colors[r.name], capsize=4,
+                           label=label if x == 0 else None)
+    hf_ax.set_xticks(range(len(rows)), [r.name for r in rows], rotation=20, ha="right")
+    hf_ax.set_xlim(-0.5, len(rows) - 0.3)
+    hf_ax.set_ylabel("HF energy, overlap / interior (95% CI)")
+    hf_ax.set_title("High-frequency energy kept in the overlaps (1 = as the interior)", fontsize="medium")
+    if any(r.wrap_hf is not None for r in rows):
+        hf_ax.legend(fontsize="small")
+    fig.suptitle("\n".join(textwrap.wrap(_settings_line(res), 160)), fontsize="medium")
+    return fig
 
 
 def write_plot(res: EvalResult, path: str) -> None:
-    """Two panels: the overlap / interior log-amplitude ratio along time per temporal-frequency
-    band for every row (Fig. 2b), and the HF energy ratio with its interval."""
-    from PIL import Image, ImageDraw
-    from .audio_io import atomic_path
-    width, height, pad = 1100, 460, 60
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    # Panel 1: Fig. 2b as a ratio: overlap vs interior log-amplitude per temporal band, per row
-    # (each row against its own interior, so a sampler's overall level does not show).
-    x0, x1, y0, y1 = pad, width // 2 - 20, 40, height - pad
-    rows_sp = [r for r in res.rows if r.spectrum_overlap is not None]
-    vals = [0.5 * np.log10(np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30))
-            for r in rows_sp]
-    lo = min(-0.05, min(v.min() for v in vals))
-    hi = max(0.05, max(v.max() for v in vals))
-    lo, hi = lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)
-    fx = lambda f: x0 + (x1 - x0) * f / 0.5
-    fy = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 10), "log10 amplitude, overlap / interior, per temporal band (Fig. 2b)", fill="black")
-    d.line([(x0, fy(0.0)), (x1, fy(0.0))], fill=(160, 160, 160), width=1)
-    d.text((x0 - 40, fy(0.0) - 6), "0", fill="black")
-    d.text((x0, y1 + 8), "0", fill="black")
-    d.text((x1 - 70, y1 + 8), "0.5 cyc/frame", fill="black")
-    d.text((x0 - 50, y0), f"{hi:+.2f}", fill="black")
-    d.text((x0 - 50, y1 - 10), f"{lo:+.2f}", fill="black")
-    for i, (r, v) in enumerate(zip(rows_sp, vals)):
-        color = _COLORS[0] if r.name == "true" else _COLORS[(i + 1) % len(_COLORS)]
-        d.line([(fx(f), fy(a)) for f, a in zip(res.freqs, v)], fill=color, width=2)
-        d.text((x0 + 10, y0 + 8 + 14 * i), r.name, fill=color)
-    # Panel 2: HF ratio with CI.
-    x0, x1 = width // 2 + 40, width - 20
-    rows = [r for r in res.rows if r.hf is not None]
-    stats = [_ci(r.hf) for r in rows]
-    lo = min(0.8, min(s[1] for s in stats) - 0.05)
-    hi = max(1.2, max(s[2] for s in stats) + 0.05)
-    fy = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 10), "HF energy overlap / interior (95% CI)", fill="black")
-    d.line([(x0, fy(1.0)), (x1, fy(1.0))], fill=(160, 160, 160), width=1)
-    d.text((x0 - 40, fy(1.0) - 6), "1.0", fill="black")
-    d.text((x0 - 40, y0), f"{hi:.2f}", fill="black")
-    d.text((x0 - 40, y1 - 10), f"{lo:.2f}", fill="black")
-    slot = (x1 - x0) / max(1, len(rows))
-    for i, (r, (m, l, h)) in enumerate(zip(rows, stats)):
-        cx = x0 + slot * (i + 0.5)
-        color = _COLORS[(i + 1) % len(_COLORS)] if r.name != "true" else _COLORS[0]
-        d.rectangle([cx - 12, fy(m) - 3, cx + 12, fy(m) + 3], fill=color)
-        d.line([(cx, fy(l)), (cx, fy(h))], fill=color, width=2)
-        d.text((cx - slot / 2 + 4, y1 + 8 + 12 * (i % 2)), r.name[:18], fill="black")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    """:func:`evaluation_figure` written as PNG to ``path``, atomically."""
+    from .plots import save_figure
+    save_figure(evaluation_figure(res), path)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``safa evaluate``."""
     p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods (default: all four)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
     p.add_argument("--samples", type=int, default=8, help="long samples per row (default 8)")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each sample (default 40)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")

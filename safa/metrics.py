@@ -41,7 +41,7 @@ import torch
 
 from safa_kernels import ViewLayout
 
-__all__ = ["overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
+__all__ = ["HF_CUTOFF", "overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
            "hf_energies", "ratio_ci", "probe_fidelity", "ProbeFidelity", "cross_view_consistency", "frechet_distance",
            "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci", "paired_ratio_difference_ci", "mcnemar_p", "log_ratio_ci", "paired_log_ratio_ci",
            "whitened_band_variances", "most_likely_components", "gaussian_kl_to_unit"]
@@ -148,7 +148,11 @@ def region_spectra(latent: torch.Tensor, layout: ViewLayout, dim: int = -2) -> R
     return RegionSpectra(freqs, p_ov.numpy(), p_in.numpy(), wrap)
 
 
-def hf_energies(spectra: RegionSpectra, cutoff: float = 0.25, which: str = "overlap") -> Tuple[np.ndarray, np.ndarray]:
+# Lowest "high" temporal frequency of the HF energy ratio, in cycles per frame (half Nyquist).
+HF_CUTOFF = 0.25
+
+
+def hf_energies(spectra: RegionSpectra, cutoff: float = HF_CUTOFF, which: str = "overlap") -> Tuple[np.ndarray, np.ndarray]:
     """Per-sample high-frequency energy of the ``which`` region and of the interior.
 
     High frequency: bands at or above ``cutoff`` cycles per frame (0.25 = half Nyquist).
@@ -159,7 +163,7 @@ def hf_energies(spectra: RegionSpectra, cutoff: float = 0.25, which: str = "over
     return getattr(spectra, which)[:, band].sum(1), spectra.interior[:, band].sum(1)
 
 
-def hf_energy_ratio(spectra: RegionSpectra, cutoff: float = 0.25, which: str = "overlap") -> np.ndarray:
+def hf_energy_ratio(spectra: RegionSpectra, cutoff: float = HF_CUTOFF, which: str = "overlap") -> np.ndarray:
     """Per-sample high-frequency energy ratio (``which`` region) / interior.
 
     A stationary texture gives 1 in expectation of each energy; averaging-smoothed overlaps

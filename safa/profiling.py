@@ -99,13 +99,12 @@ def naive_reference_swap_(views: torch.Tensor, reference: torch.Tensor, layout: 
         own.copy_(torch.where(take_reference, ref, own))
 
 
-def naive_merge_step(state: torch.Tensor, num_views: int, layout: ViewLayout, dim: int, mode: str,
-                     swap_interval: int, reference_axis: Optional[int], with_reference: bool) -> None:
+def naive_merge_step(views: torch.Tensor, reference: Optional[torch.Tensor], layout: ViewLayout, dim: int,
+                     mode: str, swap_interval: int, reference_axis: Optional[int]) -> None:
     """Drop-in for :func:`safa.accel.merge_step` built from the naive loop (modes 'mean', 'swap'; open layouts)."""
-    views = state[:num_views]
     load_naive().naive_sync_(views, layout, dim, mode, swap_interval)
-    if with_reference:
-        naive_reference_swap_(views, state[num_views], layout, dim, swap_interval, reference_axis)
+    if reference is not None:
+        naive_reference_swap_(views, reference, layout, dim, swap_interval, reference_axis)
 
 
 NAIVE_METHODS = ("safa", "safa_selfloop", "multidiffusion")  # the modes naive.py implements
@@ -338,8 +337,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="merge backend: auto, cpp, cuda, triton, reference")
     p.add_argument("--steps", type=int, default=4, help="profiled steps (default 4)")
     p.add_argument("--warmup", type=int, default=2, help="steps of the warm-up call (default 2)")
-    p.add_argument("--guide", type=float, default=1.0,
-                   help="r_guide (default 1.0: the reference swap in every profiled step)")
+    p.add_argument("--guide", type=float, default=None,
+                   help="SaFa's r_guide (default 1.0 for safa: the reference swap in every profiled step)")
     p.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance scale (default 2.5)")
     p.add_argument("--compile", action="store_true", help="JointDiffusion(compile=True)")
     p.add_argument("--cuda-graphs", action="store_true", help="JointDiffusion(cuda_graphs=True) (CUDA only)")
@@ -373,8 +372,9 @@ def run(args: argparse.Namespace) -> int:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    guide = args.guide if args.guide is not None or args.method != "safa" else 1.0
     kwargs: Dict[str, Any] = dict(prompt="rain on a tin roof", method=args.method, num_inference_steps=args.steps,
-                                  guide=args.guide, guidance_scale=args.guidance, window=args.window)
+                                  guide=guide, guidance_scale=args.guidance, window=args.window)
     if jd.adapter.kind == "audio":
         kwargs["seconds"] = args.seconds if args.seconds is not None else 30.0
     else:

@@ -157,12 +157,13 @@ def test_demo_smoke(tmp_path, capsys) -> None:
     from safa.demo import main
     assert main(["--out", str(tmp_path), "--seconds", "2.4", "--window", "24", "--steps", "2",
                  "--samples", "2", "--prompt", "surf"]) == 0
-    for f in ("safa.wav", "multidiffusion.wav", "spectrograms.png"):
+    for f in ("safa.wav", "multidiffusion.wav", "spectrograms.png", "evaluate.png"):
         assert (tmp_path / f).stat().st_size > 1000
     import soundfile as sf
     audio, sr = sf.read(str(tmp_path / "safa.wav"))
     assert sr == 16000 and audio.shape == (38400,)
     assert "HF ovl/int" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["evaluate.png", "multidiffusion.wav", "safa.wav", "spectrograms.png"]
 
 
 def test_paired_statistics() -> None:

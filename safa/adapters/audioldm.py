@@ -9,7 +9,7 @@ were trained on; SaFa's default window).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ class AudioLDMAdapter(Adapter):
     pipeline_classes = ("AudioLDMPipeline",)
     kind = "audio"
     long_dim = -2
-    reference_axis = -2  # audio: the reference swap alternates along time (SPEC 2.3)
+    reference_axis = -2  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -2
     decode_context = 8  # latent frames each side of a tile: covers the VAE decoder's receptive field
 
@@ -51,7 +51,7 @@ class AudioLDMAdapter(Adapter):
     def native_window(self) -> int:
         return max(1, int(round(NATIVE_WINDOW_SECONDS * self.frames_per_second)))
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
         bins = int(self.pipe.vocoder.config.model_in_dim) // self.decoded_scale
         return (batch_size, int(self.pipe.unet.config.in_channels), int(length), bins)
 
@@ -76,17 +76,9 @@ class AudioLDMAdapter(Adapter):
         return Conditions(dict(zip(self._keys, tensors)))
 
     # -- denoiser --------------------------------------------------------------------------
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.pipe.unet(x, t, encoder_hidden_states=None, class_labels=c["class_labels"]).sample
-
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        if cond.negative is None:
-            return self._unet(latents, t, cond.positive)
-        # Same batching as the pipelines: [uncond; cond] in one forward pass.
-        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
-        out = self._unet(torch.cat([latents, latents]), t, both)
-        uncond, text = out.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
 
     # -- decoding --------------------------------------------------------------------------
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
@@ -134,7 +126,8 @@ class AudioLDM2Adapter(AudioLDMAdapter):
     def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
         return tuple(self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative))
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.pipe.unet(x, t, encoder_hidden_states=c["generated_prompt_embeds"],
                               encoder_hidden_states_1=c["prompt_embeds"],
                               encoder_attention_mask_1=c["attention_mask"], return_dict=False)[0]

@@ -21,7 +21,7 @@ Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
 Axes: a *latent* is the pipeline's own latent tensor ``(B, ...)``. ``long_dim`` is the
 long (time / panorama width) axis, a negative index so it is valid for the latent with or
 without extra leading axes; ``reference_axis`` is the axis along which the reference swap
-alternates (SPEC 2.3: the long axis for audio, rows for images).
+alternates (paper Sec. 2.3, docs/method.md section 3: the long axis for audio, rows for images).
 
 Conditions: :meth:`encode_prompts` encodes a list of ``P`` prompts once; the sampler
 then asks :meth:`predict` for a batch of windows where row ``r`` uses prompt
@@ -44,8 +44,9 @@ class Conditions:
     """Encoded prompts. Every tensor in ``positive`` / ``negative`` has one row per prompt on dim 0.
 
     ``negative`` is None without classifier-free guidance. ``extra`` carries anything
-    per-call that is not per prompt (e.g. a guidance-scale tensor); it is passed through
-    :meth:`take` unchanged.
+    per-call that is not per prompt; it is passed through :meth:`take` unchanged. The
+    sampler sets ``extra["seconds"]``: the requested output length in seconds for audio
+    (None for images), for families conditioned on it (Stable Audio's timing).
     """
 
     positive: Dict[str, torch.Tensor]
@@ -162,9 +163,33 @@ class Adapter:
             return int(round(float(seconds) * self.sample_rate))
         return int(width)
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
-        """Shape of a latent with ``length`` columns on ``long_dim``."""
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
+        """Shape of a latent with ``length`` columns on ``long_dim``.
+
+        ``height``: the output height in pixels for image pipelines (None: the native
+        window's); audio adapters take None only (the sampler checks).
+        """
         raise NotImplementedError
+
+    def window_multiple(self) -> int:
+        """Window lengths (latent columns) the denoiser accepts are multiples of this (default 1)."""
+        return 1
+
+    def check_window(self, window: int) -> None:
+        """Raise ``ValueError`` unless the denoiser accepts windows of ``window`` latent columns."""
+        m = self.window_multiple()
+        if window % m:
+            raise ValueError(f"window must be a multiple of {m} latent columns for this model, got {window}")
+
+    def short_window(self, columns: int) -> int:
+        """The window the wrapped pipeline itself denoises for an output of ``columns`` (< one window).
+
+        Below one window the sampler runs one view of this window and crops to ``columns``,
+        so its output is the pipeline's own. Default: ``columns`` rounded up to
+        :meth:`window_multiple` (the pipeline generates the requested length).
+        """
+        m = self.window_multiple()
+        return -(-columns // m) * m
 
     # -- sampling -------------------------------------------------------------------------
     @property
@@ -181,10 +206,10 @@ class Adapter:
         """Encode ``prompts`` (one row each) and, when ``guidance_scale > 1``, the shared negative prompt."""
         raise NotImplementedError
 
-    def set_timesteps(self, num_inference_steps: int, window: int) -> torch.Tensor:
+    def set_timesteps(self, num_inference_steps: int, window_shape: Tuple[int, ...]) -> torch.Tensor:
         """Set the scheduler up for ``num_inference_steps``; return the timesteps to loop over.
 
-        ``window`` is the latent columns of one window (some pipelines shift the schedule
+        ``window_shape`` is the latent shape of one window (some pipelines shift the schedule
         by resolution).
         """
         self.pipe.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -213,11 +238,28 @@ class Adapter:
         return kwargs
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        """The scheduler-ready model output for a batch of windows.
+        """The scheduler-ready model output for a batch of windows, with classifier-free guidance.
 
         ``latents`` is ``(N, ...)`` already passed through ``scheduler.scale_model_input``;
-        ``cond`` holds N rows (from :meth:`Conditions.take`). Classifier-free guidance is
-        applied here when ``cond.negative`` is set.
+        ``cond`` holds N rows (from :meth:`Conditions.take`). With ``cond.negative`` set, the
+        unconditional and conditional branches run as one batch ``[uncond; cond]`` (the
+        pipelines' own batching) and are combined as
+        ``eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)`` (Ho & Salimans, 2022).
+        """
+        if cond.negative is None:
+            return self._denoise(latents, t, cond.positive, cond.extra)
+        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
+        if isinstance(t, torch.Tensor) and t.numel() > 1:  # one timestep per row: duplicate them too
+            t = torch.cat([t.reshape(-1), t.reshape(-1)])
+        uncond, text = self._denoise(torch.cat([latents, latents]), t, both, cond.extra).chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
+        """One call of the family's denoiser on ``x`` (``(N, ...)``) with per-row conditions ``c``.
+
+        ``c`` maps each condition name to a tensor with N rows (under guidance the batch is
+        already ``[uncond; cond]``); ``extra`` is :attr:`Conditions.extra`, unchanged.
         """
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ actually denoises, not of the whole panorama.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,14 +42,18 @@ class StableDiffusion3Adapter(ImageAdapter):
         negative_c = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled} if cfg else None
         return Conditions(positive, negative_c)
 
-    def set_timesteps(self, num_inference_steps: int, window: int) -> torch.Tensor:
+    def window_multiple(self) -> int:
+        # The transformer patchifies the latent into patch_size x patch_size tokens.
+        return int(self.denoiser.config.patch_size)
+
+    def set_timesteps(self, num_inference_steps: int, window_shape: Tuple[int, ...]) -> torch.Tensor:
         """The pipeline's schedule, with the resolution-dependent shift (``mu``) of one window."""
         scheduler = self.pipe.scheduler
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
             patch = int(self.denoiser.config.patch_size)
-            seq_len = (self.latent_rows() // patch) * (int(window) // patch)
+            seq_len = (int(window_shape[-2]) // patch) * (int(window_shape[-1]) // patch)
             kwargs["mu"] = calculate_shift(
                 seq_len,
                 scheduler.config.get("base_image_seq_len", 256),
@@ -60,7 +64,8 @@ class StableDiffusion3Adapter(ImageAdapter):
         scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
         return scheduler.timesteps
 
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.denoiser(hidden_states=x, timestep=t.expand(x.shape[0]),
                              encoder_hidden_states=c["encoder_hidden_states"],
                              pooled_projections=c["pooled_projections"], return_dict=False)[0]

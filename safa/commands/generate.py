@@ -3,8 +3,9 @@
     safa generate --model DIR_OR_ID --prompt "rain" [--prompt ... one per view] --seconds 60 \\
         --method safa --loop --steps 200 --guidance 2.5 --seed 0 --out rain.wav
 
-Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram with the views' windows and
-overlaps marked, or a PNG (images). Files are written atomically.
+Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
+dB colour bar) with the views' windows and overlaps marked, or a PNG (images). Files are
+written atomically.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import os
 import time
 from typing import Any, Optional
 
-from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable, write_audio, write_image, write_spectrogram
+from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable, write_audio, write_image
 from ..cli import CLIError
+from ..methods import METHODS
 
 __all__ = ["add_parser", "run", "load_pipeline", "set_scheduler", "BUILTIN_MODEL"]
 
@@ -23,7 +25,6 @@ __all__ = ["add_parser", "run", "load_pipeline", "set_scheduler", "BUILTIN_MODEL
 BUILTIN_MODEL = "builtin:texture"
 # Pipeline classes that are not in diffusers: module that exports them.
 _CUSTOM_PIPELINE_MODULES = ("safa.texture",)
-METHOD_CHOICES = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -41,7 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
     length.add_argument("--width", type=int, default=None, help="panorama width in pixels")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="safa", help="joint diffusion method (default safa)")
+    p.add_argument("--height", type=int, default=None,
+                   help="panorama height in pixels (default: the model's native window height)")
+    p.add_argument("--method", choices=tuple(METHODS), default="safa", help="joint diffusion method (default safa)")
     p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default 200)")
     p.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance scale (default 2.5)")
@@ -51,8 +54,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=None,
                    help="window: seconds for audio, latent columns for images (default: the model's native one)")
     p.add_argument("--overlap", type=float, default=0.2, help="overlap rate (default 0.2)")
-    p.add_argument("--swap-interval", type=int, default=1, help="swap interval w_swap (default 1)")
-    p.add_argument("--guide", type=float, default=0.3, help="reference guidance step rate r_guide (default 0.3)")
+    p.add_argument("--swap-interval", type=int, default=None,
+                   help="swap interval w_swap of the swap methods (default: the method's, 1)")
+    p.add_argument("--guide", type=float, default=None,
+                   help="SaFa's reference guidance step rate r_guide (default: the method's, 0.3)")
     p.add_argument("--view-batch-size", type=int, default=None, help="windows per model call (default all)")
     p.add_argument("--decode", choices=("full", "views", "tiled"), default="full", help="decoding (default full)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -172,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or [""]
     started = time.perf_counter()
     result = jd(prompts if len(prompts) > 1 else prompts[0], seconds=args.seconds, width=args.width,
+                height=args.height,
                 method=args.method, loop=args.loop, num_inference_steps=args.steps,
                 guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt,
@@ -185,10 +191,12 @@ def run(args: argparse.Namespace) -> int:
         write_audio(out, audio, result.sample_rate)
         written = [out]
         if not args.no_spectrogram:
+            from ..plots import layout_title, view_spans, write_spectrogram
+            from ..spectrogram import compute_spectrogram
             spec_path = os.path.splitext(out)[0] + ".png"
             fps = jd.adapter.frames_per_second
-            spans = [(s / fps, (s + layout.window) / fps) for s in layout.starts]
-            write_spectrogram(spec_path, audio, result.sample_rate, spans, duration=args.seconds, loop=layout.loop)
+            write_spectrogram(spec_path, compute_spectrogram(audio, result.sample_rate), view_spans(layout, fps),
+                              loop=layout.loop, title=layout_title(args.method, prompts, layout, fps))
             written.append(spec_path)
         what = f"{audio.shape[-1] / result.sample_rate:.2f} s at {result.sample_rate} Hz"
     else:
