@@ -1,4 +1,4 @@
-"""Kernel plans: the merge rules of SPEC section 2 compiled to a per-column table.
+"""Kernel plans: the merge rules (docs/kernels.md, section 2) compiled to a per-column table.
 
 Every kernel backend (CPU C++, CUDA, Triton) executes the same dumb loop over a plan;
 all knowledge of layouts and modes lives here, once. A plan is built on the host the
@@ -75,7 +75,7 @@ def _odd(offset: int, swap_interval: int) -> bool:
 def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
     """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
     w, W, s = layout.window, layout.length, layout.stride
-    tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, SPEC section 2)
+    tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, docs/kernels.md section 2)
     for col in range(W):
         cover = layout.coverage(col)                      # [(view, local)]
         cells = [v * w + k for v, k in cover]
@@ -92,7 +92,7 @@ def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
             sources, weights = cells, [1.0]
         elif mode == "swap":
             # The pair (i, j): view i holds the overlap in its right part (local >= stride),
-            # view j in its left part at overlap offset q (SPEC: p = floor(q / w_swap) mod 2).
+            # view j in its left part at overlap offset q (Eq. 9: p = floor(q / w_swap) mod 2).
             (vi, ki), (vj, kj) = cover if cover[0][1] >= s else cover[::-1]
             winner = vj * w + kj if _odd(kj, swap_interval) else vi * w + ki
             sources, weights = [winner], [1.0]

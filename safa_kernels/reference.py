@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference: the executable form of SPEC section 2, step 3.
+"""Pure-PyTorch reference: the executable form of the merge rules (docs/kernels.md, section 2).
 
 Written for reading, not speed: per-view loops over ``index_select``/``index_copy_``.
 Every kernel backend is tested against these functions, and they are the fallback on
@@ -123,7 +123,7 @@ def _reference_swap(out: torch.Tensor, views: torch.Tensor, layout: ViewLayout, 
 
 def sync_(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap", swap_interval: int = 1,
           reference: Optional[torch.Tensor] = None, reference_axis: Optional[int] = None) -> torch.Tensor:
-    """In place: every view becomes its window of the merged latent (SPEC section 3).
+    """In place: every view becomes its window of the merged latent (docs/kernels.md, section 3).
 
     Differentiable: ``copy_`` records the mutation for autograd.
     """
