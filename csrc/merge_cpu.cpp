@@ -12,7 +12,8 @@
 //  * consecutive copy rows whose sources and targets all advance by one column are
 //    executed as one run, so a view's span of the long axis moves as one memcpy per outer
 //    index when the long axis is dense (stitch and gather are almost entirely such runs);
-//  * single-source rows are bitwise copies (memcpy or fixed-size moves), never x * 1.0;
+//  * rows with one source of weight 1 are bitwise copies (memcpy or fixed-size moves),
+//    never x * 1.0; one source of another weight (an adjoint plan) is multiplied;
 //  * rows are independent (they write disjoint cells, and every row reads only cells of
 //    its own column of J), so chunks of rows run in parallel with no synchronisation.
 //
@@ -67,6 +68,7 @@ struct Parity {
 template <typename T>
 struct Row {
   int32_t ref_col;
+  bool copy;                // one source of weight exactly 1: a bitwise copy (the plan contract, plan.py)
   int64_t num_sources = 0, num_targets = 0;
   const T** sources;        // cell(pos) of each valid source (length num_sources)
   float* weights;           // their weights
@@ -141,7 +143,7 @@ class PlanExecutor {
         Row<T>& row = block[rows];
         const int32_t* entry = index_ + r * (1 + K_ + T_);
         decode(r, entry, row, target_pos.data());
-        if (row.ref_col < 0 && row.num_sources == 1) {
+        if (row.ref_col < 0 && row.copy) {
           const int64_t columns = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
           for (int64_t t = 0; t < row.num_targets; ++t)
             if (row.targets[t] != row.sources[0])  // a copy onto itself changes nothing
@@ -172,6 +174,7 @@ class PlanExecutor {
       row.weights[row.num_sources] = weight_[r * K_ + k];
       ++row.num_sources;
     }
+    row.copy = row.num_sources == 1 && row.weights[0] == 1.0f;
     row.num_targets = 0;
     for (int64_t t = 0; t < T_; ++t) {
       const int32_t pos = entry[1 + K_ + t];
@@ -196,12 +199,13 @@ class PlanExecutor {
     for (; n < room; ++n) {
       const int32_t* next = entry + n * width;
       if (next[0] >= 0) break;
-      // Same shape: the first source advanced by n, no other source, targets advanced by n.
+      // Same shape: the first source advanced by n with weight 1, no other source, targets
+      // advanced by n.
       int64_t k = 0, found = 0;
       for (; k < K_; ++k) {
         const int32_t pos = next[1 + k];
         if (pos < 0) continue;
-        if (found++ || pos != source_pos + n) break;
+        if (found++ || pos != source_pos + n || weight_[(r + n) * K_ + k] != 1.0f) break;
       }
       if (k < K_ || found != 1) break;
       int64_t t = 0, seen = 0;
@@ -285,7 +289,7 @@ class PlanExecutor {
   // The row's own value (no reference) for outer index o, into every target.
   void own_inner(const Row<T>& row, int64_t o) const {
     if (row.num_sources == 0) return;  // nothing to write: the cell keeps its value
-    if (row.num_sources == 1) {
+    if (row.copy) {
       const T* s = row.sources[0] + o * src_.outer_stride;
       for (int64_t t = 0; t < row.num_targets; ++t)
         if (row.targets[t] != row.sources[0]) copy_inner(row.targets[t] + o * out_.outer_stride, s, src_inner_);
@@ -316,9 +320,9 @@ class PlanExecutor {
       T value;
       if (parity_.takes(i)) {
         value = ref[i * ref_inner_];
-      } else if (row.num_sources == 1) {
+      } else if (row.copy) {
         value = row.sources[0][o * src_.outer_stride + i * src_inner_];
-      } else if (row.num_sources > 1) {
+      } else if (row.num_sources > 0) {
         Acc acc = 0;
         for (int64_t k = 0; k < row.num_sources; ++k)
           acc += static_cast<Acc>(row.weights[k]) *
@@ -372,6 +376,7 @@ void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
   const at::Tensor& source = src.defined() ? src : out;
   check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2),
                      reference.defined() ? reference.size(1) : 0);
+  mark_written(out);
   const int64_t cells_per_row = out.size(1) * out.size(3);
   if (P == 0 || cells_per_row == 0) return;
 

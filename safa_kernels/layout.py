@@ -1,4 +1,4 @@
-"""Geometry of overlapping views over a long axis (SPEC section 1).
+"""Geometry of overlapping views over a long axis (docs/kernels.md, section 1).
 
 A :class:`ViewLayout` knows nothing of tensors: it is the integer geometry that the
 reference implementation, the plan builder and the sampler all share.

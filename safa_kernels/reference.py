@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference: the executable form of SPEC section 2, step 3.
+"""Pure-PyTorch reference: the executable form of the merge rules (docs/kernels.md, section 2).
 
 Written for reading, not speed: per-view loops over ``index_select``/``index_copy_``.
 Every kernel backend is tested against these functions, and they are the fallback on
@@ -124,7 +124,13 @@ def _reference_swap(out: torch.Tensor, views: torch.Tensor, layout: ViewLayout, 
 
 def sync_(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap", swap_interval: int = 1,
           reference: Optional[torch.Tensor] = None, reference_axis: Optional[int] = None) -> torch.Tensor:
-    """In place: every view becomes its window of the merged latent (SPEC section 3)."""
-    merged = stitch(views, layout, dim, mode, swap_interval, reference, reference_axis)
+    """In place: every view becomes its window of the merged latent (docs/kernels.md, section 3).
+
+    Differentiable: ``copy_`` records the mutation for autograd.
+    """
+    # Under autograd, stitch's index_copy_ saves slices of what it reads for its backward,
+    # and the copy_ below overwrites views: it reads a snapshot then.
+    recording = torch.is_grad_enabled() and views.requires_grad
+    merged = stitch(views.clone() if recording else views, layout, dim, mode, swap_interval, reference, reference_axis)
     views.copy_(gather(merged, layout, dim))
     return views

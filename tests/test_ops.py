@@ -1,4 +1,4 @@
-"""Every kernel backend against the reference (SPEC sections 2-3), plus API contracts.
+"""Every kernel backend against the reference (docs/kernels.md, sections 2-3), plus API contracts.
 
 Copies (gather, swap stitch/sync, reference swap) must be bitwise equal to the reference
 on every backend and dtype; averages agree to a tight tolerance.
@@ -149,7 +149,7 @@ def test_every_dtype(backend, dtype, mode, loop):
         run_case(case, backend, dtype)
 
 
-# -- SPEC section 3 equivalences, on the reference and every backend -----------------------
+# -- docs/kernels.md section 3 equivalences, on the reference and every backend ------------
 @pytest.mark.parametrize("backend", ["reference"] + KERNELS)
 @settings(max_examples=25, deadline=None)
 @given(case=cases())
