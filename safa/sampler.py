@@ -442,10 +442,14 @@ class JointDiffusion:
                     # method's model context (MAD: self-attention merged over the long latent).
                     with record_function("safa.model"), hooks.model_context(i):
                         model_out = runner.predict(model_in, i, guiding)
+                    # Memory: the scheduler's step is the peak of the loop; nothing views-sized that it
+                    # does not read may live through it (the concatenated model input here, its
+                    # pred_original_sample below): docs/long-audio.md.
+                    model_in = None
                     # 6.3 Scheduler steps: all views as one batch; X^0 on its own scheduler.
                     with record_function("safa.scheduler"):
-                        stepped = scheduler.step(model_out[:view_rows_count], t_sched, flat, **view_step_kwargs)
-                        views = stepped.prev_sample.contiguous().view(n, *window_shape)
+                        views = scheduler.step(model_out[:view_rows_count], t_sched, flat,
+                                               **view_step_kwargs).prev_sample.contiguous().view(n, *window_shape)
                         if guiding:
                             reference = ref_scheduler.step(model_out[view_rows_count:], t_sched, reference,
                                                            **ref_step_kwargs).prev_sample
