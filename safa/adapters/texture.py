@@ -84,6 +84,25 @@ class TextureAdapter(Adapter):
                  extra: Dict[str, Any]) -> torch.Tensor:
         return self.pipe.denoise(x, t, c["class_weights"])
 
+    # Memory (safa.memory). The denoiser rotates every row into each mixture component's
+    # eigenbasis: (rows, components, C*F, T) coefficient tensors, about 5.2 of them alive at its
+    # peak (measured: 24.6 MiB per window with guidance, all 18 components). An upper bound:
+    # a class prompt without guidance uses only its class's components.
+    _LIVE_COEFFICIENT_TENSORS = 5.5
+    # Griffin-Lim holds about ten complex64-sized tensors per STFT bin and frame (magnitude,
+    # phase, spectrum, momentum, rebuilt, ...): measured 142-180 KiB per latent column.
+    _DECODE_BYTES_PER_BIN = 80
+
+    def denoiser_memory(self, rows: int, guidance: bool) -> int:
+        m = self.pipe.model
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        coefficients = m.num_components * m.channels * m.freq_bins * m.window * itemsize
+        return int(rows * (2 if guidance else 1) * coefficients * self._LIVE_COEFFICIENT_TENSORS)
+
+    def decoder_memory(self, columns: int, batch_size: int) -> int:
+        d = self.pipe.decoder
+        return batch_size * columns * d.time_scale * (d.n_fft // 2 + 1) * self._DECODE_BYTES_PER_BIN
+
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.pipe.decoder.latent_to_mel(latent.to(self.device, torch.float32))
 
