@@ -29,10 +29,12 @@ __all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "deco
 
 DECODE_MODES = ("auto", "full", "views", "tiled")
 # decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
-# Measured on CPU (docs/long-audio.md): whole decoding of 4 windows costs about 1.3-1.7x the
-# tiled time and its time per second and its memory grow with length beyond that, while
-# tiles stay flat; 4 windows (41 s for the AudioLDM family) keep the pipeline's own decode for
-# short outputs, where decoders with global statistics (GroupNorm) differ slightly in tiles.
+# Measured on CPU (docs/long-audio.md): one-window tiles take 40-60 MiB and a constant time per
+# second at every length, while whole decoding grows in both: at 4 windows it took 1.45x
+# (built-in model) and 1.95x (tiny AudioLDM) the tiled time and 216 / 153 MiB, at 16 windows
+# 2.5x / 5.1x and 705 / 393 MiB. Up to 4 windows (41 s for the AudioLDM family, the paper's
+# 24-32 s evaluations included) the output is the pipeline's own decode, which tiles only
+# approximate for decoders with global state (GroupNorm statistics, Griffin-Lim's phase).
 AUTO_WHOLE_WINDOWS = 4
 
 

@@ -7,12 +7,13 @@ is available and what to change. Where the memory goes (docs/long-audio.md has t
 measurements these rules were checked against):
 
 - **prepare**: the initial noise ``J_T`` is drawn whole and gathered into the views.
-- **denoise** (the peak for long outputs): the views' state ``S`` (``(1 + overlap) x`` the long
-  latent) and what a step holds next to it: the model output, the scheduler's temporaries
-  and the model outputs a multistep scheduler keeps (:func:`scheduler_history`); together
-  ``(STEP_STATE_COPIES + history) x S``. Plus the model's working memory for one call of
-  ``view_batch_size`` windows (classifier-free guidance doubles its batch), as the adapter
-  reports it (:meth:`~safa.adapters.base.Adapter.denoiser_memory`).
+- **model call**: the views' state ``S`` (``(1 + overlap) x`` the long latent), the model
+  input (a copy while the reference window joins the batch) and output, the model outputs a
+  multistep scheduler keeps (:func:`scheduler_history`), and the model's working memory for
+  one call of ``view_batch_size`` windows (classifier-free guidance doubles its batch) as
+  the adapter reports it (:meth:`~safa.adapters.base.Adapter.denoiser_memory`).
+- **scheduler step** (the peak for long outputs): ``S``, the model output, the scheduler's
+  history and its temporaries: ``(STEP_STATE_COPIES + history) x S``.
 - **decode**: the stitched long latent, the scheduler's history (kept until the next call),
   decoding one tile or the whole latent (:meth:`~safa.adapters.base.Adapter.decoder_memory`),
   and the decoded output when it is held in memory rather than streamed to a file.
@@ -30,12 +31,15 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 __all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "available_memory", "scheduler_history",
-           "format_bytes", "STEP_STATE_COPIES"]
+           "shortfall", "format_bytes", "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES"]
 
-# Views-sized tensors alive at the peak of a step besides the scheduler's history: the views,
-# the model output, and the scheduler's temporaries (measured with DDIM, which keeps no history:
-# 6.2 x S peak RSS at 4 h of audio; DPM-Solver++(2M), history 2: 8.3 x S).
+# Views-sized tensors alive at the peak of scheduler.step besides the scheduler's history: the
+# views, the model output and the scheduler's temporaries (measured with DDIM, which keeps no
+# history: 6.2 x S peak RSS at 4 h of audio; DPM-Solver++(2M), history 2: 8.3 x S).
 STEP_STATE_COPIES = 6
+# ... and around the model call: the views, the model input (a concatenated copy while the
+# reference window joins the batch) and the model output, besides history and activations.
+MODEL_CALL_STATE_COPIES = 3
 
 
 class InsufficientMemoryError(ValueError, MemoryError):
@@ -65,7 +69,8 @@ class MemoryEstimate:
 
     Attributes:
         device: where the latents live.
-        phases: ``{phase: {part: bytes}}`` for ``"prepare"``, ``"denoise"`` and ``"decode"``.
+        phases: ``{phase: {part: bytes}}`` for ``"prepare"``, ``"model call"``, ``"scheduler step"``
+            and ``"decode"`` (not for ``output_type="latent"``).
         host: parts held in host memory even when ``device`` is a GPU (the decoded audio).
         not_estimated: parts this pipeline cannot estimate (not included above).
     """
@@ -98,7 +103,7 @@ class MemoryEstimate:
         return max((sum(parts.values()) for parts in self.host.values()), default=0)
 
     def describe(self) -> str:
-        """``about 5.1 GiB at its peak (denoise: views 460 MiB, ...)``."""
+        """``about 3.4 GiB at its peak (scheduler step: views 439 MiB, ...)``."""
         phase = self.peak_phase
         parts = {**self.phases[phase], **(self.host.get(phase, {}))}
         listed = ", ".join(f"{name} {format_bytes(b)}" for name, b in parts.items() if b)
@@ -151,20 +156,20 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
     model = adapter.denoiser_memory(model_windows * batch_size, guidance)
     if model is None:
         not_estimated.append("model activations")
+    state = views + reference
     phases: Dict[str, Dict[str, int]] = {
-        "prepare": {"initial noise": latent, "views": views + reference},
-        "denoise": {"views": views + reference,
-                    "step tensors": (STEP_STATE_COPIES - 1) * (views + reference),
-                    "scheduler history": history * (views + reference),
-                    "model": model or 0},
+        "prepare": {"initial noise": latent, "views": state},
+        "model call": {"views": state, "model input and output": (MODEL_CALL_STATE_COPIES - 1) * state,
+                       "scheduler history": history * state, "model": model or 0},
+        "scheduler step": {"views": state, "step tensors": (STEP_STATE_COPIES - 1) * state,
+                           "scheduler history": history * state},
     }
     host: Dict[str, Dict[str, int]] = {}
     if output_type != "latent":
         decoding = adapter.decoder_memory(decode_columns, batch_size)
         if decoding is None:
             not_estimated.append("decoding")
-        phases["decode"] = {"latent": latent, "scheduler history": history * (views + reference),
-                            "decoding": decoding or 0}
+        phases["decode"] = {"latent": latent, "scheduler history": history * state, "decoding": decoding or 0}
         if not streamed:
             host["decode"] = {"output": batch_size * output_columns * adapter.output_elements_per_column(height) * 4}
     return MemoryEstimate(torch.device(adapter.device), phases, host, tuple(not_estimated))

@@ -179,12 +179,13 @@ def test_estimate_grows_with_the_latent_not_the_decoded_audio(jd):
     short = jd.estimate_memory(600.0, output_path="x.wav")
     long = jd.estimate_memory(6000.0, output_path="x.wav")
     in_memory = jd.estimate_memory(6000.0)
-    state = long.phases["denoise"]
-    assert long.peak_phase == "denoise" and state["views"] > 9 * short.phases["denoise"]["views"]
+    assert long.peak_phase == "scheduler step"
+    assert long.phases["scheduler step"]["views"] > 9 * short.phases["scheduler step"]["views"]
     # Streamed: no output buffer; in memory: the decoded audio (6000 s of float32) on top.
     assert "decode" not in long.host and in_memory.host["decode"]["output"] == 6000 * SR * 4
-    assert state["model"] == short.phases["denoise"]["model"]  # bounded by view_batch_size, not the length
-    assert jd.estimate_memory(6000.0, view_batch_size=2).phases["denoise"]["model"] < state["model"]
+    model = long.phases["model call"]["model"]
+    assert model == short.phases["model call"]["model"]  # bounded by view_batch_size, not the length
+    assert jd.estimate_memory(6000.0, view_batch_size=2).phases["model call"]["model"] < model
 
 
 def test_too_large_request_is_refused_before_anything_is_allocated(jd, monkeypatch):
@@ -209,7 +210,8 @@ def test_refusal_says_what_to_change(jd, monkeypatch):
     kw = dict(num_inference_steps=2)
     # The model batch is what does not fit: a smaller view_batch_size does.
     est = jd.estimate_memory(60.0, view_batch_size=16)
-    budget["bytes"] = est.peak - est.phases["denoise"]["model"] // 2
+    assert est.peak_phase == "model call"
+    budget["bytes"] = est.peak - est.phases["model call"]["model"] // 2
     with pytest.raises(InsufficientMemoryError, match=r"view_batch_size=\d+ \(windows per model call\) fits"):
         jd("", 60.0, view_batch_size=16, **kw)
     # Nothing but a shorter output fits: the longest that does is named.
