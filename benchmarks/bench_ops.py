@@ -28,7 +28,7 @@ import safa_kernels as sk
 from safa_kernels import ViewLayout, gather, stitch, sync_
 from safa_kernels.plan import REF_LONG_AXIS, REF_NONE, build_plan
 
-from naive import naive_gather, naive_stitch, naive_sync_
+from safa_kernels.naive import gather as naive_gather, stitch as naive_stitch, sync_ as naive_sync_
 
 THREADS = int(os.environ.get("SAFA_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
