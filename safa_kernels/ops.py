@@ -7,8 +7,9 @@ kernel registers from ``triton_merge.py``. The ``reference`` backend is plain Py
 (``reference.py``) and needs no op.
 
 Backend choice, per call: ``backend=`` argument, else the ``SAFA_BACKEND`` environment
-variable, else automatic: the fastest backend available for the tensor's device
-(``cpp`` on CPU; ``cuda`` then ``triton`` on CUDA; ``reference`` otherwise).
+variable, else automatic (``tuning.py``): on a GPU that benchmarks/gpu.sh measured, the
+backend it found faster for the op; otherwise the first available of ``cpp`` on CPU,
+``cuda`` then ``triton`` on CUDA; ``reference`` where there is no kernel.
 
 Per call the hot path is: validate (Python ints), look up the memoised plan, one op
 call. We use ``torch.library.Library.define`` + ``register_fake`` rather than
@@ -24,6 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference as _reference
+from . import tuning
 from ._compile import constant_under_compile
 from .layout import ViewLayout
 from .plan import REF_LONG_AXIS, REF_NONE, REF_OTHER_AXIS, get_plan
@@ -80,17 +82,42 @@ def _available_backends(device_type: str) -> Tuple[str, ...]:
     found = _BACKENDS_BY_DEVICE.get(device_type)
     if found is None:
         from . import _extension, triton_merge  # noqa: F401  (registers what could be built)
-        preferred = ("cpp", "triton") if device_type == "cpu" else ("cuda", "triton", "cpp")
+        preferred = tuning.DEFAULT_ORDER.get(device_type, ())
         found = tuple(b for b in preferred if _has_kernel(b, device_type)) + ("reference",)
         _BACKENDS_BY_DEVICE[device_type] = found
     return found
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend a call on ``device`` uses: argument, then ``SAFA_BACKEND``, then automatic."""
+_AUTO_BACKEND: Dict[Tuple[str, int, Optional[str]], str] = {}
+
+
+@constant_under_compile
+def _auto_backend(device_type: str, index: int, op: Optional[str]) -> str:
+    """The automatic choice for ``op`` on a device (memoised, and a constant for torch.compile)."""
+    key = (device_type, index, op)
+    found = _AUTO_BACKEND.get(key)
+    if found is None:
+        available = _available_backends(device_type)
+        found = available[0]
+        if device_type == "cuda" and op is not None:
+            props = torch.cuda.get_device_properties(index)
+            measured = tuning.measured_backend(props.name, f"{props.major}.{props.minor}", op)
+            if measured in available:
+                found = measured
+        _AUTO_BACKEND[key] = found
+    return found
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[str] = None) -> str:
+    """The backend a call on ``device`` uses: argument, then ``SAFA_BACKEND``, then automatic.
+
+    ``op`` (``"gather"``, ``"stitch"`` or ``"sync"``) lets the automatic choice follow what
+    was measured for that op on this GPU (``tuning.py``)."""
     name = backend if backend is not None else os.environ.get("SAFA_BACKEND", "auto")
     if name == "auto":
-        return available_backends(device)[0]
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else -1)
+        return _auto_backend(device.type, index, op)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     if name != "reference" and name not in available_backends(device):
@@ -219,7 +246,7 @@ def gather(latent: torch.Tensor, layout: ViewLayout, dim: int = -2, *, backend: 
     dim = _check_dim("dim", dim, latent.ndim)
     if latent.shape[dim] != layout.length:
         raise ValueError(f"latent has {latent.shape[dim]} columns on dim {dim}, layout.length is {layout.length}")
-    backend = resolve_backend(backend, latent.device)
+    backend = resolve_backend(backend, latent.device, "gather")
     if backend == "reference":
         return _reference.gather(latent, layout, dim)
     shape = list(latent.shape)
@@ -242,7 +269,7 @@ def stitch(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "
     swap), alternating every ``swap_interval`` along ``reference_axis`` (default ``dim``).
     """
     dim, axis = _check_merge_args(views, layout, dim, mode, swap_interval, reference, reference_axis)
-    backend = resolve_backend(backend, views.device)
+    backend = resolve_backend(backend, views.device, "stitch")
     if backend == "reference":
         return _reference.stitch(views, layout, dim, mode, swap_interval, reference, axis)
     shape = list(views.shape[1:])
@@ -265,7 +292,7 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "s
     reference's half of each middle region.
     """
     dim, axis = _check_merge_args(views, layout, dim, mode, swap_interval, reference, reference_axis)
-    backend = resolve_backend(backend, views.device)
+    backend = resolve_backend(backend, views.device, "sync")
     if backend == "reference":
         return _reference.sync_(views, layout, dim, mode, swap_interval, reference, axis)
     ref_kind, parity = _parity(list(views.shape[1:]), dim, axis, swap_interval)
