@@ -12,9 +12,11 @@ Ops: ``gather``; ``stitch`` and ``sync_`` in swap (``swap_interval`` 1) and mean
 call; the reference alternates along the long axis so the bytes it moves are exact).
 Implementations: every kernel backend of the device (Triton on CPU would be its
 interpreter: left out), ``reference`` (safa_kernels.reference), ``naive`` (the
-hand-written per-view loop of safa_kernels.naive); on CPU also the raw C++ op
-(``cpp op``: no Python, stitch into a preallocated latent) and the raw op at
-``swap_interval`` 64 (each overlap one run instead of alternating columns).
+hand-written per-view loop of safa_kernels.naive); on CPU also the raw C++ op (``cpp op``:
+no Python, stitch into a preallocated latent), and for stitch swap two diagnostics of
+where its time goes: the raw op at ``swap_interval`` 64 (each overlap one run instead of
+alternating lone columns) and ``cpp op, one view`` (the same lone-column jobs reading one
+view instead of two interleaved ones: :func:`one_view_plan`).
 
 The physical floor: every op record carries the bytes the op must move (each source and
 reference cell read once, each target cell written once, counted from its plan), and
@@ -94,7 +96,10 @@ def cases(device: torch.device) -> List[Case]:
 OPS = [("gather", "gather", "swap", False), ("stitch swap", "stitch", "swap", False),
        ("stitch mean", "stitch", "mean", False), ("sync_ swap", "sync", "swap", False),
        ("sync_ swap+ref", "sync", "swap", True), ("sync_ mean", "sync", "mean", False)]
-RAW_OPS = {"stitch swap": [1, 64], "stitch mean": [1], "sync_ swap": [1]}  # CPU raw op: swap_interval(s)
+# CPU raw op variants per op: "cpp op" (swap_interval 1), "cpp op, one view" (a diagnostic: see
+# one_view_plan) and "cpp op, interval 64" (each overlap one run).
+RAW_OPS = {"stitch swap": ["cpp op", "cpp op, one view", "cpp op, interval 64"], "stitch mean": ["cpp op"],
+           "sync_ swap": ["cpp op"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,9 +114,7 @@ def plan_bytes(case: Case, op: str, mode: str, with_reference: bool, itemsize: i
 def impls(device: torch.device, op: str) -> List[str]:
     kernels = [b for b in sk.available_backends(device) if b != "reference" and not
                (b == "triton" and device.type == "cpu")]
-    raw = []
-    if device.type == "cpu" and "cpp" in kernels:
-        raw = ["cpp op" if i == 1 else f"cpp op, interval {i}" for i in RAW_OPS.get(op, [])]
+    raw = RAW_OPS.get(op, []) if device.type == "cpu" and "cpp" in kernels else []
     return kernels + raw + ["reference", "naive"]
 
 
@@ -140,15 +143,35 @@ def test_copy(op_timer, device, case, nbytes):
     op_timer(lambda: dst.copy_(src), device, case=case.name, op="copy_", impl="torch", bytes=nbytes)
 
 
-def _raw_op_call(case: Case, t: Dict[str, torch.Tensor], op: str, mode: str, interval: int):
-    """The raw C++ op on canonical 4-D tensors (views (V, outer, window, inner))."""
+def one_view_plan(layout: ViewLayout) -> torch.Tensor:
+    """The stitch swap plan at swap_interval 1 with every overlap column read from the LEFT view
+    of its pair, at the neighbouring column of the same pair (local ^ 1): the same lone-column
+    copy jobs as the real plan, but reading one view's lines, each once, instead of two
+    interleaved views' alternate lines. Wrong output on purpose; it isolates the memory cost
+    of the interleaving from the per-job cost."""
+    index = build_plan(layout, "stitch", "swap", 1, REF_NONE).index.clone()
+    w, stride = layout.window, layout.stride
+    for col in range(layout.length):
+        cover = layout.coverage(col)
+        if len(cover) == 2:
+            view, local = cover[0] if cover[0][1] >= stride else cover[1]
+            swapped = local ^ 1
+            index[col, 1] = view * w + (swapped if stride <= swapped < w else local)
+    return index
+
+
+def _raw_op_call(case: Case, t: Dict[str, torch.Tensor], op: str, mode: str, variant: str):
+    """A raw C++ op variant (RAW_OPS) on canonical 4-D tensors (views (V, outer, window, inner))."""
     dim = case.long_dim % len(case.latent_shape)
     outer = 1
     for n in case.latent_shape[:dim]:
         outer *= n
     inner = case.cells_per_column // outer
     views = t["views"].view(case.layout.num_views, outer, case.window, inner)
+    interval = 64 if variant == "cpp op, interval 64" else 1
     plan = build_plan(case.layout, op, mode, interval, REF_NONE)
+    if variant == "cpp op, one view":
+        plan = plan._replace(index=one_view_plan(case.layout))
     kernel = torch.ops.safa.merge_cpp_.default
     parity = [0, 1, 1, interval]
     if op == "stitch":
@@ -166,8 +189,7 @@ def test_op(op_timer, device, case, op_name, impl):
     ref = t["reference"] if with_reference else None
     ref_axis = d if with_reference else None
     if impl.startswith("cpp op"):
-        interval = int(impl.rsplit(" ", 1)[1]) if "interval" in impl else 1
-        fn = _raw_op_call(case, t, op, mode, interval)
+        fn = _raw_op_call(case, t, op, mode, impl)
     elif op == "gather":
         fn = (lambda: naive.gather(t["latent"], case.layout, d)) if impl == "naive" else \
             (lambda: gather(t["latent"], case.layout, d, backend=impl))

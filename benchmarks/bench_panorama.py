@@ -70,7 +70,7 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
         return run
 
     configs = [
-        (f"MultiDiffusion (diffusers panorama, window 64, stride 8, view_batch_size 1)", md_views, run_md(1)),
+        ("MultiDiffusion (diffusers panorama, window 64, stride 8, view_batch_size 1)", md_views, run_md(1)),
         (f"MultiDiffusion (diffusers panorama, window 64, stride 8, view_batch_size {md_views})", md_views,
          run_md(md_views)),
         (f"SaFa (overlap 0.2, stride {layout.stride}, + reference, view_batch_size all)", layout.num_views + 1,

@@ -294,10 +294,27 @@ def render_panorama(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
             + table(head, body))
 
 
+# -- the GPU kit's checks ----------------------------------------------------------------------------
+def render_gpu_checks(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    facts, tests = section["facts"], section["tests"]
+    out = [f"Found: Python {facts['python']}, torch {facts['torch']} (CUDA {facts['torch_cuda']}), "
+           f"triton {facts.get('triton') or 'none'}, nvcc {'yes' if facts.get('nvcc') else 'NO'}, "
+           f"compute-sanitizer {'yes' if facts.get('compute_sanitizer') else 'NO'}; "
+           + ", ".join(f"{d} {'yes' if ok else 'NO'}" for d, ok in sorted(facts["modules"].items())) + ".", ""]
+    body = [[r["name"], r["status"] if r["ran"] else "skipped", f"{r['seconds']:.0f}",
+             "; ".join([r["reason"]] + r["notes"]).replace("|", "/")] for r in section["records"]]
+    out += [table(["stage", "result", "s", "what / why"], body), ""]
+    out.append(f"GPU tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.")
+    for reason, n in sorted(tests["skip_reasons"].items()):
+        out.append(f"- skipped {n}: {reason}")
+    return "\n".join(out).rstrip()
+
+
 # -- the README and tuning.py ---------------------------------------------------------------------
 RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": render_ops, "audio": render_audio,
                                                                          "panorama": render_panorama,
-                                                                         "steps": render_steps}
+                                                                         "steps": render_steps,
+                                                                         "gpu_checks": render_gpu_checks}
 SECTION_TITLES = {"ops": "op microbenchmarks", "audio": "long audio", "panorama": "panorama",
                   "steps": "per-step pipeline", "gpu_checks": "GPU checks"}
 

@@ -20,7 +20,7 @@ benchmarks/README.md. Exit status: 0 when every part that ran succeeded, 1 other
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import shlex
 import subprocess
@@ -68,7 +68,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                SAFA_BENCH_COMMAND=" ".join(["python benchmarks/run.py"] + [shlex.quote(a) for a in argv]))
     if args.threads:
         env["SAFA_BENCH_THREADS"] = str(args.threads)
-    has_diffusers = importlib.util.find_spec("diffusers") is not None
+    try:
+        importlib.import_module("diffusers")
+        has_diffusers = True
+    except ImportError:
+        has_diffusers = False
     started = time.perf_counter()
     status: Dict[str, str] = {}
     for part in parts:
