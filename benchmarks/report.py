@@ -142,7 +142,7 @@ def render_ops(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
                 for r in sorted(overhead, key=lambda r: (r["device"], r["reference"], r["impl"]))]
         out += ["**Per-call overhead**, 10 s of AudioLDM latent (one view)", "",
                 table(["device", "caller (backend)", "sync_ plan", "median us", "IQR / median"], body), ""]
-    out += bars(records, floor)
+    out += bars(records, floor) + stitch_diagnosis(records, floor)
     chosen = choose_backends(records)
     if chosen:
         out += ["Default backend on this GPU by these numbers (written to safa_kernels/tuning.py): "
@@ -308,6 +308,21 @@ def render_gpu_checks(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     for reason, n in sorted(tests["skip_reasons"].items()):
         out.append(f"- skipped {n}: {reason}")
     return "\n".join(out).rstrip()
+
+
+def stitch_diagnosis(records: List[Dict[str, Any]], floor: Dict[Tuple[str, int], float]) -> List[str]:
+    """Where CPU stitch swap's time goes, per length: the raw op, the same lone-column jobs
+    reading one view (no interleaving), and no lone columns at all (swap_interval 64)."""
+    rows = op_rows(records)
+    lines = []
+    for key in sorted((k for k in rows if k[:2] == ("cpu", "stitch swap")), key=lambda k: _case_key(k[2])):
+        entry = rows[key]
+        if not all(v in entry for v in ("cpp op", "cpp op, one view", "cpp op, interval 64")):
+            continue
+        s = {v: share_of_copy(entry[v], floor) for v in ("cpp op", "cpp op, one view", "cpp op, interval 64")}
+        lines.append(f"- {key[2]}: raw op {pct(s['cpp op'])} of copy_; the same lone-column jobs reading one view "
+                     f"{pct(s['cpp op, one view'])}; no lone columns (interval 64) {pct(s['cpp op, interval 64'])}")
+    return (["Where CPU `stitch` swap's time goes (swap_interval 1):", ""] + lines + [""]) if lines else []
 
 
 # -- the README and tuning.py ---------------------------------------------------------------------
