@@ -304,8 +304,7 @@ def measure_share(jd: Any, args: argparse.Namespace) -> Dict[str, Any]:
 
 # -- command line ------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=harness.MODES, default=None, help="default: SAFA_BENCH_MODE, else quick")
+    ap = harness.argument_parser(__doc__, device=False)
     ap.add_argument("--lengths", type=float, nargs="+", default=None, help="minutes of the scaling table")
     ap.add_argument("--methods", nargs="+", default=None, help="default safa multidiffusion")
     ap.add_argument("--scaling-vbs", type=_vbs_arg, nargs="*", default=None,
@@ -322,10 +321,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--window", type=float, default=None, help="window in seconds (default: native 10.24 s)")
     ap.add_argument("--profile-seconds", type=float, default=None, help="length of the share profile")
     ap.add_argument("--mem-jobs", type=int, default=None, help="memory children at a time")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default SAFA_BENCH_THREADS, else 1)")
     ap.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     args = ap.parse_args(argv)
-    args.mode = harness.set_mode(args.mode) if args.mode else harness.mode()
+    args.mode, args.threads, _ = harness.configure(args, ap)
     for key, value in SETTINGS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -342,7 +340,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _mem_child(json.loads(argv[1]))
         return 0
     args = parse_args(argv)
-    args.threads = harness.set_threads(args.threads)
     result: Dict[str, Any] = {}
     if "memory" not in args.skip:  # first: no timing runs beside the children
         result["memory"] = measure_memory(args)

@@ -21,7 +21,6 @@ then the configurations take turns for the mode's rounds.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -101,16 +100,9 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=harness.MODES, default=None, help="default: SAFA_BENCH_MODE, else quick")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default SAFA_BENCH_THREADS, else 1)")
+    p = harness.argument_parser(__doc__)
     args = p.parse_args(argv)
-    mode = harness.set_mode(args.mode) if args.mode else harness.mode()
-    threads = harness.set_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device here")
+    mode, threads, device = harness.configure(args, p)
     path = harness.record("panorama", device, measure(device, mode), threads)
     print(report.render_file_section("panorama", path))
     return 0

@@ -26,7 +26,6 @@ ms, ops (CPU) or launches (CUDA) of model / scheduler / merge / other, and the m
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -105,22 +104,14 @@ def measure(device: torch.device, mode: str, with_compile: bool) -> List[Dict[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=harness.MODES, default=None, help="default: SAFA_BENCH_MODE, else quick")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default SAFA_BENCH_THREADS, else 1)")
+    p = harness.argument_parser(__doc__)
     p.add_argument("--compile", dest="with_compile", action="store_true", default=None,
                    help="include compile=True (default: on CUDA, and on CPU in full mode)")
     p.add_argument("--no-compile", dest="with_compile", action="store_false")
     args = p.parse_args(argv)
-    mode = harness.set_mode(args.mode) if args.mode else harness.mode()
-    threads = harness.set_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device here")
+    mode, threads, device = harness.configure(args, p)
     with_compile = args.with_compile if args.with_compile is not None else (device.type == "cuda" or mode == "full")
-    records = measure(device, mode, with_compile)
-    path = harness.record("steps", device, records, threads)
+    path = harness.record("steps", device, measure(device, mode, with_compile), threads)
     print(report.render_file_section("steps", path))
     return 0
 

@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,6 +85,33 @@ def set_threads(threads: Optional[int] = None) -> int:
     torch.set_num_threads(n)
     os.environ["SAFA_BENCH_THREADS"] = str(n)  # child processes use the same
     return n
+
+
+def argument_parser(description: str, device: bool = True) -> argparse.ArgumentParser:
+    """A benchmark script's parser with the options all of them take: --mode, --threads, --device."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default=None, help="default: SAFA_BENCH_MODE, else quick")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default SAFA_BENCH_THREADS, else 1)")
+    if device:
+        p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p
+
+
+def configure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Tuple[str, int, torch.device]:
+    """Apply --mode and --threads; return (mode, threads, device), with a usage error for a
+    CUDA device torch does not see."""
+    run_mode = set_mode(args.mode) if args.mode else mode()
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    threads = set_threads(args.threads)
+    name = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    return run_mode, threads, device
 
 
 # -- statistics ------------------------------------------------------------------------------
