@@ -5,7 +5,7 @@
 
 pytest-benchmark runs the rounds (``benchmark.pedantic``, its tables show seconds per call);
 the mode's warm-up, rounds and calls per round come from harness.py, and so do the clock
-(synchronising on CUDA) and the statistics. At the end of a complete
+(harness.timer) and the statistics. At the end of a complete
 run (no failure, no ``-k`` / ``-m`` selection) the records go to the ``ops`` section of
 ``benchmarks/results/<machine>.json``, one file per device's machine.
 """
@@ -76,10 +76,11 @@ def op_timer(benchmark: Any, request: Any) -> Callable[..., Any]:
 
 
 def pytest_collection_modifyitems(items: List[Any]) -> None:
-    """Benchmarks of CUDA ops get a clock that synchronises: a round then covers the device work."""
+    """pytest-benchmark measures with the harness's clock for the item's device (synchronised
+    wall time on CUDA, the process's CPU time on one CPU thread)."""
     for item in items:
         device = getattr(getattr(item, "callspec", None), "params", {}).get("device")
-        if isinstance(device, torch.device) and device.type == "cuda":
+        if isinstance(device, torch.device):
             item.add_marker(pytest.mark.benchmark(timer=harness.timer(device)))
 
 

@@ -6,8 +6,9 @@
 - **Threads**: :func:`set_threads` sets torch's intra-op threads explicitly (``SAFA_BENCH_THREADS``,
   default 1: on a shared 2-core machine an OpenMP region waits for a descheduled thread,
   and the measurement becomes one of the scheduler) and returns the number for the record.
-- **Timing**: :func:`time_calls` (warm-up, then rounds of a calibrated number of calls;
-  on CUDA each round ends with a synchronisation, so a round times the device work too).
+- **Timing**: :func:`timer` is the clock (CUDA: synchronised wall time; CPU with one
+  thread: the process's CPU time); :func:`time_calls` does warm-up calls, then rounds of a
+  calibrated number of calls.
   The op benchmarks run the same rounds through pytest-benchmark, with :func:`timer` as its
   clock and :func:`Stats.of` on its samples. :class:`StepClock` timestamps the denoising steps of a
   pipeline call; :class:`ModelClock` times the denoiser's forward calls inside them, for
@@ -148,30 +149,28 @@ class Stats:
 
 
 # -- timing ----------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timer(device: torch.device) -> Callable[[], float]:
-    """A clock for ``device``: ``perf_counter``, after a synchronisation on CUDA (so a span
-    between two readings covers the device work queued in it)."""
-    if device.type != "cuda":
-        return time.perf_counter
+    """The clock of every measurement on ``device``.
 
-    def read() -> float:
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return read
+    CUDA: wall time (``perf_counter``) read after a synchronisation, so a span between two
+    readings covers the device work queued in it. CPU with one torch thread: the process's
+    CPU time (user + system, ``process_time``), which on a shared machine leaves out the time
+    the scheduler gives to other jobs (on the 2-core development VM, wall-time medians of the
+    same op moved by 2x with the load, CPU-time medians by a few percent). CPU with more
+    threads: wall time (CPU time would add the threads up)."""
+    if device.type == "cuda":
+        def read() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return read
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def make_round(fn: Callable[[], Any], device: torch.device, calls: int) -> Callable[[], None]:
-    """One timed round: ``calls`` calls of ``fn``, then a device synchronisation (CUDA)."""
-    def round_() -> None:
-        for _ in range(calls):
-            fn()
-        sync(device)
-    return round_
+def clock_name(device: torch.device) -> str:
+    """What :func:`timer` measures, for the records."""
+    if device.type == "cuda":
+        return "wall time, device synchronised"
+    return "process CPU time" if torch.get_num_threads() == 1 else "wall time"
 
 
 def calibrate(fn: Callable[[], Any], device: torch.device, round_seconds: float, max_calls: int = 1000) -> int:
@@ -179,11 +178,10 @@ def calibrate(fn: Callable[[], Any], device: torch.device, round_seconds: float,
 
     Timer and synchronisation overhead are per round, so a sub-millisecond op is timed
     over several calls per round instead of one."""
-    sync(device)
-    t0 = time.perf_counter()
+    read = timer(device)
+    t0 = read()
     fn()
-    sync(device)
-    one = time.perf_counter() - t0
+    one = read() - t0
     return int(max(1, min(max_calls, round(round_seconds / one)))) if one > 0 else max_calls
 
 
@@ -194,12 +192,13 @@ def time_calls(fn: Callable[[], Any], device: torch.device, plan: Optional[Budge
     for _ in range(plan.warmup):
         fn()
     calls = calls or calibrate(fn, device, plan.round_seconds)
-    round_ = make_round(fn, device, calls)
+    read = timer(device)
     samples = []
     for _ in range(plan.rounds):
-        t0 = time.perf_counter()
-        round_()
-        samples.append(time.perf_counter() - t0)
+        t0 = read()
+        for _ in range(calls):
+            fn()
+        samples.append(read() - t0)
     return Stats.of(samples, calls)
 
 
@@ -207,12 +206,12 @@ class ModelClock:
     """Times every forward call of ``module`` (the denoiser) with hooks; nothing is patched.
 
     On CUDA each call is bracketed by CUDA events (no synchronisation inside the step), read
-    when :meth:`take` is called after a synchronisation; on CPU by ``perf_counter``. Use it
+    when :meth:`take` is called after a synchronisation; on CPU by :func:`timer`. Use it
     on eager modules only: a compiled module or a CUDA-graph replay does not run the hooks.
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
-        self.device = device
+        self.device, self._read = device, timer(device)
         self.calls = self.rows = 0  # forward calls and batch rows (of the first input), in all
         self._open: List[Any] = []
         self._done: List[Any] = []
@@ -224,7 +223,7 @@ class ModelClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return self._read()
 
     def _start(self, _module: Any, args: Any, kwargs: Any) -> None:
         sample = args[0] if args else kwargs.get("sample")
@@ -266,12 +265,12 @@ class StepClock:
 
     def __init__(self, device: torch.device, model: Optional[ModelClock] = None, returns_kwargs: bool = False) -> None:
         self.device, self.model_clock, self.returns_kwargs = device, model, returns_kwargs
+        self._read = timer(device)
         self.stamps: List[float] = []
         self.model: List[float] = []
 
     def __call__(self, *args: Any) -> Any:
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(self._read())
         if self.model_clock is not None:
             seconds = self.model_clock.take()
             if len(self.stamps) > 1:
@@ -332,7 +331,7 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
-def run_conditions(threads: int) -> Dict[str, Any]:
+def run_conditions(threads: int, device: torch.device) -> Dict[str, Any]:
     """What a section records about the run: mode, threads, date, load, the command."""
     command = os.environ.get("SAFA_BENCH_COMMAND")
     if not command:
@@ -340,7 +339,7 @@ def run_conditions(threads: int) -> Dict[str, Any]:
         if argv and os.path.basename(argv[0]) == "__main__.py":  # python -m package
             argv[0] = "-m " + os.path.basename(os.path.dirname(sys.argv[0]))
         command = " ".join(["python"] + argv)
-    return {"mode": mode(), "threads": threads,
+    return {"mode": mode(), "threads": threads, "clock": clock_name(device),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load_average": _loadavg(), "command": command}
 
@@ -378,6 +377,6 @@ def record(section: str, device: torch.device, records: Iterable[Dict[str, Any]]
     path = results_path(device)
     data = json.loads(path.read_text()) if path.exists() else {"benchmarks": {}}
     data["machine"] = describe_machine(device)
-    data["benchmarks"][section] = dict(run_conditions(threads), records=list(records), **extra)
+    data["benchmarks"][section] = dict(run_conditions(threads, device), records=list(records), **extra)
     write_json(path, data)
     return path

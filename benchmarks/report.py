@@ -351,7 +351,8 @@ def render_section(name: str, path: Path, data: Dict[str, Any]) -> str:
     load = section.get("load_average")
     head = (f"#### {data['machine']['id']} (`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)\n\n"
             f"{describe(data['machine'])}. Mode `{section['mode']}`, {section['threads']} CPU thread(s), "
-            f"{section['date']}" + (f", load average {load[0]:.1f}" if load else "") + ".\n"
+            f"clock: {section.get('clock', 'wall time')}, {section['date']}"
+            + (f", load average {load[0]:.1f}" if load else "") + ".\n"
             f"Command: `{section['command']}`\n")
     return head + "\n" + RENDERERS[name](section, data["machine"])
 
