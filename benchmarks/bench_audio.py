@@ -6,8 +6,8 @@
 Everything runs on ``safa.testing.tiny_audioldm_pipeline`` (random weights, 25 latent
 frames/s, native window 10.24 s = 256 columns, DDIM, CFG 2.5), prompt encoding included in
 every call, on CPU (a GPU run of these is benchmarks/bench_steps.py's job). The mode sets
-every default (smoke: toy sizes whose numbers mean nothing; quick: 1-5 minutes; full: 1-10
-minutes); each option overrides one. Parts:
+every default (smoke: toy sizes whose numbers mean nothing; quick: 1-10 minutes, 3 steps, 2
+rounds; full: 4 steps, 3 rounds, more memory and decoding rows); each option overrides one. Parts:
 
 1. **scaling**: for each length and method (``safa``, ``multidiffusion``, all windows in one
    model batch; and safa with each ``--scaling-vbs`` view_batch_size), calls of ``--steps``
@@ -57,8 +57,8 @@ SETTINGS = {
     "smoke": dict(lengths=[0.05, 0.1], methods=["safa", "multidiffusion"], scaling_vbs=[1], decode_lengths=[0.05],
                   mem_lengths=[0.05], mem_decode_lengths=[], vbs=[1], steps=2, mem_steps=1, rounds=1, window=0.64,
                   profile_seconds=3.0, mem_jobs=2),
-    "quick": dict(lengths=[1, 2, 5], methods=["safa", "multidiffusion"], scaling_vbs=[4], decode_lengths=[1],
-                  mem_lengths=[1, 5], mem_decode_lengths=[1], vbs=[None, 4], steps=3, mem_steps=2, rounds=2,
+    "quick": dict(lengths=[1, 2, 5, 10], methods=["safa", "multidiffusion"], scaling_vbs=[4], decode_lengths=[1],
+                  mem_lengths=[1, 10], mem_decode_lengths=[1], vbs=[None, 4], steps=3, mem_steps=2, rounds=2,
                   window=None, profile_seconds=60.0, mem_jobs=1),
     "full": dict(lengths=[1, 2, 5, 10], methods=["safa", "multidiffusion"], scaling_vbs=[4], decode_lengths=[1, 10],
                  mem_lengths=[1, 5, 10], mem_decode_lengths=[1, 10], vbs=[None, 4, 1], steps=4, mem_steps=2, rounds=3,
