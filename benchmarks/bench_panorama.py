@@ -49,7 +49,6 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
     pano = StableDiffusionPanoramaPipeline(**sd.components, requires_safety_checker=False)
     pano.set_progress_bar_config(disable=True)
     jd = JointDiffusion(sd)
-    jd.adapter.height = height
     md_views = len(pano.get_views(height, width))  # window 64, stride 8: its defaults
     layout = jd.layout_for(width=width, overlap=0.2, method="safa")
 
@@ -63,8 +62,8 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
 
     def run_safa(vbs: Optional[int]) -> Callable[[harness.StepClock], None]:
         def run(clock: harness.StepClock) -> None:
-            jd(PROMPT, width=width, method="safa", overlap=0.2, num_inference_steps=steps, guidance_scale=GUIDANCE,
-               view_batch_size=vbs, output_type="latent", callback_on_step_end=clock,
+            jd(PROMPT, width=width, height=height, method="safa", overlap=0.2, num_inference_steps=steps,
+               guidance_scale=GUIDANCE, view_batch_size=vbs, output_type="latent", callback_on_step_end=clock,
                generator=torch.Generator(device).manual_seed(0))
         return run
 

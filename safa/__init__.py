@@ -11,12 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS"]
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported on first access)
+_EXPORTS = {
+    "JointDiffusion": "sampler", "JointDiffusionOutput": "sampler",
+    "METHODS": "methods", "Method": "methods", "SaFa": "methods", "SaFaSelfLoop": "methods",
+    "MultiDiffusion": "methods", "MAD": "methods", "SyncDiffusion": "methods", "get_method": "methods",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import sampler
-        return getattr(sampler, name)
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'safa' has no attribute {name!r}")

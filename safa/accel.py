@@ -21,7 +21,9 @@ once per call): DDIM indexes ``alphas_cumprod`` (a CPU tensor) with it and compa
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -29,19 +31,18 @@ from safa_kernels import ViewLayout, sync_
 
 from .adapters import Adapter, Conditions
 
-__all__ = ["merge_step", "StaticModelStep", "StepRunner", "intern_layout"]
+__all__ = ["merge_step", "StaticModelStep", "StepConfig", "StepRunner", "intern_layout"]
 
 
-def merge_step(state: torch.Tensor, num_views: int, layout: ViewLayout, dim: int, mode: str,
-               swap_interval: int, reference_axis: Optional[int], with_reference: bool) -> None:
-    """The whole merge of one step, in place on ``state`` (``(num_views + 1 or num_views, ...)``).
+def merge_step(views: torch.Tensor, reference: Optional[torch.Tensor], layout: ViewLayout, dim: int, mode: str,
+               swap_interval: int, reference_axis: Optional[int]) -> None:
+    """The whole merge of one step, in place on ``views`` (``(num_views, B, ...)``): ONE op call.
 
-    Rows ``0 .. num_views - 1`` are the views; with ``with_reference`` row ``num_views`` is the
-    reference window whose middles are swapped in. One ``safa::merge_*`` op call.
+    Self-loop swap (Eq. 9) or averaging over the overlaps, plus, when ``reference`` (one
+    window, ``(B, ...)``) is given, the reference-guided swap of every view's middle (Eq. 10).
     """
-    reference = state[num_views] if with_reference else None
-    sync_(state[:num_views], layout, dim, mode, swap_interval, reference=reference,
-          reference_axis=reference_axis if with_reference else None)
+    sync_(views, layout, dim, mode, swap_interval, reference=reference,
+          reference_axis=reference_axis if reference is not None else None)
 
 
 # torch.compile backend of the denoiser under compile=True; "inductor" generates fused
@@ -52,12 +53,22 @@ COMPILE_BACKEND = "inductor"
 # Equal layouts share one object: torch.compile guards on the layout's identity (its plan
 # is baked into the graph as a constant), so a fresh-but-equal ViewLayout per call would
 # recompile every call and hit the recompile limit after 8. Interning also shares the plans.
-_LAYOUTS: Dict[ViewLayout, ViewLayout] = {}
+# Bounded (least recently used first out): a long-lived process generating many lengths
+# must not keep every layout and its plans forever.
+_LAYOUTS: "OrderedDict[ViewLayout, ViewLayout]" = OrderedDict()
+MAX_INTERNED_LAYOUTS = 64
 
 
 def intern_layout(layout: ViewLayout) -> ViewLayout:
     """The first-seen layout equal to ``layout`` (``ViewLayout`` equality ignores the plan memo)."""
-    return _LAYOUTS.setdefault(layout, layout)
+    found = _LAYOUTS.get(layout)
+    if found is None:
+        found = _LAYOUTS[layout] = layout
+        while len(_LAYOUTS) > MAX_INTERNED_LAYOUTS:
+            _LAYOUTS.popitem(last=False)
+    else:
+        _LAYOUTS.move_to_end(layout)
+    return found
 
 
 _compiled_merge: Optional[Callable[..., None]] = None
@@ -81,7 +92,7 @@ Chunk = Tuple[int, int, Conditions]
 class StaticModelStep:
     """The model part of a step over preallocated buffers: what a CUDA graph captures.
 
-    ``x`` (the scheduler batch after ``scale_model_input``) and ``t`` (0-d timestep) are
+    ``x`` (the model batch after ``scale_model_input``) and ``t`` (0-d timestep) are
     static tensors; :meth:`load` copies a step's inputs into them in place and
     :meth:`forward` evaluates the denoiser on them. Shapes, dtypes and buffer addresses are
     the same every step, which is what capture needs; on CPU it runs eagerly (tests compare
@@ -115,7 +126,7 @@ class _GraphedModelStep:
         static.load(first_in, first_t)
         # Warm-up on a side stream before capture (lazy inits, cuBLAS handles, autotuning
         # must not happen inside the capture); its output is discarded: one extra model
-        # call per generation.
+        # call per captured batch shape.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -133,47 +144,99 @@ class _GraphedModelStep:
         return self.out.clone()
 
 
-class StepRunner:
-    """The model and merge calls of one ``JointDiffusion.__call__``, set up once before the loop."""
+@dataclass(frozen=True)
+class StepConfig:
+    """What the per-step model and merge calls of one generation need, fixed before the loop.
 
-    def __init__(self, adapter: Adapter, cond: Conditions, rows_prompt: torch.Tensor, chunk_rows: int,
-                 guidance_scale: float, timesteps: torch.Tensor, layout: ViewLayout, dim: int, mode: str,
-                 swap_interval: int, reference_axis: Optional[int], num_views: int, *,
-                 compile: bool = False, cuda_graphs: bool = False,
+    Attributes:
+        adapter: the pipeline family's adapter (its ``predict`` is the model call).
+        conditions: the encoded prompts, one row per distinct prompt.
+        view_rows: prompt index of every scheduler row of the views (``num_views * B``,
+            window-major).
+        reference_rows: prompt index of the reference window's rows (``B``), or None
+            when no reference is used.
+        guidance_scale: classifier-free guidance scale (off when <= 1).
+        timesteps: the schedule (on the model's device).
+        chunk_rows: windows' rows per model call (``view_batch_size * B``).
+        layout, dim: the views' geometry and the latent's long axis.
+        merge_mode, swap_interval, reference_axis: the merge of :func:`merge_step`.
+    """
+
+    adapter: Adapter
+    conditions: Conditions
+    view_rows: torch.Tensor
+    reference_rows: Optional[torch.Tensor]
+    guidance_scale: float
+    timesteps: torch.Tensor
+    chunk_rows: int
+    layout: ViewLayout
+    dim: int
+    merge_mode: str
+    swap_interval: int
+    reference_axis: Optional[int]
+
+
+class _Batch:
+    """The model calls of one batch composition (views only, or views + reference).
+
+    Conditions of every chunk are taken once here, not per step (``Conditions.take`` indexes
+    with a host tensor: on CUDA a host-to-device copy, i.e. a host sync, every step).
+    """
+
+    def __init__(self, config: StepConfig, rows: torch.Tensor) -> None:
+        total, size = int(rows.shape[0]), config.chunk_rows
+        self.chunks: List[Chunk] = [(r, min(r + size, total), config.conditions.take(rows[r:r + size]))
+                                    for r in range(0, total, size)]
+        self.graphed: Optional[_GraphedModelStep] = None
+
+
+class StepRunner:
+    """The model and merge calls of one ``JointDiffusion.__call__``, set up once before the loop.
+
+    Two batch compositions exist: the views plus the reference window (while it guides)
+    and the views alone; each has its chunks (and, under ``cuda_graphs``, its own graph).
+    """
+
+    def __init__(self, config: StepConfig, *, compile: bool = False, cuda_graphs: bool = False,
                  merge: Optional[Callable[..., None]] = None) -> None:
-        self.adapter, self.guidance_scale = adapter, guidance_scale
-        rows = int(rows_prompt.shape[0])
-        self.chunks: List[Chunk] = [(r, min(r + chunk_rows, rows), cond.take(rows_prompt[r:r + chunk_rows]))
-                                    for r in range(0, rows, chunk_rows)]
-        self.timesteps = timesteps
+        self.config = config
+        self._views = _Batch(config, config.view_rows)
+        self._with_reference = (_Batch(config, torch.cat([config.view_rows, config.reference_rows]))
+                                if config.reference_rows is not None else None)
         # The scheduler's copy of the schedule on the host: see the module docstring.
+        timesteps = config.timesteps
         self.scheduler_timesteps = timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps
-        self.merge_args = (num_views, intern_layout(layout), dim, mode, swap_interval, reference_axis)
+        self.merge_args = (intern_layout(config.layout), config.dim, config.merge_mode, config.swap_interval,
+                           config.reference_axis)
         self.cuda_graphs = cuda_graphs
-        self._predict: Callable[..., torch.Tensor] = adapter.predict
+        self._predict: Callable[..., torch.Tensor] = config.adapter.predict
         self._merge: Callable[..., None] = merge if merge is not None else merge_step
         if compile:
             # dynamic=False: every step has the same shapes; a static graph is what both
             # inductor and a later CUDA-graph capture want.
-            self._predict = torch.compile(adapter.predict, dynamic=False, backend=COMPILE_BACKEND)
+            self._predict = torch.compile(config.adapter.predict, dynamic=False, backend=COMPILE_BACKEND)
             if merge is None:
                 self._merge = compiled_merge_step()
-        self._graphed: Optional[_GraphedModelStep] = None
 
     def scheduler_timestep(self, i: int) -> Any:
         return self.scheduler_timesteps[i]
 
-    def predict(self, model_in: torch.Tensor, i: int) -> torch.Tensor:
-        t = self.timesteps[i]
+    def predict(self, model_in: torch.Tensor, i: int, with_reference: bool) -> torch.Tensor:
+        """Model outputs for ``model_in``: the views' rows, then (``with_reference``) the reference's."""
+        batch = self._with_reference if with_reference else self._views
+        if batch is None:
+            raise ValueError("this generation has no reference window")
+        t = self.config.timesteps[i]
         if self.cuda_graphs:
-            if self._graphed is None:
-                static = StaticModelStep(self._predict, self.chunks, self.guidance_scale, model_in, t)
-                self._graphed = _GraphedModelStep(static, model_in, t)
-            return self._graphed(model_in, t)
-        return torch.cat([self._predict(model_in[a:b], t, c, self.guidance_scale) for a, b, c in self.chunks])
+            if batch.graphed is None:
+                static = StaticModelStep(self._predict, batch.chunks, self.config.guidance_scale, model_in, t)
+                batch.graphed = _GraphedModelStep(static, model_in, t)
+            return batch.graphed(model_in, t)
+        scale = self.config.guidance_scale
+        return torch.cat([self._predict(model_in[a:b], t, c, scale) for a, b, c in batch.chunks])
 
-    def merge(self, state: torch.Tensor, with_reference: bool) -> None:
-        self._merge(state, *self.merge_args, with_reference)
+    def merge(self, views: torch.Tensor, reference: Optional[torch.Tensor]) -> None:
+        self._merge(views, reference, *self.merge_args)
 
 
 def check_cuda_graphs(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""Decoding the long latent: whole, per view then stitched, or tiled with bounded memory (SPEC 2.4).
+"""Decoding the long latent: whole, per view then stitched, or tiled with bounded memory (docs/method.md, section 8).
 
 All three take the adapter's two decoding stages: ``decode_latents`` (the VAE: latent ->
 mel spectrogram / pixels, ``decoded_scale`` columns per latent column) and ``finalize``
@@ -60,7 +60,8 @@ def decode_full(adapter: Adapter, latent: torch.Tensor, loop: bool) -> torch.Ten
 
 
 def _decoded_layout(layout: ViewLayout, scale: int) -> ViewLayout:
-    return ViewLayout(layout.length * scale, layout.window * scale, layout.overlap * scale, layout.loop)
+    return ViewLayout(layout.length * scale, layout.window * scale, layout.overlap * scale, layout.loop,
+                      tuple(s * scale for s in layout.starts) if not layout.uniform else ())
 
 
 def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,

@@ -57,7 +57,7 @@ def _odd(offset: int, swap_interval: int) -> bool:
 
 def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
     """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
-    w, W, s = layout.window, layout.length, layout.stride
+    w, W = layout.window, layout.length
     tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, SPEC section 2)
     for col in range(W):
         cover = layout.coverage(col)                      # [(view, local)]
@@ -74,9 +74,10 @@ def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
         if len(cover) == 1:
             sources, weights = cells, [1.0]
         elif mode == "swap":
-            # The pair (i, j): view i holds the overlap in its right part (local >= stride),
-            # view j in its left part at overlap offset q (SPEC: p = floor(q / w_swap) mod 2).
-            (vi, ki), (vj, kj) = cover if cover[0][1] >= s else cover[::-1]
+            # The pair (i, j): view i holds the overlap in its right part (the larger local
+            # column), view j in its left part at overlap offset q = kj (Eq. 9:
+            # p = floor(q / w_swap) mod 2).
+            (vi, ki), (vj, kj) = cover if cover[0][1] > cover[1][1] else cover[::-1]
             winner = vj * w + kj if _odd(kj, swap_interval) else vi * w + ki
             sources, weights = [winner], [1.0]
         else:

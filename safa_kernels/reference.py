@@ -56,13 +56,14 @@ def stitch(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap"
         out = views.new_empty(shape)
         for i in range(layout.num_views):
             out.index_copy_(dim, _cols(layout, i, views.device), views[i])
-        q = torch.arange(layout.overlap, device=views.device)
-        mshape = [1] * ndim
-        mshape[dim] = layout.overlap
-        take_right_view = _parity(q, swap_interval).view(mshape)
         for i, j in layout.neighbour_pairs():
+            o = layout.pair_overlap(i)  # a spaced layout's overlaps differ by a column
+            q = torch.arange(o, device=views.device)
+            mshape = [1] * ndim
+            mshape[dim] = o
+            take_right_view = _parity(q, swap_interval).view(mshape)
             left_part_of_j = views[j].index_select(dim, q)
-            right_part_of_i = views[i].index_select(dim, layout.stride + q)
+            right_part_of_i = views[i].index_select(dim, layout.window - o + q)
             cols = _cols(layout, j, views.device)[q]
             out.index_copy_(dim, cols, torch.where(take_right_view, left_part_of_j, right_part_of_i))
     elif mode in ("mean", "triangular"):

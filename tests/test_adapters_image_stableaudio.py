@@ -41,26 +41,24 @@ def pipes():
     return built
 
 
-# Requested sizes, chosen so that (a) the open layout must be cropped (not a multiple of the VAE
-# factor / of a stride) and (b) a loop layout of exactly that many latent columns exists, so no
-# covering-and-crop warning: SD window 64, width 1001 px -> 126 columns (loop strides 42 / 63);
-# SDXL / SD3 window 32, 601 px -> 76 columns (stride 19); Stable Audio window 64 frames,
-# 5.85 s -> 126 frames (stride 42 / 63), 257985 samples at 44.1 kHz.
-SIZES = {"sd": dict(width=1001), "sdxl": dict(width=601), "sd3": dict(width=601),
-         "stable_audio": dict(seconds=5.85)}
-CLASSES = ["sd", "sdxl", "sd3", pytest.param("stable_audio", marks=needs_torchsde)]
-
-
+# Requested sizes, chosen so that the open layout must be cropped (not a multiple of the VAE
+# factor / of a stride): SD window 64, width 1001 px -> 126 columns; SDXL / SD3 window 32,
+# 601 px -> 76 columns; Stable Audio window 64 frames, 5.85 s -> 126 frames, 257985 samples.
 # Panorama height for the tests: 16 latent rows instead of a square window keeps the UNet and
 # VAE cost down by 4x; the long axis (what these tests are about) keeps the native window.
 TEST_HEIGHT = 128
+SIZES = {"sd": dict(width=1001, height=TEST_HEIGHT), "sdxl": dict(width=601, height=TEST_HEIGHT),
+         "sd3": dict(width=601, height=TEST_HEIGHT), "stable_audio": dict(seconds=5.85)}
+# A loop is a whole number of latent columns (else its loop point falls inside one) and about
+# 1.6 windows for two views at overlap 0.2: 102 columns (816 px, or 102 Stable Audio frames of
+# 2048 samples at 44.1 kHz) for window 64, 52 columns (416 px) for window 32.
+LOOP_SIZES = {"sd": dict(width=816, height=TEST_HEIGHT), "sdxl": dict(width=416, height=TEST_HEIGHT),
+              "sd3": dict(width=416, height=TEST_HEIGHT), "stable_audio": dict(seconds=102 * 2048 / 44100)}
+CLASSES = ["sd", "sdxl", "sd3", pytest.param("stable_audio", marks=needs_torchsde)]
 
 
 def _jd(pipe) -> JointDiffusion:
-    jd = JointDiffusion(pipe)
-    if jd.adapter.kind == "image":
-        jd.adapter.height = TEST_HEIGHT
-    return jd
+    return JointDiffusion(pipe)
 
 
 @pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
@@ -68,9 +66,8 @@ def _jd(pipe) -> JointDiffusion:
 @pytest.mark.parametrize("name", CLASSES)
 def test_exact_length_every_method(pipes, name, method, loop):
     jd = _jd(pipes[name])
-    size = SIZES[name]
+    size = (LOOP_SIZES if loop else SIZES)[name]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no "not seamless" fallback for these sizes
         warnings.filterwarnings("ignore", module="torchsde")  # its own float-rounding chatter
         r = jd("a mountain range at dawn", method=method, loop=loop, num_inference_steps=2,
                guidance_scale=3.0, generator=_gen(), output_type="np", **size)
@@ -79,7 +76,7 @@ def test_exact_length_every_method(pipes, name, method, loop):
     if name == "stable_audio":
         # (B, channels, samples) with time last, stereo at 44.1 kHz
         assert r.sample_rate == 44100
-        assert r.audio.shape == (1, 2, int(round(5.85 * 44100)))
+        assert r.audio.shape == (1, 2, int(round(size["seconds"] * 44100)))
         assert r.latent.shape[:2] == (1, 64) and r.latent.shape[-1] == r.layout.length
         out = r.audio
     else:
@@ -99,22 +96,51 @@ def test_default_output_is_pil_of_requested_width(pipes):
     assert len(r.images) == 1 and r.images[0].size == (600, 512)
 
 
-def test_height_is_configurable(pipes):
-    jd = JointDiffusion(pipes["sd3"])
-    assert jd.adapter.latent_shape(1, 40) == (1, 4, 32, 40)  # default: the native (square) window
-    jd.adapter.height = 64
-    r = jd("a mountain range", width=300, num_inference_steps=1, guidance_scale=1.0, generator=_gen(),
+def test_height_is_a_call_argument(pipes):
+    jd = JointDiffusion(pipes["sd"])
+    assert jd.adapter.latent_shape(1, 40) == (1, 4, 64, 40)  # default: the native (square) window
+    r = jd("a mountain range", width=600, height=64, num_inference_steps=1, guidance_scale=1.0, generator=_gen(),
            output_type="np")
-    assert r.images.shape == (1, 64, 300, 3)
-    jd.adapter.height = 100  # not a multiple of the VAE factor
-    with pytest.raises(ValueError, match="multiple of 8"):
-        jd("x", width=300, num_inference_steps=1)
+    assert r.images.shape == (1, 64, 600, 3) and r.latent.shape[-2] == 8
+    for bad in (100, 0, -8, 64.0, True):  # not a positive int multiple of the VAE factor
+        with pytest.raises(ValueError, match=r"height must be a positive multiple of 8 pixels"):
+            jd("x", width=600, height=bad, num_inference_steps=1)
+    # SD3's transformer patchifies 2x2 latent cells: a multiple of 16 px, as its pipeline requires
+    with pytest.raises(ValueError, match=r"height must be a positive multiple of 16 pixels"):
+        JointDiffusion(pipes["sd3"])("x", width=600, height=72, num_inference_steps=1)
+
+
+def test_panorama_narrower_than_a_window_equals_the_pipeline(pipes):
+    """Below one window the wrapper is the pipeline: one view of the requested size."""
+    pipe = pipes["sd"]
+    common = dict(height=TEST_HEIGHT, width=200, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    theirs = pipe("a mountain range", generator=_gen(3), **common).images
+    for method in METHODS:
+        ours = JointDiffusion(pipe)("a mountain range", method=method, generator=_gen(3), **common)
+        assert ours.layout.num_views == 1 and ours.layout.window == 25  # 200 px = 25 latent columns
+        np.testing.assert_allclose(ours.images, theirs, rtol=1e-4, atol=1e-5)
+
+
+@needs_torchsde
+def test_stable_audio_shorter_than_a_window_equals_the_pipeline(pipes):
+    """Stable Audio's pipeline denoises its whole window, conditioned on (0, audio_end_in_s), and
+    cuts the audio there: so does the wrapper below one window."""
+    pipe = pipes["stable_audio"]
+    common = dict(num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="torchsde")
+        theirs = pipe("rain", audio_end_in_s=1.5, generator=_gen(5), **common).audios
+        ours = JointDiffusion(pipe)("rain", 1.5, generator=_gen(5), **common)
+    assert ours.layout.num_views == 1 and ours.layout.window == pipe.transformer.config.sample_size
+    assert ours.audio.shape == theirs.shape == (1, 2, int(1.5 * 44100))
+    np.testing.assert_allclose(ours.audio, theirs, rtol=1e-4, atol=1e-5)
 
 
 def _one_view_pair(pipe, name: str, guidance: float, negative):
     """(JointDiffusion output, pipeline output) for one native window, same seed and latent."""
     jd = _jd(pipe)
-    shape = jd.adapter.latent_shape(1, jd.adapter.native_window())
+    height = None if name == "stable_audio" else TEST_HEIGHT
+    shape = jd.adapter.latent_shape(1, jd.adapter.native_window(), height)
     latents = torch.randn(shape, generator=_gen(7))
     common = dict(num_inference_steps=3, guidance_scale=guidance, negative_prompt=negative, output_type="np")
     if name == "stable_audio":
@@ -129,7 +155,7 @@ def _one_view_pair(pipe, name: str, guidance: float, negative):
         assert abs(ours.audio.shape[-1] - theirs.shape[-1]) <= 1
         return ours.audio[..., :n], theirs[..., :n]
     side = jd.adapter.native_window() * pipe.vae_scale_factor
-    ours = jd("a mountain range", width=side, generator=_gen(), latents=latents, **common)
+    ours = jd("a mountain range", width=side, height=TEST_HEIGHT, generator=_gen(), latents=latents, **common)
     theirs = pipe("a mountain range", height=TEST_HEIGHT, width=side, generator=_gen(), latents=latents.clone(),
                   **common).images
     assert ours.layout.num_views == 1
@@ -154,7 +180,7 @@ def test_panorama_pipeline_class_is_supported(pipes):
     from diffusers import StableDiffusionPanoramaPipeline
     sd = pipes["sd"]
     pano = StableDiffusionPanoramaPipeline(**sd.components, requires_safety_checker=False)
-    kw = dict(width=601, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    kw = dict(width=601, height=TEST_HEIGHT, num_inference_steps=2, guidance_scale=3.0, output_type="np")
     a = _jd(sd)("a mountain range", generator=_gen(), **kw).images
     b = _jd(pano)("a mountain range", generator=_gen(), **kw).images
     np.testing.assert_array_equal(a, b)
@@ -185,12 +211,12 @@ def test_sdxl_time_ids_are_built_once_per_device(pipes, monkeypatch):
 def test_stable_audio_timing_is_per_window(pipes):
     pipe = pipes["stable_audio"]
     adapter = JointDiffusion(pipe).adapter
-    start, end = adapter._duration_states(64, torch.float32)
+    start, end = adapter._duration_states(64 * 2048 / 44100, torch.float32)
     ref_start, ref_end = pipe.encode_duration(0.0, 64 * 2048 / 44100, adapter.device, False, 1)
     assert torch.equal(start, ref_start) and torch.equal(end, ref_end)
     # a window longer than the conditioner's range (512 s in the real model) is refused clearly
     with pytest.raises(ValueError, match="timing conditioner"):
-        adapter._duration_states(int(600 * 44100 / 2048), torch.float32)
+        adapter._duration_states(600.0, torch.float32)
 
 
 @needs_torchsde
@@ -214,9 +240,9 @@ def test_stable_audio_tiled_decode_equals_full(pipes):
 @pytest.mark.parametrize("name", ["sd", "sd3"])
 def test_image_decode_modes_give_the_requested_size(pipes, name, decode):
     jd = _jd(pipes[name])
-    r = jd("a mountain range", width=SIZES[name]["width"], loop=True, num_inference_steps=1, guidance_scale=1.0,
+    r = jd("a mountain range", **LOOP_SIZES[name], loop=True, num_inference_steps=1, guidance_scale=1.0,
            generator=_gen(), decode=decode, output_type="np")
-    assert r.images.shape == (1, TEST_HEIGHT, SIZES[name]["width"], 3)
+    assert r.images.shape == (1, TEST_HEIGHT, LOOP_SIZES[name]["width"], 3)
     assert np.isfinite(r.images).all()
 
 
@@ -238,9 +264,9 @@ def test_sd_every_scheduler(pipes, scheduler):
     pipe = _with_scheduler(pipes["sd"], scheduler)
     pipe.set_progress_bar_config(disable=True)
     for method in METHODS:
-        r = _jd(pipe)("a mountain range", width=601, method=method, loop=True, num_inference_steps=3,
+        r = _jd(pipe)("a mountain range", width=816, height=TEST_HEIGHT, method=method, loop=True, num_inference_steps=3,
                       guidance_scale=3.0, generator=_gen(), output_type="np")
-        assert r.images.shape == (1, TEST_HEIGHT, 601, 3) and np.isfinite(r.images).all()
+        assert r.images.shape == (1, TEST_HEIGHT, 816, 3) and np.isfinite(r.images).all()
     ours, theirs = _one_view_pair(pipe, "sd", 3.0, None)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -258,10 +284,10 @@ def test_sd3_dynamic_shift_is_that_of_one_window(pipes):
     ours, theirs = _one_view_pair(pipe, "sd3", 4.0, None)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     jd = _jd(pipe)
-    one = jd.adapter.set_timesteps(4, 32).clone()
-    assert not torch.equal(jd.adapter.set_timesteps(4, 128), one)  # the shift does depend on the width
+    one = jd.adapter.set_timesteps(4, (1, 4, 16, 32)).clone()
+    assert not torch.equal(jd.adapter.set_timesteps(4, (1, 4, 16, 128)), one)  # the shift depends on the size
     seen = []
-    jd("a mountain range", width=1000, num_inference_steps=4, guidance_scale=1.0, generator=_gen(),
+    jd("a mountain range", width=1000, height=TEST_HEIGHT, num_inference_steps=4, guidance_scale=1.0, generator=_gen(),
        output_type="latent", callback_on_step_end=lambda j, i, t, kw: seen.append(float(t)))
     assert seen == one.tolist()
 
@@ -277,3 +303,23 @@ def test_stable_audio_rotary_tables_live_on_the_denoiser_device(pipes, monkeypat
     monkeypatch.setattr(type(adapter), "device", property(lambda self: torch.device("meta")))
     cos, sin = adapter._rotary_embedding(64)
     assert cos.device.type == sin.device.type == "meta"
+
+
+@pytest.mark.parametrize("circular", [False, True], ids=["open", "circular"])
+def test_drop_in_for_diffusers_panorama_pipeline(pipes, circular):
+    """diffusers' MultiDiffusion panorama pipeline (window 64, stride 8, optional circular padding)
+    and JointDiffusion with method="multidiffusion" at the same window and stride give the same
+    latents for the same noise: a user can switch, then try SaFa."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+    sd = pipes["sd"]
+    pano = StableDiffusionPanoramaPipeline(**{**sd.components, "scheduler": DDIMScheduler.from_config(
+        sd.scheduler.config)}, requires_safety_checker=False)
+    pano.set_progress_bar_config(disable=True)
+    height, width = TEST_HEIGHT, 768  # 96 latent columns: 5 views at stride 8, or a loop of 12
+    common = dict(height=height, width=width, num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    theirs = pano("a mountain range", generator=_gen(11), circular_padding=circular, **common).images
+    ours = JointDiffusion(pano)("a mountain range", method="multidiffusion", window=64, overlap=56 / 64,
+                                loop=circular, generator=_gen(11), **common)
+    assert ours.layout.window == 64 and ours.layout.stride == 8 and ours.layout.uniform
+    assert ours.layout.num_views == (12 if circular else 5)
+    torch.testing.assert_close(ours.latent, theirs, rtol=1e-4, atol=1e-4)

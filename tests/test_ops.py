@@ -36,7 +36,11 @@ def cases(draw, modes=sk.MODES):
     min_views = max(2, -(-window // stride)) if loop else 1
     num_views = draw(st.integers(min_views, max(min_views, 9)))
     length = num_views * stride if loop else window + (num_views - 1) * stride
-    layout = ViewLayout(length, window, overlap, loop)
+    # Spaced layouts: a few more columns spread over the strides (overlaps o and o - 1).
+    extra = draw(st.integers(0, max(0, num_views - (1 if loop else 2)))) if overlap >= 1 else 0
+    layout = (ViewLayout.spaced(length + extra, window, num_views, loop) if extra
+              else ViewLayout(length, window, overlap, loop))
+    length = layout.length
     ndim = draw(st.integers(1, 4))
     shape = [draw(st.integers(1, 3)) for _ in range(ndim)]
     dim = draw(st.integers(-ndim, ndim - 1))
@@ -46,6 +50,52 @@ def cases(draw, modes=sk.MODES):
     return dict(layout=layout, shape=shape, dim=dim, mode=mode, swap_interval=draw(st.integers(1, 4)),
                 with_reference=with_reference, reference_axis=reference_axis,
                 strided=draw(st.sampled_from(["contiguous", "permuted", "sliced"])))
+
+
+def brute_force_stitch(views, layout, mode, swap_interval):
+    """The merge rules written out column by column on a 1-D latent (an oracle independent of
+    the reference's per-pair vectorised code): one view -> copy; swap -> of the two views, the
+    one holding the column in its right part (the larger local column) unless the other's
+    local column q has floor(q / w_swap) odd; mean / triangular weights otherwise."""
+    w = layout.window
+    out = []
+    for col in range(layout.length):
+        cover = layout.coverage(col)
+        assert cover and all(layout.columns(v)[k] == col for v, k in cover)
+        if len(cover) == 1:
+            out.append(views[cover[0][0], cover[0][1]])
+        elif mode == "swap":
+            (vi, ki), (vj, kj) = sorted(cover, key=lambda c: -c[1])
+            out.append(views[vj, kj] if (kj // swap_interval) % 2 else views[vi, ki])
+        else:
+            wts = [1.0 if mode == "mean" else float(min(k + 1, w - k)) for _, k in cover]
+            out.append(sum(wt * views[v, k] for wt, (v, k) in zip(wts, cover)) / sum(wts))
+    return torch.stack(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sk.MODES), st.booleans(), st.integers(2, 12), st.integers(1, 8), st.integers(0, 7),
+       st.integers(1, 3))
+def test_spaced_layouts_follow_the_merge_rules(mode, loop, window, num_views, extra, swap_interval):
+    # Views spread evenly over lengths that no uniform stride fits.
+    overlap = min(window // 3 + 1, window // 2) if mode == "swap" else window - 1
+    stride = window - overlap
+    num_views = max(num_views, 2 if loop else 1, -(-window // stride) if loop else 1)
+    length = (num_views * stride if loop else window + (num_views - 1) * stride) + extra % num_views
+    layout = ViewLayout.spaced(length, window, num_views, loop)
+    assert layout.length == length and layout.num_views == num_views
+    strides = [layout.view_stride(v) for v in range(num_views - (0 if loop else 1))]
+    assert max(strides, default=0) - min(strides, default=0) <= 1
+    # coverage() is the exact inverse of columns(): every cell over exactly one column
+    cells = sorted((v, k) for c in range(length) for v, k in layout.coverage(c))
+    assert cells == [(v, k) for v in range(num_views) for k in range(window)]
+    if mode == "swap" and 2 * layout.overlap > window:
+        return
+    views = torch.randn(num_views, window, dtype=torch.float64)
+    expected = brute_force_stitch(views, layout, mode, swap_interval)
+    torch.testing.assert_close(reference.stitch(views, layout, 0, mode, swap_interval), expected)
+    for backend in KERNELS:
+        torch.testing.assert_close(stitch(views, layout, 0, mode, swap_interval, backend=backend), expected)
 
 
 def make(shape, strided, generator, dtype=torch.float32, lead=0):

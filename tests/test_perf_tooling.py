@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from safa import accel, profiling
+from safa.methods import get_method
 from safa.sampler import METHODS, JointDiffusion
 from safa_kernels import ViewLayout
 from safa_kernels.ops import available_backends
@@ -28,7 +29,7 @@ def gpu(test):
 
 
 # 0.64 s windows (16 latent columns) over 1.6 s: 3 views with 3 overlapping columns.
-SMALL = dict(seconds=1.6, window=0.64, guidance_scale=1.0, guide=1.0, output_type="latent")
+SMALL = dict(seconds=1.6, window=0.64, guidance_scale=1.0, output_type="latent")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,16 @@ def pipe():
 def run(jd: JointDiffusion, steps: int = 2, seed: int = 0, **kw) -> torch.Tensor:
     device = jd.adapter.device
     args = dict(SMALL, **kw)
+    if args.get("method", "safa") == "safa":
+        args.setdefault("guide", 1.0)  # the reference swap in every step
     return jd("rain", num_inference_steps=steps, generator=torch.Generator(device=device).manual_seed(seed),
               **args).latent
 
 
 # -- the profile --------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", list(METHODS))
+# MAD also merges inside the model (stitch + gather per self-attention call while it is on):
+# tests/test_baselines.py counts those.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "mad"])
 def test_merge_is_one_op_per_step(pipe, method):
     """Every method's whole merge (SaFa: self-loop swap + reference swap) is ONE safa::merge_* op."""
     jd = JointDiffusion(pipe)
@@ -84,17 +89,17 @@ def test_analyse_attributes_ops_to_ranges():
 @pytest.mark.parametrize("mode,with_reference", [("swap", True), ("swap", False), ("mean", False)])
 def test_naive_merge_step_equals_ours(mode, with_reference):
     layout = ViewLayout.covering(70, 16, 5)
-    state = torch.randn(layout.num_views + 1, 2, 3, 16, 4)
-    expected = state.clone()
-    accel.merge_step(expected, layout.num_views, layout, -2, mode, 2, -2, with_reference)
-    got = state.clone()
-    profiling.naive_merge_step(got, layout.num_views, layout, -2, mode, 2, -2, with_reference)
+    views, ref = torch.randn(layout.num_views, 2, 3, 16, 4), torch.randn(2, 3, 16, 4)
+    ref = ref if with_reference else None
+    expected = views.clone()
+    accel.merge_step(expected, ref, layout, -2, mode, 2, -2)
+    got = views.clone()
+    profiling.naive_merge_step(got, ref, layout, -2, mode, 2, -2)
     if mode == "swap":
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(got[:-1], state[:-1])  # the merge did something
-    assert torch.equal(got[-1], state[-1])  # the reference window is read, never written
+    assert not torch.equal(got, views)  # the merge did something
 
 
 def test_profile_cli_compare_writes_traces(tmp_path, capsys):
@@ -125,18 +130,19 @@ def test_profile_cli_rejects_what_naive_cannot_do(capsys):
 # -- torch.compile -------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(METHODS))
 def test_merge_step_compiles_without_graph_breaks(method):
-    mode, uses_reference = METHODS[method]
+    m = get_method(method)
+    mode = m.merge_mode
     layout = accel.intern_layout(ViewLayout.covering(90, 16, 5 if mode == "swap" else 7))
-    state = torch.randn(layout.num_views + 1, 2, 3, 16, 4)
-    for with_reference in {False, uses_reference}:
-        args = (layout.num_views, layout, -2, mode, 1, -2, with_reference)
-        explained = torch._dynamo.explain(accel.merge_step)(state.clone(), *args)
+    views = torch.randn(layout.num_views, 2, 3, 16, 4)
+    for ref in {None, torch.randn(2, 3, 16, 4) if m.reference_steps(1) else None}:
+        args = (layout, -2, mode, 1, -2)
+        explained = torch._dynamo.explain(accel.merge_step)(views.clone(), ref, *args)
         assert explained.graph_break_count == 0 and explained.graph_count == 1
         targets = [str(n.target) for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
         assert sum("merge_" in t for t in targets) == 1, targets
-        expected, got = state.clone(), state.clone()
-        accel.merge_step(expected, *args)
-        accel.compiled_merge_step()(got, *args)  # fullgraph=True: a graph break would raise
+        expected, got = views.clone(), views.clone()
+        accel.merge_step(expected, ref, *args)
+        accel.compiled_merge_step()(got, ref, *args)  # fullgraph=True: a graph break would raise
         assert torch.equal(got, expected)
 
 
@@ -270,3 +276,12 @@ def test_merge_is_one_launch_per_step_on_cuda(pipe, backend):
         pipe.to("cpu")
     for s in profiling.analyse(prof.events()):
         assert s.merge_ops == 1 and s.launches["merge"] == 1, s
+
+
+def test_interned_layouts_are_bounded(monkeypatch):
+    monkeypatch.setattr(accel, "_LAYOUTS", type(accel._LAYOUTS)())  # this test's own table
+    layouts = [ViewLayout(16 + 11 * k, 16, 5) for k in range(2 * accel.MAX_INTERNED_LAYOUTS)]  # all distinct
+    for layout in layouts:
+        assert accel.intern_layout(layout) is layout
+    assert len(accel._LAYOUTS) == accel.MAX_INTERNED_LAYOUTS
+    assert layouts[0] not in accel._LAYOUTS and layouts[-1] in accel._LAYOUTS  # oldest out first

@@ -33,7 +33,7 @@ def _musicldm_embeds(pipe) -> dict[str, torch.Tensor]:
 
 
 # name -> (factory, call kwargs builder, expected decoded output shape, expected latent shape)
-# Latent layouts are the SPEC's: (B, 8, T, 16) at 25 frames/s for the AudioLDM family,
+# Latent layouts (docs/method.md, section 1): (B, 8, T, 16) at 25 frames/s for the AudioLDM family,
 # (B, 64, T) for Stable Audio, (B, 4, H/8, W/8) for images.
 _AUDIO_KW = dict(audio_length_in_s=2.56)
 CASES: dict[str, tuple[Callable[..., Any], Callable[[Any], dict], tuple, tuple]] = {

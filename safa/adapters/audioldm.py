@@ -9,7 +9,7 @@ were trained on; SaFa's default window).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ class AudioLDMAdapter(Adapter):
     pipeline_classes = ("AudioLDMPipeline",)
     kind = "audio"
     long_dim = -2
-    reference_axis = -2  # audio: the reference swap alternates along time (SPEC 2.3)
+    reference_axis = -2  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -2
     decode_context = 8  # latent frames each side of a tile: covers the VAE decoder's receptive field
 
@@ -51,42 +51,46 @@ class AudioLDMAdapter(Adapter):
     def native_window(self) -> int:
         return max(1, int(round(NATIVE_WINDOW_SECONDS * self.frames_per_second)))
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
         bins = int(self.pipe.vocoder.config.model_in_dim) // self.decoded_scale
         return (batch_size, int(self.pipe.unet.config.in_channels), int(length), bins)
 
     # -- conditions ------------------------------------------------------------------------
-    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
-        """The pipeline's own encoder; returns a tuple of tensors, each ``[neg; pos]`` rows under CFG."""
-        return (self.pipe._encode_prompt(prompts, self.device, 1, cfg, negative),)
+    def _encode(self, prompts: Optional[list], negative: Optional[list], cfg: bool,
+                **embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The pipeline's own encoder; returns a tuple of tensors, each ``[neg; pos]`` rows under CFG.
+
+        ``prompts`` is None when ``embeds`` (``prompt_embeds`` and friends) are given.
+        """
+        return (self.pipe._encode_prompt(prompts, self.device, 1, cfg, negative, **embeds),)
 
     _keys: Tuple[str, ...] = ("class_labels",)
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def _conditions(self, rows: int, cfg: bool, prompts: Optional[list], negative: Optional[list],
+                    **embeds: torch.Tensor) -> Conditions:
+        with torch.no_grad():
+            tensors = self._encode(prompts, negative, cfg, **embeds)
+        if cfg:  # the pipelines return cat([negative, positive]) along dim 0
+            return Conditions({k: v[rows:] for k, v in zip(self._keys, tensors)},
+                              {k: v[:rows] for k, v in zip(self._keys, tensors)})
+        return Conditions(dict(zip(self._keys, tensors)))
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
         prompts = list(prompts)
         cfg = guidance_scale > 1.0  # the pipelines' own rule for classifier-free guidance
-        negative = [negative_prompt or ""] * len(prompts) if cfg else None
-        with torch.no_grad():
-            tensors = self._encode(prompts, negative, cfg)
-        p = len(prompts)
-        if cfg:  # the pipelines return cat([negative, positive]) along dim 0
-            return Conditions({k: v[p:] for k, v in zip(self._keys, tensors)},
-                              {k: v[:p] for k, v in zip(self._keys, tensors)})
-        return Conditions(dict(zip(self._keys, tensors)))
+        negative = (list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)) if cfg else None
+        return self._conditions(len(prompts), cfg, prompts, negative)
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        # No negative embedding: the pipeline encodes "" itself for the unconditional branch.
+        return self._conditions(int(embeds["prompt_embeds"].shape[0]), guidance_scale > 1.0, None, None, **embeds)
 
     # -- denoiser --------------------------------------------------------------------------
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.pipe.unet(x, t, encoder_hidden_states=None, class_labels=c["class_labels"]).sample
-
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        if cond.negative is None:
-            return self._unet(latents, t, cond.positive)
-        # Same batching as the pipelines: [uncond; cond] in one forward pass.
-        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
-        out = self._unet(torch.cat([latents, latents]), t, both)
-        uncond, text = out.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
 
     # -- decoding --------------------------------------------------------------------------
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
@@ -119,9 +123,15 @@ class MusicLDMAdapter(AudioLDMAdapter):
             feats = feats.pooler_output
         return feats.to(dtype=pipe.text_encoder.text_model.dtype, device=self.device)
 
-    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
-        pos = self._features(prompts)
-        return (torch.cat([self._features(negative), pos]) if cfg else pos,)
+    def _encode(self, prompts: Optional[list], negative: Optional[list], cfg: bool,
+                **embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        pos = embeds["prompt_embeds"] if prompts is None else self._features(prompts)
+        if not cfg:
+            return (pos,)
+        if negative is None and "negative_prompt_embeds" not in embeds:
+            negative = [""] * pos.shape[0]  # the pipeline's unconditional branch
+        neg = embeds["negative_prompt_embeds"] if negative is None else self._features(negative)
+        return (torch.cat([neg.to(pos.device), pos]),)
 
 
 @register_adapter
@@ -130,11 +140,14 @@ class AudioLDM2Adapter(AudioLDMAdapter):
 
     pipeline_classes = ("AudioLDM2Pipeline",)
     _keys = ("prompt_embeds", "attention_mask", "generated_prompt_embeds")
+    embeds_arguments = ()  # AudioLDM2 needs generated embeddings and masks too: prompts only here
 
-    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
+    def _encode(self, prompts: Optional[list], negative: Optional[list], cfg: bool,
+                **embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return tuple(self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative))
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.pipe.unet(x, t, encoder_hidden_states=c["generated_prompt_embeds"],
                               encoder_hidden_states_1=c["prompt_embeds"],
                               encoder_attention_mask_1=c["attention_mask"], return_dict=False)[0]

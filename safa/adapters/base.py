@@ -21,7 +21,7 @@ Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
 Axes: a *latent* is the pipeline's own latent tensor ``(B, ...)``. ``long_dim`` is the
 long (time / panorama width) axis, a negative index so it is valid for the latent with or
 without extra leading axes; ``reference_axis`` is the axis along which the reference swap
-alternates (SPEC 2.3: the long axis for audio, rows for images).
+alternates (paper Sec. 2.3, docs/method.md section 3: the long axis for audio, rows for images).
 
 Conditions: :meth:`encode_prompts` encodes a list of ``P`` prompts once; the sampler
 then asks :meth:`predict` for a batch of windows where row ``r`` uses prompt
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -44,8 +44,9 @@ class Conditions:
     """Encoded prompts. Every tensor in ``positive`` / ``negative`` has one row per prompt on dim 0.
 
     ``negative`` is None without classifier-free guidance. ``extra`` carries anything
-    per-call that is not per prompt (e.g. a guidance-scale tensor); it is passed through
-    :meth:`take` unchanged.
+    per-call that is not per prompt; it is passed through :meth:`take` unchanged. The
+    sampler sets ``extra["seconds"]``: the requested output length in seconds for audio
+    (None for images), for families conditioned on it (Stable Audio's timing).
     """
 
     positive: Dict[str, torch.Tensor]
@@ -119,6 +120,7 @@ class Adapter:
     decoded_scale: ClassVar[int] = 1
     finalize_scale: ClassVar[int] = 1
     decode_context: ClassVar[int] = 8
+    fixed_window: ClassVar[bool] = False  # the denoiser accepts its native window only
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -156,15 +158,54 @@ class Adapter:
             raise ValueError("width is required for image pipelines")
         return max(1, math.ceil(int(width) / (self.decoded_scale * self.finalize_scale)))
 
+    def length_in_columns(self, seconds: Optional[float] = None, width: Optional[int] = None) -> float:
+        """The requested length in latent columns, exactly (a loop must be a whole number of them)."""
+        if self.kind == "audio":
+            return float(seconds) * self.frames_per_second
+        return int(width) / (self.decoded_scale * self.finalize_scale)
+
+    def describe_columns(self, columns: float) -> str:
+        """A length in latent columns as users give it: seconds for audio, pixels for images."""
+        if self.kind == "audio":
+            return f"{columns / self.frames_per_second:.6g} s ({columns:.6g} latent frames)"
+        return f"{columns * self.decoded_scale * self.finalize_scale:.6g} px ({columns:.6g} latent columns)"
+
     def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
         """Output columns (samples / pixels) to crop the decoded output to."""
         if self.kind == "audio":
             return int(round(float(seconds) * self.sample_rate))
         return int(width)
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
-        """Shape of a latent with ``length`` columns on ``long_dim``."""
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
+        """Shape of a latent with ``length`` columns on ``long_dim``.
+
+        ``height``: the output height in pixels for image pipelines (None: the native
+        window's); audio adapters take None only (the sampler checks).
+        """
         raise NotImplementedError
+
+    def window_multiple(self) -> int:
+        """Window lengths (latent columns) the denoiser accepts are multiples of this (default 1)."""
+        return 1
+
+    def check_window(self, window: int) -> None:
+        """Raise ``ValueError`` unless the denoiser accepts windows of ``window`` latent columns."""
+        if self.fixed_window and window != self.native_window():
+            raise ValueError(f"this model is defined on windows of exactly {self.describe_columns(self.native_window())}, "
+                             f"got window {self.describe_columns(window)}")
+        m = self.window_multiple()
+        if window % m:
+            raise ValueError(f"window must be a multiple of {m} latent columns for this model, got {window}")
+
+    def short_window(self, columns: int) -> int:
+        """The window the wrapped pipeline itself denoises for an output of ``columns`` (< one window).
+
+        Below one window the sampler runs one view of this window and crops to ``columns``,
+        so its output is the pipeline's own. Default: ``columns`` rounded up to
+        :meth:`window_multiple` (the pipeline generates the requested length).
+        """
+        m = self.window_multiple()
+        return -(-columns // m) * m
 
     # -- sampling -------------------------------------------------------------------------
     @property
@@ -176,15 +217,31 @@ class Adapter:
         """Dtype of the latents (the denoiser's dtype)."""
         return self.pipe.unet.dtype
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
-        """Encode ``prompts`` (one row each) and, when ``guidance_scale > 1``, the shared negative prompt."""
+        """Encode ``prompts`` (one row each) and, when ``guidance_scale > 1``, their negative prompts.
+
+        ``negative_prompts`` is None (the pipeline's own unconditional branch, e.g. ``""``) or
+        one negative prompt per prompt.
+        """
         raise NotImplementedError
 
-    def set_timesteps(self, num_inference_steps: int, window: int) -> torch.Tensor:
+    # Call arguments of precomputed embeddings this family accepts (the wrapped pipeline's names).
+    embeds_arguments: ClassVar[Tuple[str, ...]] = ()
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        """Conditions from precomputed embeddings (``prompt_embeds`` and friends), one row per batch item.
+
+        ``embeds`` holds the call's embedding arguments by the pipeline's names (those in
+        :attr:`embeds_arguments`); without ``negative_prompt_embeds`` under guidance the
+        pipeline's own unconditional branch is encoded.
+        """
+        raise ValueError(f"prompt_embeds is not supported for {type(self.pipe).__name__} here; give prompt")
+
+    def set_timesteps(self, num_inference_steps: int, window_shape: Tuple[int, ...]) -> torch.Tensor:
         """Set the scheduler up for ``num_inference_steps``; return the timesteps to loop over.
 
-        ``window`` is the latent columns of one window (some pipelines shift the schedule
+        ``window_shape`` is the latent shape of one window (some pipelines shift the schedule
         by resolution).
         """
         self.pipe.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -213,11 +270,28 @@ class Adapter:
         return kwargs
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        """The scheduler-ready model output for a batch of windows.
+        """The scheduler-ready model output for a batch of windows, with classifier-free guidance.
 
         ``latents`` is ``(N, ...)`` already passed through ``scheduler.scale_model_input``;
-        ``cond`` holds N rows (from :meth:`Conditions.take`). Classifier-free guidance is
-        applied here when ``cond.negative`` is set.
+        ``cond`` holds N rows (from :meth:`Conditions.take`). With ``cond.negative`` set, the
+        unconditional and conditional branches run as one batch ``[uncond; cond]`` (the
+        pipelines' own batching) and are combined as
+        ``eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)`` (Ho & Salimans, 2022).
+        """
+        if cond.negative is None:
+            return self._denoise(latents, t, cond.positive, cond.extra)
+        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
+        if isinstance(t, torch.Tensor) and t.numel() > 1:  # one timestep per row: duplicate them too
+            t = torch.cat([t.reshape(-1), t.reshape(-1)])
+        uncond, text = self._denoise(torch.cat([latents, latents]), t, both, cond.extra).chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
+        """One call of the family's denoiser on ``x`` (``(N, ...)``) with per-row conditions ``c``.
+
+        ``c`` maps each condition name to a tensor with N rows (under guidance the batch is
+        already ``[uncond; cond]``); ``extra`` is :attr:`Conditions.extra`, unchanged.
         """
         raise NotImplementedError
 

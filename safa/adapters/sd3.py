@@ -8,7 +8,7 @@ actually denoises, not of the whole panorama.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -28,28 +28,31 @@ class StableDiffusion3Adapter(ImageAdapter):
     # Longest T5 prompt, the pipeline's default.
     max_sequence_length: int = 256
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0  # the pipeline's do_classifier_free_guidance
-        prompts, negative = self._split(prompts, negative_prompt, cfg)
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds")
+
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
             # negative_prompt=None: the pipeline encodes "" for the unconditional branch.
             pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-                num_images_per_prompt=1, do_classifier_free_guidance=cfg, negative_prompt=negative,
-                max_sequence_length=self.max_sequence_length)
+                prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg, max_sequence_length=self.max_sequence_length, **kwargs)
         positive = {"encoder_hidden_states": pos, "pooled_projections": pooled}
         negative_c = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled} if cfg else None
         return Conditions(positive, negative_c)
 
-    def set_timesteps(self, num_inference_steps: int, window: int) -> torch.Tensor:
+    def window_multiple(self) -> int:
+        # The transformer patchifies the latent into patch_size x patch_size tokens.
+        return int(self.denoiser.config.patch_size)
+
+    def set_timesteps(self, num_inference_steps: int, window_shape: Tuple[int, ...]) -> torch.Tensor:
         """The pipeline's schedule, with the resolution-dependent shift (``mu``) of one window."""
         scheduler = self.pipe.scheduler
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
             patch = int(self.denoiser.config.patch_size)
-            seq_len = (self.latent_rows() // patch) * (int(window) // patch)
+            seq_len = (int(window_shape[-2]) // patch) * (int(window_shape[-1]) // patch)
             kwargs["mu"] = calculate_shift(
                 seq_len,
                 scheduler.config.get("base_image_seq_len", 256),
@@ -60,7 +63,8 @@ class StableDiffusion3Adapter(ImageAdapter):
         scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
         return scheduler.timesteps
 
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.denoiser(hidden_states=x, timestep=t.expand(x.shape[0]),
                              encoder_hidden_states=c["encoder_hidden_states"],
                              pooled_projections=c["pooled_projections"], return_dict=False)[0]

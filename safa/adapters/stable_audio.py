@@ -11,6 +11,9 @@ conditioned on ``(0, window seconds)``, computed from the window actually denois
 whole output's length (which would ask for silence after the window's length, and exceeds the
 conditioner's range for long outputs). A window-sized call of the pipeline with its default
 ``audio_end_in_s`` uses exactly these values, which is what the one-view equivalence checks.
+Below one window the pipeline itself still denoises a whole window, conditioned on
+``(0, audio_end_in_s)``, and cuts the audio: so does the sampler (:meth:`short_window` is the
+native window, and the timing is ``(0, min(window, requested) seconds)``).
 
 Output: ``(B, channels, samples)`` (stereo for the released model), as the pipeline returns it.
 """
@@ -30,7 +33,7 @@ class StableAudioAdapter(Adapter):
     pipeline_classes = ("StableAudioPipeline",)
     kind = "audio"
     long_dim = -1
-    reference_axis = -1  # audio: the reference swap alternates along time (SPEC 2.3)
+    reference_axis = -1  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -1
     finalize_scale = 1
     # Latent frames of context each side of a decoded tile: the Oobleck decoder's whole receptive
@@ -45,7 +48,7 @@ class StableAudioAdapter(Adapter):
         # Rotary tables and duration states depend only on the window length (and live on the
         # denoiser's device, which a later pipe.to(...) changes): cache them per (length, device).
         self._rotary: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._duration: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._duration: Dict[Tuple[float, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- geometry -----------------------------------------------------------------------------
     @property
@@ -67,36 +70,41 @@ class StableAudioAdapter(Adapter):
     def native_window(self) -> int:
         return int(self.pipe.transformer.config.sample_size)
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
         return (batch_size, int(self.pipe.transformer.config.in_channels), int(length))
 
+    def short_window(self, columns: int) -> int:
+        # The pipeline always denoises its whole window (and cuts the audio at audio_end_in_s).
+        return self.native_window()
+
     # -- conditions ---------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
         pipe = self.pipe
         prompts = list(prompts)
         cfg = guidance_scale > 1.0  # the pipeline's own rule
         with torch.no_grad():
-            if cfg and negative_prompt is not None:
-                both = pipe.encode_prompt(prompts, self.device, True, [negative_prompt] * len(prompts))
+            if cfg and negative_prompts is not None:
+                both = pipe.encode_prompt(prompts, self.device, True, list(negative_prompts))
                 neg, pos = both[:len(prompts)], both[len(prompts):]
             else:
                 pos = pipe.encode_prompt(prompts, self.device, False)
                 neg = None
+        # context_gate multiplies each row's whole cross-attention context (text AND duration
+        # tokens): 1 keeps it; 0 is the pipeline's unconditional branch without a negative
+        # prompt, whose context is all zeros while the global (duration) condition stays.
+        keep = pos.new_ones(len(prompts), 1, 1)
+        positive = {"text": pos, "context_gate": keep}
         if not cfg:
-            return Conditions({"text": pos})
+            return Conditions(positive)
         if neg is None:
-            # The pipeline's unconditional branch without a negative prompt: the whole
-            # cross-attention context (text AND duration tokens) is zero; the global
-            # (duration) condition stays.
-            return Conditions({"text": pos}, {"text": torch.zeros_like(pos)}, {"null_negative": True})
-        return Conditions({"text": pos}, {"text": neg}, {"null_negative": False})
+            return Conditions(positive, {"text": torch.zeros_like(pos), "context_gate": torch.zeros_like(keep)})
+        return Conditions(positive, {"text": neg, "context_gate": keep})
 
-    def _duration_states(self, frames: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(seconds_start, seconds_end)`` hidden states, each ``(1, 1, D)``, for a window of ``frames``."""
-        key = (frames, self.device)
+    def _duration_states(self, seconds: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(seconds_start, seconds_end)`` hidden states, each ``(1, 1, D)``, for ``(0, seconds)``."""
+        key = (seconds, self.device)
         if key not in self._duration:
-            seconds = frames * self.decoded_scale / self.sample_rate
             proj = self.pipe.projection_model.config
             if not proj.min_value <= seconds <= proj.max_value:
                 raise ValueError(f"a window of {seconds:.2f} s is outside the timing conditioner's range "
@@ -120,28 +128,23 @@ class StableAudioAdapter(Adapter):
         return self._rotary[key]
 
     # -- denoiser -------------------------------------------------------------------------------
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        n, frames = latents.shape[0], latents.shape[-1]
-        text = cond.positive["text"]
-        start, end = self._duration_states(frames, text.dtype)
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
+        n, frames = x.shape[0], x.shape[-1]
+        # Every window is audio from its start to min(its length, the requested length): a
+        # pipeline call conditions on (0, audio_end_in_s) the same way (extra["seconds"] is
+        # the call's requested length, set by the sampler).
+        seconds = frames * self.decoded_scale / self.sample_rate
+        if extra.get("seconds") is not None:
+            seconds = min(seconds, float(extra["seconds"]))
+        text = c["text"]
+        start, end = self._duration_states(seconds, text.dtype)
         start, end = start.expand(n, -1, -1), end.expand(n, -1, -1)
-        context = torch.cat([text, start, end], dim=1)
+        context = torch.cat([text, start, end], dim=1) * c["context_gate"]
         global_states = torch.cat([start, end], dim=2)
-        x = latents
-        if cond.negative is not None:
-            neg_context = torch.cat([cond.negative["text"], start, end], dim=1)
-            if cond.extra.get("null_negative", False):
-                neg_context = torch.zeros_like(neg_context)
-            context = torch.cat([neg_context, context])
-            global_states = torch.cat([global_states, global_states])
-            x = torch.cat([latents, latents])
-        out = self.pipe.transformer(x, t.reshape(1), encoder_hidden_states=context,
-                                    global_hidden_states=global_states,
-                                    rotary_embedding=self._rotary_embedding(frames), return_dict=False)[0]
-        if cond.negative is None:
-            return out
-        uncond, cond_out = out.chunk(2)
-        return uncond + guidance_scale * (cond_out - uncond)
+        return self.pipe.transformer(x, t.reshape(1), encoder_hidden_states=context,
+                                     global_hidden_states=global_states,
+                                     rotary_embedding=self._rotary_embedding(frames), return_dict=False)[0]
 
     # -- decoding -------------------------------------------------------------------------------
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:

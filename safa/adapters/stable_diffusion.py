@@ -3,11 +3,11 @@
 Latent ``(B, C, H, W)`` (C = 4) with the panorama running along the width (dim -1); the VAE
 decodes 1 latent column to ``vae_scale_factor`` (8) pixel columns. The native window is the
 UNet's ``sample_size`` (64 latent columns = 512 px for SD 1.x, 96 for SD 2.x at 768 px, 128 for
-SDXL). The reference-guided swap alternates over *rows* (dim -2, SPEC 2.3): segment-level swaps
+SDXL). The reference-guided swap alternates over *rows* (dim -2; paper Sec. 2.3, Fig. 4): segment-level swaps
 of the flattened image rather than pixel-wise column swaps (paper, Fig. 4).
 
-The panorama height defaults to the native window (a square window, what the model was
-trained on); set ``adapter.height`` (pixels, a multiple of the VAE factor) for another one.
+The panorama height is the call's ``height=`` (pixels, a multiple of the VAE factor), by default
+the native window's (a square window, what the model was trained on).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class ImageAdapter(Adapter):
 
     kind = "image"
     long_dim = -1
-    reference_axis = -2  # images: the reference swap alternates over rows (SPEC 2.3)
+    reference_axis = -2  # images: the reference swap alternates over rows (paper Sec. 2.3, Fig. 4)
     decoded_dim = -1
     finalize_scale = 1
     # decode_context: the base default (8 latent columns each side of a tile). The SD VAE decoder
@@ -45,11 +45,6 @@ class ImageAdapter(Adapter):
     # over a comparable margin).
 
     _denoiser: str = "unet"
-
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(pipe)
-        # Output height in pixels; None = the native window's (square) height.
-        self.height: Optional[int] = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -66,29 +61,20 @@ class ImageAdapter(Adapter):
     def native_window(self) -> int:
         return _side(self.denoiser.config.sample_size)
 
-    def latent_rows(self) -> int:
-        """Latent rows (dim -2) of every window and of the panorama."""
-        if self.height is None:
+    def latent_rows(self, height: Optional[int] = None) -> int:
+        """Latent rows (dim -2) of every window and of the panorama for ``height`` pixels.
+
+        ``None``: the native window's height (a square window, what the model was trained on).
+        """
+        if height is None:
             return self.native_window()
-        if isinstance(self.height, bool) or not isinstance(self.height, int) or self.height < self.decoded_scale \
-                or self.height % self.decoded_scale:
-            raise ValueError(f"height must be a positive multiple of {self.decoded_scale} pixels, got {self.height!r}")
-        return self.height // self.decoded_scale
+        m = self.decoded_scale * self.window_multiple()
+        if isinstance(height, bool) or not isinstance(height, int) or height < m or height % m:
+            raise ValueError(f"height must be a positive multiple of {m} pixels, got {height!r}")
+        return height // self.decoded_scale
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
-        return (batch_size, int(self.denoiser.config.in_channels), self.latent_rows(), int(length))
-
-    # -- denoiser ----------------------------------------------------------------------------
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        if cond.negative is None:
-            return self._denoise(latents, t, cond.positive)
-        # The pipelines' own batching: [uncond; cond] in one forward pass.
-        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
-        uncond, text = self._denoise(torch.cat([latents, latents]), t, both).chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
+        return (batch_size, int(self.denoiser.config.in_channels), self.latent_rows(height), int(length))
 
     # -- decoding ----------------------------------------------------------------------------
     def _vae_input(self, latent: torch.Tensor) -> torch.Tensor:
@@ -104,11 +90,25 @@ class ImageAdapter(Adapter):
         # The pipelines' image_processor.postprocess: [-1, 1] -> [0, 1] (denormalize), float.
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
+    # -- conditions: the pipeline's own encode_prompt, from prompts or from embeddings -------
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
+        """``pipe.encode_prompt(**kwargs)`` as :class:`Conditions`."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+                       guidance_scale: float) -> Conditions:
+        cfg = guidance_scale > 1.0  # the pipelines' own rule
+        prompts, negative = self._split(prompts, negative_prompts, cfg)
+        return self._conditions(cfg, prompt=prompts, negative_prompt=negative)
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        return self._conditions(guidance_scale > 1.0, prompt=None, **embeds)
+
     # -- shared prompt handling ------------------------------------------------------------
     @staticmethod
-    def _split(prompts: Sequence[str], negative_prompt: Optional[str], cfg: bool) -> Tuple[list, Optional[list]]:
-        prompts = list(prompts)
-        return prompts, ([negative_prompt] * len(prompts) if (cfg and negative_prompt is not None) else None)
+    def _split(prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+               cfg: bool) -> Tuple[list, Optional[list]]:
+        return list(prompts), (list(negative_prompts) if (cfg and negative_prompts is not None) else None)
 
 
 @register_adapter
@@ -116,17 +116,17 @@ class StableDiffusionAdapter(ImageAdapter):
     """SD 1.x / 2.x (``StableDiffusionPipeline`` and diffusers' panorama pipeline, same components)."""
 
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionPanoramaPipeline")
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0  # the pipeline's own rule
-        prompts, negative = self._split(prompts, negative_prompt, cfg)
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
             # Without a negative prompt the pipeline encodes "" for the unconditional branch.
-            pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative)
+            pos, neg = self.pipe.encode_prompt(device=self.device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=cfg, **kwargs)
         return Conditions({"encoder_hidden_states": pos}, {"encoder_hidden_states": neg} if cfg else None)
 
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         return self.denoiser(x, t, encoder_hidden_states=c["encoder_hidden_states"], return_dict=False)[0]
 
 
@@ -142,16 +142,14 @@ class StableDiffusionXLAdapter(ImageAdapter):
     """
 
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds")
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0
-        prompts, negative = self._split(prompts, negative_prompt, cfg)
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
             # negative_prompt=None keeps the pipeline's force_zeros_for_empty_prompt behaviour.
             pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=prompts, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=cfg, negative_prompt=negative)
+                device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg, **kwargs)
         positive = {"encoder_hidden_states": pos, "text_embeds": pooled}
         negative_c = {"encoder_hidden_states": neg, "text_embeds": neg_pooled} if cfg else None
         return Conditions(positive, negative_c)
@@ -171,7 +169,8 @@ class StableDiffusionXLAdapter(ImageAdapter):
             cache[key] = ids.to(self.device)
         return cache[key].repeat(batch, 1)
 
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
         time_ids = self._time_ids(x.shape[-2], x.shape[-1], x.shape[0], c["encoder_hidden_states"].dtype)
         added = {"text_embeds": c["text_embeds"], "time_ids": time_ids}
         return self.denoiser(x, t, encoder_hidden_states=c["encoder_hidden_states"],

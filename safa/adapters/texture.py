@@ -8,7 +8,7 @@ prior for ``""``), so classifier-free guidance batches exactly like text embeddi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +30,7 @@ class TextureAdapter(Adapter):
     # whose STFT spans 1024 samples = 1.6 latent frames; 4 frames of context each side of a
     # tile keeps tile edges out of the kept output.
     decode_context = 4
+    fixed_window = True  # the model is defined on its window only (it raises on anything else)
 
     @property
     def decoded_scale(self) -> int:  # type: ignore[override]
@@ -55,28 +56,33 @@ class TextureAdapter(Adapter):
         # The model is defined on exactly this many frames (it raises on anything else).
         return int(self.pipe.model.window)
 
-    def latent_shape(self, batch_size: int, length: int) -> Tuple[int, ...]:
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
         m = self.pipe.model
         return (batch_size, int(m.channels), int(length), int(m.freq_bins))
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def check_window(self, window: int) -> None:
+        if window != self.native_window():
+            raise ValueError(f"the texture model is defined on windows of exactly {self.native_window()} latent "
+                             f"frames ({self.native_window() / self.frames_per_second:g} s), got window {window}: "
+                             f"build one for another window with make_texture_pipeline(window=...)")
+
+    def short_window(self, columns: int) -> int:
+        # The pipeline only samples its own window: a shorter output is that window, cropped.
+        return self.native_window()
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
         prompts = list(prompts)
         pos = {"class_weights": self.pipe.encode_prompt(prompts).to(self.device)}
         if guidance_scale > 1.0:  # the pipeline's own rule for classifier-free guidance
-            neg = self.pipe.encode_prompt([negative_prompt or ""] * len(prompts)).to(self.device)
+            neg = self.pipe.encode_prompt(list(negative_prompts) if negative_prompts is not None
+                                          else [""] * len(prompts)).to(self.device)
             return Conditions(pos, {"class_weights": neg})
         return Conditions(pos)
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance_scale: float) -> torch.Tensor:
-        if cond.negative is None:
-            return self.pipe.denoise(latents, t, cond.positive["class_weights"])
-        # Same batching as TexturePipeline.__call__: [uncond; cond] in one call.
-        cw = torch.cat([cond.negative["class_weights"], cond.positive["class_weights"]])
-        t2 = torch.cat([t.reshape(-1)] * 2) if torch.is_tensor(t) and t.dim() > 0 and t.numel() > 1 else t
-        out = self.pipe.denoise(torch.cat([latents, latents]), t2, cw)
-        uncond, text = out.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
+        return self.pipe.denoise(x, t, c["class_weights"])
 
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.pipe.decoder.latent_to_mel(latent.to(self.device, torch.float32))

@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 
 import torch
 
-__all__ = ["add_parser", "add_arguments", "run", "TINY_AUDIOLDM"]
+__all__ = ["add_parser", "add_arguments", "method_choices", "run", "TINY_AUDIOLDM"]
 
 TINY_AUDIOLDM = "builtin:tiny-audioldm"
 
@@ -31,7 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _methods() -> List[str]:
+def method_choices() -> List[str]:
+    """The methods `safa profile --method` takes: the one list, safa.sampler.METHODS."""
     from ..sampler import METHODS
     return list(METHODS)
 
@@ -44,12 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="panorama width in pixels (image pipelines)")
     p.add_argument("--window", type=float, default=None,
                    help="window: seconds for audio, latent columns for images (default: the model's native one)")
-    p.add_argument("--method", choices=tuple(_methods()), default="safa", help="default safa")
+    p.add_argument("--method", choices=tuple(method_choices()), default="safa", help="default safa")
     p.add_argument("--backend", default="auto", help="merge backend: auto, cpp, cuda, triton, reference")
     p.add_argument("--steps", type=int, default=4, help="profiled steps (default 4)")
     p.add_argument("--warmup", type=int, default=2, help="steps of the warm-up call (default 2)")
-    p.add_argument("--guide", type=float, default=1.0,
-                   help="r_guide (default 1.0: the reference swap in every profiled step)")
+    p.add_argument("--guide", type=float, default=None,
+                   help="SaFa's r_guide (default 1.0 for safa: the reference swap in every profiled step)")
     p.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance scale (default 2.5)")
     p.add_argument("--compile", action="store_true", help="JointDiffusion(compile=True)")
     p.add_argument("--cuda-graphs", action="store_true", help="JointDiffusion(cuda_graphs=True) (CUDA only)")
@@ -67,7 +68,7 @@ def load(model: str) -> Any:
     if model == TINY_AUDIOLDM:
         from ..testing import tiny_audioldm_pipeline
         return tiny_audioldm_pipeline()
-    from .generate import load_pipeline
+    from .common import load_pipeline
     return load_pipeline(model)
 
 
@@ -89,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    guide = args.guide if args.guide is not None or args.method != "safa" else 1.0
     kwargs: Dict[str, Any] = dict(prompt="rain on a tin roof", method=args.method, num_inference_steps=args.steps,
-                                  guide=args.guide, guidance_scale=args.guidance, window=args.window)
+                                  guide=guide, guidance_scale=args.guidance, window=args.window)
     if jd.adapter.kind == "audio":
         kwargs["seconds"] = args.seconds if args.seconds is not None else 30.0
     else:

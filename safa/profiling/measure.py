@@ -49,12 +49,12 @@ VIEW_OPS = frozenset({"aten::as_strided", "aten::slice", "aten::select", "aten::
 
 
 # -- the naive merge (for --compare) -----------------------------------------------------------
-def naive_merge_step(state: torch.Tensor, num_views: int, layout: ViewLayout, dim: int, mode: str,
-                     swap_interval: int, reference_axis: Optional[int], with_reference: bool) -> None:
-    """A drop-in for the sampler's per-step merge (``JointDiffusion(pipe, merge_step=...)``) built
-    from :mod:`safa_kernels.naive`: ``state`` holds the views, then the reference window."""
-    naive.sync_(state[:num_views], layout, dim, mode, swap_interval,
-                state[num_views] if with_reference else None, reference_axis if with_reference else None)
+def naive_merge_step(views: torch.Tensor, reference: Optional[torch.Tensor], layout: ViewLayout, dim: int,
+                     mode: str, swap_interval: int, reference_axis: Optional[int]) -> None:
+    """A drop-in for the sampler's per-step merge (``JointDiffusion(pipe, merge_step=...)``, the
+    signature of :func:`safa.accel.merge_step`) built from :mod:`safa_kernels.naive`."""
+    naive.sync_(views, layout, dim, mode, swap_interval, reference,
+                reference_axis if reference is not None else None)
 
 
 NAIVE_METHODS = ("safa", "safa_selfloop", "multidiffusion")  # the methods whose modes naive implements
