@@ -180,7 +180,7 @@ def render_steps(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     cuda = bool(machine.get("gpu"))
     counts = "launches" if cuda else "ops"
     head = ["variant", "step ms (IQR/median)", "model alone ms", "step / model", "first call s",
-            "profiled step ms", "model ms", "scheduler ms", "merge ms", "other ms",
+            "profiled step ms (wall)", "model ms", "scheduler ms", "merge ms", "other ms",
             f"merge {counts}", f"other {counts}", "safa::merge_* ops"]
     body = []
     for r in records:
