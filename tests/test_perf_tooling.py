@@ -105,8 +105,8 @@ def test_naive_merge_step_equals_ours(mode, with_reference):
 def test_profile_cli_compare_writes_traces(tmp_path, capsys):
     from safa.cli import main
     trace = tmp_path / "trace.json"
-    code = main(["profile", "--seconds", "1.6", "--window", "0.64", "--guidance", "1", "--steps", "2",
-                 "--warmup", "1", "--compare", "--trace", str(trace)])
+    code = main(["profile", "--model", "builtin:tiny-audioldm", "--seconds", "1.6", "--window", "0.64",
+                 "--guidance-scale", "1", "--steps", "2", "--warmup", "1", "--compare", "--trace", str(trace)])
     out = capsys.readouterr().out
     assert code == 0
     assert "naive eager" in out and "merge ms" in out and "ratio" in out
@@ -116,6 +116,15 @@ def test_profile_cli_compare_writes_traces(tmp_path, capsys):
     ours = json.loads(trace.read_text())["traceEvents"]
     # 2 steps, one op each, plus the call's initial gather and final stitch
     assert sum(str(e.get("name", "")).startswith("safa::merge_") for e in ours) == 2 + 2
+
+
+def test_profile_cli_defaults_to_the_builtin_model_and_quiet_is_quiet(tmp_path, capfd):
+    from safa.cli import main
+    code = main(["profile", "--seconds", "24", "--window", "5.12", "--steps", "1", "--warmup", "0", "--quiet",
+                 "--trace", str(tmp_path / "t.json")])
+    out, err = capfd.readouterr()
+    assert code == 0 and out.startswith("builtin:texture: ") and "of 5.12 s (128 latent frames)" in out
+    assert err == ""  # no library notices, no profiler (kineto) lines
 
 
 def test_profile_cli_rejects_what_naive_cannot_do(capsys):

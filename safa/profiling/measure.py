@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -182,15 +183,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: the profiler's C++ library (kineto) prints
+    its start / stop lines there, past Python's logging and warnings."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, backend: Optional[str] = None,
-                  warmup_steps: int = 2, trace: Optional[str] = None, seed: int = 0) -> ProfileResult:
+                  warmup_steps: int = 2, trace: Optional[str] = None, seed: int = 0,
+                  quiet: bool = False) -> ProfileResult:
     """Run ``jd(**call_kwargs)`` under ``torch.profiler`` and break its steps down.
 
     A warm-up call of ``warmup_steps`` steps first (plans, compilation, allocator), then a
     timed call without the profiler (per-step wall time from step-end callbacks), then the
     profiled call. ``backend`` sets ``SAFA_BACKEND`` for the call. To profile another merge,
     pass a ``JointDiffusion(pipe, merge_step=...)``. ``trace``: a Chrome trace is written there
-    (whole or not at all).
+    (whole or not at all). ``quiet``: the profiler library's own lines are not printed.
     """
     device = torch.device(jd.adapter.device)
 
@@ -218,7 +236,8 @@ def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, backend: 
         # encoding, noise), so it is dropped.
         unprofiled = [(b - a) * 1e3 for a, b in zip(ends[1:], ends[2:])]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with (native_stderr_silenced() if quiet else contextlib.nullcontext()), \
+                profile(activities=activities) as prof:
             call()
         _sync(device)
     if trace:
