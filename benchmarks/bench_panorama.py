@@ -7,7 +7,9 @@ window 64 latent columns = 512 px, DDIM), so the UNet, text encoder and schedule
 and only the joint-diffusion scheme differs:
 
 - MultiDiffusion: diffusers' panorama pipeline with its defaults, window 64, stride 8 (overlap
-  rate 0.875), ``view_batch_size`` 1 (its default) and also all views in one batch;
+  rate 0.875), ``view_batch_size`` 1 (its default) and also all views in one batch; and the
+  same MultiDiffusion through ``JointDiffusion(pipe)`` (``method="multidiffusion"``, window
+  64, overlap 56: the drop-in that gives diffusers' latents), all views in one batch;
 - SaFa: ``JointDiffusion(pipe)`` with method "safa", overlap rate 0.2 plus its reference
   window, all windows in one batch (its default) and also one window per call.
 
@@ -60,6 +62,11 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
                  generator=torch.Generator(device).manual_seed(0))
         return run
 
+    def run_jd_md(clock: harness.StepClock) -> None:
+        jd(PROMPT, width=width, height=height, method="multidiffusion", window=64, overlap=56 / 64,
+           num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="latent", callback_on_step_end=clock,
+           generator=torch.Generator(device).manual_seed(0))
+
     def run_safa(vbs: Optional[int]) -> Callable[[harness.StepClock], None]:
         def run(clock: harness.StepClock) -> None:
             jd(PROMPT, width=width, height=height, method="safa", overlap=0.2, num_inference_steps=steps,
@@ -71,6 +78,7 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
         ("MultiDiffusion (diffusers panorama, window 64, stride 8, view_batch_size 1)", md_views, run_md(1)),
         (f"MultiDiffusion (diffusers panorama, window 64, stride 8, view_batch_size {md_views})", md_views,
          run_md(md_views)),
+        ("MultiDiffusion (safa JointDiffusion, window 64, stride 8, one batch)", md_views, run_jd_md),
         (f"SaFa (overlap 0.2, stride {layout.stride}, + reference, view_batch_size all)", layout.num_views + 1,
          run_safa(None)),
         (f"SaFa (overlap 0.2, stride {layout.stride}, + reference, view_batch_size 1)", layout.num_views + 1,
