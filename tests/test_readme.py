@@ -48,3 +48,14 @@ def test_package_docstring_example_runs():
     import safa_kernels
     result = doctest.testmod(safa_kernels)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_map_lists_every_module():
+    start = TEXT.index("## How it is built")
+    block = TEXT[start:TEXT.index("```\n", TEXT.index("```\n", start) + 4)]
+    modules = [p for pkg in ("safa", "safa_kernels") for p in (ROOT / pkg).rglob("*.py")
+               if p.name != "__init__.py" and p.name != "__main__.py"]
+    # a top-level module by its file name; a subpackage's modules by the subpackage
+    missing = [str(p.relative_to(ROOT)) for p in modules
+               if (p.name not in block if p.parent.name in ("safa", "safa_kernels") else f"{p.parent.name}/" not in block)]
+    assert not missing, f"README's map lacks: {missing}"
