@@ -294,6 +294,34 @@ def render_panorama(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
             + table(head, body))
 
 
+# -- every method side by side ---------------------------------------------------------------------
+def render_methods(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    paper_seconds: Dict[str, Dict[str, float]] = section.get("paper_seconds", {})
+    out: List[str] = []
+    for kind in ("image", "audio"):
+        records = [r for r in section["records"] if r["kind"] == kind]
+        if not records:
+            continue
+        safa = next(r for r in records if r["method"] == "safa")
+        r0 = records[0]
+        pipe = "tiny SD 1.x, CFG 7.5" if kind == "image" else "tiny AudioLDM, CFG 3.5"
+        head = ["method", "views", "overlap", "window evals", "denoiser calls", "time s (IQR/median)",
+                "time / SaFa"] + ([f"paper {m}: time / SaFa" for m in paper_seconds] if kind == "image" else [])
+        body = []
+        for r in records:
+            t = r["time"]
+            row = [r["method"], r["views"], f"{r['overlap']:g}", f"{r['window_evals']:.0f}", r["denoiser_calls"],
+                   f"{t['median']:.2f} ({100 * (t['q3'] - t['q1']) / t['median']:.0f}%)",
+                   f"{t['median'] / safa['time']['median']:.2f}"]
+            if kind == "image":
+                row += [f"{paper[r['method']] / paper['safa']:.2f}" if r["method"] in paper else "-"
+                        for paper in paper_seconds.values()]
+            body.append(row)
+        out += [f"**{kind}**: {r0['size']}, {pipe}, DDIM, {r0['steps']} steps, {r0['rounds']} interleaved "
+                f"round(s), one generation per call; medians.", "", table(head, body), ""]
+    return "\n".join(out).rstrip()
+
+
 # -- the GPU kit's checks ----------------------------------------------------------------------------
 def render_gpu_checks(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     facts, tests = section["facts"], section["tests"]
@@ -329,8 +357,10 @@ def stitch_diagnosis(records: List[Dict[str, Any]], floor: Dict[Tuple[str, int],
 RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": render_ops, "audio": render_audio,
                                                                          "panorama": render_panorama,
                                                                          "steps": render_steps,
+                                                                         "methods": render_methods,
                                                                          "gpu_checks": render_gpu_checks}
 SECTION_TITLES = {"ops": "op microbenchmarks", "audio": "long audio", "panorama": "panorama",
+                  "methods": "every method",
                   "steps": "per-step pipeline", "gpu_checks": "GPU checks"}
 
 

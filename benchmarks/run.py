@@ -10,6 +10,7 @@ so that a broken benchmark fails there. Parts, in order:
 - ``ops``: ``pytest benchmarks/bench_ops.py`` (pytest-benchmark);
 - ``steps``: benchmarks/bench_steps.py (per-step cost: eager / compile / CUDA graphs / naive merge);
 - ``panorama``: benchmarks/bench_panorama.py (SaFa vs diffusers' MultiDiffusion panorama);
+- ``methods``: benchmarks/bench_methods.py (every method's cost per generation, image and audio);
 - ``audio``: benchmarks/bench_audio.py (long audio; CPU only).
 
 The pipeline parts need diffusers; without it they are skipped, and said so. Each part
@@ -31,8 +32,8 @@ from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ops", "steps", "panorama", "audio")
-PIPELINE_PARTS = ("steps", "panorama", "audio")
+PARTS = ("ops", "steps", "panorama", "methods", "audio")
+PIPELINE_PARTS = ("steps", "panorama", "methods", "audio")
 
 
 def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
@@ -45,6 +46,7 @@ def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
     return {"ops": ops,
             "steps": [py, str(HERE / "bench_steps.py"), "--mode", mode] + dev,
             "panorama": [py, str(HERE / "bench_panorama.py"), "--mode", mode] + dev,
+            "methods": [py, str(HERE / "bench_methods.py"), "--mode", mode] + dev,
             "audio": [py, str(HERE / "bench_audio.py"), "--mode", mode]}
 
 
