@@ -13,6 +13,7 @@ import torch
 
 import safa_kernels as sk
 from safa_kernels import ViewLayout, gather, reference, stitch, sync_
+from op_args import op_args
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -116,19 +117,8 @@ def test_element_count_beyond_int32(backend):
 
 
 # -- registration, compile, graphs, launches ----------------------------------------------------------
-def _op_args(mode: str, in_place: bool, with_reference: bool):
-    from safa_kernels.ops import _canonical, _parity
-    from safa_kernels.plan import get_plan
-    layout = ViewLayout.covering(28, 10, 4 if mode == "swap" else 6)
-    views = randn(layout.num_views, 6, 10, 5)
-    ref = randn(6, 10, 5, seed=1) if with_reference else None
-    kind, parity = _parity([6, 10, 5], 1, 0 if with_reference else None, 1)
-    index, weight = get_plan(layout, "sync" if in_place else "stitch", mode, 1, kind, torch.device("cuda"))
-    src = _canonical(views, 1, True)
-    ref3 = None if ref is None else _canonical(ref, 1, False)[0]
-    if in_place:
-        return (src, None, ref3, index, weight, parity)
-    return (_canonical(torch.empty(6, layout.length, 5, device="cuda"), 1, False), src, ref3, index, weight, parity)
+def _op_args(mode: str = "swap", in_place: bool = False, with_reference: bool = True):
+    return op_args(mode, in_place, with_reference, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("mode,in_place,with_reference",

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import safa_kernels as sk
 from safa_kernels import ViewLayout, gather, reference, stitch, sync_
+from op_args import op_args
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -210,20 +211,8 @@ def test_swap_parity_follows_spec_by_hand():
 
 
 # -- op registration ------------------------------------------------------------------------
-def _op_args(case_mode="swap", in_place=False, with_reference=True):
-    layout = ViewLayout.covering(28, 10, 4 if case_mode == "swap" else 6)
-    views = torch.randn(layout.num_views, 6, 10, 5)
-    ref = torch.randn(6, 10, 5) if with_reference else None
-    from safa_kernels.ops import _canonical, _parity
-    from safa_kernels.plan import get_plan
-    kind, parity = _parity([6, 10, 5], 1, 0 if with_reference else None, 1)
-    index, weight = get_plan(layout, "sync" if in_place else "stitch", case_mode, 1, kind, torch.device("cpu"))
-    src = _canonical(views, 1, True)
-    ref3 = None if ref is None else _canonical(ref, 1, False)[0]
-    if in_place:
-        return (src, None, ref3, index, weight, parity)
-    out = _canonical(torch.empty(6, layout.length, 5), 1, False)
-    return (out, src, ref3, index, weight, parity)
+def _op_args(mode: str = "swap", in_place: bool = False, with_reference: bool = True):
+    return op_args(mode, in_place, with_reference, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", KERNELS)
