@@ -38,6 +38,8 @@ import functools
 import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Dict, Optional, Tuple, Union
 
+from ._checks import check_positive_int, check_range
+
 if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would slow ``import safa``
     import torch
 
@@ -46,18 +48,6 @@ if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would s
 
 __all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaSelfLoop", "MultiDiffusion",
            "MAD", "SyncDiffusion", "METHODS", "get_method"]
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0.0, 1.0], got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 def leading_steps(fraction: float, num_steps: int) -> int:
@@ -174,8 +164,8 @@ class SaFa(Method):
     swap_interval: int = 1
 
     def __post_init__(self) -> None:
-        _check_fraction("guide", self.guide)
-        _check_positive_int("swap_interval", self.swap_interval)
+        check_range("guide", self.guide, 0.0, 1.0)
+        check_positive_int("swap_interval", self.swap_interval)
 
     @property
     def name(self) -> str:
@@ -196,7 +186,7 @@ class SaFaSelfLoop(Method):
     swap_interval: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive_int("swap_interval", self.swap_interval)
+        check_positive_int("swap_interval", self.swap_interval)
 
     @property
     def name(self) -> str:
@@ -251,7 +241,7 @@ class MAD(Method):
     all_views_in_one_call: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_fraction("steps", self.steps)
+        check_range("steps", self.steps, 0.0, 1.0)
 
     @property
     def name(self) -> str:
@@ -304,8 +294,8 @@ class SyncDiffusion(Method):
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not 0.0 <= self.weight < math.inf:
             raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
-        _check_fraction("decay", self.decay)
-        _check_fraction("steps", self.steps)
+        check_range("decay", self.decay, 0.0, 1.0)
+        check_range("steps", self.steps, 0.0, 1.0)
         if self.loss is not None and not callable(self.loss):
             raise ValueError(f"loss must be None or a callable f(a, b) -> scalar, got {self.loss!r}")
         if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, int)

@@ -42,6 +42,7 @@ from safa_kernels import ViewLayout, gather, stitch
 from . import accel as _accel
 from . import memory as _memory
 from . import output as _output
+from ._checks import check_positive_int, check_range
 from .adapters import Adapter, get_adapter
 from .decode import DECODE_MODES, resolve_mode
 from .layouts import loop_layout, open_layout
@@ -91,21 +92,6 @@ class JointDiffusionOutput:
     output_paths: Optional[List[str]] = None
     output_length: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
-
-
-def _check_rate(name: str, value: Any, lo: float, hi: float, hi_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or not (lo <= value and (value < hi if hi_open else value <= hi)):
-        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
-    return value
 
 
 def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) -> int:
@@ -207,12 +193,10 @@ class JointDiffusion:
             if isinstance(width, bool) or not isinstance(width, int) or width < 1:
                 raise ValueError(f"width must be an int >= 1 (pixels), got {width!r}")
             self.adapter.latent_rows(height)  # type: ignore[attr-defined]  (validates height)
-        if not isinstance(loop, bool):
-            raise ValueError(f"loop must be a bool, got {loop!r}")
-        _check_positive_int("num_inference_steps", num_inference_steps)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("view_batch_size", view_batch_size, allow_none=True)
-        _check_positive_int("decode_tile", decode_tile, allow_none=True)
+        check_positive_int("num_inference_steps", num_inference_steps)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("view_batch_size", view_batch_size, allow_none=True)
+        check_positive_int("decode_tile", decode_tile, allow_none=True)
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if output_type is None:
@@ -253,7 +237,7 @@ class JointDiffusion:
         # Swap is defined between two views only (no column covered by three): docs/kernels.md.
         hi = method.max_overlap_rate
         try:
-            rate = _check_rate("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
+            rate = check_range("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
         except ValueError as exc:
             hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
                     f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
@@ -692,7 +676,7 @@ class JointDiffusion:
         if values[other] is not None:
             raise ValueError(f"{other} is for {'image' if kind == 'audio' else 'audio'} pipelines; give {mine}")
         per_prompt = values[mine] if values[mine] is not None else 1
-        _check_positive_int(mine, per_prompt)
+        check_positive_int(mine, per_prompt)
         return seconds, per_prompt
 
     def _check_embeds(self, **given: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -23,8 +23,9 @@ records the mutation (and refuses a leaf that requires grad, as every in-place o
 and the backward runs the adjoint plans.
 
 Backend choice, per call: ``backend=`` argument, else the ``SAFA_BACKEND`` environment
-variable, else automatic: the fastest backend available for the tensor's device
-(``cpp`` on CPU; ``cuda`` then ``triton`` on CUDA; ``reference`` otherwise).
+variable, else automatic (``tuning.py``): on a GPU that benchmarks/gpu.sh measured, the
+backend it found faster for the op; otherwise the first available of ``cpp`` on CPU,
+``cuda`` then ``triton`` on CUDA; ``reference`` where there is no kernel.
 
 Per call the hot path is: validate (Python ints), look up the memoised plan, one op
 call. We use ``torch.library.Library.define`` + ``register_fake`` rather than
@@ -42,6 +43,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import reference as _reference
+from . import tuning
 from ._compile import constant_under_compile
 from ._memory import INTERNAL_OVERLAP, PARTIAL_OVERLAP, has_internal_overlap, shares_memory
 from .layout import ViewLayout
@@ -116,21 +118,47 @@ def _available_backends(device_type: str) -> Tuple[str, ...]:
     found = _BACKENDS_BY_DEVICE.get(device_type)
     if found is None:
         from . import _extension, triton_merge  # noqa: F401  (registers what could be built)
-        preferred = ("cpp", "triton") if device_type == "cpu" else ("cuda", "triton", "cpp")
+        preferred = tuning.DEFAULT_ORDER.get(device_type, ())
         found = tuple(b for b in preferred if _has_kernel(b, device_type)) + ("reference",)
         _BACKENDS_BY_DEVICE[device_type] = found
     return found
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend a call on ``device`` uses: argument, then ``SAFA_BACKEND``, then automatic."""
+_AUTO_BACKEND: Dict[Tuple[str, int, Optional[str]], str] = {}
+
+
+@constant_under_compile
+def _auto_backend(device_type: str, index: int, op: Optional[str]) -> str:
+    """The automatic choice for ``op`` on a device (memoised, and a constant for torch.compile)."""
+    key = (device_type, index, op)
+    found = _AUTO_BACKEND.get(key)
+    if found is None:
+        available = _available_backends(device_type)
+        found = available[0]
+        if device_type == "cuda" and op is not None:
+            props = torch.cuda.get_device_properties(index)
+            measured = tuning.measured_backend(props.name, f"{props.major}.{props.minor}", op)
+            if measured in available:
+                found = measured
+        _AUTO_BACKEND[key] = found
+    return found
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[str] = None) -> str:
+    """The backend a call on ``device`` uses: argument, then ``SAFA_BACKEND``, then automatic.
+
+    ``op`` (``"gather"``, ``"stitch"`` or ``"sync"``) lets the automatic choice follow what
+    was measured for that op on this GPU (``tuning.py``)."""
     name = backend if backend is not None else os.environ.get("SAFA_BACKEND", "auto")
     if name == "auto":
-        return available_backends(device)[0]
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else -1)
+        return _auto_backend(device.type, index, op)
+    source = "backend" if backend is not None else "the SAFA_BACKEND environment variable"
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {('auto',) + BACKENDS}, got {name!r}")
     if name != "reference" and name not in available_backends(device):
-        raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors here; "
+        raise RuntimeError(f"{source}: backend {name!r} is not available for {device.type} tensors here; "
                            f"available: {available_backends(device)}")
     return name
 
@@ -512,7 +540,7 @@ def gather(latent: torch.Tensor, layout: ViewLayout, dim: int = -2, *, backend: 
     dim = _check_dim("dim", dim, latent.ndim)
     if latent.shape[dim] != layout.length:
         raise ValueError(f"latent has {latent.shape[dim]} columns on dim {dim}, layout.length is {layout.length}")
-    return _gather(latent, layout, dim, resolve_backend(backend, latent.device))
+    return _gather(latent, layout, dim, resolve_backend(backend, latent.device, "gather"))
 
 
 def stitch(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "swap", swap_interval: int = 1,
@@ -530,7 +558,8 @@ def stitch(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "
     weight times its column's gradient; the cells it did not read get zero.
     """
     dim, axis = _check_merge_args(views, layout, dim, mode, swap_interval, reference, reference_axis)
-    return _stitch(views, layout, dim, mode, swap_interval, reference, axis, resolve_backend(backend, views.device))
+    backend = resolve_backend(backend, views.device, "stitch")
+    return _stitch(views, layout, dim, mode, swap_interval, reference, axis, backend)
 
 
 def _check_writable(views: torch.Tensor, reference: Optional[torch.Tensor]) -> None:
@@ -562,7 +591,7 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "s
     and a leaf ``views`` that requires grad is refused as by every in-place op.
     """
     dim, axis = _check_merge_args(views, layout, dim, mode, swap_interval, reference, reference_axis)
-    backend = resolve_backend(backend, views.device)
+    backend = resolve_backend(backend, views.device, "sync")
     _check_writable(views, reference)
     if backend == "reference":  # differentiable as written
         return _reference.sync_(views, layout, dim, mode, swap_interval, reference, axis)

@@ -527,8 +527,8 @@ def test_spectral_distance():
 def test_shorthands_everywhere(audioldm, tmp_path, capsys):
     from safa.cli import main
     from safa.evaluate import ALL_METHODS
-    from safa.profiling import accel_methods
-    assert {"mad", "syncdiffusion"} <= set(safa.METHODS) == set(ALL_METHODS) == set(accel_methods())
+    from safa.commands.profile import method_choices
+    assert {"mad", "syncdiffusion"} <= set(safa.METHODS) == set(ALL_METHODS) == set(method_choices())
     assert safa.get_method("mad") == MAD() and safa.get_method("syncdiffusion") == SyncDiffusion()
     d = tmp_path / "tiny"
     audioldm.save_pretrained(str(d))

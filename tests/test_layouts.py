@@ -72,3 +72,13 @@ def test_fractional_length_cannot_loop():
     with pytest.raises(LoopLengthError, match="not a whole number of latent columns") as info:
         loop_layout(762.5, 256, 0.2, "swap")
     assert info.value.nearest == (762, 763)
+
+
+def test_the_docs_table_is_what_the_code_does():
+    import runpy
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    table = runpy.run_path(str(root / "tools" / "loop_table.py"))["table"]()
+    docs = (root / "docs" / "method.md").read_text()
+    for line in table.splitlines():
+        assert line in docs, f"docs/method.md is out of date (python tools/loop_table.py): {line}"
