@@ -234,7 +234,7 @@ def test_refusal_offers_streaming_when_the_decoded_audio_is_what_does_not_fit(mo
 
 
 _MEASURE = r"""
-import json, os, sys, tempfile
+import ctypes, gc, json, os, sys, tempfile
 import torch
 torch.set_num_threads(1)
 from safa import JointDiffusion
@@ -245,24 +245,29 @@ pipe.decoder.iters = 1
 pipe.set_progress_bar_config(disable=True)
 jd = JointDiffusion(pipe)
 out = os.path.join(tempfile.mkdtemp(), "x.wav")
-kw = dict(num_inference_steps=2, view_batch_size=4, output_path=out if streamed else None)
-jd("", 3.0, **kw)  # warm-up: code paths, FFT plans, soundfile
+kw = dict(num_inference_steps=2, output_path=out if streamed else None)
+jd("", 10.0, **kw)  # warm-up on the same code paths (tiled decode), FFT plans, soundfile
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
+gc.collect()
+try:  # glibc: hand the warm-up's freed memory back, so that the baseline is what is alive
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+except OSError:
+    pass
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS")
-estimate = jd.estimate_memory(seconds, **{k: v for k, v in kw.items() if k != "num_inference_steps"})
+estimate = jd.estimate_memory(seconds, output_path=kw["output_path"])
 jd("", seconds, **kw)
 print(json.dumps({"measured": status("VmHWM") - base, "estimated": estimate.peak, "phase": estimate.peak_phase}))
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux")
-@pytest.mark.parametrize("seconds,output", [(30.0, "memory"), (240.0, "memory"), (600.0, "file")])
+@pytest.mark.parametrize("seconds,output", [(120.0, "memory"), (600.0, "file"), (1200.0, "file")])
 def test_estimate_is_within_2x_of_the_measured_peak(seconds, output):
     """A fresh process per length: peak RSS above the warmed-up baseline against the estimate."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
