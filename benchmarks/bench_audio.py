@@ -70,6 +70,12 @@ def _vbs_arg(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "all") else int(text)
 
 
+def _windows_per_call(vbs: Optional[int]) -> int:
+    """view_batch_size for the sampler: None (here: all windows in one model call) as a bound no layout reaches
+    (the sampler's own None caps the batch at safa.sampler.DEFAULT_VIEW_BATCH_SIZE)."""
+    return vbs if vbs is not None else 1 << 30
+
+
 def _windows(views: int, method: str) -> int:
     """Windows the model evaluates per step: the views, plus the reference window for SaFa."""
     return views + (1 if method == "safa" and views > 1 else 0)
@@ -87,7 +93,8 @@ def _mem_child(spec: Dict[str, Any]) -> None:
         from safa import JointDiffusion
         r = JointDiffusion(pipe)(PROMPT, seconds=spec["seconds"], method="safa", window=spec["window"],
                                  num_inference_steps=spec["steps"], guidance_scale=GUIDANCE,
-                                 view_batch_size=spec["vbs"], output_type=spec["output_type"], decode=spec["decode"],
+                                 view_batch_size=_windows_per_call(spec["vbs"]), output_type=spec["output_type"],
+                                 decode=spec["decode"],
                                  generator=torch.Generator().manual_seed(SEED))
         n = r.layout.num_views
         out.update(views=n, latent_mib=r.latent.numel() * r.latent.element_size() / 2**20,
@@ -144,7 +151,7 @@ def _timed_call(jd: Any, *, seconds: float, method: str, steps: int, window: Opt
         clock = harness.StepClock(device, model_clock)
         t0 = read()
         r = jd(PROMPT, seconds=seconds, method=method, window=window, num_inference_steps=steps,
-               guidance_scale=GUIDANCE, output_type=output_type, decode=decode, view_batch_size=vbs,
+               guidance_scale=GUIDANCE, output_type=output_type, decode=decode, view_batch_size=_windows_per_call(vbs),
                generator=torch.Generator().manual_seed(SEED), callback_on_step_end=clock)
         t1 = read()
     assert len(clock.stamps) == steps, (len(clock.stamps), steps)

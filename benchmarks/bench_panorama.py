@@ -64,7 +64,7 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
 
     def run_jd_md(clock: harness.StepClock) -> None:
         jd(PROMPT, width=width, height=height, method="multidiffusion", window=64, overlap=56 / 64,
-           num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="latent", callback_on_step_end=clock,
+           view_batch_size=md_views, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="latent", callback_on_step_end=clock,
            generator=torch.Generator(device).manual_seed(0))
 
     def run_safa(vbs: Optional[int]) -> Callable[[harness.StepClock], None]:

@@ -233,7 +233,18 @@ class StepRunner:
                 batch.graphed = _GraphedModelStep(static, model_in, t)
             return batch.graphed(model_in, t)
         scale = self.config.guidance_scale
-        return torch.cat([self._predict(model_in[a:b], t, c, scale) for a, b, c in batch.chunks])
+        # Each chunk's output goes straight into one buffer: a torch.cat of the chunk outputs
+        # would hold the whole model output twice (hours of audio: ~0.5 GB more at the peak).
+        out: Optional[torch.Tensor] = None
+        for a, b, c in batch.chunks:
+            piece = self._predict(model_in[a:b], t, c, scale)
+            if len(batch.chunks) == 1:
+                return piece
+            if out is None:
+                out = piece.new_empty((model_in.shape[0], *piece.shape[1:]))
+            out[a:b] = piece
+        assert out is not None
+        return out
 
     def merge(self, views: torch.Tensor, reference: Optional[torch.Tensor]) -> None:
         self._merge(views, reference, *self.merge_args)

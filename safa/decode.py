@@ -7,11 +7,16 @@ identity otherwise). The final output has its long axis last: ``(B, samples)`` f
 ``(B, 3, H, W)`` for images.
 
 Loop layouts are decoded with circular context so the output loops without a seam.
+
+``"auto"`` (the default) decodes the whole latent while it is at most
+:data:`AUTO_WHOLE_WINDOWS` windows long (the pipeline's own path) and in tiles beyond that;
+:func:`decode_tiles` yields the tiles one by one, so a caller can write each to disk as it is
+finished (:mod:`safa.output`).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -19,9 +24,28 @@ from safa_kernels import ViewLayout, gather, stitch
 
 from .adapters.base import Adapter
 
-__all__ = ["DECODE_MODES", "decode", "decode_full", "decode_views", "decode_tiled"]
+__all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "decode_full", "decode_views",
+           "decode_tiles", "decode_tiled"]
 
-DECODE_MODES = ("full", "views", "tiled")
+DECODE_MODES = ("auto", "full", "views", "tiled")
+# decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
+# Measured on CPU (docs/long-audio.md): one-window tiles take 40-60 MiB and a constant time per
+# second at every length, while whole decoding grows in both: at 4 windows it took 1.45x
+# (built-in model) and 1.95x (tiny AudioLDM) the tiled time and 216 / 153 MiB, at 16 windows
+# 2.5x / 5.1x and 705 / 393 MiB. Up to 4 windows (41 s for the AudioLDM family, the paper's
+# 24-32 s evaluations included) the output is the pipeline's own decode, which tiles only
+# approximate for decoders with global state (GroupNorm statistics, Griffin-Lim's phase).
+AUTO_WHOLE_WINDOWS = 4
+
+
+def resolve_mode(mode: str, length: int, window: int) -> str:
+    """The decoding ``"auto"`` stands for on a latent of ``length`` columns and views of ``window``
+    (``"full"`` or ``"tiled"``); other modes unchanged."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "full" if length <= AUTO_WHOLE_WINDOWS * window else "tiled"
 
 
 def _window(x: torch.Tensor, dim: int, start: int, stop: int, circular: bool) -> torch.Tensor:
@@ -92,39 +116,55 @@ def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,
                                min(adapter.decode_context * adapter.decoded_scale, m), True)
 
 
-def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) -> torch.Tensor:
-    """Decode ``tile`` latent columns at a time (plus ``adapter.decode_context`` each side).
+def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int,
+                 stop: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Decode ``tile`` latent columns at a time (plus ``adapter.decode_context`` each side), lazily.
 
-    Peak memory is that of decoding one tile, whatever the length; only the output buffer
-    grows with length. Tiles see only local context, so GroupNorm statistics differ
-    slightly from :func:`decode_full`; with ``tile >= length`` the two are identical.
+    Yields ``(first output column, piece)`` for consecutive tiles, the output's long axis last;
+    with ``stop`` (output columns) the tiles starting at or after it are not decoded. Peak memory
+    is that of decoding one tile, whatever the length. Tiles see only local context, so
+    decoders with global statistics (GroupNorm) or a global phase estimate (Griffin-Lim) differ
+    slightly from :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``.
     """
     dim = adapter.long_dim
     n = latent.shape[dim]
     if tile >= n:
-        return decode_full(adapter, latent, loop)
+        yield 0, decode_full(adapter, latent, loop)
+        return
     scale = adapter.decoded_scale * adapter.finalize_scale
     context = min(adapter.decode_context, n)
 
     def both(z: torch.Tensor) -> torch.Tensor:
         return adapter.finalize(adapter.decode_latents(z))
 
-    out: Optional[torch.Tensor] = None
     for start in range(0, n, tile):
-        stop = min(n, start + tile)
-        piece = _apply_with_context(both, latent, dim, scale, -1, start, stop, context, loop)
+        if stop is not None and start * scale >= stop:
+            return
+        yield start * scale, _apply_with_context(both, latent, dim, scale, -1, start, min(n, start + tile), context,
+                                                 loop)
+
+
+def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) -> torch.Tensor:
+    """:func:`decode_tiles` assembled in one output buffer (only the buffer grows with length)."""
+    n = latent.shape[adapter.long_dim] * adapter.decoded_scale * adapter.finalize_scale
+    out: Optional[torch.Tensor] = None
+    for start, piece in decode_tiles(adapter, latent, loop, tile):
+        if piece.shape[-1] == n:
+            return piece
         if out is None:  # allocate once we know the output's other dims, dtype and device
-            out = piece.new_empty(*piece.shape[:-1], n * scale)
-        out[..., start * scale:stop * scale] = piece
+            out = piece.new_empty(*piece.shape[:-1], n)
+        out[..., start:start + piece.shape[-1]] = piece
+    assert out is not None
     return out
 
 
-def decode(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str = "full",
+def decode(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str = "auto",
            view_batch_size: Optional[int] = None, tile: Optional[int] = None) -> torch.Tensor:
     """Decode the long ``latent`` (``layout.length`` columns) with ``mode`` in :data:`DECODE_MODES`.
 
     ``tile`` (tiled mode) defaults to one window.
     """
+    mode = resolve_mode(mode, layout.length, layout.window)
     if mode == "full":
         return decode_full(adapter, latent, layout.loop)
     if mode == "views":

@@ -118,10 +118,13 @@ class Method:
         swap_interval: ``w_swap`` of Eq. 9-10 (frames per alternation); 1 for the averaging modes.
         max_overlap_rate: the largest overlap rate the merge accepts (swap is defined between
             two views only, so at most half a window; averaging takes any overlap below 1).
+        all_views_in_one_call: every view must be in the same model call (``view_batch_size``
+            None then means all views, not the sampler's bounded default).
     """
 
     merge_mode: ClassVar[str] = "swap"
     max_overlap_rate: ClassVar[float] = 0.5
+    all_views_in_one_call: ClassVar[bool] = False
     swap_interval: int = 1
 
     @property
@@ -235,6 +238,7 @@ class MAD(Method):
     steps: float = 0.5
     merge_mode: ClassVar[str] = "mean"
     max_overlap_rate: ClassVar[float] = 1.0
+    all_views_in_one_call: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 0.0, 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-__all__ = ["PromptBatch", "resolve_prompts", "window_keys", "unique"]
+__all__ = ["PromptBatch", "resolve_prompts", "count_prompts", "window_keys", "unique"]
 
 
 def _is_str_list(x: Any) -> bool:
@@ -100,6 +100,15 @@ def resolve_prompts(prompt: Any, view_prompts: Any, negative_prompt: Any, refere
     reference = per_batch("reference_prompt", reference_prompt, [v[0] for v in views])
     return PromptBatch(tuple(tuple(v) for v in views), tuple(reference or ()),
                        tuple(negative) if negative is not None else None, per_prompt)
+
+
+def count_prompts(prompt: Any, view_prompts: Any, embeds_rows: Optional[int] = None) -> int:
+    """Batch prompts of a call, read cheaply before :func:`resolve_prompts` validates the arguments."""
+    if embeds_rows is not None:
+        return embeds_rows
+    if view_prompts is not None:
+        return 1 if _is_str_list(view_prompts) or not isinstance(view_prompts, (list, tuple)) else max(1, len(view_prompts))
+    return len(prompt) if isinstance(prompt, (list, tuple)) and prompt else 1
 
 
 def window_keys(prompts: PromptBatch, with_reference: bool) -> Tuple[List[Tuple[str, Optional[str]]], int]:

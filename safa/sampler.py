@@ -20,13 +20,18 @@ Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top
    or averaging) plus the reference swap of the middles (Eq. 10) during the first
    ``round(guide * T)`` steps. ``X^0`` is read only then, so it is denoised only then: a SaFa
    call costs ``n T + round(guide T)`` window evaluations, not ``(n + 1) T``;
-6. ``J = stitch(views)``, decoded, cropped to the requested length.
+6. ``J = stitch(views)``, decoded, cropped to the requested length, returned or written to
+   files tile by tile (:mod:`safa.output`).
+
+Before any of it, the memory the request needs is estimated and checked against what the
+device has (:mod:`safa.memory`), so a request that cannot fit fails at once with a clear error.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,16 +40,23 @@ from torch.profiler import record_function
 from safa_kernels import ViewLayout, gather, stitch
 
 from . import accel as _accel
+from . import memory as _memory
+from . import output as _output
 from ._checks import check_positive_int, check_range
-from . import decode as _decoding
 from .adapters import Adapter, get_adapter
-from .decode import DECODE_MODES
+from .decode import DECODE_MODES, resolve_mode
 from .layouts import loop_layout, open_layout
+from .memory import MemoryEstimate
 from . import prompts as _prompts
 from .methods import METHODS, Method, MethodContext, get_method
 from .prompts import PromptBatch
 
-__all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS"]
+__all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS", "DEFAULT_VIEW_BATCH_SIZE"]
+
+# view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
+# set by the window and not by the output's length (hours of audio are thousands of windows);
+# on the CPU a bounded batch is also as fast or faster per window (benchmarks/README.md).
+DEFAULT_VIEW_BATCH_SIZE = 16
 
 
 @dataclass
@@ -62,6 +74,12 @@ class JointDiffusionOutput:
         columns: the latent columns the output was cropped to (``<= layout.length``).
         sample_rate: samples per second for audio, None for images.
         method: the :class:`~safa.methods.Method` that ran.
+        output_paths: the files written (one per output) when the call was given
+            ``output_path``; ``audio`` / ``images`` are None then (the waveform was never held
+            whole in memory).
+        output_length: samples (pixels) of each output, returned or written.
+        timings: wall-clock seconds of the ``"denoise"`` loop and of the ``"decode"`` stage
+            (decoding, plus writing the files).
     """
 
     audio: Any
@@ -71,6 +89,9 @@ class JointDiffusionOutput:
     columns: int
     sample_rate: Optional[int]
     method: Optional[Method] = None
+    output_paths: Optional[List[str]] = None
+    output_length: int = 0
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
 def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) -> int:
@@ -195,22 +216,7 @@ class JointDiffusion:
         window is the wrapped pipeline's own call: one view of ``adapter.short_window``.
         """
         adapter = self.adapter
-        if not isinstance(loop, bool):
-            raise ValueError(f"loop must be a bool, got {loop!r}")
-        # Swap is defined between two views only (no column covered by three): docs/kernels.md.
-        hi = method.max_overlap_rate
-        try:
-            rate = check_range("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
-        except ValueError as exc:
-            hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
-                    f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
-            raise ValueError(f"{exc}{hint}") from None
-        w = self.window_columns(window)
-        multiple = method.layout_multiple(adapter)
-        o = int(round(rate * w)) if multiple == 1 else _snap_overlap(rate * w, w, multiple, method)
-        if o >= w:
-            raise ValueError(f"overlap rate {overlap} gives {o} overlapping columns for a window of {w}: "
-                             f"it must leave at least one column of stride")
+        w, o, rate, multiple = self._window_and_overlap(window, overlap, loop, method)
         out_len = adapter.output_length(seconds=seconds, width=width)
         if loop:
             layout = loop_layout(adapter.length_in_columns(seconds=seconds, width=width), w, rate, method.merge_mode,
@@ -222,6 +228,141 @@ class JointDiffusion:
             return open_layout(columns, w, o), columns, out_len
         short = adapter.short_window(columns)
         return ViewLayout(short, short, 0), columns, out_len
+
+    def _window_and_overlap(self, window: Optional[float], overlap: float, loop: bool,
+                            method: Method) -> Tuple[int, int, float, int]:
+        """``(window, overlap columns, overlap rate, stride multiple)`` of a request, validated."""
+        if not isinstance(loop, bool):
+            raise ValueError(f"loop must be a bool, got {loop!r}")
+        # Swap is defined between two views only (no column covered by three): docs/kernels.md.
+        hi = method.max_overlap_rate
+        try:
+            rate = check_range("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
+        except ValueError as exc:
+            hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
+                    f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
+            raise ValueError(f"{exc}{hint}") from None
+        w = self.window_columns(window)
+        multiple = method.layout_multiple(self.adapter)
+        o = int(round(rate * w)) if multiple == 1 else _snap_overlap(rate * w, w, multiple, method)
+        if o >= w:
+            raise ValueError(f"overlap rate {overlap} gives {o} overlapping columns for a window of {w}: "
+                             f"it must leave at least one column of stride")
+        return w, o, rate, multiple
+
+    # -- memory --------------------------------------------------------------------------
+    def estimate_memory(self, seconds: Optional[float] = None, *, width: Optional[int] = None,
+                        height: Optional[int] = None, window: Optional[float] = None, overlap: float = 0.2,
+                        loop: bool = False, method: Union[str, Method] = "safa", batch_size: int = 1,
+                        guidance_scale: float = 2.5, view_batch_size: Optional[int] = None, decode: str = "auto",
+                        decode_tile: Optional[int] = None, output_type: Optional[str] = None,
+                        output_path: Union[None, str, Sequence[str]] = None, check: bool = False) -> MemoryEstimate:
+        """The memory a call with these arguments needs, by phase and part (:mod:`safa.memory`).
+
+        Computed from the request's geometry alone (no layout is built, nothing is allocated),
+        so it answers at once for any length. ``batch_size`` is the number of outputs; the other
+        arguments mean what they mean in :meth:`__call__`, which makes this check before it
+        starts. ``check=True``: raise :class:`~safa.memory.InsufficientMemoryError` (naming the
+        estimate, what is available and what to change) when it does not fit in the device's
+        free memory.
+        """
+        method = get_method(method)
+        output_type = self.check_inputs(seconds, width, height, loop, 1, batch_size, view_batch_size, decode,
+                                        decode_tile, output_type)
+        args = (seconds, width, height, window, overlap, loop, method, batch_size, guidance_scale, view_batch_size,
+                decode, decode_tile, output_type, output_path is not None)
+        return self._require_memory(*args) if check else self._estimate(*args)
+
+    def _model_windows(self, view_batch_size: Optional[int], windows: int, method: Method) -> int:
+        """Windows per model call: ``view_batch_size``, else all of them up to :data:`DEFAULT_VIEW_BATCH_SIZE`
+        (all of them for a method that attends over every view at once)."""
+        if view_batch_size is not None:
+            return min(view_batch_size, windows)
+        return windows if method.all_views_in_one_call else min(windows, DEFAULT_VIEW_BATCH_SIZE)
+
+    def _planned_layout(self, seconds: Optional[float], width: Optional[int], window: Optional[float],
+                        overlap: float, loop: bool, method: Method) -> Tuple[int, int, int]:
+        """``(length, window, views)`` of the layout :meth:`prepare_layout` would build, without building it
+        (a loop's window and view count may differ by a little: the estimate does not need more)."""
+        adapter = self.adapter
+        w, o, _, _ = self._window_and_overlap(window, overlap, loop, method)
+        if loop:
+            length = max(w, math.ceil(adapter.length_in_columns(seconds=seconds, width=width)))
+            return length, w, max(2, round(length / (w - o)))
+        columns = adapter.columns_for(seconds=seconds, width=width)
+        if columns < w:
+            short = adapter.short_window(columns)
+            return short, short, 1
+        views = 1 + math.ceil((columns - w) / (w - o))
+        return w + (views - 1) * (w - o), w, views
+
+    def _estimate(self, seconds: Optional[float], width: Optional[int], height: Optional[int],
+                  window: Optional[float], overlap: float, loop: bool, method: Method, batch_size: int,
+                  guidance_scale: float, view_batch_size: Optional[int], decode: str, decode_tile: Optional[int],
+                  output_type: str, to_files: bool) -> MemoryEstimate:
+        adapter = self.adapter
+        length, w, n = self._planned_layout(seconds, width, window, overlap, loop, method)
+        with_reference = n > 1 and method.reference_steps(1000) > 0  # one window, however many steps it guides
+        mode = resolve_mode(decode, length, w)
+        tile = min(decode_tile or w, length)
+        decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
+            else length
+        return _memory.estimate_memory(
+            adapter, self.pipe.scheduler, length=length, window=w, num_views=n, batch_size=batch_size, height=height,
+            model_windows=self._model_windows(view_batch_size, n + with_reference, method),
+            guidance=guidance_scale > 1.0, with_reference=with_reference, decode_columns=decode_columns,
+            output_columns=adapter.output_length(seconds=seconds, width=width),
+            streamed=to_files and mode == "tiled" and adapter.kind == "audio", output_type=output_type)
+
+    def _require_memory(self, seconds: Optional[float], width: Optional[int], height: Optional[int],
+                        window: Optional[float], overlap: float, loop: bool, method: Method, batch_size: int,
+                        guidance_scale: float, view_batch_size: Optional[int], decode: str,
+                        decode_tile: Optional[int], output_type: str, to_files: bool) -> MemoryEstimate:
+        """The estimate, or :class:`~safa.memory.InsufficientMemoryError` saying what to change."""
+        audio = self.adapter.kind == "audio"
+
+        def estimate(length: float, vbs: Optional[int] = view_batch_size, files: bool = to_files) -> MemoryEstimate:
+            return self._estimate(length if audio else None, None if audio else int(length), height, window,
+                                  overlap, loop, method, batch_size, guidance_scale, vbs, decode, decode_tile,
+                                  output_type, files)
+
+        length = seconds if audio else width
+        found = estimate(length)
+        missing = _memory.shortfall(found)
+        if missing is None:
+            return found
+        _, available, where = missing
+        advice = []
+        if not method.all_views_in_one_call:
+            n = self._planned_layout(seconds, width, window, overlap, loop, method)[2]
+            k = self._model_windows(view_batch_size, n + 1, method) // 2
+            while k >= 1 and _memory.shortfall(estimate(length, k)) is not None:
+                k //= 2
+            if k >= 1:
+                advice.append(f"view_batch_size={k} (windows per model call) fits")
+        if audio and not to_files and _memory.shortfall(estimate(length, files=True)) is None:
+            advice.append("output_path= (write the audio to a file tile by tile instead of returning it) fits")
+        if not advice:
+            # The longest output that fits (the estimate grows with length): with this model batch,
+            # else with the smallest one.
+            for vbs in ((view_batch_size,) if method.all_views_in_one_call else (view_batch_size, 1)):
+                lo, hi = 0.0, float(length)
+                for _ in range(64):
+                    mid = (lo + hi) / 2 if audio else float(int((lo + hi) / 2))
+                    if mid <= lo:
+                        break
+                    lo, hi = (mid, hi) if _memory.shortfall(estimate(mid, vbs)) is None else (lo, mid)
+                if lo > 0:
+                    with_vbs = "" if vbs == view_batch_size else " with view_batch_size=1"
+                    advice.append(f"a shorter output: {'seconds' if audio else 'width'}={lo:.4g}{with_vbs} fits")
+                    break
+            else:
+                advice.append("not even the shortest output fits")
+        what = (f"seconds={seconds:g}" if audio else f"width={width}") + \
+            (f" with {batch_size} outputs" if batch_size > 1 else "")
+        raise _memory.InsufficientMemoryError(
+            f"{what} needs {found.describe()}, but {_memory.format_bytes(available)} of {where} is available: "
+            + "; ".join(advice), found, available)
 
     def prepare_conditions(self, prompts: PromptBatch, embeds: Dict[str, torch.Tensor], with_reference: bool,
                            guidance_scale: float, seconds: Optional[float]
@@ -287,9 +428,10 @@ class JointDiffusion:
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  pooled_prompt_embeds: Optional[torch.Tensor] = None,
                  negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-                 decode: str = "full", decode_tile: Optional[int] = None,
+                 decode: str = "auto", decode_tile: Optional[int] = None,
                  callback_on_step_end: Optional[Callable[..., Optional[Dict[str, Any]]]] = None,
-                 output_type: Optional[str] = None, return_dict: bool = True) -> Any:
+                 output_type: Optional[str] = None, output_path: Union[None, str, Sequence[str]] = None,
+                 callback_on_output_chunk: Optional[Callable[..., None]] = None, return_dict: bool = True) -> Any:
         """Generate ``seconds`` of audio (or a panorama ``width`` x ``height`` pixels).
 
         Args:
@@ -328,7 +470,8 @@ class JointDiffusion:
                 during the first ``round(guide * T)`` of the ``T`` scheduler steps, and the
                 reference window is denoised only then. With a single view there is nothing
                 to keep consistent, so no reference is used.
-            view_batch_size: windows per model call (default: all at once); bounds memory.
+            view_batch_size: windows per model call; bounds the model's memory (default: all of
+                them up to :data:`DEFAULT_VIEW_BATCH_SIZE`, 16; all of them for MAD).
             eta: DDIM's eta (default 0).
             latents: initial long noise ``J_T`` (unscaled, the layout's shape
                 ``adapter.latent_shape(batch, layout.length, height)``); default drawn from
@@ -337,15 +480,27 @@ class JointDiffusion:
             prompt_embeds / negative_prompt_embeds / pooled_prompt_embeds /
                 negative_pooled_prompt_embeds: precomputed text embeddings, one row per batch
                 prompt, where the wrapped pipeline takes them (``adapter.embeds_arguments``).
-            decode: ``"full"`` (default), ``"views"`` (decode each view, stitch at the mel /
-                pixel level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per
-                tile, default one window).
+            decode: ``"auto"`` (default: ``"full"`` up to ``safa.decode.AUTO_WHOLE_WINDOWS``
+                windows, ``"tiled"`` beyond), ``"full"`` (the whole latent at once: the
+                pipeline's own decode), ``"views"`` (decode each view, stitch at the mel / pixel
+                level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per tile,
+                default one window).
             callback_on_step_end: ``f(jd, step, timestep, callback_kwargs)`` after each step's
                 merge, ``callback_kwargs = {"views", "reference", "layout"}`` (``reference`` is
                 None once it stops guiding); returning a dict with ``"views"`` / ``"reference"``
                 tensors replaces them.
             output_type: ``"np"`` (audio default), ``"pil"`` (image default), ``"pt"`` or
                 ``"latent"`` (no decoding).
+            output_path: write the output to this file (WAV/FLAC for audio, PNG for images), or
+                to one file per output (a list), instead of returning it. Audio decoded in tiles
+                is written tile by tile as it is decoded, so memory does not grow with its
+                length; the file appears when it is complete (an interrupted call leaves
+                nothing). The result's ``audio`` / ``images`` are None then; ``output_paths``
+                names the files.
+            callback_on_output_chunk: ``f(jd, start, chunk)`` for every piece of the final
+                output as it is decoded (``chunk``: the long axis last, cropped; ``start``: its
+                first sample / pixel column), e.g. to accumulate a spectrogram of a streamed
+                output (:class:`safa.spectrogram.SpectrogramAccumulator`).
             return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
                 does, a tuple ``(audio,)`` / ``(images,)``.
         """
@@ -360,6 +515,19 @@ class JointDiffusion:
         embeds = self._check_embeds(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                     pooled_prompt_embeds=pooled_prompt_embeds,
                                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        outputs = _prompts.count_prompts(prompt, view_prompts, int(prompt_embeds.shape[0]) if embeds else None) \
+            * per_prompt
+        if output_path is not None and output_type == "latent":
+            raise ValueError("output_path writes the decoded output: it cannot be used with output_type='latent'")
+        paths = _output.check_output_paths(output_path, outputs, adapter.kind)
+
+        # 1b. What the request needs against what the device has, before anything is allocated:
+        # a clear error (what to change) rather than an allocator failure later (safa.memory).
+        self._require_memory(seconds, width, height, window, overlap, loop, method, outputs, guidance_scale,
+                             view_batch_size, decode, decode_tile, output_type, paths is not None)
+        if paths is not None and adapter.kind == "audio":
+            _output.check_disk_space(paths, adapter.output_length(seconds=seconds),
+                                     adapter.output_elements_per_column())
 
         # 2. Layout of the views over the long latent J, and the prompts of every window.
         layout, columns, out_len = self.prepare_layout(seconds, width, window, overlap, loop, method)
@@ -395,7 +563,8 @@ class JointDiffusion:
         config = _accel.StepConfig(
             adapter=adapter, conditions=cond, view_rows=view_rows, reference_rows=reference_rows,
             guidance_scale=guidance_scale, timesteps=timesteps,
-            chunk_rows=(view_batch_size or (n + (1 if guide_steps else 0))) * batch_size, layout=layout,
+            chunk_rows=self._model_windows(view_batch_size, n + (1 if guide_steps else 0), method) * batch_size,
+            layout=layout,
             dim=dim, merge_mode=method.merge_mode, swap_interval=method.swap_interval,
             reference_axis=adapter.reference_axis)
         runner = _accel.StepRunner(config, compile=self.compile, cuda_graphs=self.cuda_graphs, merge=self.merge_step)
@@ -409,7 +578,10 @@ class JointDiffusion:
                                            window_shape=window_shape, cuda_graphs=self.cuda_graphs))
         view_rows_count = n * batch_size
         # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
+        started = time.perf_counter()
         with hooks, pipe.progress_bar(total=num_steps) as progress:
+            if "desc" not in (getattr(pipe, "_progress_bar_config", None) or {}):
+                progress.set_description("denoising", refresh=False)
             for i, t in enumerate(timesteps):
                 guiding = i < guide_steps
                 with record_function("safa.step"):
@@ -426,10 +598,14 @@ class JointDiffusion:
                     # method's model context (MAD: self-attention merged over the long latent).
                     with record_function("safa.model"), hooks.model_context(i):
                         model_out = runner.predict(model_in, i, guiding)
+                    # Memory: the scheduler's step is the peak of the loop; nothing views-sized that it
+                    # does not read may live through it (the concatenated model input here, its
+                    # pred_original_sample below): docs/long-audio.md.
+                    model_in = None
                     # 6.3 Scheduler steps: all views as one batch; X^0 on its own scheduler.
                     with record_function("safa.scheduler"):
-                        stepped = scheduler.step(model_out[:view_rows_count], t_sched, flat, **view_step_kwargs)
-                        views = stepped.prev_sample.contiguous().view(n, *window_shape)
+                        views = scheduler.step(model_out[:view_rows_count], t_sched, flat,
+                                               **view_step_kwargs).prev_sample.contiguous().view(n, *window_shape)
                         if guiding:
                             reference = ref_scheduler.step(model_out[view_rows_count:], t_sched, reference,
                                                            **ref_step_kwargs).prev_sample
@@ -451,13 +627,24 @@ class JointDiffusion:
                     reference = ref_scheduler = None
                 progress.update()
 
-        # 7. J = stitch(views); decode the whole layout, then crop: a loop is decoded as a
-        # loop (circular context), and the covering layout's extra columns only cost compute.
+        # 7. J = stitch(views), then the output stage (safa.output): the whole layout decoded
+        # (a loop as a loop, with circular context; the covering layout's extra columns only
+        # cost compute), cropped, and returned or written to output_path tile by tile.
         latent = stitch(views, layout, dim, method.merge_mode, method.swap_interval)
+        views = flat = model_out = reference = None  # the step's state is not needed to decode: free it
+        if latent.device.type == "cuda":
+            torch.cuda.synchronize(latent.device)  # the loop's kernels end here, not in the decode's time
+        timings = {"denoise": time.perf_counter() - started}
         audio = images = None
         if output_type != "latent":
-            out = _decoding.decode(adapter, latent, layout, decode, view_batch_size, decode_tile)
-            result = adapter.to_output(out[..., :out_len], output_type)
+            started = time.perf_counter()
+            on_chunk = (None if callback_on_output_chunk is None
+                        else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
+            result = _output.produce_output(
+                adapter, latent, layout, mode=resolve_mode(decode, layout.length, layout.window),
+                tile=decode_tile or layout.window, view_batch_size=view_batch_size, out_len=out_len,
+                output_type=output_type, paths=paths, on_chunk=on_chunk)
+            timings["decode"] = time.perf_counter() - started
             if adapter.kind == "audio":
                 audio = result
             else:
@@ -465,7 +652,9 @@ class JointDiffusion:
         if not return_dict:
             return (audio if adapter.kind == "audio" else images if output_type != "latent" else latent,)
         return JointDiffusionOutput(audio=audio, images=images, latent=latent, layout=layout,
-                                    columns=columns, sample_rate=adapter.sample_rate, method=method)
+                                    columns=columns, sample_rate=adapter.sample_rate, method=method,
+                                    output_paths=paths, output_length=out_len if output_type != "latent" else 0,
+                                    timings=timings)
 
     # -- argument handling ------------------------------------------------------------------
     def _pipeline_names(self, seconds: Optional[float], audio_length_in_s: Optional[float], width: Optional[int],

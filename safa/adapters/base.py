@@ -308,6 +308,27 @@ class Adapter:
         """
         return decoded
 
+    # -- memory (safa.memory: the estimate checked before a call does any work) ------------
+    def denoiser_memory(self, rows: int, guidance: bool) -> Optional[int]:
+        """Working memory in bytes of one :meth:`predict` call on ``rows`` windows, or None if unknown.
+
+        Beyond the input and the weights; ``guidance``: classifier-free guidance doubles the
+        denoiser's batch. Families that can say override this (the built-in texture model does).
+        """
+        return None
+
+    def decoder_memory(self, columns: int, batch_size: int) -> Optional[int]:
+        """Bytes to decode ``columns`` latent columns of ``batch_size`` outputs at once (both stages,
+        output included), or None if unknown."""
+        return None
+
+    def output_elements_per_column(self, height: Optional[int] = None) -> int:
+        """Elements of one output per output column: audio channels (1 by default), or 3 x the
+        image height in pixels."""
+        if self.kind == "audio":
+            return 1
+        return 3 * self.latent_shape(1, 1, height)[-2] * self.decoded_scale
+
     def to_output(self, output: torch.Tensor, output_type: str) -> Any:
         """Convert the cropped final output to ``output_type`` (``"pt"``, ``"np"``, ``"pil"`` for images)."""
         if output_type == "pt":

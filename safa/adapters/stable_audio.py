@@ -153,3 +153,6 @@ class StableAudioAdapter(Adapter):
 
     def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
         return decoded.float().cpu()
+
+    def output_elements_per_column(self, height: Optional[int] = None) -> int:
+        return int(self.pipe.vae.config.audio_channels)

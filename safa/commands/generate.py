@@ -6,7 +6,9 @@
 
 Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
 dB colour bar) with the views' windows and overlaps marked, or a PNG (images). Files are
-written atomically.
+written atomically. Long audio is decoded in tiles and each tile is appended to the file as
+it is finished, so hours fit in memory (docs/long-audio.md); a request that cannot fit is
+refused before any work, with what to change.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import sys
 import time
 from typing import Any, Optional
 
-from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable, write_audio, write_image
+from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable
 from ..cli import CLIError
+from ..decode import DECODE_MODES
 from ..methods import METHODS
 from .common import (BUILTIN_MODEL, add_guidance_argument, add_model_arguments, check_backend_env, load_pipeline,
                      resolve_device, set_scheduler, setup_logging)
@@ -53,8 +56,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="swap interval w_swap of the swap methods (default: the method's, 1)")
     p.add_argument("--guide", type=float, default=None,
                    help="SaFa's reference guidance step rate r_guide (default: the method's, 0.3)")
-    p.add_argument("--view-batch-size", type=int, default=None, help="windows per model call (default all)")
-    p.add_argument("--decode", choices=("full", "views", "tiled"), default="full", help="decoding (default full)")
+    p.add_argument("--view-batch-size", type=int, default=None,
+                   help="windows per model call: bounds the model's memory (default: all, at most 16)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="decoding (default auto: the whole latent up to 4 windows, in tiles beyond, streamed to --out)")
     p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images "
                                                "(default out.wav / out.png)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")
@@ -107,36 +112,44 @@ def run(args: argparse.Namespace) -> int:
     prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
     if args.view_prompt and args.prompt:
         raise CLIError("give either --prompt or --view-prompt (repeated), not both")
+    call = dict(seconds=args.seconds, width=args.width, height=args.height, method=args.method, loop=args.loop,
+                guidance_scale=args.guidance_scale, window=window, overlap=args.overlap,
+                view_batch_size=args.view_batch_size, decode=args.decode)
+    # A request that cannot fit fails here, before the layout (or anything long) is built.
+    jd.estimate_memory(**call, output_path=out, check=True)
     layout = jd.layout_for(args.seconds, args.width, window=window, overlap=args.overlap, loop=args.loop,
                            method=args.method)
     if not args.quiet:
         print(f"layout: {jd.describe_layout(layout)}", file=sys.stderr)
+    spectrogram = None
+    if kind == "audio" and not args.no_spectrogram:
+        from ..spectrogram import SpectrogramAccumulator
+        samples = jd.adapter.output_length(seconds=args.seconds)
+        # Fed with every decoded piece as it is written: the waveform is never held whole.
+        spectrogram = SpectrogramAccumulator(jd.sample_rate, samples / jd.sample_rate)
     started = time.perf_counter()
-    result = jd(seconds=args.seconds, width=args.width, height=args.height, method=args.method, loop=args.loop,
-                num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                negative_prompt=args.negative_prompt, reference_prompt=args.reference_prompt,
-                generator=torch.Generator(device=device).manual_seed(args.seed), window=window,
-                overlap=args.overlap, swap_interval=args.swap_interval, guide=args.guide,
-                view_batch_size=args.view_batch_size, decode=args.decode, **prompt_args)
+    result = jd(**call, num_inference_steps=args.steps, negative_prompt=args.negative_prompt,
+                reference_prompt=args.reference_prompt, generator=torch.Generator(device=device).manual_seed(args.seed),
+                swap_interval=args.swap_interval, guide=args.guide, output_path=out,
+                callback_on_output_chunk=(None if spectrogram is None
+                                          else lambda _, start, chunk: spectrogram.add(chunk[0].numpy())),
+                **prompt_args)
     elapsed = time.perf_counter() - started
-    prompts = args.view_prompt or [args.prompt]
+    written = [out]
+    if spectrogram is not None:
+        from ..plots import layout_title, view_spans, write_spectrogram
+        spec_path = os.path.splitext(out)[0] + ".png"
+        fps = jd.adapter.frames_per_second
+        write_spectrogram(spec_path, spectrogram.finish(), view_spans(layout, fps), loop=layout.loop,
+                          title=layout_title(args.method, args.view_prompt or [args.prompt], layout, fps))
+        written.append(spec_path)
     if kind == "audio":
-        audio = result.audio[0]
-        write_audio(out, audio, result.sample_rate)
-        written = [out]
-        if not args.no_spectrogram:
-            from ..plots import layout_title, view_spans, write_spectrogram
-            from ..spectrogram import compute_spectrogram
-            spec_path = os.path.splitext(out)[0] + ".png"
-            fps = jd.adapter.frames_per_second
-            write_spectrogram(spec_path, compute_spectrogram(audio, result.sample_rate), view_spans(layout, fps),
-                              loop=layout.loop, title=layout_title(args.method, prompts, layout, fps))
-            written.append(spec_path)
-        what = f"{audio.shape[-1] / result.sample_rate:.2f} s at {result.sample_rate} Hz"
+        what = f"{result.output_length / result.sample_rate:.2f} s at {result.sample_rate} Hz"
     else:
-        write_image(out, result.images[0])
-        written = [out]
-        what = f"{result.images[0].size[0]}x{result.images[0].size[1]} px"
-    print(f"wrote {', '.join(written)}: {what}, {jd.describe_layout(result.layout)}, {args.method}, "
-          f"{args.steps} steps in {elapsed:.1f} s")
+        what = f"{args.width}x{jd.adapter.output_elements_per_column(args.height) // 3} px"
+    steps = result.timings["denoise"]
+    print(f"wrote {', '.join(written)}: {what}, {jd.describe_layout(result.layout)}, {args.method}; "
+          f"{args.steps} steps in {steps:.1f} s ({steps / args.steps:.2f} s/step), decoded and written in "
+          f"{result.timings['decode']:.1f} s, {elapsed:.1f} s in all")
     return 0
+

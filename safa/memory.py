@@ -1,0 +1,237 @@
+"""How much memory a generation needs, estimated before any work, and how much the device has.
+
+:meth:`safa.JointDiffusion.__call__` compares :func:`estimate_memory` with
+:func:`available_memory` before it allocates anything and raises :class:`InsufficientMemoryError`
+(a ``ValueError``: the CLI prints it as one line, exit 2) naming the request, the estimate, what
+is available and what to change. Where the memory goes (docs/long-audio.md has the
+measurements these rules were checked against):
+
+- **prepare**: the initial noise ``J_T`` is drawn whole and gathered into the views.
+- **model call**: the views' state ``S`` (``(1 + overlap) x`` the long latent), the model
+  input (a copy while the reference window joins the batch) and output, the model outputs a
+  multistep scheduler keeps (:func:`scheduler_history`), and the model's working memory for
+  one call of ``view_batch_size`` windows (classifier-free guidance doubles its batch) as
+  the adapter reports it (:meth:`~safa.adapters.base.Adapter.denoiser_memory`).
+- **scheduler step** (the peak for long outputs): ``S``, the model output, the scheduler's
+  history and its temporaries: ``(STEP_STATE_COPIES + history) x S``.
+- **decode**: the stitched long latent, the scheduler's history (kept until the next call),
+  decoding one tile or the whole latent (:meth:`~safa.adapters.base.Adapter.decoder_memory`),
+  and the decoded output when it is held in memory rather than streamed to a file.
+
+Weights are not counted: they are loaded already, so the free memory is measured after them.
+Parts an adapter cannot estimate are named in the estimate (``not_estimated``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "available_memory", "scheduler_history",
+           "shortfall", "format_bytes", "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES"]
+
+# Views-sized tensors alive at the peak of scheduler.step besides the scheduler's history: the
+# views, the model output and the scheduler's temporaries (measured with DDIM, which keeps no
+# history: 6.2 x S peak RSS at 4 h of audio; DPM-Solver++(2M), history 2: 8.3 x S).
+STEP_STATE_COPIES = 6
+# ... and around the model call: the views, the model input (a concatenated copy while the
+# reference window joins the batch) and the model output, besides history and activations.
+MODEL_CALL_STATE_COPIES = 3
+
+
+class InsufficientMemoryError(ValueError, MemoryError):
+    """The request cannot fit in the device's memory (raised before any work).
+
+    A ``ValueError`` (a request the caller can change) and a ``MemoryError``. ``estimate`` and
+    ``available`` (bytes) say why.
+    """
+
+    def __init__(self, message: str, estimate: "MemoryEstimate", available: int) -> None:
+        super().__init__(message)
+        self.estimate, self.available = estimate, available
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GiB``-style sizes (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024.0
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a call needs, by phase and part (see the module docstring).
+
+    Attributes:
+        device: where the latents live.
+        phases: ``{phase: {part: bytes}}`` for ``"prepare"``, ``"model call"``, ``"scheduler step"``
+            and ``"decode"`` (not for ``output_type="latent"``).
+        host: parts held in host memory even when ``device`` is a GPU (the decoded audio).
+        not_estimated: parts this pipeline cannot estimate (not included above).
+    """
+
+    device: torch.device
+    phases: Dict[str, Dict[str, int]]
+    host: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    not_estimated: Tuple[str, ...] = ()
+
+    def _total(self, phase: str, device_only: bool) -> int:
+        parts = sum(self.phases[phase].values())
+        if not device_only or self.device.type == "cpu":
+            parts += sum(self.host.get(phase, {}).values())
+        return parts
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: self._total(p, device_only=False))
+
+    @property
+    def peak(self) -> int:
+        """Bytes at the peak on the device (plus host parts when the device is the CPU)."""
+        return max(self._total(p, device_only=True) for p in self.phases)
+
+    @property
+    def host_peak(self) -> int:
+        """Bytes at the peak in host memory (the whole peak on a CPU device)."""
+        if self.device.type == "cpu":
+            return self.peak
+        return max((sum(parts.values()) for parts in self.host.values()), default=0)
+
+    def describe(self) -> str:
+        """``about 3.4 GiB at its peak (scheduler step: views 439 MiB, ...)``."""
+        phase = self.peak_phase
+        parts = {**self.phases[phase], **(self.host.get(phase, {}))}
+        listed = ", ".join(f"{name} {format_bytes(b)}" for name, b in parts.items() if b)
+        missing = f"; not included: {', '.join(self.not_estimated)}" if self.not_estimated else ""
+        return f"about {format_bytes(self._total(phase, device_only=False))} at its peak ({phase}: {listed}{missing})"
+
+
+def scheduler_history(scheduler: Any) -> int:
+    """Views-sized tensors a diffusers scheduler keeps from one step to the next.
+
+    Multistep solvers keep their last ``solver_order`` model outputs (UniPC also the last
+    sample), PNDM and LMS up to four, Heun-type second-order schedulers a sample and a
+    derivative between their two stages; DDIM, DDPM and Euler keep none.
+    """
+    order = getattr(getattr(scheduler, "config", None), "solver_order", None)
+    if order is not None:
+        return int(order) + (1 if hasattr(scheduler, "last_sample") else 0)
+    if hasattr(scheduler, "ets") or hasattr(scheduler, "derivatives"):
+        return 4
+    if hasattr(type(scheduler), "state_in_first_order"):
+        return 2
+    return 0
+
+
+def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, num_views: int, batch_size: int,
+                    height: Optional[int], model_windows: int, guidance: bool, with_reference: bool,
+                    decode_columns: int, output_columns: int, streamed: bool, output_type: str) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of a call with this geometry (pure arithmetic: nothing is allocated).
+
+    Args:
+        adapter, scheduler: the pipeline's adapter and the scheduler that will step the views.
+        length, window, num_views: the layout (latent columns, views).
+        batch_size: outputs of the call.
+        height: the image height (image pipelines) or None.
+        model_windows: windows per model call (``view_batch_size`` as resolved).
+        guidance: classifier-free guidance on (doubles the model batch).
+        with_reference: SaFa's reference window is denoised alongside the views.
+        decode_columns: latent columns decoded at once (one tile plus context, or the whole latent).
+        output_columns: output samples (pixels) per output after cropping.
+        streamed: the output is written to files tile by tile instead of being returned.
+        output_type: ``"latent"`` means no decoding at all.
+    """
+    itemsize = torch.empty((), dtype=adapter.dtype).element_size()
+    window_bytes = math.prod(adapter.latent_shape(batch_size, window, height)) * itemsize
+    latent = math.prod(adapter.latent_shape(batch_size, length, height)) * itemsize
+    views = num_views * window_bytes
+    reference = window_bytes if with_reference else 0
+    history = scheduler_history(scheduler)
+    not_estimated = []
+    model = adapter.denoiser_memory(model_windows * batch_size, guidance)
+    if model is None:
+        not_estimated.append("model activations")
+    state = views + reference
+    phases: Dict[str, Dict[str, int]] = {
+        "prepare": {"initial noise": latent, "views": state},
+        "model call": {"views": state, "model input and output": (MODEL_CALL_STATE_COPIES - 1) * state,
+                       "scheduler history": history * state, "model": model or 0},
+        "scheduler step": {"views": state, "step tensors": (STEP_STATE_COPIES - 1) * state,
+                           "scheduler history": history * state},
+    }
+    host: Dict[str, Dict[str, int]] = {}
+    if output_type != "latent":
+        decoding = adapter.decoder_memory(decode_columns, batch_size)
+        if decoding is None:
+            not_estimated.append("decoding")
+        phases["decode"] = {"latent": latent, "scheduler history": history * state, "decoding": decoding or 0}
+        if not streamed:
+            host["decode"] = {"output": batch_size * output_columns * adapter.output_elements_per_column(height) * 4}
+    return MemoryEstimate(torch.device(adapter.device), phases, host, tuple(not_estimated))
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_available() -> Optional[int]:
+    """Room left under this process's cgroup memory limit (v2, then v1), if it has one."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2 ** 60:  # "max" / a huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
+
+
+def available_memory(device: Any) -> int:
+    """Bytes a new allocation can still get on ``device``.
+
+    CUDA: ``torch.cuda.mem_get_info`` plus what PyTorch's caching allocator holds unused. Host
+    (CPU, MPS's unified memory): ``MemAvailable`` of ``/proc/meminfo`` and the room under a
+    cgroup limit, the smaller; elsewhere the free physical pages.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    known = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+    if known:
+        return min(known)
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def shortfall(estimate: MemoryEstimate) -> Optional[Tuple[int, int, str]]:
+    """``(needed, available, where)`` for the first memory ``estimate`` does not fit in, else None.
+
+    The device's peak against the device (on CUDA, the host-side parts against host memory too).
+    """
+    device = estimate.device
+    checks = [(estimate.peak, device, f"{device.type} memory" if device.type != "cuda" else f"{device} memory")]
+    if device.type == "cuda":
+        checks.append((estimate.host_peak, torch.device("cpu"), "host memory"))
+    for needed, where, label in checks:
+        if needed:
+            available = available_memory(where)
+            if needed > available:
+                return needed, available, label
+    return None
