@@ -19,6 +19,10 @@ Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top
    ``round(guide * T)`` steps. ``X^0`` is read only then, so it is denoised only then: a SaFa
    call costs ``n T + round(guide T)`` window evaluations, not ``(n + 1) T``;
 6. ``J = stitch(views)``, decoded, cropped to the requested length.
+
+With ``process_group=`` the same call runs on every rank of a ``torch.distributed`` group:
+each rank runs the model on its own block of views, the scheduler on the whole batch, and
+exchanges only the overlap cells its merge reads (:mod:`safa.distributed`, docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ import torch
 from torch.profiler import record_function
 
 from safa_kernels import ViewLayout, gather, stitch
+from tqdm.auto import tqdm
 
 from . import accel as _accel
 from . import decode as _decoding
+from . import distributed as _distributed
 from .adapters import Adapter, get_adapter
 from .decode import DECODE_MODES
 from .methods import METHODS, Method, get_method
@@ -56,11 +62,14 @@ class JointDiffusionOutput:
         columns: the latent columns the output was cropped to (``<= layout.length``).
         sample_rate: samples per second for audio, None for images.
         method: the :class:`~safa.methods.Method` that ran.
+
+    In a distributed call (``process_group=``) ``audio``, ``images`` and ``latent`` are on
+    rank 0 and None on the other ranks.
     """
 
     audio: Any
     images: Any
-    latent: torch.Tensor
+    latent: Optional[torch.Tensor]
     layout: ViewLayout
     columns: int
     sample_rate: Optional[int]
@@ -140,12 +149,22 @@ class JointDiffusion:
         merge_step: the per-step merge, with the signature of :func:`safa.accel.merge_step`
             (default: that function, one ``safa_kernels.sync_`` call); another one is swapped
             in to compare merges (``safa profile --compare``).
+        process_group: a ``torch.distributed`` process group to spread every call over (default
+            None: one process). Every rank then makes the same call (checked: different
+            arguments are an error on every rank); the result is on rank 0. With a
+            deterministic scheduler and ``view_batch_size=1`` the output is bitwise the
+            one-process output for any number of ranks up to the number of views
+            (docs/distributed.md).
     """
 
     def __init__(self, pipe: Any, *, compile: bool = False, cuda_graphs: bool = False,
-                 merge_step: Optional[Callable[..., None]] = None) -> None:
+                 merge_step: Optional[Callable[..., None]] = None, process_group: Any = None) -> None:
         if not isinstance(compile, bool) or not isinstance(cuda_graphs, bool):
             raise ValueError(f"compile and cuda_graphs must be bools, got {compile!r}, {cuda_graphs!r}")
+        if process_group is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                                              and isinstance(process_group, torch.distributed.ProcessGroup)):
+            raise ValueError(f"process_group must be None or a torch.distributed.ProcessGroup of an initialised "
+                             f"default group (torch.distributed.init_process_group), got {process_group!r}")
         if cuda_graphs and not torch.cuda.is_available():
             raise RuntimeError("cuda_graphs=True needs CUDA, and this machine has none (CUDA graphs do not "
                                "exist on CPU): use cuda_graphs=False; compile=True works on CPU")
@@ -153,6 +172,7 @@ class JointDiffusion:
         self.adapter: Adapter = get_adapter(pipe)
         self.compile, self.cuda_graphs = compile, cuda_graphs
         self.merge_step = merge_step
+        self.process_group = process_group
 
     @property
     def sample_rate(self) -> Optional[int]:
@@ -275,6 +295,12 @@ class JointDiffusion:
         j_t = adapter.init_noise(adapter.latent_shape(batch_size, layout.length, height), generator, latents)
         return gather(j_t, layout, adapter.long_dim)
 
+    def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
+        """This process's part of the call: every view in one process, a block of them per rank
+        with ``process_group`` (an error on every rank when there are more ranks than views)."""
+        return _distributed.ViewShard(self.process_group, layout, self.adapter.long_dim, method.merge_mode,
+                                      method.swap_interval, batch_size)
+
     def prepare_reference(self, window_shape: Tuple[int, ...], generator: Any,
                           reference_latents: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Any]:
         """The reference window ``X^0`` (its own noise) and its own copy of the scheduler.
@@ -288,6 +314,7 @@ class JointDiffusion:
 
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()
+    @_distributed.collective
     def __call__(self, prompt: Union[str, Sequence[str]], seconds: Optional[float] = None, *,
                  width: Optional[int] = None, height: Optional[int] = None,
                  method: Union[str, Method] = "safa", loop: bool = False,
@@ -341,9 +368,11 @@ class JointDiffusion:
                 pixel level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per
                 tile, default one window).
             callback_on_step_end: ``f(jd, step, timestep, callback_kwargs)`` after each step's
-                merge, ``callback_kwargs = {"views", "reference", "layout"}`` (``reference`` is
-                None once it stops guiding); returning a dict with ``"views"`` / ``"reference"``
-                tensors replaces them.
+                merge, ``callback_kwargs = {"views", "view_range", "reference", "layout"}``:
+                ``views`` are this process's views, ``view_range`` their indices in the layout
+                (every view in one process); ``reference`` is None once it stops guiding.
+                Returning a dict with ``"views"`` / ``"reference"`` tensors replaces them (in
+                a distributed call, a replaced reference must be the same on every rank).
             output_type: ``"np"`` (audio default), ``"pil"`` (image default), ``"pt"`` or
                 ``"latent"`` (no decoding).
         """
@@ -376,7 +405,11 @@ class JointDiffusion:
         cond, view_rows, reference_rows = self.prepare_conditions(
             view_prompts, ref_prompt, negative_prompt, guidance_scale, batch_size, seconds)
 
-        # 5. Initial latents: the views of J_T, then X^0 with its own scheduler.
+        # 5. Initial latents: the views of J_T (the same on every rank), then X^0 with its own
+        # scheduler; this process's views (all of them unless process_group is set).
+        shard = self.prepare_shard(layout, method, batch_size)
+        own, own_rows = shard.views, shard.rows
+        reference_here = guide_steps > 0 and shard.has_reference
         views = self.prepare_latents(layout, batch_size, height, generator, latents)
         reference, ref_scheduler = (self.prepare_reference(window_shape, generator, reference_latents)
                                     if guide_steps else (None, None))
@@ -385,55 +418,75 @@ class JointDiffusion:
         if self.cuda_graphs:
             _accel.check_cuda_graphs(views.device)
         config = _accel.StepConfig(
-            adapter=adapter, conditions=cond, view_rows=view_rows, reference_rows=reference_rows,
+            adapter=adapter, conditions=cond, view_rows=view_rows[own_rows],
+            reference_rows=reference_rows if reference_here else None,
             guidance_scale=guidance_scale, timesteps=timesteps,
-            chunk_rows=(view_batch_size or (n + (1 if guide_steps else 0))) * batch_size, layout=layout,
+            chunk_rows=(view_batch_size or (len(own) + (1 if reference_here else 0))) * batch_size, layout=layout,
             dim=dim, merge_mode=method.merge_mode, swap_interval=method.swap_interval,
             reference_axis=adapter.reference_axis)
         runner = _accel.StepRunner(config, compile=self.compile, cuda_graphs=self.cuda_graphs, merge=self.merge_step)
         step_kwargs = adapter.step_kwargs(generator, eta)
-        view_rows_count = n * batch_size
+        view_rows_count, own_rows_count = n * batch_size, len(own) * batch_size
         # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
-        with pipe.progress_bar(total=num_steps) as progress:
+        with (pipe.progress_bar(total=num_steps) if shard.rank == 0 else tqdm(total=num_steps, disable=True)) \
+                as progress:
             for i, t in enumerate(timesteps):
                 guiding = i < guide_steps
+                with_reference = guiding and shard.has_reference
+                shard.begin_step(i, num_steps)
                 with record_function("safa.step"):
                     t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
                     flat = views.view(view_rows_count, *window_shape[1:])  # the scheduler's batch
-                    # 6.1 Model input: every view, plus X^0 (on its own scheduler) while it guides.
+                    # 6.1 Model input: this process's views, plus X^0 (on its own scheduler) while
+                    # it guides, on the rank that holds it.
                     with record_function("safa.scheduler"):
-                        model_in = _scale_model_input(scheduler, flat, t_sched)
-                        if guiding:
+                        model_in = _scale_model_input(scheduler, flat[own_rows], t_sched)
+                        if with_reference:
                             model_in = torch.cat([model_in, _scale_model_input(ref_scheduler, reference, t_sched)])
                     # 6.2 One model batch (classifier-free guidance inside adapter.predict).
                     with record_function("safa.model"):
-                        model_out = runner.predict(model_in, i, guiding)
-                    # 6.3 Scheduler steps: all views as one batch; X^0 on its own scheduler.
+                        model_out = runner.predict(model_in, i, with_reference)
+                    # 6.3 Scheduler step of all views as one batch (every rank steps every row:
+                    # the model output of other ranks' rows is zeros, their results unused).
                     with record_function("safa.scheduler"):
-                        stepped = scheduler.step(model_out[:view_rows_count], t_sched, flat, **step_kwargs)
+                        stepped = scheduler.step(shard.whole_batch(model_out[:own_rows_count]), t_sched, flat,
+                                                 **step_kwargs)
                         views = stepped.prev_sample.contiguous().view(n, *window_shape)
+                    # (distributed) The step's one exchange: X^0's model output from its rank, and
+                    # the overlap cells the merge of this rank's views reads.
+                    with record_function("safa.exchange"):
+                        reference_out = shard.exchange(views, model_out[own_rows_count:] if with_reference
+                                                       else None, guiding)
+                    # X^0 on its own scheduler (on every rank).
+                    with record_function("safa.scheduler"):
                         if guiding:
-                            reference = ref_scheduler.step(model_out[view_rows_count:], t_sched, reference,
+                            reference = ref_scheduler.step(reference_out, t_sched, reference,
                                                            **step_kwargs).prev_sample
                     # 6.4 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
                     # plus the reference-guided swap of the middles (Eq. 10) while guiding.
                     with record_function("safa.merge"):
                         runner.merge(views, reference if guiding else None)
-                    # 6.5 Callback: may replace the views / the reference.
+                    # 6.5 Callback: may replace this process's views / the reference.
                     if callback_on_step_end is not None:
-                        got = callback_on_step_end(self, i, t, {"views": views,
+                        got = callback_on_step_end(self, i, t, {"views": views[own.start:own.stop],
+                                                                "view_range": own,
                                                                 "reference": reference if guiding else None,
                                                                 "layout": layout})
                         if got:
                             if got.get("views") is not None:
-                                views.copy_(got["views"])
+                                views[own.start:own.stop].copy_(got["views"])
                             if guiding and got.get("reference") is not None:
                                 reference = got["reference"]
                 if i + 1 == guide_steps:  # X^0 has guided its last step: free it and its scheduler
                     reference = ref_scheduler = None
                 progress.update()
 
-        # 7. J = stitch(views); decode the whole layout, then crop: a loop is decoded as a
+        # 7. Every view on rank 0 (a no-op in one process); the other ranks are done.
+        views = shard.gather(views)
+        if views is None:
+            return JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
+                                        sample_rate=adapter.sample_rate, method=method)
+        # 8. J = stitch(views); decode the whole layout, then crop: a loop is decoded as a
         # loop (circular context), and the covering layout's extra columns only cost compute.
         latent = stitch(views, layout, dim, method.merge_mode, method.swap_interval)
         audio = images = None
