@@ -5,6 +5,11 @@
 
 Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram with the views' windows and
 overlaps marked, or a PNG (images). Files are written atomically.
+
+Under ``torchrun --nproc-per-node N -m safa generate ...`` (the same flags) the views are
+spread over N processes: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on
+the CPU (docs/distributed.md). Rank 0 shows the progress and writes the files; the other
+ranks print nothing unless they fail, and nothing is written unless every rank succeeded.
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                "(default out.wav / out.png)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bars or library warnings")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for the others before it gives up (default 600)")
     p.set_defaults(func=run)
     return p
 
@@ -129,8 +136,57 @@ def set_scheduler(pipe: Any, name: str) -> None:
                    + ", ".join(c.removesuffix("Scheduler") for c in choices))
 
 
+def _quiet() -> None:
+    """No loading bars, deprecation notices or warnings: stderr is for errors only."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    for log in (dlog, tlog):
+        log.disable_progress_bar()
+        log.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+
+
 def run(args: argparse.Namespace) -> int:
     """``safa generate``: returns the exit code."""
+    from .. import distributed
+
+    if not args.dist_timeout > 0:
+        raise CLIError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    # torchrun's environment -> the default process group (None in a plain run).
+    launched = distributed.init_from_environment(args.dist_timeout, args.device)
+    if launched is None:
+        return _generate(args, None, args.device)
+    group, device = launched
+    try:
+        return _generate(args, group, str(device))
+    finally:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def _generate(args: argparse.Namespace, group: Any, device: Optional[str]) -> int:
+    from .. import distributed
+
+    rank = 0 if group is None else group.rank()
+    if rank != 0:  # rank 0 speaks for every rank
+        _quiet()
+    error: Optional[BaseException] = None
+    try:
+        jd, out, device = _prepare(args, group, rank, device)
+    except Exception as exc:  # noqa: BLE001  (every rank learns of it in agree(), then it is raised)
+        error = exc
+    # A rank that cannot start (a missing model on its node, rank 0's unwritable --out) stops
+    # every rank here, before the generation, instead of leaving them waiting.
+    distributed.agree(group, error)
+    return _generate_and_write(args, jd, out, device, rank)
+
+
+def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Optional[str]) -> Any:
+    """Everything before the generation: checks, the pipeline, the scheduler, the device.
+
+    Returns ``(JointDiffusion, output path, device)``."""
     import torch
 
     from ..sampler import JointDiffusion
@@ -140,18 +196,15 @@ def run(args: argparse.Namespace) -> int:
         ext = os.path.splitext(out)[1].lower()
         if ext not in AUDIO_EXTENSIONS + IMAGE_EXTENSIONS:
             raise CLIError(f"--out must end in one of {AUDIO_EXTENSIONS + IMAGE_EXTENSIONS}, got {out!r}")
-        try:  # fail before the (long) generation, not after it
-            check_writable(out)
+        try:  # fail before the (long) generation, not after it (rank 0 writes)
+            if rank == 0:
+                check_writable(out)
         except OSError as exc:
             raise CLIError(f"cannot write --out {out}: {exc}") from None
-    if args.quiet:  # no loading bars or deprecation notices either: stderr is for errors only
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-        for log in (dlog, tlog):
-            log.disable_progress_bar()
-            log.set_verbosity_error()
+    if args.quiet:
+        _quiet()
     pipe = load_pipeline(args.model)
-    jd = JointDiffusion(pipe)  # ValueError (unsupported pipeline) -> exit 2
+    jd = JointDiffusion(pipe, process_group=group)  # ValueError (unsupported pipeline) -> exit 2
     kind = jd.adapter.kind
     out = out or ("out.wav" if kind == "audio" else "out.png")
     ext = os.path.splitext(out)[1].lower()
@@ -159,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"audio output must end in one of {AUDIO_EXTENSIONS}, got {out!r}")
     if kind == "image" and ext not in IMAGE_EXTENSIONS:
         raise CLIError(f"image output must end in .png, got {out!r}")
-    if args.out is None:
+    if args.out is None and rank == 0:
         try:
             check_writable(out)
         except OSError as exc:
@@ -170,9 +223,16 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("this is an image pipeline: give --width")
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=args.quiet)
+    pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
+    return jd, out, device
+
+
+def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: str, rank: int) -> int:
+    import torch
+
+    kind = jd.adapter.kind
     prompts = args.prompt or [""]
     started = time.perf_counter()
     result = jd(prompts if len(prompts) > 1 else prompts[0], seconds=args.seconds, width=args.width,
@@ -184,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
                 overlap=args.overlap, swap_interval=args.swap_interval, guide=args.guide,
                 view_batch_size=args.view_batch_size, decode=args.decode)
     elapsed = time.perf_counter() - started
+    if rank != 0:  # the result is on rank 0, which writes it
+        return 0
     layout = result.layout
     if kind == "audio":
         audio = result.audio[0]
