@@ -91,12 +91,16 @@ def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,
                                min(adapter.decode_context * adapter.decoded_scale, m), True)
 
 
-def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) -> torch.Tensor:
+def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int,
+                 tiles: Optional[range] = None) -> torch.Tensor:
     """Decode ``tile`` latent columns at a time (plus ``adapter.decode_context`` each side).
 
     Peak memory is that of decoding one tile, whatever the length; only the output buffer
     grows with length. Tiles see only local context, so GroupNorm statistics differ
     slightly from :func:`decode_full`; with ``tile >= length`` the two are identical.
+    ``tiles`` (default: all ``ceil(length / tile)`` of them) decodes only those tiles and
+    returns their output columns: each tile's output depends only on the latent, so the
+    tiles can be split between processes (:meth:`safa.distributed.ViewShard.decode_tiled`).
     """
     dim = adapter.long_dim
     n = latent.shape[dim]
@@ -104,17 +108,19 @@ def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) 
         return decode_full(adapter, latent, loop)
     scale = adapter.decoded_scale * adapter.finalize_scale
     context = min(adapter.decode_context, n)
+    tiles = range(math.ceil(n / tile)) if tiles is None else tiles
+    first, last = tiles.start * tile, min(n, tiles.stop * tile)
 
     def both(z: torch.Tensor) -> torch.Tensor:
         return adapter.finalize(adapter.decode_latents(z))
 
     out: Optional[torch.Tensor] = None
-    for start in range(0, n, tile):
-        stop = min(n, start + tile)
+    for k in tiles:
+        start, stop = k * tile, min(n, (k + 1) * tile)
         piece = _apply_with_context(both, latent, dim, scale, -1, start, stop, context, loop)
         if out is None:  # allocate once we know the output's other dims, dtype and device
-            out = piece.new_empty(*piece.shape[:-1], n * scale)
-        out[..., start * scale:stop * scale] = piece
+            out = piece.new_empty(*piece.shape[:-1], (last - first) * scale)
+        out[..., (start - first) * scale:(stop - first) * scale] = piece
     return out
 
 

@@ -45,6 +45,7 @@ import datetime
 import functools
 import hashlib
 import inspect
+import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -54,7 +55,7 @@ import torch.distributed as dist
 from safa_kernels import ViewLayout
 from safa_kernels.plan import REF_NONE, get_plan
 
-__all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "collective",
+__all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells", "collective",
            "agree", "init_from_environment"]
 
 
@@ -106,6 +107,30 @@ def cells_read(layout: ViewLayout, mode: str, swap_interval: int, views: range) 
 
     read = sources[inside(targets).any(dim=1)]
     return torch.unique(read[(read >= 0) & ~inside(read)])
+
+
+def exchange_cells(layout: ViewLayout, mode: str, swap_interval: int, blocks: Sequence[range],
+                   rank: int) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+    """``(sends, receives)`` of ``rank`` per step: peer -> the cells (sorted flat ``v * window + k``)
+    it sends to / receives from that peer. Both sides derive a transfer from the same
+    :func:`cells_read`, in the same order, so the buffers match without any handshake."""
+    w = layout.window
+    owner = torch.empty(layout.num_views, dtype=torch.long)
+    for r, block in enumerate(blocks):
+        owner[block.start:block.stop] = r
+    read = cells_read(layout, mode, swap_interval, blocks[rank])
+    sends, receives = {}, {}
+    for peer, block in enumerate(blocks):
+        if peer == rank:
+            continue
+        mine = read[owner[read // w] == peer]
+        theirs = cells_read(layout, mode, swap_interval, block)
+        theirs = theirs[owner[theirs // w] == rank]
+        if mine.numel():
+            receives[peer] = mine
+        if theirs.numel():
+            sends[peer] = theirs
+    return sends, receives
 
 
 # -- the per-call protocol ------------------------------------------------------------------
@@ -300,27 +325,15 @@ class ViewShard:
         # The last rank has the smallest block (view_blocks puts the larger ones first).
         self.reference_rank = self.world_size - 1
         self.bytes_sent = 0  # by exchange() (strips and reference), for measurements
-        self._protocol = _ACTIVE.get()
-        if group is not None and self._protocol is None:
-            raise RuntimeError("a distributed ViewShard lives inside a @collective call")
+        # Inside a JointDiffusion call, the call's failure protocol; standalone (benchmarks), its own.
+        self._protocol = None if group is None else (_ACTIVE.get() or _Protocol(group))
         self._sends: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._recvs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         if group is not None:
             w = layout.window
-            owner = torch.empty(layout.num_views, dtype=torch.long)
-            for r, block in enumerate(self.blocks):
-                owner[block.start:block.stop] = r
-            read = cells_read(layout, mode, swap_interval, self.views)
-            for peer, block in enumerate(self.blocks):
-                if peer == self.rank:
-                    continue
-                mine = read[owner[read // w] == peer]             # what I read from peer
-                theirs = cells_read(layout, mode, swap_interval, block)
-                theirs = theirs[owner[theirs // w] == self.rank]  # what peer reads from me
-                if mine.numel():
-                    self._recvs[peer] = (mine // w, mine % w)
-                if theirs.numel():
-                    self._sends[peer] = (theirs // w, theirs % w)
+            sends, receives = exchange_cells(layout, mode, swap_interval, self.blocks, self.rank)
+            self._sends = {peer: (cells // w, cells % w) for peer, cells in sends.items()}
+            self._recvs = {peer: (cells // w, cells % w) for peer, cells in receives.items()}
 
     @property
     def has_reference(self) -> bool:
@@ -394,27 +407,65 @@ class ViewShard:
             cells[v, k] = buf.to(views.device)
         return reference_output
 
-    def gather(self, views: torch.Tensor) -> Optional[torch.Tensor]:
-        """Every view on rank 0 (None on the others): the call's last communication."""
+    def gather(self, views: torch.Tensor, everywhere: bool = False) -> Optional[torch.Tensor]:
+        """Every view on rank 0 (None on the others), or on every rank with ``everywhere``
+        (for :meth:`decode_tiled`). Without ``everywhere`` it is the call's last communication."""
         if self.group is None:
             return views
         protocol = self._protocol
         protocol.where = "after the denoising loop"
         protocol.check()
-        device = _comm_device(self.group)
-        size = max(len(b) for b in self.blocks)
-        mine = torch.zeros((size, *views.shape[1:]), dtype=views.dtype, device=device)
-        mine[:len(self.views)] = views[self.views.start:self.views.stop]
-        parts = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
-        dst = _global(self.group, 0)
-        _communicate("view gather", lambda: dist.gather(mine, parts, dst=dst, group=self.group))
-        protocol.open = False
-        if self.rank != 0:
+        pieces = self._gather(views[self.views.start:self.views.stop], everywhere, "view gather")
+        if pieces is None:
             return None
         full = torch.empty_like(views)
-        for block, part in zip(self.blocks, parts):
-            full[block.start:block.stop] = part[:len(block)].to(views.device)
+        for block, piece in zip(self.blocks, pieces):
+            full[block.start:block.stop] = piece.to(views.device)
         return full
+
+    def decode_tiled(self, adapter: Any, latent: torch.Tensor, loop: bool, tile: int) -> Optional[torch.Tensor]:
+        """The tiled decode of ``latent`` (the same on every rank) split between the ranks:
+        each decodes a contiguous block of tiles, rank 0 gets the whole output (None elsewhere).
+
+        Bitwise :func:`safa.decode.decode_tiled` in one process (a tile's output depends on
+        the latent only). Needs at least one tile per rank (:meth:`can_decode_tiled`)."""
+        from .decode import decode_tiled
+        if self.group is None:
+            return decode_tiled(adapter, latent, loop, tile)
+        tiles = view_blocks(math.ceil(latent.shape[adapter.long_dim] / tile), self.world_size)
+        mine = decode_tiled(adapter, latent, loop, tile, tiles=tiles[self.rank])
+        self._protocol.where = "while decoding"
+        self._protocol.check()
+        pieces = self._gather(mine, False, "decoded tile gather", dim=-1)
+        return None if pieces is None else torch.cat(pieces, dim=-1)
+
+    def can_decode_tiled(self, columns: int, tile: int) -> bool:
+        """Whether :meth:`decode_tiled` can give every rank a tile (``columns`` latent columns)."""
+        return self.group is not None and math.ceil(columns / tile) >= self.world_size
+
+    def _gather(self, mine: torch.Tensor, everywhere: bool, what: str, dim: int = 0) -> Optional[List[torch.Tensor]]:
+        """Every rank's ``mine`` (sizes may differ on ``dim`` only, padded for the transfer) on
+        rank 0, or on every rank; closes the call's protocol unless ``everywhere``."""
+        device = _comm_device(self.group)
+        sizes = torch.tensor([mine.shape[dim]], device=device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
+        _communicate(f"{what} sizes", lambda: dist.all_gather(all_sizes, sizes, group=self.group))
+        lengths = [int(x.item()) for x in all_sizes]
+        shape = list(mine.shape)
+        shape[dim] = max(lengths)
+        padded = torch.zeros(shape, dtype=mine.dtype, device=device)
+        padded.narrow(dim, 0, mine.shape[dim]).copy_(mine)
+        if everywhere:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            _communicate(what, lambda: dist.all_gather(parts, padded, group=self.group))
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+            dst = _global(self.group, 0)
+            _communicate(what, lambda: dist.gather(padded, parts, dst=dst, group=self.group))
+            self._protocol.open = False
+        if parts is None:
+            return None
+        return [part.narrow(dim, 0, n) for part, n in zip(parts, lengths)]
 
 
 # -- the command line's process group -------------------------------------------------------

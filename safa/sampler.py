@@ -481,17 +481,24 @@ class JointDiffusion:
                     reference = ref_scheduler = None
                 progress.update()
 
-        # 7. Every view on rank 0 (a no-op in one process); the other ranks are done.
-        views = shard.gather(views)
+        # 7. Every view on rank 0 (a no-op in one process), or on every rank when the ranks
+        # share a tiled decode; the other ranks are then done.
+        tile = decode_tile or layout.window
+        shared_decode = output_type != "latent" and decode == "tiled" and shard.can_decode_tiled(layout.length, tile)
+        views = shard.gather(views, everywhere=shared_decode)
+        nothing = JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
+                                       sample_rate=adapter.sample_rate, method=method)
         if views is None:
-            return JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
-                                        sample_rate=adapter.sample_rate, method=method)
+            return nothing
         # 8. J = stitch(views); decode the whole layout, then crop: a loop is decoded as a
         # loop (circular context), and the covering layout's extra columns only cost compute.
         latent = stitch(views, layout, dim, method.merge_mode, method.swap_interval)
         audio = images = None
         if output_type != "latent":
-            out = _decoding.decode(adapter, latent, layout, decode, view_batch_size, decode_tile)
+            out = (shard.decode_tiled(adapter, latent, layout.loop, tile) if shared_decode
+                   else _decoding.decode(adapter, latent, layout, decode, view_batch_size, decode_tile))
+            if out is None:
+                return nothing
             result = adapter.to_output(out[..., :out_len], output_type)
             if adapter.kind == "audio":
                 audio = result

@@ -47,13 +47,13 @@ SCHEDULERS = {"DDPM": DDPMScheduler, "EulerAncestral": EulerAncestralDiscreteSch
 
 def _generate(jd: JointDiffusion, kind: str, method: str, loop: bool, options: dict):
     options = dict(options)
-    decode = options.pop("decode", False)
+    decoded = options.pop("decoded", False)
     scheduler = options.pop("scheduler", None)
     default_scheduler = jd.pipe.scheduler
     if scheduler is not None:
         jd.pipe.scheduler = SCHEDULERS[scheduler].from_config(default_scheduler.config)
     kw = dict(method=method, loop=loop, overlap=0.25, num_inference_steps=STEPS, view_batch_size=1,
-              generator=torch.Generator().manual_seed(7), output_type=None if decode else "latent")
+              generator=torch.Generator().manual_seed(7), output_type=None if decoded else "latent")
     kw.update(options)
     try:
         with warnings.catch_warnings():
@@ -70,10 +70,12 @@ def _cases():
     cases = [(kind, method, loop, {}) for kind in ("texture", "audioldm", "sd") for method in METHODS
              for loop in (False, True)]
     cases += [
-        # decoded outputs, not only the latent
-        ("texture", "safa", True, {"decode": True}),
-        ("audioldm", "safa", False, {"decode": True}),
-        ("sd", "safa", True, {"decode": True}),
+        # decoded outputs, not only the latent: on rank 0, or tiled with the tiles shared
+        ("texture", "safa", True, {"decoded": True}),
+        ("audioldm", "safa", False, {"decoded": True}),
+        ("sd", "safa", True, {"decoded": True}),
+        ("audioldm", "multidiffusion", True, {"decoded": True, "decode": "tiled", "decode_tile": 16}),
+        ("sd", "safa_selfloop", False, {"decoded": True, "decode": "tiled", "decode_tile": 16}),
         # stochastic schedulers: per-step noise drawn for the whole batch on every rank
         ("audioldm", "safa", False, {"scheduler": "DDPM"}),
         ("audioldm", "multidiffusion", True, {"scheduler": "EulerAncestral"}),
@@ -90,7 +92,8 @@ def _cases():
 
 def _summary(out) -> dict:
     images = None if out.images is None else np.stack([np.asarray(im) for im in out.images])
-    return {"latent": out.latent, "audio": out.audio, "images": images, "views": out.layout.num_views}
+    return {"latent": out.latent, "audio": out.audio, "images": images, "views": out.layout.num_views,
+            "length": out.layout.length}
 
 
 def _rank_generates(group, cases):
@@ -98,8 +101,16 @@ def _rank_generates(group, cases):
     results = []
     for kind, method, loop, options in cases:
         if kind not in pipes:
-            pipes[kind] = JointDiffusion(_pipeline(kind), process_group=group)
+            jd = pipes[kind] = JointDiffusion(_pipeline(kind), process_group=group)
+            decode_latents = jd.adapter.decode_latents
+
+            def counted(z, jd=jd, decode_latents=decode_latents):
+                jd.decoder_calls += 1
+                return decode_latents(z)
+            jd.adapter.decode_latents = counted  # instance attribute: counts this rank's decoder calls
+        pipes[kind].decoder_calls = 0
         results.append(_summary(_generate(pipes[kind], kind, method, loop, options)))
+        results[-1]["decoder_calls"] = pipes[kind].decoder_calls
     return results
 
 
@@ -136,6 +147,12 @@ def test_bitwise_equal_to_one_process(one_process, world_size):
     for rank in range(1, world_size):  # the result is on rank 0 only
         for res in results[rank]:
             assert res["latent"] is None and res["audio"] is None and res["images"] is None
+    for i, (kind, method, loop, options) in enumerate(cases):  # who ran the decoder
+        calls = [results[rank][i]["decoder_calls"] for rank in range(world_size)]
+        if options.get("decode") == "tiled":  # tiles of 16 columns, split between the ranks
+            assert sum(calls) == -(-results[0][i]["length"] // 16) and min(calls) >= 1, (cases[i], calls)
+        elif options.get("decoded"):
+            assert calls[0] >= 1 and sum(calls[1:]) == 0, (cases[i], calls)
 
 
 # -- the exchange set, in one process: a rank's merge reads only its cells and those it receives
