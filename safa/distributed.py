@@ -55,8 +55,8 @@ import torch.distributed as dist
 from safa_kernels import ViewLayout
 from safa_kernels.plan import REF_NONE, get_plan
 
-__all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells", "collective",
-           "agree", "init_from_environment"]
+__all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells",
+           "collective", "agree", "init_from_environment"]
 
 
 class PeerFailure(RuntimeError):
@@ -103,7 +103,7 @@ def cells_read(layout: ViewLayout, mode: str, swap_interval: int, views: range) 
     w = layout.window
 
     def inside(cells: torch.Tensor) -> torch.Tensor:
-        return (cells >= 0) & (cells >= views.start * w) & (cells < views.stop * w)
+        return (cells >= views.start * w) & (cells < views.stop * w)  # padding (-1) is outside
 
     read = sources[inside(targets).any(dim=1)]
     return torch.unique(read[(read >= 0) & ~inside(read)])
@@ -138,10 +138,6 @@ def _comm_device(group: Any) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _global(group: Any, rank: int) -> int:
-    return dist.get_global_rank(group, rank)
 
 
 def _communicate(what: str, fn: Callable[[], Any]) -> Any:
@@ -380,7 +376,7 @@ class ViewShard:
             else:
                 shape = (self.rows_per_view, *views.shape[2:])
                 buf = torch.empty(shape, dtype=views.dtype, device=device)
-            src = _global(self.group, self.reference_rank)
+            src = dist.get_global_rank(self.group, self.reference_rank)
             _communicate("reference broadcast", lambda: dist.broadcast(buf, src=src, group=self.group))
             if self.has_reference:
                 self.bytes_sent += buf.numel() * buf.element_size() * (self.world_size - 1)
@@ -392,12 +388,12 @@ class ViewShard:
                 v, k = self._sends[peer]
                 out = cells[v, k].to(device).contiguous()
                 self.bytes_sent += out.numel() * out.element_size()
-                ops.append(dist.P2POp(dist.isend, out, _global(self.group, peer), self.group))
+                ops.append(dist.P2POp(dist.isend, out, dist.get_global_rank(self.group, peer), self.group))
             if peer in self._recvs:
                 v, k = self._recvs[peer]
                 buf = torch.empty((v.numel(), *cells.shape[2:]), dtype=views.dtype, device=device)
                 received.append((v, k, buf))
-                ops.append(dist.P2POp(dist.irecv, buf, _global(self.group, peer), self.group))
+                ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(self.group, peer), self.group))
         if ops:
             def run() -> None:
                 for request in dist.batch_isend_irecv(ops):
@@ -460,7 +456,7 @@ class ViewShard:
             _communicate(what, lambda: dist.all_gather(parts, padded, group=self.group))
         else:
             parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
-            dst = _global(self.group, 0)
+            dst = dist.get_global_rank(self.group, 0)
             _communicate(what, lambda: dist.gather(padded, parts, dst=dst, group=self.group))
             self._protocol.open = False
         if parts is None:

@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, PNDMSchedu
 
 import safa.testing.pipelines as tp
 from safa import METHODS, JointDiffusion
-from safa.distributed import PeerFailure, cells_read, view_blocks
+from safa.distributed import agree, cells_read, view_blocks
 from safa.testing.distributed import RankError, run_processes
 from safa_kernels import ViewLayout, sync_
 
@@ -237,6 +237,8 @@ def _rank_failure_scenarios(group):
 
     attempt("rank_fails", lambda: jd("rain", 3.2, generator=torch.Generator().manual_seed(0),
                                      callback_on_step_end=fail_on_rank_1, **kw))
+    # outside a call (the CLI's checks before it): rank 1 cannot start
+    attempt("agree", lambda: agree(group, ValueError("model directory /x does not exist") if rank == 1 else None))
     # the group is still usable afterwards
     attempt("after", lambda: jd("rain", 3.2, generator=torch.Generator().manual_seed(0), **kw))
     return outcomes
@@ -258,6 +260,12 @@ def test_failures_stop_every_rank_with_a_clear_error():
         else:
             assert kind == "PeerFailure" and "rank 1 failed (at step 3 of 3): RuntimeError: boom on rank 1" in msg
         assert elapsed < 30
+        kind, msg, _ = outcomes["agree"]
+        if rank == 1:
+            assert (kind, msg) == ("ValueError", "model directory /x does not exist")
+        else:
+            assert kind == "PeerFailure" and msg == ("rank 1 failed (while preparing): ValueError: model directory /x "
+                                                     "does not exist")
         assert outcomes["after"][0] == "ok"
 
 
