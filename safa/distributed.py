@@ -323,8 +323,9 @@ class ViewShard:
         self.bytes_sent = 0  # by exchange() (strips and reference), for measurements
         # Inside a JointDiffusion call, the call's failure protocol; standalone (benchmarks), its own.
         self._protocol = None if group is None else (_ACTIVE.get() or _Protocol(group))
-        self._sends: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sends: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # peer -> (views, local columns)
         self._recvs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index_device = torch.device("cpu")
         if group is not None:
             w = layout.window
             sends, receives = exchange_cells(layout, mode, swap_interval, self.blocks, self.rank)
@@ -382,11 +383,15 @@ class ViewShard:
                 self.bytes_sent += buf.numel() * buf.element_size() * (self.world_size - 1)
             reference_output = buf.to(views.device)
         cells = views.movedim(self.dim, 1)  # (views, window, rest...): cells[v, k] is one cell
+        if self._index_device != views.device:  # index on the views' device: no copy per step
+            self._sends = {p: (v.to(views.device), k.to(views.device)) for p, (v, k) in self._sends.items()}
+            self._recvs = {p: (v.to(views.device), k.to(views.device)) for p, (v, k) in self._recvs.items()}
+            self._index_device = views.device
         ops, received = [], []
         for peer in self.peers:
             if peer in self._sends:
                 v, k = self._sends[peer]
-                out = cells[v, k].to(device).contiguous()
+                out = cells[v, k].to(device)
                 self.bytes_sent += out.numel() * out.element_size()
                 ops.append(dist.P2POp(dist.isend, out, dist.get_global_rank(self.group, peer), self.group))
             if peer in self._recvs:
