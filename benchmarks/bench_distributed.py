@@ -10,6 +10,10 @@ What it prints (markdown), every number labelled measured / counted / modelled:
    rank 0 alone makes the one-process call (rank 1 waits in a barrier), then both make the
    distributed call. **s / step** = (last step's callback - first step's) / (steps - 1) on
    rank 0, i.e. the loop's mean step time with guided and unguided steps in their proportion.
+   The machine is shared (other jobs, one scheduling group per login session), so the
+   parallelism it gave is measured alongside (a fixed matmul load alone and on both ranks at
+   once), and so is the CPU critical path: per step the busier rank's CPU time, which is
+   the step time when each process has a core of its own.
    Then, in the same processes: the one-process parts of a step (model time per window, the
    whole-batch scheduler step, the merge) and the exchange of one step on its own
    (:class:`safa.distributed.ViewShard`, ``bytes_sent`` on the wire), from which a
@@ -24,7 +28,7 @@ What it prints (markdown), every number labelled measured / counted / modelled:
    plus the replicated scheduler and merge, plus communication; ``ASSUMED`` below holds the
    hardware figures, which are not measured here (this task had no GPU).
 
-The timing code is the one function ``_loop_seconds_per_step`` (a callback's timestamps):
+The timing code is the one function ``_step_times`` (a callback's wall and CPU timestamps):
 to move onto the shared benchmark harness it is the only part to replace.
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -56,15 +60,18 @@ DISTRIFUSION = {2: 1.8, 4: 3.4, 8: 6.1}  # SDXL on 2/4/8 A100, as published (arX
 
 
 # -- timing (the only timing code) ------------------------------------------------------------
-def _loop_seconds_per_step(call) -> float:
-    """Mean step time of one call: from the first step's callback to the last's."""
-    stamps: List[float] = []
+def _step_times(call) -> Tuple[float, List[float]]:
+    """One call's mean wall time per step (from the first step's callback to the last's) and
+    the CPU time of each later step (``time.process_time``: every thread of the process)."""
+    wall: List[float] = []
+    cpu: List[float] = []
 
     def on_step(jd, i, t, state):
-        stamps.append(time.perf_counter())
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
 
     call(on_step)
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return (wall[-1] - wall[0]) / (len(wall) - 1), [b - a for a, b in zip(cpu, cpu[1:])]
 
 
 # -- 1. measured: 2 processes against 1 ------------------------------------------------------
@@ -107,9 +114,9 @@ def _measure_ranks(group, seconds: float, steps: int, rounds: int) -> Dict[str, 
     one_s, two_s = [], []
     for r in range(rounds + 1):  # round 0 warms up both
         if rank == 0:
-            one_s.append(_loop_seconds_per_step(run(one)))
+            one_s.append(_step_times(run(one)))
         dist.barrier(group)
-        two_s.append(_loop_seconds_per_step(run(two)))
+        two_s.append(_step_times(run(two)))
     one_s, two_s = one_s[1:], two_s[1:]
     capacity.append(_parallel_capacity(group))
 
@@ -117,7 +124,7 @@ def _measure_ranks(group, seconds: float, steps: int, rounds: int) -> Dict[str, 
     layout = one.layout_for(seconds)
     parts: Dict[str, Any] = {}
     if rank == 0:
-        multidiffusion = _loop_seconds_per_step(
+        multidiffusion, _ = _step_times(
             lambda cb: one("rain", seconds, method="multidiffusion", num_inference_steps=steps, view_batch_size=1,
                            output_type="latent", generator=torch.Generator().manual_seed(0), callback_on_step_end=cb))
         views = torch.randn(layout.num_views, 1, 8, layout.window, 16)
@@ -160,7 +167,12 @@ def measured(seconds: float, steps: int, rounds: int) -> Dict[str, Any]:
         if isinstance(res, RankError):
             raise RuntimeError(res.traceback)
     r0, r1 = results
-    one, two = statistics.median(r0["one_s"]), statistics.median(r0["two_s"])
+    one, two = statistics.median(w for w, _ in r0["one_s"]), statistics.median(w for w, _ in r0["two_s"])
+    # CPU critical path: per step, the busier rank's CPU time (what the step would take with
+    # a core per process and free communication), against one process's CPU time per step
+    one_cpu = statistics.median(statistics.mean(c) for _, c in r0["one_s"])
+    two_cpu = statistics.median(statistics.mean(max(a, b) for a, b in zip(c0, c1))
+                                for (_, c0), (_, c1) in zip(r0["two_s"], r1["two_s"]))
     parts = r0["parts"]
     guide_steps = math.floor(0.3 * steps + 0.5)
     # The prediction of section 4, with this machine's measured parts (rank 1 holds X^0).
@@ -171,13 +183,23 @@ def measured(seconds: float, steps: int, rounds: int) -> Dict[str, Any]:
         windows = max(b + (1 if guided and r == len(blocks) - 1 else 0) for r, b in enumerate(blocks))
         exchange = max(res["exchange"]["guided" if guided else "unguided"][0] for res in results)
         per_step.append(windows * parts["window_s"] + parts["scheduler_s"] + parts["merge_s"] + exchange)
+    # the bytes on the wire are the counted exchange sets (float32 AudioLDM cells: 8 x 16 per column)
+    from safa.distributed import exchange_cells, view_blocks
+    from safa_kernels import ViewLayout
+    layout = ViewLayout(r0["window"] + (n - 1) * (r0["window"] - r0["overlap"]), r0["window"], r0["overlap"])
+    for res in results:
+        sends, _ = exchange_cells(layout, "swap", 1, view_blocks(n, 2), res["rank"])
+        counted = sum(c.numel() for c in sends.values()) * 8 * 16 * 4
+        if res["exchange"]["unguided"][1] != counted:
+            raise AssertionError(f"rank {res['rank']} sent {res['exchange']['unguided'][1]} B, counted {counted} B")
     # parallelism the machine gave: 2 x (one process's time alone / the slower of two at once)
     capacity = [2 * r0["capacity"][k]["alone"] / max(r0["capacity"][k]["together"], r1["capacity"][k]["together"])
                 for k in range(2)]
     return {"seconds": seconds, "steps": steps, "rounds": rounds, "views": n, "blocks": blocks,
             "parallel_capacity": capacity, "load_average": os.getloadavg(),
             "one_step_s": one, "two_step_s": two, "speedup": one / two,
-            "one_rounds": r0["one_s"], "two_rounds": r0["two_s"], "parts": parts,
+            "one_cpu_step_s": one_cpu, "two_cpu_critical_step_s": two_cpu, "cpu_speedup": one_cpu / two_cpu,
+            "one_rounds": [w for w, _ in r0["one_s"]], "two_rounds": [w for w, _ in r0["two_s"]], "parts": parts,
             "exchange": {f"rank {res['rank']}": res["exchange"] for res in results},
             "predicted_two_step_s": statistics.mean(per_step)}
 
@@ -300,6 +322,9 @@ def _markdown(meas: Dict[str, Any], flops: Dict[str, float], rows: List[Dict[str
                f"{meas['two_step_s']:.4f} | {', '.join(f'{x:.4f}' for x in meas['two_rounds'])} |")
     out.append(f"| **speed-up** | **{meas['speedup']:.2f}x** | |")
     out.append("")
+    out.append(f"CPU time per step (process CPU time, every thread): 1 process {meas['one_cpu_step_s']:.4f} s; "
+               f"2 processes, the busier rank's per step (critical path) {meas['two_cpu_critical_step_s']:.4f} s: "
+               f"**{meas['cpu_speedup']:.2f}x** if each process had a core of its own.\n")
     cap = meas["parallel_capacity"]
     out.append(f"Parallelism available to the two processes (2 x a fixed matmul load's time alone / its time on "
                f"both at once; 2.0 = two free cores): {cap[0]:.2f} before the rounds, {cap[1]:.2f} after; "
@@ -323,8 +348,8 @@ def _markdown(meas: Dict[str, Any], flops: Dict[str, float], rows: List[Dict[str
     out.append("\n### Modelled: speed-up on 2 / 4 / 8 GPUs (hardware figures assumed, see below)\n")
     columns = ["workload", "views", "GPUs", "largest block", "KB sent / step / rank (counted)",
                "ms / window (modelled)", "step ms", "comm % of step", "replicated scheduler + merge %",
-               "speed-up, loop", "+ decode on rank 0", "+ tiled decode shared", "comm % if link 10x slower",
-               "DistriFusion (SDXL, published)"]
+               "speed-up, loop", "+ decode on rank 0", "+ tiled decode shared",
+               "comm % if communication took 10x longer", "DistriFusion (SDXL, published)"]
     out.append("| " + " | ".join(columns) + " |")
     out.append("|---" + "|---:" * (len(columns) - 1) + "|")
     for r in rows:

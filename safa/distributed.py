@@ -29,7 +29,8 @@ design and the exactness argument are in docs/distributed.md; in short:
   and writes the cells of one column only, so its own cells get the same operations, in
   the same summation order, with the same weights: bitwise the one-process result. (Cells
   of other ranks' views are computed from stale values and discarded.)
-- **End.** The views are gathered to rank 0, which stitches and decodes.
+- **End.** The views are gathered to rank 0, which stitches and decodes; with
+  ``decode="tiled"`` every rank gets every view and decodes a block of tiles for rank 0.
 
 Failures: the call begins with one ``all_gather_object`` of argument digests (different
 arguments on different ranks are an error on every rank, before any work); every step's
