@@ -39,7 +39,8 @@ def _pipeline(kind: str):
         pipe = make_texture_pipeline(window=32)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    return {"audioldm": tp.tiny_audioldm_pipeline, "sd": tp.tiny_sd_pipeline}[kind]()
+    return {"audioldm": tp.tiny_audioldm_pipeline, "sd": tp.tiny_sd_pipeline, "sd3": tp.tiny_sd3_pipeline,
+            "stable_audio": tp.tiny_stable_audio_pipeline}[kind]()
 
 
 SCHEDULERS = {"DDPM": DDPMScheduler, "EulerAncestral": EulerAncestralDiscreteScheduler, "PNDM": PNDMScheduler}
@@ -58,8 +59,10 @@ def _generate(jd: JointDiffusion, kind: str, method: str, loop: bool, options: d
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices of the tiny pipelines
-            if kind == "sd":  # 3 views of 16 latent columns (window 128 px), 128 px high
+            if kind in ("sd", "sd3"):  # windows of 16 latent columns (128 px), 128 px high: 7 views, 6 in a loop
                 return jd("a lake", width=(72 if loop else 80) * 8, height=128, window=16, **kw)
+            if kind == "stable_audio":  # 2 s windows: 4 views open, 5 in the loop
+                return jd("rain", 6.0, window=2.0, **kw)
             window = 1.28 if kind == "audioldm" else None  # 32 latent frames (the texture model's own)
             return jd("rain", 2.88 if loop else 3.2, window=window, **kw)
     finally:
@@ -86,6 +89,9 @@ def _cases():
         ("texture", "multidiffusion_triangular", False, {"overlap": 0.75}),
         # two outputs per prompt: two scheduler rows per view
         ("audioldm", "safa", True, {"batch_size": 2}),
+        # flow matching (SD3), and Stable Audio's SDE solver (Brownian-tree noise from the generator)
+        ("sd3", "safa", False, {}),
+        ("stable_audio", "safa_selfloop", True, {}),
     ]
     return cases
 
