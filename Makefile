@@ -1,6 +1,8 @@
 # make test  : set up .venv (pinned CPU torch), build the extension, run the tests
 # make demo  : generate a 60 s looped soundscape with the built-in texture model into out/
-# make bench : op and pipeline benchmarks (not part of make test)
+# make bench : op microbenchmarks + pipeline benchmarks, quick mode (< 15 min on 2 cores);
+#              results to benchmarks/results/<machine>.json, tables in benchmarks/README.md
+# make bench-full : the long versions; make bench-smoke : tiny sizes (CI: a broken benchmark fails)
 # make cuda-check : compile every .cu file with nvcc (sm_90, compile-only)
 
 PYTHON ?= python3
@@ -11,7 +13,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
-.PHONY: install test demo bench cuda-check clean
+.PHONY: install test demo bench bench-full bench-smoke cuda-check clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +33,13 @@ demo: install
 	$(PY) -m safa.demo --out out
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	$(PY) benchmarks/run.py --mode quick
+
+bench-full: install
+	$(PY) benchmarks/run.py --mode full
+
+bench-smoke: install
+	$(PY) benchmarks/run.py --mode smoke
 
 cuda-check:
 	bash tools/check_cuda_compile.sh

@@ -55,7 +55,7 @@ setup(
     python_requires=">=3.9",
     # torch itself is deliberately absent: it is installed pinned (CPU or CUDA build) before
     # this package, and listing it would let pip replace it.
-    install_requires=["numpy", "diffusers", "transformers", "soundfile", "scipy", "pillow"],
+    install_requires=["numpy", "diffusers", "transformers", "soundfile", "scipy", "pillow", "matplotlib"],
     # Stable Audio Open's CosineDPMSolverMultistep scheduler imports torchsde.
     extras_require={"stable-audio": ["torchsde"]},
     ext_modules=[_extension()],

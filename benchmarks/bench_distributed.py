@@ -134,9 +134,10 @@ def _measure_ranks(group, seconds: float, steps: int, rounds: int) -> Dict[str, 
         for _ in range(20):
             sched.step(torch.randn_like(views).flatten(0, 1), sched.timesteps[1], views.flatten(0, 1))
         parts["scheduler_s"] = (time.perf_counter() - started) / 20
+        reference = torch.randn(1, 8, layout.window, 16)
         started = time.perf_counter()
         for _ in range(50):
-            sync_(views, layout, -2, "swap", 1, reference=views[0], reference_axis=-2)
+            sync_(views, layout, -2, "swap", 1, reference=reference, reference_axis=-2)
         parts["merge_s"] = (time.perf_counter() - started) / 50
         # MultiDiffusion with view_batch_size=1: n windows + scheduler + merge (mean) per step
         parts["window_s"] = (multidiffusion - parts["scheduler_s"] - parts["merge_s"]) / layout.num_views
@@ -264,11 +265,11 @@ WORKLOADS = [
 
 def modelled(flops: Dict[str, float]) -> List[Dict[str, Any]]:
     from safa.distributed import exchange_cells, view_blocks
-    from safa.sampler import plan_layout
+    from safa.layouts import open_layout
     a = ASSUMED
     rows = []
     for name, cells_per_column, window, rate, columns, steps, unet, decode, out_column_bytes in WORKLOADS:
-        layout = plan_layout(columns, window, int(round(rate * window)), False, "swap")
+        layout = open_layout(columns, window, int(round(rate * window)))
         n, guide_steps = layout.num_views, math.floor(0.3 * steps + 0.5)
         column_bytes = cells_per_column * a["dtype_bytes"]
         t_win = flops[unet] / a["tflops"]

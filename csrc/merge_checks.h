@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <optional>
 
@@ -67,7 +68,17 @@ inline MergeOperands check_merge_args(const char* op, at::DeviceType device, con
   TORCH_CHECK(parity[0] >= 0 && parity[0] <= 2, op, ": parity[0] (axis_part) must be 0, 1 or 2, got ", parity[0]);
   TORCH_CHECK(parity[1] >= 1 && parity[2] >= 1 && parity[3] >= 1, op,
               ": parity div, size and swap_interval must be >= 1, got ", parity);
+  // PyTorch's own tests for written-to memory (those decidable from strides alone; the
+  // public sync_ decides every case, safa_kernels/_memory.py).
+  at::assert_no_internal_overlap(out);
+  if (operands.src.defined()) at::assert_no_overlap(out, operands.src);
+  if (operands.reference.defined()) at::assert_no_overlap(out, operands.reference);
   return operands;
 }
+
+// An in-place op bumps its target's version counter, as PyTorch's do: autograd then refuses
+// a backward through a tensor that a merge overwrote after it was saved. Called after the
+// checks, before any write.
+inline void mark_written(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
 }  // namespace safa

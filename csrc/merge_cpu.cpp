@@ -12,7 +12,11 @@
 //  * consecutive copy rows whose sources and targets all advance by one column are
 //    executed as one run, so a view's span of the long axis moves as one memcpy per outer
 //    index when the long axis is dense (stitch and gather are almost entirely such runs);
-//  * single-source rows are bitwise copies (memcpy or fixed-size moves), never x * 1.0;
+//    rows with one source and one target (every swap and gather plan) take a short decoder;
+//  * rows with one source of weight 1 are bitwise copies (memcpy or fixed-size moves),
+//    never x * 1.0; one source of another weight (an adjoint plan) is multiplied; a lone
+//    column (the alternating overlap columns of swap_interval 1) is one move of a size
+//    known at compile time, not a general memcpy;
 //  * rows are independent (they write disjoint cells, and every row reads only cells of
 //    its own column of J), so chunks of rows run in parallel with no synchronisation.
 //
@@ -67,6 +71,7 @@ struct Parity {
 template <typename T>
 struct Row {
   int32_t ref_col;
+  bool copy;                // one source of weight exactly 1: a bitwise copy (the plan contract, plan.py)
   int64_t num_sources = 0, num_targets = 0;
   const T** sources;        // cell(pos) of each valid source (length num_sources)
   float* weights;           // their weights
@@ -140,8 +145,13 @@ class PlanExecutor {
       while (columns_in_block < block_rows_ && r < end) {
         Row<T>& row = block[rows];
         const int32_t* entry = index_ + r * (1 + K_ + T_);
+        if (const int64_t columns = single_copy_run(entry, r, end, copies)) {
+          r += columns;
+          columns_in_block += columns;
+          continue;
+        }
         decode(r, entry, row, target_pos.data());
-        if (row.ref_col < 0 && row.num_sources == 1) {
+        if (row.ref_col < 0 && row.copy) {
           const int64_t columns = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
           for (int64_t t = 0; t < row.num_targets; ++t)
             if (row.targets[t] != row.sources[0])  // a copy onto itself changes nothing
@@ -162,6 +172,26 @@ class PlanExecutor {
   }
 
  private:
+  // A plan of one source and one target per row (K = T = 1): if row r is a plain copy,
+  // queue the run of copies that starts there and return its length in columns; else 0.
+  // The general decode + copy_run_length below do the same for any K and T, but their loops
+  // cost more per row than copying one 64-byte column does.
+  int64_t single_copy_run(const int32_t* entry, int64_t r, int64_t end, std::vector<CopyJob>& copies) const {
+    // A copy has weight exactly 1; an adjoint plan's single source of another weight multiplies.
+    if (K_ != 1 || T_ != 1 || entry[0] >= 0 || entry[1] < 0 || entry[2] < 0 || weight_[r] != 1.0f) return 0;
+    const int32_t source = entry[1], target = entry[2];
+    const int64_t room = std::min({src_.long_size - source % src_.long_size,
+                                   out_.long_size - target % out_.long_size, end - r});
+    int64_t n = 1;
+    while (n < room && entry[3 * n] < 0 && entry[3 * n + 1] == source + n && entry[3 * n + 2] == target + n &&
+           weight_[r + n] == 1.0f)
+      ++n;
+    const T* from = src_.cell(source);
+    T* to = out_.cell(target);
+    if (from != to) copies.push_back({from, to, n});  // a copy onto itself changes nothing
+    return n;
+  }
+
   void decode(int64_t r, const int32_t* entry, Row<T>& row, int64_t* target_pos) const {
     row.ref_col = entry[0];
     row.num_sources = 0;
@@ -172,6 +202,7 @@ class PlanExecutor {
       row.weights[row.num_sources] = weight_[r * K_ + k];
       ++row.num_sources;
     }
+    row.copy = row.num_sources == 1 && row.weights[0] == 1.0f;
     row.num_targets = 0;
     for (int64_t t = 0; t < T_; ++t) {
       const int32_t pos = entry[1 + K_ + t];
@@ -196,12 +227,13 @@ class PlanExecutor {
     for (; n < room; ++n) {
       const int32_t* next = entry + n * width;
       if (next[0] >= 0) break;
-      // Same shape: the first source advanced by n, no other source, targets advanced by n.
+      // Same shape: the first source advanced by n with weight 1, no other source, targets
+      // advanced by n.
       int64_t k = 0, found = 0;
       for (; k < K_; ++k) {
         const int32_t pos = next[1 + k];
         if (pos < 0) continue;
-        if (found++ || pos != source_pos + n) break;
+        if (found++ || pos != source_pos + n || weight_[(r + n) * K_ + k] != 1.0f) break;
       }
       if (k < K_ || found != 1) break;
       int64_t t = 0, seen = 0;
@@ -220,6 +252,18 @@ class PlanExecutor {
   void copy_jobs(const std::vector<CopyJob>& jobs, int64_t o) const {
     const int64_t from_offset = o * src_.outer_stride, to_offset = o * out_.outer_stride;
     const bool dense_column = src_inner_ == 1 && out_inner_ == 1;
+    if (dense_column) {
+      switch (sizeof(T) * inner_) {  // the column sizes of real latents (AudioLDM fp32: 64 bytes)
+        case 2: return copy_dense_jobs<2>(jobs, from_offset, to_offset);
+        case 4: return copy_dense_jobs<4>(jobs, from_offset, to_offset);
+        case 8: return copy_dense_jobs<8>(jobs, from_offset, to_offset);
+        case 16: return copy_dense_jobs<16>(jobs, from_offset, to_offset);
+        case 32: return copy_dense_jobs<32>(jobs, from_offset, to_offset);
+        case 64: return copy_dense_jobs<64>(jobs, from_offset, to_offset);
+        case 128: return copy_dense_jobs<128>(jobs, from_offset, to_offset);
+        default: break;
+      }
+    }
     const bool dense_run = dense_column && src_.long_stride == inner_ && out_.long_stride == inner_;
     for (const CopyJob& job : jobs) {
       const T* from = job.from + from_offset;
@@ -229,6 +273,27 @@ class PlanExecutor {
       } else {
         for (int64_t c = 0; c < job.columns; ++c)
           copy_inner(to + c * out_.long_stride, from + c * src_.long_stride, src_inner_);
+      }
+    }
+  }
+
+  // copy_jobs for columns of kColumnBytes contiguous bytes. At swap_interval 1 a quarter of a
+  // stitch's columns are lone columns alternating between two views: one fixed-size move
+  // each here, against a length-dispatched copy_bytes (at 10 minutes of AudioLDM latent that
+  // took stitch from 81% to 90% of copy_ bandwidth; see benchmarks/README.md).
+  template <size_t kColumnBytes>
+  void copy_dense_jobs(const std::vector<CopyJob>& jobs, int64_t from_offset, int64_t to_offset) const {
+    const bool dense_run = src_.long_stride == inner_ && out_.long_stride == inner_;
+    for (const CopyJob& job : jobs) {
+      const T* from = job.from + from_offset;
+      T* to = job.to + to_offset;
+      if (job.columns == 1) {
+        std::memcpy(to, from, kColumnBytes);
+      } else if (dense_run) {
+        std::memcpy(to, from, kColumnBytes * job.columns);
+      } else {
+        for (int64_t c = 0; c < job.columns; ++c)
+          std::memcpy(to + c * out_.long_stride, from + c * src_.long_stride, kColumnBytes);
       }
     }
   }
@@ -285,7 +350,7 @@ class PlanExecutor {
   // The row's own value (no reference) for outer index o, into every target.
   void own_inner(const Row<T>& row, int64_t o) const {
     if (row.num_sources == 0) return;  // nothing to write: the cell keeps its value
-    if (row.num_sources == 1) {
+    if (row.copy) {
       const T* s = row.sources[0] + o * src_.outer_stride;
       for (int64_t t = 0; t < row.num_targets; ++t)
         if (row.targets[t] != row.sources[0]) copy_inner(row.targets[t] + o * out_.outer_stride, s, src_inner_);
@@ -316,9 +381,9 @@ class PlanExecutor {
       T value;
       if (parity_.takes(i)) {
         value = ref[i * ref_inner_];
-      } else if (row.num_sources == 1) {
+      } else if (row.copy) {
         value = row.sources[0][o * src_.outer_stride + i * src_inner_];
-      } else if (row.num_sources > 1) {
+      } else if (row.num_sources > 0) {
         Acc acc = 0;
         for (int64_t k = 0; k < row.num_sources; ++k)
           acc += static_cast<Acc>(row.weights[k]) *
@@ -348,6 +413,25 @@ void check_plan_indices(const at::Tensor& index, int64_t K, int64_t num_sources,
                         int64_t window) {
   const int32_t* entry = index.data_ptr<int32_t>();
   const int64_t P = index.size(0), width = index.size(1);
+  // A branch-free pass that vectorises (-1 <= x < limit  <=>  uint32(x) + 1 <= limit): 3x
+  // faster than the loop below, which only runs to name the first bad entry.
+  constexpr int64_t kRowsPerChunk = 32;
+  const int64_t chunk = width * kRowsPerChunk, total = P * width;
+  std::vector<uint32_t> limits(chunk);
+  for (int64_t j = 0; j < chunk; ++j) {
+    const int64_t k = j % width, limit = k == 0 ? window : k <= K ? num_sources : num_targets;
+    limits[j] = static_cast<uint32_t>(std::min<int64_t>(limit, int64_t{1} << 31));
+  }
+  const uint32_t* flat = reinterpret_cast<const uint32_t*>(entry);
+  bool invalid = false;
+  int64_t i = 0;
+  for (; i + chunk <= total; i += chunk) {
+    uint32_t bad = 0;
+    for (int64_t j = 0; j < chunk; ++j) bad |= static_cast<uint32_t>(flat[i + j] + 1u > limits[j]);
+    invalid |= bad != 0;
+  }
+  for (int64_t j = 0; i + j < total; ++j) invalid |= flat[i + j] + 1u > limits[j];
+  if (!invalid) return;
   for (int64_t r = 0; r < P; ++r, entry += width) {
     TORCH_CHECK(entry[0] >= -1 && entry[0] < window, "merge_cpp_: index[", r, ", 0] (reference column) is ",
                 entry[0], ", expected -1 or a column in [0, ", window, ")",
@@ -372,6 +456,7 @@ void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
   const at::Tensor& source = src.defined() ? src : out;
   check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2),
                      reference.defined() ? reference.size(1) : 0);
+  mark_written(out);
   const int64_t cells_per_row = out.size(1) * out.size(3);
   if (P == 0 || cells_per_row == 0) return;
 

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "JointDiffusion": "sampler", "JointDiffusionOutput": "sampler",
     "METHODS": "methods", "Method": "methods", "SaFa": "methods", "SaFaSelfLoop": "methods",
-    "MultiDiffusion": "methods", "get_method": "methods",
+    "MultiDiffusion": "methods", "MAD": "methods", "SyncDiffusion": "methods", "get_method": "methods",
 }
 __all__ = list(_EXPORTS)
 

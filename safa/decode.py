@@ -60,7 +60,8 @@ def decode_full(adapter: Adapter, latent: torch.Tensor, loop: bool) -> torch.Ten
 
 
 def _decoded_layout(layout: ViewLayout, scale: int) -> ViewLayout:
-    return ViewLayout(layout.length * scale, layout.window * scale, layout.overlap * scale, layout.loop)
+    return ViewLayout(layout.length * scale, layout.window * scale, layout.overlap * scale, layout.loop,
+                      tuple(s * scale for s in layout.starts) if not layout.uniform else ())
 
 
 def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,

@@ -1,8 +1,9 @@
 """``safa evaluate``: exact seam-fidelity evaluation of the joint-diffusion methods.
 
-Every method samples long latents from the built-in texture model (whose denoiser is exact,
-so the true distribution of every window is known) with the same prompts, seeds, scheduler
-and steps; :mod:`safa.metrics` then measures, per long sample:
+Every method samples long latents from the built-in texture model (whose denoiser is exact
+and differentiable, so the true distribution of every window is known and SyncDiffusion's
+gradients exist) with the same prompts, seeds, scheduler and steps; a method that cannot run
+on it is listed as not applicable (MAD: the model has no attention to merge); :mod:`safa.metrics` then measures, per long sample:
 
 * ``HF ovl/int``: high-frequency energy along time of the overlap regions over that of the
   interior segments (paper Fig. 2b; 1 = stationary, < 1 = overlaps smoothed): geometric
@@ -26,17 +27,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import metrics as M
-from .methods import METHODS
+from .methods import METHODS, NotApplicable, get_method
 
-__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "write_plot", "ALL_METHODS"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "evaluation_figure", "write_plot", "ALL_METHODS"]
 
 ALL_METHODS = tuple(METHODS)
 
@@ -66,6 +71,7 @@ class EvalResult:
     layout: Any
     settings: Dict[str, Any]
     notes: List[str] = field(default_factory=list)
+    not_applicable: Dict[str, str] = field(default_factory=dict)  # method -> why it cannot run on the model
 
 
 def _row_from_latent(name: str, model, latent: torch.Tensor, layout, cw: torch.Tensor,
@@ -91,18 +97,18 @@ def _prompts_for(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
 
 def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: float = 40.0, steps: int = 25,
              prompts: Optional[Sequence[str]] = None, loop: bool = False, overlap: float = 0.2,
-             guidance_scale: float = 1.0, seed: int = 0, window: Optional[int] = None,
+             guidance_scale: float = 1.0, seed: int = 0, window: Optional[float] = None,
              min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None) -> EvalResult:
     """Run every method and the reference rows; see the module docstring for the columns."""
     from .sampler import JointDiffusion
-    from .texture import make_texture_pipeline
+    from .texture import make_texture_pipeline, window_frames
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
     if pipe is None:
-        pipe = make_texture_pipeline(window=window or 256)
+        pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
     pipe.set_progress_bar_config(disable=True)
     model = pipe.model
     prompts = list(prompts) if prompts else list(model.class_names)
@@ -140,12 +146,19 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
                          seconds=time.perf_counter() - t0))
     say(f"reference rows done ({rows[-1].seconds:.1f} s for the single windows)")
 
+    not_applicable: Dict[str, str] = {}
     for method in methods:
+        try:
+            get_method(method).check_pipeline(jd.adapter)
+        except NotApplicable as exc:  # e.g. MAD: the texture model has no attention to merge
+            not_applicable[method] = str(exc)
+            say(f"{method}: not applicable ({exc})")
+            continue
         t0 = time.perf_counter()
         latents = []
         for i, (p, c) in enumerate(plan):
             out = jd(p, seconds=seconds, method=method, loop=loop, overlap=overlap, num_inference_steps=steps,
-                     guidance_scale=guidance_scale, batch_size=c, output_type="latent",
+                     guidance_scale=guidance_scale, num_waveforms_per_prompt=c, output_type="latent",
                      generator=torch.Generator().manual_seed(seed + i))
             latents.append(out.latent)
         latent = torch.cat(latents)
@@ -157,7 +170,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     settings = dict(samples=samples, seconds=seconds, steps=steps, prompts=prompts, loop=loop, overlap=overlap,
                     guidance_scale=guidance_scale, seed=seed, window=layout.window, layout=str(layout),
                     scheduler=type(pipe.scheduler).__name__, min_eigenvalue=min_eigenvalue)
-    result = EvalResult(rows, freqs, layout, settings)
+    result = EvalResult(rows, freqs, layout, settings, not_applicable=not_applicable)
     result.notes = _notes(result)
     return result
 
@@ -231,6 +244,13 @@ def _notes(res: EvalResult) -> List[str]:
     return notes
 
 
+def _settings_line(res: EvalResult) -> str:
+    s = res.settings
+    return (f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']} s "
+            f"{'loop' if s['loop'] else 'open'}, {s['layout']}, {s['steps']} steps {s['scheduler']}, "
+            f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
+
+
 def format_table(res: EvalResult) -> str:
     """The table (text), with settings and notes."""
     loop = bool(res.settings["loop"])
@@ -252,13 +272,11 @@ def format_table(res: EvalResult) -> str:
         table.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    s = res.settings
-    lines.append(f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']} s "
-                 f"{'loop' if loop else 'open'}, {s['layout']}, {s['steps']} steps {s['scheduler']}, "
-                 f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
+    lines.append(_settings_line(res))
     lines.append(fmt.format(*head))
     lines.append(fmt.format(*["-" * w for w in widths]))
     lines += [fmt.format(*c) for c in table]
+    lines += [f"{name}: not applicable: {why}" for name, why in res.not_applicable.items()]
     lines.append("mean ± 95% CI over samples (HF: geometric mean of per-sample ratios, interval on the log "
                  "scale; Wilson interval for 'consistent'); seam-int = per-sample paired "
                  "difference of the KLs (the seam's own excess, sampler error cancelled); v_hf = whitened variance "
@@ -267,103 +285,118 @@ def format_table(res: EvalResult) -> str:
     return "\n".join(lines)
 
 
-# -- plot (Pillow only) -----------------------------------------------------------------------
-_COLORS = [(0, 0, 0), (120, 120, 120), (214, 39, 40), (255, 127, 14), (31, 119, 180), (44, 160, 44),
-           (148, 103, 189), (140, 86, 75)]
+# -- plot ---------------------------------------------------------------------------------------
+def evaluation_figure(res: EvalResult) -> "Figure":
+    """The evaluation as a Figure (nothing written); two panels.
+
+    Left, the paper's Fig. 2b as a ratio: for every row, the log-amplitude of the overlap
+    regions' spectrum along time minus that of the interior segments, per temporal-frequency
+    band (each row against its own interior, so a sampler's overall level cancels; 0 = the
+    overlaps are as detailed as the interior). Right, the HF energy ratio of the table with
+    its 95% interval (and the wrap seam's for loop layouts).
+    """
+    from .plots import new_figure
+    fig = new_figure(14.0, 5.0)
+    curves_ax, hf_ax = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.4, 1.0]))
+    colors = {}
+    for r in res.rows:
+        colors[r.name] = "black" if r.name == "true" else f"C{len(colors) % 10}"
+
+    curves_ax.axvspan(M.HF_CUTOFF, 0.5, color="0.92", lw=0, label=f"HF band (>= {M.HF_CUTOFF:g})")
+    curves_ax.axhline(0.0, color="0.5", lw=1.0, ls="--", label="interior (reference)")
+    for r in res.rows:
+        if r.spectrum_overlap is None:
+            continue
+        ratio = np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30)
+        curves_ax.plot(res.freqs, 0.5 * np.log10(ratio), marker="o", ms=3, lw=1.5, color=colors[r.name],
+                       label=r.name)
+    curves_ax.set_xlim(0.0, 0.5)
+    curves_ax.set_xlabel("temporal frequency (cycles per latent frame)")
+    curves_ax.set_ylabel("log10 amplitude, overlap − interior")
+    curves_ax.set_title("Relative log-amplitude of the overlaps (paper Fig. 2b)", fontsize="medium")
+    curves_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: curves stay visible
+
+    hf_ax.axhline(1.0, color="0.5", lw=1.0, ls="--")
+    rows = [r for r in res.rows if r.hf is not None]
+    for x, r in enumerate(rows):
+        for offset, pair, marker, label in ((0.0, r.hf, "o", "overlaps"), (0.2, r.wrap_hf, "s", "wrap seam")):
+            if pair is None:
+                continue
+            m, lo, hi = _ci(pair)
+            hf_ax.errorbar([x + offset], [m], yerr=[[m - lo], [hi - m]], fmt=marker, color=colors[r.name],
+                           mfc="white" if label == "wrap seam" else colors[r.name], capsize=4,
+                           label=label if x == 0 else None)
+    hf_ax.set_xticks(range(len(rows)), [r.name for r in rows], rotation=20, ha="right")
+    hf_ax.set_xlim(-0.5, len(rows) - 0.3)
+    hf_ax.set_ylabel("HF energy, overlap / interior (95% CI)")
+    hf_ax.set_title("High-frequency energy kept in the overlaps (1 = as the interior)", fontsize="medium")
+    if any(r.wrap_hf is not None for r in rows):
+        hf_ax.legend(fontsize="small")
+    fig.suptitle("\n".join(textwrap.wrap(_settings_line(res), 160)), fontsize="medium")
+    return fig
 
 
 def write_plot(res: EvalResult, path: str) -> None:
-    """Two panels: the overlap / interior log-amplitude ratio along time per temporal-frequency
-    band for every row (Fig. 2b), and the HF energy ratio with its interval."""
-    from PIL import Image, ImageDraw
-    from .audio_io import atomic_path
-    width, height, pad = 1100, 460, 60
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    # Panel 1: Fig. 2b as a ratio: overlap vs interior log-amplitude per temporal band, per row
-    # (each row against its own interior, so a sampler's overall level does not show).
-    x0, x1, y0, y1 = pad, width // 2 - 20, 40, height - pad
-    rows_sp = [r for r in res.rows if r.spectrum_overlap is not None]
-    vals = [0.5 * np.log10(np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30))
-            for r in rows_sp]
-    lo = min(-0.05, min(v.min() for v in vals))
-    hi = max(0.05, max(v.max() for v in vals))
-    lo, hi = lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)
-    fx = lambda f: x0 + (x1 - x0) * f / 0.5
-    fy = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 10), "log10 amplitude, overlap / interior, per temporal band (Fig. 2b)", fill="black")
-    d.line([(x0, fy(0.0)), (x1, fy(0.0))], fill=(160, 160, 160), width=1)
-    d.text((x0 - 40, fy(0.0) - 6), "0", fill="black")
-    d.text((x0, y1 + 8), "0", fill="black")
-    d.text((x1 - 70, y1 + 8), "0.5 cyc/frame", fill="black")
-    d.text((x0 - 50, y0), f"{hi:+.2f}", fill="black")
-    d.text((x0 - 50, y1 - 10), f"{lo:+.2f}", fill="black")
-    for i, (r, v) in enumerate(zip(rows_sp, vals)):
-        color = _COLORS[0] if r.name == "true" else _COLORS[(i + 1) % len(_COLORS)]
-        d.line([(fx(f), fy(a)) for f, a in zip(res.freqs, v)], fill=color, width=2)
-        d.text((x0 + 10, y0 + 8 + 14 * i), r.name, fill=color)
-    # Panel 2: HF ratio with CI.
-    x0, x1 = width // 2 + 40, width - 20
-    rows = [r for r in res.rows if r.hf is not None]
-    stats = [_ci(r.hf) for r in rows]
-    lo = min(0.8, min(s[1] for s in stats) - 0.05)
-    hi = max(1.2, max(s[2] for s in stats) + 0.05)
-    fy = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 10), "HF energy overlap / interior (95% CI)", fill="black")
-    d.line([(x0, fy(1.0)), (x1, fy(1.0))], fill=(160, 160, 160), width=1)
-    d.text((x0 - 40, fy(1.0) - 6), "1.0", fill="black")
-    d.text((x0 - 40, y0), f"{hi:.2f}", fill="black")
-    d.text((x0 - 40, y1 - 10), f"{lo:.2f}", fill="black")
-    slot = (x1 - x0) / max(1, len(rows))
-    for i, (r, (m, l, h)) in enumerate(zip(rows, stats)):
-        cx = x0 + slot * (i + 0.5)
-        color = _COLORS[(i + 1) % len(_COLORS)] if r.name != "true" else _COLORS[0]
-        d.rectangle([cx - 12, fy(m) - 3, cx + 12, fy(m) + 3], fill=color)
-        d.line([(cx, fy(l)), (cx, fy(h))], fill=color, width=2)
-        d.text((cx - slot / 2 + 4, y1 + 8 + 12 * (i % 2)), r.name[:18], fill="black")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    """:func:`evaluation_figure` written as PNG to ``path``, atomically."""
+    from .plots import save_figure
+    save_figure(evaluation_figure(res), path)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``safa evaluate``."""
+    from .commands.common import add_guidance_argument
     p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
     p.add_argument("--samples", type=int, default=8, help="long samples per row (default 8)")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each sample (default 40)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--prompts", default="", help="comma-separated texture classes (default: all, round-robin)")
     p.add_argument("--loop", action="store_true", help="loop layout (adds wrap-seam columns)")
     p.add_argument("--overlap", type=float, default=0.2, help="overlap rate (default 0.2)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance (default 1: the exact conditional denoiser needs none)")
-    p.add_argument("--window", type=int, default=256, help="model window in latent frames (default 256 = 10.24 s)")
+    add_guidance_argument(p, 1.0, "the exact conditional denoiser needs none")
+    p.add_argument("--window", type=float, default=None,
+                   help="window in seconds: the built-in model is built for it (default its native 10.24 s)")
     p.add_argument("--min-eigenvalue", type=float, default=1.0,
                    help="whitened directions counted in the KL columns (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="evaluate.png", help="PNG to write (default evaluate.png)")
+    p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
+    p.add_argument("--plot", default=None, help="the plot's path (default: evaluate.png in --out)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, library warnings or notices")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """``safa evaluate``: print the table, write the plot."""
+    """``safa evaluate``: print the table and write it with the plot (atomically)."""
+    import os
     import sys
-    from .audio_io import check_writable
+
+    from .audio_io import atomic_path, check_writable
+    from .cli import CLIError
+    from .commands.common import setup_logging
+    setup_logging(args.quiet)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] or None
-    if args.plot:
-        check_writable(args.plot)
+    os.makedirs(args.out, exist_ok=True)
+    table_path = os.path.join(args.out, "evaluate.txt")
+    plot = args.plot or os.path.join(args.out, "evaluate.png")
+    for path in (table_path, plot):  # fail before the (long) evaluation, not after it
+        try:
+            check_writable(path)
+        except OSError as exc:
+            raise CLIError(f"cannot write {path}: {exc}") from None
     res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                    loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
                    window=args.window, min_eigenvalue=args.min_eigenvalue,
-                   log=lambda m: print(m, file=sys.stderr))
-    print(format_table(res))
-    if args.plot:
-        write_plot(res, args.plot)
-        print(f"plot: {args.plot}")
+                   log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    table = format_table(res)
+    print(table)
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+    write_plot(res, plot)
+    print(f"wrote {table_path}, {plot}")
     return 0

@@ -1,45 +1,111 @@
 """Joint-diffusion methods: SaFa and the baselines it is compared with (docs/method.md).
 
 All methods share the sampler's loop (every view through the model and the scheduler as one
-batch, then one merge of the overlaps); they differ in the merge rule and in whether an
-independent reference window guides the first steps:
+batch, then one merge of the overlaps); they differ in the merge rule, in whether an
+independent reference window guides the first steps, and, for the two baselines that act
+inside a step, in small per-call hooks (:class:`MethodHooks`):
 
-=====================  ======================================  ==========================
-shorthand              object                                  merge
-=====================  ======================================  ==========================
-``"safa"``             :class:`SaFa` ``(guide, swap_interval)``  self-loop swap (Eq. 9) +
-                                                                 reference swap (Eq. 10)
-``"safa_selfloop"``    :class:`SaFaSelfLoop` (SaFa*)             self-loop swap only
-``"multidiffusion"``   :class:`MultiDiffusion` (MD)              mean of the overlaps
-``"multidiffusion_triangular"``  ``MultiDiffusion(triangular=True)`` (MD*)  triangular-weighted mean
-=====================  ======================================  ==========================
+=================================  ============================================  ==========================
+shorthand                          object                                        merge; hooks
+=================================  ============================================  ==========================
+``"safa"``                         :class:`SaFa` ``(guide, swap_interval)``      self-loop swap (Eq. 9) +
+                                                                                 reference swap (Eq. 10)
+``"safa_selfloop"``                :class:`SaFaSelfLoop` (SaFa*)                 self-loop swap only
+``"multidiffusion"``               :class:`MultiDiffusion` (MD)                  mean of the overlaps
+``"multidiffusion_triangular"``    ``MultiDiffusion(triangular=True)`` (MD*)     triangular-weighted mean
+``"mad"``                          :class:`MAD` ``(steps)``                      mean; self-attention merged
+                                                                                 over the long latent
+``"syncdiffusion"``                :class:`SyncDiffusion` ``(weight, decay,      mean; a gradient step on
+                                   steps, loss, anchor)``                        every view before the model
+=================================  ============================================  ==========================
 
 Equations refer to the paper (arXiv 2502.05130, section 3). A method is a small frozen
 object: ``JointDiffusion(pipe)(prompt, method=SaFa(guide=0.5))``; the shorthands build the
 default object and accept the old keyword arguments (``guide=``, ``swap_interval=``) through
 :func:`get_method`. :data:`METHODS` is the one list of methods: the CLI's choices,
 ``safa evaluate`` and ``safa profile`` derive from it.
+
+Writing a method: subclass :class:`Method` as a frozen dataclass; set ``merge_mode`` (and
+``max_overlap_rate``); override :meth:`Method.reference_steps` for a reference window, and
+:meth:`Method.hooks` to act inside the step (return a :class:`MethodHooks`); raise
+:class:`NotApplicable` from :meth:`Method.check_pipeline` for pipelines it cannot run on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Dict, Optional, Tuple, Union
 
-__all__ = ["Method", "SaFa", "SaFaSelfLoop", "MultiDiffusion", "METHODS", "get_method"]
+from ._checks import check_positive_int, check_range
+
+if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would slow ``import safa``
+    import torch
+
+    from .accel import StepConfig
+    from .adapters import Adapter
+
+__all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaSelfLoop", "MultiDiffusion",
+           "MAD", "SyncDiffusion", "METHODS", "get_method"]
 
 
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0.0, 1.0], got {value!r}")
-    return float(value)
+def leading_steps(fraction: float, num_steps: int) -> int:
+    """The number of steps in "the first ``fraction`` of ``num_steps`` steps", rounded half up.
+
+    0.3 * 25 = 7.5 gives 8 steps (Python's round would give 8 here but 2 for 0.5 * 5 = 2.5;
+    half-up is what "the first 30%" means for every T).
+    """
+    return int(math.floor(fraction * num_steps + 0.5))
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+class NotApplicable(ValueError):
+    """The method cannot run on this pipeline (e.g. MAD on a model without UNet self-attention)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodContext:
+    """What one ``JointDiffusion.__call__`` tells its method's hooks, fixed before the loop.
+
+    Attributes:
+        adapter: the pipeline family's adapter (``adapter.pipe`` is the pipeline).
+        scheduler: the views' scheduler, after ``set_timesteps``.
+        step: the model and merge configuration of the call (conditions, prompt rows of the
+            views, guidance scale, the model's timesteps, rows per model call, layout, long axis).
+        scheduler_timesteps: the schedule as the scheduler is given it (a host copy on CUDA).
+        window_shape: one view's latent shape ``(B, ...)``.
+        cuda_graphs: whether the model call is replayed from a captured CUDA graph.
+    """
+
+    adapter: "Adapter"
+    scheduler: Any
+    step: "StepConfig"
+    scheduler_timesteps: Any
+    window_shape: Tuple[int, ...]
+    cuda_graphs: bool = False
+
+
+class MethodHooks:
+    """A method's behaviour inside the sampler's step, for one call (the base class does nothing).
+
+    The sampler enters it around the whole denoising loop and calls it at two numbered points
+    of every step (``safa/sampler.py``): :meth:`before_model` (6.0) and :meth:`model_context`
+    around the model call (6.2). ``__exit__`` runs also when the loop raises, so anything
+    installed by ``__enter__`` (MAD's attention processors) is always removed.
+    """
+
+    def __enter__(self) -> "MethodHooks":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
+
+    def before_model(self, i: int, views: "torch.Tensor") -> None:
+        """Step ``i``, before the model: may update the views' noisy latents ``(n, B, ...)`` in place."""
+
+    def model_context(self, i: int) -> ContextManager[None]:
+        """Step ``i``: a context around the model call (no-op by default)."""
+        return contextlib.nullcontext()
 
 
 class Method:
@@ -66,6 +132,17 @@ class Method:
         """How many of the first ``num_steps`` steps the reference window guides (0: no reference)."""
         return 0
 
+    def check_pipeline(self, adapter: "Adapter") -> None:
+        """Raise :class:`NotApplicable` when the method cannot run on ``adapter``'s pipeline."""
+
+    def layout_multiple(self, adapter: "Adapter") -> int:
+        """Window and overlap (so also stride) must be multiples of this many latent columns (default 1)."""
+        return 1
+
+    def hooks(self, context: MethodContext) -> MethodHooks:
+        """The per-call hooks of this method (default: none)."""
+        return MethodHooks()
+
 
 @dataclasses.dataclass(frozen=True)
 class SaFa(Method):
@@ -84,17 +161,15 @@ class SaFa(Method):
     swap_interval: int = 1
 
     def __post_init__(self) -> None:
-        _check_fraction("guide", self.guide)
-        _check_positive_int("swap_interval", self.swap_interval)
+        check_range("guide", self.guide, 0.0, 1.0)
+        check_positive_int("swap_interval", self.swap_interval)
 
     @property
     def name(self) -> str:
         return "safa"
 
     def reference_steps(self, num_steps: int) -> int:
-        # round half up: 0.3 * 25 = 7.5 guides 8 steps (Python's round would give 8 here but
-        # 2 for 0.5 * 5 = 2.5; half-up is what "the first 30%" means for every T).
-        return int(math.floor(self.guide * num_steps + 0.5))
+        return leading_steps(self.guide, num_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +183,7 @@ class SaFaSelfLoop(Method):
     swap_interval: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive_int("swap_interval", self.swap_interval)
+        check_positive_int("swap_interval", self.swap_interval)
 
     @property
     def name(self) -> str:
@@ -140,12 +215,106 @@ class MultiDiffusion(Method):
         return "multidiffusion_triangular" if self.triangular else "multidiffusion"
 
 
+@dataclasses.dataclass(frozen=True)
+class MAD(Method):
+    """MAD, Merge-Attend-Diffuse (Quattrini et al., ECCV 2024): one self-attention over the long latent.
+
+    During the first ``steps`` fraction of the steps every UNet self-attention layer attends
+    over the whole long latent at its resolution: the views' queries, keys and values are
+    averaged onto it where views overlap, attention runs over all its tokens, and the result
+    is cut back into the views (:mod:`safa.mad`). After every step the overlaps are averaged
+    as in MultiDiffusion. UNet pipelines only; every view must be in one model call, and the
+    layout's window and overlap must be multiples of the UNet's deepest attention
+    downsampling factor (the default layout rounds the overlap to one).
+
+    Args:
+        steps: fraction of the steps with merged attention, the first ``round(steps * T)``
+            (default 0.5: the authors' 25 of 50 for Stable Diffusion).
+    """
+
+    steps: float = 0.5
+    merge_mode: ClassVar[str] = "mean"
+    max_overlap_rate: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        check_range("steps", self.steps, 0.0, 1.0)
+
+    @property
+    def name(self) -> str:
+        return "mad"
+
+    def check_pipeline(self, adapter: "Adapter") -> None:
+        from .mad import attention_factors
+        attention_factors(adapter)
+
+    def layout_multiple(self, adapter: "Adapter") -> int:
+        from .mad import attention_factors
+        return math.lcm(*attention_factors(adapter).values())
+
+    def hooks(self, context: MethodContext) -> MethodHooks:
+        from .mad import MergedAttentionHooks
+        return MergedAttentionHooks(context, leading_steps(self.steps, len(context.scheduler_timesteps)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncDiffusion(Method):
+    """SyncDiffusion (Lee et al., NeurIPS 2023): gradient steps that pull every view towards an anchor view.
+
+    During the first ``steps`` fraction of the steps, before the model call, every view's
+    noisy latent ``x_t`` (the anchor's excepted) moves down the gradient of a perceptual loss
+    between its decoded clean prediction and the anchor's: ``x_t <- x_t - w_i * grad`` with
+    ``w_i = weight * decay ** i`` at step ``i``. Then the usual step; the overlaps are
+    averaged as in MultiDiffusion (:mod:`safa.syncdiffusion`).
+
+    Args:
+        weight: ``w``, the gradient step size at step 0 (default 20.0, the authors' for SD 2.0).
+        decay: per-step decay of the step size (default 0.95).
+        steps: fraction of the steps with gradient steps, the first ``round(steps * T)``
+            (default 0.2: the authors' 10 of 50).
+        loss: differentiable ``f(a, b) -> scalar`` between a view's decoded output and the
+            anchor's (images ``(B, 3, H, W)`` in ``[0, 1]``; audio: what the adapter's first
+            decoding stage gives, a mel spectrogram for the AudioLDM family). Default: LPIPS
+            (VGG) for images, :func:`safa.syncdiffusion.spectral_distance` for audio.
+        anchor: index of the anchor view (default: the middle one, ``num_views // 2``).
+    """
+
+    weight: float = 20.0
+    decay: float = 0.95
+    steps: float = 0.2
+    loss: Optional[Callable[[Any, Any], Any]] = None
+    anchor: Optional[int] = None
+    merge_mode: ClassVar[str] = "mean"
+    max_overlap_rate: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not 0.0 <= self.weight < math.inf:
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
+        check_range("decay", self.decay, 0.0, 1.0)
+        check_range("steps", self.steps, 0.0, 1.0)
+        if self.loss is not None and not callable(self.loss):
+            raise ValueError(f"loss must be None or a callable f(a, b) -> scalar, got {self.loss!r}")
+        if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, int)
+                                        or self.anchor < 0):
+            raise ValueError(f"anchor must be None or an int >= 0 (a view index), got {self.anchor!r}")
+
+    @property
+    def name(self) -> str:
+        return "syncdiffusion"
+
+    def hooks(self, context: MethodContext) -> MethodHooks:
+        from .syncdiffusion import SyncDiffusionHooks
+        return SyncDiffusionHooks(self, context)
+
+
 # The one list of methods: shorthand -> factory of the default configuration.
 METHODS: Dict[str, Callable[..., Method]] = {
     "safa": SaFa,
     "safa_selfloop": SaFaSelfLoop,
     "multidiffusion": MultiDiffusion,
     "multidiffusion_triangular": functools.partial(MultiDiffusion, triangular=True),
+    "mad": MAD,
+    "syncdiffusion": SyncDiffusion,
 }
 
 

@@ -41,7 +41,7 @@ import torch
 
 from safa_kernels import ViewLayout
 
-__all__ = ["overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
+__all__ = ["HF_CUTOFF", "overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
            "hf_energies", "ratio_ci", "probe_fidelity", "ProbeFidelity", "cross_view_consistency", "frechet_distance",
            "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci", "paired_ratio_difference_ci", "mcnemar_p", "log_ratio_ci", "paired_log_ratio_ci",
            "whitened_band_variances", "most_likely_components", "gaussian_kl_to_unit"]
@@ -49,13 +49,14 @@ __all__ = ["overlap_columns", "interior_columns", "region_spectra", "hf_energy_r
 
 # -- geometry ----------------------------------------------------------------------------
 def overlap_columns(layout: ViewLayout) -> List[Tuple[Tuple[int, int], List[int]]]:
-    """``[((i, j), columns)]``: the long-axis columns of every overlap, in overlap order."""
-    out = []
-    s, w, n = layout.stride, layout.window, layout.length
-    for i, j in layout.neighbour_pairs():
-        cols = [(i * s + k) % n for k in range(s, w)]
-        out.append(((i, j), cols))
-    return out
+    """``[((i, j), columns)]``: the long-axis columns of every overlap, in overlap order.
+
+    Every overlap is given as ``min_overlap`` columns (a spaced layout's overlaps differ by one
+    column; the wider ones lose their last column), so all regions have one length.
+    """
+    size = layout.min_overlap
+    return [((i, j), layout.columns(i)[layout.window - layout.pair_overlap(i):][:size])
+            for i, j in layout.neighbour_pairs()]
 
 
 def _centred(layout: ViewLayout, view: int, lo: int, hi: int, size: int) -> List[int]:
@@ -86,9 +87,9 @@ def interior_columns(layout: ViewLayout, size: int) -> List[Tuple[int, List[int]
 def seam_probe_columns(layout: ViewLayout, size: int) -> List[Tuple[Tuple[int, int], List[int]]]:
     """``[((i, j), columns)]``: ``size`` columns centred on each overlap (straddling the seam)."""
     out = []
-    s, w, n = layout.stride, layout.window, layout.length
+    w, n = layout.window, layout.length
     for i, j in layout.neighbour_pairs():
-        centre = i * s + (s + w) / 2.0
+        centre = layout.starts[i] + (layout.view_stride(i) + w) / 2.0
         start = int(math.floor(centre - size / 2.0 + 0.5))
         if not layout.loop:
             start = min(max(start, 0), n - size)
@@ -133,7 +134,7 @@ def _power(segments: torch.Tensor, dim: int) -> torch.Tensor:
 
 def region_spectra(latent: torch.Tensor, layout: ViewLayout, dim: int = -2) -> RegionSpectra:
     """Power spectra along the long axis of overlap regions vs interior segments (same length ``o``)."""
-    o = layout.overlap
+    o = layout.min_overlap
     if o < 4:
         raise ValueError(f"an overlap of {o} columns is too short for a spectrum (need >= 4)")
     if latent.shape[dim] != layout.length:
@@ -148,7 +149,11 @@ def region_spectra(latent: torch.Tensor, layout: ViewLayout, dim: int = -2) -> R
     return RegionSpectra(freqs, p_ov.numpy(), p_in.numpy(), wrap)
 
 
-def hf_energies(spectra: RegionSpectra, cutoff: float = 0.25, which: str = "overlap") -> Tuple[np.ndarray, np.ndarray]:
+# Lowest "high" temporal frequency of the HF energy ratio, in cycles per frame (half Nyquist).
+HF_CUTOFF = 0.25
+
+
+def hf_energies(spectra: RegionSpectra, cutoff: float = HF_CUTOFF, which: str = "overlap") -> Tuple[np.ndarray, np.ndarray]:
     """Per-sample high-frequency energy of the ``which`` region and of the interior.
 
     High frequency: bands at or above ``cutoff`` cycles per frame (0.25 = half Nyquist).
@@ -159,7 +164,7 @@ def hf_energies(spectra: RegionSpectra, cutoff: float = 0.25, which: str = "over
     return getattr(spectra, which)[:, band].sum(1), spectra.interior[:, band].sum(1)
 
 
-def hf_energy_ratio(spectra: RegionSpectra, cutoff: float = 0.25, which: str = "overlap") -> np.ndarray:
+def hf_energy_ratio(spectra: RegionSpectra, cutoff: float = HF_CUTOFF, which: str = "overlap") -> np.ndarray:
     """Per-sample high-frequency energy ratio (``which`` region) / interior.
 
     A stationary texture gives 1 in expectation of each energy; averaging-smoothed overlaps
@@ -276,7 +281,7 @@ def probe_fidelity(model, latent: torch.Tensor, layout: ViewLayout, class_weight
     ``min(2 o, middle length, window)``: a seam probe holds the whole overlap and ``o / 2``
     columns of each neighbouring middle.
     """
-    o = layout.overlap
+    o = layout.min_overlap
     mid = min(hi - lo for lo, hi in (layout.middle(v) for v in range(layout.num_views)))
     probe = int(probe or min(2 * o, mid, layout.window))
     if probe < bands:

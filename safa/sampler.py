@@ -11,8 +11,10 @@ Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top
 4. ``prepare_latents``: ``J_T`` drawn whole and gathered into the views, so overlapping
    views start equal; ``prepare_reference``: the reference window ``X^0`` with its own noise
    and its own copy of the scheduler (SaFa only);
-5. the loop, per step: every view (plus ``X^0`` while it guides) through the model as one
-   batch (chunked by ``view_batch_size`` only to bound memory); ``scheduler.step`` ONCE on the
+5. the loop, per step: the method's hook before the model (SyncDiffusion's gradient step);
+   every view (plus ``X^0`` while it guides) through the model as one
+   batch (chunked by ``view_batch_size`` only to bound memory; inside the method's model
+   context, MAD's merged attention); ``scheduler.step`` ONCE on the
    views' rows (multistep history and stochastic noise are per row) and once on ``X^0`` with
    its own scheduler; then ONE ``sync_`` merges the overlaps in place (self-loop swap, Eq. 9,
    or averaging) plus the reference swap of the middles (Eq. 10) during the first
@@ -38,13 +40,17 @@ from safa_kernels import ViewLayout, gather, stitch
 from tqdm.auto import tqdm
 
 from . import accel as _accel
+from ._checks import check_positive_int, check_range
 from . import decode as _decoding
 from . import distributed as _distributed
 from .adapters import Adapter, get_adapter
 from .decode import DECODE_MODES
-from .methods import METHODS, Method, get_method
+from .layouts import loop_layout, open_layout
+from . import prompts as _prompts
+from .methods import METHODS, Method, MethodContext, get_method
+from .prompts import PromptBatch
 
-__all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS", "plan_layout"]
+__all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS"]
 
 
 @dataclass
@@ -76,56 +82,18 @@ class JointDiffusionOutput:
     method: Optional[Method] = None
 
 
-def plan_layout(columns: int, window: int, overlap: int, loop: bool, mode: str) -> ViewLayout:
-    """The layout of views for ``columns`` latent columns (``>= window``; the caller crops to ``columns``).
-
-    Open layouts: the fewest views that cover ``columns``. Loop layouts must have exactly
-    ``columns`` columns to loop without a seam, so the overlap is re-spaced: among the
-    strides dividing ``columns`` (overlap ``<= window / 2`` in swap mode, ``< window``
-    otherwise; at least two views) the one whose overlap is closest to ``overlap`` by ratio,
-    and nonzero when ``overlap`` is. When no
-    stride divides ``columns`` the covering loop is generated and cropped, with a warning.
-    """
-    import warnings
-    if columns < window:
-        raise ValueError(f"the requested length ({columns} latent columns) is shorter than one window "
-                         f"({window} columns): lower window or ask for a longer output")
-    if not loop:
-        return ViewLayout.covering(columns, window, overlap, loop=False)
-    max_overlap = window // 2 if mode == "swap" else window - 1
-    # Closest overlap by ratio (at 60 s of AudioLDM, 106 columns is nearer a requested 51
-    # than 6 is: a 6-column seam barely blends), and never none at all when one was asked for:
-    # with zero overlap nothing joins neighbouring views.
-    def badness(o: int) -> Tuple[bool, float, int]:
-        return (overlap > 0 and o == 0, abs(math.log((o + 1) / (overlap + 1))), -o)
-
-    best: Optional[int] = None
-    for stride in range(max(1, window - max_overlap), window + 1):
-        if columns % stride == 0 and columns // stride >= 2:
-            o = window - stride
-            if best is None or badness(o) < badness(best):
-                best = o
-    if best is not None:
-        return ViewLayout(columns, window, best, loop=True)
-    layout = ViewLayout.covering(columns, window, overlap, loop=True)
-    warnings.warn(f"no loop layout of window {window} has exactly {columns} columns; generating "
-                  f"{layout.length} and cropping, so the loop point is not seamless", stacklevel=3)
-    return layout
-
-
-def _check_rate(name: str, value: Any, lo: float, hi: float, hi_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or not (lo <= value and (value < hi if hi_open else value <= hi)):
-        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
-    return value
+def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) -> int:
+    """``overlap`` columns rounded to the nearest multiple of ``multiple``, nonzero when it is (MAD's layouts)."""
+    if window % multiple:
+        raise ValueError(f"window must be a multiple of {multiple} latent columns for method {method.name!r} "
+                         f"(the UNet's deepest attention downsampling), got {window}")
+    snapped = multiple * int(math.floor(overlap / multiple + 0.5))
+    if overlap > 0:
+        snapped = max(snapped, multiple)
+    if snapped >= window:
+        raise ValueError(f"overlap of {overlap:g} columns rounds to {snapped}, a whole window of {window}, for method "
+                         f"{method.name!r} (overlaps are multiples of {multiple} columns): ask for a smaller overlap")
+    return snapped
 
 
 def _scale_model_input(scheduler: Any, sample: torch.Tensor, t: Any) -> torch.Tensor:
@@ -192,6 +160,14 @@ class JointDiffusion:
         self.adapter.check_window(w)
         return w
 
+    def describe_layout(self, layout: ViewLayout) -> str:
+        """The layout in the user's units, e.g. ``5 views of 10 s (250 latent frames), overlap 0.2 ... loop``."""
+        fmt = self.adapter.describe_columns
+        rate = layout.overlap / layout.window
+        return (f"{layout.num_views} view{'s' if layout.num_views != 1 else ''} of {fmt(layout.window)}, "
+                f"overlap {rate:.3g} ({layout.overlap} latent columns), "
+                f"{'loop of ' + fmt(layout.length) if layout.loop else 'covering ' + fmt(layout.length)}")
+
     def layout_for(self, seconds: Optional[float] = None, width: Optional[int] = None, *,
                    window: Optional[float] = None, overlap: float = 0.2, loop: bool = False,
                    method: Union[str, Method] = "safa") -> ViewLayout:
@@ -216,12 +192,10 @@ class JointDiffusion:
             if isinstance(width, bool) or not isinstance(width, int) or width < 1:
                 raise ValueError(f"width must be an int >= 1 (pixels), got {width!r}")
             self.adapter.latent_rows(height)  # type: ignore[attr-defined]  (validates height)
-        if not isinstance(loop, bool):
-            raise ValueError(f"loop must be a bool, got {loop!r}")
-        _check_positive_int("num_inference_steps", num_inference_steps)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("view_batch_size", view_batch_size, allow_none=True)
-        _check_positive_int("decode_tile", decode_tile, allow_none=True)
+        check_positive_int("num_inference_steps", num_inference_steps)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("view_batch_size", view_batch_size, allow_none=True)
+        check_positive_int("decode_tile", decode_tile, allow_none=True)
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if output_type is None:
@@ -236,7 +210,8 @@ class JointDiffusion:
         """(layout, latent columns to crop to, output samples / pixels to crop to).
 
         Open layouts take the fewest views of ``window`` covering the request; loop layouts
-        have exactly the requested length (:func:`plan_layout`). A request shorter than one
+        have exactly the requested length, with the window and overlap rate nearest the
+        requested ones that make it exact (:mod:`safa.layouts`). A request shorter than one
         window is the wrapped pipeline's own call: one view of ``adapter.short_window``.
         """
         adapter = self.adapter
@@ -245,44 +220,52 @@ class JointDiffusion:
         # Swap is defined between two views only (no column covered by three): docs/kernels.md.
         hi = method.max_overlap_rate
         try:
-            rate = _check_rate("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
+            rate = check_range("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
         except ValueError as exc:
             hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
                     f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
             raise ValueError(f"{exc}{hint}") from None
         w = self.window_columns(window)
-        o = int(round(rate * w))
+        multiple = method.layout_multiple(adapter)
+        o = int(round(rate * w)) if multiple == 1 else _snap_overlap(rate * w, w, multiple, method)
         if o >= w:
             raise ValueError(f"overlap rate {overlap} gives {o} overlapping columns for a window of {w}: "
                              f"it must leave at least one column of stride")
-        columns = adapter.columns_for(seconds=seconds, width=width)
         out_len = adapter.output_length(seconds=seconds, width=width)
-        if columns >= w:
-            return plan_layout(columns, w, o, loop, method.merge_mode), columns, out_len
         if loop:
-            unit = (f"{w / adapter.frames_per_second:.3f} s" if adapter.kind == "audio"
-                    else f"{w * adapter.decoded_scale} px")
-            raise ValueError(f"a loop of {seconds if seconds is not None else width}"
-                             f"{' s' if seconds is not None else ' px'} is shorter than one window ({unit}): "
-                             f"ask for at least one window, or a shorter window=")
+            layout = loop_layout(adapter.length_in_columns(seconds=seconds, width=width), w, rate, method.merge_mode,
+                                 adapter.window_multiple(), adapter.fixed_window, adapter.describe_columns,
+                                 stride_multiple=multiple)
+            return layout, layout.length, out_len
+        columns = adapter.columns_for(seconds=seconds, width=width)
+        if columns >= w:
+            return open_layout(columns, w, o), columns, out_len
         short = adapter.short_window(columns)
         return ViewLayout(short, short, 0), columns, out_len
 
-    def prepare_conditions(self, view_prompts: List[str], reference_prompt: Optional[str],
-                           negative_prompt: Optional[str], guidance_scale: float, batch_size: int,
-                           seconds: Optional[float]) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
-        """Encode every distinct prompt once; returns ``(conditions, view_rows, reference_rows)``.
+    def prepare_conditions(self, prompts: PromptBatch, embeds: Dict[str, torch.Tensor], with_reference: bool,
+                           guidance_scale: float, seconds: Optional[float]
+                           ) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
+        """Encode every distinct (prompt, negative prompt) once: ``(conditions, view_rows, reference_rows)``.
 
-        ``view_rows[r]`` is the prompt index of the views' scheduler row ``r`` (rows are
-        (view, batch item), view-major); ``reference_rows`` those of ``X^0`` (None without one).
+        ``view_rows[r]`` is the condition index of the views' scheduler row ``r`` (rows are
+        (view, output), view-major); ``reference_rows`` those of ``X^0`` (None without one).
+        With precomputed ``embeds`` (``prompt_embeds`` ...) each output uses its batch row.
         """
-        windows = view_prompts + ([reference_prompt] if reference_prompt is not None else [])
-        unique = list(dict.fromkeys(windows))
-        cond = self.adapter.encode_prompts(unique, negative_prompt, guidance_scale)
+        B = prompts.batch_size
+        n = len(prompts.views[0])
+        if embeds:
+            cond = self.adapter.conditions_from_embeds(embeds, guidance_scale)
+            items = [prompts.item(b) for b in range(B)]
+            rows = torch.tensor(items * (n + (1 if with_reference else 0)))
+        else:
+            keys, _ = _prompts.window_keys(prompts, with_reference)
+            distinct = _prompts.unique(keys)
+            negatives = [neg for _, neg in distinct] if prompts.negative is not None else None
+            cond = self.adapter.encode_prompts([text for text, _ in distinct], negatives, guidance_scale)
+            rows = torch.tensor([distinct.index(k) for k in keys])
         cond.extra["seconds"] = seconds
-        rows = torch.tensor([unique.index(p) for p in windows]).repeat_interleave(batch_size)
-        n_rows = len(view_prompts) * batch_size
-        return cond, rows[:n_rows], (rows[n_rows:] if reference_prompt is not None else None)
+        return cond, rows[:n * B], (rows[n * B:] if with_reference else None)
 
     def prepare_latents(self, layout: ViewLayout, batch_size: int, height: Optional[int], generator: Any,
                         latents: Optional[torch.Tensor]) -> torch.Tensor:
@@ -298,6 +281,9 @@ class JointDiffusion:
     def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
         """This process's part of the call: every view in one process, a block of them per rank
         with ``process_group`` (an error on every rank when there are more ranks than views)."""
+        if self.process_group is not None and type(method).hooks is not Method.hooks:
+            raise ValueError(f"method {method.name!r} couples the views inside each step (its hooks see every "
+                             f"view at once), so it runs in one process only: call it without process_group")
         return _distributed.ViewShard(self.process_group, layout, self.adapter.long_dim, method.merge_mode,
                                       method.swap_interval, batch_size)
 
@@ -315,55 +301,72 @@ class JointDiffusion:
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()
     @_distributed.collective
-    def __call__(self, prompt: Union[str, Sequence[str]], seconds: Optional[float] = None, *,
-                 width: Optional[int] = None, height: Optional[int] = None,
+    def __call__(self, prompt: Optional[Union[str, Sequence[str]]] = None, seconds: Optional[float] = None, *,
+                 audio_length_in_s: Optional[float] = None, width: Optional[int] = None,
+                 height: Optional[int] = None, view_prompts: Optional[Sequence[Any]] = None,
+                 negative_prompt: Optional[Union[str, Sequence[str]]] = None,
+                 reference_prompt: Optional[Union[str, Sequence[str]]] = None,
                  method: Union[str, Method] = "safa", loop: bool = False,
                  num_inference_steps: int = 200, guidance_scale: float = 2.5,
-                 negative_prompt: Optional[str] = None, reference_prompt: Optional[str] = None,
+                 num_waveforms_per_prompt: Optional[int] = None, num_images_per_prompt: Optional[int] = None,
                  generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
                  window: Optional[float] = None, overlap: float = 0.2, swap_interval: Optional[int] = None,
-                 guide: Optional[float] = None, view_batch_size: Optional[int] = None, batch_size: int = 1,
+                 guide: Optional[float] = None, view_batch_size: Optional[int] = None,
                  eta: float = 0.0, latents: Optional[torch.Tensor] = None,
-                 reference_latents: Optional[torch.Tensor] = None, decode: str = "full",
-                 decode_tile: Optional[int] = None,
+                 reference_latents: Optional[torch.Tensor] = None,
+                 prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
+                 pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 decode: str = "full", decode_tile: Optional[int] = None,
                  callback_on_step_end: Optional[Callable[..., Optional[Dict[str, Any]]]] = None,
-                 output_type: Optional[str] = None) -> JointDiffusionOutput:
+                 output_type: Optional[str] = None, return_dict: bool = True) -> Any:
         """Generate ``seconds`` of audio (or a panorama ``width`` x ``height`` pixels).
 
         Args:
-            prompt: one prompt for every window, or a list with one prompt per view
-                (``layout_for(...).num_views`` of them; a 1-element list is broadcast).
-            seconds / width: output length (audio / image pipelines), honoured exactly: the
-                covering layout is generated and cropped. Below one window: one view of the
+            prompt: the prompt of every window, or a list of prompts: a batch, one output each
+                (as in diffusers).
+            seconds / audio_length_in_s: audio length (audio pipelines; the second is the
+                pipelines' own name). Honoured exactly: the covering layout is generated and
+                cropped; a loop is exactly this long. Below one window: one view of the
                 pipeline's own size (its own output).
-            height: image height in pixels (image pipelines; a multiple of the VAE factor,
-                default the native window's, e.g. 512 for SD 1.x).
+            width / height: panorama size in pixels (image pipelines; ``height`` a multiple of
+                the VAE factor, default the native window's, e.g. 512 for SD 1.x).
+            view_prompts: a prompt per view instead of ``prompt`` (rain -> thunder -> calm):
+                a list of ``layout_for(...).num_views`` prompts, or one such list per batch prompt.
+            negative_prompt: a str, or one per batch prompt (default: the pipeline's own
+                unconditional branch).
+            reference_prompt: prompt of the reference window ``X^0`` (a str or one per batch
+                prompt; default: each batch prompt's first view prompt).
             method: a :class:`~safa.methods.Method` or its shorthand: ``"safa"`` (default:
                 self-loop swap + reference-guided swap), ``"safa_selfloop"`` (SaFa*),
-                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*).
+                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*), ``"mad"``
+                (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
+                grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
             loop: seamless loop / 360-degree layout (the last view overlaps the first).
             num_inference_steps: denoising steps (default 200, the paper's).
             guidance_scale: classifier-free guidance (default 2.5, AudioLDM's; off when <= 1).
-            negative_prompt: shared by every window (default none).
-            reference_prompt: prompt of the reference window ``X^0`` (default: the first prompt).
-            generator: torch generator(s) for the initial noise and stochastic schedulers.
+            num_waveforms_per_prompt / num_images_per_prompt: outputs per batch prompt (default 1).
+            generator: a torch generator, or a list with one per output (as in diffusers), for
+                the initial noise and stochastic schedulers.
             window: window in seconds for audio, latent columns for images (default: the
                 model's native window, 10.24 s for the AudioLDM family).
             overlap: overlap rate ``r_overlap`` (default 0.2): in ``[0, 0.5]`` for the swap
-                methods, ``[0, 1)`` for the averaging ones. Loop layouts re-space it so
-                the loop length is exact.
+                methods, ``[0, 1)`` for the averaging ones. Loop layouts take the nearest
+                rate (and window) that makes the loop exact.
             swap_interval: ``w_swap`` of Eq. 9-10 for the swap methods (default: the method's, 1).
             guide: ``r_guide`` for SaFa (default: the method's, 0.3): the reference swap runs
                 during the first ``round(guide * T)`` of the ``T`` scheduler steps, and the
                 reference window is denoised only then. With a single view there is nothing
                 to keep consistent, so no reference is used.
             view_batch_size: windows per model call (default: all at once); bounds memory.
-            batch_size: outputs per prompt (default 1).
             eta: DDIM's eta (default 0).
             latents: initial long noise ``J_T`` (unscaled, the layout's shape
-                ``adapter.latent_shape(batch_size, layout.length, height)``); default drawn from
+                ``adapter.latent_shape(batch, layout.length, height)``); default drawn from
                 ``generator``.
             reference_latents: initial noise of the reference window (one window's shape).
+            prompt_embeds / negative_prompt_embeds / pooled_prompt_embeds /
+                negative_pooled_prompt_embeds: precomputed text embeddings, one row per batch
+                prompt, where the wrapped pipeline takes them (``adapter.embeds_arguments``).
             decode: ``"full"`` (default), ``"views"`` (decode each view, stitch at the mel /
                 pixel level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per
                 tile, default one window).
@@ -375,17 +378,28 @@ class JointDiffusion:
                 a distributed call, a replaced reference must be the same on every rank).
             output_type: ``"np"`` (audio default), ``"pil"`` (image default), ``"pt"`` or
                 ``"latent"`` (no decoding).
+            return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
+                does, a tuple ``(audio,)`` / ``(images,)``.
         """
         adapter, pipe = self.adapter, self.pipe
         # 1. Check inputs; the method object (guide= / swap_interval= are its parameters).
         method = get_method(method, guide=guide, swap_interval=swap_interval)
-        output_type = self.check_inputs(seconds, width, height, loop, num_inference_steps, batch_size,
+        method.check_pipeline(adapter)
+        seconds, per_prompt = self._pipeline_names(seconds, audio_length_in_s, width, num_waveforms_per_prompt,
+                                                   num_images_per_prompt)
+        output_type = self.check_inputs(seconds, width, height, loop, num_inference_steps, per_prompt,
                                         view_batch_size, decode, decode_tile, output_type)
+        embeds = self._check_embeds(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                    pooled_prompt_embeds=pooled_prompt_embeds,
+                                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
 
-        # 2. Layout of the views over the long latent J.
+        # 2. Layout of the views over the long latent J, and the prompts of every window.
         layout, columns, out_len = self.prepare_layout(seconds, width, window, overlap, loop, method)
         n, dim = layout.num_views, adapter.long_dim
-        view_prompts = self._view_prompts(prompt, n)
+        prompts = _prompts.resolve_prompts(prompt, view_prompts, negative_prompt, reference_prompt, per_prompt, n,
+                                           embeds_rows=int(prompt_embeds.shape[0]) if embeds else None)
+        batch_size = prompts.batch_size
+        _check_generator(generator, batch_size)
         window_shape = adapter.latent_shape(batch_size, layout.window, height)
 
         # 3. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1,
@@ -397,13 +411,10 @@ class JointDiffusion:
         if reference_latents is not None and guide_steps == 0:
             raise ValueError(f"reference_latents given but method {method.name!r} with {n} view(s) and "
                              f"{num_steps} steps uses no reference window")
-        if reference_prompt is not None and not isinstance(reference_prompt, str):
-            raise ValueError(f"reference_prompt must be a str, got {reference_prompt!r}")
-        ref_prompt = (reference_prompt if reference_prompt is not None else view_prompts[0]) if guide_steps else None
 
-        # 4. Conditions: each distinct prompt encoded once.
-        cond, view_rows, reference_rows = self.prepare_conditions(
-            view_prompts, ref_prompt, negative_prompt, guidance_scale, batch_size, seconds)
+        # 4. Conditions: each distinct (prompt, negative prompt) encoded once.
+        cond, view_rows, reference_rows = self.prepare_conditions(prompts, embeds, guide_steps > 0, guidance_scale,
+                                                                  seconds)
 
         # 5. Initial latents: the views of J_T (the same on every rank), then X^0 with its own
         # scheduler; this process's views (all of them unless process_group is set).
@@ -425,17 +436,26 @@ class JointDiffusion:
             dim=dim, merge_mode=method.merge_mode, swap_interval=method.swap_interval,
             reference_axis=adapter.reference_axis)
         runner = _accel.StepRunner(config, compile=self.compile, cuda_graphs=self.cuda_graphs, merge=self.merge_step)
-        step_kwargs = adapter.step_kwargs(generator, eta)
+        # Stochastic schedulers draw noise for every row: a generator list (one per output)
+        # covers the views' rows (view-major) once per view.
+        view_step_kwargs = adapter.step_kwargs(generator * n if isinstance(generator, list) else generator, eta)
+        ref_step_kwargs = adapter.step_kwargs(generator, eta)
+        # The method's hooks inside the step (MAD, SyncDiffusion); entered around the loop.
+        hooks = method.hooks(MethodContext(adapter=adapter, scheduler=scheduler, step=config,
+                                           scheduler_timesteps=runner.scheduler_timesteps,
+                                           window_shape=window_shape, cuda_graphs=self.cuda_graphs))
         view_rows_count, own_rows_count = n * batch_size, len(own) * batch_size
+        progress_bar = pipe.progress_bar(total=num_steps) if shard.rank == 0 else tqdm(total=num_steps, disable=True)
         # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
-        with (pipe.progress_bar(total=num_steps) if shard.rank == 0 else tqdm(total=num_steps, disable=True)) \
-                as progress:
+        with hooks, progress_bar as progress:
             for i, t in enumerate(timesteps):
                 guiding = i < guide_steps
                 with_reference = guiding and shard.has_reference
                 shard.begin_step(i, num_steps)
                 with record_function("safa.step"):
                     t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
+                    # 6.0 The method's pre-model hook: SyncDiffusion's gradient step on the views' x_t.
+                    hooks.before_model(i, views)
                     flat = views.view(view_rows_count, *window_shape[1:])  # the scheduler's batch
                     # 6.1 Model input: this process's views, plus X^0 (on its own scheduler) while
                     # it guides, on the rank that holds it.
@@ -443,14 +463,15 @@ class JointDiffusion:
                         model_in = _scale_model_input(scheduler, flat[own_rows], t_sched)
                         if with_reference:
                             model_in = torch.cat([model_in, _scale_model_input(ref_scheduler, reference, t_sched)])
-                    # 6.2 One model batch (classifier-free guidance inside adapter.predict).
-                    with record_function("safa.model"):
+                    # 6.2 One model batch (classifier-free guidance inside adapter.predict), in the
+                    # method's model context (MAD: self-attention merged over the long latent).
+                    with record_function("safa.model"), hooks.model_context(i):
                         model_out = runner.predict(model_in, i, with_reference)
                     # 6.3 Scheduler step of all views as one batch (every rank steps every row:
                     # the model output of other ranks' rows is zeros, their results unused).
                     with record_function("safa.scheduler"):
                         stepped = scheduler.step(shard.whole_batch(model_out[:own_rows_count]), t_sched, flat,
-                                                 **step_kwargs)
+                                                 **view_step_kwargs)
                         views = stepped.prev_sample.contiguous().view(n, *window_shape)
                     # (distributed) The step's one exchange: X^0's model output from its rank, and
                     # the overlap cells the merge of this rank's views reads.
@@ -461,7 +482,7 @@ class JointDiffusion:
                     with record_function("safa.scheduler"):
                         if guiding:
                             reference = ref_scheduler.step(reference_out, t_sched, reference,
-                                                           **step_kwargs).prev_sample
+                                                           **ref_step_kwargs).prev_sample
                     # 6.4 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
                     # plus the reference-guided swap of the middles (Eq. 10) while guiding.
                     with record_function("safa.merge"):
@@ -489,7 +510,7 @@ class JointDiffusion:
         nothing = JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
                                        sample_rate=adapter.sample_rate, method=method)
         if views is None:
-            return nothing
+            return nothing if return_dict else (None,)
         # 8. J = stitch(views); decode the whole layout, then crop: a loop is decoded as a
         # loop (circular context), and the covering layout's extra columns only cost compute.
         latent = stitch(views, layout, dim, method.merge_mode, method.swap_interval)
@@ -498,23 +519,66 @@ class JointDiffusion:
             out = (shard.decode_tiled(adapter, latent, layout.loop, tile) if shared_decode
                    else _decoding.decode(adapter, latent, layout, decode, view_batch_size, decode_tile))
             if out is None:
-                return nothing
+                return nothing if return_dict else (None,)
             result = adapter.to_output(out[..., :out_len], output_type)
             if adapter.kind == "audio":
                 audio = result
             else:
                 images = result
+        if not return_dict:
+            return (audio if adapter.kind == "audio" else images if output_type != "latent" else latent,)
         return JointDiffusionOutput(audio=audio, images=images, latent=latent, layout=layout,
                                     columns=columns, sample_rate=adapter.sample_rate, method=method)
 
-    def _view_prompts(self, prompt: Union[str, Sequence[str]], n: int) -> List[str]:
-        if isinstance(prompt, str):
-            return [prompt] * n
-        if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
-            if len(prompt) == 1:
-                return list(prompt) * n
-            if len(prompt) == n:
-                return list(prompt)
-            raise ValueError(f"prompt must be a str or a list of 1 or {n} prompts (one per view of this "
-                             f"layout), got {len(prompt)}")
-        raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    # -- argument handling ------------------------------------------------------------------
+    def _pipeline_names(self, seconds: Optional[float], audio_length_in_s: Optional[float], width: Optional[int],
+                        num_waveforms_per_prompt: Optional[int],
+                        num_images_per_prompt: Optional[int]) -> Tuple[Optional[float], int]:
+        """The length and outputs per prompt from our names or the pipeline families' own."""
+        kind = self.adapter.kind
+        if audio_length_in_s is not None:
+            if seconds is not None and seconds != audio_length_in_s:
+                raise ValueError(f"seconds={seconds!r} and audio_length_in_s={audio_length_in_s!r} disagree: give one")
+            seconds = audio_length_in_s
+        if kind == "audio" and seconds is None:
+            raise ValueError("give seconds= (or audio_length_in_s=): the length of the audio to generate")
+        if kind == "image" and width is None and seconds is None:
+            raise ValueError("give width= (pixels): the width of the panorama to generate")
+        mine, other = (("num_waveforms_per_prompt", "num_images_per_prompt") if kind == "audio"
+                       else ("num_images_per_prompt", "num_waveforms_per_prompt"))
+        values = {"num_waveforms_per_prompt": num_waveforms_per_prompt, "num_images_per_prompt": num_images_per_prompt}
+        if values[other] is not None:
+            raise ValueError(f"{other} is for {'image' if kind == 'audio' else 'audio'} pipelines; give {mine}")
+        per_prompt = values[mine] if values[mine] is not None else 1
+        check_positive_int(mine, per_prompt)
+        return seconds, per_prompt
+
+    def _check_embeds(self, **given: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The precomputed-embedding arguments that were given, checked against what the family takes."""
+        embeds = {k: v for k, v in given.items() if v is not None}
+        if not embeds:
+            return {}
+        accepted = self.adapter.embeds_arguments
+        for name, value in embeds.items():
+            if name not in accepted:
+                raise ValueError(f"{name} is not supported for {type(self.pipe).__name__} here"
+                                 f"{' (it takes ' + ', '.join(accepted) + ')' if accepted else ''}; give prompt")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if "prompt_embeds" not in embeds:
+            raise ValueError(f"{', '.join(embeds)} given without prompt_embeds")
+        rows = embeds["prompt_embeds"].shape[0]
+        for name, value in embeds.items():
+            if value.shape[0] != rows:
+                raise ValueError(f"{name} has {value.shape[0]} rows but prompt_embeds has {rows} (one per batch prompt)")
+        return embeds
+
+
+def _check_generator(generator: Any, batch_size: int) -> None:
+    """As diffusers: a generator list must have one generator per output."""
+    if isinstance(generator, list):
+        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator is a list of {len(generator)} but this call makes {batch_size} output(s) "
+                             f"(batch prompts x outputs per prompt): give one torch.Generator per output, or one")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")

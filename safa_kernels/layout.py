@@ -1,10 +1,11 @@
-"""Geometry of overlapping views over a long axis (SPEC section 1).
+"""Geometry of overlapping views over a long axis (docs/kernels.md, section 1).
 
 A :class:`ViewLayout` knows nothing of tensors: it is the integer geometry that the
 reference implementation, the plan builder and the sampler all share.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
@@ -24,21 +25,27 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 class ViewLayout:
     """``num_views`` windows of ``window`` columns over a long axis of ``length`` columns.
 
-    Open layout (``loop=False``): ``length = window + (num_views - 1) * stride`` and view
-    ``i`` covers columns ``[i * stride, i * stride + window)``.
+    Open layout (``loop=False``): view ``i`` covers columns ``[starts[i], starts[i] + window)``,
+    from ``starts[0] = 0`` to ``starts[-1] = length - window``.
 
-    Loop layout (``loop=True``, seamless loops and 360 degree panoramas):
-    ``length = num_views * stride`` and view ``i`` covers ``(i * stride + k) % length``
-    for ``k in [0, window)``; the last view overlaps the first.
+    Loop layout (``loop=True``, seamless loops and 360 degree panoramas): view ``i`` covers
+    ``(starts[i] + k) % length`` for ``k in [0, window)``; the last view overlaps the first.
 
-    The constructor validates; use :meth:`covering` to get the smallest layout whose
-    length is at least a requested length.
+    ``ViewLayout(length, window, overlap, loop)`` is the *uniform* layout: one stride
+    ``window - overlap`` throughout (``length = window + (n - 1) * stride`` open,
+    ``n * stride`` loop). :meth:`spaced` spreads ``n`` views evenly over any length instead:
+    ``starts[i] = floor(i * span / d)``, so neighbouring strides differ by at most one column
+    and ``overlap`` is the largest overlap of two neighbours (a loop of any length can be
+    seamless). The constructor validates; :meth:`covering` gives the smallest uniform layout
+    whose length is at least a requested length.
     """
 
     length: int
     window: int
     overlap: int
     loop: bool = False
+    # First column of every view; derived for a uniform layout, given for a spaced one.
+    starts: Tuple[int, ...] = field(default=(), compare=True)
     # Per-layout memo of kernel plans (see ``plan.py``); not part of equality or hashing.
     _plans: Dict[tuple, object] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
@@ -52,23 +59,88 @@ class ViewLayout:
             raise ValueError(f"overlap must be in [0, window) = [0, {self.window}), got {self.overlap}")
         if self.window > self.length:
             raise ValueError(f"window ({self.window}) must be <= length ({self.length})")
+        if self.starts:
+            self._check_starts()
+            return
         stride = self.window - self.overlap
         if self.loop:
             if self.length % stride:
                 raise ValueError(
                     f"a loop layout needs length to be a multiple of stride = window - overlap = {stride}; "
-                    f"got length {self.length} (use ViewLayout.covering)")
+                    f"got length {self.length} (use ViewLayout.covering or ViewLayout.spaced)")
             if self.length // stride < 2:
                 raise ValueError(f"a loop layout needs at least 2 views; length {self.length} with "
                                  f"stride {stride} gives {self.length // stride}")
-        elif (self.length - self.window) % stride:
-            raise ValueError(
-                f"views of window {self.window} at stride {stride} do not cover length {self.length} exactly: "
-                f"length must be window + k * stride (use ViewLayout.covering)")
+            n = self.length // stride
+        else:
+            if (self.length - self.window) % stride:
+                raise ValueError(
+                    f"views of window {self.window} at stride {stride} do not cover length {self.length} exactly: "
+                    f"length must be window + k * stride (use ViewLayout.covering or ViewLayout.spaced)")
+            n = (self.length - self.window) // stride + 1
+        object.__setattr__(self, "starts", tuple(i * stride for i in range(n)))
+
+    def _check_starts(self) -> None:
+        starts, w, L = self.starts, self.window, self.length
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in starts):
+            raise TypeError("starts must be ints")
+        gaps = self._strides(starts, w, L, self.loop)
+        if starts[0] != 0 or any(g < 1 for g in gaps):
+            raise ValueError(f"starts must increase from 0, got {starts[:8]}...")
+        if self.loop and len(starts) < 2:
+            raise ValueError("a loop layout needs at least 2 views")
+        if not self.loop and starts[-1] != L - w:
+            raise ValueError(f"the last view of an open layout must end at length {L}: starts[-1] = {starts[-1]}, "
+                             f"window {w}")
+        if max(gaps, default=1) > w:
+            raise ValueError(f"views of window {w} leave columns uncovered (a stride of {max(gaps)})")
+        widest = w - min(gaps, default=w)
+        if widest != self.overlap:
+            raise ValueError(f"overlap must be the largest overlap of two neighbouring views ({widest}), "
+                             f"got {self.overlap}")
+
+    @staticmethod
+    def _strides(starts: Tuple[int, ...], window: int, length: int, loop: bool) -> List[int]:
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        if loop:
+            gaps.append(starts[0] + length - starts[-1])
+        return gaps
+
+    @classmethod
+    def spaced(cls, length: int, window: int, num_views: int, loop: bool = False) -> "ViewLayout":
+        """``num_views`` views of ``window`` spread evenly over exactly ``length`` columns.
+
+        ``starts[i] = floor(i * length / num_views)`` for a loop, ``floor(i * (length - window) /
+        (num_views - 1))`` open: the strides differ by at most one column, so the overlaps do too.
+        Uniform when the division is exact (then equal to ``ViewLayout(length, window, overlap, loop)``).
+        """
+        _check_int("length", length, 1)
+        _check_int("window", window, 1)
+        _check_int("num_views", num_views, 2 if loop else 1)
+        if not loop and num_views == 1:
+            if length != window:
+                raise ValueError(f"one view of window {window} cannot cover length {length} exactly")
+            return cls(length, window, 0)
+        span, parts = (length, num_views) if loop else (length - window, num_views - 1)
+        if span < 0 or window > length:
+            raise ValueError(f"window ({window}) must be <= length ({length})")
+        starts = tuple((i * span) // parts for i in range(num_views))
+        if span % parts == 0:
+            return cls(length, window, window - span // parts, loop)
+        widest = window - min(cls._strides(starts, window, length, loop))
+        if widest < 0:
+            raise ValueError(f"{num_views} views of window {window} leave columns of {length} uncovered")
+        return cls(length, window, widest, loop, starts)
+
+    def __repr__(self) -> str:
+        if self.uniform:
+            return f"ViewLayout(length={self.length}, window={self.window}, overlap={self.overlap}, loop={self.loop})"
+        return (f"ViewLayout.spaced(length={self.length}, window={self.window}, num_views={self.num_views}, "
+                f"loop={self.loop})")
 
     @classmethod
     def covering(cls, min_length: int, window: int, overlap: int, loop: bool = False) -> "ViewLayout":
-        """The layout with the fewest views whose length is ``>= min_length``.
+        """The uniform layout with the fewest views whose length is ``>= min_length``.
 
         The caller generates that length and crops. An open layout has at least one view
         (so ``min_length < window`` gives one window); a loop layout at least two.
@@ -90,22 +162,38 @@ class ViewLayout:
     # -- derived geometry -------------------------------------------------------------
     @property
     def stride(self) -> int:
+        """The stride of a uniform layout (``window - overlap``); a spaced layout's smallest one."""
         return self.window - self.overlap
 
     @property
-    def num_views(self) -> int:
-        if self.loop:
-            return self.length // self.stride
-        return (self.length - self.window) // self.stride + 1
+    def min_overlap(self) -> int:
+        """The narrowest overlap of two neighbouring views (``overlap`` for a uniform layout)."""
+        strides = self._strides(self.starts, self.window, self.length, self.loop)
+        return max(0, self.window - max(strides)) if strides else 0
 
     @property
-    def starts(self) -> Tuple[int, ...]:
-        """First column of each view (in a loop layout, view i may wrap past the end)."""
-        return tuple(i * self.stride for i in range(self.num_views))
+    def uniform(self) -> bool:
+        """Whether every neighbouring pair is one stride apart."""
+        return len(set(self._strides(self.starts, self.window, self.length, self.loop))) <= 1
+
+    @property
+    def num_views(self) -> int:
+        return len(self.starts)
+
+    def view_stride(self, view: int) -> int:
+        """Columns from ``view``'s start to the next view's (around the loop for the last view)."""
+        n = self.num_views
+        if view < n - 1:
+            return self.starts[view + 1] - self.starts[view]
+        return self.starts[0] + self.length - self.starts[view] if self.loop else self.window
+
+    def pair_overlap(self, view: int) -> int:
+        """Columns shared by ``view`` and the next view (its right part, the next one's left part)."""
+        return max(0, self.window - self.view_stride(view))
 
     def columns(self, view: int) -> List[int]:
         """Columns of the long axis covered by ``view``, in the view's local order."""
-        start = view * self.stride
+        start = self.starts[view]
         if self.loop:
             return [(start + k) % self.length for k in range(self.window)]
         return list(range(start, start + self.window))
@@ -126,25 +214,17 @@ class ViewLayout:
         n = self.num_views
         has_left = self.loop or view > 0
         has_right = self.loop or view < n - 1
-        lo = self.overlap if has_left else 0
-        hi = self.stride if has_right else self.window
+        lo = self.pair_overlap((view - 1) % n) if has_left else 0
+        hi = self.view_stride(view) if has_right else self.window
         return lo, max(lo, hi)
 
     def coverage(self, column: int) -> List[Tuple[int, int]]:
         """Every ``(view, local column)`` that covers ``column``, in increasing view order."""
-        s, w, n = self.stride, self.window, self.num_views
-        # Only views starting within `window` columns before `column` can cover it.
-        last = column // s
-        first = last - (w - 1) // s
+        w, L = self.window, self.length
         out = []
-        for i in range(first, last + 1):
-            if self.loop:
-                view = i % n
-                local = (column - view * s) % self.length
-            elif 0 <= i < n:
-                view, local = i, column - i * s
-            else:
-                continue
-            if local < w:
-                out.append((view, local))
-        return sorted(out)
+        # Views starting in (column - window, column], and (loop) the same a length later.
+        for c in ((column, column + L) if self.loop else (column,)):
+            first = bisect.bisect_right(self.starts, c - w)
+            last = bisect.bisect_right(self.starts, c)
+            out.extend((v, c - self.starts[v]) for v in range(first, last))
+        return sorted(set(out))

@@ -1,4 +1,4 @@
-"""Kernel plans: the merge rules of SPEC section 2 compiled to a per-column table.
+"""Kernel plans: the merge rules (docs/kernels.md, section 2) compiled to a per-column table.
 
 Every kernel backend (CPU C++, CUDA, Triton) executes the same dumb loop over a plan;
 all knowledge of layouts and modes lives here, once. A plan is built on the host the
@@ -25,10 +25,26 @@ axis other than the long one: ``parity = [axis_part, div, size, swap_interval]``
 axis is inside ``O``) or 2 (inside ``I``); then ``h = (x // div) % size`` for ``x = o``
 or ``i`` and the reference is taken iff ``(h // swap_interval) % 2 == 1``.
 
-A single source has weight exactly 1.0, and a kernel computes it as a copy, so swap,
-gather and stitch are bitwise copies. In-place execution is race-free because no row
-reads a cell that another row writes (a row reads and writes only cells of its own
-column of the long latent), and a row reads its sources before writing its targets.
+A row whose only source has weight exactly 1.0 is a copy, and a kernel computes it as one,
+so swap, gather and stitch are bitwise copies; any other row is a weighted sum in the
+accumulation type (fp32, fp64 for fp64), a single source of weight ``w != 1`` included.
+In-place execution is race-free because no row reads a cell that another row writes (a
+row reads and writes only cells of its own column of the long latent), and a row reads
+its sources before writing its targets.
+
+Adjoint plans. ``gather`` and ``stitch`` are linear maps, so their backward passes are
+the transposed tables, executed by the same kernels (``ADJOINTS``):
+
+- ``gather_adjoint`` (views -> latent): per column, the sum of every view cell over it;
+- ``stitch_adjoint`` (latent -> views): per view cell, ``w * latent[column]`` with the
+  cell's weight in the stitch; nothing for cells the stitch did not read (the losing side
+  of a swap, the reference's positions). Where the reference's parity runs along another
+  axis the row keeps its reference column and the caller passes a zero reference, so the
+  kernel writes 0 exactly where the stitch took the reference;
+- ``reference_adjoint`` (latent -> one view): per reference column, the sum of the latent
+  columns that took it (the caller masks the parity of another axis).
+
+Only cells a plan targets are written: the caller zero-fills the outputs of the last two.
 """
 from __future__ import annotations
 
@@ -40,9 +56,10 @@ import torch
 from ._compile import constant_under_compile
 from .layout import ViewLayout
 
-__all__ = ["Plan", "get_plan", "OPS", "REF_NONE", "REF_LONG_AXIS", "REF_OTHER_AXIS"]
+__all__ = ["Plan", "get_plan", "OPS", "ADJOINTS", "REF_NONE", "REF_LONG_AXIS", "REF_OTHER_AXIS"]
 
-OPS = ("gather", "stitch", "sync")
+ADJOINTS = ("gather_adjoint", "stitch_adjoint", "reference_adjoint")
+OPS = ("gather", "stitch", "sync") + ADJOINTS
 REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS = 0, 1, 2
 
 
@@ -57,8 +74,8 @@ def _odd(offset: int, swap_interval: int) -> bool:
 
 def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
     """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
-    w, W, s = layout.window, layout.length, layout.stride
-    tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, SPEC section 2)
+    w, W = layout.window, layout.length
+    tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, docs/kernels.md section 2)
     for col in range(W):
         cover = layout.coverage(col)                      # [(view, local)]
         cells = [v * w + k for v, k in cover]
@@ -74,9 +91,10 @@ def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
         if len(cover) == 1:
             sources, weights = cells, [1.0]
         elif mode == "swap":
-            # The pair (i, j): view i holds the overlap in its right part (local >= stride),
-            # view j in its left part at overlap offset q (SPEC: p = floor(q / w_swap) mod 2).
-            (vi, ki), (vj, kj) = cover if cover[0][1] >= s else cover[::-1]
+            # The pair (i, j): view i holds the overlap in its right part (the larger local
+            # column), view j in its left part at overlap offset q = kj (Eq. 9:
+            # p = floor(q / w_swap) mod 2).
+            (vi, ki), (vj, kj) = cover if cover[0][1] > cover[1][1] else cover[::-1]
             winner = vj * w + kj if _odd(kj, swap_interval) else vi * w + ki
             sources, weights = [winner], [1.0]
         else:
@@ -94,10 +112,41 @@ def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
             yield -1, sources, weights, cells
 
 
+def _adjoint_rows(rows, ref: int):
+    """The transpose of a gather or stitch plan's source part: ``out[t] += w * src[s]`` becomes
+    ``grad_src[s] += w * grad_out[t]``, one row per source position, in position order."""
+    into = {}  # source position -> (reference column, [(target, weight)])
+    for ref_col, sources, weights, targets in rows:
+        if ref_col >= 0 and ref == REF_LONG_AXIS:
+            continue  # the reference always wins here: the sources were not read
+        for s, w in zip(sources, weights):
+            into.setdefault(s, (ref_col, []))[1].extend((t, w) for t in targets)
+    for s in sorted(into):
+        ref_col, terms = into[s]
+        yield ref_col, [t for t, _ in terms], [w for _, w in terms], [s]
+
+
+def _reference_adjoint_rows(rows):
+    """Per reference column, every target (latent column) that took it, summed."""
+    into = {}
+    for ref_col, _, _, targets in rows:
+        if ref_col >= 0:
+            into.setdefault(ref_col, []).extend(targets)
+    for ref_col in sorted(into):
+        yield -1, into[ref_col], [1.0] * len(into[ref_col]), [ref_col]
+
+
 def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    rows = list(_rows(layout, op, mode, swap_interval, ref))
+    if op == "gather_adjoint":
+        rows = list(_adjoint_rows(_rows(layout, "gather", mode, swap_interval, REF_NONE), REF_NONE))
+    elif op == "stitch_adjoint":
+        rows = list(_adjoint_rows(_rows(layout, "stitch", mode, swap_interval, ref), ref))
+    elif op == "reference_adjoint":
+        rows = list(_reference_adjoint_rows(_rows(layout, "stitch", mode, swap_interval, ref)))
+    else:
+        rows = list(_rows(layout, op, mode, swap_interval, ref))
     K = max([len(r[1]) for r in rows] + [1])
     T = max([len(r[3]) for r in rows] + [1])
     index: List[List[int]] = []
@@ -122,8 +171,10 @@ def _host_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
 def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
              device: torch.device) -> Plan:
     """The memoised plan on ``device`` (built on the host on first use)."""
-    if op == "gather":  # one gather plan whatever the merge arguments
+    if op in ("gather", "gather_adjoint"):  # one plan whatever the merge arguments
         mode, swap_interval = "swap", 1
+    elif op == "reference_adjoint":  # the reference's columns do not depend on the mode
+        mode = "mean"
     key = (op, mode, swap_interval, ref, str(device))
     plan: Optional[Plan] = layout._plans.get(key)  # type: ignore[assignment]
     if plan is None:

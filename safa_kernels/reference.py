@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference: the executable form of SPEC section 2, step 3.
+"""Pure-PyTorch reference: the executable form of the merge rules (docs/kernels.md, section 2).
 
 Written for reading, not speed: per-view loops over ``index_select``/``index_copy_``.
 Every kernel backend is tested against these functions, and they are the fallback on
@@ -56,13 +56,14 @@ def stitch(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap"
         out = views.new_empty(shape)
         for i in range(layout.num_views):
             out.index_copy_(dim, _cols(layout, i, views.device), views[i])
-        q = torch.arange(layout.overlap, device=views.device)
-        mshape = [1] * ndim
-        mshape[dim] = layout.overlap
-        take_right_view = _parity(q, swap_interval).view(mshape)
         for i, j in layout.neighbour_pairs():
+            o = layout.pair_overlap(i)  # a spaced layout's overlaps differ by a column
+            q = torch.arange(o, device=views.device)
+            mshape = [1] * ndim
+            mshape[dim] = o
+            take_right_view = _parity(q, swap_interval).view(mshape)
             left_part_of_j = views[j].index_select(dim, q)
-            right_part_of_i = views[i].index_select(dim, layout.stride + q)
+            right_part_of_i = views[i].index_select(dim, layout.window - o + q)
             cols = _cols(layout, j, views.device)[q]
             out.index_copy_(dim, cols, torch.where(take_right_view, left_part_of_j, right_part_of_i))
     elif mode in ("mean", "triangular"):
@@ -123,7 +124,13 @@ def _reference_swap(out: torch.Tensor, views: torch.Tensor, layout: ViewLayout, 
 
 def sync_(views: torch.Tensor, layout: ViewLayout, dim: int, mode: str = "swap", swap_interval: int = 1,
           reference: Optional[torch.Tensor] = None, reference_axis: Optional[int] = None) -> torch.Tensor:
-    """In place: every view becomes its window of the merged latent (SPEC section 3)."""
-    merged = stitch(views, layout, dim, mode, swap_interval, reference, reference_axis)
+    """In place: every view becomes its window of the merged latent (docs/kernels.md, section 3).
+
+    Differentiable: ``copy_`` records the mutation for autograd.
+    """
+    # Under autograd, stitch's index_copy_ saves slices of what it reads for its backward,
+    # and the copy_ below overwrites views: it reads a snapshot then.
+    recording = torch.is_grad_enabled() and views.requires_grad
+    merged = stitch(views.clone() if recording else views, layout, dim, mode, swap_interval, reference, reference_axis)
     views.copy_(gather(merged, layout, dim))
     return views

@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from . import ops as _ops  # noqa: F401  (defines safa::merge_triton_ before we register its kernel)
+from ._memory import INTERNAL_OVERLAP, PARTIAL_OVERLAP, has_internal_overlap, shares_memory
 
 __all__ = ["AVAILABLE", "INTERPRET", "merge_"]
 
@@ -118,21 +119,21 @@ def _build_kernel():
         # Where the reference wins the source is not needed: skip its bytes.
         x0 = tl.load(src_base + (s0 // Ls) * ss0 + o64 * ss1 + (s0 % Ls) * ss2 + i64 * ss3,
                      mask=has_src & (take == 0))
-        value = x0
-        if K > 1:
-            acc = x0.to(ACC) * tl.load(wrow, mask=has_src, other=0.0).to(ACC)
-            multi = offs < 0
-            for k in tl.static_range(1, K):
-                sk = tl.load(row + (1 + k) * xs1, mask=mask, other=-1).to(tl.int64)
-                vk = has_src & (sk >= 0) & (take == 0)
-                # Masked load, not 0 * x: a padding slot may point nowhere, and x may be inf/nan.
-                xk = tl.load(src_base + (sk // Ls) * ss0 + o64 * ss1 + (sk % Ls) * ss2 + i64 * ss3,
-                             mask=vk, other=0.0)
-                wk = tl.load(wrow + k * ws1, mask=vk, other=0.0)
-                acc = tl.where(vk, acc + xk.to(ACC) * wk.to(ACC), acc)
-                multi = multi | vk
-            # A row with one live source is a pure copy (bitwise, -0.0 and nan payloads included).
-            value = tl.where(multi, acc.to(x0.dtype), x0)
+        w0 = tl.load(wrow, mask=has_src, other=1.0)
+        acc = x0.to(ACC) * w0.to(ACC)
+        weighted = has_src & (w0 != 1.0)  # one source of another weight: an adjoint plan's scatter
+        for k in tl.static_range(1, K):
+            sk = tl.load(row + (1 + k) * xs1, mask=mask, other=-1).to(tl.int64)
+            vk = has_src & (sk >= 0) & (take == 0)
+            # Masked load, not 0 * x: a padding slot may point nowhere, and x may be inf/nan.
+            xk = tl.load(src_base + (sk // Ls) * ss0 + o64 * ss1 + (sk % Ls) * ss2 + i64 * ss3,
+                         mask=vk, other=0.0)
+            wk = tl.load(wrow + k * ws1, mask=vk, other=0.0)
+            acc = tl.where(vk, acc + xk.to(ACC) * wk.to(ACC), acc)
+            weighted = weighted | vk
+        # A row with one live source of weight 1 is a pure copy (bitwise, -0.0 and nan payloads
+        # included).
+        value = tl.where(weighted, acc.to(x0.dtype), x0)
         write = mask & has_src
         if HAS_REF:
             rv = tl.load(ref_ptr + o64 * rs0 + ref_col * rs1 + i64 * rs2, mask=mask & take)
@@ -177,6 +178,11 @@ def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
         fail("index and weight must be on out's device")
     if len(parity) != 4 or parity[0] not in (0, 1, 2) or (parity[0] and min(parity[1:]) < 1):
         fail(f"parity must be [axis_part in 0..2, div >= 1, size >= 1, swap_interval >= 1], got {list(parity)}")
+    if has_internal_overlap(out):
+        fail(f"out: {INTERNAL_OVERLAP}")
+    for name, x in (("src", src), ("reference", reference)):
+        if x is not None and shares_memory(out, x):
+            fail(f"out and {name}: {PARTIAL_OVERLAP}")
 
 
 def _block(n: int) -> int:
@@ -193,6 +199,7 @@ def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
     used exactly when the flattened element count does not fit int32 (tests force it).
     """
     _check(out, src, reference, index, weight, parity)
+    torch.autograd.graph.increment_version(out)  # as PyTorch's in-place ops do (see merge_checks.h)
     P, K = weight.shape
     T = index.shape[1] - 1 - K
     _, O, Ld, I = out.shape

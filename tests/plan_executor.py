@@ -23,8 +23,8 @@ def execute(out, src, reference, index, weight, parity):
         if sources[0] >= 0:
             terms = [src[s // Ls, :, s % Ls, :] for s in sources if s >= 0]
             acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-            own = terms[0].clone() if len(terms) == 1 else sum(
-                wk * t.to(acc) for wk, t in zip(w, terms)).to(out.dtype)
+            copy = len(terms) == 1 and w[0] == 1.0  # one source of weight 1: a bitwise copy
+            own = terms[0].clone() if copy else sum(wk * t.to(acc) for wk, t in zip(w, terms)).to(out.dtype)
         if ref_col >= 0:
             ref = reference[:, ref_col, :]
             value = torch.where(take_ref, ref, own) if own is not None else ref

@@ -41,16 +41,19 @@ def pipes():
     return built
 
 
-# Requested sizes, chosen so that (a) the open layout must be cropped (not a multiple of the VAE
-# factor / of a stride) and (b) a loop layout of exactly that many latent columns exists, so no
-# covering-and-crop warning: SD window 64, width 1001 px -> 126 columns (loop strides 42 / 63);
-# SDXL / SD3 window 32, 601 px -> 76 columns (stride 19); Stable Audio window 64 frames,
-# 5.85 s -> 126 frames (stride 42 / 63), 257985 samples at 44.1 kHz.
+# Requested sizes, chosen so that the open layout must be cropped (not a multiple of the VAE
+# factor / of a stride): SD window 64, width 1001 px -> 126 columns; SDXL / SD3 window 32,
+# 601 px -> 76 columns; Stable Audio window 64 frames, 5.85 s -> 126 frames, 257985 samples.
 # Panorama height for the tests: 16 latent rows instead of a square window keeps the UNet and
 # VAE cost down by 4x; the long axis (what these tests are about) keeps the native window.
 TEST_HEIGHT = 128
 SIZES = {"sd": dict(width=1001, height=TEST_HEIGHT), "sdxl": dict(width=601, height=TEST_HEIGHT),
          "sd3": dict(width=601, height=TEST_HEIGHT), "stable_audio": dict(seconds=5.85)}
+# A loop is a whole number of latent columns (else its loop point falls inside one) and about
+# 1.6 windows for two views at overlap 0.2: 102 columns (816 px, or 102 Stable Audio frames of
+# 2048 samples at 44.1 kHz) for window 64, 52 columns (416 px) for window 32.
+LOOP_SIZES = {"sd": dict(width=816, height=TEST_HEIGHT), "sdxl": dict(width=416, height=TEST_HEIGHT),
+              "sd3": dict(width=416, height=TEST_HEIGHT), "stable_audio": dict(seconds=102 * 2048 / 44100)}
 CLASSES = ["sd", "sdxl", "sd3", pytest.param("stable_audio", marks=needs_torchsde)]
 
 
@@ -63,9 +66,8 @@ def _jd(pipe) -> JointDiffusion:
 @pytest.mark.parametrize("name", CLASSES)
 def test_exact_length_every_method(pipes, name, method, loop):
     jd = _jd(pipes[name])
-    size = SIZES[name]
+    size = (LOOP_SIZES if loop else SIZES)[name]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no "not seamless" fallback for these sizes
         warnings.filterwarnings("ignore", module="torchsde")  # its own float-rounding chatter
         r = jd("a mountain range at dawn", method=method, loop=loop, num_inference_steps=2,
                guidance_scale=3.0, generator=_gen(), output_type="np", **size)
@@ -74,7 +76,7 @@ def test_exact_length_every_method(pipes, name, method, loop):
     if name == "stable_audio":
         # (B, channels, samples) with time last, stereo at 44.1 kHz
         assert r.sample_rate == 44100
-        assert r.audio.shape == (1, 2, int(round(5.85 * 44100)))
+        assert r.audio.shape == (1, 2, int(round(size["seconds"] * 44100)))
         assert r.latent.shape[:2] == (1, 64) and r.latent.shape[-1] == r.layout.length
         out = r.audio
     else:
@@ -238,9 +240,9 @@ def test_stable_audio_tiled_decode_equals_full(pipes):
 @pytest.mark.parametrize("name", ["sd", "sd3"])
 def test_image_decode_modes_give_the_requested_size(pipes, name, decode):
     jd = _jd(pipes[name])
-    r = jd("a mountain range", **SIZES[name], loop=True, num_inference_steps=1, guidance_scale=1.0,
+    r = jd("a mountain range", **LOOP_SIZES[name], loop=True, num_inference_steps=1, guidance_scale=1.0,
            generator=_gen(), decode=decode, output_type="np")
-    assert r.images.shape == (1, TEST_HEIGHT, SIZES[name]["width"], 3)
+    assert r.images.shape == (1, TEST_HEIGHT, LOOP_SIZES[name]["width"], 3)
     assert np.isfinite(r.images).all()
 
 
@@ -262,9 +264,9 @@ def test_sd_every_scheduler(pipes, scheduler):
     pipe = _with_scheduler(pipes["sd"], scheduler)
     pipe.set_progress_bar_config(disable=True)
     for method in METHODS:
-        r = _jd(pipe)("a mountain range", width=601, height=TEST_HEIGHT, method=method, loop=True, num_inference_steps=3,
+        r = _jd(pipe)("a mountain range", width=816, height=TEST_HEIGHT, method=method, loop=True, num_inference_steps=3,
                       guidance_scale=3.0, generator=_gen(), output_type="np")
-        assert r.images.shape == (1, TEST_HEIGHT, 601, 3) and np.isfinite(r.images).all()
+        assert r.images.shape == (1, TEST_HEIGHT, 816, 3) and np.isfinite(r.images).all()
     ours, theirs = _one_view_pair(pipe, "sd", 3.0, None)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -301,3 +303,23 @@ def test_stable_audio_rotary_tables_live_on_the_denoiser_device(pipes, monkeypat
     monkeypatch.setattr(type(adapter), "device", property(lambda self: torch.device("meta")))
     cos, sin = adapter._rotary_embedding(64)
     assert cos.device.type == sin.device.type == "meta"
+
+
+@pytest.mark.parametrize("circular", [False, True], ids=["open", "circular"])
+def test_drop_in_for_diffusers_panorama_pipeline(pipes, circular):
+    """diffusers' MultiDiffusion panorama pipeline (window 64, stride 8, optional circular padding)
+    and JointDiffusion with method="multidiffusion" at the same window and stride give the same
+    latents for the same noise: a user can switch, then try SaFa."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+    sd = pipes["sd"]
+    pano = StableDiffusionPanoramaPipeline(**{**sd.components, "scheduler": DDIMScheduler.from_config(
+        sd.scheduler.config)}, requires_safety_checker=False)
+    pano.set_progress_bar_config(disable=True)
+    height, width = TEST_HEIGHT, 768  # 96 latent columns: 5 views at stride 8, or a loop of 12
+    common = dict(height=height, width=width, num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    theirs = pano("a mountain range", generator=_gen(11), circular_padding=circular, **common).images
+    ours = JointDiffusion(pano)("a mountain range", method="multidiffusion", window=64, overlap=56 / 64,
+                                loop=circular, generator=_gen(11), **common)
+    assert ours.layout.window == 64 and ours.layout.stride == 8 and ours.layout.uniform
+    assert ours.layout.num_views == (12 if circular else 5)
+    torch.testing.assert_close(ours.latent, theirs, rtol=1e-4, atol=1e-4)

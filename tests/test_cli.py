@@ -39,13 +39,15 @@ def _only_inputs(directory) -> list:
 
 def test_generate_subprocess_writes_audio_and_spectrogram(model_dir, tmp_path):
     out = tmp_path / "rain.wav"
-    proc = _run("generate", "--model", model_dir, *FAST, "--prompt", "wind", "--prompt", "calm",
-                "--seconds", "2.9", "--scheduler", "DPMSolverMultistep", "--out", str(out))
+    fast = [a for a in FAST if a != "rain"]
+    fast.remove("--prompt")
+    proc = _run("generate", "--model", model_dir, *fast, "--view-prompt", "rain", "--view-prompt", "wind",
+                "--view-prompt", "calm", "--seconds", "2.9", "--scheduler", "DPMSolverMultistep", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     data, sr = sf.read(str(out))
     assert sr == 16000 and data.shape == (round(2.9 * 16000),) and np.isfinite(data).all()
-    spec = Image.open(tmp_path / "rain.png")
-    assert spec.size[1] == 256 and spec.size[0] > 100
+    spec = Image.open(tmp_path / "rain.png")  # the annotated spectrogram (tests/test_plots.py)
+    assert spec.size[0] > 1000 and spec.size[1] > 300
     assert "3 views" in proc.stdout
     assert _only_inputs(tmp_path) == ["rain.png", "rain.wav"]  # no temporary files left
 
@@ -87,7 +89,8 @@ def test_unsupported_pipeline(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,pattern", [
-    (["--seconds", "0.5", "--loop"], "shorter than one window"),
+    (["--seconds", "0.5", "--loop"], "no seamless loop of exactly 0.5 s"),
+    (["--seconds", "3", "--device", "nope"], "is not a torch device"),
     (["--seconds", "3", "--method", "multidiffusion", "--guide", "0.5"], "guide does not apply"),
     (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "overlap must be in"),
     (["--seconds", "3", "--overlap", "0.7"], "overlap must be in [0.0, 0.5]"),
@@ -97,6 +100,33 @@ def test_impossible_length_and_overlap(model_dir, tmp_path, capsys, extra, patte
     args[args.index("--overlap") + 1] = extra[extra.index("--overlap") + 1] if "--overlap" in extra else "0.25"
     code = main(args)
     _assert_one_line_error(code, capsys.readouterr().err, pattern, tmp_path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+def test_unavailable_device_is_one_line(model_dir, tmp_path, capsys):
+    for device in ("cuda", "cuda:1"):
+        code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--device", device,
+                     "--out", str(tmp_path / "x.wav")])
+        _assert_one_line_error(code, capsys.readouterr().err, "this machine has no CUDA device", tmp_path)
+
+
+@pytest.mark.parametrize("value,pattern", [("foo", "SAFA_BACKEND='foo' is not a backend"),
+                                           ("cuda", "SAFA_BACKEND='cuda' is not available for cpu")])
+def test_bad_backend_variable_is_one_line(model_dir, tmp_path, capsys, monkeypatch, value, pattern):
+    monkeypatch.setenv("SAFA_BACKEND", value)
+    code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--out", str(tmp_path / "x.wav")])
+    _assert_one_line_error(code, capsys.readouterr().err, pattern, tmp_path)
+
+
+def test_builtin_model_is_built_for_the_window(tmp_path, capsys):
+    out = tmp_path / "t.wav"
+    code = main(["generate", "--prompt", "rain", "--window", "0.96", "--seconds", "2.4", "--loop", "--steps", "2",
+                 "--quiet", "--out", str(out), "--no-spectrogram"])
+    assert code == 0, capsys.readouterr().err
+    assert "views of 0.96 s (24 latent frames)" in capsys.readouterr().out
+    assert sf.read(str(out))[0].shape == (round(2.4 * 16000),)
+    code = main(["generate", "--window", "0.97", "--seconds", "2.4", "--out", str(out)])
+    assert code == 2 and "whole number" in capsys.readouterr().err
 
 
 def test_unwritable_output(model_dir, tmp_path, capsys):
@@ -127,15 +157,3 @@ def test_help_lists_generate(capsys):
         main(["--help"])
     assert exc.value.code == 0 and "generate" in capsys.readouterr().out
     assert main([]) == 2
-
-
-def test_spectrogram_of_stereo_audio_spans_the_duration(tmp_path):
-    # (channels, samples) is mixed down, not flattened into twice the duration.
-    from PIL import Image
-    from safa.audio_io import write_spectrogram
-    sr, seconds = 8000, 2.0
-    t = np.arange(int(sr * seconds)) / sr
-    mono, stereo = tmp_path / "mono.png", tmp_path / "stereo.png"
-    write_spectrogram(str(mono), np.sin(2 * np.pi * 440 * t), sr)
-    write_spectrogram(str(stereo), np.stack([np.sin(2 * np.pi * 440 * t)] * 2), sr)
-    assert Image.open(stereo).size == Image.open(mono).size

@@ -49,9 +49,9 @@ def plan_case(op, mode, ref_kind, layout):
 
 
 # -- the kernel against the row-by-row model of the plan contract --------------------------
-STRIDED_CASES = [("gather", "swap", "none")] + [
-    (op, mode, ref) for op in ("stitch", "sync") for mode in ("swap", "mean", "triangular")
-    for ref in ("none", "long", "outer", "inner")]
+STRIDED_CASES = [("gather", "swap", "none"), ("gather_adjoint", "swap", "none")] + [
+    (op, mode, ref) for op in ("stitch", "sync", "stitch_adjoint") for mode in ("swap", "mean", "triangular")
+    for ref in ("none", "long", "outer", "inner")] + [("reference_adjoint", "mean", ref) for ref in ("long", "outer")]
 
 
 @needs_cpp
@@ -65,10 +65,12 @@ def test_strided_operands_match_plan_executor(op, mode, ref):
     parity = {"outer": [1, 2, 3, 1], "inner": [2, 1, I, 1]}.get(ref, [0, 1, 1, 2])
     index, weight = plan_case(op, mode, ref_kind, layout)
     n, w, W = layout.num_views, layout.window, layout.length
-    if op == "gather":
+    if op in ("gather", "stitch_adjoint"):
         out, src = strided((n, O, w, I), seed=1), strided((1, O, W, I), seed=2)
-    elif op == "stitch":
+    elif op in ("stitch", "gather_adjoint"):
         out, src = strided((1, O, W, I), seed=1), strided((n, O, w, I), seed=2)
+    elif op == "reference_adjoint":
+        out, src = strided((1, O, w, I), seed=1), strided((1, O, W, I), seed=2)
     else:
         out, src = strided((n, O, w, I), seed=1), None
     ref_t = strided((1, O, w, I), seed=3)[0] if ref != "none" else None

@@ -61,7 +61,7 @@ def _generate(jd: JointDiffusion, kind: str, method: str, loop: bool, options: d
             warnings.simplefilter("ignore")  # deprecation notices of the tiny pipelines
             if kind in ("sd", "sd3"):  # windows of 16 latent columns (128 px), 128 px high: 7 views, 6 in a loop
                 return jd("a lake", width=(72 if loop else 80) * 8, height=128, window=16, **kw)
-            if kind == "stable_audio":  # 2 s windows: 4 views open, 5 in the loop
+            if kind == "stable_audio":  # 2 s windows: 4 views
                 return jd("rain", 6.0, window=2.0, **kw)
             window = 1.28 if kind == "audioldm" else None  # 32 latent frames (the texture model's own)
             return jd("rain", 2.88 if loop else 3.2, window=window, **kw)
@@ -69,8 +69,13 @@ def _generate(jd: JointDiffusion, kind: str, method: str, loop: bool, options: d
         jd.pipe.scheduler = default_scheduler
 
 
+# The methods that run distributed: those without per-step hooks that see every view at once
+# (MAD merges self-attention over the long latent; SyncDiffusion's gradient step reads all views).
+DISTRIBUTED_METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular")
+
+
 def _cases():
-    cases = [(kind, method, loop, {}) for kind in ("texture", "audioldm", "sd") for method in METHODS
+    cases = [(kind, method, loop, {}) for kind in ("texture", "audioldm", "sd") for method in DISTRIBUTED_METHODS
              for loop in (False, True)]
     cases += [
         # decoded outputs, not only the latent: on rank 0, or tiled with the tiles shared
@@ -88,10 +93,10 @@ def _cases():
         ("texture", "multidiffusion", True, {"overlap": 0.75}),
         ("texture", "multidiffusion_triangular", False, {"overlap": 0.75}),
         # two outputs per prompt: two scheduler rows per view
-        ("audioldm", "safa", True, {"batch_size": 2}),
+        ("audioldm", "safa", True, {"num_waveforms_per_prompt": 2}),
         # flow matching (SD3), and Stable Audio's SDE solver (Brownian-tree noise from the generator)
         ("sd3", "safa", False, {}),
-        ("stable_audio", "safa_selfloop", True, {}),
+        ("stable_audio", "safa_selfloop", False, {}),
     ]
     return cases
 
@@ -201,6 +206,10 @@ def test_exchange_is_what_the_merge_reads():
     assert sorted({c // 16 for c in cells.tolist()}) == [1, 2, 3, 4, 5]
 
 
+def test_every_other_method_is_one_that_couples_the_views():
+    assert set(METHODS) - set(DISTRIBUTED_METHODS) == {"mad", "syncdiffusion"}
+
+
 def test_view_blocks():
     assert view_blocks(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
     assert view_blocks(4, 4) == [range(i, i + 1) for i in range(4)]
@@ -235,6 +244,9 @@ def _rank_failure_scenarios(group):
     attempt("seed", lambda: jd("rain", 3.2, generator=torch.Generator().manual_seed(rank), **kw))
     # more ranks than views: 1.2 s is one 32-frame view
     attempt("too_many_ranks", lambda: jd("rain", 1.2, generator=torch.Generator().manual_seed(0), **kw))
+    # a method whose hooks see every view at once
+    attempt("syncdiffusion", lambda: jd("rain", 3.2, method="syncdiffusion", generator=torch.Generator().manual_seed(0),
+                                        **kw))
 
     # rank 1 raises in its callback at step 2: every rank stops at its next exchange
     def fail_on_rank_1(jd_, step, t, state):
@@ -260,6 +272,8 @@ def test_failures_stop_every_rank_with_a_clear_error():
         assert kind == "ValueError" and "generator differs" in msg
         kind, msg, _ = outcomes["too_many_ranks"]
         assert kind == "ValueError" and "2 processes for a layout of 1 view" in msg
+        kind, msg, _ = outcomes["syncdiffusion"]
+        assert kind == "ValueError" and "method 'syncdiffusion' couples the views" in msg
         kind, msg, elapsed = outcomes["rank_fails"]
         if rank == 1:
             assert (kind, msg) == ("RuntimeError", "boom on rank 1")

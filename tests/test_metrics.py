@@ -142,27 +142,30 @@ def test_intervals() -> None:
 def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     from safa.cli import main
     plot = tmp_path / "ev.png"
-    rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "24", "--steps", "3",
-               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot)])
+    rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "0.96", "--steps", "3",
+               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot), "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
     for name in ("true", "one window", "safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular",
                  "wrap HF", "note:"):
         assert name in out
     assert plot.stat().st_size > 1000
-    assert main(["evaluate", "--methods", "nope", "--samples", "2"]) == 2
+    assert "safa_selfloop" in (tmp_path / "evaluate.txt").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["ev.png", "evaluate.txt"]  # nothing else, no temporary files
+    assert main(["evaluate", "--methods", "nope", "--samples", "2", "--out", str(tmp_path)]) == 2
 
 
 def test_demo_smoke(tmp_path, capsys) -> None:
     from safa.demo import main
-    assert main(["--out", str(tmp_path), "--seconds", "2.4", "--window", "24", "--steps", "2",
+    assert main(["--out", str(tmp_path), "--seconds", "2.4", "--window", "0.96", "--steps", "2",
                  "--samples", "2", "--prompt", "surf"]) == 0
-    for f in ("safa.wav", "multidiffusion.wav", "spectrograms.png"):
+    for f in ("safa.wav", "multidiffusion.wav", "spectrograms.png", "evaluate.png"):
         assert (tmp_path / f).stat().st_size > 1000
     import soundfile as sf
     audio, sr = sf.read(str(tmp_path / "safa.wav"))
     assert sr == 16000 and audio.shape == (38400,)
     assert "HF ovl/int" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["evaluate.png", "multidiffusion.wav", "safa.wav", "spectrograms.png"]
 
 
 def test_paired_statistics() -> None:

@@ -19,7 +19,7 @@ import safa.testing.pipelines as tp
 from safa import METHODS, JointDiffusion, get_method
 from safa.adapters import Adapter, get_adapter, registered_adapters
 from safa.decode import decode_tiled
-from safa.sampler import plan_layout
+from safa.layouts import LoopLengthError, loop_layout, open_layout
 from safa_kernels import ViewLayout
 
 WINDOW_S = 1.28  # 32 latent frames at 25 frames/s
@@ -55,36 +55,32 @@ def _factory(name: str):
 
 
 # -- geometry -------------------------------------------------------------------------------
-def test_plan_layout_open_covers_and_loop_is_exact():
-    open_ = plan_layout(83, 32, 6, loop=False, mode="swap")
+def test_open_layout_covers_and_loop_is_exact():
+    open_ = open_layout(83, 32, 6)
     assert open_.length >= 83 and open_.overlap == 6 and not open_.loop
     assert ViewLayout.covering(83, 32, 6).num_views == open_.num_views
-    # 96 = 4 * 24: the requested overlap 8 fits exactly.
-    assert plan_layout(96, 32, 8, loop=True, mode="swap") == ViewLayout(96, 32, 8, loop=True)
-    # 100 = 4 * 25 (overlap 7) or 5 * 20 (overlap 12): 7 is closest to 8.
-    assert plan_layout(100, 32, 8, loop=True, mode="swap") == ViewLayout(100, 32, 7, loop=True)
-    # Swap needs overlap <= window / 2: 60 = 3 * 20 would need 12 -> ok; 2 * 30 -> 2.
-    assert plan_layout(60, 32, 3, loop=True, mode="swap").overlap == 2
-    with pytest.warns(UserWarning, match="not seamless"):
-        layout = plan_layout(83, 32, 8, loop=True, mode="swap")  # 83 is prime
-    assert layout.loop and layout.length >= 83
+    # 96 = 4 * 24: the requested window and overlap fit exactly.
+    assert loop_layout(96, 32, 0.25, "swap") == ViewLayout(96, 32, 8, loop=True)
+    with pytest.raises(LoopLengthError, match="nearest loopable lengths"):
+        loop_layout(83, 32, 0.25, "swap", fixed=True)  # 83 is prime
     with pytest.raises(ValueError, match="shorter than one window"):
-        plan_layout(31, 32, 8, loop=False, mode="swap")
+        open_layout(31, 32, 8)
 
 
 # -- exact length, every method, open and loop --------------------------------------------
 @pytest.mark.parametrize("loop", [False, True])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_exact_length_every_method(jd, method, loop):
-    seconds = 3.3  # 82.5 latent frames: never a whole number of views
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the loop falls back to crop here (tested above)
-        out = jd("rain", seconds, method=method, loop=loop, window=WINDOW_S, overlap=0.25,
-                 num_inference_steps=3, generator=gen())
+    # open: 82.5 latent frames, never a whole number of views; loop: 96 frames, exactly (on
+    # MAD's 4-column grid too)
+    seconds = 3.84 if loop else 3.3
+    out = jd("rain", seconds, method=method, loop=loop, window=WINDOW_S, overlap=0.25,
+             num_inference_steps=3, generator=gen())
     assert out.audio.shape == (1, round(seconds * SR))
     assert np.isfinite(out.audio).all()
-    assert out.sample_rate == SR and out.layout.window == W and out.layout.loop == loop
-    assert out.latent.shape == (1, 8, out.layout.length, 16) and out.columns == 83
+    assert out.sample_rate == SR and out.layout.loop == loop
+    assert out.layout.window == W if not loop else abs(out.layout.window - W) <= 0.05 * W
+    assert out.latent.shape == (1, 8, out.layout.length, 16) and out.columns == (96 if loop else 83)
     assert out.layout.num_views >= 3
 
 
@@ -101,7 +97,7 @@ def test_other_families_exact_length(factory):
     pipe = _factory(factory)()
     jd = JointDiffusion(pipe)
     for loop in (False, True):
-        out = jd(["rain", "wind", "calm"], 2.88, loop=loop, window=WINDOW_S, overlap=0.25,
+        out = jd(view_prompts=["rain", "wind", "calm"], seconds=2.88, loop=loop, window=WINDOW_S, overlap=0.25,
                  num_inference_steps=2, generator=gen(), negative_prompt="noise")
         assert out.layout.num_views == 3 and out.layout.overlap == 8
         assert out.audio.shape == (1, round(2.88 * SR)) and np.isfinite(out.audio).all()
@@ -144,6 +140,43 @@ def test_one_view_equals_audioldm2_pipeline():
     ref = pipe("rain", audio_length_in_s=WINDOW_S, generator=gen(1), output_type="latent", **kw).audios
     out = JointDiffusion(pipe)("rain", WINDOW_S, window=WINDOW_S, generator=gen(1), output_type="latent", **kw)
     torch.testing.assert_close(out.latent, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- diffusers' conventions: a prompt list is a batch -----------------------------------------
+def test_prompt_list_is_a_batch_like_diffusers(jd):
+    kw = dict(window=WINDOW_S, overlap=0.25, num_inference_steps=3, output_type="pt")
+    batch = jd(["rain", "wind"], 2.9, negative_prompt=["noise", "hum"], generator=[gen(1), gen(2)], **kw)
+    assert batch.audio.shape == (2, round(2.9 * SR))
+    for b, (p, neg) in enumerate([("rain", "noise"), ("wind", "hum")]):
+        one = jd(p, 2.9, negative_prompt=neg, generator=gen(b + 1), **kw)  # output b alone, its own generator
+        torch.testing.assert_close(batch.latent[b:b + 1], one.latent, rtol=1e-4, atol=1e-4)
+    two = jd("rain", audio_length_in_s=2.9, num_waveforms_per_prompt=2, generator=[gen(1), gen(2)], **kw)
+    torch.testing.assert_close(two.latent[:1], jd("rain", 2.9, generator=gen(1), **kw).latent, rtol=1e-4, atol=1e-4)
+    (audio,) = jd("rain", 2.9, generator=gen(1), return_dict=False, **kw)
+    torch.testing.assert_close(audio, jd("rain", 2.9, generator=gen(1), **kw).audio)
+
+
+def test_view_prompts_per_batch_prompt(jd):
+    kw = dict(seconds=2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=2, output_type="latent")
+    per_item = [["rain", "wind", "calm"], ["calm", "calm", "rain"]]
+    both = jd(view_prompts=per_item, generator=[gen(1), gen(2)], **kw).latent
+    second = jd(view_prompts=per_item[1], generator=gen(2), **kw).latent
+    assert both.shape[0] == 2
+    torch.testing.assert_close(both[1:], second, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_embeds_equal_prompts(audioldm, jd):
+    kw = dict(seconds=2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=2, output_type="latent")
+    emb = audioldm._encode_prompt(["rain"], "cpu", 1, False)
+    neg = audioldm._encode_prompt(["noise"], "cpu", 1, False)
+    expected = jd("rain", negative_prompt="noise", generator=gen(), **kw).latent
+    got = jd(prompt_embeds=emb, negative_prompt_embeds=neg, generator=gen(), **kw).latent
+    torch.testing.assert_close(got, expected)
+    # without a negative embedding: the pipeline's own unconditional branch, as for a prompt
+    torch.testing.assert_close(jd(prompt_embeds=emb, generator=gen(), **kw).latent,
+                               jd("rain", generator=gen(), **kw).latent)
+    with pytest.raises(ValueError, match="either prompt_embeds or prompt"):
+        jd("rain", prompt_embeds=emb, **kw)
 
 
 # -- below one window: the pipeline's own call ---------------------------------------------
@@ -229,7 +262,7 @@ def _naive_algorithm1(pipe, layout, steps, g, mode, use_ref, guide, w_swap, j_t,
         sched.set_timesteps(steps)
         return sched
 
-    n, w, s = layout.num_views, layout.window, layout.stride
+    n, w = layout.num_views, layout.window
     view_scheds = [new_scheduler() for _ in range(n)]
     ref_sched = new_scheduler()
     timesteps = ref_sched.timesteps
@@ -268,8 +301,8 @@ def _naive_algorithm1(pipe, layout, steps, g, mode, use_ref, guide, w_swap, j_t,
                 if step < guide_steps and lo <= k < hi and ((k - lo) // w_swap) % 2 == 1:
                     new[:, :, col] = X0[:, :, k]  # Eq. 10: p = 1 takes Middle(X^0)
             else:
-                (a, ka), (b, kb) = cov if cov[0][1] >= s else cov[::-1]  # a: its right part
-                p = ((ka - s) // w_swap) % 2  # Eq. 9 at overlap offset k
+                (a, ka), (b, kb) = cov if cov[0][1] > cov[1][1] else cov[::-1]  # a: the earlier view
+                p = (kb // w_swap) % 2  # Eq. 9 at overlap offset q = the later view's local column
                 new[:, :, col] = X[a][:, :, ka] if p == 0 else X[b][:, :, kb]
         J = new
     return J
@@ -282,7 +315,9 @@ def _naive_algorithm1(pipe, layout, steps, g, mode, use_ref, guide, w_swap, j_t,
     ("safa", False, 1, DPMSolverMultistepScheduler), ("safa", True, 1, PNDMScheduler),
     ("multidiffusion", False, 1, DPMSolverMultistepScheduler), ("safa_selfloop", True, 1, PNDMScheduler),
     # Euler scales its model input by the step's sigma (scale_model_input) and counts steps
-    ("safa", True, 1, EulerDiscreteScheduler), ("multidiffusion_triangular", False, 1, EulerDiscreteScheduler)],
+    ("safa", True, 1, EulerDiscreteScheduler), ("multidiffusion_triangular", False, 1, EulerDiscreteScheduler),
+    # a loop of 76 columns: 3 views of 33 spread evenly (strides 25, 25, 26: overlaps 8, 8, 7)
+    ("safa", "spaced", 1, DDIMScheduler), ("multidiffusion", "spaced", 1, DPMSolverMultistepScheduler)],
     ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
 def test_sampler_equals_naive_algorithm1(audioldm64, method, loop, w_swap, scheduler):
     # float64 end to end: the oracle runs the model per view, the sampler in one batch, and
@@ -291,14 +326,16 @@ def test_sampler_equals_naive_algorithm1(audioldm64, method, loop, w_swap, sched
     m = get_method(method, swap_interval=w_swap if "safa" in method else None,
                    guide=0.5 if method == "safa" else None)
     use_ref = method == "safa"
-    layout = ViewLayout(80, 32, 8, loop=False) if not loop else ViewLayout(72, 32, 8, loop=True)
+    layout = {False: ViewLayout(80, 32, 8, loop=False), True: ViewLayout(72, 32, 8, loop=True),
+              "spaced": ViewLayout.spaced(76, 33, 3, loop=True)}[loop]
+    loop = bool(loop)
     j_t = torch.randn(1, 8, layout.length, 16, generator=gen(11), dtype=torch.float64)
-    x0_t = torch.randn(1, 8, 32, 16, generator=gen(12), dtype=torch.float64)
+    x0_t = torch.randn(1, 8, layout.window, 16, generator=gen(12), dtype=torch.float64)
     prompts = ["rain", "wind", "calm"]
     audioldm.scheduler = scheduler.from_config(audioldm.scheduler.config)
     steps = 5 if scheduler is PNDMScheduler else 3  # PNDM needs >= 4 for its warm-up
     out = JointDiffusion(audioldm)(
-        prompts, layout.length / 25, method=m, loop=loop, window=WINDOW_S, overlap=0.25,
+        view_prompts=prompts, seconds=layout.length / 25, method=m, loop=loop, window=WINDOW_S, overlap=0.25,
         num_inference_steps=steps, guidance_scale=2.5, latents=j_t,
         reference_latents=x0_t if use_ref else None, reference_prompt="thunder", output_type="latent")
     assert out.layout == layout
@@ -320,9 +357,9 @@ def test_every_scheduler_every_method(scheduler):
     for method in METHODS:
         kw = dict(method=method, loop=method == "safa", window=WINDOW_S, overlap=0.25,
                   num_inference_steps=4, output_type="latent")  # PNDM needs >= 4
-        out = jd("rain", 2.9, generator=gen(), **kw)
+        out = jd("rain", 2.88, generator=gen(), **kw)
         assert torch.isfinite(out.latent).all(), (scheduler.__name__, method)
-        assert torch.equal(jd("rain", 2.9, generator=gen(), **kw).latent, out.latent)
+        assert torch.equal(jd("rain", 2.88, generator=gen(), **kw).latent, out.latent)
         if getattr(pipe.scheduler, "step_index", None) is not None:
             # One scheduler.step per timestep for all views, not one per view.
             assert pipe.scheduler.step_index == len(pipe.scheduler.timesteps)
@@ -340,9 +377,9 @@ def test_view_batch_size_does_not_change_the_result(jd):
 def test_per_view_prompts_and_reference_prompt(jd):
     kw = dict(window=WINDOW_S, overlap=0.25, num_inference_steps=2, output_type="latent")
     n = jd.layout_for(2.9, window=WINDOW_S, overlap=0.25).num_views
-    same = jd(["rain"] * n, 2.9, generator=gen(), **kw).latent
+    same = jd(view_prompts=["rain"] * n, seconds=2.9, generator=gen(), **kw).latent
     torch.testing.assert_close(same, jd("rain", 2.9, generator=gen(), **kw).latent)
-    per_view = jd(["rain", "wind", "calm"][:n], 2.9, generator=gen(), **kw).latent
+    per_view = jd(view_prompts=["rain", "wind", "calm"][:n], seconds=2.9, generator=gen(), **kw).latent
     assert not torch.allclose(per_view, same)
     other_ref = jd("rain", 2.9, reference_prompt="thunder", generator=gen(), **kw).latent
     assert not torch.allclose(other_ref, same)
@@ -390,12 +427,23 @@ def test_tiled_decode_bounded_and_equal_to_full_for_one_tile(jd):
     (dict(method="multidiffusion", overlap=1.0), r"overlap must be in \[0.0, 1.0\)"),
     (dict(overlap=-0.1), "overlap must be in"),
     (dict(guide=1.5), r"guide must be in \[0.0, 1.0\]"),
-    (dict(seconds=1.0, loop=True), "shorter than one window"),
+    (dict(seconds=1.0, loop=True), r"no seamless loop of exactly 1 s .*nearest loopable lengths: 1.76 s"),
+    (dict(seconds=2.9, loop=True), r"not a whole number of latent columns.* 2.88 s \(72 latent frames\) or 2.92 s"),
     (dict(guide=0.5, method="multidiffusion"), "guide does not apply to method 'multidiffusion'"),
     (dict(method=safa.SaFa(), swap_interval=2), "given beside the method object"),
     (dict(height=64), "height is for image pipelines"),
     (dict(seconds=-2.0), "seconds must be"),
-    (dict(prompt=["a", "b"]), "list of 1 or 3 prompts"),
+    (dict(prompt=None, view_prompts=["a", "b"]), "one prompt per view: this layout has 3"),
+    (dict(view_prompts=["a", "b", "c"]), "either prompt .* or view_prompts"),
+    (dict(prompt=None), "give prompt"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt must be a str or a list of 2"),
+    (dict(prompt=["a", "b"], generator=[torch.Generator()]), "generator is a list of 1 but this call makes 2"),
+    (dict(seconds=None), r"give seconds= \(or audio_length_in_s=\)"),
+    (dict(audio_length_in_s=3.0), "disagree"),
+    (dict(num_images_per_prompt=2), "num_images_per_prompt is for image pipelines"),
+    (dict(num_waveforms_per_prompt=0), "num_waveforms_per_prompt must be an int >= 1"),
+    (dict(prompt_embeds=torch.zeros(1, 4), pooled_prompt_embeds=torch.zeros(1, 4)),
+     "pooled_prompt_embeds is not supported for AudioLDMPipeline"),
     (dict(swap_interval=0), "swap_interval must be"),
     (dict(num_inference_steps=0), "num_inference_steps must be"),
     (dict(view_batch_size=0), "view_batch_size must be"),
@@ -427,16 +475,3 @@ def test_adapter_registry_resolves_subclasses(audioldm):
     assert isinstance(adapter, Adapter) and adapter.native_window() == 256  # 10.24 s at 25 frames/s
     assert adapter.frames_per_second == 25 and adapter.sample_rate == SR
     assert type(get_adapter(MyAudioLDM.__new__(MyAudioLDM))) is type(adapter)
-
-
-def test_loop_layout_keeps_a_requested_overlap():
-    # 128 columns of window 64: overlap 0 (stride 64) is nearer 13 than 32 is, but a loop
-    # without overlap leaves every seam unblended.
-    assert plan_layout(128, 64, 13, loop=True, mode="swap").overlap == 32
-    assert plan_layout(128, 64, 0, loop=True, mode="swap").overlap == 0
-
-
-def test_loop_layout_overlap_is_chosen_by_ratio():
-    # 60 s of AudioLDM (1500 columns, window 256, overlap 0.2 = 51): the strides dividing
-    # 1500 give overlap 106 or 6; a 6-column seam would barely blend.
-    assert plan_layout(1500, 256, 51, loop=True, mode="swap").overlap == 106

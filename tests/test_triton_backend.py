@@ -394,6 +394,7 @@ def test_bad_arguments_raise():
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
+@pytest.mark.gpu
 @gpu
 class TestCUDA:
     @pytest.mark.parametrize("dtype", DTYPES)

@@ -55,6 +55,7 @@ void merge_cuda(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
   copy_strides(args.src_stride, src);
   if (reference.defined()) copy_strides(args.ref_stride, reference);
   for (int d = 0; d < 4; ++d) args.parity[d] = parity[d];
+  mark_written(out);
   if (args.rows == 0 || args.outer == 0 || args.inner == 0) return;
 
   const c10::cuda::CUDAGuard device_guard(out.device());

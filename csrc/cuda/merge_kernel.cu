@@ -73,22 +73,22 @@ __global__ void merge_kernel(const MergeArgs a) {
     } else {
       // Positions are checked against the operand sizes so that a malformed plan cannot
       // write out of bounds (the host does not inspect device-resident plans: no sync).
-      int64_t count = 0;
-      int32_t first = -1;
+      const float* weight = a.weight + static_cast<int64_t>(r) * a.num_sources;
+      int64_t count = 0, first = -1;
       for (int64_t k = 0; k < a.num_sources; ++k) {
         if (sources[k] >= 0 && sources[k] < a.src_cells) {
-          if (count++ == 0) first = sources[k];
+          if (count++ == 0) first = k;
         }
       }
       if (count == 0) continue;  // nothing to write: the cells keep their values
-      if (count == 1) {
-        value = src[cell<int64_t>(a.src_stride, a.src_long, first, o, i)];  // a copy, bitwise
+      if (count == 1 && weight[first] == 1.0f) {
+        value = src[cell<int64_t>(a.src_stride, a.src_long, sources[first], o, i)];  // a copy, bitwise
       } else {
         Acc acc = 0;
         for (int64_t k = 0; k < a.num_sources; ++k) {
           const int32_t pos = sources[k];
           if (pos < 0 || pos >= a.src_cells) continue;
-          acc += static_cast<Acc>(a.weight[static_cast<int64_t>(r) * a.num_sources + k]) *
+          acc += static_cast<Acc>(weight[k]) *
                  to_acc(src[cell<int64_t>(a.src_stride, a.src_long, pos, o, i)]);
         }
         value = from_acc<T>(acc);

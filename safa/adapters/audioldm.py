@@ -56,24 +56,36 @@ class AudioLDMAdapter(Adapter):
         return (batch_size, int(self.pipe.unet.config.in_channels), int(length), bins)
 
     # -- conditions ------------------------------------------------------------------------
-    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
-        """The pipeline's own encoder; returns a tuple of tensors, each ``[neg; pos]`` rows under CFG."""
-        return (self.pipe._encode_prompt(prompts, self.device, 1, cfg, negative),)
+    def _encode(self, prompts: Optional[list], negative: Optional[list], cfg: bool,
+                **embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The pipeline's own encoder; returns a tuple of tensors, each ``[neg; pos]`` rows under CFG.
+
+        ``prompts`` is None when ``embeds`` (``prompt_embeds`` and friends) are given.
+        """
+        return (self.pipe._encode_prompt(prompts, self.device, 1, cfg, negative, **embeds),)
 
     _keys: Tuple[str, ...] = ("class_labels",)
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def _conditions(self, rows: int, cfg: bool, prompts: Optional[list], negative: Optional[list],
+                    **embeds: torch.Tensor) -> Conditions:
+        with torch.no_grad():
+            tensors = self._encode(prompts, negative, cfg, **embeds)
+        if cfg:  # the pipelines return cat([negative, positive]) along dim 0
+            return Conditions({k: v[rows:] for k, v in zip(self._keys, tensors)},
+                              {k: v[:rows] for k, v in zip(self._keys, tensors)})
+        return Conditions(dict(zip(self._keys, tensors)))
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
         prompts = list(prompts)
         cfg = guidance_scale > 1.0  # the pipelines' own rule for classifier-free guidance
-        negative = [negative_prompt or ""] * len(prompts) if cfg else None
-        with torch.no_grad():
-            tensors = self._encode(prompts, negative, cfg)
-        p = len(prompts)
-        if cfg:  # the pipelines return cat([negative, positive]) along dim 0
-            return Conditions({k: v[p:] for k, v in zip(self._keys, tensors)},
-                              {k: v[:p] for k, v in zip(self._keys, tensors)})
-        return Conditions(dict(zip(self._keys, tensors)))
+        negative = (list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)) if cfg else None
+        return self._conditions(len(prompts), cfg, prompts, negative)
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        # No negative embedding: the pipeline encodes "" itself for the unconditional branch.
+        return self._conditions(int(embeds["prompt_embeds"].shape[0]), guidance_scale > 1.0, None, None, **embeds)
 
     # -- denoiser --------------------------------------------------------------------------
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
@@ -111,9 +123,15 @@ class MusicLDMAdapter(AudioLDMAdapter):
             feats = feats.pooler_output
         return feats.to(dtype=pipe.text_encoder.text_model.dtype, device=self.device)
 
-    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
-        pos = self._features(prompts)
-        return (torch.cat([self._features(negative), pos]) if cfg else pos,)
+    def _encode(self, prompts: Optional[list], negative: Optional[list], cfg: bool,
+                **embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        pos = embeds["prompt_embeds"] if prompts is None else self._features(prompts)
+        if not cfg:
+            return (pos,)
+        if negative is None and "negative_prompt_embeds" not in embeds:
+            negative = [""] * pos.shape[0]  # the pipeline's unconditional branch
+        neg = embeds["negative_prompt_embeds"] if negative is None else self._features(negative)
+        return (torch.cat([neg.to(pos.device), pos]),)
 
 
 @register_adapter
@@ -122,8 +140,10 @@ class AudioLDM2Adapter(AudioLDMAdapter):
 
     pipeline_classes = ("AudioLDM2Pipeline",)
     _keys = ("prompt_embeds", "attention_mask", "generated_prompt_embeds")
+    embeds_arguments = ()  # AudioLDM2 needs generated embeddings and masks too: prompts only here
 
-    def _encode(self, prompts: list, negative: Optional[list], cfg: bool) -> Tuple[torch.Tensor, ...]:
+    def _encode(self, prompts: Optional[list], negative: Optional[list], cfg: bool,
+                **embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return tuple(self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative))
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],

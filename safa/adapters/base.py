@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -120,6 +120,7 @@ class Adapter:
     decoded_scale: ClassVar[int] = 1
     finalize_scale: ClassVar[int] = 1
     decode_context: ClassVar[int] = 8
+    fixed_window: ClassVar[bool] = False  # the denoiser accepts its native window only
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -157,6 +158,18 @@ class Adapter:
             raise ValueError("width is required for image pipelines")
         return max(1, math.ceil(int(width) / (self.decoded_scale * self.finalize_scale)))
 
+    def length_in_columns(self, seconds: Optional[float] = None, width: Optional[int] = None) -> float:
+        """The requested length in latent columns, exactly (a loop must be a whole number of them)."""
+        if self.kind == "audio":
+            return float(seconds) * self.frames_per_second
+        return int(width) / (self.decoded_scale * self.finalize_scale)
+
+    def describe_columns(self, columns: float) -> str:
+        """A length in latent columns as users give it: seconds for audio, pixels for images."""
+        if self.kind == "audio":
+            return f"{columns / self.frames_per_second:.6g} s ({columns:.6g} latent frames)"
+        return f"{columns * self.decoded_scale * self.finalize_scale:.6g} px ({columns:.6g} latent columns)"
+
     def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
         """Output columns (samples / pixels) to crop the decoded output to."""
         if self.kind == "audio":
@@ -177,6 +190,9 @@ class Adapter:
 
     def check_window(self, window: int) -> None:
         """Raise ``ValueError`` unless the denoiser accepts windows of ``window`` latent columns."""
+        if self.fixed_window and window != self.native_window():
+            raise ValueError(f"this model is defined on windows of exactly {self.describe_columns(self.native_window())}, "
+                             f"got window {self.describe_columns(window)}")
         m = self.window_multiple()
         if window % m:
             raise ValueError(f"window must be a multiple of {m} latent columns for this model, got {window}")
@@ -201,10 +217,26 @@ class Adapter:
         """Dtype of the latents (the denoiser's dtype)."""
         return self.pipe.unet.dtype
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
-        """Encode ``prompts`` (one row each) and, when ``guidance_scale > 1``, the shared negative prompt."""
+        """Encode ``prompts`` (one row each) and, when ``guidance_scale > 1``, their negative prompts.
+
+        ``negative_prompts`` is None (the pipeline's own unconditional branch, e.g. ``""``) or
+        one negative prompt per prompt.
+        """
         raise NotImplementedError
+
+    # Call arguments of precomputed embeddings this family accepts (the wrapped pipeline's names).
+    embeds_arguments: ClassVar[Tuple[str, ...]] = ()
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        """Conditions from precomputed embeddings (``prompt_embeds`` and friends), one row per batch item.
+
+        ``embeds`` holds the call's embedding arguments by the pipeline's names (those in
+        :attr:`embeds_arguments`); without ``negative_prompt_embeds`` under guidance the
+        pipeline's own unconditional branch is encoded.
+        """
+        raise ValueError(f"prompt_embeds is not supported for {type(self.pipe).__name__} here; give prompt")
 
     def set_timesteps(self, num_inference_steps: int, window_shape: Tuple[int, ...]) -> torch.Tensor:
         """Set the scheduler up for ``num_inference_steps``; return the timesteps to loop over.

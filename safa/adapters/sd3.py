@@ -8,7 +8,7 @@ actually denoises, not of the whole panorama.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -28,16 +28,15 @@ class StableDiffusion3Adapter(ImageAdapter):
     # Longest T5 prompt, the pipeline's default.
     max_sequence_length: int = 256
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0  # the pipeline's do_classifier_free_guidance
-        prompts, negative = self._split(prompts, negative_prompt, cfg)
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds")
+
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
             # negative_prompt=None: the pipeline encodes "" for the unconditional branch.
             pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-                num_images_per_prompt=1, do_classifier_free_guidance=cfg, negative_prompt=negative,
-                max_sequence_length=self.max_sequence_length)
+                prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg, max_sequence_length=self.max_sequence_length, **kwargs)
         positive = {"encoder_hidden_states": pos, "pooled_projections": pooled}
         negative_c = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled} if cfg else None
         return Conditions(positive, negative_c)

@@ -78,14 +78,14 @@ class StableAudioAdapter(Adapter):
         return self.native_window()
 
     # -- conditions ---------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
         pipe = self.pipe
         prompts = list(prompts)
         cfg = guidance_scale > 1.0  # the pipeline's own rule
         with torch.no_grad():
-            if cfg and negative_prompt is not None:
-                both = pipe.encode_prompt(prompts, self.device, True, [negative_prompt] * len(prompts))
+            if cfg and negative_prompts is not None:
+                both = pipe.encode_prompt(prompts, self.device, True, list(negative_prompts))
                 neg, pos = both[:len(prompts)], both[len(prompts):]
             else:
                 pos = pipe.encode_prompt(prompts, self.device, False)

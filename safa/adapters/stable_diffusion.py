@@ -90,11 +90,25 @@ class ImageAdapter(Adapter):
         # The pipelines' image_processor.postprocess: [-1, 1] -> [0, 1] (denormalize), float.
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
+    # -- conditions: the pipeline's own encode_prompt, from prompts or from embeddings -------
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
+        """``pipe.encode_prompt(**kwargs)`` as :class:`Conditions`."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+                       guidance_scale: float) -> Conditions:
+        cfg = guidance_scale > 1.0  # the pipelines' own rule
+        prompts, negative = self._split(prompts, negative_prompts, cfg)
+        return self._conditions(cfg, prompt=prompts, negative_prompt=negative)
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        return self._conditions(guidance_scale > 1.0, prompt=None, **embeds)
+
     # -- shared prompt handling ------------------------------------------------------------
     @staticmethod
-    def _split(prompts: Sequence[str], negative_prompt: Optional[str], cfg: bool) -> Tuple[list, Optional[list]]:
-        prompts = list(prompts)
-        return prompts, ([negative_prompt] * len(prompts) if (cfg and negative_prompt is not None) else None)
+    def _split(prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+               cfg: bool) -> Tuple[list, Optional[list]]:
+        return list(prompts), (list(negative_prompts) if (cfg and negative_prompts is not None) else None)
 
 
 @register_adapter
@@ -102,14 +116,13 @@ class StableDiffusionAdapter(ImageAdapter):
     """SD 1.x / 2.x (``StableDiffusionPipeline`` and diffusers' panorama pipeline, same components)."""
 
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionPanoramaPipeline")
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0  # the pipeline's own rule
-        prompts, negative = self._split(prompts, negative_prompt, cfg)
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
             # Without a negative prompt the pipeline encodes "" for the unconditional branch.
-            pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative)
+            pos, neg = self.pipe.encode_prompt(device=self.device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=cfg, **kwargs)
         return Conditions({"encoder_hidden_states": pos}, {"encoder_hidden_states": neg} if cfg else None)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
@@ -129,16 +142,14 @@ class StableDiffusionXLAdapter(ImageAdapter):
     """
 
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    embeds_arguments = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds")
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0
-        prompts, negative = self._split(prompts, negative_prompt, cfg)
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
             # negative_prompt=None keeps the pipeline's force_zeros_for_empty_prompt behaviour.
             pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=prompts, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=cfg, negative_prompt=negative)
+                device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg, **kwargs)
         positive = {"encoder_hidden_states": pos, "text_embeds": pooled}
         negative_c = {"encoder_hidden_states": neg, "text_embeds": neg_pooled} if cfg else None
         return Conditions(positive, negative_c)

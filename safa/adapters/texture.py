@@ -30,6 +30,7 @@ class TextureAdapter(Adapter):
     # whose STFT spans 1024 samples = 1.6 latent frames; 4 frames of context each side of a
     # tile keeps tile edges out of the kept output.
     decode_context = 4
+    fixed_window = True  # the model is defined on its window only (it raises on anything else)
 
     @property
     def decoded_scale(self) -> int:  # type: ignore[override]
@@ -69,12 +70,13 @@ class TextureAdapter(Adapter):
         # The pipeline only samples its own window: a shorter output is that window, cropped.
         return self.native_window()
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: Optional[str],
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
         prompts = list(prompts)
         pos = {"class_weights": self.pipe.encode_prompt(prompts).to(self.device)}
         if guidance_scale > 1.0:  # the pipeline's own rule for classifier-free guidance
-            neg = self.pipe.encode_prompt([negative_prompt or ""] * len(prompts)).to(self.device)
+            neg = self.pipe.encode_prompt(list(negative_prompts) if negative_prompts is not None
+                                          else [""] * len(prompts)).to(self.device)
             return Conditions(pos, {"class_weights": neg})
         return Conditions(pos)
 

@@ -7,7 +7,7 @@ The sampler adapter lives in :mod:`safa.adapters.texture`.
 """
 from .decoder import TextureDecoder
 from .model import DEFAULT_CLASSES, TextureClass, TextureModel, alpha_bar_at
-from .pipeline import TexturePipeline, make_texture_pipeline
+from .pipeline import TexturePipeline, make_texture_pipeline, window_frames
 
 __all__ = ["TextureModel", "TextureClass", "DEFAULT_CLASSES", "TextureDecoder", "TexturePipeline",
-           "make_texture_pipeline", "alpha_bar_at"]
+           "make_texture_pipeline", "window_frames", "alpha_bar_at"]

@@ -55,6 +55,11 @@ class TextureDecoder:
         self.out_gain = 1.0
 
     # -- stage 1: latent -> log mel ------------------------------------------------------
+    @property
+    def frames_per_second(self) -> float:
+        """Latent frames per second of audio."""
+        return self.sample_rate / (self.time_scale * self.hop)
+
     def latent_to_mel(self, latent: torch.Tensor) -> torch.Tensor:
         """``(B, C, T, F)`` latent -> ``(B, 1, T * time_scale, n_mels)`` natural-log mel magnitude."""
         b, c, t, f = latent.shape

@@ -22,7 +22,7 @@ from diffusers.pipelines.pipeline_utils import AudioPipelineOutput
 from .decoder import TextureDecoder
 from .model import TextureModel
 
-__all__ = ["TexturePipeline", "make_texture_pipeline"]
+__all__ = ["TexturePipeline", "make_texture_pipeline", "window_frames"]
 
 
 class TexturePipeline(DiffusionPipeline):
@@ -46,7 +46,7 @@ class TexturePipeline(DiffusionPipeline):
 
     @property
     def frames_per_second(self) -> float:
-        return self.sample_rate / (self.decoder.time_scale * self.decoder.hop)
+        return self.decoder.frames_per_second
 
     @property
     def dtype(self) -> torch.dtype:  # the latents' dtype; the model computes in it
@@ -124,6 +124,16 @@ class TexturePipeline(DiffusionPipeline):
         sched_cls = getattr(diffusers, index["scheduler"][1])
         scheduler = sched_cls.from_config(sched_cls.load_config(os.path.join(path, "scheduler")))
         return cls(model, scheduler)
+
+
+def window_frames(seconds: float) -> int:
+    """The built-in model's window for ``seconds``: a whole number (>= 2) of its latent frames, or ValueError."""
+    fps = TextureDecoder().frames_per_second  # the pipeline's decoder, at its defaults
+    frames = float(seconds) * fps
+    if not seconds > 0 or abs(frames - round(frames)) > 1e-6 or round(frames) < 2:
+        raise ValueError(f"window {seconds:g} s is not a whole number (>= 2) of the built-in model's latent frames "
+                         f"({1000 / fps:g} ms each)")
+    return int(round(frames))
 
 
 def make_texture_pipeline(seed: int = 0, window: int = 256, channels: int = 8, freq_bins: int = 16,

@@ -1,0 +1,24 @@
+"""Argument checks shared by the sampler and the method objects: errors name the parameter and its range."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+__all__ = ["check_positive_int", "check_range"]
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> float:
+    """``value`` as a float in ``[lo, hi]`` (``[lo, hi)`` with ``hi_open``), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not (lo <= value and (value < hi if hi_open else value <= hi)):
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
+    """``value`` as an int >= 1 (or None with ``allow_none``), else ``ValueError``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return value

@@ -1,0 +1,158 @@
+"""The benchmark harness, the report that makes benchmarks/README.md's tables, and the measured
+backend table of safa_kernels/tuning.py (the benchmarks themselves run in CI's smoke mode)."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safa_kernels import ViewLayout, tuning
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_ops  # noqa: E402
+import harness  # noqa: E402
+import report  # noqa: E402
+
+sys.path.remove(str(ROOT / "benchmarks"))
+CPU = torch.device("cpu")
+
+
+def test_stats_of_known_samples():
+    s = harness.Stats.of([4.0, 1.0, 3.0, 2.0, 5.0], calls_per_sample=2)
+    assert (s.median, s.min, s.max, s.rounds) == (1.5, 0.5, 2.5, 5)
+    assert (s.q1, s.q3) == (1.0, 2.0)
+    assert s.spread == pytest.approx(1.0 / 1.5)
+    with pytest.raises(ValueError, match="no samples"):
+        harness.Stats.of([])
+
+
+def test_time_calls_warms_up_then_times_whole_rounds():
+    calls = []
+    stats = harness.time_calls(lambda: calls.append(1), CPU, harness.Budget(warmup=2, rounds=4, round_seconds=1.0),
+                               calls=3)
+    assert len(calls) == 2 + 4 * 3 and stats.rounds == 4 and stats.median > 0
+
+
+def test_set_threads_is_explicit(monkeypatch):
+    monkeypatch.delenv("SAFA_BENCH_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert harness.set_threads() == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            harness.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("SAFA_BENCH_MODE", "fast")
+    with pytest.raises(ValueError, match="SAFA_BENCH_MODE must be one of"):
+        harness.mode()
+
+
+def test_record_replaces_one_section_whole(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFA_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setenv("SAFA_BENCH_MODE", "quick")
+    harness.record("ops", CPU, [{"a": 1}], 1)
+    harness.record("audio", CPU, [], 1, scaling={"x": 2})
+    path = harness.record("ops", CPU, [{"a": 2}], 1)
+    data = json.loads(path.read_text())
+    assert data["benchmarks"]["ops"]["records"] == [{"a": 2}] and data["benchmarks"]["audio"]["scaling"] == {"x": 2}
+    assert data["machine"]["id"] == path.stem and data["benchmarks"]["ops"]["mode"] == "quick"
+
+    def broken(*_a, **_k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(harness.json, "dump", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        harness.record("ops", CPU, [{"a": 3}], 1)
+    assert json.loads(path.read_text()) == data  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
+
+
+def test_smoke_results_never_go_to_benchmarks_results(monkeypatch):
+    monkeypatch.delenv("SAFA_BENCH_RESULTS", raising=False)
+    monkeypatch.setenv("SAFA_BENCH_MODE", "smoke")
+    assert harness.results_dir() == ROOT / "out" / "bench-smoke"
+    monkeypatch.setenv("SAFA_BENCH_MODE", "quick")
+    assert harness.results_dir() == ROOT / "benchmarks" / "results"
+
+
+def test_machine_id_is_a_plain_file_name():
+    assert re.fullmatch(r"[a-z0-9-]+-\d+cpu", harness.machine_id(CPU))
+
+
+# -- bytes an op must move: an independent count ---------------------------------------------------------
+def test_plan_bytes_match_a_count_by_hand():
+    case = bench_ops.Case("t", (2, 3, ViewLayout.covering(60, 16, 5).length, 4), -2, 16, 5)
+    layout, cell = case.layout, 2 * 3 * 4 * 4  # bytes of one column
+    V, L, o = layout.num_views, layout.length, layout.overlap
+    assert bench_ops.plan_bytes(case, "gather", "swap", False) == (L + V * 16) * cell  # read once, write each view
+    assert bench_ops.plan_bytes(case, "stitch", "swap", False) == 2 * L * cell  # one source per column
+    assert bench_ops.plan_bytes(case, "sync", "swap", False) == 2 * (V - 1) * o * cell  # the losing halves
+    assert bench_ops.plan_bytes(case, "stitch", "mean", False) == (V * 16 + L) * cell  # every view cell read
+
+
+def test_one_view_diagnostic_reads_each_line_of_one_view_once():
+    layout = ViewLayout.covering(400, 64, 13)
+    real = bench_ops.build_plan(layout, "stitch", "swap", 1, bench_ops.REF_NONE).index
+    diag = bench_ops.one_view_plan(layout)
+    assert torch.equal(diag[:, 2], real[:, 2])  # same targets
+    sources = diag[:, 1].tolist()
+    assert len(set(sources)) == len(sources)  # no line read twice
+    for col in range(layout.length):
+        cover = layout.coverage(col)
+        if len(cover) == 2:
+            left = min(cover, key=lambda c: c[0])[0]
+            assert sources[col] // 64 == left  # only the left view of each pair
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+def _op(device, op, impl, case, seconds, nbytes=100):
+    return dict(device=device, op=op, impl=impl, case=case, bytes=nbytes, views=3,
+                stats=dict(median=seconds, q1=seconds, q3=seconds, min=seconds, max=seconds, rounds=3))
+
+
+CUDA_RECORDS = [_op("cuda", "copy_", "torch", "audio 1 min", 1.0), _op("cuda", "copy_", "torch", "audio 10 min", 2.0, 200),
+                _op("cuda", "stitch swap", "cuda", "audio 1 min", 1.25), _op("cuda", "stitch swap", "triton", "audio 1 min", 1.0),
+                _op("cuda", "stitch swap", "cuda", "audio 10 min", 2.6, 200),
+                _op("cuda", "stitch swap", "triton", "audio 10 min", 2.2, 200),
+                _op("cuda", "sync_ swap+ref", "cuda", "audio 1 min", 1.0), _op("cuda", "sync_ swap+ref", "triton", "audio 1 min", 2.0)]
+
+
+def test_share_of_copy_and_the_gpu_targets():
+    floor = report.copy_floor(CUDA_RECORDS)
+    assert report.share_of_copy(CUDA_RECORDS[2], floor) == pytest.approx(0.8)
+    lines = "\n".join(report.bars(CUDA_RECORDS, floor))
+    assert "`stitch swap`, triton, audio >= 1 min: worst 91% of copy_ (target >= 80%: met)" in lines
+    assert "`stitch swap`, cuda, audio >= 1 min: worst 77% of copy_ (target >= 80%: NOT met)" in lines
+
+
+def test_backend_choice_per_op_lands_in_tuning(monkeypatch):
+    assert report.choose_backends(CUDA_RECORDS) == {"stitch": "triton", "sync": "cuda"}
+    results = [(Path("nvidia-h200.json"), {"machine": {"gpu": "NVIDIA H200", "capability": "9.0"},
+                                          "benchmarks": {"ops": {"records": CUDA_RECORDS}}})]
+    namespace: dict = {}
+    exec(report.rewrite_tuning((ROOT / "safa_kernels" / "tuning.py").read_text(), results), namespace)
+    assert namespace["MEASURED"] == {"NVIDIA H200": {"capability": "9.0", "stitch": "triton", "sync": "cuda"}}
+    monkeypatch.setattr(tuning, "MEASURED", namespace["MEASURED"])
+    assert tuning.measured_backend("NVIDIA H200", "9.0", "stitch") == "triton"
+    assert tuning.measured_backend("NVIDIA H100 80GB HBM3", "9.0", "sync") == "cuda"  # same capability
+    assert tuning.measured_backend("NVIDIA H200", "9.0", "gather") is None  # not measured: default order
+    assert tuning.measured_backend("NVIDIA A100-SXM4-80GB", "8.0", "stitch") is None
+
+
+def test_readme_and_tuning_are_generated_from_the_committed_results():
+    assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"
+
+
+def test_benchmarks_stand_on_their_own():
+    """No issue numbers, no pointer outside the repository."""
+    for path in sorted((ROOT / "benchmarks").glob("*")):
+        if path.suffix in (".py", ".md", ".sh"):
+            text = path.read_text()
+            assert not re.search(r"\bissue \d|#\d{1,3}\b|\.\./shared|SPEC\b", text), path.name
