@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import List, Optional
@@ -41,15 +42,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    # Under torchrun every rank runs this; rank 0 reports the errors every rank shares (the
+    # same flags) and, as PeerFailure, those of the other ranks (safa.distributed).
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError) as exc:
-        msg = " ".join(str(exc).split())  # one line, whatever the exception's formatting
-        print(f"safa {args.command}: error: {msg}", file=sys.stderr)
+        if speaks:
+            print(f"safa {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"safa {args.command}: interrupted", file=sys.stderr)
+        if speaks:
+            print(f"safa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from .distributed import CommunicationError, PeerFailure  # loaded already if raised
+        if not isinstance(exc, (PeerFailure, CommunicationError)):
+            raise
+        if speaks:
+            print(f"safa {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        user_error = isinstance(exc, PeerFailure) and all(kind in ("CLIError", "ValueError")
+                                                          for _, kind, _ in exc.failures)
+        return 2 if user_error else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())  # one line, whatever the exception's formatting
 
 
 if __name__ == "__main__":

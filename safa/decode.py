@@ -116,15 +116,18 @@ def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,
                                min(adapter.decode_context * adapter.decoded_scale, m), True)
 
 
-def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int,
-                 stop: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int, stop: Optional[int] = None,
+                 tiles: Optional[range] = None) -> Iterator[Tuple[int, torch.Tensor]]:
     """Decode ``tile`` latent columns at a time (plus ``adapter.decode_context`` each side), lazily.
 
     Yields ``(first output column, piece)`` for consecutive tiles, the output's long axis last;
-    with ``stop`` (output columns) the tiles starting at or after it are not decoded. Peak memory
-    is that of decoding one tile, whatever the length. Tiles see only local context, so
-    decoders with global statistics (GroupNorm) or a global phase estimate (Griffin-Lim) differ
-    slightly from :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``.
+    with ``stop`` (output columns) the tiles starting at or after it are not decoded; ``tiles``
+    (default: all ``ceil(length / tile)`` of them) decodes only those tiles. Each tile's output
+    depends only on the latent, so the tiles can be split between processes
+    (:meth:`safa.distributed.ViewShard.decode_tiled`). Peak memory is that of decoding one tile,
+    whatever the length. Tiles see only local context, so decoders with global statistics
+    (GroupNorm) or a global phase estimate (Griffin-Lim) differ slightly from
+    :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``.
     """
     dim = adapter.long_dim
     n = latent.shape[dim]
@@ -137,23 +140,28 @@ def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int,
     def both(z: torch.Tensor) -> torch.Tensor:
         return adapter.finalize(adapter.decode_latents(z))
 
-    for start in range(0, n, tile):
+    for k in range(math.ceil(n / tile)) if tiles is None else tiles:
+        start = k * tile
         if stop is not None and start * scale >= stop:
             return
         yield start * scale, _apply_with_context(both, latent, dim, scale, -1, start, min(n, start + tile), context,
                                                  loop)
 
 
-def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) -> torch.Tensor:
-    """:func:`decode_tiles` assembled in one output buffer (only the buffer grows with length)."""
-    n = latent.shape[adapter.long_dim] * adapter.decoded_scale * adapter.finalize_scale
+def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int,
+                 tiles: Optional[range] = None) -> torch.Tensor:
+    """:func:`decode_tiles` assembled in one output buffer (only the buffer grows with length):
+    the whole output, or with ``tiles`` the output columns of those tiles."""
+    n = latent.shape[adapter.long_dim]
+    scale = adapter.decoded_scale * adapter.finalize_scale
+    first, last = (0, n) if tiles is None else (tiles.start * tile, min(n, tiles.stop * tile))
     out: Optional[torch.Tensor] = None
-    for start, piece in decode_tiles(adapter, latent, loop, tile):
-        if piece.shape[-1] == n:
+    for start, piece in decode_tiles(adapter, latent, loop, tile, tiles=tiles):
+        if piece.shape[-1] == n * scale:
             return piece
         if out is None:  # allocate once we know the output's other dims, dtype and device
-            out = piece.new_empty(*piece.shape[:-1], n)
-        out[..., start:start + piece.shape[-1]] = piece
+            out = piece.new_empty(*piece.shape[:-1], (last - first) * scale)
+        out[..., start - first * scale:start - first * scale + piece.shape[-1]] = piece
     assert out is not None
     return out
 

@@ -25,6 +25,10 @@ Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top
 
 Before any of it, the memory the request needs is estimated and checked against what the
 device has (:mod:`safa.memory`), so a request that cannot fit fails at once with a clear error.
+
+With ``process_group=`` the same call runs on every rank of a ``torch.distributed`` group:
+each rank runs the model on its own block of views, the scheduler on the whole batch, and
+exchanges only the overlap cells its merge reads (:mod:`safa.distributed`, docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -38,8 +42,10 @@ import torch
 from torch.profiler import record_function
 
 from safa_kernels import ViewLayout, gather, stitch
+from tqdm.auto import tqdm
 
 from . import accel as _accel
+from . import distributed as _distributed
 from . import memory as _memory
 from . import output as _output
 from ._checks import check_positive_int, check_range
@@ -80,11 +86,14 @@ class JointDiffusionOutput:
         output_length: samples (pixels) of each output, returned or written.
         timings: wall-clock seconds of the ``"denoise"`` loop and of the ``"decode"`` stage
             (decoding, plus writing the files).
+
+    In a distributed call (``process_group=``) ``audio``, ``images``, ``latent`` and
+    ``output_paths`` are on rank 0 (which alone writes the files) and None on the other ranks.
     """
 
     audio: Any
     images: Any
-    latent: torch.Tensor
+    latent: Optional[torch.Tensor]
     layout: ViewLayout
     columns: int
     sample_rate: Optional[int]
@@ -129,12 +138,22 @@ class JointDiffusion:
         merge_step: the per-step merge, with the signature of :func:`safa.accel.merge_step`
             (default: that function, one ``safa_kernels.sync_`` call); another one is swapped
             in to compare merges (``safa profile --compare``).
+        process_group: a ``torch.distributed`` process group to spread every call over (default
+            None: one process). Every rank then makes the same call (checked: different
+            arguments are an error on every rank); the result is on rank 0. With a
+            deterministic scheduler and ``view_batch_size=1`` the output is bitwise the
+            one-process output for any number of ranks up to the number of views
+            (docs/distributed.md).
     """
 
     def __init__(self, pipe: Any, *, compile: bool = False, cuda_graphs: bool = False,
-                 merge_step: Optional[Callable[..., None]] = None) -> None:
+                 merge_step: Optional[Callable[..., None]] = None, process_group: Any = None) -> None:
         if not isinstance(compile, bool) or not isinstance(cuda_graphs, bool):
             raise ValueError(f"compile and cuda_graphs must be bools, got {compile!r}, {cuda_graphs!r}")
+        if process_group is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                                              and isinstance(process_group, torch.distributed.ProcessGroup)):
+            raise ValueError(f"process_group must be None or a torch.distributed.ProcessGroup of an initialised "
+                             f"default group (torch.distributed.init_process_group), got {process_group!r}")
         if cuda_graphs and not torch.cuda.is_available():
             raise RuntimeError("cuda_graphs=True needs CUDA, and this machine has none (CUDA graphs do not "
                                "exist on CPU): use cuda_graphs=False; compile=True works on CPU")
@@ -142,6 +161,7 @@ class JointDiffusion:
         self.adapter: Adapter = get_adapter(pipe)
         self.compile, self.cuda_graphs = compile, cuda_graphs
         self.merge_step = merge_step
+        self.process_group = process_group
 
     @property
     def sample_rate(self) -> Optional[int]:
@@ -399,6 +419,15 @@ class JointDiffusion:
         j_t = adapter.init_noise(adapter.latent_shape(batch_size, layout.length, height), generator, latents)
         return gather(j_t, layout, adapter.long_dim)
 
+    def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
+        """This process's part of the call: every view in one process, a block of them per rank
+        with ``process_group`` (an error on every rank when there are more ranks than views)."""
+        if self.process_group is not None and type(method).hooks is not Method.hooks:
+            raise ValueError(f"method {method.name!r} couples the views inside each step (its hooks see every "
+                             f"view at once), so it runs in one process only: call it without process_group")
+        return _distributed.ViewShard(self.process_group, layout, self.adapter.long_dim, method.merge_mode,
+                                      method.swap_interval, batch_size)
+
     def prepare_reference(self, window_shape: Tuple[int, ...], generator: Any,
                           reference_latents: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Any]:
         """The reference window ``X^0`` (its own noise) and its own copy of the scheduler.
@@ -412,6 +441,7 @@ class JointDiffusion:
 
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()
+    @_distributed.collective
     def __call__(self, prompt: Optional[Union[str, Sequence[str]]] = None, seconds: Optional[float] = None, *,
                  audio_length_in_s: Optional[float] = None, width: Optional[int] = None,
                  height: Optional[int] = None, view_prompts: Optional[Sequence[Any]] = None,
@@ -486,9 +516,11 @@ class JointDiffusion:
                 level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per tile,
                 default one window).
             callback_on_step_end: ``f(jd, step, timestep, callback_kwargs)`` after each step's
-                merge, ``callback_kwargs = {"views", "reference", "layout"}`` (``reference`` is
-                None once it stops guiding); returning a dict with ``"views"`` / ``"reference"``
-                tensors replaces them.
+                merge, ``callback_kwargs = {"views", "view_range", "reference", "layout"}``:
+                ``views`` are this process's views, ``view_range`` their indices in the layout
+                (every view in one process); ``reference`` is None once it stops guiding.
+                Returning a dict with ``"views"`` / ``"reference"`` tensors replaces them (in
+                a distributed call, a replaced reference must be the same on every rank).
             output_type: ``"np"`` (audio default), ``"pil"`` (image default), ``"pt"`` or
                 ``"latent"`` (no decoding).
             output_path: write the output to this file (WAV/FLAC for audio, PNG for images), or
@@ -519,12 +551,14 @@ class JointDiffusion:
             * per_prompt
         if output_path is not None and output_type == "latent":
             raise ValueError("output_path writes the decoded output: it cannot be used with output_type='latent'")
-        paths = _output.check_output_paths(output_path, outputs, adapter.kind)
+        # In a distributed call rank 0 alone writes the files (and checks them).
+        rank = 0 if self.process_group is None else torch.distributed.get_rank(self.process_group)
+        paths = _output.check_output_paths(output_path, outputs, adapter.kind) if rank == 0 else None
 
         # 1b. What the request needs against what the device has, before anything is allocated:
         # a clear error (what to change) rather than an allocator failure later (safa.memory).
         self._require_memory(seconds, width, height, window, overlap, loop, method, outputs, guidance_scale,
-                             view_batch_size, decode, decode_tile, output_type, paths is not None)
+                             view_batch_size, decode, decode_tile, output_type, output_path is not None)
         if paths is not None and adapter.kind == "audio":
             _output.check_disk_space(paths, adapter.output_length(seconds=seconds),
                                      adapter.output_elements_per_column())
@@ -552,7 +586,11 @@ class JointDiffusion:
         cond, view_rows, reference_rows = self.prepare_conditions(prompts, embeds, guide_steps > 0, guidance_scale,
                                                                   seconds)
 
-        # 5. Initial latents: the views of J_T, then X^0 with its own scheduler.
+        # 5. Initial latents: the views of J_T (the same on every rank), then X^0 with its own
+        # scheduler; this process's views (all of them unless process_group is set).
+        shard = self.prepare_shard(layout, method, batch_size)
+        own, own_rows = shard.views, shard.rows
+        reference_here = guide_steps > 0 and shard.has_reference
         views = self.prepare_latents(layout, batch_size, height, generator, latents)
         reference, ref_scheduler = (self.prepare_reference(window_shape, generator, reference_latents)
                                     if guide_steps else (None, None))
@@ -561,10 +599,11 @@ class JointDiffusion:
         if self.cuda_graphs:
             _accel.check_cuda_graphs(views.device)
         config = _accel.StepConfig(
-            adapter=adapter, conditions=cond, view_rows=view_rows, reference_rows=reference_rows,
+            adapter=adapter, conditions=cond, view_rows=view_rows[own_rows],
+            reference_rows=reference_rows if reference_here else None,
             guidance_scale=guidance_scale, timesteps=timesteps,
-            chunk_rows=self._model_windows(view_batch_size, n + (1 if guide_steps else 0), method) * batch_size,
-            layout=layout,
+            chunk_rows=self._model_windows(view_batch_size, len(own) + (1 if reference_here else 0), method)
+            * batch_size, layout=layout,
             dim=dim, merge_mode=method.merge_mode, swap_interval=method.swap_interval,
             reference_axis=adapter.reference_axis)
         runner = _accel.StepRunner(config, compile=self.compile, cuda_graphs=self.cuda_graphs, merge=self.merge_step)
@@ -576,58 +615,83 @@ class JointDiffusion:
         hooks = method.hooks(MethodContext(adapter=adapter, scheduler=scheduler, step=config,
                                            scheduler_timesteps=runner.scheduler_timesteps,
                                            window_shape=window_shape, cuda_graphs=self.cuda_graphs))
-        view_rows_count = n * batch_size
+        view_rows_count, own_rows_count = n * batch_size, len(own) * batch_size
+        progress_bar = pipe.progress_bar(total=num_steps) if shard.rank == 0 else tqdm(total=num_steps, disable=True)
         # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
         started = time.perf_counter()
-        with hooks, pipe.progress_bar(total=num_steps) as progress:
-            if "desc" not in (getattr(pipe, "_progress_bar_config", None) or {}):
+        with hooks, progress_bar as progress:
+            if shard.rank == 0 and "desc" not in (getattr(pipe, "_progress_bar_config", None) or {}):
                 progress.set_description("denoising", refresh=False)
             for i, t in enumerate(timesteps):
                 guiding = i < guide_steps
+                with_reference = guiding and shard.has_reference
+                shard.begin_step(i, num_steps)
                 with record_function("safa.step"):
                     t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
                     # 6.0 The method's pre-model hook: SyncDiffusion's gradient step on the views' x_t.
                     hooks.before_model(i, views)
                     flat = views.view(view_rows_count, *window_shape[1:])  # the scheduler's batch
-                    # 6.1 Model input: every view, plus X^0 (on its own scheduler) while it guides.
+                    # 6.1 Model input: this process's views, plus X^0 (on its own scheduler) while
+                    # it guides, on the rank that holds it.
                     with record_function("safa.scheduler"):
-                        model_in = _scale_model_input(scheduler, flat, t_sched)
-                        if guiding:
+                        model_in = _scale_model_input(scheduler, flat[own_rows], t_sched)
+                        if with_reference:
                             model_in = torch.cat([model_in, _scale_model_input(ref_scheduler, reference, t_sched)])
                     # 6.2 One model batch (classifier-free guidance inside adapter.predict), in the
                     # method's model context (MAD: self-attention merged over the long latent).
                     with record_function("safa.model"), hooks.model_context(i):
-                        model_out = runner.predict(model_in, i, guiding)
+                        model_out = runner.predict(model_in, i, with_reference)
                     # Memory: the scheduler's step is the peak of the loop; nothing views-sized that it
                     # does not read may live through it (the concatenated model input here, its
                     # pred_original_sample below): docs/long-audio.md.
                     model_in = None
-                    # 6.3 Scheduler steps: all views as one batch; X^0 on its own scheduler.
+                    # 6.3 Scheduler step of all views as one batch (in a distributed call every rank
+                    # steps every row: the model output of other ranks' rows is zeros, their results
+                    # unused).
                     with record_function("safa.scheduler"):
-                        views = scheduler.step(model_out[:view_rows_count], t_sched, flat,
+                        views = scheduler.step(shard.whole_batch(model_out[:own_rows_count]), t_sched, flat,
                                                **view_step_kwargs).prev_sample.contiguous().view(n, *window_shape)
+                    # (distributed) The step's one exchange: X^0's model output from its rank, and
+                    # the overlap cells the merge of this rank's views reads.
+                    with record_function("safa.exchange"):
+                        reference_out = shard.exchange(views, model_out[own_rows_count:] if with_reference
+                                                       else None, guiding)
+                    # X^0 on its own scheduler (on every rank).
+                    with record_function("safa.scheduler"):
                         if guiding:
-                            reference = ref_scheduler.step(model_out[view_rows_count:], t_sched, reference,
+                            reference = ref_scheduler.step(reference_out, t_sched, reference,
                                                            **ref_step_kwargs).prev_sample
                     # 6.4 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
                     # plus the reference-guided swap of the middles (Eq. 10) while guiding.
                     with record_function("safa.merge"):
                         runner.merge(views, reference if guiding else None)
-                    # 6.5 Callback: may replace the views / the reference.
+                    # 6.5 Callback: may replace this process's views / the reference.
                     if callback_on_step_end is not None:
-                        got = callback_on_step_end(self, i, t, {"views": views,
+                        got = callback_on_step_end(self, i, t, {"views": views[own.start:own.stop],
+                                                                "view_range": own,
                                                                 "reference": reference if guiding else None,
                                                                 "layout": layout})
                         if got:
                             if got.get("views") is not None:
-                                views.copy_(got["views"])
+                                views[own.start:own.stop].copy_(got["views"])
                             if guiding and got.get("reference") is not None:
                                 reference = got["reference"]
                 if i + 1 == guide_steps:  # X^0 has guided its last step: free it and its scheduler
                     reference = ref_scheduler = None
                 progress.update()
 
-        # 7. J = stitch(views), then the output stage (safa.output): the whole layout decoded
+        # 7. Every view on rank 0 (a no-op in one process), or on every rank when the ranks
+        # share a tiled decode held in memory; the other ranks are then done.
+        mode = resolve_mode(decode, layout.length, layout.window)
+        tile = decode_tile or layout.window
+        shared_decode = (output_type != "latent" and mode == "tiled" and paths is None
+                         and callback_on_output_chunk is None and shard.can_decode_tiled(layout.length, tile))
+        views = shard.gather(views, everywhere=shared_decode)
+        nothing = JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
+                                       sample_rate=adapter.sample_rate, method=method)
+        if views is None:
+            return nothing if return_dict else (None,)
+        # 8. J = stitch(views), then the output stage (safa.output): the whole layout decoded
         # (a loop as a loop, with circular context; the covering layout's extra columns only
         # cost compute), cropped, and returned or written to output_path tile by tile.
         latent = stitch(views, layout, dim, method.merge_mode, method.swap_interval)
@@ -638,12 +702,17 @@ class JointDiffusion:
         audio = images = None
         if output_type != "latent":
             started = time.perf_counter()
-            on_chunk = (None if callback_on_output_chunk is None
-                        else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
-            result = _output.produce_output(
-                adapter, latent, layout, mode=resolve_mode(decode, layout.length, layout.window),
-                tile=decode_tile or layout.window, view_batch_size=view_batch_size, out_len=out_len,
-                output_type=output_type, paths=paths, on_chunk=on_chunk)
+            if shared_decode:  # each rank decodes a block of tiles; rank 0 gets them all
+                out = shard.decode_tiled(adapter, latent, layout.loop, tile)
+                if out is None:
+                    return nothing if return_dict else (None,)
+                result = adapter.to_output(out[..., :out_len], output_type)
+            else:
+                on_chunk = (None if callback_on_output_chunk is None
+                            else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
+                result = _output.produce_output(adapter, latent, layout, mode=mode, tile=tile,
+                                                view_batch_size=view_batch_size, out_len=out_len,
+                                                output_type=output_type, paths=paths, on_chunk=on_chunk)
             timings["decode"] = time.perf_counter() - started
             if adapter.kind == "audio":
                 audio = result

@@ -9,6 +9,11 @@ dB colour bar) with the views' windows and overlaps marked, or a PNG (images). F
 written atomically. Long audio is decoded in tiles and each tile is appended to the file as
 it is finished, so hours fit in memory (docs/long-audio.md); a request that cannot fit is
 refused before any work, with what to change.
+
+Under ``torchrun --nproc-per-node N -m safa generate ...`` (the same flags) the views are
+spread over N processes: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on
+the CPU (docs/distributed.md). Rank 0 shows the progress and writes the files; the other
+ranks print nothing unless they fail, and nothing is written unless every rank succeeded.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable
 from ..cli import CLIError
@@ -63,6 +68,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images "
                                                "(default out.wav / out.png)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for the others before it gives up (default 600)")
     p.set_defaults(func=run)
     return p
 
@@ -76,8 +83,42 @@ def _check_out(out: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``safa generate``: returns the exit code."""
-    import torch
+    from .. import distributed
 
+    if not args.dist_timeout > 0:
+        raise CLIError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    # torchrun's environment -> the default process group (None in a plain run).
+    launched = distributed.init_from_environment(args.dist_timeout, args.device)
+    if launched is None:
+        return _generate(args, None, None)
+    group, device = launched
+    try:
+        return _generate(args, group, device)
+    finally:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def _generate(args: argparse.Namespace, group: Any, device: Any) -> int:
+    from .. import distributed
+
+    rank = 0 if group is None else group.rank()
+    error: Optional[BaseException] = None
+    try:
+        prepared = _prepare(args, group, rank, device)
+    except Exception as exc:  # noqa: BLE001  (every rank learns of it in agree(), then it is raised)
+        error = exc
+    # A rank that cannot start (a missing model on its node, rank 0's unwritable --out) stops
+    # every rank here, before the generation, instead of leaving them waiting.
+    distributed.agree(group, error)
+    return _generate_and_write(args, *prepared, rank)
+
+
+def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Any) -> Tuple[Any, str, Any]:
+    """Everything before the generation: checks, the pipeline, the scheduler, the device.
+
+    Returns ``(JointDiffusion, output path, device)``; rank 0 alone checks the output path
+    (it alone writes)."""
     from ..sampler import JointDiffusion
 
     out: Optional[str] = args.out
@@ -85,12 +126,13 @@ def run(args: argparse.Namespace) -> int:
         ext = os.path.splitext(out)[1].lower()
         if ext not in AUDIO_EXTENSIONS + IMAGE_EXTENSIONS:
             raise CLIError(f"--out must end in one of {AUDIO_EXTENSIONS + IMAGE_EXTENSIONS}, got {out!r}")
-        _check_out(out)
-    setup_logging(args.quiet)
-    device = resolve_device(args.device)
+        if rank == 0:
+            _check_out(out)
+    setup_logging(args.quiet or rank != 0)  # rank 0 speaks for every rank
+    device = device if device is not None else resolve_device(args.device)
     check_backend_env(device)
     pipe = load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None)
-    jd = JointDiffusion(pipe)  # ValueError (unsupported pipeline) -> exit 2
+    jd = JointDiffusion(pipe, process_group=group)  # ValueError (unsupported pipeline) -> exit 2
     kind = jd.adapter.kind
     out = out or ("out.wav" if kind == "audio" else "out.png")
     ext = os.path.splitext(out)[1].lower()
@@ -98,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"audio output must end in one of {AUDIO_EXTENSIONS}, got {out!r}")
     if kind == "image" and ext not in IMAGE_EXTENSIONS:
         raise CLIError(f"image output must end in .png, got {out!r}")
-    if args.out is None:
+    if args.out is None and rank == 0:
         _check_out(out)
     if kind == "audio" and args.seconds is None:
         raise CLIError("this is an audio pipeline: give --seconds")
@@ -107,19 +149,31 @@ def run(args: argparse.Namespace) -> int:
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    window = None if args.model == BUILTIN_MODEL else args.window  # the built-in model was built for it
-    prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
+    pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
     if args.view_prompt and args.prompt:
         raise CLIError("give either --prompt or --view-prompt (repeated), not both")
-    call = dict(seconds=args.seconds, width=args.width, height=args.height, method=args.method, loop=args.loop,
+    # A request that cannot fit fails here, before the layout (or anything long) is built.
+    jd.estimate_memory(**_call_arguments(args), output_path=out, check=True)
+    return jd, out, device
+
+
+def _call_arguments(args: argparse.Namespace) -> Dict[str, Any]:
+    """The arguments of the JointDiffusion call that the memory estimate also takes."""
+    window = None if args.model == BUILTIN_MODEL else args.window  # the built-in model was built for it
+    return dict(seconds=args.seconds, width=args.width, height=args.height, method=args.method, loop=args.loop,
                 guidance_scale=args.guidance_scale, window=window, overlap=args.overlap,
                 view_batch_size=args.view_batch_size, decode=args.decode)
-    # A request that cannot fit fails here, before the layout (or anything long) is built.
-    jd.estimate_memory(**call, output_path=out, check=True)
-    layout = jd.layout_for(args.seconds, args.width, window=window, overlap=args.overlap, loop=args.loop,
+
+
+def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any, rank: int) -> int:
+    import torch
+
+    kind = jd.adapter.kind
+    call = _call_arguments(args)
+    prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
+    layout = jd.layout_for(args.seconds, args.width, window=call["window"], overlap=args.overlap, loop=args.loop,
                            method=args.method)
-    if not args.quiet:
+    if not args.quiet and rank == 0:
         print(f"layout: {jd.describe_layout(layout)}", file=sys.stderr)
     spectrogram = None
     if kind == "audio" and not args.no_spectrogram:
@@ -135,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
                                           else lambda _, start, chunk: spectrogram.add(chunk[0].numpy())),
                 **prompt_args)
     elapsed = time.perf_counter() - started
+    if rank != 0:  # the result is on rank 0, which wrote it
+        return 0
     written = [out]
     if spectrogram is not None:
         from ..plots import layout_title, view_spans, write_spectrogram

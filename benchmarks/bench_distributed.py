@@ -1,0 +1,388 @@
+"""Distributed generation: 2 CPU processes against 1, and a modelled scaling table for GPUs.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_distributed.py [--quick] [--json out/bench_distributed.json]
+
+What it prints (markdown), every number labelled measured / counted / modelled:
+
+1. **Measured, this machine.** Two spawned processes (gloo, one thread each) on the tiny
+   AudioLDM (``safa.testing.tiny_audioldm_pipeline``, native 10.24 s window, DDIM, CFG 2.5,
+   ``view_batch_size=1``, SaFa). The rounds are interleaved in the same two processes:
+   rank 0 alone makes the one-process call (rank 1 waits in a barrier), then both make the
+   distributed call. **s / step** = (last step's callback - first step's) / (steps - 1) on
+   rank 0, i.e. the loop's mean step time with guided and unguided steps in their proportion.
+   The machine is shared (other jobs, one scheduling group per login session), so the
+   parallelism it gave is measured alongside (a fixed matmul load alone and on both ranks at
+   once), and so is the CPU critical path: per step the busier rank's CPU time, which is
+   the step time when each process has a core of its own.
+   Then, in the same processes: the one-process parts of a step (model time per window, the
+   whole-batch scheduler step, the merge) and the exchange of one step on its own
+   (:class:`safa.distributed.ViewShard`, ``bytes_sent`` on the wire), from which a
+   prediction of the 2-process step time is checked against the measured one.
+2. **Counted.** Bytes each rank sends per step for the GPU workloads, from the same
+   exchange sets the shard sends (:func:`safa.distributed.exchange_cells`).
+3. **FLOPs, counted.** ``torch.utils.flop_counter`` over full-size random-weight
+   architectures built on the meta device: an AudioLDM-S-sized UNet, the SD 1.x UNet and the
+   two VAE decoders plus AudioLDM's HiFi-GAN.
+4. **Modelled.** Speed-up on 2 / 4 / 8 GPUs for 10 min and 1 h of AudioLDM audio and a
+   512 x 16384 SD panorama: per step, the slowest rank's windows x the per-window model time,
+   plus the replicated scheduler and merge, plus communication; ``ASSUMED`` below holds the
+   hardware figures, which are not measured here (this task had no GPU).
+
+The timing code is the one function ``_step_times`` (a callback's wall and CPU timestamps):
+to move onto the shared benchmark harness it is the only part to replace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+# Hardware figures of the model (NOT measured: no GPU on the machine that wrote this).
+ASSUMED = {
+    "gpu": "A100-SXM (the GPU of DistriFusion's figures)",
+    "tflops": 150.0,          # sustained fp16 model throughput, about half of the 312 TFLOP/s dense peak
+    "hbm_gbs": 1000.0,        # effective memory bandwidth of element-wise work (peak ~1.5-2 TB/s)
+    "link_gbs": 100.0,        # effective NVLink bandwidth of one P2P transfer (peak 300 GB/s per direction)
+    "latency_us": 20.0,       # per NCCL operation (the status all_reduce, each P2P, the broadcast)
+    "dtype_bytes": 2,         # fp16 latents
+}
+DISTRIFUSION = {2: 1.8, 4: 3.4, 8: 6.1}  # SDXL on 2/4/8 A100, as published (arXiv 2402.19481)
+
+
+# -- timing (the only timing code) ------------------------------------------------------------
+def _step_times(call) -> Tuple[float, List[float]]:
+    """One call's mean wall time per step (from the first step's callback to the last's) and
+    the CPU time of each later step (``time.process_time``: every thread of the process)."""
+    wall: List[float] = []
+    cpu: List[float] = []
+
+    def on_step(jd, i, t, state):
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+
+    call(on_step)
+    return (wall[-1] - wall[0]) / (len(wall) - 1), [b - a for a, b in zip(cpu, cpu[1:])]
+
+
+# -- 1. measured: 2 processes against 1 ------------------------------------------------------
+def _parallel_capacity(group) -> Dict[str, float]:
+    """Seconds of a fixed matmul load on rank 0 alone and on every rank at once (a barrier apart)."""
+    import torch.distributed as dist
+    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+
+    def load() -> float:
+        started = time.perf_counter()
+        for _ in range(150):
+            a @ a
+        return time.perf_counter() - started
+
+    alone = load() if group.rank() == 0 else 0.0
+    dist.barrier(group)
+    together = load()
+    dist.barrier(group)
+    return {"alone": alone, "together": together}
+
+
+def _measure_ranks(group, seconds: float, steps: int, rounds: int) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    import safa.testing.pipelines as tp
+    from safa import JointDiffusion
+    from safa.distributed import ViewShard
+    from safa_kernels import sync_
+    rank = group.rank()
+    pipe = tp.tiny_audioldm_pipeline()
+    one, two = JointDiffusion(pipe), JointDiffusion(pipe, process_group=group)
+
+    def run(jd):
+        return lambda cb: jd("rain", seconds, num_inference_steps=steps, view_batch_size=1, output_type="latent",
+                             generator=torch.Generator().manual_seed(0), callback_on_step_end=cb)
+
+    # What two processes can get from this machine right now (it is shared): a fixed matmul
+    # load on rank 0 alone, then on both at once, before and after the rounds.
+    capacity = [_parallel_capacity(group)]
+    one_s, two_s = [], []
+    for r in range(rounds + 1):  # round 0 warms up both
+        if rank == 0:
+            one_s.append(_step_times(run(one)))
+        dist.barrier(group)
+        two_s.append(_step_times(run(two)))
+    one_s, two_s = one_s[1:], two_s[1:]
+    capacity.append(_parallel_capacity(group))
+
+    # The parts of a step, in this process (rank 0 alone: rank 1 waits in the barrier).
+    layout = one.layout_for(seconds)
+    parts: Dict[str, Any] = {}
+    if rank == 0:
+        multidiffusion, _ = _step_times(
+            lambda cb: one("rain", seconds, method="multidiffusion", num_inference_steps=steps, view_batch_size=1,
+                           output_type="latent", generator=torch.Generator().manual_seed(0), callback_on_step_end=cb))
+        views = torch.randn(layout.num_views, 1, 8, layout.window, 16)
+        sched = pipe.scheduler
+        sched.set_timesteps(steps)
+        started = time.perf_counter()
+        for _ in range(20):
+            sched.step(torch.randn_like(views).flatten(0, 1), sched.timesteps[1], views.flatten(0, 1))
+        parts["scheduler_s"] = (time.perf_counter() - started) / 20
+        reference = torch.randn(1, 8, layout.window, 16)
+        started = time.perf_counter()
+        for _ in range(50):
+            sync_(views, layout, -2, "swap", 1, reference=reference, reference_axis=-2)
+        parts["merge_s"] = (time.perf_counter() - started) / 50
+        # MultiDiffusion with view_batch_size=1: n windows + scheduler + merge (mean) per step
+        parts["window_s"] = (multidiffusion - parts["scheduler_s"] - parts["merge_s"]) / layout.num_views
+    dist.barrier(group)
+
+    # One step's exchange on its own, unguided and guided (the reference's model output too).
+    shard = ViewShard(group, layout, -2, "swap", 1, rows_per_view=1)
+    views = torch.randn(layout.num_views, 1, 8, layout.window, 16)
+    reference = torch.randn(1, 8, layout.window, 16)
+    timings = {}
+    for guiding in (False, True):
+        shard.exchange(views, reference if shard.has_reference else None, guiding)  # warm-up
+        shard.bytes_sent = 0
+        dist.barrier(group)
+        started = time.perf_counter()
+        for _ in range(30):
+            shard.exchange(views, reference if shard.has_reference else None, guiding)
+        timings["guided" if guiding else "unguided"] = ((time.perf_counter() - started) / 30, shard.bytes_sent / 30)
+    return {"rank": rank, "one_s": one_s, "two_s": two_s, "parts": parts, "exchange": timings, "capacity": capacity,
+            "views": layout.num_views, "window": layout.window, "overlap": layout.overlap,
+            "blocks": [len(b) for b in shard.blocks]}
+
+
+def measured(seconds: float, steps: int, rounds: int) -> Dict[str, Any]:
+    from safa.testing.distributed import RankError, run_processes
+    results = run_processes(_measure_ranks, 2, seconds, steps, rounds, timeout_s=3600)
+    for res in results:
+        if isinstance(res, RankError):
+            raise RuntimeError(res.traceback)
+    r0, r1 = results
+    one, two = statistics.median(w for w, _ in r0["one_s"]), statistics.median(w for w, _ in r0["two_s"])
+    # CPU critical path: per step, the busier rank's CPU time (what the step would take with
+    # a core per process and free communication), against one process's CPU time per step
+    one_cpu = statistics.median(statistics.mean(c) for _, c in r0["one_s"])
+    two_cpu = statistics.median(statistics.mean(max(a, b) for a, b in zip(c0, c1))
+                                for (_, c0), (_, c1) in zip(r0["two_s"], r1["two_s"]))
+    parts = r0["parts"]
+    guide_steps = math.floor(0.3 * steps + 0.5)
+    # The prediction of section 4, with this machine's measured parts (rank 1 holds X^0).
+    n, blocks = r0["views"], r0["blocks"]
+    per_step = []
+    for i in range(1, steps):  # the loop's mean over steps 1..T-1, as measured
+        guided = i < guide_steps
+        windows = max(b + (1 if guided and r == len(blocks) - 1 else 0) for r, b in enumerate(blocks))
+        exchange = max(res["exchange"]["guided" if guided else "unguided"][0] for res in results)
+        per_step.append(windows * parts["window_s"] + parts["scheduler_s"] + parts["merge_s"] + exchange)
+    # the bytes on the wire are the counted exchange sets (float32 AudioLDM cells: 8 x 16 per column)
+    from safa.distributed import exchange_cells, view_blocks
+    from safa_kernels import ViewLayout
+    layout = ViewLayout(r0["window"] + (n - 1) * (r0["window"] - r0["overlap"]), r0["window"], r0["overlap"])
+    for res in results:
+        sends, _ = exchange_cells(layout, "swap", 1, view_blocks(n, 2), res["rank"])
+        counted = sum(c.numel() for c in sends.values()) * 8 * 16 * 4
+        if res["exchange"]["unguided"][1] != counted:
+            raise AssertionError(f"rank {res['rank']} sent {res['exchange']['unguided'][1]} B, counted {counted} B")
+    # parallelism the machine gave: 2 x (one process's time alone / the slower of two at once)
+    capacity = [2 * r0["capacity"][k]["alone"] / max(r0["capacity"][k]["together"], r1["capacity"][k]["together"])
+                for k in range(2)]
+    return {"seconds": seconds, "steps": steps, "rounds": rounds, "views": n, "blocks": blocks,
+            "parallel_capacity": capacity, "load_average": os.getloadavg(),
+            "one_step_s": one, "two_step_s": two, "speedup": one / two,
+            "one_cpu_step_s": one_cpu, "two_cpu_critical_step_s": two_cpu, "cpu_speedup": one_cpu / two_cpu,
+            "one_rounds": [w for w, _ in r0["one_s"]], "two_rounds": [w for w, _ in r0["two_s"]], "parts": parts,
+            "exchange": {f"rank {res['rank']}": res["exchange"] for res in results},
+            "predicted_two_step_s": statistics.mean(per_step)}
+
+
+# -- 3. FLOPs of the full-size architectures ---------------------------------------------------
+def full_size_flops() -> Dict[str, float]:
+    """TFLOP per window (UNet with CFG: batch 2) and per decoded window, on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    meta = torch.device("meta")
+    with meta:
+        sd_unet = UNet2DConditionModel(  # SD 1.x
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+            attention_head_dim=8)
+        audio_unet = UNet2DConditionModel(  # AudioLDM-S sized: text as a projected class embedding
+            sample_size=128, in_channels=8, out_channels=8, block_out_channels=(128, 256, 384, 640),
+            layers_per_block=2, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), cross_attention_dim=(128, 256, 384, 640),
+            attention_head_dim=8, class_embed_type="simple_projection", projection_class_embeddings_input_dim=512,
+            class_embeddings_concat=True)
+        sd_vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                               block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                               up_block_types=("UpDecoderBlock2D",) * 4)
+        audio_vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=8, layers_per_block=2,
+                                  block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
+                                  up_block_types=("UpDecoderBlock2D",) * 3)
+        vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+            model_in_dim=64, sampling_rate=16000, upsample_initial_channel=1024, upsample_rates=[5, 4, 2, 2, 2],
+            upsample_kernel_sizes=[16, 16, 8, 4, 4], resblock_kernel_sizes=[3, 7, 11],
+            resblock_dilation_sizes=[[1, 3, 5]] * 3, normalize_before=False))
+    t = torch.tensor(500, device=meta)
+    return {
+        "sd_unet": count(lambda: sd_unet(torch.randn(2, 4, 64, 64, device=meta), t,
+                                         encoder_hidden_states=torch.randn(2, 77, 768, device=meta))),
+        "audio_unet": count(lambda: audio_unet(torch.randn(2, 8, 256, 16, device=meta), t,
+                                               encoder_hidden_states=None,
+                                               class_labels=torch.randn(2, 512, device=meta))),
+        "sd_decode": count(lambda: sd_vae.decode(torch.randn(1, 4, 64, 64, device=meta))),
+        "audio_decode": count(lambda: audio_vae.decode(torch.randn(1, 8, 256, 16, device=meta)))
+        + count(lambda: vocoder(torch.randn(1, 1024, 64, device=meta))),
+    }
+
+
+# -- 2 and 4. counted bytes and the modelled scaling table -------------------------------------
+WORKLOADS = [
+    # name, latent cells per column (channels x other axis), window, overlap rate, columns, steps, unet,
+    # decode, output bytes per latent column (fp32: 640 samples; 8 columns of 512 RGB pixels)
+    ("AudioLDM, 10 min", 8 * 16, 256, 0.2, 10 * 60 * 25, 200, "audio_unet", "audio_decode", 640 * 4),
+    ("AudioLDM, 1 h", 8 * 16, 256, 0.2, 60 * 60 * 25, 200, "audio_unet", "audio_decode", 640 * 4),
+    ("SD 1.x, 512 x 16384 px", 4 * 64, 64, 0.2, 16384 // 8, 50, "sd_unet", "sd_decode", 8 * 512 * 3 * 4),
+]
+
+
+def modelled(flops: Dict[str, float]) -> List[Dict[str, Any]]:
+    from safa.distributed import exchange_cells, view_blocks
+    from safa.layouts import open_layout
+    a = ASSUMED
+    rows = []
+    for name, cells_per_column, window, rate, columns, steps, unet, decode, out_column_bytes in WORKLOADS:
+        layout = open_layout(columns, window, int(round(rate * window)))
+        n, guide_steps = layout.num_views, math.floor(0.3 * steps + 0.5)
+        column_bytes = cells_per_column * a["dtype_bytes"]
+        t_win = flops[unet] / a["tflops"]
+        # replicated element-wise work per step: the scheduler (~6 passes over every view) and
+        # the merge (~3 passes over the overlap columns), memory-bound
+        replicated = (6 * n * window + 3 * n * layout.overlap) * column_bytes / (a["hbm_gbs"] * 1e9)
+        t_decode = flops[decode] * layout.length / window / a["tflops"]
+        link = a["link_gbs"] * 1e9
+        one = steps * n * t_win + guide_steps * t_win + steps * replicated
+        for world in (2, 4, 8):
+            blocks = view_blocks(n, world)
+            exchange = [exchange_cells(layout, "swap", 1, blocks, r) for r in range(world)]
+            sent = [sum(c.numel() for c in sends.values()) * column_bytes for sends, _ in exchange]
+            messages = [len(sends) + len(receives) for sends, receives in exchange]
+            comm = a["latency_us"] * 1e-6 * (1 + max(messages)) + max(sent) / (a["link_gbs"] * 1e9)
+            reference_bcast = a["latency_us"] * 1e-6 + window * column_bytes / (a["link_gbs"] * 1e9)
+            total = 0.0
+            comm_total = 0.0
+            for i in range(steps):
+                guided = i < guide_steps
+                windows = max(len(b) + (1 if guided and r == world - 1 else 0) for r, b in enumerate(blocks))
+                step_comm = comm + (reference_bcast if guided else 0.0)
+                total += windows * t_win + replicated + step_comm
+                comm_total += step_comm
+            # decode="tiled" shared: the views to every rank, a block of tiles each, the output to rank 0
+            tiles = view_blocks(math.ceil(layout.length / window), world)
+            t_shared = (max(len(b) for b in tiles) / len(range(math.ceil(layout.length / window))) * t_decode
+                        + n * window * column_bytes / link + layout.length * out_column_bytes / link
+                        + 3 * a["latency_us"] * 1e-6)
+            rows.append({"workload": name, "views": n, "gpus": world, "largest_block": max(len(b) for b in blocks),
+                         "bytes_per_step_rank": max(sent), "window_ms": t_win * 1e3,
+                         "step_ms": total / steps * 1e3, "comm_pct": 100 * comm_total / total,
+                         "replicated_pct": 100 * steps * replicated / total,
+                         "speedup": one / total,
+                         "speedup_with_decode": (one + t_decode) / (total + t_decode),
+                         "speedup_with_shared_decode": (one + t_decode) / (total + t_shared),
+                         "decode_pct_of_one": 100 * t_decode / (one + t_decode),
+                         "comm_pct_if_10x_slower": 100 * 10 * comm_total / (total + 9 * comm_total)})
+    return rows
+
+
+def _markdown(meas: Dict[str, Any], flops: Dict[str, float], rows: List[Dict[str, Any]]) -> str:
+    out = []
+    p = meas["parts"]
+    out.append(f"### Measured: 2 processes x 1 thread vs 1 process x 1 thread "
+               f"(tiny AudioLDM, {meas['seconds']:g} s, {meas['views']} views, {meas['steps']} steps, SaFa)\n")
+    out.append("| | s / step (median of rounds) | rounds |")
+    out.append("|---|---:|---|")
+    out.append(f"| 1 process | {meas['one_step_s']:.4f} | {', '.join(f'{x:.4f}' for x in meas['one_rounds'])} |")
+    out.append(f"| 2 processes (views {' + '.join(map(str, meas['blocks']))}, reference on rank 1) | "
+               f"{meas['two_step_s']:.4f} | {', '.join(f'{x:.4f}' for x in meas['two_rounds'])} |")
+    out.append(f"| **speed-up** | **{meas['speedup']:.2f}x** | |")
+    out.append("")
+    out.append(f"CPU time per step (process CPU time, every thread): 1 process {meas['one_cpu_step_s']:.4f} s; "
+               f"2 processes, the busier rank's per step (critical path) {meas['two_cpu_critical_step_s']:.4f} s: "
+               f"**{meas['cpu_speedup']:.2f}x** if each process had a core of its own.\n")
+    cap = meas["parallel_capacity"]
+    out.append(f"Parallelism available to the two processes (2 x a fixed matmul load's time alone / its time on "
+               f"both at once; 2.0 = two free cores): {cap[0]:.2f} before the rounds, {cap[1]:.2f} after; "
+               f"load average after: {meas['load_average'][0]:.2f}.\n")
+    out.append(f"Parts (rank 0 alone): model {p['window_s'] * 1e3:.2f} ms per window, whole-batch scheduler step "
+               f"{p['scheduler_s'] * 1e3:.3f} ms, merge {p['merge_s'] * 1e3:.3f} ms. Exchange of one step on its own "
+               "(seconds, bytes sent):")
+    for rank, ex in meas["exchange"].items():
+        out.append(f"- {rank}: unguided {ex['unguided'][0] * 1e3:.3f} ms / {ex['unguided'][1]:.0f} B, "
+                   f"guided {ex['guided'][0] * 1e3:.3f} ms / {ex['guided'][1]:.0f} B")
+    out.append(f"\nPredicted 2-process step from these parts (the model of the last table): "
+               f"{meas['predicted_two_step_s']:.4f} s (measured {meas['two_step_s']:.4f} s).\n")
+    out.append("### FLOPs per window (counted, full-size architectures, meta device)\n")
+    out.append("| | TFLOP |")
+    out.append("|---|---:|")
+    names = {"audio_unet": "AudioLDM-S UNet, one 10.24 s window, CFG (batch 2)",
+             "sd_unet": "SD 1.x UNet, one 64 x 64 window, CFG (batch 2)",
+             "audio_decode": "AudioLDM VAE decoder + HiFi-GAN, one window", "sd_decode": "SD VAE decoder, one window"}
+    for key, label in names.items():
+        out.append(f"| {label} | {flops[key]:.3f} |")
+    out.append("\n### Modelled: speed-up on 2 / 4 / 8 GPUs (hardware figures assumed, see below)\n")
+    columns = ["workload", "views", "GPUs", "largest block", "KB sent / step / rank (counted)",
+               "ms / window (modelled)", "step ms", "comm % of step", "replicated scheduler + merge %",
+               "speed-up, loop", "+ decode on rank 0", "+ tiled decode shared",
+               "comm % if communication took 10x longer", "DistriFusion (SDXL, published)"]
+    out.append("| " + " | ".join(columns) + " |")
+    out.append("|---" + "|---:" * (len(columns) - 1) + "|")
+    for r in rows:
+        cells = [r["workload"], r["views"], r["gpus"], r["largest_block"], f"{r['bytes_per_step_rank'] / 1e3:.1f}",
+                 f"{r['window_ms']:.2f}", f"{r['step_ms']:.1f}", f"{r['comm_pct']:.3f}", f"{r['replicated_pct']:.3f}",
+                 f"{r['speedup']:.2f}x", f"{r['speedup_with_decode']:.2f}x",
+                 f"{r['speedup_with_shared_decode']:.2f}x", f"{r['comm_pct_if_10x_slower']:.2f}",
+                 f"{DISTRIFUSION[r['gpus']]}x"]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out.append("\nAssumed (not measured): " + "; ".join(f"{k} = {v}" for k, v in ASSUMED.items()))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: the script runs, the numbers mean nothing")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.steps, args.rounds = 25.0, 3, 1
+    meas = measured(args.seconds, args.steps, args.rounds)
+    flops = full_size_flops()
+    rows = modelled(flops)
+    print(_markdown(meas, flops, rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"measured": meas, "flops": flops, "modelled": rows, "assumed": ASSUMED}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
