@@ -391,7 +391,7 @@ class JointDiffusion:
         timesteps = adapter.set_timesteps(num_inference_steps, window_shape)
         scheduler = pipe.scheduler
         num_steps = len(timesteps)
-        guide_steps = method.reference_steps(num_steps) if n > 1 else 0
+        guide_steps = method.reference_steps(num_steps, scheduler) if n > 1 else 0
         if reference_latents is not None and guide_steps == 0:
             raise ValueError(f"reference_latents given but method {method.name!r} with {n} view(s) and "
                              f"{num_steps} steps uses no reference window")
@@ -442,6 +442,8 @@ class JointDiffusion:
                     # method's model context (MAD: self-attention merged over the long latent).
                     with record_function("safa.model"), hooks.model_context(i):
                         model_out = runner.predict(model_in, i, guiding)
+                    # 6.2b The method's post-model hook: SaFaStats moves the views' clean predictions.
+                    hooks.after_model(i, views, reference if guiding else None, model_in, model_out)
                     # 6.3 Scheduler steps: all views as one batch; X^0 on its own scheduler.
                     with record_function("safa.scheduler"):
                         stepped = scheduler.step(model_out[:view_rows_count], t_sched, flat, **view_step_kwargs)
@@ -452,7 +454,7 @@ class JointDiffusion:
                     # 6.4 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
                     # plus the reference-guided swap of the middles (Eq. 10) while guiding.
                     with record_function("safa.merge"):
-                        runner.merge(views, reference if guiding else None)
+                        runner.merge(views, reference if guiding and method.swaps_reference else None)
                     # 6.5 Callback: may replace the views / the reference.
                     if callback_on_step_end is not None:
                         got = callback_on_step_end(self, i, t, {"views": views,
