@@ -30,7 +30,9 @@ SaFa) or ``snr=`` (the steps whose noisy latent's signal-to-noise ratio is at mo
                     initial noise.
 
 ``--json PATH`` appends every row's per-sample statistics (for ``--plot``);
-``--plot PATH --json A,B`` draws the figure of the page from such files.
+``--plot PATH --json A,B`` draws the figure of the page from such files;
+``--commit`` prints, step by step, how far single windows of the pipeline have settled on a
+sub-style (the model's exact posterior over its components): where a guidance has to act.
 """
 from __future__ import annotations
 
@@ -308,6 +310,32 @@ def plot(paths: List[str], out: str) -> None:
     save_figure(fig, out)
 
 
+def commit_table(pipe: Any, steps: int, prompts: List[str], windows: int, seed: int) -> str:
+    """Per step: the signal-to-noise ratio and, over ``windows`` single windows per prompt sampled as the
+    pipeline samples them, the mean posterior probability of the most likely sub-style and the fraction
+    of windows above 0.99 (the model's exact posterior over its components at that noise level)."""
+    model, sched = pipe.model, pipe.scheduler
+    model.bind_scheduler(sched)
+    tops: Dict[int, List[torch.Tensor]] = {}
+    for k, prompt in enumerate(prompts):
+        cw = model.encode_prompt([prompt] * windows)
+        sched.set_timesteps(steps)
+        x = torch.randn(windows, model.channels, model.window, model.freq_bins,
+                        generator=torch.Generator().manual_seed(seed + k)) * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            xin = sched.scale_model_input(x, t)
+            tops.setdefault(i, []).append(model.responsibilities(xin.double(), cw, model.alpha_bar(t, windows))
+                                          .max(-1).values)
+            x = sched.step(model(xin, t, cw.float())[0], t, x).prev_sample
+    lines = [f"{type(sched).__name__}, {steps} steps, {windows} windows per prompt ({','.join(prompts)})",
+             "step  timestep  snr       mean max posterior  committed (> 0.99)"]
+    for i in sorted(tops):
+        top = torch.cat(tops[i])
+        lines.append(f"{i:4d}  {int(sched.timesteps[i]):8d}  {step_snr(sched, i):.2e}  {top.mean():18.3f}  "
+                     f"{(top > 0.99).double().mean():.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="", help="comma-separated variant specs (see above)")
@@ -322,12 +350,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="append per-sample rows here (with --plot: files to read, comma-separated)")
     p.add_argument("--plot", default=None, help="draw the figure from --json files into this PNG and exit")
+    p.add_argument("--commit", action="store_true", help="print where single windows settle on a sub-style, exit")
     args = p.parse_args(argv)
     if args.plot:
         plot([s for s in (args.json or "").split(",") if s], args.plot)
         print(f"wrote {args.plot}")
         return 0
     torch.set_num_threads(1)
+    if args.commit:
+        pipe = make_texture_pipeline()
+        if args.scheduler:
+            from safa.commands.common import set_scheduler
+            set_scheduler(pipe, args.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        print(commit_table(pipe, args.steps, [s.strip() for s in args.prompts.split(",") if s.strip()], 8, args.seed))
+        return 0
     loop = not args.open
     variants = [make_variant(s) for s in args.variants.split(",") if s.strip()]
     prompts = [s.strip() for s in args.prompts.split(",") if s.strip()]
