@@ -263,3 +263,20 @@ def test_bad_parameters_through_the_shorthand_and_the_sampler(audioldm):
         jd("rain", 2.9, method="safa_stats", guide=0.5, **KW)
     with pytest.raises(ValueError, match="overlap must be in"):
         jd("rain", 2.9, method="safa_stats", **dict(KW, overlap=0.7))
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("safa_stats:snr=-1", "snr must be a finite number >= 0"),
+    ("safa_stats:strength=2", r"strength must be in [0.0, 1.0]"),
+    ("safa_stats:swap_interval=0", "swap_interval must be an int >= 1"),
+    ("safa_stats:guide=0.3", "guide does not apply to method 'safa_stats'"),
+])
+def test_bad_parameters_through_the_cli_method_spec(spec, match, tmp_path, capsys):
+    # Out-of-range values in `safa evaluate --methods` specs: one line naming the parameter, exit 2,
+    # before any sampling and with nothing written.
+    from safa.cli import main
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--methods", spec, "--samples", "2", "--quiet", "--out", str(out)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("safa evaluate: error:") and match in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())
