@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported on first access)
 _EXPORTS = {
     "JointDiffusion": "sampler", "JointDiffusionOutput": "sampler",
-    "METHODS": "methods", "Method": "methods", "SaFa": "methods", "SaFaSelfLoop": "methods",
+    "METHODS": "methods", "Method": "methods", "SaFa": "methods", "SaFaStats": "methods", "SaFaSelfLoop": "methods",
     "MultiDiffusion": "methods", "MAD": "methods", "SyncDiffusion": "methods", "get_method": "methods",
 }
 __all__ = list(_EXPORTS)

@@ -15,13 +15,27 @@ on it is listed as not applicable (MAD: the model has no attention to merge); :m
 * ``seam v_hf``: whitened variance of the fastest temporal band of the seam probes
   (< 1 smoothing, > 1 excess noise);
 * ``consistent``: fraction of samples whose views all have the same most likely sub-style;
-* for loop layouts, ``wrap HF`` / ``wrap KL``: the same at the wrap-around seam alone.
+* ``sub-styles``: how many samples (their first view) ended in each sub-style of the model
+  (soft-dark / medium / loud-bright): a method can be "consistent" by pushing every sample
+  into one sub-style, which this shows;
+* ``repeat``: the mean correlation between the middles of different views
+  (:func:`safa.metrics.middle_correlation`; about 0 for a texture that does not repeat);
+* for loop layouts, ``wrap HF`` / ``wrap KL``: the same at the wrap-around seam alone, and
+  ``wrap-seam``: the wrap seam's KL minus the mean KL of the other seams, each probe on its
+  own (the same estimator: ``wrap KL`` is one probe against the pooled ``seam KL``, which
+  biases it upwards), 0 = the wrap seam is like any other.
 
 Reference rows: ``true``: exact long samples of the model (one sub-style throughout, a
 stationary Gaussian process: every window is exactly model-distributed, and consistency is
-1 by construction); ``one window``: the pipeline's own single-window samples with the same
-scheduler and steps (what the sampler gives with no seam at all; interior probe only).
+1 by construction; for loop layouts the process is drawn on a circle, so its wrap seam is a
+seam like the others); ``one window``: the pipeline's own single-window samples with the
+same scheduler and steps (what the sampler gives with no seam at all), as many windows per
+sample as the layout has views, their interior probes pooled per sample as a method's are,
+so its ``int KL`` is the same estimator as the methods'.
 Intervals are 95%: normal approximation over samples, Wilson for proportions.
+
+``--methods`` takes shorthands of :data:`safa.methods.METHODS`, each optionally with
+parameters of its method object: ``safa:guide=0.6,safa_stats:snr=0.05:strength=0.5``.
 """
 from __future__ import annotations
 
@@ -41,9 +55,38 @@ from .methods import METHODS, NotApplicable, get_method
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "evaluation_figure", "write_plot", "ALL_METHODS"]
+    from .methods import Method
+
+__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "evaluation_figure", "write_plot",
+           "ALL_METHODS", "parse_method_spec"]
 
 ALL_METHODS = tuple(METHODS)
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(spec: str) -> "Method":
+    """``"name"`` or ``"name:param=value:param=value"`` -> the method object (a ValueError names what is wrong)."""
+    name, *params = spec.strip().split(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {', '.join(METHODS)}")
+    kwargs: Dict[str, Any] = {}
+    for item in params:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method parameter {item!r} in {spec!r} is not name=value")
+        kwargs[key.strip()] = _parse_value(value)
+    return get_method(name, **kwargs)
 
 
 @dataclass
@@ -59,6 +102,9 @@ class RowStats:
     seam_bands: Optional[np.ndarray] = None
     int_bands: Optional[np.ndarray] = None
     consistent: Optional[np.ndarray] = None
+    substyle: Optional[np.ndarray] = None   # per sample: sub-style index of its first view
+    repeat: Optional[np.ndarray] = None     # per sample: correlation of the views' middles
+    wrap_excess: Optional[np.ndarray] = None
     spectrum_overlap: Optional[np.ndarray] = None
     spectrum_interior: Optional[np.ndarray] = None
     seconds: float = 0.0
@@ -74,6 +120,11 @@ class EvalResult:
     not_applicable: Dict[str, str] = field(default_factory=dict)  # method -> why it cannot run on the model
 
 
+def _substyles(model, windows: torch.Tensor, cw: torch.Tensor) -> np.ndarray:
+    """Per window ``(N, C, window, F)``: the index of its most likely component's sub-style."""
+    return (M.most_likely_components(model, windows, cw) % len(model.substyles)).numpy()
+
+
 def _row_from_latent(name: str, model, latent: torch.Tensor, layout, cw: torch.Tensor,
                      min_eigenvalue: float, seconds: float) -> RowStats:
     spectra = M.region_spectra(latent, layout)
@@ -81,11 +132,14 @@ def _row_from_latent(name: str, model, latent: torch.Tensor, layout, cw: torch.T
     same, _ = M.cross_view_consistency(model, latent, layout, cw)
     row = RowStats(name, hf=M.hf_energies(spectra), seam_kl=fid.kl("seam"), int_kl=fid.kl("interior"),
                    seam_bands=fid.seam, int_bands=fid.interior, consistent=same,
+                   substyle=_substyles(model, M._take(latent, -2, layout.columns(0)), cw),
+                   repeat=M.middle_correlation(latent, layout),
                    spectrum_overlap=spectra.overlap.mean(0), spectrum_interior=spectra.interior.mean(0),
                    seconds=seconds)
     if layout.loop:
         row.wrap_hf = M.hf_energies(spectra, which="wrap")
         row.wrap_kl = fid.kl("wrap")
+        row.wrap_excess = fid.wrap_excess()
     return row
 
 
@@ -98,17 +152,28 @@ def _prompts_for(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
 def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: float = 40.0, steps: int = 25,
              prompts: Optional[Sequence[str]] = None, loop: bool = False, overlap: float = 0.2,
              guidance_scale: float = 1.0, seed: int = 0, window: Optional[float] = None,
-             min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None) -> EvalResult:
-    """Run every method and the reference rows; see the module docstring for the columns."""
+             min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None,
+             scheduler: Optional[str] = None) -> EvalResult:
+    """Run every method and the reference rows; see the module docstring for the columns.
+
+    ``methods``: shorthands with optional parameters (:func:`parse_method_spec`); each row is
+    named by its spec. ``scheduler``: a diffusers scheduler class name for the built-in
+    pipeline (default its DPM-Solver++), e.g. ``"DDIM"``.
+    """
     from .sampler import JointDiffusion
     from .texture import make_texture_pipeline, window_frames
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    parsed = [(spec, parse_method_spec(spec)) for spec in methods]  # a bad spec fails before any sampling
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
     if pipe is None:
         pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
+    if scheduler is not None:
+        from .cli import CLIError
+        from .commands.common import set_scheduler
+        try:
+            set_scheduler(pipe, scheduler)
+        except CLIError as exc:
+            raise ValueError(str(exc)) from None
     pipe.set_progress_bar_config(disable=True)
     model = pipe.model
     prompts = list(prompts) if prompts else list(model.class_names)
@@ -123,36 +188,42 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
         if log is not None:
             log(msg)
 
-    # Reference: exact long samples (one component each, stationary GP over the layout).
+    # Reference: exact long samples (one component each, stationary GP over the layout; on a
+    # circle for a loop, whose wrap seam must be a seam like the others).
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed + 7919)
     comps = model.sample_components(cw, generator=gen)
-    true = model.sample(comps, layout.length, generator=gen)
+    true = model.sample(comps, layout.length, generator=gen, periodic=loop)
     rows.append(_row_from_latent("true", model, true, layout, cw, min_eigenvalue, time.perf_counter() - t0))
+    wrapped_error = model.periodic_error(layout.length) if loop else 0.0
 
-    # One window through the pipeline itself: the sampler's own error with no seam.
+    # One window through the pipeline itself: the sampler's own error with no seam. As many
+    # windows per sample as the layout has views, pooled like a method's interior probes.
     t0 = time.perf_counter()
+    n = layout.num_views
     singles = []
     for i, (p, c) in enumerate(plan):
-        singles.append(pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale, num_waveforms_per_prompt=c,
-                            generator=torch.Generator().manual_seed(seed + 104729 + i), output_type="latent").audios)
-    singles = torch.cat(singles)
-    probe = min(2 * layout.overlap, min(hi - lo for lo, hi in (layout.middle(v) for v in range(layout.num_views))))
+        singles.append(pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale,
+                            num_waveforms_per_prompt=c * n, generator=torch.Generator().manual_seed(seed + 104729 + i),
+                            output_type="latent").audios.reshape(c, n, model.channels, model.window, model.freq_bins))
+    singles = torch.cat(singles).transpose(0, 1).reshape(n * samples, model.channels, model.window,
+                                                         model.freq_bins)  # window-major, like the views
+    probe = min(2 * layout.overlap, min(hi - lo for lo, hi in (layout.middle(v) for v in range(n))))
     start = (model.window - probe) // 2
-    sq, _ = M.whitened_band_variances(model, singles[:, :, start:start + probe], cw.to(torch.float64),
-                                      min_eigenvalue=min_eigenvalue)
-    sq = sq.numpy()
+    sq, _ = M.whitened_band_variances(model, singles[:, :, start:start + probe],
+                                      cw.to(torch.float64).repeat(n, 1), min_eigenvalue=min_eigenvalue)
+    sq = np.nanmean(sq.numpy().reshape(n, samples, -1), axis=0)
     rows.append(RowStats("one window", int_kl=np.nanmean(M.gaussian_kl_to_unit(sq), -1), int_bands=sq,
-                         seconds=time.perf_counter() - t0))
+                         substyle=_substyles(model, singles[:samples], cw), seconds=time.perf_counter() - t0))
     say(f"reference rows done ({rows[-1].seconds:.1f} s for the single windows)")
 
     not_applicable: Dict[str, str] = {}
-    for method in methods:
+    for spec, method in parsed:
         try:
-            get_method(method).check_pipeline(jd.adapter)
+            method.check_pipeline(jd.adapter)
         except NotApplicable as exc:  # e.g. MAD: the texture model has no attention to merge
-            not_applicable[method] = str(exc)
-            say(f"{method}: not applicable ({exc})")
+            not_applicable[spec] = str(exc)
+            say(f"{spec}: not applicable ({exc})")
             continue
         t0 = time.perf_counter()
         latents = []
@@ -163,13 +234,14 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
             latents.append(out.latent)
         latent = torch.cat(latents)
         elapsed = time.perf_counter() - t0
-        rows.append(_row_from_latent(method, model, latent, out.layout, cw, min_eigenvalue, elapsed))
-        say(f"{method}: {elapsed:.1f} s")
+        rows.append(_row_from_latent(spec, model, latent, out.layout, cw, min_eigenvalue, elapsed))
+        say(f"{spec}: {elapsed:.1f} s")
 
     freqs = np.fft.rfftfreq(layout.overlap)
     settings = dict(samples=samples, seconds=seconds, steps=steps, prompts=prompts, loop=loop, overlap=overlap,
                     guidance_scale=guidance_scale, seed=seed, window=layout.window, layout=str(layout),
-                    scheduler=type(pipe.scheduler).__name__, min_eigenvalue=min_eigenvalue)
+                    scheduler=type(pipe.scheduler).__name__, min_eigenvalue=min_eigenvalue,
+                    substyles=[name for name, _, _ in model.substyles], wrapped_error=wrapped_error)
     result = EvalResult(rows, freqs, layout, settings, not_applicable=not_applicable)
     result.notes = _notes(result)
     return result
@@ -241,6 +313,10 @@ def _notes(res: EvalResult) -> List[str]:
     notes.append("'true' rows are exact long samples (one sub-style each), so their consistency is 1 by "
                  "construction; KL counts whitened directions with eigenvalue >= "
                  f"{res.settings['min_eigenvalue']} (finer ones are below any finite-step sampler's last noise level).")
+    if res.settings.get("wrapped_error", 0.0) > 1e-3:
+        notes.append(f"the loop is short for the model's kernels: a window of the periodic 'true' texture differs "
+                     f"from the model's by up to {res.settings['wrapped_error']:.3g} in temporal covariance "
+                     f"(k(0) = 1), so the 'true' row is not exact here.")
     return notes
 
 
@@ -251,24 +327,34 @@ def _settings_line(res: EvalResult) -> str:
             f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
 
 
+def _fmt_counts(x: Optional[np.ndarray], kinds: int) -> str:
+    if x is None:
+        return "-"
+    return "/".join(str(int(np.sum(np.asarray(x) == k))) for k in range(kinds))
+
+
 def format_table(res: EvalResult) -> str:
     """The table (text), with settings and notes."""
     loop = bool(res.settings["loop"])
+    kinds = len(res.settings.get("substyles", ())) or 3
     head = ["method", "HF ovl/int", "seam KL x1e3", "int KL x1e3", "seam-int x1e3", "seam v_hf", "int v_hf",
-            "consistent"]
+            "consistent", "sub-styles", "repeat"]
     if loop:
         head[2:2] = ["wrap HF"]
         head.insert(5, "wrap KL x1e3")
+        head.insert(7, "wrap-seam x1e3")
     lines = []
     table = []
     for r in res.rows:
         paired = None if r.seam_kl is None or r.int_kl is None else r.seam_kl - r.int_kl
         cells = [r.name, _fmt_ratio(r.hf), _fmt(r.seam_kl, 1e3, 2), _fmt(r.int_kl, 1e3, 2), _fmt(paired, 1e3, 2),
                  _fmt(None if r.seam_bands is None else r.seam_bands[:, -1]),
-                 _fmt(None if r.int_bands is None else r.int_bands[:, -1]), _fmt_prop(r.consistent)]
+                 _fmt(None if r.int_bands is None else r.int_bands[:, -1]), _fmt_prop(r.consistent),
+                 _fmt_counts(r.substyle, kinds), _fmt(r.repeat, 1.0, 2)]
         if loop:
             cells[2:2] = [_fmt_ratio(r.wrap_hf)]
             cells.insert(5, _fmt(r.wrap_kl, 1e3, 2))
+            cells.insert(7, _fmt(r.wrap_excess, 1e3, 2))
         table.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -280,7 +366,9 @@ def format_table(res: EvalResult) -> str:
     lines.append("mean ± 95% CI over samples (HF: geometric mean of per-sample ratios, interval on the log "
                  "scale; Wilson interval for 'consistent'); seam-int = per-sample paired "
                  "difference of the KLs (the seam's own excess, sampler error cancelled); v_hf = whitened variance "
-                 "of the fastest temporal band (1 = exact).")
+                 "of the fastest temporal band (1 = exact); sub-styles = samples per sub-style ("
+                 + "/".join(res.settings.get("substyles", ())) + "); repeat = correlation of the views' middles"
+                 + ("; wrap-seam = the wrap seam's KL minus the other seams', one probe each" if loop else "") + ".")
     lines += [f"note: {n}" for n in res.notes]
     return "\n".join(lines)
 
@@ -349,7 +437,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
+                   help=f"comma-separated methods, each optionally with parameters of its method object, "
+                        f"e.g. safa:guide=0.6 (default: all: {','.join(ALL_METHODS)})")
+    p.add_argument("--scheduler", default=None,
+                   help="diffusers scheduler class, e.g. DDIM, DPMSolverMultistep (default: the built-in "
+                        "model's DPM-Solver++)")
     p.add_argument("--samples", type=int, default=8, help="long samples per row (default 8)")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each sample (default 40)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
@@ -390,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot write {path}: {exc}") from None
     res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                    loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
-                   window=args.window, min_eigenvalue=args.min_eigenvalue,
+                   window=args.window, min_eigenvalue=args.min_eigenvalue, scheduler=args.scheduler,
                    log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
     table = format_table(res)
     print(table)

@@ -10,6 +10,9 @@ shorthand                          object                                       
 =================================  ============================================  ==========================
 ``"safa"``                         :class:`SaFa` ``(guide, swap_interval)``      self-loop swap (Eq. 9) +
                                                                                  reference swap (Eq. 10)
+``"safa_stats"``                   :class:`SaFaStats` ``(snr, strength,          self-loop swap; the views'
+                                   swap_interval)``                              clean predictions take the
+                                                                                 reference's row statistics
 ``"safa_selfloop"``                :class:`SaFaSelfLoop` (SaFa*)                 self-loop swap only
 ``"multidiffusion"``               :class:`MultiDiffusion` (MD)                  mean of the overlaps
 ``"multidiffusion_triangular"``    ``MultiDiffusion(triangular=True)`` (MD*)     triangular-weighted mean
@@ -46,8 +49,8 @@ if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would s
     from .accel import StepConfig
     from .adapters import Adapter
 
-__all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaSelfLoop", "MultiDiffusion",
-           "MAD", "SyncDiffusion", "METHODS", "get_method"]
+__all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaStats", "SaFaSelfLoop",
+           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method"]
 
 
 def leading_steps(fraction: float, num_steps: int) -> int:
@@ -88,10 +91,11 @@ class MethodContext:
 class MethodHooks:
     """A method's behaviour inside the sampler's step, for one call (the base class does nothing).
 
-    The sampler enters it around the whole denoising loop and calls it at two numbered points
-    of every step (``safa/sampler.py``): :meth:`before_model` (6.0) and :meth:`model_context`
-    around the model call (6.2). ``__exit__`` runs also when the loop raises, so anything
-    installed by ``__enter__`` (MAD's attention processors) is always removed.
+    The sampler enters it around the whole denoising loop and calls it at three numbered points
+    of every step (``safa/sampler.py``): :meth:`before_model` (6.0), :meth:`model_context`
+    around the model call (6.2) and :meth:`after_model` (6.2b). ``__exit__`` runs also when the
+    loop raises, so anything installed by ``__enter__`` (MAD's attention processors) is always
+    removed.
     """
 
     def __enter__(self) -> "MethodHooks":
@@ -107,6 +111,13 @@ class MethodHooks:
         """Step ``i``: a context around the model call (no-op by default)."""
         return contextlib.nullcontext()
 
+    def after_model(self, i: int, views: "torch.Tensor", reference: "Optional[torch.Tensor]",
+                    model_input: "torch.Tensor", model_output: "torch.Tensor") -> None:
+        """Step ``i``, after the model and before the scheduler steps: may update in place the views'
+        noisy latents ``(n, B, ...)`` and the model output (the views' rows, view-major, then the
+        reference's). ``reference`` is the reference window's ``x_t`` while it guides, else None;
+        ``model_input`` is the model batch the output came from."""
+
 
 class Method:
     """What distinguishes one joint-diffusion method from another.
@@ -120,20 +131,34 @@ class Method:
             two views only, so at most half a window; averaging takes any overlap below 1).
         all_views_in_one_call: every view must be in the same model call (``view_batch_size``
             None then means all views, not the sampler's bounded default).
+        swaps_reference: whether the merge swaps the reference window into the views' middles
+            while it guides (Eq. 10; SaFa). A method with a reference that guides otherwise
+            (:class:`SaFaStats`, through its hooks) sets it False.
     """
 
     merge_mode: ClassVar[str] = "swap"
     max_overlap_rate: ClassVar[float] = 0.5
     all_views_in_one_call: ClassVar[bool] = False
+    swaps_reference: ClassVar[bool] = True
     swap_interval: int = 1
 
     @property
     def name(self) -> str:
         raise NotImplementedError
 
-    def reference_steps(self, num_steps: int) -> int:
-        """How many of the first ``num_steps`` steps the reference window guides (0: no reference)."""
+    def reference_steps(self, num_steps: int, scheduler: Any = None) -> int:
+        """How many of the first ``num_steps`` steps the reference window guides (0: no reference).
+
+        ``scheduler`` is the views' scheduler after ``set_timesteps`` (the sampler always gives
+        it), for a window defined by noise level rather than by a fraction of the steps.
+        """
         return 0
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the method may denoise a reference window (what the memory estimate counts,
+        before the scheduler's timesteps, and so :meth:`reference_steps`, are known)."""
+        return False
 
     def check_pipeline(self, adapter: "Adapter") -> None:
         """Raise :class:`NotApplicable` when the method cannot run on ``adapter``'s pipeline."""
@@ -171,8 +196,72 @@ class SaFa(Method):
     def name(self) -> str:
         return "safa"
 
-    def reference_steps(self, num_steps: int) -> int:
+    def reference_steps(self, num_steps: int, scheduler: Any = None) -> int:
         return leading_steps(self.guide, num_steps)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.guide > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SaFaStats(Method):
+    """SaFa with reference-statistics guidance: the views take the reference's statistics, not its content.
+
+    The self-loop swap of Eq. 9 merges the overlaps, as in SaFa. The reference window ``X^0`` is
+    denoised alongside the views while it guides, but nothing of it is copied into them: at
+    every guided step each view's clean prediction is scaled, row by row (every position of
+    the axes other than the long one: a (channel, frequency bin) of an audio latent), to the
+    reference's root mean square along the long axis, with the noise prediction kept
+    (:mod:`safa.reference_stats`). The views settle on the reference's timbre / level /
+    sub-style and keep their own content. The guided steps are those whose signal-to-noise
+    ratio is at most ``snr``, the same part of the trajectory for any number of steps.
+    Measured against SaFa in docs/guidance-research.md.
+
+    Args:
+        snr: the guidance window: steps whose noisy latent's signal-to-noise ratio
+            (:func:`safa.syncdiffusion.step_snr`; ``alpha_bar / (1 - alpha_bar)``) is at most
+            this (default 0.02: on AudioLDM's noise schedule the first 63 of 200 DDIM steps or 8 of
+            25 DPM-Solver++ steps, where the texture model's sub-style is decided). 0: no guidance.
+        strength: exponent of the row gains, 0 (none) to 1 (the reference's level exactly;
+            default 1).
+        swap_interval: ``w_swap`` of the self-loop swap (default 1).
+    """
+
+    snr: float = 0.02
+    strength: float = 1.0
+    swap_interval: int = 1
+    swaps_reference: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.snr, bool) or not isinstance(self.snr, (int, float)) or not 0.0 <= self.snr < math.inf:
+            raise ValueError(f"snr must be a finite number >= 0 (a signal-to-noise ratio), got {self.snr!r}")
+        check_range("strength", self.strength, 0.0, 1.0)
+        check_positive_int("swap_interval", self.swap_interval)
+
+    @property
+    def name(self) -> str:
+        return "safa_stats"
+
+    @property
+    def has_reference(self) -> bool:
+        return self.snr > 0 and self.strength > 0
+
+    def reference_steps(self, num_steps: int, scheduler: Any = None) -> int:
+        if not self.has_reference:
+            return 0  # no guidance: no reference window at all (exactly SaFa*)
+        if scheduler is None:
+            raise ValueError("SaFaStats.reference_steps needs the scheduler (after set_timesteps): its window "
+                             "is a range of noise levels")
+        from .syncdiffusion import step_snr
+        steps = 0
+        while steps < num_steps and step_snr(scheduler, steps) <= self.snr:
+            steps += 1
+        return steps
+
+    def hooks(self, context: MethodContext) -> MethodHooks:
+        from .reference_stats import ReferenceStatisticsHooks
+        return ReferenceStatisticsHooks(self, context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +403,7 @@ class SyncDiffusion(Method):
 # The one list of methods: shorthand -> factory of the default configuration.
 METHODS: Dict[str, Callable[..., Method]] = {
     "safa": SaFa,
+    "safa_stats": SaFaStats,
     "safa_selfloop": SaFaSelfLoop,
     "multidiffusion": MultiDiffusion,
     "multidiffusion_triangular": functools.partial(MultiDiffusion, triangular=True),

@@ -24,6 +24,8 @@ Metrics
   the Gaussian KL ``0.5 (v - 1 - ln v)`` averaged over bands counts both.
 * :func:`cross_view_consistency`: whether every view of a long sample has the same most
   likely sub-style.
+* :func:`middle_correlation`: whether the views repeat each other (the correlation of their
+  middles; about 0 for a stationary texture).
 * Generic: :func:`frechet_distance`, :func:`class_kl`, :func:`intra_similarity` for users
   with their own embedding / classifier functions.
 
@@ -44,7 +46,7 @@ from safa_kernels import ViewLayout
 __all__ = ["HF_CUTOFF", "overlap_columns", "interior_columns", "region_spectra", "hf_energy_ratio", "RegionSpectra",
            "hf_energies", "ratio_ci", "probe_fidelity", "ProbeFidelity", "cross_view_consistency", "frechet_distance",
            "frechet_distance_from_embeddings", "class_kl", "intra_similarity", "mean_ci", "proportion_ci", "paired_ratio_difference_ci", "mcnemar_p", "log_ratio_ci", "paired_log_ratio_ci",
-           "whitened_band_variances", "most_likely_components", "gaussian_kl_to_unit"]
+           "whitened_band_variances", "most_likely_components", "gaussian_kl_to_unit", "middle_correlation"]
 
 
 # -- geometry ----------------------------------------------------------------------------
@@ -260,16 +262,31 @@ def most_likely_components(model, windows: torch.Tensor, class_weights: torch.Te
 @dataclass
 class ProbeFidelity:
     """Per-sample whitened variances by probe kind. ``seam`` / ``interior`` / ``wrap``:
-    ``(B, bands)`` (``wrap`` only for loop layouts: the wrap seam alone)."""
+    ``(B, bands)`` (``wrap`` only for loop layouts: the wrap seam alone); ``seam_each``:
+    ``(seams, B, bands)``, every seam's probe on its own, in :func:`seam_probe_columns` order."""
 
     seam: np.ndarray
     interior: np.ndarray
     wrap: Optional[np.ndarray]
     probe: int
+    seam_each: Optional[np.ndarray] = None
 
     def kl(self, which: str) -> np.ndarray:
         """Per-sample Gaussian KL to N(0, 1), averaged over the bands that have directions."""
         return np.nanmean(gaussian_kl_to_unit(getattr(self, which)), axis=-1)
+
+    def wrap_excess(self) -> np.ndarray:
+        """Per sample: the wrap seam's KL minus the mean KL of the other seams, each probe on its own.
+
+        A KL of a variance estimated from one probe is biased upwards by that estimate's noise
+        (``KL ~ (v - 1)^2 / 4``), more than the pooled ``seam`` column's, so the wrap seam is
+        compared with single inner seams: the same estimator, the bias cancels (0 = the wrap
+        seam is like any other seam).
+        """
+        if self.wrap is None or self.seam_each is None or self.seam_each.shape[0] < 2:
+            raise ValueError("wrap_excess needs a loop layout with at least two seams")
+        each = np.nanmean(gaussian_kl_to_unit(self.seam_each), axis=-1)  # (seams, B)
+        return each[-1] - each[:-1].mean(0)
 
 
 def probe_fidelity(model, latent: torch.Tensor, layout: ViewLayout, class_weights: torch.Tensor,
@@ -288,18 +305,17 @@ def probe_fidelity(model, latent: torch.Tensor, layout: ViewLayout, class_weight
         raise ValueError(f"probe of {probe} columns is shorter than {bands} bands")
     b = latent.shape[0]
 
-    def stats(cols_list: List[List[int]]) -> np.ndarray:
+    def regions(cols_list: List[List[int]]) -> np.ndarray:
         wins = torch.cat([_take(latent, -2, c) for c in cols_list])  # (R*B, C, P, F), region-major
         cw = class_weights.to(torch.float64).repeat(len(cols_list), 1)
         sq, _ = whitened_band_variances(model, wins, cw, bands, min_eigenvalue)
-        # pooled over the regions of each sample (a band empty in one region is skipped)
-        return np.nanmean(sq.reshape(len(cols_list), b, bands).numpy(), axis=0)
+        return sq.reshape(len(cols_list), b, bands).numpy()
 
-    seams = seam_probe_columns(layout, probe)
-    seam = stats([c for _, c in seams])
-    interior = stats([c for _, c in interior_columns(layout, probe)])
-    wrap = stats([seams[-1][1]]) if layout.loop else None
-    return ProbeFidelity(seam, interior, wrap, probe)
+    # pooled over the regions of each sample (a band empty in one region is skipped)
+    seam_each = regions([c for _, c in seam_probe_columns(layout, probe)])
+    interior = np.nanmean(regions([c for _, c in interior_columns(layout, probe)]), axis=0)
+    wrap = seam_each[-1] if layout.loop else None
+    return ProbeFidelity(np.nanmean(seam_each, axis=0), interior, wrap, probe, seam_each)
 
 
 def cross_view_consistency(model, latent: torch.Tensor, layout: ViewLayout,
@@ -313,6 +329,29 @@ def cross_view_consistency(model, latent: torch.Tensor, layout: ViewLayout,
     same = (comp == comp[:, :1]).all(1).numpy()
     frac = np.array([np.bincount(r.numpy()).max() / layout.num_views for r in comp])
     return same, frac
+
+
+def middle_correlation(latent: torch.Tensor, layout: ViewLayout, dim: int = -2) -> np.ndarray:
+    """Per sample: how much the views repeat each other, the mean over pairs of views of the
+    Pearson correlation of their middles.
+
+    Each view contributes the local columns that are in every view's middle (``[o, s)`` of a
+    uniform layout: the columns SaFa's reference swap writes, read at the same local columns in
+    every view); a pair's correlation is over all their elements (channels, bins, columns). For
+    views that are different stretches of one stationary texture it is about 0 (their middles
+    are a stride apart); a reference copied into every middle raises it towards 1.
+    """
+    lo = max(layout.middle(v)[0] for v in range(layout.num_views))
+    hi = min(layout.middle(v)[1] for v in range(layout.num_views))
+    if layout.num_views < 2 or hi - lo < 2:
+        raise ValueError(f"middle_correlation needs >= 2 views with >= 2 middle columns in common, got {layout}")
+    segs = torch.stack([_take(latent, dim, layout.columns(v)[lo:hi]).to(torch.float64).flatten(1)
+                        for v in range(layout.num_views)], 1)                    # (B, n, D)
+    segs = segs - segs.mean(-1, keepdim=True)
+    segs = segs / segs.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    corr = segs @ segs.transpose(1, 2)
+    i, j = torch.triu_indices(layout.num_views, layout.num_views, 1)
+    return corr[:, i, j].mean(-1).numpy()
 
 
 # -- generic metrics for user-supplied embeddings -------------------------------------------

@@ -322,7 +322,7 @@ class JointDiffusion:
                   output_type: str, to_files: bool) -> MemoryEstimate:
         adapter = self.adapter
         length, w, n = self._planned_layout(seconds, width, window, overlap, loop, method)
-        with_reference = n > 1 and method.reference_steps(1000) > 0  # one window, however many steps it guides
+        with_reference = n > 1 and method.has_reference  # one window, however many steps it guides
         mode = resolve_mode(decode, length, w)
         tile = min(decode_tile or w, length)
         decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
@@ -577,7 +577,7 @@ class JointDiffusion:
         timesteps = adapter.set_timesteps(num_inference_steps, window_shape)
         scheduler = pipe.scheduler
         num_steps = len(timesteps)
-        guide_steps = method.reference_steps(num_steps) if n > 1 else 0
+        guide_steps = method.reference_steps(num_steps, scheduler) if n > 1 else 0
         if reference_latents is not None and guide_steps == 0:
             raise ValueError(f"reference_latents given but method {method.name!r} with {n} view(s) and "
                              f"{num_steps} steps uses no reference window")
@@ -641,6 +641,8 @@ class JointDiffusion:
                     # method's model context (MAD: self-attention merged over the long latent).
                     with record_function("safa.model"), hooks.model_context(i):
                         model_out = runner.predict(model_in, i, with_reference)
+                    # 6.2b The method's post-model hook: SaFaStats moves the views' clean predictions.
+                    hooks.after_model(i, views, reference if guiding else None, model_in, model_out)
                     # Memory: the scheduler's step is the peak of the loop; nothing views-sized that it
                     # does not read may live through it (the concatenated model input here, its
                     # pred_original_sample below): docs/long-audio.md.
@@ -664,7 +666,7 @@ class JointDiffusion:
                     # 6.4 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
                     # plus the reference-guided swap of the middles (Eq. 10) while guiding.
                     with record_function("safa.merge"):
-                        runner.merge(views, reference if guiding else None)
+                        runner.merge(views, reference if guiding and method.swaps_reference else None)
                     # 6.5 Callback: may replace this process's views / the reference.
                     if callback_on_step_end is not None:
                         got = callback_on_step_end(self, i, t, {"views": views[own.start:own.stop],

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .adapters import Adapter, Conditions
 from .methods import MethodContext, MethodHooks, leading_steps
 
-__all__ = ["x0_family", "predict_x0", "spectral_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
+__all__ = ["x0_family", "predict_x0", "step_snr", "shift_clean_prediction", "spectral_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,8 +59,73 @@ def x0_family(scheduler: Any) -> str:
                      f"flow-matching or EDM scheduler")
 
 
+def _alpha_bar(scheduler: Any, i: int) -> float:
+    """The DDPM family's ``alpha_bar`` at step ``i``: from the per-step sigma where the scheduler keeps one
+    (Euler, Heun, DPM-Solver, UniPC), else from ``alphas_cumprod`` at the step's integer timestep."""
+    if _per_step_sigma(scheduler):
+        return 1.0 / (1.0 + float(scheduler.sigmas[i]) ** 2)
+    t = float(scheduler.timesteps[i])
+    if t != int(t):
+        raise ValueError(f"{type(scheduler).__name__} gives a fractional timestep {t} and no sigma per step, "
+                         f"so the noise level cannot be read from its alphas_cumprod")
+    return float(scheduler.alphas_cumprod[int(t)])
+
+
+def step_snr(scheduler: Any, i: int) -> float:
+    """Signal-to-noise ratio of the noisy latent at step ``i`` (after ``set_timesteps``), per unit data variance.
+
+    The DDPM family's ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` gives ``a / (1 - a)``; flow matching's
+    ``(1 - s) x0 + s eps`` gives ``((1 - s) / s)^2``; EDM's ``x0 + sigma eps`` gives ``1 / sigma^2``.
+    It grows along the trajectory whatever the scheduler and the number of steps, so a window of
+    the trajectory defined by it is the same for 25 and 200 steps.
+    """
+    family = x0_family(scheduler)
+    if family == "ddpm":
+        a = _alpha_bar(scheduler, i)
+        return a / (1.0 - a) if a < 1.0 else math.inf
+    s = float(scheduler.sigmas[i])
+    if s == 0.0:
+        return math.inf
+    return ((1.0 - s) / s) ** 2 if family == "flow" else 1.0 / s ** 2
+
+
+def shift_clean_prediction(scheduler: Any, i: int, sample: torch.Tensor, model_input: torch.Tensor,
+                           model_output: torch.Tensor, delta: torch.Tensor) -> None:
+    """Move the clean prediction of step ``i`` by ``delta`` and keep its noise prediction, in place.
+
+    ``sample`` (the scheduler's ``x_t``) becomes ``x_t + c delta``, where ``c`` is the weight of the
+    clean latent in ``x_t`` at step ``i`` (``sqrt(a)`` in the model's variance-preserving units,
+    divided by the factor ``scale_model_input`` applies; ``1 - s`` for flow matching; 1 for EDM),
+    and ``model_output`` changes by what makes :func:`predict_x0` of the new pair ``x0 + delta``:
+    nothing for an epsilon-predicting model, ``-sqrt(1 - a) delta`` for v-prediction, ``delta`` for
+    x0-prediction, ``-delta`` for flow matching. The scheduler's step then moves as if the model had
+    predicted ``x0 + delta`` with the same noise. ``model_input`` is only read (the scale factor).
+    """
+    family = x0_family(scheduler)
+    if family == "ddpm":
+        num = float((model_input.double() * sample.double()).sum())
+        den = float((sample.double() ** 2).sum())
+        scale_in = num / den if den > 0 else 1.0  # scale_model_input is a scalar multiple of the sample
+        weight = math.sqrt(_alpha_bar(scheduler, i)) / scale_in
+    else:
+        scale_in = 1.0 if family == "flow" else None
+        weight = 1.0 - float(scheduler.sigmas[i]) if family == "flow" else 1.0
+    # predict_x0 is affine in (sample, model_input, model_output): read its two coefficients on scalars.
+    probe = torch.zeros(1, dtype=torch.float64, device=sample.device)
+    one = torch.ones_like(probe)
+    if scale_in is None:  # EDM: precondition_outputs reads the sample only
+        from_sample = float(predict_x0(scheduler, i, one, probe, probe, clip=False))
+    else:
+        from_sample = float(predict_x0(scheduler, i, one, one * scale_in, probe, clip=False))
+    from_output = float(predict_x0(scheduler, i, probe, probe, one, clip=False))
+    sample.add_(delta, alpha=weight)
+    residual = 1.0 - from_sample * weight  # 0 for epsilon prediction: x0 moved with the sample alone
+    if abs(residual) > 1e-6:
+        model_output.add_(delta, alpha=residual / from_output)
+
+
 def predict_x0(scheduler: Any, i: int, sample: torch.Tensor, model_input: torch.Tensor,
-               model_output: torch.Tensor) -> torch.Tensor:
+               model_output: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """The clean latent ``x0`` that the model output at step ``i`` predicts, differentiable in all inputs.
 
     ``sample`` is the scheduler's ``x_t``, ``model_input`` its ``scale_model_input``, and
@@ -75,21 +140,14 @@ def predict_x0(scheduler: Any, i: int, sample: torch.Tensor, model_input: torch.
       sample down to it), with ``a = 1 / (1 + sigmas[i]^2)`` when the scheduler keeps one
       sigma per timestep (Euler, Heun, DPM-Solver, UniPC) and ``alphas_cumprod[t]`` otherwise
       (DDIM, DDPM, PNDM); then ``prediction_type`` says how to solve for ``x0``, and
-      ``clip_sample`` clips it as DDIM's own step does.
+      ``clip_sample`` clips it as DDIM's own step does (unless ``clip=False``).
     """
     family = x0_family(scheduler)
     if family == "edm":
         return scheduler.precondition_outputs(sample, model_output, scheduler.sigmas[i].to(sample.device))
     if family == "flow":
         return sample - float(scheduler.sigmas[i]) * model_output
-    if _per_step_sigma(scheduler):
-        alpha_bar = 1.0 / (1.0 + float(scheduler.sigmas[i]) ** 2)
-    else:
-        t = float(scheduler.timesteps[i])
-        if t != int(t):
-            raise ValueError(f"SyncDiffusion: {type(scheduler).__name__} gives a fractional timestep {t} and no "
-                             f"sigma per step, so x0 cannot be computed from its alphas_cumprod")
-        alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+    alpha_bar = _alpha_bar(scheduler, i)
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":
@@ -100,7 +158,7 @@ def predict_x0(scheduler: Any, i: int, sample: torch.Tensor, model_input: torch.
         x0 = model_output
     else:
         raise ValueError(f"SyncDiffusion: unsupported prediction_type {prediction!r} of {type(scheduler).__name__}")
-    if scheduler.config.get("clip_sample", False):  # DDIM / DDPM clip their x0 (the SD pipelines turn it off)
+    if clip and scheduler.config.get("clip_sample", False):  # DDIM / DDPM clip their x0 (SD pipelines turn it off)
         r = float(scheduler.config.get("clip_sample_range", 1.0))
         x0 = x0.clamp(-r, r)
     return x0

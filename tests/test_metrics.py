@@ -139,6 +139,87 @@ def test_intervals() -> None:
     assert p == 1 and hi == 1 and 0.65 < lo < 0.75
 
 
+def test_middle_correlation_known_answers() -> None:
+    layout = ViewLayout(160, 40, 8, loop=True)            # 5 views, middles at local [8, 32)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(6, 3, 160, 4, generator=gen, dtype=torch.float64)
+    assert np.abs(M.middle_correlation(noise, layout)).max() < 0.1  # independent: ~0 (D = 288 per view)
+    copied, common = noise.clone(), torch.randn(6, 3, 24, 4, generator=gen, dtype=torch.float64)
+    for rho in (1.0, 0.6):  # middles rho * common + own noise: two views correlate by rho^2
+        for v in range(layout.num_views):
+            cols = layout.columns(v)[8:32]
+            copied[:, :, cols] = rho * common + math.sqrt(1 - rho * rho) * noise[:, :, cols]
+        np.testing.assert_allclose(M.middle_correlation(copied, layout), rho ** 2, atol=0.1 if rho < 1 else 1e-12)
+    # Open layouts: the end views' middles run to the edge; the common columns are the inner ones.
+    open_ = ViewLayout(136, 40, 8)
+    x = torch.randn(2, 3, 136, 4, generator=gen, dtype=torch.float64)
+    for v in range(open_.num_views):
+        x[:, :, open_.columns(v)[8:32]] = common[:2]
+    np.testing.assert_allclose(M.middle_correlation(x, open_), 1.0, atol=1e-12)
+    with pytest.raises(ValueError, match="middle columns in common"):
+        M.middle_correlation(torch.zeros(1, 1, 60, 1), ViewLayout(60, 40, 30, loop=True))
+
+
+def test_periodic_truth_wraps_and_a_line_does_not(model) -> None:
+    # Drawn on a circle, the frame after the last is the first (lag covariance across the wrap = the
+    # kernel's); drawn on a line, the two ends are independent. The model's kernels have decayed well
+    # within 600 frames, so a window of the periodic texture is the model's to 1e-3.
+    from safa.texture.model import temporal_kernel
+    cw = model.encode_prompt(["wind"] * 2000).to(torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    comps = model.sample_components(cw, generator=gen)
+    kernel = temporal_kernel(model.classes[model.class_names.index("wind")].temporal, np.array([1, 3]))
+    assert model.periodic_error(600) < 1e-3 < model.periodic_error(100)
+    for periodic in (True, False):
+        x = model.sample(comps, 600, generator=gen, dtype=torch.float64, periodic=periodic)
+        x = x / x.pow(2).mean((0, 2), keepdim=True).sqrt()          # unit variance per (channel, bin)
+        for lag, k in zip((1, 3), kernel):
+            across = (x[:, :, 600 - lag:] * x[:, :, :lag]).mean().item()
+            inside = (x[:, :, 100:100 + lag] * x[:, :, 100 - lag:100]).mean().item()
+            assert abs(inside - k) < 0.04                            # 16000 products each: sd ~0.015
+            assert abs(across - (k if periodic else 0.0)) < 0.04
+
+
+def test_wrap_excess_compares_like_with_like(model) -> None:
+    # One seam's KL is noisier than the pooled seam KL, so KL(wrap) - KL(seam) is biased upwards even
+    # for exact loops; the wrap seam against single inner seams (the same estimator) is not.
+    layout = ViewLayout(160, 40, 8, loop=True)
+    cw = model.encode_prompt(["rain", "fire", "crowd"] * 40).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x = model.sample(model.sample_components(cw, generator=gen), 160, generator=gen, dtype=torch.float64,
+                     periodic=True)
+    fid = M.probe_fidelity(model, x, layout, cw)
+    naive, h = M.mean_ci(fid.kl("wrap") - fid.kl("seam"))
+    assert naive - h > 0
+    fair, h = M.mean_ci(fid.wrap_excess())
+    assert abs(fair) < h
+    assert fid.seam_each.shape == (layout.num_views, 120, 4)
+    np.testing.assert_array_equal(fid.wrap, fid.seam_each[-1])
+
+
+def test_method_specs() -> None:
+    from safa import SaFa, SaFaStats
+    from safa.evaluate import parse_method_spec
+    assert parse_method_spec("safa") == SaFa()
+    assert parse_method_spec("safa:guide=0.6:swap_interval=2") == SaFa(guide=0.6, swap_interval=2)
+    assert parse_method_spec(" safa_stats:snr=0.05:strength=0.5") == SaFaStats(snr=0.05, strength=0.5)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        parse_method_spec("nope:guide=1")
+    with pytest.raises(ValueError, match="is not name=value"):
+        parse_method_spec("safa:guide")
+    with pytest.raises(ValueError, match="gide does not apply to method 'safa'"):
+        parse_method_spec("safa:gide=0.5")
+
+
+def test_texture_pipeline_schedulers_do_not_clip() -> None:
+    # The built-in latents are unbounded: DDIM made from its config (--scheduler DDIM) must not clip x0.
+    from safa.commands.common import set_scheduler
+    from safa.texture import make_texture_pipeline
+    pipe = make_texture_pipeline(window=32)
+    set_scheduler(pipe, "DDIM")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
+
+
 def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     from safa.cli import main
     plot = tmp_path / "ev.png"
@@ -146,13 +227,20 @@ def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
                "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot), "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
-    for name in ("true", "one window", "safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular",
-                 "wrap HF", "note:"):
+    for name in ("true", "one window", "safa", "safa_stats", "safa_selfloop", "multidiffusion",
+                 "multidiffusion_triangular", "wrap HF", "wrap-seam", "sub-styles", "repeat", "note:"):
         assert name in out
     assert plot.stat().st_size > 1000
     assert "safa_selfloop" in (tmp_path / "evaluate.txt").read_text()
     assert sorted(os.listdir(tmp_path)) == ["ev.png", "evaluate.txt"]  # nothing else, no temporary files
     assert main(["evaluate", "--methods", "nope", "--samples", "2", "--out", str(tmp_path)]) == 2
+    assert main(["evaluate", "--methods", "safa:gide=1", "--samples", "2", "--out", str(tmp_path)]) == 2
+    assert main(["evaluate", "--scheduler", "nope", "--samples", "2", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "0.96", "--steps", "3", "--prompts",
+               "rain", "--methods", "safa:guide=0.6,safa_stats:snr=0.05", "--scheduler", "DDIM", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "safa:guide=0.6" in out and "safa_stats:snr=0.05" in out and "DDIMScheduler" in out
 
 
 def test_demo_smoke(tmp_path, capsys) -> None:

@@ -429,29 +429,70 @@ class TextureModel(ModelMixin, ConfigMixin):
         return torch.multinomial(p, 1, generator=generator).reshape(-1)
 
     def sample(self, components: torch.Tensor, length: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32,
+               periodic: bool = False) -> torch.Tensor:
         """Exact samples ``(B, C, length, F)`` of the given components.
 
         ``length = window`` samples the model itself. A longer length samples the stationary
         Gaussian process with the same kernel over ``length`` frames, so every window of it
         is distributed exactly as the component: a *true long texture* used as the
         reference row of the evaluation (one sub-style throughout).
+
+        ``periodic=True`` samples the process on a circle of ``length`` frames instead (a true
+        *loop*: frame ``length - 1`` is followed by frame 0 as any frame by the next), the
+        reference for loop layouts; a line's two ends are independent, which the wrap seam of
+        a loop must not be. Its temporal covariance is the kernel wrapped around the circle,
+        ``sum_m k(tau + m * length)``: a window then differs from the model's by the wrapped
+        terms (:meth:`periodic_error`), negligible once the kernel has decayed over
+        ``length - window`` frames. Drawn by FFT, so any length is cheap.
         """
         length = self.window if length is None else int(length)
         comps = torch.as_tensor(components).reshape(-1)
         out = torch.empty(comps.numel(), self.channels, length, self.freq_bins, dtype=torch.float64)
         lags = np.arange(length)[:, None] - np.arange(length)[None, :]
-        chol_t: Dict[int, torch.Tensor] = {}
+        temporal: Dict[int, torch.Tensor] = {}  # per class: Cholesky factor, or circulant spectrum's root
         for i, k in enumerate(comps.tolist()):
             c = int(self.component_class[k])
-            if c not in chol_t:
-                kt = temporal_kernel(self.classes[c].temporal, lags) + 1e-4 * np.eye(length)
-                chol_t[c] = torch.linalg.cholesky(torch.tensor(kt))
+            if c not in temporal:
+                if periodic:
+                    spectrum = np.fft.rfft(self._wrapped_kernel(c, length)).real
+                    temporal[c] = torch.tensor(np.sqrt(np.clip(spectrum, 0.0, None)))
+                else:
+                    kt = temporal_kernel(self.classes[c].temporal, lags) + 1e-4 * np.eye(length)
+                    temporal[c] = torch.linalg.cholesky(torch.tensor(kt))
             la = torch.linalg.cholesky(self.chanfreq_cov[k])
             e = torch.randn(self.channels * self.freq_bins, length, generator=generator, dtype=torch.float64)
-            m = la @ e @ chol_t[c].T
+            if periodic:  # circular convolution with the kernel's square root: covariance circulant
+                e = torch.fft.irfft(torch.fft.rfft(e, dim=-1) * temporal[c], n=length, dim=-1)
+                m = la @ e
+            else:
+                m = la @ e @ temporal[c].T
             out[i] = m.reshape(self.channels, self.freq_bins, length).permute(0, 2, 1)
         return out.to(dtype)
+
+    def _wrapped_kernel(self, c: int, length: int) -> np.ndarray:
+        """Class ``c``'s kernel wrapped around a circle of ``length`` frames (lags ``0 .. length - 1``),
+        with the sampler's nugget; terms are added until they are below 1e-15."""
+        lags = np.arange(length)
+        wrapped = temporal_kernel(self.classes[c].temporal, lags)
+        m = 1
+        while True:
+            terms = (temporal_kernel(self.classes[c].temporal, lags + m * length)
+                     + temporal_kernel(self.classes[c].temporal, lags - m * length))
+            wrapped = wrapped + terms
+            if np.abs(terms).max() < 1e-15:
+                break
+            m += 1
+        wrapped[0] += 1e-4
+        return wrapped
+
+    def periodic_error(self, length: int) -> float:
+        """Largest difference, over classes and lags within a window, between the covariance of a
+        window of the ``periodic`` process on ``length`` frames and the model's (``k(0) = 1``)."""
+        w = min(self.window, length)
+        lags = np.arange(w)
+        return max(float(np.abs(self._wrapped_kernel(c, length)[:w] - temporal_kernel(cls.temporal, lags)
+                                - 1e-4 * (lags == 0)).max()) for c, cls in enumerate(self.classes))
 
     def whiten(self, x: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
         """``(B, CF, T)`` whitened coefficients of windows ``x`` under ``components`` (``(B,)``).

@@ -151,4 +151,7 @@ def make_texture_pipeline(seed: int = 0, window: int = 256, channels: int = 8, f
     if scheduler is None:
         scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
                                                 beta_schedule="scaled_linear", prediction_type=prediction_type)
+        # The texture latents are not bounded to [-1, 1]: a scheduler made from this config
+        # (``safa generate --scheduler DDIM``) must not clip its x0 prediction, DDIM's default.
+        scheduler.register_to_config(clip_sample=False)
     return TexturePipeline(model, scheduler)
