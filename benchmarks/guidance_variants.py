@@ -49,7 +49,7 @@ import torch
 
 from safa import metrics as M
 from safa import evaluate as E
-from safa.methods import SaFa, SaFaSelfLoop
+from safa.methods import SaFa, SaFaSelfLoop, _parse_value
 from safa.sampler import JointDiffusion
 from safa.syncdiffusion import step_snr
 from safa.texture import make_texture_pipeline
@@ -160,7 +160,7 @@ class Variant:
 
 def make_variant(spec: str) -> Variant:
     name, *items = spec.split(":")
-    params = {k: E._parse_value(v) for k, _, v in (item.partition("=") for item in items)}
+    params = {k: _parse_value(v) for k, _, v in (item.partition("=") for item in items)}
     var = Variant(spec, params)
     if name == "safa_snr":
         def guide(views, ref, layout, dim):

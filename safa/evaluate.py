@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .methods import METHODS, NotApplicable, get_method
+from .methods import METHODS, NotApplicable, parse_method_spec
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,32 +61,6 @@ __all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "evalu
            "ALL_METHODS", "parse_method_spec"]
 
 ALL_METHODS = tuple(METHODS)
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_method_spec(spec: str) -> "Method":
-    """``"name"`` or ``"name:param=value:param=value"`` -> the method object (a ValueError names what is wrong)."""
-    name, *params = spec.strip().split(":")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {', '.join(METHODS)}")
-    kwargs: Dict[str, Any] = {}
-    for item in params:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"method parameter {item!r} in {spec!r} is not name=value")
-        kwargs[key.strip()] = _parse_value(value)
-    return get_method(name, **kwargs)
 
 
 @dataclass

@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would s
     from .adapters import Adapter
 
 __all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaStats", "SaFaSelfLoop",
-           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method"]
+           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method", "parse_method_spec"]
 
 
 def leading_steps(fraction: float, num_steps: int) -> int:
@@ -435,3 +435,39 @@ def get_method(method: Union[str, Method], **params: Optional[Any]) -> Method:
         raise ValueError(f"{', '.join(unknown)} does not apply to method {method!r} "
                          f"(its parameters: {', '.join(sorted(accepted)) or 'none'})")
     return factory(**given)
+
+
+def _parse_value(text: str) -> Any:
+    """A spec's value as bool, int, float or (else) str."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(spec: str, **params: Optional[Any]) -> Method:
+    """``"name"`` or ``"name:param=value:param=value"`` (the CLI's method spec) -> the method object.
+
+    ``params`` are further parameters (the CLI's ``--guide`` / ``--swap-interval``; None: not
+    given), as :func:`get_method` takes them; a parameter given twice, unknown or out of range
+    is a ``ValueError`` that names it.
+    """
+    name, *items = spec.strip().split(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {', '.join(METHODS)}")
+    kwargs: Dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method parameter {item!r} in {spec!r} is not name=value")
+        kwargs[key.strip()] = _parse_value(value)
+    given = {k: v for k, v in params.items() if v is not None}
+    twice = sorted(set(given) & set(kwargs))
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given both in the method spec {spec!r} and on its own: give it once")
+    return get_method(name, **kwargs, **given)

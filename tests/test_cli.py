@@ -157,3 +157,35 @@ def test_help_lists_generate(capsys):
         main(["--help"])
     assert exc.value.code == 0 and "generate" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_generate_takes_method_specs_as_evaluate_does(tmp_path, capsys):
+    # `--method name:param=value` builds the method object; the written audio is the Python
+    # call's with that object (the built-in model, same seed).
+    import torch
+    from safa import JointDiffusion, SaFa
+    from safa.commands.common import BUILTIN_MODEL, load_pipeline
+
+    out = tmp_path / "spec.wav"
+    code = main(["generate", "--prompt", "rain", "--window", "0.96", "--seconds", "2.4", "--steps", "3", "--quiet",
+                 "--method", "safa:guide=0.6:swap_interval=2", "--out", str(out), "--no-spectrogram"])
+    assert code == 0, capsys.readouterr().err
+    pipe = load_pipeline(BUILTIN_MODEL, 0.96)
+    pipe.set_progress_bar_config(disable=True)
+    expected = JointDiffusion(pipe)("rain", seconds=2.4, num_inference_steps=3, guidance_scale=2.5,
+                                    method=SaFa(guide=0.6, swap_interval=2),
+                                    generator=torch.Generator().manual_seed(0)).audio[0]
+    np.testing.assert_allclose(sf.read(str(out), dtype="float32")[0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,extra,pattern", [
+    ("safa_stats:snr=-1", [], "snr must be"),
+    ("safa:guide=0.5", ["--guide", "0.4"], "guide given both"),
+    ("safa:gide=0.5", [], "gide does not apply"),
+    ("multidiffusion", ["--guide", "0.5"], "guide does not apply"),
+    ("nope", [], "unknown method 'nope'"),
+])
+def test_bad_method_spec_is_one_line(model_dir, tmp_path, capsys, method, extra, pattern):
+    code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--method", method, *extra,
+                 "--out", str(tmp_path / "x.wav")])
+    _assert_one_line_error(code, capsys.readouterr().err, pattern, tmp_path)

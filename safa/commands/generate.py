@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable
 from ..cli import CLIError
 from ..decode import DECODE_MODES
-from ..methods import METHODS
+from ..methods import METHODS, parse_method_spec
 from .common import (BUILTIN_MODEL, add_guidance_argument, add_model_arguments, check_backend_env, load_pipeline,
                      resolve_device, set_scheduler, setup_logging)
 
@@ -49,7 +49,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     length.add_argument("--width", type=int, default=None, help="panorama width in pixels")
     p.add_argument("--height", type=int, default=None,
                    help="panorama height in pixels (default: the model's native window height)")
-    p.add_argument("--method", choices=tuple(METHODS), default="safa", help="joint diffusion method (default safa)")
+    p.add_argument("--method", default="safa",
+                   help=f"joint diffusion method: one of {', '.join(METHODS)}, optionally with parameters of its "
+                        f"method object, e.g. safa:guide=0.5 or safa_stats:snr=0.05 (default safa)")
     p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default 200)")
     add_guidance_argument(p, 2.5)
@@ -121,6 +123,7 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Any) -> Tu
     (it alone writes)."""
     from ..sampler import JointDiffusion
 
+    _call_arguments(args)  # a bad --method / --guide fails here, before the model loads
     out: Optional[str] = args.out
     if out is not None:
         ext = os.path.splitext(out)[1].lower()
@@ -160,7 +163,8 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Any) -> Tu
 def _call_arguments(args: argparse.Namespace) -> Dict[str, Any]:
     """The arguments of the JointDiffusion call that the memory estimate also takes."""
     window = None if args.model == BUILTIN_MODEL else args.window  # the built-in model was built for it
-    return dict(seconds=args.seconds, width=args.width, height=args.height, method=args.method, loop=args.loop,
+    method = parse_method_spec(args.method, guide=args.guide, swap_interval=args.swap_interval)
+    return dict(seconds=args.seconds, width=args.width, height=args.height, method=method, loop=args.loop,
                 guidance_scale=args.guidance_scale, window=window, overlap=args.overlap,
                 view_batch_size=args.view_batch_size, decode=args.decode)
 
@@ -172,7 +176,7 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     call = _call_arguments(args)
     prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
     layout = jd.layout_for(args.seconds, args.width, window=call["window"], overlap=args.overlap, loop=args.loop,
-                           method=args.method)
+                           method=call["method"])
     if not args.quiet and rank == 0:
         print(f"layout: {jd.describe_layout(layout)}", file=sys.stderr)
     spectrogram = None
@@ -184,7 +188,7 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     started = time.perf_counter()
     result = jd(**call, num_inference_steps=args.steps, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt, generator=torch.Generator(device=device).manual_seed(args.seed),
-                swap_interval=args.swap_interval, guide=args.guide, output_path=out,
+                output_path=out,
                 callback_on_output_chunk=(None if spectrogram is None
                                           else lambda _, start, chunk: spectrogram.add(chunk[0].numpy())),
                 **prompt_args)
