@@ -163,10 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--windows", type=int, nargs="+", default=None, help="windows of the decode rows")
     ap.add_argument("--steps", type=int, default=2, help="denoising steps of safa generate (default 2)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    mode, threads, _ = harness.configure(args, ap)
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         ap.error(f"parts must be among {', '.join(PARTS)}, got {', '.join(unknown)}")
+    mode, threads, _ = harness.configure(args, ap)
     parts = args.parts or list(PARTS)
     seconds = args.seconds or SETTINGS[mode]["seconds"]
     windows = args.windows or SETTINGS[mode]["windows"]
