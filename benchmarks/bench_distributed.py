@@ -1,8 +1,14 @@
 """Distributed generation: 2 CPU processes against 1, and a modelled scaling table for GPUs.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_distributed.py [--quick] [--json out/bench_distributed.json]
+    python benchmarks/bench_distributed.py [--mode smoke|quick|full] [--seconds S] [--steps N] [--rounds N]
+    python benchmarks/run.py --only distributed          # the same, as a part of make bench
 
-What it prints (markdown), every number labelled measured / counted / modelled:
+The mode sets the measured run (smoke: 25 s, 3 steps, 1 round, numbers that mean nothing;
+quick: 60 s, 20 steps, 3 rounds, the run docs/distributed.md records, about 40 s on the
+2-core development VM; full: the same with 5 rounds); each option overrides one. The
+results go to the ``distributed`` section of benchmarks/results/<machine>.json
+(harness.record); benchmarks/report.py renders them (printed at the end, and in
+benchmarks/README.md). What it measures, every number labelled measured / counted / modelled:
 
 1. **Measured, this machine.** Two spawned processes (gloo, one thread each) on the tiny
    AudioLDM (``safa.testing.tiny_audioldm_pipeline``, native 10.24 s window, DDIM, CFG 2.5,
@@ -28,24 +34,29 @@ What it prints (markdown), every number labelled measured / counted / modelled:
    plus the replicated scheduler and merge, plus communication; ``ASSUMED`` below holds the
    hardware figures, which are not measured here (this task had no GPU).
 
-The timing code is the one function ``_step_times`` (a callback's wall and CPU timestamps):
-to move onto the shared benchmark harness it is the only part to replace.
+The step timing is the one function ``_step_times`` (a callback's wall and CPU timestamps of
+every step, both needed: the wall time is the speed-up, the CPU time the critical path);
+harness.py sets the mode and records the results.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
+import harness
+import report
+
+# The measured run per mode: seconds of tiny AudioLDM audio, steps, timed rounds.
+SETTINGS = {"smoke": dict(seconds=25.0, steps=3, rounds=1),
+            "quick": dict(seconds=60.0, steps=20, rounds=3),
+            "full": dict(seconds=60.0, steps=20, rounds=5)}
 
 # Hardware figures of the model (NOT measured: no GPU on the machine that wrote this).
 ASSUMED = {
@@ -311,78 +322,39 @@ def modelled(flops: Dict[str, float]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _markdown(meas: Dict[str, Any], flops: Dict[str, float], rows: List[Dict[str, Any]]) -> str:
-    out = []
-    p = meas["parts"]
-    out.append(f"### Measured: 2 processes x 1 thread vs 1 process x 1 thread "
-               f"(tiny AudioLDM, {meas['seconds']:g} s, {meas['views']} views, {meas['steps']} steps, SaFa)\n")
-    out.append("| | s / step (median of rounds) | rounds |")
-    out.append("|---|---:|---|")
-    out.append(f"| 1 process | {meas['one_step_s']:.4f} | {', '.join(f'{x:.4f}' for x in meas['one_rounds'])} |")
-    out.append(f"| 2 processes (views {' + '.join(map(str, meas['blocks']))}, reference on rank 1) | "
-               f"{meas['two_step_s']:.4f} | {', '.join(f'{x:.4f}' for x in meas['two_rounds'])} |")
-    out.append(f"| **speed-up** | **{meas['speedup']:.2f}x** | |")
-    out.append("")
-    out.append(f"CPU time per step (process CPU time, every thread): 1 process {meas['one_cpu_step_s']:.4f} s; "
-               f"2 processes, the busier rank's per step (critical path) {meas['two_cpu_critical_step_s']:.4f} s: "
-               f"**{meas['cpu_speedup']:.2f}x** if each process had a core of its own.\n")
-    cap = meas["parallel_capacity"]
-    out.append(f"Parallelism available to the two processes (2 x a fixed matmul load's time alone / its time on "
-               f"both at once; 2.0 = two free cores): {cap[0]:.2f} before the rounds, {cap[1]:.2f} after; "
-               f"load average after: {meas['load_average'][0]:.2f}.\n")
-    out.append(f"Parts (rank 0 alone): model {p['window_s'] * 1e3:.2f} ms per window, whole-batch scheduler step "
-               f"{p['scheduler_s'] * 1e3:.3f} ms, merge {p['merge_s'] * 1e3:.3f} ms. Exchange of one step on its own "
-               "(seconds, bytes sent):")
-    for rank, ex in meas["exchange"].items():
-        out.append(f"- {rank}: unguided {ex['unguided'][0] * 1e3:.3f} ms / {ex['unguided'][1]:.0f} B, "
-                   f"guided {ex['guided'][0] * 1e3:.3f} ms / {ex['guided'][1]:.0f} B")
-    out.append(f"\nPredicted 2-process step from these parts (the model of the last table): "
-               f"{meas['predicted_two_step_s']:.4f} s (measured {meas['two_step_s']:.4f} s).\n")
-    out.append("### FLOPs per window (counted, full-size architectures, meta device)\n")
-    out.append("| | TFLOP |")
-    out.append("|---|---:|")
-    names = {"audio_unet": "AudioLDM-S UNet, one 10.24 s window, CFG (batch 2)",
-             "sd_unet": "SD 1.x UNet, one 64 x 64 window, CFG (batch 2)",
-             "audio_decode": "AudioLDM VAE decoder + HiFi-GAN, one window", "sd_decode": "SD VAE decoder, one window"}
-    for key, label in names.items():
-        out.append(f"| {label} | {flops[key]:.3f} |")
-    out.append("\n### Modelled: speed-up on 2 / 4 / 8 GPUs (hardware figures assumed, see below)\n")
-    columns = ["workload", "views", "GPUs", "largest block", "KB sent / step / rank (counted)",
-               "ms / window (modelled)", "step ms", "comm % of step", "replicated scheduler + merge %",
-               "speed-up, loop", "+ decode on rank 0", "+ tiled decode shared",
-               "comm % if communication took 10x longer", "DistriFusion (SDXL, published)"]
-    out.append("| " + " | ".join(columns) + " |")
-    out.append("|---" + "|---:" * (len(columns) - 1) + "|")
-    for r in rows:
-        cells = [r["workload"], r["views"], r["gpus"], r["largest_block"], f"{r['bytes_per_step_rank'] / 1e3:.1f}",
-                 f"{r['window_ms']:.2f}", f"{r['step_ms']:.1f}", f"{r['comm_pct']:.3f}", f"{r['replicated_pct']:.3f}",
-                 f"{r['speedup']:.2f}x", f"{r['speedup_with_decode']:.2f}x",
-                 f"{r['speedup_with_shared_decode']:.2f}x", f"{r['comm_pct_if_10x_slower']:.2f}",
-                 f"{DISTRIFUSION[r['gpus']]}x"]
-        out.append("| " + " | ".join(str(c) for c in cells) + " |")
-    out.append("\nAssumed (not measured): " + "; ".join(f"{k} = {v}" for k, v in ASSUMED.items()))
-    return "\n".join(out)
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = harness.argument_parser(__doc__, device=False)
+    ap.add_argument("--seconds", type=float, default=None, help="seconds of audio of the measured run")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps per call")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up")
+    args = ap.parse_args(argv)
+    if args.threads not in (None, 1):
+        ap.error(f"--threads must be 1 (each process runs one thread), got {args.threads}")
+    args.threads = 1  # every rank sets one thread (safa.testing.distributed), whatever SAFA_BENCH_THREADS says
+    args.mode, _, _ = harness.configure(args, ap)
+    for key, value in SETTINGS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 2:
+        ap.error(f"--steps must be >= 2 (a step time is an interval between steps), got {args.steps}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.seconds <= 0:
+        ap.error(f"--seconds must be > 0, got {args.seconds:g}")
+    return args
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: the script runs, the numbers mean nothing")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.steps, args.rounds = 25.0, 3, 1
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     meas = measured(args.seconds, args.steps, args.rounds)
     flops = full_size_flops()
-    rows = modelled(flops)
-    print(_markdown(meas, flops, rows))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"measured": meas, "flops": flops, "modelled": rows, "assumed": ASSUMED}, f, indent=1)
+    path = harness.record("distributed", torch.device("cpu"), [], args.threads,
+                          clock="wall time per step (rank 0) and process CPU time per rank",
+                          measured=meas, flops=flops, modelled=modelled(flops), assumed=ASSUMED,
+                          distrifusion={str(k): v for k, v in DISTRIFUSION.items()})
+    print(report.render_file_section("distributed", path))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,27 +1,33 @@
 """Hours of audio on one machine: peak memory and time of long generations, and the decode="auto" threshold.
 
-Two measurements, each configuration in a FRESH process (peak RSS is a high-water mark):
+    python benchmarks/bench_long.py [generate] [decode] [--mode smoke|quick|full] [--threads N]
+                                    [--seconds S ...] [--windows N ...] [--steps N]
+    python benchmarks/run.py --only long          # the same, as a part of make bench
 
-1. ``generate``: ``safa generate --seconds S --steps 2`` with the built-in model and otherwise
-   default settings (decode auto, view_batch_size default, guidance 2.5, the empty prompt,
-   WAV out, spectrogram on). Reports the child's peak RSS (``os.wait4``), wall time, the step
-   and decode times the command prints, and the sampler's own memory estimate for the same
-   request (:meth:`safa.JointDiffusion.estimate_memory`; it counts what the call adds to the
-   loaded process, so the baseline row, one window, is the fixed cost).
+Two measurements (both unless one is named), each configuration in a FRESH process (peak
+RSS is a high-water mark):
+
+1. ``generate``: ``safa generate --seconds S --steps 2 --device cpu`` with the built-in model and
+   otherwise default settings (decode auto, view_batch_size default, guidance 2.5, the empty
+   prompt, WAV out, spectrogram on), first at one window (10.24 s: the baseline), then at each
+   length. Records the child's peak RSS (``os.wait4``), wall time, the step and decode times
+   the command prints, and the sampler's own memory estimate for the same request
+   (:meth:`safa.JointDiffusion.estimate_memory`; it counts what the call adds to the loaded
+   process, so the one-window row gives the fixed cost).
 2. ``decode``: whole (``decode_full``) against one-window tiles (``decode_tiled``) on the same
-   latent of 1 to 16 windows, for the built-in model and the tiny AudioLDM: median time of 3
+   latent of N windows, for the built-in model and the tiny AudioLDM: median time of 3
    and the peak RSS above the warmed-up process (Linux: ``/proc/self/clear_refs``). This is
    what ``safa.decode.AUTO_WHOLE_WINDOWS`` was chosen from.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_long.py generate --seconds 600 3600 28800 --threads 1
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_long.py decode --threads 1
-
-``--threads N`` sets ``OMP_NUM_THREADS`` for the children (default: torch's own choice). Results
-are printed as markdown tables; docs/long-audio.md records a run.
+The mode sets the lengths and windows (smoke: 30 s and 2 windows; quick: 10 min and 1, 2, 4
+windows; full: 10 min, 1 h and 8 h, 1 to 16 windows, the run docs/long-audio.md records);
+``--seconds`` / ``--windows`` override them. ``--threads N`` (default 1, harness.py) is the
+children's ``OMP_NUM_THREADS``. The results go to the ``long`` section of
+benchmarks/results/<machine>.json (harness.record); benchmarks/report.py renders them
+(printed at the end, and in benchmarks/README.md).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,19 +35,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+import harness
+import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ("generate", "decode")
+ONE_WINDOW_SECONDS = 10.24  # the built-in model's native window: the baseline row
+SETTINGS = {"smoke": dict(seconds=[30.0], windows=[2]),
+            "quick": dict(seconds=[600.0], windows=[1, 2, 4]),
+            "full": dict(seconds=[600.0, 3600.0, 28800.0], windows=[1, 2, 3, 4, 6, 8, 12, 16])}
+DECODERS = {"texture": "built-in", "audioldm": "tiny AudioLDM"}
 
 
-def _env(threads: Optional[int]) -> Dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+def _env(threads: int) -> Dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads))
 
 
-def _run_measured(cmd: List[str], env: Dict[str, str]) -> Dict[str, object]:
+def _run_measured(cmd: List[str], env: Dict[str, str]) -> Dict[str, Any]:
     """Run ``cmd``; its wall time, peak RSS (bytes) and output."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -54,36 +69,36 @@ def _run_measured(cmd: List[str], env: Dict[str, str]) -> Dict[str, object]:
                 "stdout": out.read(), "stderr": err.read()}
 
 
-def _estimate(seconds: float) -> int:
+@lru_cache(maxsize=1)
+def _sampler() -> Any:
     from safa import JointDiffusion
     from safa.texture import make_texture_pipeline
-    return JointDiffusion(make_texture_pipeline()).estimate_memory(seconds, output_path="out.wav").peak
+    return JointDiffusion(make_texture_pipeline())
 
 
-def bench_generate(seconds: List[float], threads: Optional[int], steps: int) -> None:
+def _estimate(seconds: float) -> int:
+    return _sampler().estimate_memory(seconds, output_path="out.wav").peak
+
+
+def bench_generate(seconds: Sequence[float], threads: int, steps: int) -> List[Dict[str, Any]]:
     env = _env(threads)
     rows = []
-    for s in [10.24] + list(seconds):
+    for s in [ONE_WINDOW_SECONDS] + list(seconds):
         with tempfile.TemporaryDirectory(dir=ROOT) as d:
             out = os.path.join(d, "out.wav")
             r = _run_measured([sys.executable, "-m", "safa", "generate", "--seconds", f"{s:g}", "--steps",
-                               str(steps), "--quiet", "--out", out], env)
+                               str(steps), "--device", "cpu", "--quiet", "--out", out], env)
             if r["code"] != 0:
-                print(f"{s:g} s: exit {r['code']}: {str(r['stderr']).strip().splitlines()[-1:]}", file=sys.stderr)
-                continue
+                raise SystemExit(f"safa generate --seconds {s:g}: exit {r['code']}: {str(r['stderr']).strip()}")
             size = os.path.getsize(out)
         last = str(r["stdout"]).strip().splitlines()[-1]
-        step_s = float(re.search(r"steps in ([\d.]+) s", last).group(1))
-        decode_s = float(re.search(r"decoded and written in ([\d.]+) s", last).group(1))
-        rows.append((s, r["peak"], _estimate(s), r["wall"], step_s, decode_s, size))
-        print(f"done {s:g} s: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-    print(f"\nsafa generate, built-in model, --steps {steps}, threads {threads or 'torch default'}\n")
-    print("| seconds | peak RSS MiB | estimate MiB (call only) | wall s | steps s | decode + write s | "
-          "decode s per audio hour | WAV MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for s, peak, est, wall, step_s, decode_s, size in rows:
-        print(f"| {s:g} | {peak / 2**20:.0f} | {est / 2**20:.0f} | {wall:.1f} | {step_s:.1f} | {decode_s:.1f} | "
-              f"{decode_s / s * 3600:.0f} | {size / 2**20:.0f} |")
+        rows.append({"seconds": s, "one_window": s == ONE_WINDOW_SECONDS, "peak_bytes": r["peak"],
+                     "estimate_bytes": _estimate(s), "wall_s": r["wall"],
+                     "steps_s": float(re.search(r"steps in ([\d.]+) s", last).group(1)),
+                     "decode_s": float(re.search(r"decoded and written in ([\d.]+) s", last).group(1)),
+                     "wav_bytes": size})
+        print(f"generate {s:g} s: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
 
 
 _DECODE = r"""
@@ -122,43 +137,52 @@ print(json.dumps({"seconds": statistics.median(times), "peak": status("VmHWM") -
 """
 
 
-def bench_decode(windows: List[int], threads: Optional[int]) -> None:
+def bench_decode(windows: Sequence[int], threads: int) -> List[Dict[str, Any]]:
     env = _env(threads)
-    print(f"\nwhole vs one-window tiles, threads {threads or 'torch default'} "
-          "(median of 3; peak RSS above the warmed-up process)\n")
-    print("| decoder | windows | whole s | tiled s | whole / tiled | whole MiB | tiled MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for which in ("texture", "audioldm"):
+    rows = []
+    for which, decoder in DECODERS.items():
         for n in windows:
             got = {}
             for mode in ("full", "tiled"):
                 r = subprocess.run([sys.executable, "-c", _DECODE, which, str(n), mode], capture_output=True,
                                    text=True, env=env, cwd=ROOT)
                 if r.returncode != 0:
-                    raise SystemExit(r.stderr)
+                    raise SystemExit(f"decode {which} {n} {mode}: {r.stderr}")
                 got[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-            full, tiled = got["full"], got["tiled"]
-            print(f"| {which} | {n} | {full['seconds']:.2f} | {tiled['seconds']:.2f} | "
-                  f"{full['seconds'] / tiled['seconds']:.2f} | {full['peak'] / 2**20:.0f} | "
-                  f"{tiled['peak'] / 2**20:.0f} |", flush=True)
+            rows.append({"decoder": decoder, "windows": n, "whole_s": got["full"]["seconds"],
+                         "tiled_s": got["tiled"]["seconds"], "whole_peak_bytes": got["full"]["peak"],
+                         "tiled_peak_bytes": got["tiled"]["peak"]})
+            print(f"decode: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
-    g = sub.add_parser("generate")
-    g.add_argument("--seconds", type=float, nargs="+", default=[600.0, 3600.0, 28800.0])
-    g.add_argument("--steps", type=int, default=2)
-    g.add_argument("--threads", type=int, default=None)
-    d = sub.add_parser("decode")
-    d.add_argument("--windows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16])
-    d.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.what == "generate":
-        bench_generate(args.seconds, args.threads, args.steps)
-    else:
-        bench_decode(args.windows, args.threads)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = harness.argument_parser(__doc__, device=False)
+    ap.add_argument("parts", nargs="*", metavar="generate|decode", help="what to measure (default: both)")
+    ap.add_argument("--seconds", type=float, nargs="+", default=None, help="lengths of the generate rows")
+    ap.add_argument("--windows", type=int, nargs="+", default=None, help="windows of the decode rows")
+    ap.add_argument("--steps", type=int, default=2, help="denoising steps of safa generate (default 2)")
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        ap.error(f"parts must be among {', '.join(PARTS)}, got {', '.join(unknown)}")
+    mode, threads, _ = harness.configure(args, ap)
+    parts = args.parts or list(PARTS)
+    seconds = args.seconds or SETTINGS[mode]["seconds"]
+    windows = args.windows or SETTINGS[mode]["windows"]
+    if any(s <= 0 for s in seconds):
+        ap.error("--seconds must be > 0")
+    if any(n < 1 for n in windows):
+        ap.error("--windows must be >= 1")
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    rows = bench_generate(seconds, threads, args.steps) if "generate" in parts else []
+    decode = bench_decode(windows, threads) if "decode" in parts else []
+    path = harness.record("long", torch.device("cpu"), rows, threads, steps=args.steps, decode=decode,
+                          clock="wall time of fresh processes (OMP_NUM_THREADS = threads)")
+    print(report.render_file_section("long", path))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,8 +4,8 @@
     python benchmarks/report.py --check      # exit 1 if any generated block is out of date
     python benchmarks/report.py --show FILE  # print every section of one results file
 
-benchmarks/README.md holds one generated block per section (``ops``, ``audio``,
-``panorama``, ``steps``, ``gpu_checks``) between ``<!-- BEGIN GENERATED section -->`` and
+benchmarks/README.md holds one generated block per section (``ops``, ``steps``,
+``panorama``, ``methods``, ``audio``, ``long``, ``distributed``, ``gpu_checks``) between ``<!-- BEGIN GENERATED section -->`` and
 ``<!-- END GENERATED section -->`` lines; everything outside the blocks is prose and stays
 as written. Each block has one part per results file (machine) that holds the section,
 headed by the machine, the mode, the date, the threads and the command that produced it,
@@ -322,6 +322,95 @@ def render_methods(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     return "\n".join(out).rstrip()
 
 
+# -- hours of audio ------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
+
+
+def render_long(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    out = []
+    rows = section["records"]
+    if rows:
+        one = next(r for r in rows if r["one_window"])
+        baseline = one["peak_bytes"] - one["estimate_bytes"]  # imports, the model, the plotting libraries
+        out += [f"**`safa generate`**, built-in model, `--steps {section['steps']}`, otherwise the defaults; "
+                f"a fresh process per row, peak RSS from `os.wait4`. Baseline = the one-window run's peak less its "
+                f"own estimate: {baseline / 2**20:.0f} MiB; estimate = `jd.estimate_memory(seconds, "
+                "output_path=...)` (what the call adds to the loaded process) and its ratio to peak - baseline.", ""]
+        body = []
+        for r in rows:
+            above = r["peak_bytes"] - baseline
+            length = _duration(r["seconds"]) + (" (one window)" if r["one_window"] else "")
+            body.append([length, f"{r['peak_bytes'] / 2**20:.0f}", f"{above / 2**20:.0f}",
+                         f"{r['estimate_bytes'] / 2**20:.0f} ({r['estimate_bytes'] / above:.2f}x)",
+                         f"{r['wall_s']:.1f}", f"{r['steps_s']:.1f}", f"{r['decode_s']:.1f}",
+                         f"{r['decode_s'] / r['seconds'] * 3600:.0f}", f"{r['wav_bytes'] / 2**20:.0f}"])
+        out.append(table(["length", "peak RSS MiB", "above baseline MiB", "estimate MiB", "wall s", "steps s",
+                          "decode + write s", "decode s per audio hour", "WAV MiB"], body))
+        out.append("")
+    decode = section.get("decode")
+    if decode:
+        out += ["**Whole vs one-window tiles** (`decode_full` / `decode_tiled` on the same random latent; median "
+                "of 3 calls; peak RSS above the warmed-up process; a fresh process per cell)", ""]
+        out.append(table(["decoder", "windows", "whole s", "tiled s", "whole / tiled", "whole MiB", "tiled MiB"],
+                         [[r["decoder"], r["windows"], f"{r['whole_s']:.2f}", f"{r['tiled_s']:.2f}",
+                           f"{r['whole_s'] / r['tiled_s']:.2f}", f"{r['whole_peak_bytes'] / 2**20:.0f}",
+                           f"{r['tiled_peak_bytes'] / 2**20:.0f}"] for r in decode]))
+    return "\n".join(out).rstrip()
+
+
+# -- distributed generation ------------------------------------------------------------------------
+DISTRIBUTED_FLOPS = {"audio_unet": "AudioLDM-S UNet, one 10.24 s window, CFG (batch 2)",
+                     "sd_unet": "SD 1.x UNet, one 64 x 64 window, CFG (batch 2)",
+                     "audio_decode": "AudioLDM VAE decoder + HiFi-GAN, one window",
+                     "sd_decode": "SD VAE decoder, one window"}
+
+
+def render_distributed(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    meas, flops, p = section["measured"], section["flops"], section["measured"]["parts"]
+    out = [f"**Measured**: 2 processes x 1 thread vs 1 process x 1 thread (gloo), tiny AudioLDM, "
+           f"{meas['seconds']:g} s, {meas['views']} views, {meas['steps']} steps, SaFa, `view_batch_size=1`; "
+           f"{meas['rounds']} interleaved round(s) after a warm-up; s / step on rank 0", ""]
+    out.append(table(["", "s / step (median of rounds)", "rounds"], [
+        ["1 process", f"{meas['one_step_s']:.4f}", ", ".join(f"{x:.4f}" for x in meas["one_rounds"])],
+        [f"2 processes (views {' + '.join(map(str, meas['blocks']))}, reference on rank 1)",
+         f"{meas['two_step_s']:.4f}", ", ".join(f"{x:.4f}" for x in meas["two_rounds"])],
+        ["**speed-up**", f"**{meas['speedup']:.2f}x**", ""]]))
+    cap = meas["parallel_capacity"]
+    out += ["", f"CPU time per step (every thread): 1 process {meas['one_cpu_step_s']:.4f} s; 2 processes, the busier "
+            f"rank's per step (critical path) {meas['two_cpu_critical_step_s']:.4f} s: **{meas['cpu_speedup']:.2f}x** "
+            "if each process had a core of its own. Parallelism available to the two processes (2 x a fixed matmul "
+            f"load's time alone / its time on both at once; 2.0 = two free cores): {cap[0]:.2f} before the rounds, "
+            f"{cap[1]:.2f} after.", "",
+            f"Parts (rank 0 alone): model {p['window_s'] * 1e3:.2f} ms per window, whole-batch scheduler step "
+            f"{p['scheduler_s'] * 1e3:.3f} ms, merge {p['merge_s'] * 1e3:.3f} ms. One step's exchange on its own "
+            "(time, bytes sent, checked against the counted exchange sets):", ""]
+    for rank, ex in meas["exchange"].items():
+        out.append(f"- {rank}: unguided {ex['unguided'][0] * 1e3:.3f} ms / {ex['unguided'][1]:.0f} B, "
+                   f"guided {ex['guided'][0] * 1e3:.3f} ms / {ex['guided'][1]:.0f} B")
+    out += ["", f"Predicted 2-process step from these parts (the model of the last table): "
+            f"{meas['predicted_two_step_s']:.4f} s (measured {meas['two_step_s']:.4f} s).", "",
+            "**FLOPs per window** (counted: `torch.utils.flop_counter`, full-size random-weight architectures on "
+            "the meta device)", ""]
+    out.append(table(["", "TFLOP"], [[label, f"{flops[key]:.3f}"] for key, label in DISTRIBUTED_FLOPS.items()]))
+    out += ["", "**Modelled**: speed-up on 2 / 4 / 8 GPUs (counted views, blocks, bytes and FLOPs; the hardware "
+            "figures below are assumed, not measured)", ""]
+    published = section["distrifusion"]
+    out.append(table(
+        ["workload", "views", "GPUs", "largest block", "KB sent / step / rank (counted)", "ms / window",
+         "step ms", "comm % of step", "replicated scheduler + merge %", "speed-up, loop", "+ decode on rank 0",
+         "+ tiled decode shared", "comm % if communication took 10x longer", "DistriFusion (SDXL, published)"],
+        [[r["workload"], r["views"], r["gpus"], r["largest_block"], f"{r['bytes_per_step_rank'] / 1e3:.1f}",
+          f"{r['window_ms']:.2f}", f"{r['step_ms']:.1f}", f"{r['comm_pct']:.3f}", f"{r['replicated_pct']:.3f}",
+          f"{r['speedup']:.2f}x", f"{r['speedup_with_decode']:.2f}x", f"{r['speedup_with_shared_decode']:.2f}x",
+          f"{r['comm_pct_if_10x_slower']:.2f}", f"{published[str(r['gpus'])]}x"] for r in section["modelled"]]))
+    out += ["", "Assumed (not measured): " + "; ".join(f"{k} = {v}" for k, v in section["assumed"].items())]
+    return "\n".join(out).rstrip()
+
+
 # -- the GPU kit's checks ----------------------------------------------------------------------------
 def render_gpu_checks(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     facts, tests = section["facts"], section["tests"]
@@ -358,9 +447,11 @@ RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": 
                                                                          "panorama": render_panorama,
                                                                          "steps": render_steps,
                                                                          "methods": render_methods,
+                                                                         "long": render_long,
+                                                                         "distributed": render_distributed,
                                                                          "gpu_checks": render_gpu_checks}
 SECTION_TITLES = {"ops": "op microbenchmarks", "audio": "long audio", "panorama": "panorama",
-                  "methods": "every method",
+                  "methods": "every method", "long": "hours of audio", "distributed": "distributed",
                   "steps": "per-step pipeline", "gpu_checks": "GPU checks"}
 
 

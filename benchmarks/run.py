@@ -11,7 +11,11 @@ so that a broken benchmark fails there. Parts, in order:
 - ``steps``: benchmarks/bench_steps.py (per-step cost: eager / compile / CUDA graphs / naive merge);
 - ``panorama``: benchmarks/bench_panorama.py (SaFa vs diffusers' MultiDiffusion panorama);
 - ``methods``: benchmarks/bench_methods.py (every method's cost per generation, image and audio);
-- ``audio``: benchmarks/bench_audio.py (long audio; CPU only).
+- ``audio``: benchmarks/bench_audio.py (long audio; CPU only);
+- ``long``: benchmarks/bench_long.py (hours of audio: ``safa generate`` in fresh processes, peak
+  RSS and time, and whole vs tiled decoding; CPU only);
+- ``distributed``: benchmarks/bench_distributed.py (2 processes against 1, counted bytes and
+  FLOPs, the modelled GPU table; CPU only).
 
 The pipeline parts need diffusers; without it they are skipped, and said so. Each part
 records its section of ``benchmarks/results/<machine>.json`` (smoke runs: out/bench-smoke/);
@@ -32,8 +36,9 @@ from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ops", "steps", "panorama", "methods", "audio")
-PIPELINE_PARTS = ("steps", "panorama", "methods", "audio")
+PARTS = ("ops", "steps", "panorama", "methods", "audio", "long", "distributed")
+PIPELINE_PARTS = ("steps", "panorama", "methods", "audio", "long", "distributed")
+CPU_PARTS = ("audio", "long", "distributed")  # skipped with --device cuda
 
 
 def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
@@ -47,7 +52,9 @@ def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
             "steps": [py, str(HERE / "bench_steps.py"), "--mode", mode] + dev,
             "panorama": [py, str(HERE / "bench_panorama.py"), "--mode", mode] + dev,
             "methods": [py, str(HERE / "bench_methods.py"), "--mode", mode] + dev,
-            "audio": [py, str(HERE / "bench_audio.py"), "--mode", mode]}
+            "audio": [py, str(HERE / "bench_audio.py"), "--mode", mode],
+            "long": [py, str(HERE / "bench_long.py"), "--mode", mode],
+            "distributed": [py, str(HERE / "bench_distributed.py"), "--mode", mode]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -63,9 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     parts = args.only or list(PARTS)
-    if args.device == "cuda" and "audio" in parts:
-        parts.remove("audio")
-        print("run: skipping audio (CPU only; on CUDA bench_steps.py measures the steps)")
+    if args.device == "cuda":
+        for part in (p for p in CPU_PARTS if p in parts):
+            parts.remove(part)
+            print(f"run: skipping {part} (CPU only; on CUDA bench_steps.py measures the steps)")
     env = dict(os.environ, SAFA_BENCH_MODE=args.mode,
                SAFA_BENCH_COMMAND=" ".join(["python benchmarks/run.py"] + [shlex.quote(a) for a in argv]))
     if args.threads:
@@ -95,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             failed.append("report")
     print(f"\n== run: {args.mode} mode done in {time.perf_counter() - started:.0f} s")
     for part, s in status.items():
-        print(f"   {part:<9} {s}")
+        print(f"   {part:<11} {s}")
     return 1 if failed else 0
 
 

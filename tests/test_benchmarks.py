@@ -14,9 +14,11 @@ from safa_kernels import ViewLayout, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_long  # noqa: E402
 import bench_ops  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
+import run  # noqa: E402
 
 sys.path.remove(str(ROOT / "benchmarks"))
 CPU = torch.device("cpu")
@@ -144,6 +146,35 @@ def test_backend_choice_per_op_lands_in_tuning(monkeypatch):
     assert tuning.measured_backend("NVIDIA H100 80GB HBM3", "9.0", "sync") == "cuda"  # same capability
     assert tuning.measured_backend("NVIDIA H200", "9.0", "gather") is None  # not measured: default order
     assert tuning.measured_backend("NVIDIA A100-SXM4-80GB", "8.0", "stitch") is None
+
+
+def test_long_table_measures_the_estimate_against_the_peak_above_the_baseline():
+    mib = 2**20
+    section = {"steps": 2, "decode": [], "records": [
+        # one window: peak 700 MiB, of which its estimate 70 MiB is the call: baseline 630 MiB
+        dict(seconds=10.24, one_window=True, peak_bytes=700 * mib, estimate_bytes=70 * mib, wall_s=5.0, steps_s=0.1,
+             decode_s=0.4, wav_bytes=mib),
+        # 10 min: 1130 - 630 = 500 MiB above the baseline, estimated 550 (1.10x); 20 s of decode for 600 s
+        dict(seconds=600.0, one_window=False, peak_bytes=1130 * mib, estimate_bytes=550 * mib, wall_s=30.0,
+             steps_s=5.0, decode_s=20.0, wav_bytes=37 * mib)]}
+    text = report.render_long(section, {})
+    assert "Baseline = the one-window run's peak less its own estimate: 630 MiB" in text
+    assert "| 10 min | 1130 | 500 | 550 (1.10x) | 30.0 | 5.0 | 20.0 | 120 | 37 |" in text
+    assert "| 10.24 s (one window) | 700 | 70 | 70 (1.00x) |" in text
+    assert [report._duration(s) for s in (30, 600, 3600, 28800, 90)] == ["30 s", "10 min", "1 h", "8 h", "90 s"]
+
+
+def test_every_part_has_a_generated_block_and_a_line_in_the_readme():
+    readme = report.README.read_text()
+    for part in run.PARTS:
+        assert report.begin_marker(part) in readme and report.end_marker(part) in readme, part
+        assert f"`{part}`" in readme, part  # named where the README lists the parts
+
+
+def test_bench_long_names_a_wrong_part(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_long.main(["generat", "--mode", "smoke"])
+    assert exit_.value.code == 2 and "parts must be among generate, decode, got generat" in capsys.readouterr().err
 
 
 def test_readme_and_tuning_are_generated_from_the_committed_results():
