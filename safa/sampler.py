@@ -14,7 +14,8 @@ Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top
 5. the loop, per step: the method's hook before the model (SyncDiffusion's gradient step);
    every view (plus ``X^0`` while it guides) through the model as one
    batch (chunked by ``view_batch_size`` only to bound memory; inside the method's model
-   context, MAD's merged attention); ``scheduler.step`` ONCE on the
+   context, MAD's merged attention); the method's hook after the model (SaFaStats moves the
+   views' clean predictions); ``scheduler.step`` ONCE on the
    views' rows (multistep history and stochastic noise are per row) and once on ``X^0`` with
    its own scheduler; then ONE ``sync_`` merges the overlaps in place (self-loop swap, Eq. 9,
    or averaging) plus the reference swap of the middles (Eq. 10) during the first
