@@ -305,11 +305,13 @@ def modelled(flops: Dict[str, float]) -> List[Dict[str, Any]]:
                 step_comm = comm + (reference_bcast if guided else 0.0)
                 total += windows * t_win + replicated + step_comm
                 comm_total += step_comm
-            # decode="tiled" shared: the views to every rank, a block of tiles each, the output to rank 0
-            tiles = view_blocks(math.ceil(layout.length / window), world)
-            t_shared = (max(len(b) for b in tiles) / len(range(math.ceil(layout.length / window))) * t_decode
+            # the tiled decode shared: the views to every rank, the tiles round-robin (a gather to
+            # rank 0 per round of `world` tiles), the output to rank 0
+            tiles = math.ceil(layout.length / window)
+            rounds = math.ceil(tiles / world)
+            t_shared = (rounds / tiles * t_decode
                         + n * window * column_bytes / link + layout.length * out_column_bytes / link
-                        + 3 * a["latency_us"] * 1e-6)
+                        + (2 + rounds) * a["latency_us"] * 1e-6)
             rows.append({"workload": name, "views": n, "gpus": world, "largest_block": max(len(b) for b in blocks),
                          "bytes_per_step_rank": max(sent), "window_ms": t_win * 1e3,
                          "step_ms": total / steps * 1e3, "comm_pct": 100 * comm_total / total,

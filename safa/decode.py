@@ -25,7 +25,7 @@ from safa_kernels import ViewLayout, gather, stitch
 from .adapters.base import Adapter
 
 __all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "decode_full", "decode_views",
-           "decode_tiles", "decode_tiled"]
+           "decode_tiles", "decode_tiled", "tile_count"]
 
 DECODE_MODES = ("auto", "full", "views", "tiled")
 # decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
@@ -124,7 +124,7 @@ def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int, 
     with ``stop`` (output columns) the tiles starting at or after it are not decoded; ``tiles``
     (default: all ``ceil(length / tile)`` of them) decodes only those tiles. Each tile's output
     depends only on the latent, so the tiles can be split between processes
-    (:meth:`safa.distributed.ViewShard.decode_tiled`). Peak memory is that of decoding one tile,
+    (:meth:`safa.distributed.ViewShard.decode_tiles`). Peak memory is that of decoding one tile,
     whatever the length. Tiles see only local context, so decoders with global statistics
     (GroupNorm) or a global phase estimate (Griffin-Lim) differ slightly from
     :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``.
@@ -148,22 +148,27 @@ def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int, 
                                                  loop)
 
 
-def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int,
-                 tiles: Optional[range] = None) -> torch.Tensor:
-    """:func:`decode_tiles` assembled in one output buffer (only the buffer grows with length):
-    the whole output, or with ``tiles`` the output columns of those tiles."""
-    n = latent.shape[adapter.long_dim]
-    scale = adapter.decoded_scale * adapter.finalize_scale
-    first, last = (0, n) if tiles is None else (tiles.start * tile, min(n, tiles.stop * tile))
+def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) -> torch.Tensor:
+    """:func:`decode_tiles` assembled in one output buffer (only the buffer grows with length)."""
+    n = latent.shape[adapter.long_dim] * adapter.decoded_scale * adapter.finalize_scale
     out: Optional[torch.Tensor] = None
-    for start, piece in decode_tiles(adapter, latent, loop, tile, tiles=tiles):
-        if piece.shape[-1] == n * scale:
+    for start, piece in decode_tiles(adapter, latent, loop, tile):
+        if piece.shape[-1] == n:
             return piece
         if out is None:  # allocate once we know the output's other dims, dtype and device
-            out = piece.new_empty(*piece.shape[:-1], (last - first) * scale)
-        out[..., start - first * scale:start - first * scale + piece.shape[-1]] = piece
+            out = piece.new_empty(*piece.shape[:-1], n)
+        out[..., start:start + piece.shape[-1]] = piece
     assert out is not None
     return out
+
+
+def tile_count(adapter: Adapter, columns: int, tile: int, stop: Optional[int] = None) -> int:
+    """How many tiles :func:`decode_tiles` decodes for ``columns`` latent columns (fewer when the
+    output ``stop`` s earlier)."""
+    count = math.ceil(columns / tile)
+    if stop is not None:
+        count = min(count, math.ceil(stop / (tile * adapter.decoded_scale * adapter.finalize_scale)))
+    return count
 
 
 def decode(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str = "auto",

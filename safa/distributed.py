@@ -29,8 +29,10 @@ design and the exactness argument are in docs/distributed.md; in short:
   and writes the cells of one column only, so its own cells get the same operations, in
   the same summation order, with the same weights: bitwise the one-process result. (Cells
   of other ranks' views are computed from stale values and discarded.)
-- **End.** The views are gathered to rank 0, which stitches and decodes; with
-  ``decode="tiled"`` every rank gets every view and decodes a block of tiles for rank 0.
+- **End.** The views are gathered to rank 0, which stitches and decodes; when the decode is
+  tiled (``decode="tiled"``, or ``"auto"`` beyond a few windows) every rank gets every view
+  and the ranks decode the tiles round-robin, rank 0 receiving each round's tiles in order
+  (and writing them to ``output_path`` as they come, so memory stays one round's tiles).
 
 Failures: the call begins with one ``all_gather_object`` of argument digests (different
 arguments on different ranks are an error on every rank, before any work); every step's
@@ -48,7 +50,7 @@ import hashlib
 import inspect
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -411,7 +413,7 @@ class ViewShard:
 
     def gather(self, views: torch.Tensor, everywhere: bool = False) -> Optional[torch.Tensor]:
         """Every view on rank 0 (None on the others), or on every rank with ``everywhere``
-        (for :meth:`decode_tiled`). Without ``everywhere`` it is the call's last communication."""
+        (for :meth:`decode_tiles`). Without ``everywhere`` it is the call's last communication."""
         if self.group is None:
             return views
         protocol = self._protocol
@@ -425,29 +427,48 @@ class ViewShard:
             full[block.start:block.stop] = piece.to(views.device)
         return full
 
-    def decode_tiled(self, adapter: Any, latent: torch.Tensor, loop: bool, tile: int) -> Optional[torch.Tensor]:
-        """The tiled decode of ``latent`` (the same on every rank) split between the ranks:
-        each decodes a contiguous block of tiles, rank 0 gets the whole output (None elsewhere).
+    def decode_tiles(self, adapter: Any, latent: torch.Tensor, loop: bool, tile: int,
+                     count: int) -> Iterator[Tuple[int, torch.Tensor]]:
+        """The first ``count`` tiles of the tiled decode of ``latent`` (the same on every rank),
+        shared round-robin: in round ``r`` rank ``k`` decodes tile ``r W + k`` and rank 0
+        receives the round's tiles.
 
-        Bitwise :func:`safa.decode.decode_tiled` in one process (a tile's output depends on
-        the latent only). Needs at least one tile per rank (:meth:`can_decode_tiled`)."""
-        from .decode import decode_tiled
-        if self.group is None:
-            return decode_tiled(adapter, latent, loop, tile)
-        tiles = view_blocks(math.ceil(latent.shape[adapter.long_dim] / tile), self.world_size)
-        mine = decode_tiled(adapter, latent, loop, tile, tiles=tiles[self.rank])
-        self._protocol.where = "while decoding"
-        self._protocol.check()
-        pieces = self._gather(mine, False, "decoded tile gather", dim=-1)
-        return None if pieces is None else torch.cat(pieces, dim=-1)
+        On rank 0 it yields ``(first output column, piece)`` in order, as
+        :func:`safa.decode.decode_tiles` does in one process, and bitwise the same (a tile's
+        output depends on the latent only); the other ranks yield nothing (exhaust it there).
+        Rank 0 holds one round's tiles at a time, so an output streamed to a file stays
+        bounded. Needs ``count >= world size`` (:meth:`can_share_decode`): every rank decodes
+        a tile in the first round, and so knows a tile's shape for the rounds it sits out.
+        """
+        from .decode import decode_tiles
+        assert self.group is not None and self.can_share_decode(count), (self.group, count)
+        scale = adapter.decoded_scale * adapter.finalize_scale
+        rounds = math.ceil(count / self.world_size)
+        idle: Optional[torch.Tensor] = None
+        for r in range(rounds):
+            first = r * self.world_size
+            if first + self.rank < count:
+                k = first + self.rank
+                ((_, mine),) = decode_tiles(adapter, latent, loop, tile, tiles=range(k, k + 1))
+                idle = mine[..., :0]
+            else:  # the last round has fewer tiles than ranks
+                mine = idle
+            self._protocol.where = "while decoding"
+            self._protocol.check()
+            pieces = self._gather(mine, False, "decoded tile gather", dim=-1, last=r == rounds - 1)
+            for j, piece in enumerate(pieces or []):
+                if first + j < count:
+                    yield (first + j) * tile * scale, piece
 
-    def can_decode_tiled(self, columns: int, tile: int) -> bool:
-        """Whether :meth:`decode_tiled` can give every rank a tile (``columns`` latent columns)."""
-        return self.group is not None and math.ceil(columns / tile) >= self.world_size
+    def can_share_decode(self, tiles: int) -> bool:
+        """Whether :meth:`decode_tiles` can give every rank a tile of ``tiles``."""
+        return self.group is not None and tiles >= self.world_size
 
-    def _gather(self, mine: torch.Tensor, everywhere: bool, what: str, dim: int = 0) -> Optional[List[torch.Tensor]]:
+    def _gather(self, mine: torch.Tensor, everywhere: bool, what: str, dim: int = 0,
+                last: bool = True) -> Optional[List[torch.Tensor]]:
         """Every rank's ``mine`` (sizes may differ on ``dim`` only, padded for the transfer) on
-        rank 0, or on every rank; closes the call's protocol unless ``everywhere``."""
+        rank 0, or on every rank; a gather to rank 0 that is the ``last`` communication closes
+        the call's protocol."""
         device = _comm_device(self.group)
         sizes = torch.tensor([mine.shape[dim]], device=device)
         all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
@@ -464,7 +485,8 @@ class ViewShard:
             parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
             dst = dist.get_global_rank(self.group, 0)
             _communicate(what, lambda: dist.gather(padded, parts, dst=dst, group=self.group))
-            self._protocol.open = False
+            if last:
+                self._protocol.open = False
         if parts is None:
             return None
         return [part.narrow(dim, 0, n) for part, n in zip(parts, lengths)]

@@ -78,14 +78,17 @@ def check_disk_space(paths: Sequence[str], samples: int, channels: int) -> None:
 
 
 def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str, tile: int,
-                   view_batch_size: Optional[int], out_len: int) -> Iterator[Tuple[int, torch.Tensor]]:
+                   view_batch_size: Optional[int], out_len: int,
+                   pieces: Optional[Iterator[Tuple[int, torch.Tensor]]] = None) -> Iterator[Tuple[int, torch.Tensor]]:
     """``(first output column, piece)`` of the output cropped to ``out_len`` columns, in order.
 
     ``mode`` is a resolved decode mode (not ``"auto"``); the long axis of a piece is its last.
+    ``pieces``: the decoded pieces when they were decoded elsewhere (several processes,
+    :meth:`safa.distributed.ViewShard.decode_tiles`), else they are decoded here.
     """
-    if mode == "tiled":
-        pieces: Iterator[Tuple[int, torch.Tensor]] = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len)
-    else:
+    if pieces is None and mode == "tiled":
+        pieces = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len)
+    elif pieces is None:
         pieces = iter([(0, decode(adapter, latent, layout, mode, view_batch_size))])
     for start, piece in pieces:
         yield start, piece[..., :out_len - start]
@@ -105,14 +108,16 @@ def _progress(pipe: Any, out_len: int, sample_rate: Optional[int]) -> Any:
 
 def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *, mode: str, tile: int,
                    view_batch_size: Optional[int], out_len: int, output_type: str, paths: Optional[List[str]],
-                   on_chunk: Optional[ChunkCallback] = None) -> Any:
+                   on_chunk: Optional[ChunkCallback] = None,
+                   pieces: Optional[Iterator[Tuple[int, torch.Tensor]]] = None) -> Any:
     """Decode ``latent`` (``layout.length`` columns) and return the output, or write it to ``paths``.
 
     Without ``paths``: the output cropped to ``out_len`` in ``output_type``. With ``paths`` (one
     per output): audio is written piece by piece as it is decoded, images whole; returns None.
-    ``on_chunk(start, piece)`` sees every piece before it is written.
+    ``on_chunk(start, piece)`` sees every piece before it is written. ``pieces``: see
+    :func:`decoded_chunks`.
     """
-    chunks = decoded_chunks(adapter, latent, layout, mode, tile, view_batch_size, out_len)
+    chunks = decoded_chunks(adapter, latent, layout, mode, tile, view_batch_size, out_len, pieces)
     progress = _progress(adapter.pipe, out_len, adapter.sample_rate)
     with progress, contextlib.ExitStack() as files:
         writers: Optional[List[AudioWriter]] = None

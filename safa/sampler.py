@@ -33,6 +33,7 @@ exchanges only the overlap cells its merge reads (:mod:`safa.distributed`, docs/
 """
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import time
@@ -51,7 +52,7 @@ from . import memory as _memory
 from . import output as _output
 from ._checks import check_positive_int, check_range
 from .adapters import Adapter, get_adapter
-from .decode import DECODE_MODES, resolve_mode
+from .decode import DECODE_MODES, resolve_mode, tile_count
 from .layouts import loop_layout, open_layout
 from .memory import MemoryEstimate
 from . import prompts as _prompts
@@ -533,7 +534,8 @@ class JointDiffusion:
             callback_on_output_chunk: ``f(jd, start, chunk)`` for every piece of the final
                 output as it is decoded (``chunk``: the long axis last, cropped; ``start``: its
                 first sample / pixel column), e.g. to accumulate a spectrogram of a streamed
-                output (:class:`safa.spectrogram.SpectrogramAccumulator`).
+                output (:class:`safa.spectrogram.SpectrogramAccumulator`); on rank 0 only in a
+                distributed call.
             return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
                 does, a tuple ``(audio,)`` / ``(images,)``.
         """
@@ -684,11 +686,11 @@ class JointDiffusion:
                 progress.update()
 
         # 7. Every view on rank 0 (a no-op in one process), or on every rank when the ranks
-        # share a tiled decode held in memory; the other ranks are then done.
+        # share a tiled decode; the other ranks are then done.
         mode = resolve_mode(decode, layout.length, layout.window)
         tile = decode_tile or layout.window
-        shared_decode = (output_type != "latent" and mode == "tiled" and paths is None
-                         and callback_on_output_chunk is None and shard.can_decode_tiled(layout.length, tile))
+        tiles = tile_count(adapter, layout.length, tile, out_len)
+        shared_decode = output_type != "latent" and mode == "tiled" and shard.can_share_decode(tiles)
         views = shard.gather(views, everywhere=shared_decode)
         nothing = JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
                                        sample_rate=adapter.sample_rate, method=method)
@@ -705,17 +707,16 @@ class JointDiffusion:
         audio = images = None
         if output_type != "latent":
             started = time.perf_counter()
-            if shared_decode:  # each rank decodes a block of tiles; rank 0 gets them all
-                out = shard.decode_tiled(adapter, latent, layout.loop, tile)
-                if out is None:
-                    return nothing if return_dict else (None,)
-                result = adapter.to_output(out[..., :out_len], output_type)
-            else:
-                on_chunk = (None if callback_on_output_chunk is None
-                            else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
-                result = _output.produce_output(adapter, latent, layout, mode=mode, tile=tile,
-                                                view_batch_size=view_batch_size, out_len=out_len,
-                                                output_type=output_type, paths=paths, on_chunk=on_chunk)
+            # Shared: the ranks decode the tiles round-robin and rank 0 receives them in order.
+            pieces = shard.decode_tiles(adapter, latent, layout.loop, tile, tiles) if shared_decode else None
+            if shard.rank != 0:
+                collections.deque(pieces, maxlen=0)  # run this rank's rounds: its tiles go to rank 0
+                return nothing if return_dict else (None,)
+            on_chunk = (None if callback_on_output_chunk is None
+                        else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
+            result = _output.produce_output(adapter, latent, layout, mode=mode, tile=tile,
+                                            view_batch_size=view_batch_size, out_len=out_len,
+                                            output_type=output_type, paths=paths, on_chunk=on_chunk, pieces=pieces)
             timings["decode"] = time.perf_counter() - started
             if adapter.kind == "audio":
                 audio = result

@@ -107,33 +107,37 @@ def _summary(out) -> dict:
             "length": out.layout.length}
 
 
-def _rank_generates(group, cases):
+def _counting(kind: str, group) -> JointDiffusion:
+    """A JointDiffusion whose ``decoder_calls`` counts this process's decoder calls."""
+    jd = JointDiffusion(_pipeline(kind), process_group=group)
+    decode_latents = jd.adapter.decode_latents
+
+    def counted(z):
+        jd.decoder_calls += 1
+        return decode_latents(z)
+    jd.adapter.decode_latents = counted  # an instance attribute
+    return jd
+
+
+def _generate_all(group, cases):
     pipes = {}
     results = []
     for kind, method, loop, options in cases:
         if kind not in pipes:
-            jd = pipes[kind] = JointDiffusion(_pipeline(kind), process_group=group)
-            decode_latents = jd.adapter.decode_latents
-
-            def counted(z, jd=jd, decode_latents=decode_latents):
-                jd.decoder_calls += 1
-                return decode_latents(z)
-            jd.adapter.decode_latents = counted  # instance attribute: counts this rank's decoder calls
+            pipes[kind] = _counting(kind, group)
         pipes[kind].decoder_calls = 0
         results.append(_summary(_generate(pipes[kind], kind, method, loop, options)))
         results[-1]["decoder_calls"] = pipes[kind].decoder_calls
     return results
 
 
+def _rank_generates(group, cases):
+    return _generate_all(group, cases)
+
+
 @pytest.fixture(scope="module")
 def one_process():
-    pipes = {}
-    results = []
-    for kind, method, loop, options in _cases():
-        if kind not in pipes:
-            pipes[kind] = JointDiffusion(_pipeline(kind))
-        results.append(_summary(_generate(pipes[kind], kind, method, loop, options)))
-    return results
+    return _generate_all(None, _cases())
 
 
 def _check_ranks(results):
@@ -160,8 +164,8 @@ def test_bitwise_equal_to_one_process(one_process, world_size):
             assert res["latent"] is None and res["audio"] is None and res["images"] is None
     for i, (kind, method, loop, options) in enumerate(cases):  # who ran the decoder
         calls = [results[rank][i]["decoder_calls"] for rank in range(world_size)]
-        if options.get("decode") == "tiled":  # tiles of 16 columns, split between the ranks
-            assert sum(calls) == -(-results[0][i]["length"] // 16) and min(calls) >= 1, (cases[i], calls)
+        if options.get("decode") == "tiled":  # the one process's tiles, split between the ranks
+            assert sum(calls) == one_process[i]["decoder_calls"] and min(calls) >= 1, (cases[i], calls)
         elif options.get("decoded"):
             assert calls[0] >= 1 and sum(calls[1:]) == 0, (cases[i], calls)
 
@@ -321,6 +325,34 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(nproc), "-m", "safa", *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
+
+
+def _rank_streams(group, path):
+    jd = _counting("audioldm", group)
+    jd.decoder_calls = 0
+    out = _generate(jd, "audioldm", "safa", False, {"decoded": True, "decode": "tiled", "decode_tile": 16,
+                                                    "output_path": path})
+    return {"calls": jd.decoder_calls, "paths": out.output_paths, "audio": out.audio}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_streamed_output_shares_the_decode_and_equals_one_process(tmp_path, world_size):
+    # output_path with a tiled decode: the ranks decode the tiles round-robin, rank 0 writes
+    # them in order; the file is the one-process output sample for sample.
+    path = str(tmp_path / "rain.wav")
+    results = run_processes(_rank_streams, world_size, path)
+    _check_ranks(results)
+    single = _counting("audioldm", None)
+    single.decoder_calls = 0
+    expected = _generate(single, "audioldm", "safa", False,
+                         {"decoded": True, "decode": "tiled", "decode_tile": 16}).audio[0]
+    written, _ = sf.read(path, dtype="float32")
+    assert np.array_equal(written, expected)
+    assert results[0]["paths"] == [path] and results[0]["audio"] is None
+    assert all(r["paths"] is None for r in results[1:])
+    calls = [r["calls"] for r in results]
+    assert sum(calls) == single.decoder_calls and min(calls) >= 1, calls
+    assert os.listdir(tmp_path) == ["rain.wav"]  # no temporary file left behind
 
 
 def test_torchrun_writes_the_one_process_file(tmp_path):
