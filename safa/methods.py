@@ -50,7 +50,8 @@ if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would s
     from .adapters import Adapter
 
 __all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaStats", "SaFaSelfLoop",
-           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method", "parse_method_spec"]
+           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method", "parse_method_spec",
+           "split_method_spec"]
 
 
 def leading_steps(fraction: float, num_steps: int) -> int:
@@ -450,13 +451,8 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def parse_method_spec(spec: str, **params: Optional[Any]) -> Method:
-    """``"name"`` or ``"name:param=value:param=value"`` (the CLI's method spec) -> the method object.
-
-    ``params`` are further parameters (the CLI's ``--guide`` / ``--swap-interval``; None: not
-    given), as :func:`get_method` takes them; a parameter given twice, unknown or out of range
-    is a ``ValueError`` that names it.
-    """
+def split_method_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """``"name:param=value:..."`` -> ``(name, {param: value})``, the name one of :data:`METHODS`."""
     name, *items = spec.strip().split(":")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {', '.join(METHODS)}")
@@ -466,6 +462,17 @@ def parse_method_spec(spec: str, **params: Optional[Any]) -> Method:
         if not eq or not key.strip():
             raise ValueError(f"method parameter {item!r} in {spec!r} is not name=value")
         kwargs[key.strip()] = _parse_value(value)
+    return name, kwargs
+
+
+def parse_method_spec(spec: str, **params: Optional[Any]) -> Method:
+    """``"name"`` or ``"name:param=value:param=value"`` (the CLI's method spec) -> the method object.
+
+    ``params`` are further parameters (the CLI's ``--guide`` / ``--swap-interval``; None: not
+    given), as :func:`get_method` takes them; a parameter given twice, unknown or out of range
+    is a ``ValueError`` that names it.
+    """
+    name, kwargs = split_method_spec(spec)
     given = {k: v for k, v in params.items() if v is not None}
     twice = sorted(set(given) & set(kwargs))
     if twice:

@@ -127,6 +127,16 @@ def test_profile_cli_defaults_to_the_builtin_model_and_quiet_is_quiet(tmp_path, 
     assert err == ""  # no library notices, no profiler (kineto) lines
 
 
+def test_profile_cli_takes_method_specs(tmp_path, capfd):
+    from safa.cli import main
+    code = main(["profile", "--seconds", "24", "--window", "5.12", "--steps", "1", "--warmup", "0", "--quiet",
+                 "--method", "safa_stats:snr=0.05:strength=0.5", "--trace", str(tmp_path / "t.json")])
+    out, err = capfd.readouterr()
+    assert code == 0 and "safa_stats:snr=0.05:strength=0.5, backend" in out, err
+    assert main(["profile", "--method", "safa_stats:strength=2"]) == 2
+    assert "strength must be in [0.0, 1.0]" in capfd.readouterr().err
+
+
 def test_profile_cli_rejects_what_naive_cannot_do(capsys):
     from safa.cli import main
     assert main(["profile", "--method", "multidiffusion_triangular", "--compare"]) == 2

@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="panorama width in pixels (image pipelines)")
     p.add_argument("--height", type=int, default=None, help="panorama height in pixels (image pipelines)")
     p.add_argument("--prompt", default="rain", help="the prompt (default rain: a class of the built-in model)")
-    p.add_argument("--method", choices=tuple(method_choices()), default="safa", help="default safa")
+    p.add_argument("--method", default="safa",
+                   help=f"one of {', '.join(method_choices())}, optionally with parameters of its method object "
+                        f"(e.g. safa_stats:snr=0.05, as generate and evaluate take them; default safa)")
     p.add_argument("--backend", default="auto", help="merge backend: auto, cpp, cuda, triton, reference")
     p.add_argument("--steps", type=int, default=4, help="profiled steps (default 4)")
     p.add_argument("--warmup", type=int, default=2, help="steps of the warm-up call (default 2)")
@@ -74,11 +76,16 @@ def load(model: str, window: Optional[float]) -> Any:
 def run(args: argparse.Namespace) -> int:
     """``safa profile``: print the breakdown(s); returns the exit code."""
     from ..profiling import NAIVE_METHODS, format_breakdown, format_comparison, naive_merge_step, profile_steps
+    from ..methods import parse_method_spec, split_method_spec
     from ..sampler import JointDiffusion
 
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
-    if args.compare and args.method not in NAIVE_METHODS:
+    name, spec_params = split_method_spec(args.method)
+    # SaFa's reference swap in every profiled step unless the spec or --guide says otherwise.
+    guide = 1.0 if name == "safa" and args.guide is None and "guide" not in spec_params else args.guide
+    method = parse_method_spec(args.method, guide=guide)
+    if args.compare and name not in NAIVE_METHODS:
         raise ValueError(f"--compare: the naive merge implements {NAIVE_METHODS}, not {args.method!r}")
     from .common import BUILTIN_MODEL, check_backend_env, resolve_device, setup_logging
     setup_logging(args.quiet)
@@ -93,16 +100,15 @@ def run(args: argparse.Namespace) -> int:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs)
-    guide = args.guide if args.guide is not None or args.method != "safa" else 1.0
-    kwargs: Dict[str, Any] = dict(prompt=args.prompt, method=args.method, num_inference_steps=args.steps,
-                                  guide=guide, guidance_scale=args.guidance_scale, window=window)
+    kwargs: Dict[str, Any] = dict(prompt=args.prompt, method=method, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance_scale, window=window)
     if jd.adapter.kind == "audio":
         kwargs["seconds"] = args.seconds if args.seconds is not None else 30.0
     else:
         if args.width is None:
             raise ValueError("this is an image pipeline: give --width")
         kwargs.update(width=args.width, height=args.height)
-    layout = jd.layout_for(kwargs.get("seconds"), kwargs.get("width"), window=window, method=args.method)
+    layout = jd.layout_for(kwargs.get("seconds"), kwargs.get("width"), window=window, method=method)
     if args.compare and layout.loop:
         raise ValueError("--compare: the naive merge handles open layouts only")
     print(f"{args.model}: {jd.describe_layout(layout)}, "
