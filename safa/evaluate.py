@@ -284,6 +284,16 @@ def _notes(res: EvalResult) -> List[str]:
             v = "no significant effect of reference guidance at this sample size"
         notes.append(f"consistency safa {a.mean():.2f} vs safa_selfloop {b.mean():.2f} (same noise; exact McNemar "
                      f"p = {p:.3g}): {v}.")
+    if "safa_selfloop" in by:  # what a guidance costs the interior: paired with the unguided sampler
+        base = by["safa_selfloop"].int_kl
+        for row in res.rows:
+            guided = row.name.split(":")[0] in ("safa", "safa_stats")
+            if not guided or row.int_kl is None or base is None or len(row.int_kl) != len(base):
+                continue
+            d, h = M.mean_ci((np.asarray(row.int_kl) - np.asarray(base)) * 1e3)
+            v = ("the guidance costs interior fidelity" if d - h > 0 else
+                 "the guidance improves the interior" if d + h < 0 else "no significant interior cost")
+            notes.append(f"interior KL {row.name} - safa_selfloop = {d:.2f} ± {h:.2f} x1e-3 (paired, same noise): {v}.")
     notes.append("'true' rows are exact long samples (one sub-style each), so their consistency is 1 by "
                  "construction; KL counts whitened directions with eigenvalue >= "
                  f"{res.settings['min_eigenvalue']} (finer ones are below any finite-step sampler's last noise level).")

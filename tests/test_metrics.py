@@ -269,3 +269,21 @@ def test_paired_statistics() -> None:
     assert g == pytest.approx(0.8, rel=0.01) and lo < 0.8 < hi < 0.82
     g, lo, hi = M.log_ratio_ci([2.0, 8.0], [1.0, 1.0])
     assert g == pytest.approx(4.0)
+
+
+def test_notes_pair_each_guided_row_with_the_unguided_sampler():
+    # The interior KL of a guided row minus safa_selfloop's on the same noise, sample by sample.
+    from safa.evaluate import EvalResult, RowStats, _notes
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1e-3, 2e-3, 16)
+    ones = (np.ones(16), np.ones(16))
+    rows = [RowStats("safa_selfloop", hf=ones, int_kl=base),
+            RowStats("safa_stats", int_kl=base + 1e-3 + rng.normal(0, 1e-5, 16)),   # costs 1.0e-3
+            RowStats("safa_stats:snr=0.05", int_kl=base + np.tile([1e-4, -1e-4], 8)),  # costs nothing
+            RowStats("multidiffusion_triangular", hf=ones, int_kl=base - 1e-3)]     # not a guidance: no note
+    notes = _notes(EvalResult(rows=rows, freqs=np.zeros(1), layout=None, settings={"min_eigenvalue": 1.0}))
+    paired = [n for n in notes if n.startswith("interior KL")]
+    assert len(paired) == 2
+    assert paired[0].startswith("interior KL safa_stats - safa_selfloop = 1.00 ± 0.00") \
+        and paired[0].endswith("the guidance costs interior fidelity.")
+    assert paired[1].endswith("no significant interior cost.")
