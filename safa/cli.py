@@ -11,14 +11,25 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import threading
 from typing import List, Optional
 
-__all__ = ["CLIError", "build_parser", "main"]
+__all__ = ["CLIError", "Terminated", "build_parser", "main"]
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, ``timeout``, torchrun stopping a rank): unwinds like Ctrl-C, so
+    that half-written temporary files are removed, and exits 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,16 +56,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Under torchrun every rank runs this; rank 0 reports the errors every rank shares (the
     # same flags) and, as PeerFailure, those of the other ranks (safa.distributed).
     speaks = os.environ.get("RANK", "0") == "0"
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError) as exc:
         if speaks:
             print(f"safa {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
         if speaks:
-            print(f"safa {args.command}: interrupted", file=sys.stderr)
-        return 130
+            print(f"safa {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except RuntimeError as exc:
         from .distributed import CommunicationError, PeerFailure  # loaded already if raised
         if not isinstance(exc, (PeerFailure, CommunicationError)):
@@ -64,6 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         user_error = isinstance(exc, PeerFailure) and all(kind in ("CLIError", "ValueError")
                                                           for _, kind, _ in exc.failures)
         return 2 if user_error else 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(exc: BaseException) -> str:

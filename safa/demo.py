@@ -48,7 +48,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--samples", type=int, default=6, help="samples per row of the seam-fidelity table (default 6)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as exc:  # bad --seconds / --window / --prompt, an unwritable --out
+        print(f"python -m safa.demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     from . import JointDiffusion
     from .audio_io import write_audio
     from .evaluate import evaluate, format_table, write_plot

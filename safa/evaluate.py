@@ -137,8 +137,12 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     from .sampler import JointDiffusion
     from .texture import make_texture_pipeline, window_frames
     parsed = [(spec, parse_method_spec(spec)) for spec in methods]  # a bad spec fails before any sampling
+    if not parsed:
+        raise ValueError(f"--methods needs at least one method, e.g. safa,multidiffusion (from {', '.join(METHODS)})")
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise ValueError(f"--seconds must be a finite number > 0, got {seconds!r}")
     if pipe is None:
         pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
     if scheduler is not None:
@@ -156,6 +160,13 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     cw = model.encode_prompt([p for p, c in plan for _ in range(c)])
     jd = JointDiffusion(pipe)
     layout = jd.layout_for(seconds=seconds, method="safa", loop=loop, overlap=overlap)
+    if layout.num_views < 2:
+        raise ValueError(f"--seconds {seconds:g} fits in one window ({layout.window} latent frames): the evaluation "
+                         f"measures seams, so it needs at least two views: a longer --seconds")
+    # Every sample's latent is held at once (the 'true' row, then each method's samples): checked
+    # as one batch before any work, as a call checks itself.
+    jd.estimate_memory(seconds=seconds, loop=loop, overlap=overlap, guidance_scale=guidance_scale,
+                       batch_size=len(cw), output_type="latent", check=True)
     rows: List[RowStats] = []
 
     def say(msg: str) -> None:
@@ -456,7 +467,10 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] or None
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create --out {args.out}: {exc}") from None
     table_path = os.path.join(args.out, "evaluate.txt")
     plot = args.plot or os.path.join(args.out, "evaluate.png")
     for path in (table_path, plot):  # fail before the (long) evaluation, not after it

@@ -461,6 +461,8 @@ def split_method_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"method parameter {item!r} in {spec!r} is not name=value")
+        if key.strip() in kwargs:
+            raise ValueError(f"method parameter {key.strip()!r} given twice in {spec!r}")
         kwargs[key.strip()] = _parse_value(value)
     return name, kwargs
 

@@ -276,7 +276,8 @@ class JointDiffusion:
     def estimate_memory(self, seconds: Optional[float] = None, *, width: Optional[int] = None,
                         height: Optional[int] = None, window: Optional[float] = None, overlap: float = 0.2,
                         loop: bool = False, method: Union[str, Method] = "safa", batch_size: int = 1,
-                        guidance_scale: float = 2.5, view_batch_size: Optional[int] = None, decode: str = "auto",
+                        guidance_scale: Optional[float] = None, view_batch_size: Optional[int] = None,
+                        decode: str = "auto",
                         decode_tile: Optional[int] = None, output_type: Optional[str] = None,
                         output_path: Union[None, str, Sequence[str]] = None, check: bool = False) -> MemoryEstimate:
         """The memory a call with these arguments needs, by phase and part (:mod:`safa.memory`).
@@ -289,11 +290,26 @@ class JointDiffusion:
         free memory.
         """
         method = get_method(method)
+        _, guidance_scale = self._pipeline_defaults(1, guidance_scale)
         output_type = self.check_inputs(seconds, width, height, loop, 1, batch_size, view_batch_size, decode,
                                         decode_tile, output_type)
         args = (seconds, width, height, window, overlap, loop, method, batch_size, guidance_scale, view_batch_size,
                 decode, decode_tile, output_type, output_path is not None)
         return self._require_memory(*args) if check else self._estimate(*args)
+
+    def _pipeline_defaults(self, num_inference_steps: Optional[int],
+                           guidance_scale: Optional[float]) -> Tuple[int, float]:
+        """Steps and guidance scale: as given, else the wrapped pipeline's own defaults (50 and 1.0
+        for a pipeline whose signature has none); a guidance scale must be a finite number."""
+        if num_inference_steps is None:
+            num_inference_steps = self.adapter.pipeline_default("num_inference_steps", 50)
+        if guidance_scale is None:
+            guidance_scale = self.adapter.pipeline_default("guidance_scale", 1.0)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (<= 1: no classifier-free guidance), "
+                             f"got {guidance_scale!r}")
+        return num_inference_steps, float(guidance_scale)
 
     def _model_windows(self, view_batch_size: Optional[int], windows: int, method: Method) -> int:
         """Windows per model call: ``view_batch_size``, else all of them up to :data:`DEFAULT_VIEW_BATCH_SIZE`
@@ -450,7 +466,7 @@ class JointDiffusion:
                  negative_prompt: Optional[Union[str, Sequence[str]]] = None,
                  reference_prompt: Optional[Union[str, Sequence[str]]] = None,
                  method: Union[str, Method] = "safa", loop: bool = False,
-                 num_inference_steps: int = 200, guidance_scale: float = 2.5,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  num_waveforms_per_prompt: Optional[int] = None, num_images_per_prompt: Optional[int] = None,
                  generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
                  window: Optional[float] = None, overlap: float = 0.2, swap_interval: Optional[int] = None,
@@ -487,8 +503,10 @@ class JointDiffusion:
                 (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
                 grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
             loop: seamless loop / 360-degree layout (the last view overlaps the first).
-            num_inference_steps: denoising steps (default 200, the paper's).
-            guidance_scale: classifier-free guidance (default 2.5, AudioLDM's; off when <= 1).
+            num_inference_steps: denoising steps (default: the wrapped pipeline's own, e.g. 10 for
+                AudioLDM, 200 for AudioLDM2 and MusicLDM, 50 for SD; the paper used 200 for audio).
+            guidance_scale: classifier-free guidance, off when <= 1 (default: the wrapped
+                pipeline's own, e.g. 2.5 for AudioLDM, 7.5 for SD).
             num_waveforms_per_prompt / num_images_per_prompt: outputs per batch prompt (default 1).
             generator: a torch generator, or a list with one per output (as in diffusers), for
                 the initial noise and stochastic schedulers.
@@ -540,8 +558,11 @@ class JointDiffusion:
                 does, a tuple ``(audio,)`` / ``(images,)``.
         """
         adapter, pipe = self.adapter, self.pipe
-        # 1. Check inputs; the method object (guide= / swap_interval= are its parameters).
+        # 1. Check inputs; the method object (guide= / swap_interval= are its parameters); the
+        # pipeline's own defaults for what is not given, as the pipeline itself would use.
         method = get_method(method, guide=guide, swap_interval=swap_interval)
+        num_inference_steps, guidance_scale = self._pipeline_defaults(num_inference_steps, guidance_scale)
+        check_range("eta", eta, 0.0, math.inf, hi_open=True)
         method.check_pipeline(adapter)
         seconds, per_prompt = self._pipeline_names(seconds, audio_length_in_s, width, num_waveforms_per_prompt,
                                                    num_images_per_prompt)

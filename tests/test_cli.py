@@ -172,7 +172,7 @@ def test_generate_takes_method_specs_as_evaluate_does(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     pipe = load_pipeline(BUILTIN_MODEL, 0.96)
     pipe.set_progress_bar_config(disable=True)
-    expected = JointDiffusion(pipe)("rain", seconds=2.4, num_inference_steps=3, guidance_scale=2.5,
+    expected = JointDiffusion(pipe)("rain", seconds=2.4, num_inference_steps=3,  # the pipeline's guidance, as the CLI
                                     method=SaFa(guide=0.6, swap_interval=2),
                                     generator=torch.Generator().manual_seed(0)).audio[0]
     np.testing.assert_allclose(sf.read(str(out), dtype="float32")[0], expected, atol=1e-6)
@@ -189,3 +189,25 @@ def test_bad_method_spec_is_one_line(model_dir, tmp_path, capsys, method, extra,
     code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--method", method, *extra,
                  "--out", str(tmp_path / "x.wav")])
     _assert_one_line_error(code, capsys.readouterr().err, pattern, tmp_path)
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_file(tmp_path):
+    # A job scheduler's (or `timeout`'s) SIGTERM while the output is being written: exit 143,
+    # one line, and neither the output nor its temporary file is left behind.
+    import signal
+    import time
+    out = tmp_path / "long.flac"
+    proc = subprocess.Popen([sys.executable, "-m", "safa", "generate", "--prompt", "rain", "--seconds", "600",
+                             "--steps", "1", "--quiet", "--no-spectrogram", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".part.flac") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "safa generate: terminated"
+    assert list(tmp_path.iterdir()) == []

@@ -237,6 +237,14 @@ def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     assert main(["evaluate", "--methods", "safa:gide=1", "--samples", "2", "--out", str(tmp_path)]) == 2
     assert main(["evaluate", "--scheduler", "nope", "--samples", "2", "--out", str(tmp_path)]) == 2
     capsys.readouterr()
+    for bad, says in ((["--methods", ""], "--methods needs at least one method"),
+                      (["--seconds", "-24"], "--seconds must be a finite number > 0"),
+                      (["--seconds", "5"], "needs at least two views"),
+                      (["--seconds", "1e9"], "needs about"),
+                      (["--out", "/proc/nope"], "cannot create --out /proc/nope")):
+        assert main(["evaluate", "--samples", "2", *bad] + ([] if "--out" in bad else ["--out", str(tmp_path)])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (bad, err)
     rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "0.96", "--steps", "3", "--prompts",
                "rain", "--methods", "safa:guide=0.6,safa_stats:snr=0.05", "--scheduler", "DDIM", "--out", str(tmp_path)])
     out = capsys.readouterr().out

@@ -452,6 +452,9 @@ def test_tiled_decode_bounded_and_equal_to_full_for_one_tile(jd):
     (dict(width=512), "width is for image pipelines"),
     (dict(output_type="pil"), "output_type must be one of"),
     (dict(latents=torch.zeros(1, 8, 10, 16)), "latents must have shape"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale="7"), "guidance_scale must be a finite number"),
+    (dict(eta=float("nan")), r"eta must be in \[0.0, inf\)"),
 ])
 def test_bad_input_raises_value_error(jd, kwargs, match):
     args = dict(prompt="rain", seconds=2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=1)
@@ -475,3 +478,22 @@ def test_adapter_registry_resolves_subclasses(audioldm):
     assert isinstance(adapter, Adapter) and adapter.native_window() == 256  # 10.24 s at 25 frames/s
     assert adapter.frames_per_second == 25 and adapter.sample_rate == SR
     assert type(get_adapter(MyAudioLDM.__new__(MyAudioLDM))) is type(adapter)
+
+
+def test_unset_steps_and_guidance_are_the_wrapped_pipelines_own():
+    # As the pipeline itself: the built-in pipeline's call defaults are 50 steps and no guidance
+    # (its denoiser is exact); a diffusers pipeline's are read from its __call__ the same way.
+    from safa.texture import make_texture_pipeline
+    pipe = make_texture_pipeline(window=32)
+    pipe.set_progress_bar_config(disable=True)
+    jd = JointDiffusion(pipe)
+    steps = []
+    out = jd("rain", seconds=2.4, callback_on_step_end=lambda *a: steps.append(a[1]),
+             generator=torch.Generator().manual_seed(0), output_type="latent")
+    explicit = jd("rain", seconds=2.4, num_inference_steps=50, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert len(steps) == 50 and torch.equal(out.latent, explicit.latent)
+    sd = JointDiffusion(tp.tiny_sd_pipeline())
+    assert (sd.adapter.pipeline_default("num_inference_steps", None),
+            sd.adapter.pipeline_default("guidance_scale", None)) == (50, 7.5)
+    assert JointDiffusion(tp.tiny_audioldm_pipeline()).adapter.pipeline_default("guidance_scale", None) == 2.5

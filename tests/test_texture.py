@@ -169,3 +169,14 @@ def test_long_loop_generation_is_audio() -> None:
                                guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     assert out.audio.shape == (1, 32000) and out.sample_rate == 16000
     assert np.isfinite(out.audio).all() and np.abs(out.audio).max() > 1e-3
+
+
+def test_the_window_is_bounded():
+    # The exact denoiser is dense in the window: a clear error instead of building gigabytes.
+    from safa.texture import make_texture_pipeline, window_frames
+    from safa.texture.model import MAX_WINDOW
+    with pytest.raises(ValueError, match=r"window must be an int of latent frames in \[2, 2048\]"):
+        make_texture_pipeline(window=MAX_WINDOW + 1)
+    with pytest.raises(ValueError, match="at most 81.92 s"):
+        window_frames(1000)
+    assert window_frames(81.92) == MAX_WINDOW

@@ -30,6 +30,7 @@ of tensors.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Type
@@ -124,6 +125,18 @@ class Adapter:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+
+    def pipeline_default(self, name: str, fallback: Any) -> Any:
+        """The wrapped pipeline's own default for its call argument ``name`` (read from its
+        ``__call__`` signature, so that a wrapped pipeline behaves as the pipeline does when
+        the argument is not given), else ``fallback``."""
+        try:
+            parameter = inspect.signature(type(self.pipe).__call__).parameters.get(name)
+        except (TypeError, ValueError):  # no signature to read
+            parameter = None
+        if parameter is None or parameter.default in (inspect.Parameter.empty, None):
+            return fallback
+        return parameter.default
 
     # -- geometry -----------------------------------------------------------------------
     @property

@@ -41,9 +41,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bars, library warnings or notices (without it, each is shown once)")
 
 
-def add_guidance_argument(p: argparse.ArgumentParser, default: float, why: str = "") -> None:
+def add_guidance_argument(p: argparse.ArgumentParser, default: Optional[float] = None, why: str = "") -> None:
+    """``--guidance-scale``; default None: the pipeline's own (as the Python call)."""
+    shown = ("the pipeline's own: 2.5 for AudioLDM, 7.5 for SD, 1.0 for the built-in model" if default is None
+             else f"{default:g}")
     p.add_argument("--guidance-scale", type=float, default=default,
-                   help=f"classifier-free guidance scale (default {default:g}{': ' + why if why else ''})")
+                   help=f"classifier-free guidance scale (default {shown}{': ' + why if why else ''})")
 
 
 def resolve_device(name: Optional[str]) -> "Any":

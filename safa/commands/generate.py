@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         f"method object, e.g. safa:guide=0.5 or safa_stats:snr=0.05 (default safa)")
     p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default 200)")
-    add_guidance_argument(p, 2.5)
+    add_guidance_argument(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--scheduler", default=None,
                    help="diffusers scheduler class, e.g. DDIM, DPMSolverMultistep, EulerDiscrete (default: the model's)")
@@ -124,6 +124,8 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Any) -> Tu
     from ..sampler import JointDiffusion
 
     _call_arguments(args)  # a bad --method / --guide fails here, before the model loads
+    if args.steps < 1:
+        raise CLIError(f"--steps must be an int >= 1, got {args.steps}")
     out: Optional[str] = args.out
     if out is not None:
         ext = os.path.splitext(out)[1].lower()

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps of the warm-up call (default 2)")
     p.add_argument("--guide", type=float, default=None,
                    help="SaFa's r_guide (default 1.0 for safa: the reference swap in every profiled step)")
-    add_guidance_argument(p, 2.5)
+    add_guidance_argument(p)
     p.add_argument("--compile", action="store_true", help="JointDiffusion(compile=True)")
     p.add_argument("--cuda-graphs", action="store_true", help="JointDiffusion(cuda_graphs=True) (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -45,7 +45,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-__all__ = ["TextureModel", "TextureClass", "DEFAULT_CLASSES", "alpha_bar_at"]
+__all__ = ["TextureModel", "TextureClass", "DEFAULT_CLASSES", "MAX_WINDOW", "alpha_bar_at"]
+
+# The exact denoiser decomposes a dense window x window temporal kernel per class: 2048 frames
+# (82 s at 25 frames/s) build in seconds; 25 000 frames would need 5 GB per class.
+MAX_WINDOW = 2048
 
 # ----------------------------------------------------------------------------------------
 # Class definitions: named, hand-written spectral envelopes and temporal kernels.
@@ -164,6 +168,9 @@ class TextureModel(ModelMixin, ConfigMixin):
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ValueError(f"unknown texture classes {unknown}; known: {sorted(by_name)}")
+        if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be an int of latent frames in [2, {MAX_WINDOW}] for the built-in model, "
+                             f"got {window!r}")
         self.classes: List[TextureClass] = [by_name[n] for n in names]
         self.substyles = list(DEFAULT_SUBSTYLES)
         self.channels, self.freq_bins, self.window = channels, freq_bins, window

@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.pipelines.pipeline_utils import AudioPipelineOutput
 
 from .decoder import TextureDecoder
-from .model import TextureModel
+from .model import MAX_WINDOW, TextureModel
 
 __all__ = ["TexturePipeline", "make_texture_pipeline", "window_frames"]
 
@@ -127,12 +127,16 @@ class TexturePipeline(DiffusionPipeline):
 
 
 def window_frames(seconds: float) -> int:
-    """The built-in model's window for ``seconds``: a whole number (>= 2) of its latent frames, or ValueError."""
+    """The built-in model's window for ``seconds``: a whole number of its latent frames from 2 to
+    :data:`~safa.texture.model.MAX_WINDOW`, or ValueError."""
     fps = TextureDecoder().frames_per_second  # the pipeline's decoder, at its defaults
     frames = float(seconds) * fps
     if not seconds > 0 or abs(frames - round(frames)) > 1e-6 or round(frames) < 2:
         raise ValueError(f"window {seconds:g} s is not a whole number (>= 2) of the built-in model's latent frames "
                          f"({1000 / fps:g} ms each)")
+    if round(frames) > MAX_WINDOW:
+        raise ValueError(f"window {seconds:g} s is longer than the built-in model allows: at most "
+                         f"{MAX_WINDOW / fps:g} s ({MAX_WINDOW} latent frames; its exact denoiser is dense in the window)")
     return int(round(frames))
 
 
