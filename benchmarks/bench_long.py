@@ -8,8 +8,9 @@ Two measurements (both unless one is named), each configuration in a FRESH proce
 RSS is a high-water mark):
 
 1. ``generate``: ``safa generate --seconds S --steps 2 --device cpu`` with the built-in model and
-   otherwise default settings (decode auto, view_batch_size default, guidance 2.5, the empty
-   prompt, WAV out, spectrogram on), first at one window (10.24 s: the baseline), then at each
+   otherwise default settings (decode auto, view_batch_size default, the pipeline's guidance
+   scale: 1.0 for the built-in model, whose recorded runs before that default used 2.5; the
+   empty prompt, WAV out, spectrogram on), first at one window (10.24 s: the baseline), then at each
    length. Records the child's peak RSS (``os.wait4``), wall time, the step and decode times
    the command prints, and the sampler's own memory estimate for the same request
    (:meth:`safa.JointDiffusion.estimate_memory`; it counts what the call adds to the loaded
