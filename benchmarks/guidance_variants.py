@@ -49,7 +49,7 @@ import torch
 
 from safa import metrics as M
 from safa import evaluate as E
-from safa.methods import SaFa, SaFaSelfLoop, _parse_value
+from safa.methods import SaFa, SaFaSelfLoop, SaFaStats, parse_spec_value
 from safa.sampler import JointDiffusion
 from safa.syncdiffusion import step_snr
 from safa.texture import make_texture_pipeline
@@ -150,17 +150,14 @@ class Variant:
         self.guide: Optional[Guide] = None
 
     def steps(self, scheduler: Any, num_steps: int) -> int:
-        if "snr" in self.params:
-            g = 0
-            while g < num_steps and step_snr(scheduler, g) <= float(self.params["snr"]):
-                g += 1
-            return g
+        if "snr" in self.params:  # the noise-level window of SaFaStats
+            return SaFaStats(snr=float(self.params["snr"])).reference_steps(num_steps, scheduler)
         return int(math.floor(float(self.params.get("guide", 0.3)) * num_steps + 0.5))
 
 
 def make_variant(spec: str) -> Variant:
     name, *items = spec.split(":")
-    params = {k: _parse_value(v) for k, _, v in (item.partition("=") for item in items)}
+    params = {k: parse_spec_value(v) for k, _, v in (item.partition("=") for item in items)}
     var = Variant(spec, params)
     if name == "safa_snr":
         def guide(views, ref, layout, dim):

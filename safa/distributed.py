@@ -59,7 +59,7 @@ from safa_kernels import ViewLayout
 from safa_kernels.plan import REF_NONE, get_plan
 
 __all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells",
-           "collective", "agree", "init_from_environment"]
+           "collective", "agree", "init_from_environment", "rank_of"]
 
 
 class PeerFailure(RuntimeError):
@@ -300,6 +300,11 @@ def collective(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def rank_of(group: Any) -> int:
+    """This process's rank in ``group`` (0 for None: one process)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
 # -- the shard ------------------------------------------------------------------------------
 class ViewShard:
     """This process's part of one generation: its views and its communication with the others.
@@ -317,7 +322,7 @@ class ViewShard:
     def __init__(self, group: Any, layout: ViewLayout, dim: int, mode: str, swap_interval: int,
                  rows_per_view: int) -> None:
         self.group, self.layout, self.dim, self.rows_per_view = group, layout, dim, rows_per_view
-        self.rank = 0 if group is None else dist.get_rank(group)
+        self.rank = rank_of(group)
         self.world_size = 1 if group is None else dist.get_world_size(group)
         self.blocks = view_blocks(layout.num_views, self.world_size)
         self.views: range = self.blocks[self.rank]

@@ -141,8 +141,6 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
         raise ValueError(f"--methods needs at least one method, e.g. safa,multidiffusion (from {', '.join(METHODS)})")
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
-        raise ValueError(f"--seconds must be a finite number > 0, got {seconds!r}")
     if pipe is None:
         pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
     if scheduler is not None:

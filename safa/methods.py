@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # type hints only: importing torch / the sampler here would s
     from .adapters import Adapter
 
 __all__ = ["Method", "MethodContext", "MethodHooks", "NotApplicable", "SaFa", "SaFaStats", "SaFaSelfLoop",
-           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method", "parse_method_spec",
+           "MultiDiffusion", "MAD", "SyncDiffusion", "METHODS", "get_method", "parse_method_spec", "parse_spec_value",
            "split_method_spec"]
 
 
@@ -438,7 +438,7 @@ def get_method(method: Union[str, Method], **params: Optional[Any]) -> Method:
     return factory(**given)
 
 
-def _parse_value(text: str) -> Any:
+def parse_spec_value(text: str) -> Any:
     """A spec's value as bool, int, float or (else) str."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
@@ -463,7 +463,7 @@ def split_method_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
             raise ValueError(f"method parameter {item!r} in {spec!r} is not name=value")
         if key.strip() in kwargs:
             raise ValueError(f"method parameter {key.strip()!r} given twice in {spec!r}")
-        kwargs[key.strip()] = _parse_value(value)
+        kwargs[key.strip()] = parse_spec_value(value)
     return name, kwargs
 
 

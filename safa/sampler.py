@@ -195,17 +195,14 @@ class JointDiffusion:
                    window: Optional[float] = None, overlap: float = 0.2, loop: bool = False,
                    method: Union[str, Method] = "safa") -> ViewLayout:
         """The view layout a call with these arguments uses (e.g. to size a per-view prompt list)."""
+        self._check_length(seconds, width)
         return self.prepare_layout(seconds, width, window, overlap, loop, get_method(method))[0]
 
-    def check_inputs(self, seconds: Optional[float], width: Optional[int], height: Optional[int], loop: bool,
-                     num_inference_steps: int, batch_size: int, view_batch_size: Optional[int], decode: str,
-                     decode_tile: Optional[int], output_type: Optional[str]) -> str:
-        """Validate the call's scalar arguments; returns the resolved ``output_type``."""
-        kind = self.adapter.kind
-        if kind == "audio":
-            if width is not None or height is not None:
-                raise ValueError(f"{'width' if width is not None else 'height'} is for image pipelines; "
-                                 f"give seconds for audio")
+    def _check_length(self, seconds: Optional[float], width: Optional[int]) -> None:
+        """``seconds`` (audio) or ``width`` (images): the one the pipeline takes, and a valid one."""
+        if self.adapter.kind == "audio":
+            if width is not None:
+                raise ValueError("width is for image pipelines; give seconds for audio")
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0 \
                     or math.isinf(seconds):
                 raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
@@ -214,6 +211,16 @@ class JointDiffusion:
                 raise ValueError("seconds is for audio pipelines; give width (pixels) for images")
             if isinstance(width, bool) or not isinstance(width, int) or width < 1:
                 raise ValueError(f"width must be an int >= 1 (pixels), got {width!r}")
+
+    def check_inputs(self, seconds: Optional[float], width: Optional[int], height: Optional[int], loop: bool,
+                     num_inference_steps: int, batch_size: int, view_batch_size: Optional[int], decode: str,
+                     decode_tile: Optional[int], output_type: Optional[str]) -> str:
+        """Validate the call's scalar arguments; returns the resolved ``output_type``."""
+        kind = self.adapter.kind
+        if kind == "audio" and height is not None:
+            raise ValueError("height is for image pipelines; give seconds for audio")
+        self._check_length(seconds, width)
+        if kind == "image":
             self.adapter.latent_rows(height)  # type: ignore[attr-defined]  (validates height)
         check_positive_int("num_inference_steps", num_inference_steps)
         check_positive_int("batch_size", batch_size)
@@ -290,26 +297,22 @@ class JointDiffusion:
         free memory.
         """
         method = get_method(method)
-        _, guidance_scale = self._pipeline_defaults(1, guidance_scale)
+        guidance_scale = self._guidance_scale(guidance_scale)
         output_type = self.check_inputs(seconds, width, height, loop, 1, batch_size, view_batch_size, decode,
                                         decode_tile, output_type)
         args = (seconds, width, height, window, overlap, loop, method, batch_size, guidance_scale, view_batch_size,
                 decode, decode_tile, output_type, output_path is not None)
         return self._require_memory(*args) if check else self._estimate(*args)
 
-    def _pipeline_defaults(self, num_inference_steps: Optional[int],
-                           guidance_scale: Optional[float]) -> Tuple[int, float]:
-        """Steps and guidance scale: as given, else the wrapped pipeline's own defaults (50 and 1.0
-        for a pipeline whose signature has none); a guidance scale must be a finite number."""
-        if num_inference_steps is None:
-            num_inference_steps = self.adapter.pipeline_default("num_inference_steps", 50)
+    def _guidance_scale(self, guidance_scale: Optional[float]) -> float:
+        """As given (a finite number), else the wrapped pipeline's own default (1.0 if it has none)."""
         if guidance_scale is None:
             guidance_scale = self.adapter.pipeline_default("guidance_scale", 1.0)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (<= 1: no classifier-free guidance), "
                              f"got {guidance_scale!r}")
-        return num_inference_steps, float(guidance_scale)
+        return float(guidance_scale)
 
     def _model_windows(self, view_batch_size: Optional[int], windows: int, method: Method) -> int:
         """Windows per model call: ``view_batch_size``, else all of them up to :data:`DEFAULT_VIEW_BATCH_SIZE`
@@ -561,7 +564,9 @@ class JointDiffusion:
         # 1. Check inputs; the method object (guide= / swap_interval= are its parameters); the
         # pipeline's own defaults for what is not given, as the pipeline itself would use.
         method = get_method(method, guide=guide, swap_interval=swap_interval)
-        num_inference_steps, guidance_scale = self._pipeline_defaults(num_inference_steps, guidance_scale)
+        if num_inference_steps is None:
+            num_inference_steps = adapter.pipeline_default("num_inference_steps", 50)
+        guidance_scale = self._guidance_scale(guidance_scale)
         check_range("eta", eta, 0.0, math.inf, hi_open=True)
         method.check_pipeline(adapter)
         seconds, per_prompt = self._pipeline_names(seconds, audio_length_in_s, width, num_waveforms_per_prompt,
@@ -576,7 +581,7 @@ class JointDiffusion:
         if output_path is not None and output_type == "latent":
             raise ValueError("output_path writes the decoded output: it cannot be used with output_type='latent'")
         # In a distributed call rank 0 alone writes the files (and checks them).
-        rank = 0 if self.process_group is None else torch.distributed.get_rank(self.process_group)
+        rank = _distributed.rank_of(self.process_group)
         paths = _output.check_output_paths(output_path, outputs, adapter.kind) if rank == 0 else None
 
         # 1b. What the request needs against what the device has, before anything is allocated:

@@ -116,14 +116,15 @@ def _generate(args: argparse.Namespace, group: Any, device: Any) -> int:
     return _generate_and_write(args, *prepared, rank)
 
 
-def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Any) -> Tuple[Any, str, Any]:
+def _prepare(args: argparse.Namespace, group: Any, rank: int,
+             device: Any) -> Tuple[Any, str, Any, Dict[str, Any]]:
     """Everything before the generation: checks, the pipeline, the scheduler, the device.
 
-    Returns ``(JointDiffusion, output path, device)``; rank 0 alone checks the output path
+    Returns ``(JointDiffusion, output path, device, the call's arguments)``; rank 0 alone checks the output path
     (it alone writes)."""
     from ..sampler import JointDiffusion
 
-    _call_arguments(args)  # a bad --method / --guide fails here, before the model loads
+    call = _call_arguments(args)  # a bad --method / --guide fails here, before the model loads
     if args.steps < 1:
         raise CLIError(f"--steps must be an int >= 1, got {args.steps}")
     out: Optional[str] = args.out
@@ -158,8 +159,8 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int, device: Any) -> Tu
     if args.view_prompt and args.prompt:
         raise CLIError("give either --prompt or --view-prompt (repeated), not both")
     # A request that cannot fit fails here, before the layout (or anything long) is built.
-    jd.estimate_memory(**_call_arguments(args), output_path=out, check=True)
-    return jd, out, device
+    jd.estimate_memory(**call, output_path=out, check=True)
+    return jd, out, device, call
 
 
 def _call_arguments(args: argparse.Namespace) -> Dict[str, Any]:
@@ -171,11 +172,11 @@ def _call_arguments(args: argparse.Namespace) -> Dict[str, Any]:
                 view_batch_size=args.view_batch_size, decode=args.decode)
 
 
-def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any, rank: int) -> int:
+def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any, call: Dict[str, Any],
+                        rank: int) -> int:
     import torch
 
     kind = jd.adapter.kind
-    call = _call_arguments(args)
     prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
     layout = jd.layout_for(args.seconds, args.width, window=call["window"], overlap=args.overlap, loop=args.loop,
                            method=call["method"])
