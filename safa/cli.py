@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import List, Optional
 
-__all__ = ["CLIError", "Terminated", "build_parser", "main"]
+__all__ = ["CLIError", "Terminated", "build_parser", "main", "one_line"]
 
 
 class CLIError(Exception):
@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except (CLIError, ValueError) as exc:
         if speaks:
-            print(f"safa {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"safa {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not isinstance(exc, (PeerFailure, CommunicationError)):
             raise
         if speaks:
-            print(f"safa {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"safa {args.command}: error: {one_line(exc)}", file=sys.stderr)
         user_error = isinstance(exc, PeerFailure) and all(kind in ("CLIError", "ValueError")
                                                           for _, kind, _ in exc.failures)
         return 2 if user_error else 1
@@ -83,8 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())  # one line, whatever the exception's formatting
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, whatever its formatting (the CLI's error lines)."""
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

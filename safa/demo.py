@@ -51,7 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _run(args)
     except (ValueError, OSError) as exc:  # bad --seconds / --window / --prompt, an unwritable --out
-        print(f"python -m safa.demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        from .cli import one_line
+        print(f"python -m safa.demo: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -58,6 +58,8 @@ import torch.distributed as dist
 from safa_kernels import ViewLayout
 from safa_kernels.plan import REF_NONE, get_plan
 
+from .cli import one_line
+
 __all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells",
            "collective", "agree", "init_from_environment", "rank_of"]
 
@@ -147,7 +149,7 @@ def _communicate(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001  (c10d raises RuntimeError / DistBackendError / ...)
-        raise CommunicationError(f"{what} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}") from exc
+        raise CommunicationError(f"{what} failed: {type(exc).__name__}: {one_line(exc)[:500]}") from exc
 
 
 class _Protocol:
