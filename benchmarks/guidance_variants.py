@@ -51,7 +51,7 @@ from safa import metrics as M
 from safa import evaluate as E
 from safa.methods import SaFa, SaFaSelfLoop, SaFaStats, parse_spec_value
 from safa.sampler import JointDiffusion
-from safa.syncdiffusion import step_snr
+from safa.schedulers import step_snr
 from safa.texture import make_texture_pipeline
 from safa_kernels import ViewLayout, gather, stitch, sync_
 

@@ -221,7 +221,7 @@ class SaFaStats(Method):
 
     Args:
         snr: the guidance window: steps whose noisy latent's signal-to-noise ratio
-            (:func:`safa.syncdiffusion.step_snr`; ``alpha_bar / (1 - alpha_bar)``) is at most
+            (:func:`safa.schedulers.step_snr`; ``alpha_bar / (1 - alpha_bar)``) is at most
             this (default 0.02: on AudioLDM's noise schedule the first 63 of 200 DDIM steps or 8 of
             25 DPM-Solver++ steps, where the texture model's sub-style is decided). 0: no guidance.
         strength: exponent of the row gains, 0 (none) to 1 (the reference's level exactly;
@@ -254,7 +254,7 @@ class SaFaStats(Method):
         if scheduler is None:
             raise ValueError("SaFaStats.reference_steps needs the scheduler (after set_timesteps): its window "
                              "is a range of noise levels")
-        from .syncdiffusion import step_snr
+        from .schedulers import step_snr
         steps = 0
         while steps < num_steps and step_snr(scheduler, steps) <= self.snr:
             steps += 1

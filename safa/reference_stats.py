@@ -9,7 +9,7 @@ statistics instead. At step ``i`` of the guided window, after the model call and
 scheduler steps (the sampler's 6.2b):
 
 1. the clean predictions ``x0`` of the views and of the reference are read off the model output
-   (:func:`safa.syncdiffusion.predict_x0`);
+   (:func:`safa.schedulers.predict_x0`);
 2. per view, every *row* of its ``x0`` (every position of the axes other than the batch and the
    long axis: a (channel, frequency bin) of an audio latent, a (channel, latent row) of an image)
    is scaled so that its root mean square along the long axis equals the reference's row:
@@ -18,11 +18,11 @@ scheduler steps (the sampler's 6.2b):
 3. the views' ``delta`` are made to agree where views overlap (triangular-weighted mean,
    ``safa_kernels.sync_``), so the views stay windows of one long latent;
 4. each view's clean prediction moves by its ``delta`` with its noise prediction kept
-   (:func:`safa.syncdiffusion.shift_clean_prediction`): the scheduler then steps as if the model
+   (:func:`safa.schedulers.shift_clean_prediction`): the scheduler then steps as if the model
    had predicted ``x0 + delta``.
 
 The window is a range of noise levels, not a fraction of the steps: the steps whose
-signal-to-noise ratio is at most ``snr`` (:func:`safa.syncdiffusion.step_snr`), so 25 and 200
+signal-to-noise ratio is at most ``snr`` (:func:`safa.schedulers.step_snr`), so 25 and 200
 steps guide over the same part of the trajectory. docs/guidance-research.md has the
 measurements that led here, the variants that did not, and what it means for real models.
 """
@@ -35,7 +35,7 @@ import torch
 from safa_kernels import sync_
 
 from .methods import MethodContext, MethodHooks
-from .syncdiffusion import predict_x0, shift_clean_prediction, x0_family
+from .schedulers import predict_x0, shift_clean_prediction, x0_family
 
 __all__ = ["row_gains", "ReferenceStatisticsHooks"]
 

@@ -58,6 +58,7 @@ from .memory import MemoryEstimate
 from . import prompts as _prompts
 from .methods import METHODS, Method, MethodContext, get_method
 from .prompts import PromptBatch
+from .schedulers import scale_model_input
 
 __all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS", "DEFAULT_VIEW_BATCH_SIZE"]
 
@@ -117,12 +118,6 @@ def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) ->
         raise ValueError(f"overlap of {overlap:g} columns rounds to {snapped}, a whole window of {window}, for method "
                          f"{method.name!r} (overlaps are multiples of {multiple} columns): ask for a smaller overlap")
     return snapped
-
-
-def _scale_model_input(scheduler: Any, sample: torch.Tensor, t: Any) -> torch.Tensor:
-    # Flow-matching schedulers have no scale_model_input: their model input is the sample.
-    scale = getattr(scheduler, "scale_model_input", None)
-    return scale(sample, t) if scale is not None else sample
 
 
 class JointDiffusion:
@@ -663,9 +658,9 @@ class JointDiffusion:
                     # 6.1 Model input: this process's views, plus X^0 (on its own scheduler) while
                     # it guides, on the rank that holds it.
                     with record_function("safa.scheduler"):
-                        model_in = _scale_model_input(scheduler, flat[own_rows], t_sched)
+                        model_in = scale_model_input(scheduler, flat[own_rows], t_sched)
                         if with_reference:
-                            model_in = torch.cat([model_in, _scale_model_input(ref_scheduler, reference, t_sched)])
+                            model_in = torch.cat([model_in, scale_model_input(ref_scheduler, reference, t_sched)])
                     # 6.2 One model batch (classifier-free guidance inside adapter.predict), in the
                     # method's model context (MAD: self-attention merged over the long latent).
                     with record_function("safa.model"), hooks.model_context(i):

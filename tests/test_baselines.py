@@ -28,7 +28,8 @@ import safa.testing.pipelines as tp
 from safa import MAD, JointDiffusion, SyncDiffusion
 from safa.mad import AttentionCanvas, MergedSelfAttention, attention_factors
 from safa.methods import NotApplicable
-from safa.syncdiffusion import SyncDiffusionHooks, predict_x0, spectral_distance
+from safa.schedulers import predict_x0
+from safa.syncdiffusion import SyncDiffusionHooks, spectral_distance
 from safa_kernels import ViewLayout, gather
 
 WINDOW_S = 1.28  # 32 latent frames of the tiny AudioLDM family

@@ -25,7 +25,7 @@ import safa.testing.pipelines as tp
 from safa import JointDiffusion, SaFaStats, get_method
 from safa.reference_stats import ReferenceStatisticsHooks, row_gains
 from safa.texture import make_texture_pipeline
-from safa.syncdiffusion import predict_x0, shift_clean_prediction, step_snr
+from safa.schedulers import predict_x0, shift_clean_prediction, step_snr
 from safa_kernels import ViewLayout, gather, stitch
 
 WINDOW_S = 1.28  # 32 latent frames of the tiny AudioLDM

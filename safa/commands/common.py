@@ -175,14 +175,9 @@ def load_pipeline(model: str, window: Optional[float] = None) -> Any:
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
-    """Replace ``pipe.scheduler`` by the diffusers scheduler ``name`` (``DDIM`` or ``DDIMScheduler``), same config."""
-    import diffusers
-    wanted = name.lower().removesuffix("scheduler")
-    choices = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and n != "SchedulerMixin"
-                     and isinstance(getattr(diffusers, n, None), type))
-    for cls_name in choices:
-        if cls_name.lower().removesuffix("scheduler") == wanted:
-            pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
-            return
-    raise CLIError(f"unknown scheduler {name!r}; choose one of: "
-                   + ", ".join(c.removesuffix("Scheduler") for c in choices))
+    """:func:`safa.schedulers.set_scheduler`, its error as a :class:`CLIError` (one line at the CLI)."""
+    from ..schedulers import set_scheduler as _set
+    try:
+        _set(pipe, name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
