@@ -27,7 +27,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 demo: install
 	$(PY) -m safa.demo --out out

@@ -26,9 +26,11 @@ OFFLINE = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "1"}  #
 
 
 def kit(*args: str, env: dict = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    # Not this test run's pytest-xdist worker variables: the kit runs pytest and the benchmarks itself.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--python", sys.executable, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **OFFLINE, **(env or {})))
+                          env=dict(inherited, **OFFLINE, **(env or {})))
 
 
 def test_gpu_sh_is_valid_bash():
