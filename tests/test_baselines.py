@@ -26,10 +26,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 import safa
 import safa.testing.pipelines as tp
 from safa import MAD, JointDiffusion, SyncDiffusion
-from safa.mad import AttentionCanvas, MergedSelfAttention, attention_factors
+from safa.methods.mad import AttentionCanvas, MergedSelfAttention, attention_factors
 from safa.methods import NotApplicable
 from safa.schedulers import predict_x0
-from safa.syncdiffusion import SyncDiffusionHooks, spectral_distance
+from safa.methods.syncdiffusion import SyncDiffusionHooks, spectral_distance
 from safa_kernels import ViewLayout, gather
 
 WINDOW_S = 1.28  # 32 latent frames of the tiny AudioLDM family
@@ -492,7 +492,7 @@ def test_syncdiffusion_parameter_errors():
 def _lpips_ready() -> bool:
     try:
         import lpips  # noqa: F401
-        from safa.syncdiffusion import _vgg16_weights_file
+        from safa.methods.syncdiffusion import _vgg16_weights_file
         return os.path.isfile(_vgg16_weights_file())
     except ImportError:
         return False
@@ -542,3 +542,25 @@ def test_shorthands_everywhere(audioldm, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "MAD merges a UNet's self-attention" in err
     assert not (tmp_path / "t.wav").exists()
+
+
+def test_python_method_takes_the_cli_spec_strings(audioldm):
+    # One spelling for both doors: method="safa:guide=0.5" is SaFa(guide=0.5), in get_method and in the call.
+    assert safa.get_method("safa:guide=0.5") == safa.SaFa(guide=0.5)
+    assert safa.get_method("mad:steps=0.3") == MAD(steps=0.3)
+    assert safa.get_method("multidiffusion_triangular") == safa.MultiDiffusion(triangular=True)
+    assert safa.get_method("safa:guide=0.5", swap_interval=2) == safa.SaFa(guide=0.5, swap_interval=2)
+    jd = JointDiffusion(audioldm)
+    by_spec = jd("rain", 2.9, method="safa:guide=0.5:swap_interval=2", generator=gen(), **AUDIO)
+    by_object = jd("rain", 2.9, method=safa.SaFa(guide=0.5, swap_interval=2), generator=gen(), **AUDIO)
+    assert by_spec.method == safa.SaFa(guide=0.5, swap_interval=2)
+    assert torch.equal(by_spec.latent, by_object.latent)
+    for spec, params, pattern in [("safa:guide=0.5", dict(guide=0.4), "guide given both in the method spec"),
+                                  ("nope:guide=0.5", {}, r"method must be one of .* got 'nope:guide=0.5'"),
+                                  ("multidiffusion:guide=0.5", {}, "guide does not apply to method 'multidiffusion'"),
+                                  ("safa:guide", {}, "is not name=value"),
+                                  ("safa:guide=2.0", {}, r"guide must be in \[0.0, 1.0\]")]:
+        with pytest.raises(ValueError, match=pattern):
+            safa.get_method(spec, **params)
+    with pytest.raises(ValueError, match="guide given both"):
+        jd("rain", 2.9, method="safa:guide=0.5", guide=0.4, **AUDIO)

@@ -17,22 +17,65 @@ outside those, and for cross-attention, each processor calls the original one.
 Only UNets: the authors' method is defined on a UNet's spatial self-attention. SD3's MMDiT
 attends jointly over image and per-view text tokens and Stable Audio's DiT places rotary
 positions per window; neither has a faithful merged form, so MAD refuses them
-(:class:`~safa.methods.NotApplicable`).
+(:class:`~safa.methods.base.NotApplicable`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Optional, Tuple
+import dataclasses
+import math
+from typing import Any, ClassVar, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from safa_kernels import ViewLayout, gather, stitch
 
-from .adapters import Adapter
-from .methods import MethodContext, MethodHooks, NotApplicable
+from .._checks import check_range
+from ..adapters import Adapter
+from .base import Method, MethodContext, MethodHooks, NotApplicable, leading_steps
 
-__all__ = ["attention_factors", "AttentionCanvas", "MergedSelfAttention", "MergedAttentionHooks"]
+__all__ = ["MAD", "attention_factors", "AttentionCanvas", "MergedSelfAttention", "MergedAttentionHooks"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MAD(Method):
+    """MAD, Merge-Attend-Diffuse (Quattrini et al., ECCV 2024): one self-attention over the long latent.
+
+    During the first ``steps`` fraction of the steps every UNet self-attention layer attends
+    over the whole long latent at its resolution: the views' queries, keys and values are
+    averaged onto it where views overlap, attention runs over all its tokens, and the result
+    is cut back into the views (see the module docstring). After every step the overlaps are averaged
+    as in MultiDiffusion. UNet pipelines only; every view must be in one model call, and the
+    layout's window and overlap must be multiples of the UNet's deepest attention
+    downsampling factor (the default layout rounds the overlap to one).
+
+    Args:
+        steps: fraction of the steps with merged attention, the first ``round(steps * T)``
+            (default 0.5: the authors' 25 of 50 for Stable Diffusion).
+    """
+
+    steps: float = 0.5
+    merge_mode: ClassVar[str] = "mean"
+    max_overlap_rate: ClassVar[float] = 1.0
+    all_views_in_one_call: ClassVar[bool] = True
+    couples_views: ClassVar[bool] = True  # the views attend to each other
+
+    def __post_init__(self) -> None:
+        check_range("steps", self.steps, 0.0, 1.0)
+
+    @property
+    def name(self) -> str:
+        return "mad"
+
+    def check_pipeline(self, adapter: "Adapter") -> None:
+        attention_factors(adapter)
+
+    def layout_multiple(self, adapter: "Adapter") -> int:
+        return math.lcm(*attention_factors(adapter).values())
+
+    def hooks(self, context: MethodContext) -> MethodHooks:
+        return MergedAttentionHooks(context, leading_steps(self.steps, len(context.scheduler_timesteps)))
 
 # The processors MAD reproduces when merging (both compute the same attention; 2_0 is the
 # default on torch >= 2). Anything else (xFormers, IP-Adapter, LoRA processors) would be
