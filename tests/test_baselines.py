@@ -6,7 +6,8 @@
   cross_attention="views")`` is MultiDiffusion bitwise; one view is the pipeline; the
   processors are gone after a call (also one that raised) and the pipeline gives exactly its
   old output; loops wrap (shift equivariance); every UNet family runs; clear errors elsewhere.
-- SyncDiffusion: ``weight=0`` is MultiDiffusion; the gradient equals central finite
+- SyncDiffusion: ``weight=0`` is MultiDiffusion; every gradient step lowers the loss to the
+  anchor; ``sync_freq`` picks the authors' steps; the gradient equals central finite
   differences of a loss computed independently (the UNet, DDIM's own ``pred_original_sample``
   and the VAE called by hand, float64); the hand-made x0 equals the schedulers' own; it runs
   and descends with DDIM, DPM-Solver++ and Euler; clear errors for bad parameters and for
@@ -506,7 +507,12 @@ class _RecordingHooks(SyncDiffusionHooks):
 
     def gradient(self, v, x_t, i, target):
         g = super().gradient(v, x_t, i, target)
-        self.records.append(dict(v=v, i=i, x_t=x_t.clone(), target=target.clone(), grad=g.clone(), hooks=self))
+        with torch.no_grad():  # the loss to the anchor before and after the step the hooks take
+            step = self.weight * self.decay ** i
+            before = float(self.loss(self.decoded_x0(v, x_t, i), target))
+            after = float(self.loss(self.decoded_x0(v, x_t - step * g, i), target))
+        self.records.append(dict(v=v, i=i, x_t=x_t.clone(), target=target.clone(), grad=g.clone(), hooks=self,
+                                 loss_before=before, loss_after=after))
         return g
 
 
@@ -522,7 +528,7 @@ RECORDS: list = []
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler],
                          ids=lambda c: c.__name__)
-def test_syncdiffusion_weight_zero_is_multidiffusion_and_descends(scheduler):
+def test_syncdiffusion_weight_zero_is_multidiffusion_and_each_step_lowers_the_loss(scheduler):
     pipe = tp.tiny_audioldm_pipeline()
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     jd = JointDiffusion(pipe)
@@ -535,6 +541,10 @@ def test_syncdiffusion_weight_zero_is_multidiffusion_and_descends(scheduler):
     assert torch.isfinite(out.latent).all() and not torch.allclose(out.latent, md.latent)
     # round(0.5 * 4) = 2 steps, every view but the middle anchor (3 views: anchor 1)
     assert [(r["i"], r["v"]) for r in RECORDS] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    # ... and every gradient step, at the step size taken (weight 20 * 0.95**i), brings the
+    # view's decoded clean prediction closer to the anchor's
+    for r in RECORDS:
+        assert r["loss_after"] < r["loss_before"], (r["i"], r["v"], r["loss_before"], r["loss_after"])
     if getattr(pipe.scheduler, "step_index", None) is not None:
         assert pipe.scheduler.step_index == len(pipe.scheduler.timesteps)  # never an extra scheduler.step
 
@@ -678,6 +688,21 @@ def test_syncdiffusion_one_view_and_anchor(audioldm):
         jd("rain", 2.9, method=SyncDiffusion(anchor=3), generator=gen(), **AUDIO)
 
 
+def test_syncdiffusion_sync_freq(audioldm):
+    # The authors' sync_freq: gradient steps at the synced steps i with (i + 1) % sync_freq == 0.
+    jd = JointDiffusion(audioldm)
+    kw = dict(AUDIO, num_inference_steps=5)
+    for freq, synced in ((1, [0, 1, 2, 3]), (2, [1, 3]), (3, [2]), (5, [])):
+        RECORDS.clear()
+        jd("rain", 2.9, method=_RecordingSync(steps=0.8, sync_freq=freq), generator=gen(), **kw)  # 4 of 5 steps
+        assert [(r["i"], r["v"]) for r in RECORDS] == [(i, v) for i in synced for v in (0, 2)], freq
+    assert safa.get_method("syncdiffusion:sync_freq=2:steps=0.5") == SyncDiffusion(sync_freq=2, steps=0.5)
+    # sync_freq larger than the synced steps: none is synced, which is MultiDiffusion
+    md = jd("rain", 2.9, method="multidiffusion", generator=gen(), **kw)
+    none = jd("rain", 2.9, method="syncdiffusion:sync_freq=5:steps=0.8", generator=gen(), **kw)
+    assert torch.equal(none.latent, md.latent)
+
+
 def test_syncdiffusion_parameter_errors():
     for kw, pattern in [(dict(weight=-1.0), "weight must be a finite number >= 0"),
                         (dict(weight=math.inf), "weight must be a finite number >= 0"),
@@ -685,7 +710,10 @@ def test_syncdiffusion_parameter_errors():
                         (dict(steps=float("nan")), r"steps must be in \[0.0, 1.0\]"),
                         (dict(loss="lpips"), "loss must be None or a callable"),
                         (dict(anchor=-1), "anchor must be None or an int >= 0"),
-                        (dict(anchor=1.0), "anchor must be None or an int >= 0")]:
+                        (dict(anchor=1.0), "anchor must be None or an int >= 0"),
+                        (dict(sync_freq=0), "sync_freq must be an int >= 1"),
+                        (dict(sync_freq=2.0), "sync_freq must be an int >= 1"),
+                        (dict(sync_freq=True), "sync_freq must be an int >= 1")]:
         with pytest.raises(ValueError, match=pattern):
             SyncDiffusion(**kw)
 

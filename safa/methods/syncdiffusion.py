@@ -1,6 +1,7 @@
 """SyncDiffusion (Lee et al., NeurIPS 2023): per-view gradient steps towards an anchor view.
 
-At step ``i`` of the first ``round(steps * T)`` steps, before the model call
+At step ``i`` of the first ``round(steps * T)`` steps, every ``sync_freq``-th of them (when
+``(i + 1) % sync_freq == 0``, as the authors' code), before the model call
 (:meth:`SyncDiffusionHooks.before_model`):
 
 1. the anchor view (the middle one by default) goes through the model with classifier-free
@@ -32,7 +33,7 @@ from typing import Any, Callable, ClassVar, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_range
+from .._checks import check_positive_int, check_range
 from ..adapters import Adapter, Conditions
 from ..schedulers import predict_x0, scale_model_input, x0_family
 from .base import Method, MethodContext, MethodHooks, leading_steps
@@ -57,6 +58,8 @@ class SyncDiffusion(Method):
         decay: per-step decay of the step size (default 0.95).
         steps: fraction of the steps with gradient steps, the first ``round(steps * T)``
             (default 0.2: the authors' 10 of 50).
+        sync_freq: a gradient step on every ``sync_freq``-th of those steps, step ``i`` when
+            ``(i + 1) % sync_freq == 0`` (default 1: every one; the authors' ``sync_freq``).
         loss: differentiable ``f(a, b) -> scalar`` between a view's decoded output and the
             anchor's (images ``(B, 3, H, W)`` in ``[0, 1]``; audio: what the adapter's first
             decoding stage gives, a mel spectrogram for the AudioLDM family). Default: LPIPS
@@ -67,6 +70,7 @@ class SyncDiffusion(Method):
     weight: float = 20.0
     decay: float = 0.95
     steps: float = 0.2
+    sync_freq: int = 1
     loss: Optional[Callable[[Any, Any], Any]] = None
     anchor: Optional[int] = None
     merge_mode: ClassVar[str] = "mean"
@@ -79,6 +83,7 @@ class SyncDiffusion(Method):
             raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
         check_range("decay", self.decay, 0.0, 1.0)
         check_range("steps", self.steps, 0.0, 1.0)
+        check_positive_int("sync_freq", self.sync_freq)
         if self.loss is not None and not callable(self.loss):
             raise ValueError(f"loss must be None or a callable f(a, b) -> scalar, got {self.loss!r}")
         if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, int)
@@ -201,6 +206,7 @@ class SyncDiffusionHooks(MethodHooks):
         self.context, self.anchor = context, anchor
         self.weight, self.decay = float(method.weight), float(method.decay)
         self.sync_steps = leading_steps(method.steps, len(context.scheduler_timesteps)) if n > 1 else 0
+        self.sync_freq = method.sync_freq
         self.loss: Loss = method.loss if method.loss is not None else (
             default_loss(context.adapter) if self.sync_steps else spectral_distance)
         batch = int(context.window_shape[0])
@@ -228,8 +234,12 @@ class SyncDiffusionHooks(MethodHooks):
             (grad,) = torch.autograd.grad(loss, leaf)
         return grad
 
+    def synced(self, i: int) -> bool:
+        """Whether step ``i`` takes gradient steps (the authors' ``(i + 1) % sync_freq == 0 and i < sync_thres``)."""
+        return i < self.sync_steps and (i + 1) % self.sync_freq == 0
+
     def before_model(self, i: int, views: torch.Tensor) -> None:
-        if i >= self.sync_steps:
+        if not self.synced(i):
             return
         with torch.no_grad():
             target = self.decoded_x0(self.anchor, views[self.anchor], i)
