@@ -16,15 +16,17 @@ shorthand                          object                                       
 ``"safa_selfloop"``                :class:`SaFaSelfLoop` (SaFa*)                 self-loop swap only
 ``"multidiffusion"``               :class:`MultiDiffusion` (MD)                  mean of the overlaps
 ``"multidiffusion_triangular"``    ``MultiDiffusion(triangular=True)`` (MD*)     triangular-weighted mean
-``"mad"``                          :class:`MAD` ``(steps)``                      mean; self-attention merged
-                                                                                 over the long latent
+``"mad"``                          :class:`MAD` ``(steps, cross_attention)``     mean; cross- (every step) and
+                                                                                 self-attention (first steps)
+                                                                                 merged over the long latent
 ``"syncdiffusion"``                :class:`SyncDiffusion` ``(weight, decay,      mean; a gradient step on
-                                   steps, loss, anchor)``                        every view before the model
+                                   steps, sync_freq, loss, anchor)``             every view before the model
 =================================  ============================================  ==========================
 
 Equations refer to the paper (arXiv 2502.05130, section 3). A method is a small frozen
 object: ``JointDiffusion(pipe)(prompt, method=SaFa(guide=0.5))``; the shorthands build the
-default object and accept the old keyword arguments (``guide=``, ``swap_interval=``) through
+default object, a spec string sets parameters as at the CLI (``method="safa:guide=0.5"``), and
+the old keyword arguments (``guide=``, ``swap_interval=``) are accepted; all through
 :func:`get_method`. :data:`METHODS` is the one list of methods: the CLI's choices,
 ``safa evaluate`` and ``safa profile`` derive from it.
 
