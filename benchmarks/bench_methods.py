@@ -9,7 +9,9 @@ Two pipelines of safa.testing (random weights, so only cost is measured, not qua
   baselines (MD, MD*, MAD, SyncDiffusion) at overlap 0.8; MAD on its authors' first half of
   the steps, SyncDiffusion on its first 20% (weight 20, decay 0.95, anchor the middle view),
   with an LPIPS-free loss (mean squared error of the decoded images: this machine has no
-  LPIPS weights; a perceptual network would cost more);
+  LPIPS weights; a perceptual network would cost more); and two rows labelled "authors'
+  setting": MAD and SyncDiffusion with their authors' own layout, window 64 latent columns at
+  stride 16 (``window=64, overlap=0.75``; docs/method.md, section 9), the rest as above;
 - **audio**: the tiny AudioLDM at 60 s (native window 10.24 s), every method at overlap 0.2
   (the paper's audio setting, Sec. 3.1), CFG 3.5; SyncDiffusion with its default spectral loss.
 
@@ -24,7 +26,7 @@ s, MAD 65.9 s, SyncD 668.5 s) are printed beside ours as time / SaFa's time.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +40,15 @@ SETTINGS = {"smoke": dict(width=1024, seconds=24.0, steps=2, rounds=1),
             "quick": dict(width=2048, seconds=60.0, steps=10, rounds=1),
             "full": dict(width=2048, seconds=60.0, steps=20, rounds=3)}
 METHOD_ORDER = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular", "mad", "syncdiffusion")
+# The MAD and SyncDiffusion authors' own layout (window 64 latent columns, stride 16); DDIM,
+# CFG 7.5 and the methods' defaults (MAD on the first half of the steps; SyncDiffusion weight
+# 20, decay 0.95 on the first 20%) are theirs already.
+AUTHORS = " (authors' setting)"
+AUTHORS_LAYOUT = dict(window=64, overlap=0.75)
+
+
+def _configurations(kind: str) -> Tuple[str, ...]:
+    return METHOD_ORDER + ((f"mad{AUTHORS}", f"syncdiffusion{AUTHORS}") if kind == "image" else ())
 
 
 def _image_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,6 +57,7 @@ def _image_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _method(name: str, kind: str) -> Any:
     from safa import SyncDiffusion, get_method
+    name = name.removesuffix(AUTHORS)
     if name == "syncdiffusion" and kind == "image":
         return SyncDiffusion(loss=_image_mse)
     return get_method(name)
@@ -71,28 +83,34 @@ def measure(device: torch.device, mode: str) -> List[Dict[str, Any]]:
         denoiser = pipe.unet
 
         def overlap(name: str) -> float:
+            if name.endswith(AUTHORS):
+                return AUTHORS_LAYOUT["overlap"]
             return 0.8 if kind == "image" and not name.startswith("safa") else 0.2
 
+        def window(name: str) -> Optional[int]:
+            return AUTHORS_LAYOUT["window"] if name.endswith(AUTHORS) else None
+
         def run(name: str) -> None:
-            jd(method=_method(name, kind), overlap=overlap(name), num_inference_steps=st["steps"],
+            jd(method=_method(name, kind), window=window(name), overlap=overlap(name), num_inference_steps=st["steps"],
                output_type="latent", generator=torch.Generator(device).manual_seed(0), **call)
 
         clock = harness.timer(device)
-        for name in METHOD_ORDER:  # warm-up: plans, allocator, lazy inits
+        configurations = _configurations(kind)
+        for name in configurations:  # warm-up: plans, allocator, lazy inits
             run(name)
-        times: Dict[str, List[float]] = {name: [] for name in METHOD_ORDER}
+        times: Dict[str, List[float]] = {name: [] for name in configurations}
         counts: Dict[str, Any] = {}
         for _ in range(st["rounds"]):
-            for name in METHOD_ORDER:
+            for name in configurations:
                 with harness.ModelClock(denoiser, device) as model_clock:
                     t0 = clock()
                     run(name)
                     times[name].append(clock() - t0)
                 counts[name] = (model_clock.calls, model_clock.rows)
-        for name in METHOD_ORDER:
+        for name in configurations:
             calls, rows = counts[name]
-            layout = jd.layout_for(seconds=call.get("seconds"), width=call.get("width"), overlap=overlap(name),
-                                   method=_method(name, kind))
+            layout = jd.layout_for(seconds=call.get("seconds"), width=call.get("width"), window=window(name),
+                                   overlap=overlap(name), method=_method(name, kind))
             records.append(dict(kind=kind, method=name, steps=st["steps"], rounds=st["rounds"],
                                 size=f"{call['height']}x{call['width']} px" if kind == "image"
                                 else f"{call['seconds']:g} s", overlap=overlap(name), views=layout.num_views,

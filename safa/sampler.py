@@ -438,7 +438,7 @@ class JointDiffusion:
     def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
         """This process's part of the call: every view in one process, a block of them per rank
         with ``process_group`` (an error on every rank when there are more ranks than views)."""
-        if self.process_group is not None and type(method).hooks is not Method.hooks:
+        if self.process_group is not None and method.couples_views:
             raise ValueError(f"method {method.name!r} couples the views inside each step (its hooks see every "
                              f"view at once), so it runs in one process only: call it without process_group")
         return _distributed.ViewShard(self.process_group, layout, self.adapter.long_dim, method.merge_mode,

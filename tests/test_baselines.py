@@ -1,10 +1,13 @@
 """The paper's other baselines on tiny pipelines (CPU, offline): MAD and SyncDiffusion.
 
-- MAD: the merged attention equals a naive canvas attention written out view by view;
-  ``MAD(steps=0)`` is MultiDiffusion bitwise; one view is the pipeline; the processors are
-  gone after a call (also one that raised) and the pipeline gives exactly its old output;
-  loops wrap (shift equivariance); every UNet family runs; clear errors elsewhere.
-- SyncDiffusion: ``weight=0`` is MultiDiffusion; the gradient equals central finite
+- MAD: the merged self- and cross-attention equal a direct construction written out view by
+  view (square and non-square views, per-view texts); a whole call equals the authors' loop
+  written out independently (their threshold 0 and half of the steps); ``MAD(steps=0,
+  cross_attention="views")`` is MultiDiffusion bitwise; one view is the pipeline; the
+  processors are gone after a call (also one that raised) and the pipeline gives exactly its
+  old output; loops wrap (shift equivariance); every UNet family runs; clear errors elsewhere.
+- SyncDiffusion: ``weight=0`` is MultiDiffusion; every gradient step lowers the loss to the
+  anchor; ``sync_freq`` picks the authors' steps; the gradient equals central finite
   differences of a loss computed independently (the UNet, DDIM's own ``pred_original_sample``
   and the VAE called by hand, float64); the hand-made x0 equals the schedulers' own; it runs
   and descends with DDIM, DPM-Solver++ and Euler; clear errors for bad parameters and for
@@ -26,10 +29,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 import safa
 import safa.testing.pipelines as tp
 from safa import MAD, JointDiffusion, SyncDiffusion
-from safa.mad import AttentionCanvas, MergedSelfAttention, attention_factors
+from safa.methods.mad import AttentionCanvas, MergedAttention, TextGroups, attention_factors
 from safa.methods import NotApplicable
 from safa.schedulers import predict_x0
-from safa.syncdiffusion import SyncDiffusionHooks, spectral_distance
+from safa.methods.syncdiffusion import SyncDiffusionHooks, spectral_distance
 from safa_kernels import ViewLayout, gather
 
 WINDOW_S = 1.28  # 32 latent frames of the tiny AudioLDM family
@@ -106,14 +109,14 @@ def test_merged_attention_equals_naive_canvas_attention(long_rows, loop):
     window_shape = (b, 4, 8, 6) if long_rows else (b, 4, 6, 8)
     h, w = window_shape[-2] // factor, window_shape[-1] // factor
     canvas = AttentionCanvas(layout, window_shape, -2 if long_rows else -1)
-    attn.set_processor(MergedSelfAttention(AttnProcessor2_0(), canvas, factor))
+    attn.set_processor(MergedAttention(AttnProcessor2_0(), canvas, factor))
     hidden = torch.randn(g * layout.num_views * b, h * w, 8, dtype=torch.float64)
     scaled = ViewLayout(layout.length // factor, layout.window // factor, layout.overlap // factor, loop=loop)
     with torch.no_grad():
         expected = _naive_mad_attention(attn, hidden, scaled, g, b, h, w, long_rows)
-        canvas.on = True
+        canvas.merge_self = True
         merged = attn(hidden)
-        canvas.on = False
+        canvas.merge_self = False
         off = attn(hidden)
         attn.set_processor(AttnProcessor2_0())
         plain = attn(hidden)
@@ -129,26 +132,225 @@ def test_merged_attention_on_one_view_is_the_default_attention():
     with torch.no_grad():
         plain = attn(hidden)
         canvas = AttentionCanvas(ViewLayout(16, 16, 0), (3, 4, 8, 16), -1)
-        attn.set_processor(MergedSelfAttention(AttnProcessor2_0(), canvas, 2))
-        canvas.on = True
+        attn.set_processor(MergedAttention(AttnProcessor2_0(), canvas, 2))
+        canvas.merge_self = True
         merged = attn(hidden)
     torch.testing.assert_close(merged, plain, rtol=1e-6, atol=1e-6)
 
 
+def _direct_cross_attention(attn: Attention, hidden: torch.Tensor, text: torch.Tensor, layout: ViewLayout,
+                            labels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """MAD's cross-attention built directly, one (branch, view, item, token column) at a time.
+
+    The canvas query of a column is the mean of the queries of the views that cover it and
+    attend to the same text (``labels``: ``(g, n, B)``); each view's window of it attends, by
+    softmax, to the view's own text; then the output projection. (The processor attends on
+    the canvas and cuts after; a query's attention does not depend on the other queries.)
+    """
+    g, n, b = labels.shape
+    q = attn.to_q(hidden).view(g, n, b, h, w, -1)
+    k = attn.to_k(text).view(g, n, b, text.shape[1], -1)
+    v = attn.to_v(text).view(g, n, b, text.shape[1], -1)
+    c, heads = q.shape[-1], attn.heads
+    dh = c // heads
+    out = torch.empty_like(q)
+    for gi in range(g):
+        for bi in range(b):
+            for i in range(n):
+                peers = [j for j in range(n) if labels[gi, j, bi] == labels[gi, i, bi]]
+                kh, vh = (x[gi, i, bi].view(-1, heads, dh).transpose(0, 1) for x in (k, v))
+                for local, col in enumerate(layout.columns(i)):
+                    covering = [(j, layout.columns(j).index(col)) for j in peers if col in layout.columns(j)]
+                    query = sum(q[gi, j, bi, :, lj] for j, lj in covering) / len(covering)  # (h, C)
+                    qh = query.view(h, heads, dh).transpose(0, 1)
+                    attended = (qh @ kh.transpose(-1, -2) / math.sqrt(dh)).softmax(-1) @ vh
+                    out[gi, i, bi, :, local] = attended.transpose(0, 1).reshape(h, c)
+    return attn.to_out[1](attn.to_out[0](out.reshape(g * n * b, h * w, c)))
+
+
+def _tiny_unet_cross_attention(sd) -> Attention:
+    """A cross-attention layer of the tiny SD UNet (to_q 32 -> 32, text 32 wide), in float64."""
+    attn = next(m for name, m in sd.unet.named_modules() if name.endswith("attn2"))
+    assert attn.is_cross_attention
+    return copy.deepcopy(attn).double().eval()
+
+
+@pytest.mark.parametrize("square", [True, False], ids=["square", "non_square"])
 @pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
-def test_mad_steps_zero_is_multidiffusion_bitwise(audioldm, sd, loop):
+@pytest.mark.parametrize("texts", ["one", "per_view"])
+def test_merged_cross_attention_equals_a_direct_construction(sd, square, loop, texts):
+    torch.manual_seed(2)
+    attn = _tiny_unet_cross_attention(sd)
+    factor, g, b, width = 2, 2, 2, attn.to_q.in_features
+    layout = ViewLayout(24, 8, 4, loop=True) if loop else ViewLayout(24, 8, 4)
+    n = layout.num_views
+    window_shape = (b, 4, 8, 8) if square else (b, 4, 6, 8)
+    h, w = window_shape[-2] // factor, window_shape[-1] // factor
+    scaled = ViewLayout(layout.length // factor, layout.window // factor, layout.overlap // factor, loop=loop)
+    if texts == "one":
+        labels, groups = torch.zeros(g, n, b, dtype=torch.long), None
+    else:  # the unconditional branch shares one text; the conditional one has two, in runs of views
+        labels = torch.zeros(g, n, b, dtype=torch.long)
+        labels[1, n // 2:, 0] = 1
+        labels[1, ::2, 1] = 1
+        groups = TextGroups(labels, 2)
+    per_text = torch.randn(g, 2, b, 5, attn.to_k.in_features, dtype=torch.float64)
+    text = per_text[torch.arange(g)[:, None, None], labels, torch.arange(b)[None, None, :]].reshape(g * n * b, 5, -1)
+    hidden = torch.randn(g * n * b, h * w, width, dtype=torch.float64)
+    canvas = AttentionCanvas(layout, window_shape, -1, groups)
+    attn.set_processor(MergedAttention(AttnProcessor2_0(), canvas, factor))
+    with torch.no_grad():
+        expected = _direct_cross_attention(attn, hidden, text, scaled, labels, h, w)
+        canvas.merge_cross = True
+        merged = attn(hidden, encoder_hidden_states=text)
+        canvas.merge_cross = False
+        off = attn(hidden, encoder_hidden_states=text)
+        attn.set_processor(AttnProcessor2_0())
+        plain = attn(hidden, encoder_hidden_states=text)
+    torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(off, plain) and not torch.allclose(merged, plain)
+
+
+def test_text_groups_of_a_call():
+    from safa.adapters import Conditions
+    # 3 distinct prompts (two texts, one repeated with another negative), 3 views, 2 batch items
+    pos = torch.stack([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0), torch.full((2, 3), 1.0)])
+    neg = torch.stack([torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)])
+    view_rows = torch.tensor([0, 0, 1, 0, 2, 0])  # (view, item): item 0 sees prompts 0, 1, 2; item 1 only 0
+    groups = TextGroups.of(Conditions({"embeds": pos}, {"embeds": neg}), view_rows, 3, 2)
+    assert groups.count == 2
+    assert groups.labels[0].tolist() == [[0, 0], [0, 0], [1, 0]]  # uncond: prompt 2's negative differs
+    assert groups.labels[1].tolist() == [[0, 0], [1, 0], [0, 0]]  # cond: prompts 0 and 2 share the text
+    assert groups.representatives(1).tolist() == [[2, 0], [1, 0]]
+    one = TextGroups.of(Conditions({"embeds": pos[:1]}), torch.zeros(6, dtype=torch.long), 3, 2)
+    assert one.count == 1 and one.labels.shape == (1, 3, 2)
+
+
+class _AuthorsMAD:
+    """MAD's attention processor as its authors' code computes it, written out here independently.
+
+    One instance on every attention module; rows are ``[uncond views; cond views]`` (one batch
+    item); the layer's downsampling factor comes from its token count. Cross-attention: the
+    views' queries averaged onto the canvas (sum / count over view spans), attention to the
+    text rows 0 (uncond) and -1 (cond), cut back into the views: at every step. Self-attention:
+    q, k, v averaged onto the canvas and one attention over it while ``merge_self``, else per view.
+    """
+
+    def __init__(self, spans, length: int, height: int, width: int) -> None:
+        self.spans, self.length, self.height, self.width = spans, length, height, width
+        self.merge_self = False
+
+    def _canvas(self, x, g, h, w, f):
+        total = torch.zeros(g, h, self.length // f, x.shape[-1], dtype=x.dtype)
+        count = torch.zeros(1, 1, self.length // f, 1, dtype=x.dtype)
+        views = x.view(g, len(self.spans), h, w, -1)
+        for i, (start, end) in enumerate(self.spans):
+            total[:, :, start // f:end // f] += views[:, i]
+            count[:, :, start // f:end // f] += 1
+        return (total / count).reshape(g, -1, x.shape[-1])
+
+    def _crop(self, canvas, g, h, f):
+        canvas = canvas.view(g, h, self.length // f, -1)
+        return torch.stack([canvas[:, :, s // f:e // f] for s, e in self.spans], 1).reshape(
+            g * len(self.spans), -1, canvas.shape[-1])
+
+    @staticmethod
+    def _attention(attn, q, k, v):
+        heads = attn.heads
+        split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        out = (split(q) @ split(k).transpose(-1, -2) * attn.scale).softmax(-1) @ split(v)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        rows, tokens, _ = hidden_states.shape
+        g = rows // len(self.spans)
+        f = round(math.sqrt(self.height * self.width / tokens))
+        h, w = self.height // f, self.width // f
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if encoder_hidden_states is not None:
+            text_k, text_v = torch.stack([k[0], k[-1]]), torch.stack([v[0], v[-1]])
+            out = self._crop(self._attention(attn, self._canvas(q, g, h, w, f), text_k, text_v), g, h, f)
+        elif self.merge_self:
+            merged = [self._canvas(x, g, h, w, f) for x in (q, k, v)]
+            out = self._crop(self._attention(attn, *merged), g, h, f)
+        else:
+            out = self._attention(attn, q, k, v)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@pytest.mark.parametrize("height", [256, 128], ids=["square", "non_square"])  # windows 32 x 32, 16 x 32
+@pytest.mark.parametrize("steps", [0.0, 0.5], ids=["threshold_0", "half"])
+def test_mad_equals_the_authors_loop(height, steps):
+    # The authors' loop (merge_attend_stable_diffusion.py) written out: views cut from the long
+    # latent, one UNet call for all views x [uncond, cond], CFG, DDIM, value / count averaging;
+    # self-attention merged for the first `mad_threshold` steps, cross-attention always.
+    pipe = tp.tiny_sd_pipeline(sample_size=32).to(dtype=torch.float64)
+    num_steps, g_scale, width = 2, 2.5, 512
+    layout = ViewLayout(64, 32, 16)  # their get_views: window 32 latent columns, stride 16, tiling exactly
+    spans = [(layout.starts[i], layout.starts[i] + layout.window) for i in range(layout.num_views)]
+    noise = torch.randn(1, 4, height // 8, width // 8, generator=gen(4), dtype=torch.float64)
+    ours = JointDiffusion(pipe)("a valley", width=width, height=height, window=32, overlap=0.5, latents=noise,
+                                method=MAD(steps=steps), num_inference_steps=num_steps, guidance_scale=g_scale,
+                                output_type="latent")
+    assert ours.layout == layout
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(num_steps)
+    pos, neg = pipe.encode_prompt("a valley", "cpu", 1, True)
+    n = len(spans)
+    text = torch.cat([neg.repeat(n, 1, 1), pos.repeat(n, 1, 1)])
+    processor = _AuthorsMAD(spans, layout.length, height // 8, 32)
+    pipe.unet.set_attn_processor(processor)
+    latent = noise.clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            processor.merge_self = i < round(steps * num_steps)
+            views = [latent[..., s:e] for s, e in spans]
+            uncond, cond = pipe.unet(torch.cat(views * 2), t, encoder_hidden_states=text).sample.chunk(2)
+            stepped = sched.step(uncond + g_scale * (cond - uncond), t, torch.cat(views)).prev_sample
+            value, count = torch.zeros_like(latent), torch.zeros_like(latent)
+            for k, (s, e) in enumerate(spans):
+                value[..., s:e] += stepped[k:k + 1]
+                count[..., s:e] += 1
+            latent = value / count
+    torch.testing.assert_close(ours.latent, latent, rtol=1e-10, atol=1e-10)
+    md = JointDiffusion(tp.tiny_sd_pipeline(sample_size=32).to(dtype=torch.float64))(
+        "a valley", width=width, height=height, window=32, overlap=0.5, latents=noise, method="multidiffusion",
+        num_inference_steps=num_steps, guidance_scale=g_scale, output_type="latent")
+    assert (ours.latent - md.latent).abs().max() > 1e-4  # threshold 0 is not MultiDiffusion
+
+
+def test_mad_per_view_prompts(sd):
+    # Views with one text share the canvas query (the same call as prompt=); with different
+    # texts, each text's views merge among themselves.
+    jd = JointDiffusion(sd)
+    one = jd("a valley", method="mad", generator=gen(), **IMAGE)
+    same = jd(view_prompts=["a valley"] * 3, method="mad", generator=gen(), **IMAGE)
+    torch.testing.assert_close(same.latent, one.latent, rtol=1e-6, atol=1e-6)
+    mixed = jd(view_prompts=["a valley", "a valley", "a lake"], method="mad", generator=gen(), **IMAGE)
+    per_view = jd(view_prompts=["a valley", "a valley", "a lake"], method=MAD(cross_attention="views"),
+                  generator=gen(), **IMAGE)
+    assert torch.isfinite(mixed.latent).all() and not torch.allclose(mixed.latent, per_view.latent)
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
+def test_mad_steps_zero_with_per_view_cross_attention_is_multidiffusion_bitwise(audioldm, sd, loop):
     jd_a, jd_i = JointDiffusion(audioldm), JointDiffusion(sd)
     seconds = 3.84 if loop else 2.9
+    variant = MAD(steps=0.0, cross_attention="views")
     md = jd_a("rain", seconds, method="multidiffusion", loop=loop, generator=gen(), **AUDIO)
-    mad = jd_a("rain", seconds, method=MAD(steps=0.0), loop=loop, generator=gen(), **AUDIO)
+    mad = jd_a("rain", seconds, method=variant, loop=loop, generator=gen(), **AUDIO)
     assert mad.layout == md.layout and mad.layout.num_views >= 3
     assert torch.equal(mad.latent, md.latent)
     image = dict(IMAGE, width=576) if loop else IMAGE  # a loop of 72 columns: 3 views at stride 24
     md = jd_i("a valley", method="multidiffusion", loop=loop, generator=gen(), **image)
-    mad = jd_i("a valley", method=MAD(steps=0.0), loop=loop, generator=gen(), **image)
+    mad = jd_i("a valley", method=variant, loop=loop, generator=gen(), **image)
     assert torch.equal(mad.latent, md.latent)
-    # ... and merged attention does change the result
-    assert not torch.allclose(jd_i("a valley", method="mad", loop=loop, generator=gen(), **image).latent, md.latent)
+    # ... while the authors' threshold 0 (cross-attention merged) and merged self-attention do change it
+    for method in (MAD(steps=0.0), "mad:cross_attention=views"):
+        assert not torch.allclose(jd_i("a valley", method=method, loop=loop, generator=gen(), **image).latent,
+                                  md.latent)
 
 
 def test_mad_merges_only_during_its_steps(sd):
@@ -190,7 +392,7 @@ def test_mad_processors_removed_after_the_call_and_after_an_error(sd):
         seen.append({type(p).__name__ for p in unet.attn_processors.values()})
 
     jd("a valley", method="mad", generator=gen(), callback_on_step_end=look, **IMAGE)
-    assert seen and all(s == {"MergedSelfAttention"} for s in seen)
+    assert seen and all(s == {"MergedAttention"} for s in seen)
     assert all(unet.attn_processors[k] is p for k, p in before.items()) and len(unet.attn_processors) == len(before)
 
     def boom(_, i, t, kw):
@@ -305,7 +507,12 @@ class _RecordingHooks(SyncDiffusionHooks):
 
     def gradient(self, v, x_t, i, target):
         g = super().gradient(v, x_t, i, target)
-        self.records.append(dict(v=v, i=i, x_t=x_t.clone(), target=target.clone(), grad=g.clone(), hooks=self))
+        with torch.no_grad():  # the loss to the anchor before and after the step the hooks take
+            step = self.weight * self.decay ** i
+            before = float(self.loss(self.decoded_x0(v, x_t, i), target))
+            after = float(self.loss(self.decoded_x0(v, x_t - step * g, i), target))
+        self.records.append(dict(v=v, i=i, x_t=x_t.clone(), target=target.clone(), grad=g.clone(), hooks=self,
+                                 loss_before=before, loss_after=after))
         return g
 
 
@@ -321,7 +528,7 @@ RECORDS: list = []
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler],
                          ids=lambda c: c.__name__)
-def test_syncdiffusion_weight_zero_is_multidiffusion_and_descends(scheduler):
+def test_syncdiffusion_weight_zero_is_multidiffusion_and_each_step_lowers_the_loss(scheduler):
     pipe = tp.tiny_audioldm_pipeline()
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     jd = JointDiffusion(pipe)
@@ -334,6 +541,10 @@ def test_syncdiffusion_weight_zero_is_multidiffusion_and_descends(scheduler):
     assert torch.isfinite(out.latent).all() and not torch.allclose(out.latent, md.latent)
     # round(0.5 * 4) = 2 steps, every view but the middle anchor (3 views: anchor 1)
     assert [(r["i"], r["v"]) for r in RECORDS] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    # ... and every gradient step, at the step size taken (weight 20 * 0.95**i), brings the
+    # view's decoded clean prediction closer to the anchor's
+    for r in RECORDS:
+        assert r["loss_after"] < r["loss_before"], (r["i"], r["v"], r["loss_before"], r["loss_after"])
     if getattr(pipe.scheduler, "step_index", None) is not None:
         assert pipe.scheduler.step_index == len(pipe.scheduler.timesteps)  # never an extra scheduler.step
 
@@ -477,6 +688,21 @@ def test_syncdiffusion_one_view_and_anchor(audioldm):
         jd("rain", 2.9, method=SyncDiffusion(anchor=3), generator=gen(), **AUDIO)
 
 
+def test_syncdiffusion_sync_freq(audioldm):
+    # The authors' sync_freq: gradient steps at the synced steps i with (i + 1) % sync_freq == 0.
+    jd = JointDiffusion(audioldm)
+    kw = dict(AUDIO, num_inference_steps=5)
+    for freq, synced in ((1, [0, 1, 2, 3]), (2, [1, 3]), (3, [2]), (5, [])):
+        RECORDS.clear()
+        jd("rain", 2.9, method=_RecordingSync(steps=0.8, sync_freq=freq), generator=gen(), **kw)  # 4 of 5 steps
+        assert [(r["i"], r["v"]) for r in RECORDS] == [(i, v) for i in synced for v in (0, 2)], freq
+    assert safa.get_method("syncdiffusion:sync_freq=2:steps=0.5") == SyncDiffusion(sync_freq=2, steps=0.5)
+    # sync_freq larger than the synced steps: none is synced, which is MultiDiffusion
+    md = jd("rain", 2.9, method="multidiffusion", generator=gen(), **kw)
+    none = jd("rain", 2.9, method="syncdiffusion:sync_freq=5:steps=0.8", generator=gen(), **kw)
+    assert torch.equal(none.latent, md.latent)
+
+
 def test_syncdiffusion_parameter_errors():
     for kw, pattern in [(dict(weight=-1.0), "weight must be a finite number >= 0"),
                         (dict(weight=math.inf), "weight must be a finite number >= 0"),
@@ -484,7 +710,10 @@ def test_syncdiffusion_parameter_errors():
                         (dict(steps=float("nan")), r"steps must be in \[0.0, 1.0\]"),
                         (dict(loss="lpips"), "loss must be None or a callable"),
                         (dict(anchor=-1), "anchor must be None or an int >= 0"),
-                        (dict(anchor=1.0), "anchor must be None or an int >= 0")]:
+                        (dict(anchor=1.0), "anchor must be None or an int >= 0"),
+                        (dict(sync_freq=0), "sync_freq must be an int >= 1"),
+                        (dict(sync_freq=2.0), "sync_freq must be an int >= 1"),
+                        (dict(sync_freq=True), "sync_freq must be an int >= 1")]:
         with pytest.raises(ValueError, match=pattern):
             SyncDiffusion(**kw)
 
@@ -492,7 +721,7 @@ def test_syncdiffusion_parameter_errors():
 def _lpips_ready() -> bool:
     try:
         import lpips  # noqa: F401
-        from safa.syncdiffusion import _vgg16_weights_file
+        from safa.methods.syncdiffusion import _vgg16_weights_file
         return os.path.isfile(_vgg16_weights_file())
     except ImportError:
         return False
@@ -542,3 +771,25 @@ def test_shorthands_everywhere(audioldm, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "MAD merges a UNet's self-attention" in err
     assert not (tmp_path / "t.wav").exists()
+
+
+def test_python_method_takes_the_cli_spec_strings(audioldm):
+    # One spelling for both doors: method="safa:guide=0.5" is SaFa(guide=0.5), in get_method and in the call.
+    assert safa.get_method("safa:guide=0.5") == safa.SaFa(guide=0.5)
+    assert safa.get_method("mad:steps=0.3") == MAD(steps=0.3)
+    assert safa.get_method("multidiffusion_triangular") == safa.MultiDiffusion(triangular=True)
+    assert safa.get_method("safa:guide=0.5", swap_interval=2) == safa.SaFa(guide=0.5, swap_interval=2)
+    jd = JointDiffusion(audioldm)
+    by_spec = jd("rain", 2.9, method="safa:guide=0.5:swap_interval=2", generator=gen(), **AUDIO)
+    by_object = jd("rain", 2.9, method=safa.SaFa(guide=0.5, swap_interval=2), generator=gen(), **AUDIO)
+    assert by_spec.method == safa.SaFa(guide=0.5, swap_interval=2)
+    assert torch.equal(by_spec.latent, by_object.latent)
+    for spec, params, pattern in [("safa:guide=0.5", dict(guide=0.4), "guide given both in the method spec"),
+                                  ("nope:guide=0.5", {}, r"method must be one of .* got 'nope:guide=0.5'"),
+                                  ("multidiffusion:guide=0.5", {}, "guide does not apply to method 'multidiffusion'"),
+                                  ("safa:guide", {}, "is not name=value"),
+                                  ("safa:guide=2.0", {}, r"guide must be in \[0.0, 1.0\]")]:
+        with pytest.raises(ValueError, match=pattern):
+            safa.get_method(spec, **params)
+    with pytest.raises(ValueError, match="guide given both"):
+        jd("rain", 2.9, method="safa:guide=0.5", guide=0.4, **AUDIO)

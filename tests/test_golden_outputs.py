@@ -69,9 +69,11 @@ for _method, _loop, _sched in (("safa", False, "default"), ("safa", True, "Euler
                                ("multidiffusion", True, "default"), ("multidiffusion_triangular", False, "DDPM")):
     CASES[f"audioldm-{_method}-{'loop' if _loop else 'open'}-{_sched}"] = \
         Case("audioldm", _method, _loop, _sched, 3.84 if _loop else 2.9)
+# MAD as its authors run it (cross-attention merged at every step) and with per-view cross-attention.
 for _method, _loop, _sched in (("safa", False, "default"), ("safa", True, "default"),
                                ("multidiffusion", False, "default"), ("mad", False, "default"),
-                               ("mad", True, "DDIM"), ("safa_selfloop", True, "EulerDiscrete")):
+                               ("mad", True, "DDIM"), ("mad:cross_attention=views", False, "default"),
+                               ("mad:cross_attention=views", True, "DDIM"), ("safa_selfloop", True, "EulerDiscrete")):
     CASES[f"sd-{_method}-{'loop' if _loop else 'open'}-{_sched}"] = \
         Case("sd", _method, _loop, _sched, 832 if _loop else 1001)
 CASES["sd3-safa-open-default"] = Case("sd3", "safa", False, "default", 601)

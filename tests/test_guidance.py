@@ -1,4 +1,4 @@
-"""Reference-statistics guidance (``SaFaStats``, safa/reference_stats.py) and the noise-level helpers it
+"""Reference-statistics guidance (``SaFaStats``, safa/methods/reference_stats.py) and the noise-level helpers it
 stands on (``step_snr``, ``shift_clean_prediction``), on tiny pipelines and bare schedulers (CPU, offline).
 
 - No guidance (``snr=0`` or ``strength=0``) is ``safa_selfloop`` bitwise; one view is the pipeline
@@ -23,7 +23,7 @@ from diffusers import (CosineDPMSolverMultistepScheduler, DDIMScheduler, DPMSolv
 import safa
 import safa.testing.pipelines as tp
 from safa import JointDiffusion, SaFaStats, get_method
-from safa.reference_stats import ReferenceStatisticsHooks, row_gains
+from safa.methods.reference_stats import ReferenceStatisticsHooks, row_gains
 from safa.texture import make_texture_pipeline
 from safa.schedulers import predict_x0, shift_clean_prediction, step_snr
 from safa_kernels import ViewLayout, gather, stitch

@@ -1,7 +1,8 @@
 """SyncDiffusion (Lee et al., NeurIPS 2023): per-view gradient steps towards an anchor view.
 
-At step ``i`` of the first ``round(steps * T)`` steps, before the model call
-(:class:`SyncDiffusionHooks`, the sampler's 6.0):
+At step ``i`` of the first ``round(steps * T)`` steps, every ``sync_freq``-th of them (when
+``(i + 1) % sync_freq == 0``, as the authors' code), before the model call
+(:meth:`SyncDiffusionHooks.before_model`):
 
 1. the anchor view (the middle one by default) goes through the model with classifier-free
    guidance, without gradients; its clean prediction ``x0`` is decoded once;
@@ -23,20 +24,78 @@ when the ``lpips`` package and torchvision's VGG16 weights are available locally
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, ClassVar, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .adapters import Adapter, Conditions
-from .methods import MethodContext, MethodHooks, leading_steps
-from .schedulers import predict_x0, scale_model_input, x0_family
+from .._checks import check_positive_int, check_range
+from ..adapters import Adapter, Conditions
+from ..schedulers import predict_x0, scale_model_input, x0_family
+from .base import Method, MethodContext, MethodHooks, leading_steps
 
-__all__ = ["spectral_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
+__all__ = ["SyncDiffusion", "spectral_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncDiffusion(Method):
+    """SyncDiffusion (Lee et al., NeurIPS 2023): gradient steps that pull every view towards an anchor view.
+
+    During the first ``steps`` fraction of the steps, before the model call, every view's
+    noisy latent ``x_t`` (the anchor's excepted) moves down the gradient of a perceptual loss
+    between its decoded clean prediction and the anchor's: ``x_t <- x_t - w_i * grad`` with
+    ``w_i = weight * decay ** i`` at step ``i``. Then the usual step; the overlaps are
+    averaged as in MultiDiffusion (see the module docstring).
+
+    Args:
+        weight: ``w``, the gradient step size at step 0 (default 20.0, the authors' for SD 2.0).
+        decay: per-step decay of the step size (default 0.95).
+        steps: fraction of the steps with gradient steps, the first ``round(steps * T)``
+            (default 0.2: the authors' 10 of 50).
+        sync_freq: a gradient step on every ``sync_freq``-th of those steps, step ``i`` when
+            ``(i + 1) % sync_freq == 0`` (default 1: every one; the authors' ``sync_freq``).
+        loss: differentiable ``f(a, b) -> scalar`` between a view's decoded output and the
+            anchor's (images ``(B, 3, H, W)`` in ``[0, 1]``; audio: what the adapter's first
+            decoding stage gives, a mel spectrogram for the AudioLDM family). Default: LPIPS
+            (VGG) for images, :func:`spectral_distance` for audio.
+        anchor: index of the anchor view (default: the middle one, ``num_views // 2``).
+    """
+
+    weight: float = 20.0
+    decay: float = 0.95
+    steps: float = 0.2
+    sync_freq: int = 1
+    loss: Optional[Callable[[Any, Any], Any]] = None
+    anchor: Optional[int] = None
+    merge_mode: ClassVar[str] = "mean"
+    max_overlap_rate: ClassVar[float] = 1.0
+    couples_views: ClassVar[bool] = True  # every view is pulled towards the anchor view
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not 0.0 <= self.weight < math.inf:
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
+        check_range("decay", self.decay, 0.0, 1.0)
+        check_range("steps", self.steps, 0.0, 1.0)
+        check_positive_int("sync_freq", self.sync_freq)
+        if self.loss is not None and not callable(self.loss):
+            raise ValueError(f"loss must be None or a callable f(a, b) -> scalar, got {self.loss!r}")
+        if self.anchor is not None and (isinstance(self.anchor, bool) or not isinstance(self.anchor, int)
+                                        or self.anchor < 0):
+            raise ValueError(f"anchor must be None or an int >= 0 (a view index), got {self.anchor!r}")
+
+    @property
+    def name(self) -> str:
+        return "syncdiffusion"
+
+    def hooks(self, context: MethodContext) -> MethodHooks:
+        return SyncDiffusionHooks(self, context)
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -138,7 +197,7 @@ def default_loss(adapter: Adapter) -> Loss:
 class SyncDiffusionHooks(MethodHooks):
     """SyncDiffusion for one call: the gradient steps of the first steps, before each model call."""
 
-    def __init__(self, method: Any, context: MethodContext) -> None:
+    def __init__(self, method: SyncDiffusion, context: MethodContext) -> None:
         step = context.step
         n = step.layout.num_views
         anchor = n // 2 if method.anchor is None else method.anchor
@@ -147,6 +206,7 @@ class SyncDiffusionHooks(MethodHooks):
         self.context, self.anchor = context, anchor
         self.weight, self.decay = float(method.weight), float(method.decay)
         self.sync_steps = leading_steps(method.steps, len(context.scheduler_timesteps)) if n > 1 else 0
+        self.sync_freq = method.sync_freq
         self.loss: Loss = method.loss if method.loss is not None else (
             default_loss(context.adapter) if self.sync_steps else spectral_distance)
         batch = int(context.window_shape[0])
@@ -174,8 +234,12 @@ class SyncDiffusionHooks(MethodHooks):
             (grad,) = torch.autograd.grad(loss, leaf)
         return grad
 
+    def synced(self, i: int) -> bool:
+        """Whether step ``i`` takes gradient steps (the authors' ``(i + 1) % sync_freq == 0 and i < sync_thres``)."""
+        return i < self.sync_steps and (i + 1) % self.sync_freq == 0
+
     def before_model(self, i: int, views: torch.Tensor) -> None:
-        if i >= self.sync_steps:
+        if not self.synced(i):
             return
         with torch.no_grad():
             target = self.decoded_x0(self.anchor, views[self.anchor], i)
