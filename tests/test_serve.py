@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pytest
 
-gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed (pip install -e '.[serve]')")
+gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed (make install)")
 soundfile = pytest.importorskip("soundfile")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,17 +74,21 @@ def server(tmp_path_factory):
             time.sleep(0.5)
         yield Server(url, results, proc, log)
     finally:
+        started = time.monotonic()
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+        print(f"safa serve stopped in {time.monotonic() - started:.1f} s")
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return gradio_client.Client(server.url, verbose=False)
+    client = gradio_client.Client(server.url, verbose=False)
+    yield client
+    client.close()  # its heartbeat stream would hold the server's shutdown
 
 
 def _request(prompt: str = "rain", seconds: float = 12.0, steps: int = 2, **changes: Any) -> List[Any]:
@@ -132,7 +136,8 @@ def test_method_defaults_are_the_method_objects():
 @pytest.mark.parametrize("changes, field", [
     (dict(prompt="snow"), "prompt"), (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(seed=-1), "seed"),
     (dict(length=0), "length"), (dict(length=12, loop=True), "length"), (dict(overlap=0.7), "overlap"),
-    (dict(method="nope"), "method"), (dict(method="mad", method_params=""), "method"), (dict(method_params="guide=2"), "method_params"),
+    (dict(method="nope"), "method"), (dict(method="mad", method_params=""), "method"),
+    (dict(method_params="guide=2"), "method_params"),
     (dict(method_params="swap_interval"), "method_params"), (dict(view_batch_size=-1), "view_batch_size"),
     (dict(decode="nope"), "decode"),
 ])
@@ -332,3 +337,48 @@ def test_the_page_in_a_browser(server, tmp_path):
     SCREENSHOT.write_bytes(shot)
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 50_000
     print(f"screenshot of the page: {SCREENSHOT}")
+
+
+class _RecordingJob:
+    """A :class:`safa.serve.jobs.Job` run on this thread, recording every report; cancelled at
+    the first report of the phase ``cancel_at`` with at least ``done`` done, if given."""
+
+    def __init__(self, cancel_at: Optional[str] = None, done: float = 0) -> None:
+        from safa.serve.jobs import Job
+        self.job, self.reports, self.cancel_at, self.done = Job(lambda job: None), [], cancel_at, done
+
+    def report(self, phase: str, done: float = 0, total: float = 0, unit: str = "") -> None:
+        self.reports.append((phase, done, total, unit))
+        if phase == self.cancel_at and done >= self.done:
+            self.job.cancel()
+        self.job.report(phase, done, total, unit)
+
+
+def test_progress_counts_the_steps_then_the_decoded_seconds():
+    from safa.serve.jobs import FIELDS
+    studio = _studio()
+    request = studio.parse(dict(zip(FIELDS, _request(seconds=24.0, steps=3, decode="tiled"))))
+    job = _RecordingJob()
+    result = studio.generate(request, job)
+    steps = [r for r in job.reports if r[0] == "denoising"]
+    assert [r[1] for r in steps] == [0, 1, 2, 3] and {r[2:] for r in steps} == {(3, "steps")}
+    decoded = [r for r in job.reports if r[0] == "decoding"]
+    assert len(decoded) > 1 and decoded[-1][1:] == (24.0, 24.0, "s of audio")  # tile by tile, to the end
+    assert [r[1] for r in decoded] == sorted(r[1] for r in decoded)
+    assert os.path.exists(result.output_path) and os.path.exists(result.spectrogram_path)
+    for path in (result.output_path, result.spectrogram_path):
+        os.remove(path)
+
+
+# Inside the library call (after its first step, after its first decoded tile), and after the
+# audio was written (while the spectrogram is drawn: the audio is removed again).
+@pytest.mark.parametrize("phase, done", [("denoising", 1), ("decoding", 1), ("drawing the spectrogram", 0)])
+def test_a_cancel_at_any_phase_leaves_no_file(phase, done):
+    from safa.serve.jobs import FIELDS, Cancelled
+    studio = _studio()
+    request = studio.parse(dict(zip(FIELDS, _request(seconds=24.0, steps=2, decode="tiled"))))
+    before = set(os.listdir(studio.results_dir))
+    with pytest.raises(Cancelled, match=f"cancelled while {phase}"):
+        studio.generate(request, _RecordingJob(cancel_at=phase, done=done))
+    assert set(os.listdir(studio.results_dir)) == before  # nor a temporary one
+    assert not studio.lock.locked()
