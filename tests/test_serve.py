@@ -307,10 +307,11 @@ _SET_FIELD = """((id, value) => {
   el.dispatchEvent(new Event('change', {bubbles: true})); return true; })"""
 
 
-def test_the_page_in_a_browser(server, tmp_path):
+def test_the_page_in_a_browser(request, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium installed (Debian: apt-get install chromium): browser test skipped")
+    server = request.getfixturevalue("server")
     browser = DevTools(chromium, tmp_path / "profile")
     try:
         target = browser.send("Target.createTarget", {"url": server.url})["targetId"]
@@ -382,3 +383,23 @@ def test_a_cancel_at_any_phase_leaves_no_file(phase, done):
         studio.generate(request, _RecordingJob(cancel_at=phase, done=done))
     assert set(os.listdir(studio.results_dir)) == before  # nor a temporary one
     assert not studio.lock.locked()
+
+
+def test_an_image_model_gives_a_png_of_the_width_asked(tmp_path):
+    from PIL import Image
+
+    from safa import JointDiffusion
+    from safa.serve.jobs import FIELDS, Studio
+    from safa.testing import tiny_sd_pipeline
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    studio = Studio(JointDiffusion(pipe), "tiny-sd", str(tmp_path))
+    assert studio.kind == "image" and studio.prompt_names is None  # any prompt
+    request = studio.parse(dict(zip(FIELDS, _request(prompt="a photo", seconds=320, method_params="", height=64,
+                                                     guidance_scale=None))))
+    job = _RecordingJob()
+    result = studio.generate(request, job)
+    assert Image.open(result.output_path).size == (320, 64) and result.spectrogram_path is None
+    assert os.listdir(tmp_path) == [os.path.basename(result.output_path)]
+    assert [r[1:] for r in job.reports if r[0] == "decoding"][-1] == (320, 320, "pixel columns")
+    assert result.summary.startswith("320 px wide: 2 steps in")
