@@ -4,6 +4,8 @@
 #              results to benchmarks/results/<machine>.json, tables in benchmarks/README.md
 # make bench-full : the long versions; make bench-smoke : tiny sizes (CI: a broken benchmark fails)
 # make cuda-check : compile every .cu file with nvcc (sm_90, compile-only)
+# make serve : the web page (Gradio) on the built-in model at http://127.0.0.1:7860
+#              (SERVE_ARGS="--model DIR --port 8000" for others; safa serve --help)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +15,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
-.PHONY: install test demo bench bench-full bench-smoke cuda-check clean
+.PHONY: install test demo serve bench bench-full bench-smoke cuda-check clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +33,10 @@ test: install
 
 demo: install
 	$(PY) -m safa.demo --out out
+
+# gradio comes with requirements-dev.txt (the tests drive the page), pinned there.
+serve: install
+	$(PY) -m safa serve $(SERVE_ARGS)
 
 bench: install
 	$(PY) benchmarks/run.py --mode quick

@@ -56,8 +56,9 @@ setup(
     # torch itself is deliberately absent: it is installed pinned (CPU or CUDA build) before
     # this package, and listing it would let pip replace it.
     install_requires=["numpy", "diffusers", "transformers", "soundfile", "scipy", "pillow", "matplotlib"],
-    # Stable Audio Open's CosineDPMSolverMultistep scheduler imports torchsde.
-    extras_require={"stable-audio": ["torchsde"]},
+    # Stable Audio Open's CosineDPMSolverMultistep scheduler imports torchsde; safa serve's page is Gradio
+    # (the version the tests ran with is pinned in requirements-dev.txt).
+    extras_require={"stable-audio": ["torchsde"], "serve": ["gradio>=6.31,<7"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     entry_points={"console_scripts": ["safa=safa.cli:main"]},
