@@ -24,12 +24,20 @@ __all__ = ["MAX_LAYOUTS", "intern_layout", "memo"]
 
 MAX_LAYOUTS = 64
 
+Entry = Tuple[ViewLayout, Dict[tuple, object]]  # (the interned layout, its memo: plan key -> plan)
+
 _lock = threading.Lock()  # several threads may merge at once (one per GPU, a data loader)
-# layout -> (the interned layout, its memo: plan key -> plan); least recently used first.
-_entries: "OrderedDict[ViewLayout, Tuple[ViewLayout, Dict[tuple, object]]]" = OrderedDict()
+_entries: "OrderedDict[ViewLayout, Entry]" = OrderedDict()  # least recently used first
+# The most recently used entry, which a sampler asks for again every step: found by identity,
+# without hashing, locking or reordering (it is already the most recent).
+_recent: Tuple[object, Entry] = (None, (None, {}))  # type: ignore[assignment]
 
 
-def _entry(layout: ViewLayout) -> Tuple[ViewLayout, Dict[tuple, object]]:
+def _entry(layout: ViewLayout) -> Entry:
+    global _recent
+    recent = _recent
+    if recent[0] is layout:
+        return recent[1]
     with _lock:
         found = _entries.get(layout)
         if found is None:
@@ -38,6 +46,7 @@ def _entry(layout: ViewLayout) -> Tuple[ViewLayout, Dict[tuple, object]]:
                 _entries.popitem(last=False)
         else:
             _entries.move_to_end(layout)
+        _recent = (layout, found)
         return found
 
 

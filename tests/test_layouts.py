@@ -125,6 +125,7 @@ def test_the_layout_bound_is_the_plan_addressing_limit(loop):
 
 def test_equal_layouts_are_one_object_with_one_set_of_plans(monkeypatch):
     monkeypatch.setattr(cache, "_entries", type(cache._entries)())  # this test's own table
+    monkeypatch.setattr(cache, "_recent", (None, (None, {})))
     a, b = ViewLayout.covering(90, 16, 5), ViewLayout.covering(90, 16, 5)
     assert a is not b and a == b and hash(a) == hash(b)
     assert cache.intern_layout(a) is a and cache.intern_layout(b) is a
@@ -137,6 +138,7 @@ def test_equal_layouts_are_one_object_with_one_set_of_plans(monkeypatch):
 
 def test_the_cache_keeps_the_most_recently_used_layouts_and_their_plans(monkeypatch):
     monkeypatch.setattr(cache, "_entries", type(cache._entries)())
+    monkeypatch.setattr(cache, "_recent", (None, (None, {})))
     layouts = [ViewLayout(16 + 11 * k, 16, 5) for k in range(cache.MAX_LAYOUTS + 1)]  # all distinct
     first_plan = get_plan(layouts[0], "stitch", "mean", 1, REF_NONE, torch.device("cpu"))
     for layout in layouts[1:-1]:
