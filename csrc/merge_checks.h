@@ -51,7 +51,7 @@ inline MergeOperands check_merge_args(const char* op, at::DeviceType device, con
                 out.size(3), "), got shape ", operands.reference.sizes());
   }
   TORCH_CHECK(index.scalar_type() == at::kInt, op, ": index must be int32, got ", index.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == at::kDouble, op, ": weight must be float64, got ", weight.scalar_type());
   TORCH_CHECK(index.device() == out.device() && weight.device() == out.device(), op,
               ": index and weight must be on out's device ", out.device(), ", got ", index.device(), " and ",
               weight.device());

@@ -3,7 +3,7 @@
 // The plan contract (what a row means) is documented once, in safa_kernels/plan.py; this
 // file only executes it. Tensors arrive canonical and 4-D with arbitrary strides:
 //   out (D, O, Ld, I), src (S, O, Ls, I) or undefined (= out, in-place sync),
-//   reference (O, window, I), index int32 (P, 1 + K + T), weight float32 (P, K).
+//   reference (O, window, I), index int32 (P, 1 + K + T), weight float64 (P, K).
 //
 // The work is memory-bound, so the loop is shaped around memory traffic:
 //  * plan rows are decoded once per call, a block at a time, and the block is then
@@ -38,7 +38,9 @@
 namespace safa {
 namespace {
 
-// Half and bfloat16 accumulate in float, float64 in double (the contract of ops.py).
+// Half and bfloat16 accumulate in float, float64 in double (the contract of plan.py). The
+// plan's float64 weights are rounded once to this type: float32 weights for every dtype
+// but float64, whose means are then exact to float64.
 template <typename T> struct Accumulate { using type = float; };
 template <> struct Accumulate<double> { using type = double; };
 
@@ -70,11 +72,12 @@ struct Parity {
 // Everything one row needs, decoded once from the plan.
 template <typename T>
 struct Row {
+  using Acc = typename Accumulate<T>::type;
   int32_t ref_col;
   bool copy;                // one source of weight exactly 1: a bitwise copy (the plan contract, plan.py)
   int64_t num_sources = 0, num_targets = 0;
   const T** sources;        // cell(pos) of each valid source (length num_sources)
-  float* weights;           // their weights
+  Acc* weights;             // their weights, in the accumulation type
   T** targets;              // cell(pos) of each valid target
 };
 
@@ -101,7 +104,7 @@ class PlanExecutor {
       : out_(operand<T>(out)), src_(src.defined() ? operand<T>(src) : out_),
         outer_(out.size(1)), inner_(out.size(3)),
         K_(weight.size(1)), T_(index.size(1) - 1 - weight.size(1)),
-        index_(index.data_ptr<int32_t>()), weight_(weight.data_ptr<float>()), parity_(parity) {
+        index_(index.data_ptr<int32_t>()), weight_(weight.data_ptr<double>()), parity_(parity) {
     if (reference.defined()) {
       ref_ = reference.data_ptr<T>();
       ref_outer_stride_ = reference.stride(0);
@@ -128,7 +131,7 @@ class PlanExecutor {
   void run(int64_t begin, int64_t end) const {
     std::vector<Row<T>> block(block_rows_);  // block_rows_ = columns per block, an upper bound on rows
     std::vector<const T*> sources(block_rows_ * K_);
-    std::vector<float> weights(block_rows_ * K_);
+    std::vector<Acc> weights(block_rows_ * K_);
     std::vector<T*> targets(block_rows_ * T_);
     std::vector<int64_t> target_pos(T_);
     std::vector<CopyJob> copies;
@@ -172,19 +175,22 @@ class PlanExecutor {
   }
 
  private:
+  // Plan weight number `flat`, rounded once to the accumulation type.
+  Acc weight(int64_t flat) const { return static_cast<Acc>(weight_[flat]); }
+
   // A plan of one source and one target per row (K = T = 1): if row r is a plain copy,
   // queue the run of copies that starts there and return its length in columns; else 0.
   // The general decode + copy_run_length below do the same for any K and T, but their loops
   // cost more per row than copying one 64-byte column does.
   int64_t single_copy_run(const int32_t* entry, int64_t r, int64_t end, std::vector<CopyJob>& copies) const {
     // A copy has weight exactly 1; an adjoint plan's single source of another weight multiplies.
-    if (K_ != 1 || T_ != 1 || entry[0] >= 0 || entry[1] < 0 || entry[2] < 0 || weight_[r] != 1.0f) return 0;
+    if (K_ != 1 || T_ != 1 || entry[0] >= 0 || entry[1] < 0 || entry[2] < 0 || weight(r) != Acc(1)) return 0;
     const int32_t source = entry[1], target = entry[2];
     const int64_t room = std::min({src_.long_size - source % src_.long_size,
                                    out_.long_size - target % out_.long_size, end - r});
     int64_t n = 1;
     while (n < room && entry[3 * n] < 0 && entry[3 * n + 1] == source + n && entry[3 * n + 2] == target + n &&
-           weight_[r + n] == 1.0f)
+           weight(r + n) == Acc(1))
       ++n;
     const T* from = src_.cell(source);
     T* to = out_.cell(target);
@@ -199,10 +205,10 @@ class PlanExecutor {
       const int32_t pos = entry[1 + k];
       if (pos < 0) continue;  // padding
       row.sources[row.num_sources] = src_.cell(pos);
-      row.weights[row.num_sources] = weight_[r * K_ + k];
+      row.weights[row.num_sources] = weight(r * K_ + k);
       ++row.num_sources;
     }
-    row.copy = row.num_sources == 1 && row.weights[0] == 1.0f;
+    row.copy = row.num_sources == 1 && row.weights[0] == Acc(1);
     row.num_targets = 0;
     for (int64_t t = 0; t < T_; ++t) {
       const int32_t pos = entry[1 + K_ + t];
@@ -233,7 +239,7 @@ class PlanExecutor {
       for (; k < K_; ++k) {
         const int32_t pos = next[1 + k];
         if (pos < 0) continue;
-        if (found++ || pos != source_pos + n || weight_[(r + n) * K_ + k] != 1.0f) break;
+        if (found++ || pos != source_pos + n || weight((r + n) * K_ + k) != Acc(1)) break;
       }
       if (k < K_ || found != 1) break;
       int64_t t = 0, seen = 0;
@@ -332,7 +338,7 @@ class PlanExecutor {
       std::fill(acc, acc + n, Acc(0));
       for (int64_t k = 0; k < row.num_sources; ++k) {
         const T* s = row.sources[k] + o * src_.outer_stride + i0 * src_inner_;
-        const Acc w = static_cast<Acc>(row.weights[k]);
+        const Acc w = row.weights[k];
         if (src_inner_ == 1) {
           for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<Acc>(s[i]);
         } else {
@@ -386,8 +392,7 @@ class PlanExecutor {
       } else if (row.num_sources > 0) {
         Acc acc = 0;
         for (int64_t k = 0; k < row.num_sources; ++k)
-          acc += static_cast<Acc>(row.weights[k]) *
-                 static_cast<Acc>(row.sources[k][o * src_.outer_stride + i * src_inner_]);
+          acc += row.weights[k] * static_cast<Acc>(row.sources[k][o * src_.outer_stride + i * src_inner_]);
         value = static_cast<T>(acc);
       } else {
         continue;
@@ -399,7 +404,7 @@ class PlanExecutor {
   Operand<T> out_, src_;
   int64_t outer_, inner_, K_, T_;
   const int32_t* index_;
-  const float* weight_;
+  const double* weight_;
   Parity parity_;
   const T* ref_ = nullptr;
   int64_t ref_outer_stride_ = 0, ref_long_stride_ = 0, ref_inner_stride_ = 0;

@@ -21,13 +21,12 @@ once per call): DDIM indexes ``alphas_cumprod`` (a CPU tensor) with it and compa
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from safa_kernels import ViewLayout, sync_
+from safa_kernels import ViewLayout, intern_layout, sync_
 
 from .adapters import Adapter, Conditions
 
@@ -52,23 +51,8 @@ COMPILE_BACKEND = "inductor"
 
 # Equal layouts share one object: torch.compile guards on the layout's identity (its plan
 # is baked into the graph as a constant), so a fresh-but-equal ViewLayout per call would
-# recompile every call and hit the recompile limit after 8. Interning also shares the plans.
-# Bounded (least recently used first out): a long-lived process generating many lengths
-# must not keep every layout and its plans forever.
-_LAYOUTS: "OrderedDict[ViewLayout, ViewLayout]" = OrderedDict()
-MAX_INTERNED_LAYOUTS = 64
-
-
-def intern_layout(layout: ViewLayout) -> ViewLayout:
-    """The first-seen layout equal to ``layout`` (``ViewLayout`` equality ignores the plan memo)."""
-    found = _LAYOUTS.get(layout)
-    if found is None:
-        found = _LAYOUTS[layout] = layout
-        while len(_LAYOUTS) > MAX_INTERNED_LAYOUTS:
-            _LAYOUTS.popitem(last=False)
-    else:
-        _LAYOUTS.move_to_end(layout)
-    return found
+# recompile every call and hit the recompile limit after 8. safa_kernels.intern_layout is the
+# op layer's one bounded cache of layouts and their plans.
 
 
 _compiled_merge: Optional[Callable[..., None]] = None

@@ -12,10 +12,12 @@ torch.Size([5, 2, 8, 256, 16])
 >>> stitch(views, layout, dim=-2).shape
 torch.Size([2, 8, 1076, 16])
 """
+from .backends import available_backends, resolve_backend
+from .cache import intern_layout
 from .layout import ViewLayout
-from .ops import BACKENDS, KERNEL_BACKENDS, MODES, available_backends, gather, resolve_backend, stitch, sync_
-from . import _extension, triton_merge  # noqa: F401,E402  (register the compiled and Triton kernels)
+from .library import BACKENDS, KERNEL_BACKENDS, MODES
+from .ops import gather, stitch, sync_
 
-__all__ = ["ViewLayout", "gather", "stitch", "sync_", "available_backends", "resolve_backend",
+__all__ = ["ViewLayout", "gather", "stitch", "sync_", "available_backends", "resolve_backend", "intern_layout",
            "BACKENDS", "KERNEL_BACKENDS", "MODES"]
 __version__ = "0.1.0"

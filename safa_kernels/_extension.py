@@ -1,7 +1,7 @@
 """Loads the compiled kernels (``safa_kernels._C``), warning once when they are missing.
 
 Importing the extension registers its ``TORCH_LIBRARY_IMPL`` kernels (``merge_cpp_`` on
-CPU, ``merge_cuda_`` on CUDA when built with CUDA) for the ops defined in ``ops.py``.
+CPU, ``merge_cuda_`` on CUDA when built with CUDA) for the ops defined in ``library.py``.
 Without it the package still works: CPU tensors fall back to the pure-PyTorch reference
 (and CUDA tensors to Triton when it is installed).
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import warnings
+
+from . import library  # noqa: F401  (defines the ops the compiled kernels register for)
 
 _NAME = f"{__package__}._C"
 

@@ -6,11 +6,24 @@ reference implementation, the plan builder and the sampler all share.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import List, Sequence, Tuple
 
-__all__ = ["ViewLayout"]
+__all__ = ["ViewLayout", "MAX_CELLS"]
+
+# The kernels address a view cell (view v, local column k) by its flat position v * window + k
+# in an int32 plan table (plan.py), so no layout may have more than this many cells. Checked
+# before the starts are built: a request for 10**12 columns is an error, not a tuple that grows
+# until the process runs out of memory.
+MAX_CELLS = 2**31 - 1
+
+
+def _check_cells(name: str, num_views: int, window: int, bound: str = "") -> None:
+    """Refuse a layout of more than :data:`MAX_CELLS` view cells, naming the parameter and the bound."""
+    if num_views * window > MAX_CELLS:
+        bound = bound or f"num_views must be <= {MAX_CELLS // window} for window {window}"
+        raise ValueError(f"{name}: {num_views} views of window {window} are {num_views * window} view cells, more "
+                         f"than the kernels address (2**31 - 1, int32 plan positions): {bound}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -46,8 +59,9 @@ class ViewLayout:
     loop: bool = False
     # First column of every view; derived for a uniform layout, given for a spaced one.
     starts: Tuple[int, ...] = field(default=(), compare=True)
-    # Per-layout memo of kernel plans (see ``plan.py``); not part of equality or hashing.
-    _plans: Dict[tuple, object] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    # hash() of the fields, computed once: layouts key the plan cache (cache.py) on every
+    # merge, and hashing a long starts tuple per call would cost more than the lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 1)
@@ -61,7 +75,14 @@ class ViewLayout:
             raise ValueError(f"window ({self.window}) must be <= length ({self.length})")
         if self.starts:
             self._check_starts()
-            return
+        else:
+            object.__setattr__(self, "starts", self._uniform_starts())
+        object.__setattr__(self, "_hash", hash((self.length, self.window, self.overlap, self.loop, self.starts)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def _uniform_starts(self) -> Tuple[int, ...]:
         stride = self.window - self.overlap
         if self.loop:
             if self.length % stride:
@@ -78,10 +99,19 @@ class ViewLayout:
                     f"views of window {self.window} at stride {stride} do not cover length {self.length} exactly: "
                     f"length must be window + k * stride (use ViewLayout.covering or ViewLayout.spaced)")
             n = (self.length - self.window) // stride + 1
-        object.__setattr__(self, "starts", tuple(i * stride for i in range(n)))
+        _check_cells("length", n, self.window, self._length_bound("length", self.window, self.overlap, self.loop))
+        return tuple(i * stride for i in range(n))
+
+    @staticmethod
+    def _length_bound(name: str, window: int, overlap: int, loop: bool) -> str:
+        """``name`` must be at most the length of the longest uniform layout within :data:`MAX_CELLS`."""
+        views = MAX_CELLS // window
+        longest = views * (window - overlap) if loop else window + (views - 1) * (window - overlap)
+        return f"{name} must be <= {longest} for window {window}, overlap {overlap}{', loop' if loop else ''}"
 
     def _check_starts(self) -> None:
         starts, w, L = self.starts, self.window, self.length
+        _check_cells("starts", len(starts), w, f"len(starts) must be <= {MAX_CELLS // w} for window {w}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in starts):
             raise TypeError("starts must be ints")
         gaps = self._strides(starts, w, L, self.loop)
@@ -117,6 +147,7 @@ class ViewLayout:
         _check_int("length", length, 1)
         _check_int("window", window, 1)
         _check_int("num_views", num_views, 2 if loop else 1)
+        _check_cells("num_views", num_views, window)
         if not loop and num_views == 1:
             if length != window:
                 raise ValueError(f"one view of window {window} cannot cover length {length} exactly")
@@ -152,12 +183,28 @@ class ViewLayout:
             raise ValueError(f"overlap must be in [0, window) = [0, {window}), got {overlap}")
         stride = window - overlap
         if loop:
-            num_views = max(2, math.ceil(min_length / stride))
             # window <= length must hold: with a large overlap two views may be too few.
-            num_views = max(num_views, math.ceil(window / stride))
-            return cls(num_views * stride, window, overlap, loop=True)
-        num_views = 1 + max(0, math.ceil((min_length - window) / stride))
-        return cls(window + (num_views - 1) * stride, window, overlap, loop=False)
+            num_views = max(2, -(-min_length // stride), -(-window // stride))
+        else:
+            num_views = 1 + max(0, -(-(min_length - window) // stride))
+        _check_cells("min_length", num_views, window, cls._length_bound("min_length", window, overlap, loop))
+        length = num_views * stride if loop else window + (num_views - 1) * stride
+        return cls(length, window, overlap, loop=loop)
+
+    @property
+    def geometry(self) -> Tuple[int, ...]:
+        """The layout as ints, for a torch.library op's ``int[] layout`` argument:
+        ``(length, window, overlap, loop)``, then the starts when the layout is not uniform."""
+        head = (self.length, self.window, self.overlap, int(self.loop))
+        return head if self.uniform else head + self.starts
+
+    @classmethod
+    def from_geometry(cls, geometry: Sequence[int]) -> "ViewLayout":
+        """The layout whose :attr:`geometry` is ``geometry`` (validated as the constructor does)."""
+        if len(geometry) < 4:
+            raise ValueError(f"layout must be [length, window, overlap, loop, *starts], got {list(geometry)}")
+        length, window, overlap, loop = geometry[:4]
+        return cls(length, window, overlap, bool(loop), tuple(geometry[4:]))
 
     # -- derived geometry -------------------------------------------------------------
     @property

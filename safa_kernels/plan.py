@@ -2,13 +2,14 @@
 
 Every kernel backend (CPU C++, CUDA, Triton) executes the same dumb loop over a plan;
 all knowledge of layouts and modes lives here, once. A plan is built on the host the
-first time a (layout, op, mode, ...) combination is used on a device, and memoised on
-the layout, so the per-step merge allocates nothing.
+first time a (layout, op, mode, ...) combination is used, copied to a device the first time
+it is used there, and kept in the op layer's one cache (``cache.py``) with its layout, so
+the per-step merge allocates nothing.
 
 Plan semantics (the contract every kernel implements). Tensors are canonical 4-D:
 ``out`` is ``(D, O, Ld, I)``, ``src`` is ``(S, O, Ls, I)`` (``src`` is ``out`` itself for
 in-place sync) and ``reference`` is ``(O, window, I)``, all with arbitrary strides.
-``index`` is int32 ``(P, 1 + K + T)`` and ``weight`` float32 ``(P, K)``. Row ``r``::
+``index`` is int32 ``(P, 1 + K + T)`` and ``weight`` float64 ``(P, K)``. Row ``r``::
 
     ref_col = index[r, 0]                 # -1: no reference swap in this row
     sources = index[r, 1 : 1 + K]         # flat src positions s * Ls + col, -1 = padding
@@ -28,6 +29,10 @@ or ``i`` and the reference is taken iff ``(h // swap_interval) % 2 == 1``.
 A row whose only source has weight exactly 1.0 is a copy, and a kernel computes it as one,
 so swap, gather and stitch are bitwise copies; any other row is a weighted sum in the
 accumulation type (fp32, fp64 for fp64), a single source of weight ``w != 1`` included.
+The weights are stored in float64 and each kernel rounds them once to its accumulation
+type: float32, float16 and bfloat16 merges use the float32 weights (the nearest float32 to
+each float64 weight), and float64 merges are exact to float64 (a mean of 3 views is within
+an ulp or two of ``(a + b + c) / 3``, not 1e-8 away as with float32 weights).
 In-place execution is race-free because no row reads a cell that another row writes (a
 row reads and writes only cells of its own column of the long latent), and a row reads
 its sources before writing its targets.
@@ -48,11 +53,11 @@ Only cells a plan targets are written: the caller zero-fills the outputs of the 
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple, Optional
 
 import torch
 
+from . import cache
 from ._compile import constant_under_compile
 from .layout import ViewLayout
 
@@ -65,7 +70,7 @@ REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS = 0, 1, 2
 
 class Plan(NamedTuple):
     index: torch.Tensor   # int32 (P, 1 + K + T)
-    weight: torch.Tensor  # float32 (P, K)
+    weight: torch.Tensor  # float64 (P, K)
 
 
 def _odd(offset: int, swap_interval: int) -> bool:
@@ -155,14 +160,7 @@ def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
         index.append([ref_col] + sources + [-1] * (K - len(sources)) + targets + [-1] * (T - len(targets)))
         weight.append(list(weights[: len(sources)]) + [0.0] * (K - len(sources)))
     return Plan(torch.tensor(index, dtype=torch.int32).reshape(len(rows), 1 + K + T),
-                torch.tensor(weight, dtype=torch.float32).reshape(len(rows), K))
-
-
-@functools.lru_cache(maxsize=64)
-def _host_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
-    """:func:`build_plan` memoised by value: equal layouts built afresh per call (as a sampler
-    does per generation) share one host plan instead of rebuilding it (~0.1 s at 10 minutes)."""
-    return build_plan(layout, op, mode, swap_interval, ref)
+                torch.tensor(weight, dtype=torch.float64).reshape(len(rows), K))
 
 
 # torch.compile calls this eagerly while tracing and treats the plan as a constant
@@ -170,15 +168,22 @@ def _host_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
 @constant_under_compile
 def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
              device: torch.device) -> Plan:
-    """The memoised plan on ``device`` (built on the host on first use)."""
+    """The plan on ``device``, from the cache of layouts equal to ``layout`` (``cache.py``).
+
+    Built on the host on first use (a Python loop over every column), copied to a
+    device on its first use there: equal layouts built afresh per call (as a sampler does per
+    generation) share both."""
     if op in ("gather", "gather_adjoint"):  # one plan whatever the merge arguments
         mode, swap_interval = "swap", 1
     elif op == "reference_adjoint":  # the reference's columns do not depend on the mode
         mode = "mean"
+    plans = cache.memo(layout)
     key = (op, mode, swap_interval, ref, str(device))
-    plan: Optional[Plan] = layout._plans.get(key)  # type: ignore[assignment]
+    plan: Optional[Plan] = plans.get(key)  # type: ignore[assignment]
     if plan is None:
-        host = _host_plan(layout, op, mode, swap_interval, ref)
-        plan = Plan(host.index.to(device), host.weight.to(device))
-        layout._plans[key] = plan
+        host_key = key[:-1] + ("cpu",)
+        host = plans.get(host_key)
+        if host is None:
+            host = plans[host_key] = build_plan(layout, op, mode, swap_interval, ref)
+        plan = plans[key] = Plan(host.index.to(device), host.weight.to(device))
     return plan

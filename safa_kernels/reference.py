@@ -16,8 +16,7 @@ from typing import Optional
 import torch
 
 from .layout import ViewLayout
-
-MODES = ("swap", "mean", "triangular")
+from .library import MODES
 
 
 def _parity(offsets: torch.Tensor, swap_interval: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (defines safa::merge_triton_ before we register its kernel)
+from .library import DTYPES
 from ._memory import INTERNAL_OVERLAP, PARTIAL_OVERLAP, has_internal_overlap, shares_memory
 
 __all__ = ["AVAILABLE", "INTERPRET", "merge_"]
@@ -119,8 +119,10 @@ def _build_kernel():
         # Where the reference wins the source is not needed: skip its bytes.
         x0 = tl.load(src_base + (s0 // Ls) * ss0 + o64 * ss1 + (s0 % Ls) * ss2 + i64 * ss3,
                      mask=has_src & (take == 0))
-        w0 = tl.load(wrow, mask=has_src, other=1.0)
-        acc = x0.to(ACC) * w0.to(ACC)
+        # float64 weights rounded once to the accumulation type (plan.py): float32 weights for
+        # float32/16/bf16, exact ones for float64.
+        w0 = tl.load(wrow, mask=has_src, other=1.0).to(ACC)
+        acc = x0.to(ACC) * w0
         weighted = has_src & (w0 != 1.0)  # one source of another weight: an adjoint plan's scatter
         for k in tl.static_range(1, K):
             sk = tl.load(row + (1 + k) * xs1, mask=mask, other=-1).to(tl.int64)
@@ -128,8 +130,8 @@ def _build_kernel():
             # Masked load, not 0 * x: a padding slot may point nowhere, and x may be inf/nan.
             xk = tl.load(src_base + (sk // Ls) * ss0 + o64 * ss1 + (sk % Ls) * ss2 + i64 * ss3,
                          mask=vk, other=0.0)
-            wk = tl.load(wrow + k * ws1, mask=vk, other=0.0)
-            acc = tl.where(vk, acc + xk.to(ACC) * wk.to(ACC), acc)
+            wk = tl.load(wrow + k * ws1, mask=vk, other=0.0).to(ACC)
+            acc = tl.where(vk, acc + xk.to(ACC) * wk, acc)
             weighted = weighted | vk
         # A row with one live source of weight 1 is a pure copy (bitwise, -0.0 and nan payloads
         # included).
@@ -156,7 +158,7 @@ def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
 
     if out.dim() != 4:
         fail(f"out must be 4-D (views, outer, long, inner), got shape {tuple(out.shape)}")
-    if out.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    if out.dtype not in DTYPES:
         fail(f"unsupported dtype {out.dtype}")
     for name, x, nd in (("src", src, 4), ("reference", reference, 3)):
         if x is None:
@@ -170,8 +172,8 @@ def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
             fail(f"{name} shape {tuple(x.shape)} does not match out's outer/inner sizes {tuple(out.shape)}")
     if index.dim() != 2 or index.dtype != torch.int32:
         fail(f"index must be int32 (P, 1 + K + T), got {index.dtype} {tuple(index.shape)}")
-    if weight.dim() != 2 or weight.dtype != torch.float32:
-        fail(f"weight must be float32 (P, K), got {weight.dtype} {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.dtype != torch.float64:
+        fail(f"weight must be float64 (P, K), got {weight.dtype} {tuple(weight.shape)}")
     if weight.shape[0] != index.shape[0] or weight.shape[1] < 1 or index.shape[1] < weight.shape[1] + 2:
         fail(f"index {tuple(index.shape)} and weight {tuple(weight.shape)} do not form a plan with K, T >= 1")
     if index.device != out.device or weight.device != out.device:

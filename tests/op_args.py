@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from safa_kernels import ViewLayout
-from safa_kernels.ops import _canonical, _parity
+from safa_kernels.canonical import canonical, parity
 from safa_kernels.plan import get_plan
 
 
@@ -17,10 +17,11 @@ def op_args(mode: str, in_place: bool, with_reference: bool, device: torch.devic
     g = torch.Generator().manual_seed(0)
     views = torch.randn(layout.num_views, 6, 10, 5, generator=g).to(device)
     ref = torch.randn(6, 10, 5, generator=g).to(device) if with_reference else None
-    kind, parity = _parity([6, 10, 5], 1, 0 if with_reference else None, 1)
+    kind, parity_arg = parity([6, 10, 5], 1, 0 if with_reference else None, 1)
     index, weight = get_plan(layout, "sync" if in_place else "stitch", mode, 1, kind, device)
-    src = _canonical(views, 1, True)
-    ref3 = None if ref is None else _canonical(ref, 1, False)[0]
+    src = canonical(views, 1, True)
+    ref3 = None if ref is None else canonical(ref, 1, False)[0]
     if in_place:
-        return (src, None, ref3, index, weight, parity)
-    return (_canonical(torch.empty(6, layout.length, 5, device=device), 1, False), src, ref3, index, weight, parity)
+        return (src, None, ref3, index, weight, parity_arg)
+    return (canonical(torch.empty(6, layout.length, 5, device=device), 1, False), src, ref3, index, weight,
+            parity_arg)

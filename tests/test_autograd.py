@@ -100,6 +100,22 @@ def test_second_order_gradients(backend, mode, ref):
         merge_inputs(views, kw), fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mode,loop", [("swap", False), ("mean", False), ("triangular", True)])
+def test_spaced_layouts_are_differentiable(backend, mode, loop):
+    # A spaced layout is not (length, window, overlap, loop): the functional ops carry its
+    # starts, so the backward runs its own adjoint plans (not a uniform layout's, or an error).
+    layout = ViewLayout.spaced(23 if loop else 27, 6, 5, loop=loop)
+    assert not layout.uniform
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(2, layout.length, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    views = torch.randn(layout.num_views, 2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    reference = torch.randn(2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: gather(x, layout, 1, backend=backend), (latent,), fast_mode=True)
+    kw = dict(mode=mode, swap_interval=1, reference=reference)
+    gradcheck_merges(layout, views, kw, backend)
+
+
 # -- the reference backend's autograd as the oracle, wider shapes and any dim ---------------
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("mode,loop,ref", CASES, ids=IDS)

@@ -82,3 +82,78 @@ def test_the_docs_table_is_what_the_code_does():
     docs = (root / "docs" / "method.md").read_text()
     for line in table.splitlines():
         assert line in docs, f"docs/method.md is out of date (python tools/loop_table.py): {line}"
+
+
+# -- ViewLayout: bounded size, one cache of layouts and plans ---------------------------------
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from safa_kernels import ViewLayout, cache  # noqa: E402
+from safa_kernels.layout import MAX_CELLS  # noqa: E402
+from safa_kernels.plan import REF_NONE, get_plan  # noqa: E402
+
+
+@pytest.mark.parametrize("make,name,bound", [
+    (lambda: ViewLayout.covering(10**12, 256, 51), "min_length", "min_length must be <= 1719664486 "),
+    (lambda: ViewLayout.covering(10**12, 256, 51, loop=True), "min_length", "min_length must be <= 1719664435 "),
+    (lambda: ViewLayout.spaced(10**12, 256, 10**10), "num_views", f"num_views must be <= {MAX_CELLS // 256} "),
+    (lambda: ViewLayout(256 + 205 * 10**10, 256, 51), "length", "length must be <= 1719664486 "),
+    (lambda: ViewLayout(2**40, 2**20, 0, loop=True), "length",
+     "length must be <= 2146435072 for window 1048576, overlap 0, loop"),
+], ids=["covering", "covering-loop", "spaced", "uniform", "uniform-loop"])
+def test_a_layout_too_large_to_merge_is_refused_at_once(make, name, bound):
+    # Not a starts tuple that grows until the out-of-memory killer ends the process: an error
+    # naming the parameter and its bound, before anything is built.
+    began = time.perf_counter()
+    with pytest.raises(ValueError, match=f"^{name}: .*2\\*\\*31 - 1.*{bound}"):
+        make()
+    assert time.perf_counter() - began < 0.1
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_the_layout_bound_is_the_plan_addressing_limit(loop):
+    # A window of 2**20 keeps the largest layout small (2047 views): the bound is tight.
+    window, overlap = 2**20, 2**18
+    views = MAX_CELLS // window
+    longest = views * (window - overlap) if loop else window + (views - 1) * (window - overlap)
+    layout = ViewLayout.covering(longest, window, overlap, loop=loop)
+    assert layout.length == longest and layout.num_views * window <= MAX_CELLS
+    with pytest.raises(ValueError, match=f"min_length must be <= {longest} for window {window}"):
+        ViewLayout.covering(longest + 1, window, overlap, loop=loop)
+
+
+def test_equal_layouts_are_one_object_with_one_set_of_plans(monkeypatch):
+    monkeypatch.setattr(cache, "_entries", type(cache._entries)())  # this test's own table
+    monkeypatch.setattr(cache, "_recent", (None, (None, {})))
+    a, b = ViewLayout.covering(90, 16, 5), ViewLayout.covering(90, 16, 5)
+    assert a is not b and a == b and hash(a) == hash(b)
+    assert cache.intern_layout(a) is a and cache.intern_layout(b) is a
+    plan = get_plan(a, "sync", "swap", 1, REF_NONE, torch.device("cpu"))
+    assert get_plan(b, "sync", "swap", 1, REF_NONE, torch.device("cpu")) is plan
+    # A gather plan does not depend on the merge arguments: one plan for all of them.
+    gather = get_plan(b, "gather", "swap", 1, REF_NONE, torch.device("cpu"))
+    assert get_plan(a, "gather", "mean", 3, REF_NONE, torch.device("cpu")) is gather
+
+
+def test_the_cache_keeps_the_most_recently_used_layouts_and_their_plans(monkeypatch):
+    monkeypatch.setattr(cache, "_entries", type(cache._entries)())
+    monkeypatch.setattr(cache, "_recent", (None, (None, {})))
+    layouts = [ViewLayout(16 + 11 * k, 16, 5) for k in range(cache.MAX_LAYOUTS + 1)]  # all distinct
+    first_plan = get_plan(layouts[0], "stitch", "mean", 1, REF_NONE, torch.device("cpu"))
+    for layout in layouts[1:-1]:
+        assert cache.intern_layout(layout) is layout
+    assert cache.intern_layout(ViewLayout(16, 16, 5)) is layouts[0]  # used again: now the most recent
+    assert cache.intern_layout(layouts[-1]) is layouts[-1]  # one too many: the least recent goes
+    assert len(cache._entries) == cache.MAX_LAYOUTS
+    assert layouts[1] not in cache._entries and layouts[0] in cache._entries
+    assert get_plan(layouts[0], "stitch", "mean", 1, REF_NONE, torch.device("cpu")) is first_plan
+    assert cache.intern_layout(ViewLayout(16 + 11, 16, 5)) is not layouts[1]  # evicted: a new entry
+
+
+@pytest.mark.parametrize("layout", [ViewLayout(56, 16, 6), ViewLayout.spaced(100, 16, 9),
+                                    ViewLayout.spaced(101, 16, 8, loop=True)], ids=["uniform", "spaced", "loop"])
+def test_geometry_round_trips(layout):
+    # What the functional ops pass as their `int[] layout`: a spaced layout keeps its starts.
+    assert ViewLayout.from_geometry(list(layout.geometry)) == layout
+    assert len(layout.geometry) == (4 if layout.uniform else 4 + layout.num_views)

@@ -4,6 +4,7 @@ Copies (gather, swap stitch/sync, reference swap) must be bitwise equal to the r
 on every backend and dtype; averages agree to a tight tolerance.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -14,8 +15,9 @@ from op_args import op_args
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# fp64 averages are limited by the plan's fp32 weights.
-TOL = {torch.float32: 1e-6, torch.float64: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# The reference averages as sum(w * x) / sum(w), the kernels as sum((w / sum(w)) * x): the
+# same to a few ulps (fp64 weights make fp64 averages exact, test_float64_averages_are_exact).
+TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def assert_merged_equal(actual, expected, mode):
@@ -208,6 +210,40 @@ def test_swap_parity_follows_spec_by_hand():
     ref = torch.full((8,), 7.0)
     merged = stitch(views, layout, dim=0, swap_interval=2, reference=ref)
     assert merged.tolist() == [0, 0, 7, 7, 0, 0, 1, 1, 1, 1, 7, 7]
+
+
+# -- float64 averages: exact to float64 --------------------------------------------------------
+def numpy_average(views: np.ndarray, layout: ViewLayout, mode: str) -> np.ndarray:
+    """The weighted mean of every covering view in float64, column by column (views (n, rows, window))."""
+    total = np.zeros(views.shape[1:2] + (layout.length,))
+    weights = np.zeros(layout.length)
+    window = layout.window
+    tri = np.minimum(np.arange(window) + 1, window - np.arange(window)).astype(np.float64)
+    for view, start in enumerate(layout.starts):
+        columns = (start + np.arange(window)) % layout.length
+        w = np.ones(window) if mode == "mean" else tri
+        np.add.at(total, (slice(None), columns), views[view] * w)
+        np.add.at(weights, columns, w)
+    return total / weights
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+@pytest.mark.parametrize("mode", ["mean", "triangular"])
+@pytest.mark.parametrize("layout", [ViewLayout(12, 6, 4), ViewLayout(20, 10, 8), ViewLayout(24, 10, 8, loop=True)],
+                         ids=["3-views", "5-views", "5-views-loop"])
+def test_float64_averages_are_exact(backend, mode, layout):
+    # Columns covered by 3 (resp. 5) views: their mean in float64 is what numpy computes in
+    # float64, to rounding (the plan's weights are float64; float32 ones were 1e-8 off).
+    assert max(len(layout.coverage(c)) for c in range(layout.length)) == (3 if layout.length == 12 else 5)
+    views = torch.randn(layout.num_views, 4, layout.window, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(11)) * 100
+    expected = numpy_average(views.numpy(), layout, mode)
+    merged = stitch(views, layout, dim=-1, mode=mode, backend=backend)
+    synced = sync_(views.clone(), layout, dim=-1, mode=mode, backend=backend)
+    scale = np.abs(expected).max()
+    assert np.abs(merged.numpy() - expected).max() <= 1e-15 * scale
+    assert np.abs(synced.numpy() - reference.gather(torch.from_numpy(expected), layout, -1).numpy()).max() \
+        <= 1e-15 * scale
 
 
 # -- op registration ------------------------------------------------------------------------

@@ -296,12 +296,3 @@ def test_merge_is_one_launch_per_step_on_cuda(pipe, backend):
         pipe.to("cpu")
     for s in profiling.analyse(prof.events()):
         assert s.merge_ops == 1 and s.launches["merge"] == 1, s
-
-
-def test_interned_layouts_are_bounded(monkeypatch):
-    monkeypatch.setattr(accel, "_LAYOUTS", type(accel._LAYOUTS)())  # this test's own table
-    layouts = [ViewLayout(16 + 11 * k, 16, 5) for k in range(2 * accel.MAX_INTERNED_LAYOUTS)]  # all distinct
-    for layout in layouts:
-        assert accel.intern_layout(layout) is layout
-    assert len(accel._LAYOUTS) == accel.MAX_INTERNED_LAYOUTS
-    assert layouts[0] not in accel._LAYOUTS and layouts[-1] in accel._LAYOUTS  # oldest out first

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import safa_kernels  # noqa: E402
 from safa_kernels import ViewLayout, gather, reference, stitch, sync_  # noqa: E402
 from safa_kernels import triton_merge  # noqa: E402
-from safa_kernels.ops import _has_kernel  # noqa: E402
+from safa_kernels.backends import has_kernel  # noqa: E402
 from safa_kernels.plan import get_plan, REF_NONE, REF_LONG_AXIS  # noqa: E402
 
 from plan_executor import execute  # noqa: E402
@@ -47,13 +47,14 @@ def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
 def assert_merged(a: torch.Tensor, b: torch.Tensor, mode: str) -> None:
     """Swap is a copy (bitwise); the means differ from the reference only by rounding.
 
-    The reference accumulates sum(x * w) / sum(w) in fp32 (fp64 too); the kernel sums
-    x * (w / sum(w)) in fp32 (fp64 in fp64). For half types that may flip the last bit.
+    The reference accumulates sum(x * w) / sum(w) in fp32 (fp64 for fp64); the kernel sums
+    x * (w / sum(w)) in fp32 (fp64 with fp64 weights for fp64). For half types that may flip
+    the last bit.
     """
     if mode == "swap":
         assert_bitwise(a, b)
         return
-    eps = {torch.float64: 1e-6, torch.float32: 2e-6}.get(a.dtype, torch.finfo(a.dtype).eps)
+    eps = {torch.float64: 1e-13, torch.float32: 2e-6}.get(a.dtype, torch.finfo(a.dtype).eps)
     torch.testing.assert_close(a, b, rtol=eps, atol=eps)
 
 
@@ -78,12 +79,12 @@ WIDE_OVERLAP = ViewLayout(length=12 + 3 * 3, window=12, overlap=9)  # 3 views co
 # -- registration ---------------------------------------------------------------------------
 @cpu_interpreter
 def test_registered_for_cpu_under_interpreter():
-    assert _has_kernel("triton", "cpu")
+    assert has_kernel("triton", "cpu")
     assert "triton" in safa_kernels.available_backends("cpu")
 
 
 def test_cuda_registration_follows_availability():
-    assert _has_kernel("triton", "cuda") == triton_merge.AVAILABLE
+    assert has_kernel("triton", "cuda") == triton_merge.AVAILABLE
 
 
 def test_without_triton_nothing_is_registered():
@@ -92,9 +93,9 @@ def test_without_triton_nothing_is_registered():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, safa_kernels\n"
             "from safa_kernels import triton_merge\n"
-            "from safa_kernels.ops import _has_kernel\n"
+            "from safa_kernels.backends import has_kernel\n"
             "assert not triton_merge.AVAILABLE\n"
-            "assert not _has_kernel('triton', 'cpu') and not _has_kernel('triton', 'cuda')\n"
+            "assert not has_kernel('triton', 'cpu') and not has_kernel('triton', 'cuda')\n"
             "assert 'triton' not in safa_kernels.available_backends('cpu')\n"
             "x = torch.randn(2, 26)\n"
             "assert safa_kernels.gather(x, safa_kernels.ViewLayout(26, 8, 2), -1).shape == (4, 2, 8)\n")
@@ -282,7 +283,7 @@ def _random_plan(g, P, K, T, Ls, S, Ld, D, with_ref, window, in_place):
     """A random plan within the contract: rows write disjoint cells and, in place, no row
     reads a cell that another row writes (the kernel runs rows in parallel)."""
     index = torch.full((P, 1 + K + T), -1, dtype=torch.int32)
-    weight = torch.zeros(P, K)
+    weight = torch.zeros(P, K, dtype=torch.float64)
     cells = torch.randperm(D * Ld, generator=g)[: P * T].view(P, T)
     counts = torch.randint(1, T + 1, (P,), generator=g)
     written = {int(c) for r in range(P) for c in cells[r, :counts[r]]}
@@ -294,7 +295,7 @@ def _random_plan(g, P, K, T, Ls, S, Ld, D, with_ref, window, in_place):
         k = int(torch.randint(0, K + 1, (1,), generator=g))  # 0 sources: a ref-only or an empty row
         picks = torch.randint(0, len(pool), (k,), generator=g)
         index[r, 1:1 + k] = torch.tensor([pool[i] for i in picks], dtype=torch.int32)
-        w = torch.rand(k, generator=g)
+        w = torch.rand(k, generator=g, dtype=torch.float64)
         weight[r, :k] = 1.0 if k == 1 else w / w.sum()
         if with_ref and bool(torch.rand(1, generator=g) < 0.5):
             index[r, 0] = int(torch.randint(0, window, (1,), generator=g))
@@ -334,7 +335,7 @@ def test_random_plans_across_blocks(seed, in_place, wide, monkeypatch):
     if K == 1:
         assert_bitwise(out, expected)
     else:
-        eps = 1e-6 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+        eps = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, torch.finfo(dtype).eps)
         torch.testing.assert_close(out, expected, rtol=eps, atol=eps)
 
 
@@ -358,7 +359,7 @@ def test_padding_is_never_read_and_single_sources_copy(dtype):
                           [-1, 1 * Ls + 2, -1, -1, 1],            # nan copied
                           [-1, 2 * Ls + 3, 1 * Ls + 3, -1, 2],    # two live sources, one padding slot
                           [-1, -1, -1, -1, 3]], dtype=torch.int32)  # nothing to write
-    weight = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.25, 0.75, 0], [0, 0, 0]])
+    weight = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.25, 0.75, 0], [0, 0, 0]], dtype=torch.float64)
     out = torch.full((1, O, 4, I), 7.0, dtype=dtype)
     triton_merge.merge_(out, src, None, index, weight, [0, 1, 1, 1])
     assert_bitwise(out[0, :, 0], src[1, :, 1])
@@ -372,7 +373,7 @@ def test_empty_problems_launch_nothing():
     plan = get_plan(OPEN, "gather", "", 0, REF_NONE, torch.device("cpu"))
     out = torch.empty(OPEN.num_views, 0, OPEN.window, 16)
     triton_merge.merge_(out, torch.empty(1, 0, OPEN.length, 16), None, plan.index, plan.weight, [0, 1, 1, 1])
-    empty_plan = (torch.empty(0, 3, dtype=torch.int32), torch.empty(0, 1))
+    empty_plan = (torch.empty(0, 3, dtype=torch.int32), torch.empty(0, 1, dtype=torch.float64))
     out = torch.zeros(1, 2, 3, 4)
     torch.ops.safa.merge_triton_(out, torch.ones(1, 2, 3, 4), None, *empty_plan, [0, 1, 1, 1])
     assert not out.any()

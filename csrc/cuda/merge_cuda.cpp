@@ -40,7 +40,7 @@ void merge_cuda(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
   args.src = src.data_ptr();
   args.ref = reference.defined() ? reference.data_ptr() : nullptr;
   args.index = index.data_ptr<int32_t>();
-  args.weight = weight.data_ptr<float>();
+  args.weight = weight.data_ptr<double>();
   args.rows = index.size(0);
   args.outer = out.size(1);
   args.inner = out.size(3);

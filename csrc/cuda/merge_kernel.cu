@@ -18,7 +18,8 @@ namespace safa {
 namespace cuda {
 namespace {
 
-// Half and bfloat16 accumulate in float, float64 in double.
+// Half and bfloat16 accumulate in float, float64 in double; the plan's float64 weights are
+// rounded once to this type (float32 weights for every dtype but float64, plan.py).
 template <typename T> struct Accumulate { using type = float; };
 template <> struct Accumulate<double> { using type = double; };
 
@@ -73,7 +74,7 @@ __global__ void merge_kernel(const MergeArgs a) {
     } else {
       // Positions are checked against the operand sizes so that a malformed plan cannot
       // write out of bounds (the host does not inspect device-resident plans: no sync).
-      const float* weight = a.weight + static_cast<int64_t>(r) * a.num_sources;
+      const double* weight = a.weight + static_cast<int64_t>(r) * a.num_sources;
       int64_t count = 0, first = -1;
       for (int64_t k = 0; k < a.num_sources; ++k) {
         if (sources[k] >= 0 && sources[k] < a.src_cells) {
@@ -81,7 +82,7 @@ __global__ void merge_kernel(const MergeArgs a) {
         }
       }
       if (count == 0) continue;  // nothing to write: the cells keep their values
-      if (count == 1 && weight[first] == 1.0f) {
+      if (count == 1 && static_cast<Acc>(weight[first]) == Acc(1)) {
         value = src[cell<int64_t>(a.src_stride, a.src_long, sources[first], o, i)];  // a copy, bitwise
       } else {
         Acc acc = 0;

@@ -18,7 +18,7 @@ struct MergeArgs {
   const void* src;      // (S, O, Ls, I); equal to `out` for an in-place sync
   const void* ref;      // (O, window, I) or nullptr
   const int32_t* index; // (P, 1 + K + T), contiguous
-  const float* weight;  // (P, K), contiguous
+  const double* weight; // (P, K), contiguous, float64
   int64_t rows, outer, inner, num_sources, num_targets;  // P, O, I, K, T
   int64_t out_cells, src_cells, ref_window;  // D * Ld and S * Ls (valid flat positions), window
   int64_t out_long, src_long;                // Ld, Ls
