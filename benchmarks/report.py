@@ -60,6 +60,16 @@ def _case_key(name: str) -> Tuple[str, float]:
     return ("b", 0.0) if not name else ("b", float(len(name)))
 
 
+def iqr(stats: Dict[str, float]) -> float:
+    """The interquartile range of a recorded Stats (``iqr``; records made before the harness
+    used torch.utils.benchmark hold the quartiles ``q1`` / ``q3`` instead)."""
+    return stats["iqr"] if "iqr" in stats else stats["q3"] - stats["q1"]
+
+
+def _spread(stats: Dict[str, float]) -> str:
+    return f"{100 * iqr(stats) / stats['median']:.0f}%"
+
+
 def geomean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -138,7 +148,7 @@ def render_ops(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     overhead = [r for r in records if r["op"] == "overhead"]
     if overhead:
         body = [[r["device"], r["impl"], "reference swap (128 rows)" if r["reference"] else "nothing to do (empty plan)",
-                 f"{r['stats']['median'] * 1e6:.1f}", f"{100 * (r['stats']['q3'] - r['stats']['q1']) / r['stats']['median']:.0f}%"]
+                 f"{r['stats']['median'] * 1e6:.1f}", _spread(r['stats'])]
                 for r in sorted(overhead, key=lambda r: (r["device"], r["reference"], r["impl"]))]
         out += ["**Per-call overhead**, 10 s of AudioLDM latent (one view)", "",
                 table(["device", "caller (backend)", "sync_ plan", "median us", "IQR / median"], body), ""]
@@ -186,7 +196,7 @@ def render_steps(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     for r in records:
         s, p = r["step"], r["profile"]
         count = p["launches"] if cuda else p["ops"]
-        body.append([r["variant"], f"{ms(s['median'], 2)} ({100 * (s['q3'] - s['q1']) / s['median']:.0f}%)",
+        body.append([r["variant"], f"{ms(s['median'], 2)} ({_spread(s)})",
                      ms(r["model_alone"]["median"], 2), f"{r['step_over_model']:.3f}", f"{r['first_call_s']:.1f}",
                      f"{p['step_ms']:.2f}", f"{p['ms']['model']:.2f}", f"{p['ms']['scheduler']:.2f}",
                      f"{p['ms']['merge']:.3f}", f"{p['ms']['other']:.3f}", f"{count['merge']:.0f}",
@@ -205,8 +215,6 @@ def _vbs(vbs: Optional[int]) -> str:
     return "all" if vbs is None else str(vbs)
 
 
-def _spread(stats: Dict[str, float]) -> str:
-    return f"{100 * (stats['q3'] - stats['q1']) / stats['median']:.0f}%"
 
 
 def render_audio(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
@@ -285,7 +293,7 @@ def render_panorama(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     head = ["configuration", "windows", "UNet calls / step", "window evals / step", "step ms (IQR/median)",
             "model ms", "step / model", "window evals vs MD", "step speed-up vs MD (vbs 1)"]
     body = [[r["config"], r["windows"], f"{r['unet_calls_per_step']:.0f}", f"{r['window_evals_per_step']:.0f}",
-             f"{ms(r['step']['median'], 1)} ({100 * (r['step']['q3'] - r['step']['q1']) / r['step']['median']:.0f}%)",
+             f"{ms(r['step']['median'], 1)} ({_spread(r['step'])})",
              ms(r["model"]["median"], 1), f"{r['step_over_model']:.3f}",
              f"{md['window_evals_per_step'] / r['window_evals_per_step']:.2f}x fewer",
              f"{md['step']['median'] / r['step']['median']:.2f}x"] for r in records]
@@ -311,7 +319,7 @@ def render_methods(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
         for r in records:
             t = r["time"]
             row = [r["method"], r["views"], f"{r['overlap']:g}", f"{r['window_evals']:.0f}", r["denoiser_calls"],
-                   f"{t['median']:.2f} ({100 * (t['q3'] - t['q1']) / t['median']:.0f}%)",
+                   f"{t['median']:.2f} ({_spread(t)})",
                    f"{t['median'] / safa['time']['median']:.2f}"]
             if kind == "image":
                 row += [f"{paper[r['method']] / paper['safa']:.2f}" if r["method"] in paper else "-"

@@ -7,7 +7,7 @@
 bench-full`` ``--mode full``, and CI runs ``--mode smoke`` (tiny sizes, a minute or two)
 so that a broken benchmark fails there. Parts, in order:
 
-- ``ops``: ``pytest benchmarks/bench_ops.py`` (pytest-benchmark);
+- ``ops``: ``pytest benchmarks/bench_ops.py`` (torch.utils.benchmark through harness.py);
 - ``steps``: benchmarks/bench_steps.py (per-step cost: eager / compile / CUDA graphs / naive merge);
 - ``panorama``: benchmarks/bench_panorama.py (SaFa vs diffusers' MultiDiffusion panorama);
 - ``methods``: benchmarks/bench_methods.py (every method's cost per generation, image and audio);
@@ -43,8 +43,7 @@ CPU_PARTS = ("audio", "long", "distributed")  # skipped with --device cuda
 
 def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
     py = sys.executable
-    ops = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_ops.py"), "--bench-mode", mode,
-           "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+    ops = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_ops.py"), "--bench-mode", mode]
     if device:
         ops += ["--bench-devices", device]
     dev = ["--device", device] if device else []

@@ -27,17 +27,38 @@ CPU = torch.device("cpu")
 def test_stats_of_known_samples():
     s = harness.Stats.of([4.0, 1.0, 3.0, 2.0, 5.0], calls_per_sample=2)
     assert (s.median, s.min, s.max, s.rounds) == (1.5, 0.5, 2.5, 5)
-    assert (s.q1, s.q3) == (1.0, 2.0)
+    assert s.iqr == pytest.approx(1.0)  # quartiles 1.0 and 2.0 of the per-call times
     assert s.spread == pytest.approx(1.0 / 1.5)
     with pytest.raises(ValueError, match="no samples"):
         harness.Stats.of([])
 
 
-def test_time_calls_warms_up_then_times_whole_rounds():
+def test_time_calls_warms_up_then_times_blocks_with_the_harness_clock():
+    """A clock that only moves when fn runs (1 ms per call): every timed call reads 1 ms,
+    whatever the block size torch chooses, and the warm-up calls come first."""
+    now = [0.0]
     calls = []
-    stats = harness.time_calls(lambda: calls.append(1), CPU, harness.Budget(warmup=2, rounds=4, round_seconds=1.0),
-                               calls=3)
-    assert len(calls) == 2 + 4 * 3 and stats.rounds == 4 and stats.median > 0
+
+    def fn():
+        calls.append(now[0])
+        now[0] += 1e-3
+    stats, per_block = harness.time_calls(fn, CPU, harness.Budget(warmup=2, min_run_time=0.05),
+                                          clock=lambda: now[0])
+    assert stats.median == pytest.approx(1e-3) and stats.iqr == pytest.approx(0, abs=1e-12)
+    assert (stats.min, stats.max) == (pytest.approx(1e-3), pytest.approx(1e-3))
+    assert per_block >= 1 and stats.rounds * per_block * 1e-3 >= 0.05  # blocks cover min_run_time
+    assert len(calls) >= 2 + stats.rounds * per_block
+
+
+def test_time_calls_keeps_the_thread_count():
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        harness.time_calls(lambda: seen.append(torch.get_num_threads()), CPU, harness.Budget(0, 0.001))
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {2}  # torch's Timer alone would run the statement on one thread
 
 
 def test_set_threads_is_explicit(monkeypatch):
