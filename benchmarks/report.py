@@ -5,7 +5,7 @@
     python benchmarks/report.py --show FILE  # print every section of one results file
 
 benchmarks/README.md holds one generated block per section (``ops``, ``steps``,
-``panorama``, ``methods``, ``audio``, ``long``, ``distributed``, ``gpu_checks``) between ``<!-- BEGIN GENERATED section -->`` and
+``panorama``, ``methods``, ``fullsize``, ``audio``, ``long``, ``distributed``, ``gpu_checks``) between ``<!-- BEGIN GENERATED section -->`` and
 ``<!-- END GENERATED section -->`` lines; everything outside the blocks is prose and stays
 as written. Each block has one part per results file (machine) that holds the section,
 headed by the machine, the mode, the date, the threads and the command that produced it,
@@ -330,6 +330,67 @@ def render_methods(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     return "\n".join(out).rstrip()
 
 
+# -- full-size architectures -----------------------------------------------------------------------
+FULLSIZE_NAMES = {"safa": "SaFa", "safa_selfloop": "SaFa*", "multidiffusion": "MD", "multidiffusion_triangular": "MD*",
+                  "mad": "MAD", "syncdiffusion": "SyncDiffusion (a gradient step)",
+                  "panorama vbs 1": "diffusers panorama, stride 8, view_batch_size 1",
+                  "panorama vbs all": "diffusers panorama, stride 8, view_batch_size all"}
+
+
+def _size(r: Dict[str, Any]) -> str:
+    return f"{r['height']}x{r['width']} px" if r["kind"] == "image" else _duration(r["seconds"])
+
+
+def _mib(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def fullsize_table(records: List[Dict[str, Any]], paper: Dict[str, float]) -> List[str]:
+    """One (model, size, threads) group: a row per configuration, ratios to SaFa's step."""
+    by_name = {r["name"]: r for r in records}
+    safa = by_name.get("safa")
+    head = ["configuration", "overlap", "views", "window evals / step", "step s", "model s", "not the model",
+            "step / SaFa", "paper / SaFa", "peak MiB", "estimate MiB", "estimate / peak"]
+    body = []
+    for r in records:
+        steps = r["steps"]
+        ratio = f"{r['step_s'] / safa['step_s']:.2f}" if safa else "-"
+        paper_ratio = f"{paper[r['name']] / paper['safa']:.2f}" if r["kind"] == "image" and r["name"] in paper else "-"
+        est = r.get("estimate_bytes")
+        body.append([FULLSIZE_NAMES.get(r["name"], r["name"]), f"{r['overlap']:.3g}", r["views"],
+                     f"{r['window_evals'] / steps:g}", f"{r['step_s']:.2f}", f"{r['model_s'] / steps:.2f}",
+                     pct(1 - r["model_s"] / r["call_s"]), ratio, paper_ratio, _mib(r["peak_bytes"]), _mib(est),
+                     f"{est / r['peak_bytes']:.2f}" if est and r["peak_bytes"] > 0 else "-"])
+    lines = [table(head, body), ""]
+    sync, md = by_name.get("syncdiffusion"), by_name.get("multidiffusion")
+    if sync and md and safa and r["kind"] == "image":
+        mixed = 0.2 * sync["step_s"] + 0.8 * md["step_s"]
+        lines += [f"- SyncDiffusion over a generation (gradient steps in its first 20%, MD steps after): "
+                  f"0.2 x {sync['step_s']:.1f} + 0.8 x {md['step_s']:.1f} = {mixed:.1f} s per step on average, "
+                  f"{mixed / safa['step_s']:.2f}x SaFa (paper: {paper['syncdiffusion'] / paper['safa']:.2f}x).", ""]
+    return lines
+
+
+def render_fullsize(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    paper: Dict[str, float] = section.get("paper_seconds", {})
+    groups: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = defaultdict(list)
+    for r in section["records"]:
+        groups[r["kind"], _size(r), r["threads"]].append(r)
+    out = []
+    for (kind, size, threads), records in groups.items():
+        r0 = records[0]
+        weights = "full-size, random weights" if r0["weights"] == "full" else "tiny stand-ins (smoke)"
+        out += [f"**{r0['model']}**, {size}, {weights} (denoiser {r0['unet_parameters'] / 1e6:.0f} M parameters), "
+                f"fp32, CFG, DDIM, {r0['steps']} step(s) per call, one call per configuration, {threads} thread(s), "
+                f"clock: {r0['clock']}", "", *fullsize_table(records, paper)]
+    if paper:
+        out.append("paper / SaFa: the paper's Tab. 3 times (SD 2.0, 512x3200, A100, whole generations) over its SaFa: "
+                   + ", ".join(f"{name} {paper[m]:g} s" for m, name in (("safa", "SaFa"), ("multidiffusion", "MD"),
+                                                                         ("mad", "MAD"), ("syncdiffusion", "SyncDiffusion"))
+                               if m in paper) + ".")
+    return "\n".join(out).rstrip()
+
+
 # -- hours of audio ------------------------------------------------------------------------------
 def _duration(seconds: float) -> str:
     for unit, size in (("h", 3600), ("min", 60)):
@@ -455,11 +516,12 @@ RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": 
                                                                          "panorama": render_panorama,
                                                                          "steps": render_steps,
                                                                          "methods": render_methods,
+                                                                         "fullsize": render_fullsize,
                                                                          "long": render_long,
                                                                          "distributed": render_distributed,
                                                                          "gpu_checks": render_gpu_checks}
 SECTION_TITLES = {"ops": "op microbenchmarks", "audio": "long audio", "panorama": "panorama",
-                  "methods": "every method", "long": "hours of audio", "distributed": "distributed",
+                  "methods": "every method", "fullsize": "full-size architecture", "long": "hours of audio", "distributed": "distributed",
                   "steps": "per-step pipeline", "gpu_checks": "GPU checks"}
 
 

@@ -11,6 +11,9 @@ so that a broken benchmark fails there. Parts, in order:
 - ``steps``: benchmarks/bench_steps.py (per-step cost: eager / compile / CUDA graphs / naive merge);
 - ``panorama``: benchmarks/bench_panorama.py (SaFa vs diffusers' MultiDiffusion panorama);
 - ``methods``: benchmarks/bench_methods.py (every method's cost per generation, image and audio);
+- ``fullsize``: benchmarks/bench_fullsize.py (every method and diffusers' panorama pipeline on
+  full-size random-weight SD 2.0 and AudioLDM: time per step, window evaluations, peak memory
+  against the sampler's estimate);
 - ``audio``: benchmarks/bench_audio.py (long audio; CPU only);
 - ``long``: benchmarks/bench_long.py (hours of audio: ``safa generate`` in fresh processes, peak
   RSS and time, and whole vs tiled decoding; CPU only);
@@ -36,8 +39,8 @@ from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ops", "steps", "panorama", "methods", "audio", "long", "distributed")
-PIPELINE_PARTS = ("steps", "panorama", "methods", "audio", "long", "distributed")
+PARTS = ("ops", "steps", "panorama", "methods", "fullsize", "audio", "long", "distributed")
+PIPELINE_PARTS = ("steps", "panorama", "methods", "fullsize", "audio", "long", "distributed")
 CPU_PARTS = ("audio", "long", "distributed")  # skipped with --device cuda
 
 
@@ -51,6 +54,7 @@ def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
             "steps": [py, str(HERE / "bench_steps.py"), "--mode", mode] + dev,
             "panorama": [py, str(HERE / "bench_panorama.py"), "--mode", mode] + dev,
             "methods": [py, str(HERE / "bench_methods.py"), "--mode", mode] + dev,
+            "fullsize": [py, str(HERE / "bench_fullsize.py"), "--mode", mode] + dev,
             "audio": [py, str(HERE / "bench_audio.py"), "--mode", mode],
             "long": [py, str(HERE / "bench_long.py"), "--mode", mode],
             "distributed": [py, str(HERE / "bench_distributed.py"), "--mode", mode]}
