@@ -169,13 +169,17 @@ def measure_one(config: Dict[str, Any], denoiser: torch.nn.Module, device: torch
     return record
 
 
-def measure(device: torch.device, mode: str, threads_given: Optional[int]) -> List[Dict[str, Any]]:
+def measure(device: torch.device, mode: str, threads_given: Optional[int],
+            keep: Callable[[List[Dict[str, Any]]], Any]) -> List[Dict[str, Any]]:
+    """Every configuration of the mode; ``keep(records)`` after each one, so that a run cut
+    short (a full-size step takes minutes on a CPU) leaves the rows it measured."""
     st = SETTINGS[mode]
     if device.type == "cuda" and mode != "smoke":  # the GPU kit: the paper's 512x3200 beside the CPU sizes
         st = dict(SETTINGS["full"], widths=(1024, 2048, 3200), threads=(1,))
     thread_counts = (threads_given,) if threads_given else st["threads"]
     records = []
-    builders: Dict[str, Callable[[str], Any]] = {"image": fullsize.sd2_pipeline, "audio": fullsize.audioldm_pipeline}
+    # AudioLDM first: every method in a few minutes of CPU; then SD 2.0 (about 20 s a window).
+    builders: Dict[str, Callable[[str], Any]] = {"audio": fullsize.audioldm_pipeline, "image": fullsize.sd2_pipeline}
     for kind, build in builders.items():  # one full-size model in memory at a time
         pipe = build(st["kind"]).to(device)
         params = fullsize.parameters(pipe.unet)
@@ -189,6 +193,7 @@ def measure(device: torch.device, mode: str, threads_given: Optional[int]) -> Li
                     records.append(dict(measure_one(config, pipe.unet, device, st["steps"]), kind=kind,
                                         model=MODELS[kind], weights=st["kind"], unet_parameters=params,
                                         threads=threads, clock=harness.clock_name(device), **size))
+                    keep(records)
         del pipe
         gc.collect()
     return records
@@ -200,8 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # One thread count when given (--threads, or run.py's SAFA_BENCH_THREADS), else the mode's.
     given = args.threads or int(os.environ.get("SAFA_BENCH_THREADS") or 0) or None
     mode, threads, device = harness.configure(args, p)
-    records = measure(device, mode, given)
-    path = harness.record("fullsize", device, records, threads, paper_seconds=bench_methods.PAPER_SECONDS["SD 2.0"])
+
+    def keep(records: List[Dict[str, Any]]) -> Any:
+        return harness.record("fullsize", device, records, threads, paper_seconds=bench_methods.PAPER_SECONDS["SD 2.0"])
+    measure(device, mode, given, keep)
+    path = harness.results_path(device)
     print(report.render_file_section("fullsize", path))
     return 0
 

@@ -377,7 +377,7 @@ def render_fullsize(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     for r in section["records"]:
         groups[r["kind"], _size(r), r["threads"]].append(r)
     out = []
-    for (kind, size, threads), records in groups.items():
+    for (kind, size, threads), records in sorted(groups.items(), key=lambda g: (g[0][0] != "image", g[0][2])):
         r0 = records[0]
         weights = "full-size, random weights" if r0["weights"] == "full" else "tiny stand-ins (smoke)"
         out += [f"**{r0['model']}**, {size}, {weights} (denoiser {r0['unet_parameters'] / 1e6:.0f} M parameters), "
