@@ -359,7 +359,7 @@ def fullsize_table(records: List[Dict[str, Any]], paper: Dict[str, float]) -> Li
         est = r.get("estimate_bytes")
         body.append([FULLSIZE_NAMES.get(r["name"], r["name"]), f"{r['overlap']:.3g}", r["views"],
                      f"{r['window_evals'] / steps:g}", f"{r['step_s']:.2f}", f"{r['model_s'] / steps:.2f}",
-                     pct(1 - r["model_s"] / r["call_s"]), ratio, paper_ratio, _mib(r["peak_bytes"]), _mib(est),
+                     f"{100 * (1 - r['model_s'] / r['call_s']):.1f}%", ratio, paper_ratio, _mib(r["peak_bytes"]), _mib(est),
                      f"{est / r['peak_bytes']:.2f}" if est and r["peak_bytes"] > 0 else "-"])
     lines = [table(head, body), ""]
     sync, md = by_name.get("syncdiffusion"), by_name.get("multidiffusion")

@@ -219,8 +219,8 @@ def test_fullsize_table_ratios_estimate_and_syncdiffusion_generation():
         _fullsize_record("syncdiffusion", 60.0, None, 1000 * mib, 12),
         _fullsize_record("panorama vbs all", 22.0, None, 500 * mib, 9)]}
     text = report.render_fullsize(section, {})
-    assert "| SaFa | 0.2 | 3 | 4 | 10.00 | 9.00 | 10% | 1.00 | 1.00 | 200 | 260 | 1.30 |" in text
-    assert "| MD | 0.2 | 3 | 6 | 15.00 | 13.50 | 10% | 1.50 | 1.14 | 400 | 300 | 0.75 |" in text
+    assert "| SaFa | 0.2 | 3 | 4 | 10.00 | 9.00 | 10.0% | 1.00 | 1.00 | 200 | 260 | 1.30 |" in text
+    assert "| MD | 0.2 | 3 | 6 | 15.00 | 13.50 | 10.0% | 1.50 | 1.14 | 400 | 300 | 0.75 |" in text
     assert "| diffusers panorama, stride 8, view_batch_size all | 0.2 | 3 | 9 | 22.00 |" in text
     # 0.2 x 60 + 0.8 x 15 = 24 s per step on average: 2.4x SaFa; the paper's 401.0 / 35.2 = 11.39x
     assert "= 24.0 s per step on average, 2.40x SaFa (paper: 11.39x)" in text
