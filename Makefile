@@ -2,7 +2,8 @@
 # make demo  : generate a 60 s looped soundscape with the built-in texture model into out/
 # make bench : op microbenchmarks + pipeline benchmarks, quick mode (< 15 min on 2 cores);
 #              results to benchmarks/results/<machine>.json, tables in benchmarks/README.md
-# make bench-full : the long versions; make bench-smoke : tiny sizes (CI: a broken benchmark fails)
+# make bench-full : the long versions, full-size SD 2.0 / AudioLDM included (hours);
+#                   make bench-smoke : tiny sizes (CI: a broken benchmark fails)
 # make cuda-check : compile every .cu file with nvcc (sm_90, compile-only)
 # make serve : the web page (Gradio) on the built-in model at http://127.0.0.1:7860
 #              (SERVE_ARGS="--model DIR --port 8000" for others; safa serve --help)

@@ -3,9 +3,9 @@
     pytest benchmarks/bench_ops.py [--bench-mode smoke|quick|full] [--bench-devices cpu,cuda]
                                    [--bench-threads N]
 
-pytest-benchmark runs the rounds (``benchmark.pedantic``, its tables show seconds per call);
-the mode's warm-up, rounds and calls per round come from harness.py, and so do the clock
-(harness.timer) and the statistics. At the end of a complete
+Each op is timed by harness.time_calls: the mode's warm-up calls, then
+``torch.utils.benchmark.Timer.blocked_autorange`` with the harness clock (harness.timer), the
+statistics read from its Measurement. At the end of a complete
 run (no failure, no ``-k`` / ``-m`` selection) the records go to the ``ops`` section of
 ``benchmarks/results/<machine>.json``, one file per device's machine.
 """
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import harness
+import report
 
 RECORDS: List[Dict[str, Any]] = []
 
@@ -50,38 +51,20 @@ def pytest_configure(config: Any) -> None:
 
 
 @pytest.fixture
-def op_timer(benchmark: Any, request: Any) -> Callable[..., Any]:
+def op_timer() -> Callable[..., Any]:
     """``op_timer(fn, device, units_per_call=1, **info)``: time ``fn`` and keep a record.
 
     ``units_per_call``: how many operations one ``fn()`` performs (a CUDA graph replay of
     100 launches is 100), so the record is per operation.
     """
     def run(fn: Callable[[], Any], device: torch.device, units_per_call: int = 1, **info: Any) -> Any:
-        if benchmark.disabled:  # --benchmark-disable: run once as a test
-            fn()
-            return None
-        plan = harness.budget()
-        for _ in range(plan.warmup):
-            fn()
-        calls = harness.calibrate(fn, device, plan.round_seconds)
-        # pytest-benchmark keeps per-call samples (round time / iterations); its clock is
-        # harness.timer(device) (see pytest_collection_modifyitems).
-        benchmark.pedantic(fn, rounds=plan.rounds, iterations=calls)
-        stats = harness.Stats.of(benchmark.stats.stats.data, units_per_call)
-        benchmark.extra_info.update(info, calls_per_round=calls, units_per_call=units_per_call)
+        per_call, calls = harness.time_calls(fn, device)
+        stats = harness.Stats(*(v / units_per_call for v in (per_call.median, per_call.iqr, per_call.min,
+                                                             per_call.max)), per_call.rounds)
         RECORDS.append(dict(info, device=device.type, calls_per_round=calls, units_per_call=units_per_call,
                             stats=stats.to_dict()))
         return stats
     return run
-
-
-def pytest_collection_modifyitems(items: List[Any]) -> None:
-    """pytest-benchmark measures with the harness's clock for the item's device (synchronised
-    wall time on CUDA, the process's CPU time on one CPU thread)."""
-    for item in items:
-        device = getattr(getattr(item, "callspec", None), "params", {}).get("device")
-        if isinstance(device, torch.device):
-            item.add_marker(pytest.mark.benchmark(timer=harness.timer(device)))
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
@@ -97,3 +80,4 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
         records = [r for r in RECORDS if r["device"] == device_type]
         path = harness.record("ops", device, records, config.safa_threads)
         print(f"\nbench: {len(records)} {device_type} op records -> {path}")
+        print(report.render_file_section("ops", path))

@@ -7,14 +7,16 @@
   default 1: on a shared 2-core machine an OpenMP region waits for a descheduled thread,
   and the measurement becomes one of the scheduler) and returns the number for the record.
 - **Timing**: :func:`timer` is the clock (CUDA: synchronised wall time; CPU with one
-  thread: the process's CPU time); :func:`time_calls` does warm-up calls, then rounds of a
-  calibrated number of calls.
-  The op benchmarks run the same rounds through pytest-benchmark, with :func:`timer` as its
-  clock and :func:`Stats.of` on its samples. :class:`StepClock` timestamps the denoising steps of a
-  pipeline call; :class:`ModelClock` times the denoiser's forward calls inside them, for
-  the ratio of a step to the work of the model alone.
-- **Statistics**: :class:`Stats` (median, quartiles, min/max, spread = IQR / median), all in
-  seconds per call.
+  thread: the process's CPU time); :func:`time_calls` does the mode's warm-up calls, then
+  ``torch.utils.benchmark.Timer.blocked_autorange`` with that clock: torch picks the calls
+  per block and runs blocks for the mode's ``min_run_time``. The op benchmarks
+  (bench_ops.py, through conftest.py's ``op_timer``) time every op this way.
+  :class:`StepClock` timestamps the denoising steps of a pipeline call; :class:`ModelClock`
+  times the denoiser's forward calls inside them, for the ratio of a step to the work of
+  the model alone.
+- **Statistics**: :class:`Stats` (median, interquartile range, min/max, blocks), all in
+  seconds per call, read from a ``torch.utils.benchmark.Measurement`` (:meth:`Stats.of` wraps
+  a pipeline benchmark's own samples, e.g. step intervals, in one).
 - **Machine and results**: :func:`describe_machine`, :func:`machine_id`, and :func:`record`,
   which writes one section (``ops``, ``audio``, ...) of ``benchmarks/results/<machine>.json``
   (``SAFA_BENCH_RESULTS`` overrides the folder; smoke runs go to out/bench-smoke) whole or
@@ -30,7 +32,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
+from torch.utils.benchmark.utils.common import TaskSpec
 
 MODES = ("smoke", "quick", "full")
 HERE = Path(__file__).resolve().parent
@@ -47,16 +50,16 @@ DEFAULT_RESULTS = HERE / "results"
 # -- mode and threads ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """How long to measure: warm-up calls, timed rounds, and the wall time one round aims for."""
+    """How long to measure: warm-up calls, then timed blocks for at least ``min_run_time``
+    seconds (``Timer.blocked_autorange``; torch sizes the blocks)."""
 
     warmup: int
-    rounds: int
-    round_seconds: float
+    min_run_time: float
 
 
-BUDGETS = {"smoke": Budget(warmup=1, rounds=3, round_seconds=2e-4),
-           "quick": Budget(warmup=3, rounds=15, round_seconds=1e-3),
-           "full": Budget(warmup=10, rounds=50, round_seconds=2e-3)}
+BUDGETS = {"smoke": Budget(warmup=1, min_run_time=0.002),
+           "quick": Budget(warmup=3, min_run_time=0.2),
+           "full": Budget(warmup=10, min_run_time=1.0)}
 
 
 def mode() -> str:
@@ -118,31 +121,32 @@ def configure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Tupl
 # -- statistics ------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Stats:
-    """Seconds per call over the timed rounds."""
+    """Seconds per call over the timed blocks (``rounds`` of them), from a torch Measurement."""
 
     median: float
-    q1: float
-    q3: float
+    iqr: float
     min: float
     max: float
     rounds: int
 
     @classmethod
-    def of(cls, samples: Sequence[float], calls_per_sample: int = 1) -> "Stats":
-        """Statistics of per-round durations, each covering ``calls_per_sample`` calls."""
+    def from_measurement(cls, m: Measurement) -> "Stats":
+        return cls(m.median, m.iqr, min(m.times), max(m.times), len(m.times))
+
+    @classmethod
+    def of(cls, samples: Sequence[float], calls_per_sample: int = 1, label: str = "samples") -> "Stats":
+        """Statistics of durations measured by a benchmark itself (step intervals, whole calls),
+        each covering ``calls_per_sample`` calls."""
         if not samples:
             raise ValueError("no samples to summarise")
-        per_call = sorted(s / calls_per_sample for s in samples)
-        if len(per_call) >= 2:
-            q1, _, q3 = statistics.quantiles(per_call, n=4, method="inclusive")
-        else:
-            q1 = q3 = per_call[0]
-        return cls(statistics.median(per_call), q1, q3, per_call[0], per_call[-1], len(per_call))
+        task = TaskSpec(stmt=label, setup="", num_threads=torch.get_num_threads())
+        return cls.from_measurement(Measurement(number_per_run=calls_per_sample, raw_times=list(samples),
+                                                task_spec=task))
 
     @property
     def spread(self) -> float:
         """Interquartile range over the median."""
-        return (self.q3 - self.q1) / self.median if self.median else float("nan")
+        return self.iqr / self.median if self.median else float("nan")
 
     def to_dict(self) -> Dict[str, float]:
         return dataclasses.asdict(self)
@@ -173,33 +177,20 @@ def clock_name(device: torch.device) -> str:
     return "process CPU time" if torch.get_num_threads() == 1 else "wall time"
 
 
-def calibrate(fn: Callable[[], Any], device: torch.device, round_seconds: float, max_calls: int = 1000) -> int:
-    """Calls per round so that a round lasts about ``round_seconds`` (at least one call).
-
-    Timer and synchronisation overhead are per round, so a sub-millisecond op is timed
-    over several calls per round instead of one."""
-    read = timer(device)
-    t0 = read()
-    fn()
-    one = read() - t0
-    return int(max(1, min(max_calls, round(round_seconds / one)))) if one > 0 else max_calls
-
-
 def time_calls(fn: Callable[[], Any], device: torch.device, plan: Optional[Budget] = None,
-               calls: Optional[int] = None) -> Stats:
-    """Warm-up calls, then ``plan.rounds`` rounds of ``calls`` calls (calibrated by default)."""
+               clock: Optional[Callable[[], float]] = None) -> Tuple[Stats, int]:
+    """Warm-up calls, then ``Timer.blocked_autorange`` over ``fn`` with the harness clock.
+
+    Returns the statistics per call and the calls per block torch chose (a sub-millisecond
+    op is timed over many calls per block, so the clock's own cost does not count).
+    ``clock`` replaces :func:`timer` (tests)."""
     plan = plan or budget()
     for _ in range(plan.warmup):
         fn()
-    calls = calls or calibrate(fn, device, plan.round_seconds)
-    read = timer(device)
-    samples = []
-    for _ in range(plan.rounds):
-        t0 = read()
-        for _ in range(calls):
-            fn()
-        samples.append(read() - t0)
-    return Stats.of(samples, calls)
+    # num_threads: Timer would otherwise run the statement with one torch thread.
+    t = Timer(stmt="fn()", globals={"fn": fn}, timer=clock or timer(device), num_threads=torch.get_num_threads())
+    m = t.blocked_autorange(min_run_time=plan.min_run_time)
+    return Stats.from_measurement(m), m.number_per_run
 
 
 class ModelClock:

@@ -5,7 +5,7 @@
     python benchmarks/report.py --show FILE  # print every section of one results file
 
 benchmarks/README.md holds one generated block per section (``ops``, ``steps``,
-``panorama``, ``methods``, ``audio``, ``long``, ``distributed``, ``gpu_checks``) between ``<!-- BEGIN GENERATED section -->`` and
+``panorama``, ``methods``, ``fullsize``, ``audio``, ``long``, ``distributed``, ``gpu_checks``) between ``<!-- BEGIN GENERATED section -->`` and
 ``<!-- END GENERATED section -->`` lines; everything outside the blocks is prose and stays
 as written. Each block has one part per results file (machine) that holds the section,
 headed by the machine, the mode, the date, the threads and the command that produced it,
@@ -58,6 +58,16 @@ def _case_key(name: str) -> Tuple[str, float]:
     if m:
         return ("a", float(m.group(1)) * (60 if m.group(2) == "min" else 1))
     return ("b", 0.0) if not name else ("b", float(len(name)))
+
+
+def iqr(stats: Dict[str, float]) -> float:
+    """The interquartile range of a recorded Stats (``iqr``; records made before the harness
+    used torch.utils.benchmark hold the quartiles ``q1`` / ``q3`` instead)."""
+    return stats["iqr"] if "iqr" in stats else stats["q3"] - stats["q1"]
+
+
+def _spread(stats: Dict[str, float]) -> str:
+    return f"{100 * iqr(stats) / stats['median']:.0f}%"
 
 
 def geomean(xs: Sequence[float]) -> float:
@@ -138,7 +148,7 @@ def render_ops(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     overhead = [r for r in records if r["op"] == "overhead"]
     if overhead:
         body = [[r["device"], r["impl"], "reference swap (128 rows)" if r["reference"] else "nothing to do (empty plan)",
-                 f"{r['stats']['median'] * 1e6:.1f}", f"{100 * (r['stats']['q3'] - r['stats']['q1']) / r['stats']['median']:.0f}%"]
+                 f"{r['stats']['median'] * 1e6:.1f}", _spread(r['stats'])]
                 for r in sorted(overhead, key=lambda r: (r["device"], r["reference"], r["impl"]))]
         out += ["**Per-call overhead**, 10 s of AudioLDM latent (one view)", "",
                 table(["device", "caller (backend)", "sync_ plan", "median us", "IQR / median"], body), ""]
@@ -186,7 +196,7 @@ def render_steps(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     for r in records:
         s, p = r["step"], r["profile"]
         count = p["launches"] if cuda else p["ops"]
-        body.append([r["variant"], f"{ms(s['median'], 2)} ({100 * (s['q3'] - s['q1']) / s['median']:.0f}%)",
+        body.append([r["variant"], f"{ms(s['median'], 2)} ({_spread(s)})",
                      ms(r["model_alone"]["median"], 2), f"{r['step_over_model']:.3f}", f"{r['first_call_s']:.1f}",
                      f"{p['step_ms']:.2f}", f"{p['ms']['model']:.2f}", f"{p['ms']['scheduler']:.2f}",
                      f"{p['ms']['merge']:.3f}", f"{p['ms']['other']:.3f}", f"{count['merge']:.0f}",
@@ -205,8 +215,6 @@ def _vbs(vbs: Optional[int]) -> str:
     return "all" if vbs is None else str(vbs)
 
 
-def _spread(stats: Dict[str, float]) -> str:
-    return f"{100 * (stats['q3'] - stats['q1']) / stats['median']:.0f}%"
 
 
 def render_audio(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
@@ -285,7 +293,7 @@ def render_panorama(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     head = ["configuration", "windows", "UNet calls / step", "window evals / step", "step ms (IQR/median)",
             "model ms", "step / model", "window evals vs MD", "step speed-up vs MD (vbs 1)"]
     body = [[r["config"], r["windows"], f"{r['unet_calls_per_step']:.0f}", f"{r['window_evals_per_step']:.0f}",
-             f"{ms(r['step']['median'], 1)} ({100 * (r['step']['q3'] - r['step']['q1']) / r['step']['median']:.0f}%)",
+             f"{ms(r['step']['median'], 1)} ({_spread(r['step'])})",
              ms(r["model"]["median"], 1), f"{r['step_over_model']:.3f}",
              f"{md['window_evals_per_step'] / r['window_evals_per_step']:.2f}x fewer",
              f"{md['step']['median'] / r['step']['median']:.2f}x"] for r in records]
@@ -311,7 +319,7 @@ def render_methods(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
         for r in records:
             t = r["time"]
             row = [r["method"], r["views"], f"{r['overlap']:g}", f"{r['window_evals']:.0f}", r["denoiser_calls"],
-                   f"{t['median']:.2f} ({100 * (t['q3'] - t['q1']) / t['median']:.0f}%)",
+                   f"{t['median']:.2f} ({_spread(t)})",
                    f"{t['median'] / safa['time']['median']:.2f}"]
             if kind == "image":
                 row += [f"{paper[r['method']] / paper['safa']:.2f}" if r["method"] in paper else "-"
@@ -319,6 +327,67 @@ def render_methods(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
             body.append(row)
         out += [f"**{kind}**: {r0['size']}, {pipe}, DDIM, {r0['steps']} steps, {r0['rounds']} interleaved "
                 f"round(s), one generation per call; medians.", "", table(head, body), ""]
+    return "\n".join(out).rstrip()
+
+
+# -- full-size architectures -----------------------------------------------------------------------
+FULLSIZE_NAMES = {"safa": "SaFa", "safa_selfloop": "SaFa*", "multidiffusion": "MD", "multidiffusion_triangular": "MD*",
+                  "mad": "MAD", "syncdiffusion": "SyncDiffusion (a gradient step)",
+                  "panorama vbs 1": "diffusers panorama, stride 8, view_batch_size 1",
+                  "panorama vbs all": "diffusers panorama, stride 8, view_batch_size all"}
+
+
+def _size(r: Dict[str, Any]) -> str:
+    return f"{r['height']}x{r['width']} px" if r["kind"] == "image" else _duration(r["seconds"])
+
+
+def _mib(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def fullsize_table(records: List[Dict[str, Any]], paper: Dict[str, float]) -> List[str]:
+    """One (model, size, threads) group: a row per configuration, ratios to SaFa's step."""
+    by_name = {r["name"]: r for r in records}
+    safa = by_name.get("safa")
+    head = ["configuration", "overlap", "views", "window evals / step", "step s", "model s", "not the model",
+            "step / SaFa", "paper / SaFa", "peak MiB", "estimate MiB", "estimate / peak"]
+    body = []
+    for r in records:
+        steps = r["steps"]
+        ratio = f"{r['step_s'] / safa['step_s']:.2f}" if safa else "-"
+        paper_ratio = f"{paper[r['name']] / paper['safa']:.2f}" if r["kind"] == "image" and r["name"] in paper else "-"
+        est = r.get("estimate_bytes")
+        body.append([FULLSIZE_NAMES.get(r["name"], r["name"]), f"{r['overlap']:.3g}", r["views"],
+                     f"{r['window_evals'] / steps:g}", f"{r['step_s']:.2f}", f"{r['model_s'] / steps:.2f}",
+                     f"{100 * (1 - r['model_s'] / r['call_s']):.1f}%", ratio, paper_ratio, _mib(r["peak_bytes"]), _mib(est),
+                     f"{est / r['peak_bytes']:.2f}" if est and r["peak_bytes"] > 0 else "-"])
+    lines = [table(head, body), ""]
+    sync, md = by_name.get("syncdiffusion"), by_name.get("multidiffusion")
+    if sync and md and safa and r["kind"] == "image":
+        mixed = 0.2 * sync["step_s"] + 0.8 * md["step_s"]
+        lines += [f"- SyncDiffusion over a generation (gradient steps in its first 20%, MD steps after): "
+                  f"0.2 x {sync['step_s']:.1f} + 0.8 x {md['step_s']:.1f} = {mixed:.1f} s per step on average, "
+                  f"{mixed / safa['step_s']:.2f}x SaFa (paper: {paper['syncdiffusion'] / paper['safa']:.2f}x).", ""]
+    return lines
+
+
+def render_fullsize(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    paper: Dict[str, float] = section.get("paper_seconds", {})
+    groups: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = defaultdict(list)
+    for r in section["records"]:
+        groups[r["kind"], _size(r), r["threads"]].append(r)
+    out = []
+    for (kind, size, threads), records in sorted(groups.items(), key=lambda g: (g[0][0] != "image", g[0][2])):
+        r0 = records[0]
+        weights = "full-size, random weights" if r0["weights"] == "full" else "tiny stand-ins (smoke)"
+        out += [f"**{r0['model']}**, {size}, {weights} (denoiser {r0['unet_parameters'] / 1e6:.0f} M parameters), "
+                f"fp32, CFG, DDIM, {r0['steps']} step(s) per call, one call per configuration, {threads} thread(s), "
+                f"clock: {r0['clock']}", "", *fullsize_table(records, paper)]
+    if paper:
+        out.append("paper / SaFa: the paper's Tab. 3 times (SD 2.0, 512x3200, A100, whole generations) over its SaFa: "
+                   + ", ".join(f"{name} {paper[m]:g} s" for m, name in (("safa", "SaFa"), ("multidiffusion", "MD"),
+                                                                         ("mad", "MAD"), ("syncdiffusion", "SyncDiffusion"))
+                               if m in paper) + ".")
     return "\n".join(out).rstrip()
 
 
@@ -447,11 +516,12 @@ RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": 
                                                                          "panorama": render_panorama,
                                                                          "steps": render_steps,
                                                                          "methods": render_methods,
+                                                                         "fullsize": render_fullsize,
                                                                          "long": render_long,
                                                                          "distributed": render_distributed,
                                                                          "gpu_checks": render_gpu_checks}
 SECTION_TITLES = {"ops": "op microbenchmarks", "audio": "long audio", "panorama": "panorama",
-                  "methods": "every method", "long": "hours of audio", "distributed": "distributed",
+                  "methods": "every method", "fullsize": "full-size architecture", "long": "hours of audio", "distributed": "distributed",
                   "steps": "per-step pipeline", "gpu_checks": "GPU checks"}
 
 

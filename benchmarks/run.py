@@ -7,10 +7,14 @@
 bench-full`` ``--mode full``, and CI runs ``--mode smoke`` (tiny sizes, a minute or two)
 so that a broken benchmark fails there. Parts, in order:
 
-- ``ops``: ``pytest benchmarks/bench_ops.py`` (pytest-benchmark);
+- ``ops``: ``pytest benchmarks/bench_ops.py`` (torch.utils.benchmark through harness.py);
 - ``steps``: benchmarks/bench_steps.py (per-step cost: eager / compile / CUDA graphs / naive merge);
 - ``panorama``: benchmarks/bench_panorama.py (SaFa vs diffusers' MultiDiffusion panorama);
 - ``methods``: benchmarks/bench_methods.py (every method's cost per generation, image and audio);
+- ``fullsize``: benchmarks/bench_fullsize.py (every method and diffusers' panorama pipeline on
+  full-size random-weight SD 2.0 and AudioLDM: time per step, window evaluations, peak memory
+  against the sampler's estimate; in quick mode on CPU only with ``--only fullsize``: its
+  quick run alone takes about 10 minutes of CPU here);
 - ``audio``: benchmarks/bench_audio.py (long audio; CPU only);
 - ``long``: benchmarks/bench_long.py (hours of audio: ``safa generate`` in fresh processes, peak
   RSS and time, and whole vs tiled decoding; CPU only);
@@ -36,15 +40,17 @@ from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ops", "steps", "panorama", "methods", "audio", "long", "distributed")
-PIPELINE_PARTS = ("steps", "panorama", "methods", "audio", "long", "distributed")
+PARTS = ("ops", "steps", "panorama", "methods", "fullsize", "audio", "long", "distributed")
+PIPELINE_PARTS = ("steps", "panorama", "methods", "fullsize", "audio", "long", "distributed")
 CPU_PARTS = ("audio", "long", "distributed")  # skipped with --device cuda
+# Left out of a plain quick run (make bench) on CPU: full-size models take minutes per step
+# there. ``--only fullsize`` runs it; make bench-full and make bench-smoke include it.
+NOT_IN_PLAIN_QUICK = ("fullsize",)
 
 
 def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
     py = sys.executable
-    ops = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_ops.py"), "--bench-mode", mode,
-           "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+    ops = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_ops.py"), "--bench-mode", mode]
     if device:
         ops += ["--bench-devices", device]
     dev = ["--device", device] if device else []
@@ -52,6 +58,7 @@ def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
             "steps": [py, str(HERE / "bench_steps.py"), "--mode", mode] + dev,
             "panorama": [py, str(HERE / "bench_panorama.py"), "--mode", mode] + dev,
             "methods": [py, str(HERE / "bench_methods.py"), "--mode", mode] + dev,
+            "fullsize": [py, str(HERE / "bench_fullsize.py"), "--mode", mode] + dev,
             "audio": [py, str(HERE / "bench_audio.py"), "--mode", mode],
             "long": [py, str(HERE / "bench_long.py"), "--mode", mode],
             "distributed": [py, str(HERE / "bench_distributed.py"), "--mode", mode]}
@@ -69,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
-    parts = args.only or list(PARTS)
+    parts = args.only or [p for p in PARTS if not (args.mode == "quick" and p in NOT_IN_PLAIN_QUICK
+                                                   and args.device != "cuda")]
     if args.device == "cuda":
         for part in (p for p in CPU_PARTS if p in parts):
             parts.remove(part)

@@ -14,7 +14,9 @@ from safa_kernels import ViewLayout, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_fullsize  # noqa: E402
 import bench_long  # noqa: E402
+import fullsize  # noqa: E402
 import bench_ops  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
@@ -27,17 +29,38 @@ CPU = torch.device("cpu")
 def test_stats_of_known_samples():
     s = harness.Stats.of([4.0, 1.0, 3.0, 2.0, 5.0], calls_per_sample=2)
     assert (s.median, s.min, s.max, s.rounds) == (1.5, 0.5, 2.5, 5)
-    assert (s.q1, s.q3) == (1.0, 2.0)
+    assert s.iqr == pytest.approx(1.0)  # quartiles 1.0 and 2.0 of the per-call times
     assert s.spread == pytest.approx(1.0 / 1.5)
     with pytest.raises(ValueError, match="no samples"):
         harness.Stats.of([])
 
 
-def test_time_calls_warms_up_then_times_whole_rounds():
+def test_time_calls_warms_up_then_times_blocks_with_the_harness_clock():
+    """A clock that only moves when fn runs (1 ms per call): every timed call reads 1 ms,
+    whatever the block size torch chooses, and the warm-up calls come first."""
+    now = [0.0]
     calls = []
-    stats = harness.time_calls(lambda: calls.append(1), CPU, harness.Budget(warmup=2, rounds=4, round_seconds=1.0),
-                               calls=3)
-    assert len(calls) == 2 + 4 * 3 and stats.rounds == 4 and stats.median > 0
+
+    def fn():
+        calls.append(now[0])
+        now[0] += 1e-3
+    stats, per_block = harness.time_calls(fn, CPU, harness.Budget(warmup=2, min_run_time=0.05),
+                                          clock=lambda: now[0])
+    assert stats.median == pytest.approx(1e-3) and stats.iqr == pytest.approx(0, abs=1e-12)
+    assert (stats.min, stats.max) == (pytest.approx(1e-3), pytest.approx(1e-3))
+    assert per_block >= 1 and stats.rounds * per_block * 1e-3 >= 0.05  # blocks cover min_run_time
+    assert len(calls) >= 2 + stats.rounds * per_block
+
+
+def test_time_calls_keeps_the_thread_count():
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        harness.time_calls(lambda: seen.append(torch.get_num_threads()), CPU, harness.Budget(0, 0.001))
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {2}  # torch's Timer alone would run the statement on one thread
 
 
 def test_set_threads_is_explicit(monkeypatch):
@@ -162,6 +185,45 @@ def test_long_table_measures_the_estimate_against_the_peak_above_the_baseline():
     assert "| 10 min | 1130 | 500 | 550 (1.10x) | 30.0 | 5.0 | 20.0 | 120 | 37 |" in text
     assert "| 10.24 s (one window) | 700 | 70 | 70 (1.00x) |" in text
     assert [report._duration(s) for s in (30, 600, 3600, 28800, 90)] == ["30 s", "10 min", "1 h", "8 h", "90 s"]
+
+
+# -- full-size architectures ----------------------------------------------------------------------------
+def test_full_size_configs_build_the_published_parameter_counts():
+    """On the meta device (no memory): SD 2.0 base's UNet has 865,910,724 parameters (its model card's ~865 M)."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**fullsize.SD2_UNET)
+    assert fullsize.parameters(unet) == 865_910_724
+    assert unet.config.cross_attention_dim == 1024 and unet.config.use_linear_projection
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    with bench_fullsize.PeakMemory(CPU) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert 60 * 2**20 <= memory.peak < 200 * 2**20
+
+
+def _fullsize_record(name, step_s, estimate, peak, evals):
+    return dict(name=name, kind="image", height=512, width=1024, threads=1, steps=1, overlap=0.2, views=3,
+                call_s=step_s, step_s=step_s, model_s=step_s * 0.9, window_evals=evals, peak_bytes=peak,
+                estimate_bytes=estimate, model="SD 2.0", weights="full", unet_parameters=865_910_724,
+                clock="process CPU time")
+
+
+def test_fullsize_table_ratios_estimate_and_syncdiffusion_generation():
+    mib = 2**20
+    section = {"paper_seconds": {"safa": 35.2, "multidiffusion": 40.1, "syncdiffusion": 401.0}, "records": [
+        _fullsize_record("safa", 10.0, 260 * mib, 200 * mib, 4),
+        _fullsize_record("multidiffusion", 15.0, 300 * mib, 400 * mib, 6),
+        _fullsize_record("syncdiffusion", 60.0, None, 1000 * mib, 12),
+        _fullsize_record("panorama vbs all", 22.0, None, 500 * mib, 9)]}
+    text = report.render_fullsize(section, {})
+    assert "| SaFa | 0.2 | 3 | 4 | 10.00 | 9.00 | 10.0% | 1.00 | 1.00 | 200 | 260 | 1.30 |" in text
+    assert "| MD | 0.2 | 3 | 6 | 15.00 | 13.50 | 10.0% | 1.50 | 1.14 | 400 | 300 | 0.75 |" in text
+    assert "| diffusers panorama, stride 8, view_batch_size all | 0.2 | 3 | 9 | 22.00 |" in text
+    # 0.2 x 60 + 0.8 x 15 = 24 s per step on average: 2.4x SaFa; the paper's 401.0 / 35.2 = 11.39x
+    assert "= 24.0 s per step on average, 2.40x SaFa (paper: 11.39x)" in text
 
 
 def test_every_part_has_a_generated_block_and_a_line_in_the_readme():

@@ -1,0 +1,218 @@
+"""Every method on full-size architectures (random weights): time per step, window evaluations, peak memory.
+
+    python benchmarks/bench_fullsize.py [--mode smoke|quick|full] [--device cpu|cuda] [--threads N]
+
+The pipelines of benchmarks/fullsize.py: Stable Diffusion 2.0 base (UNet 866 M parameters,
+VAE) and AudioLDM-S full v2 (UNet, VAE, HiFi-GAN), built from their published configs with
+random weights (no download; the text encoders are one-layer stand-ins, they run once per
+call). Random weights give the real cost of a window evaluation, not the real output.
+
+- **image**: SD 2.0 at 512 x W px, DDIM, CFG 7.5, the paper's panorama settings (Sec. 3.2):
+  SaFa and SaFa* at overlap 0.2, MD, MD*, MAD and SyncDiffusion at overlap 0.8 (SyncDiffusion
+  with a mean-squared-error loss on the decoded views: no LPIPS weights here), and diffusers'
+  own ``StableDiffusionPanoramaPipeline`` (window 64, stride 8: its defaults) with
+  ``view_batch_size`` 1 and all views in one batch, on the same modules;
+- **audio**: AudioLDM at 60 s (10 min in full mode), every method at overlap 0.2 (Sec. 3.1), CFG 3.5.
+
+One call per configuration (``output_type="latent"``; a window evaluation takes seconds, so
+configurations run once, side by side, instead of in rounds), each measured for: **step s**
+= the call's time (harness clock) / steps (prompt encoding with the one-layer encoder and the
+set-up are inside it), **model s** = the denoiser's forward calls inside the call
+(harness.ModelClock), **window evals** (denoiser batch rows / 2 under classifier-free
+guidance), and the **peak memory** of the call above the memory before it (CPU: resident set
+size sampled every 2 ms by a thread, after ``malloc_trim``; CUDA: ``max_memory_allocated``)
+against ``JointDiffusion.estimate_memory(...).peak`` for the same request.
+
+Modes: ``smoke`` runs the same code on safa.testing's tiny pipelines (CI); ``quick`` the
+full-size models, one thread, one step, 512x1024 px with SaFa, MD and the diffusers pipeline
+(all views in one batch), and 60 s of audio with every method but SyncDiffusion; ``full``
+every configuration, 512x1024 and 512x2048 px, 60 s and 10 min, 2 steps, 1 and 2 threads.
+On CUDA (the GPU kit), quick and full mode run full mode's configurations at 512x1024,
+512x2048 and the paper's 512x3200 px.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import bench_methods
+import fullsize
+import harness
+import report
+
+ALL_IMAGE = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular", "mad", "syncdiffusion",
+             "panorama vbs 1", "panorama vbs all")
+ALL_AUDIO = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular", "mad", "syncdiffusion")
+SETTINGS = {
+    "smoke": dict(kind="tiny", threads=(1,), steps=1, widths=(1024,), seconds=(24.0,), image=ALL_IMAGE,
+                  audio=ALL_AUDIO),
+    "quick": dict(kind="full", threads=(1,), steps=1, widths=(1024,), seconds=(60.0,),
+                  image=("safa", "multidiffusion", "panorama vbs all"), audio=ALL_AUDIO[:5]),
+    "full": dict(kind="full", threads=(1, 2), steps=2, widths=(1024, 2048), seconds=(60.0, 600.0), image=ALL_IMAGE,
+                 audio=ALL_AUDIO),
+}
+MODELS = {"image": "Stable Diffusion 2.0 base (stabilityai/stable-diffusion-2-base)",
+          "audio": "AudioLDM-S full v2 (cvssp/audioldm-s-full-v2)"}
+PROMPTS = {"image": "a photo of the dolomites", "audio": "rain on a tin roof"}
+GUIDANCE = {"image": 7.5, "audio": 3.5}
+
+
+class PeakMemory:
+    """Peak memory of a block above its start: CUDA allocator statistics, else RSS sampled by a thread."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
+        self.device, self.interval, self.peak = device, interval, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._rss() - self.start)
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        try:  # hand freed heap back first, so that reuse of memory kept from earlier calls is not missed
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.start = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self.start)
+
+
+def _overlap(kind: str, name: str) -> float:
+    return 0.8 if kind == "image" and not name.startswith("safa") else 0.2
+
+
+def _method(name: str, kind: str) -> Any:
+    """The method of a configuration. SyncDiffusion takes its gradient steps in every step
+    (``steps=1.0``) so that its step is the one measured; a generation has them in its first 20%."""
+    from safa import SyncDiffusion, get_method
+    if name == "syncdiffusion":
+        return SyncDiffusion(steps=1.0, **({"loss": bench_methods._image_mse} if kind == "image" else {}))
+    return get_method(name)
+
+
+def configurations(kind: str, pipe: Any, size: Dict[str, Any], steps: int, names: Sequence[str],
+                   device: torch.device) -> List[Dict[str, Any]]:
+    """(name, views, run, estimate) per configuration; run() makes one call."""
+    from safa import JointDiffusion
+    jd = JointDiffusion(pipe)
+    common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE[kind], output_type="latent")
+    configs = []
+    for name in names:
+        if name.startswith("panorama"):
+            from diffusers import StableDiffusionPanoramaPipeline
+            pano = StableDiffusionPanoramaPipeline(**pipe.components)
+            pano.set_progress_bar_config(disable=True)
+            views = len(pano.get_views(size["height"], size["width"]))
+            vbs = 1 if name.endswith("1") else views
+
+            def run(pano: Any = pano, vbs: int = vbs) -> None:
+                pano(PROMPTS[kind], view_batch_size=vbs, generator=torch.Generator(device).manual_seed(0), **size,
+                     **common)
+            configs.append(dict(name=name, method=None, overlap=1 - 8 / 64, views=views, run=run, estimate=None))
+            continue
+        method = _method(name, kind)
+        layout = jd.layout_for(seconds=size.get("seconds"), width=size.get("width"), overlap=_overlap(kind, name),
+                               method=method)
+        estimate = jd.estimate_memory(overlap=_overlap(kind, name), method=method, guidance_scale=GUIDANCE[kind],
+                                      output_type="latent", **size).peak
+
+        def run(method: Any = method, overlap: float = _overlap(kind, name)) -> None:
+            jd(PROMPTS[kind], method=method, overlap=overlap, generator=torch.Generator(device).manual_seed(0),
+               **size, **common)
+        configs.append(dict(name=name, method=name, overlap=_overlap(kind, name), views=layout.num_views, run=run,
+                            estimate=estimate))
+    return configs
+
+
+def measure_one(config: Dict[str, Any], denoiser: torch.nn.Module, device: torch.device, steps: int) -> Dict[str, Any]:
+    clock = harness.timer(device)
+    with PeakMemory(device) as memory, harness.ModelClock(denoiser, device) as model_clock:
+        t0 = clock()
+        config["run"]()
+        seconds = clock() - t0
+        model_s = model_clock.take()
+    record = {k: v for k, v in config.items() if k != "run"}
+    record.update(steps=steps, call_s=seconds, step_s=seconds / steps, model_s=model_s,
+                  denoiser_calls=model_clock.calls, window_evals=model_clock.rows / 2,
+                  peak_bytes=memory.peak, estimate_bytes=config["estimate"])
+    print(f"  {config['name']:<28} step {record['step_s']:.2f} s, model {model_s:.2f} s, "
+          f"{record['window_evals']:g} window evals, peak +{memory.peak / 2**20:.0f} MiB"
+          + (f", estimate {config['estimate'] / 2**20:.0f} MiB" if config["estimate"] else ""), flush=True)
+    return record
+
+
+def measure(device: torch.device, mode: str, threads_given: Optional[int],
+            keep: Callable[[List[Dict[str, Any]]], Any]) -> List[Dict[str, Any]]:
+    """Every configuration of the mode; ``keep(records)`` after each one, so that a run cut
+    short (a full-size step takes minutes on a CPU) leaves the rows it measured."""
+    st = SETTINGS[mode]
+    if device.type == "cuda" and mode != "smoke":  # the GPU kit: the paper's 512x3200 beside the CPU sizes
+        st = dict(SETTINGS["full"], widths=(1024, 2048, 3200), threads=(1,))
+    thread_counts = (threads_given,) if threads_given else st["threads"]
+    records = []
+    # AudioLDM first: every method in a few minutes of CPU; then SD 2.0 (about 20 s a window).
+    builders: Dict[str, Callable[[str], Any]] = {"audio": fullsize.audioldm_pipeline, "image": fullsize.sd2_pipeline}
+    for kind, build in builders.items():  # one full-size model in memory at a time
+        pipe = build(st["kind"]).to(device)
+        params = fullsize.parameters(pipe.unet)
+        sizes = ([dict(height=512, width=w) for w in st["widths"]] if kind == "image"
+                 else [dict(seconds=s) for s in st["seconds"]])
+        for threads in thread_counts:
+            harness.set_threads(threads)
+            for size in sizes:
+                print(f"fullsize: {kind}, {size}, {threads} thread(s)", flush=True)
+                for config in configurations(kind, pipe, size, st["steps"], st[kind], device):
+                    records.append(dict(measure_one(config, pipe.unet, device, st["steps"]), kind=kind,
+                                        model=MODELS[kind], weights=st["kind"], unet_parameters=params,
+                                        threads=threads, clock=harness.clock_name(device), **size))
+                    keep(records)
+        del pipe
+        gc.collect()
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = harness.argument_parser(__doc__)
+    args = p.parse_args(argv)
+    # One thread count when given (--threads, or run.py's SAFA_BENCH_THREADS), else the mode's.
+    given = args.threads or int(os.environ.get("SAFA_BENCH_THREADS") or 0) or None
+    mode, threads, device = harness.configure(args, p)
+
+    def keep(records: List[Dict[str, Any]]) -> Any:
+        return harness.record("fullsize", device, records, threads, paper_seconds=bench_methods.PAPER_SECONDS["SD 2.0"])
+    measure(device, mode, given, keep)
+    path = harness.results_path(device)
+    print(report.render_file_section("fullsize", path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
