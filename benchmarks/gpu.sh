@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu.sh [--python PY] [--wheels DIR] [--budget SECONDS] [--only STAGE ...]
 #                          [--skip STAGE ...] [--dry-run] [--rehearse] [-h]
 #
-# PY (default: $PYTHON, else python3) must have a CUDA build of torch; Triton, pytest and
-# pytest-benchmark are used when present; --wheels DIR installs what is missing from a folder
+# PY (default: $PYTHON, else python3) must have a CUDA build of torch; Triton and pytest
+# are used when present; --wheels DIR installs what is missing from a folder
 # of wheels (nothing is installed otherwise). Stages: wheels, build, tests, sanitizer, ops,
 # pipeline, report; see benchmarks/gpu_kit.py (or --help) for what each does and needs.
 # Results: benchmarks/results/<gpu-name>.json and the tables of benchmarks/README.md.

@@ -7,7 +7,7 @@ Made for a bare, offline GPU machine: it uses the Python it is given (``python3`
 ``--python`` / ``$PYTHON``) as it is, with the torch (CUDA build) and Triton already there:
 no virtual environment, no download, nothing installed unless ``--wheels DIR`` names a
 folder of wheels (``pip install --no-index --find-links DIR`` of whichever of diffusers,
-transformers, pytest, pytest-benchmark, hypothesis, soundfile, scipy is missing, with the
+transformers, pytest, hypothesis, soundfile, scipy is missing, with the
 installed torch and triton pinned). Stages, each with its own time limit inside
 ``--budget`` (default 480 s):
 
@@ -61,7 +61,7 @@ ROOT = HERE.parent
 STAGES = ("wheels", "build", "tests", "sanitizer", "ops", "pipeline", "report")
 # Distribution name -> module it provides; what --wheels may install when missing.
 WANTED = {"diffusers": "diffusers", "transformers": "transformers", "pytest": "pytest",
-          "pytest-benchmark": "pytest_benchmark", "hypothesis": "hypothesis", "soundfile": "soundfile",
+          "hypothesis": "hypothesis", "soundfile": "soundfile",
           "scipy": "scipy"}
 LIMITS = {"wheels": 120, "build": 300, "tests": 240, "sanitizer": 150, "ops": 150, "pipeline": 400, "report": 60}
 REPORT_RESERVE = 20  # seconds of the budget kept for the report stage

@@ -118,7 +118,7 @@ def test_plan_without_nvcc_sanitizer_or_pytest(tmp_path):
     assert stages["build"].env["FORCE_CUDA"] == "0" and "no nvcc" in stages["build"].reason
     assert not stages["sanitizer"].run and "compute-sanitizer not found" in stages["sanitizer"].reason
     assert stages["tests"].run and stages["ops"].run  # Triton is still checked and measured
-    no_pytest = dict(BARE_H200, modules=dict(BARE_H200["modules"], pytest=False, **{"pytest-benchmark": False}))
+    no_pytest = dict(BARE_H200, modules=dict(BARE_H200["modules"], pytest=False))
     stages = {s.name: s for s in gpu_kit.plan(no_pytest, _args(tmp_path))}
     for name in ("tests", "sanitizer", "ops"):
         assert not stages[name].run and "is not installed (give --wheels)" in stages[name].reason
