@@ -1,7 +1,7 @@
 """SyncDiffusion (Lee et al., NeurIPS 2023): per-view gradient steps towards an anchor view.
 
 At step ``i`` of the first ``round(steps * T)`` steps, before the model call
-(:class:`SyncDiffusionHooks`, the sampler's 6.0):
+(:class:`SyncDiffusionHooks`, the loop's 7.1):
 
 1. the anchor view (the middle one by default) goes through the model with classifier-free
    guidance, without gradients; its clean prediction ``x0`` is decoded once;
