@@ -29,12 +29,11 @@ __all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "deco
 
 DECODE_MODES = ("auto", "full", "views", "tiled")
 # decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
-# Measured on CPU (docs/long-audio.md): one-window tiles take 40-60 MiB and a constant time per
-# second at every length, while whole decoding grows in both: at 4 windows it took 1.45x
-# (built-in model) and 1.95x (tiny AudioLDM) the tiled time and 216 / 153 MiB, at 16 windows
-# 2.5x / 5.1x and 705 / 393 MiB. Up to 4 windows (41 s for the AudioLDM family, the paper's
-# 24-32 s evaluations included) the output is the pipeline's own decode, which tiles only
-# approximate for decoders with global state (GroupNorm statistics, Griffin-Lim's phase).
+# Whole decoding grows in time per second and in memory with the length, one-window tiles do
+# not (measured in docs/long-audio.md, section decode="auto"). Up to this length (41 s for the
+# AudioLDM family, the paper's 24-32 s evaluations included) the output is the pipeline's own
+# decode, which tiles only approximate for decoders with global state (GroupNorm statistics,
+# Griffin-Lim's phase).
 AUTO_WHOLE_WINDOWS = 4
 
 

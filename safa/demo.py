@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     t_all = time.perf_counter()
-    pipe = make_texture_pipeline(window=window_frames(args.window))
+    pipe = make_texture_pipeline(window_frames=window_frames(args.window))
     pipe.model.encode_prompt(args.prompt)  # unknown names fail before any work
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe)

@@ -11,14 +11,14 @@ design and the exactness argument are in docs/distributed.md; in short:
   reference window ``X^0`` on :attr:`ViewShard.reference_rank` while it guides).
 - **Scheduler: replicated.** Every rank steps the *whole* batch, with zeros as the model
   output of the rows it does not own (their results are discarded). A scheduler step is a
-  few element-wise operations (0.4 ms for 4 AudioLDM windows on one CPU thread, against
-  ~24 ms of tiny-model time per window), and stepping the same shapes on every rank keeps
-  what a per-rank batch would break: diffusers' stochastic schedulers draw the noise of
-  a step with ONE ``randn`` over the batch, so every rank draws exactly the numbers one
-  process draws (same generator, same shapes, same order), and the reference's
-  scheduler is stepped on every rank too, from the model output its owner broadcasts.
-  Stepping only its own rows, each rank would draw the *same* first numbers from the
-  shared seed for different views: correlated noise across ranks.
+  few element-wise operations, small beside the model (measured in docs/distributed.md),
+  and stepping the same shapes on every rank keeps what a per-rank batch would break:
+  diffusers' stochastic schedulers draw the noise of a step with ONE ``randn`` over the
+  batch, so every rank draws exactly the numbers one process draws (same generator, same
+  shapes, same order), and the reference's scheduler is stepped on every rank too, from the
+  model output its owner broadcasts. Stepping only its own rows, each rank would draw the
+  *same* first numbers from the shared seed for different views: correlated noise across
+  ranks.
 - **Exchange.** Before the merge, each rank receives the cells of other ranks' views that
   the merge of its own cells reads, and sends the cells of its views that theirs read.
   These are taken from the merge's own plan (docs/kernels.md section 5), so they are exactly

@@ -142,7 +142,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
     if pipe is None:
-        pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
+        pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window_frames=window_frames(window))
     if scheduler is not None:
         from .cli import CLIError
         from .commands.common import set_scheduler

@@ -1,7 +1,8 @@
 """How much memory a generation needs, estimated before any work, and how much the device has.
 
-:meth:`safa.JointDiffusion.__call__` compares :func:`estimate_memory` with
-:func:`available_memory` before it allocates anything and raises :class:`InsufficientMemoryError`
+:meth:`safa.JointDiffusion.__call__` compares the estimate of its request (:func:`require_memory`,
+from the request's geometry alone: :func:`estimate_request`) with :func:`available_memory` before
+it allocates anything and raises :class:`InsufficientMemoryError`
 (a ``ValueError``: the CLI prints it as one line, exit 2) naming the request, the estimate, what
 is available and what to change. Where the memory goes (docs/long-audio.md has the
 measurements these rules were checked against):
@@ -25,13 +26,18 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+import shutil
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "available_memory", "scheduler_history",
-           "shortfall", "format_bytes", "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES"]
+from .decode import resolve_mode
+from .request import GenerationRequest, model_windows, planned_layout
+
+__all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "estimate_request", "require_memory",
+           "check_disk_space", "available_memory", "scheduler_history", "shortfall", "format_bytes",
+           "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES"]
 
 # Views-sized tensors alive at the peak of scheduler.step besides the scheduler's history: the
 # views, the model output and the scheduler's temporaries (measured with DDIM, which keeps no
@@ -235,3 +241,82 @@ def shortfall(estimate: MemoryEstimate) -> Optional[Tuple[int, int, str]]:
             if needed > available:
                 return needed, available, label
     return None
+
+
+# -- a request's needs (safa.request), before the call does any work --------------------------
+def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of ``request``, from its geometry alone (no layout is built)."""
+    length, w, n = planned_layout(adapter, request)
+    method = request.method
+    with_reference = n > 1 and method.has_reference  # one window, however many steps it guides
+    mode = resolve_mode(request.decode, length, w)
+    tile = min(request.decode_tile or w, length)
+    decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
+        else length
+    return estimate_memory(
+        adapter, scheduler, length=length, window=w, num_views=n, batch_size=request.batch_size,
+        height=request.height, model_windows=model_windows(request.view_batch_size, n + with_reference, method),
+        guidance=request.guidance, with_reference=with_reference, decode_columns=decode_columns,
+        output_columns=adapter.output_length(seconds=request.seconds, width=request.width),
+        streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type)
+
+
+def _advice(adapter: Any, scheduler: Any, request: GenerationRequest) -> List[str]:
+    """What to change so that ``request`` fits: a smaller model batch, streaming to a file, or a
+    shorter output (the longest that fits, found by bisection: the estimate grows with length)."""
+    def fits(r: GenerationRequest) -> bool:
+        return shortfall(estimate_request(adapter, scheduler, r)) is None
+
+    advice = []
+    method = request.method
+    if not method.all_views_in_one_call:
+        k = model_windows(request.view_batch_size, planned_layout(adapter, request)[2] + 1, method) // 2
+        while k >= 1 and not fits(replace(request, view_batch_size=k)):
+            k //= 2
+        if k >= 1:
+            advice.append(f"view_batch_size={k} (windows per model call) fits")
+    if adapter.streams_files and not request.to_files and fits(replace(request, to_files=True)):
+        advice.append("output_path= (write the audio to a file tile by tile instead of returning it) fits")
+    if advice:
+        return advice
+    continuous = adapter.length_argument == "seconds"  # seconds are a float, pixels an int
+    for vbs in ((request.view_batch_size,) if method.all_views_in_one_call else (request.view_batch_size, 1)):
+        lo, hi = 0.0, float(request.length)
+        for _ in range(64):
+            mid = (lo + hi) / 2 if continuous else float(int((lo + hi) / 2))
+            if mid <= lo:
+                break
+            lo, hi = (mid, hi) if fits(replace(request.with_length(adapter, mid), view_batch_size=vbs)) else (lo, mid)
+        if lo > 0:
+            with_vbs = "" if vbs == request.view_batch_size else " with view_batch_size=1"
+            return [f"a shorter output: {adapter.length_argument}={lo:.4g}{with_vbs} fits"]
+    return ["not even the shortest output fits"]
+
+
+def require_memory(adapter: Any, scheduler: Any, request: GenerationRequest) -> MemoryEstimate:
+    """The estimate of ``request``, or :class:`InsufficientMemoryError` saying what to change."""
+    found = estimate_request(adapter, scheduler, request)
+    missing = shortfall(found)
+    if missing is None:
+        return found
+    _, available, where = missing
+    length = f"{request.seconds:g}" if request.seconds is not None else str(request.width)
+    what = f"{adapter.length_argument}={length}" + \
+        (f" with {request.batch_size} outputs" if request.batch_size > 1 else "")
+    raise InsufficientMemoryError(f"{what} needs {found.describe()}, but {format_bytes(available)} of {where} is "
+                                  f"available: " + "; ".join(_advice(adapter, scheduler, request)), found, available)
+
+
+def check_disk_space(adapter: Any, paths: Optional[Sequence[str]], columns: int) -> None:
+    """Raise ``ValueError`` unless every output file of ``columns`` output columns fits on its filesystem
+    (files whose size the adapter cannot tell in advance, e.g. PNG, are not checked)."""
+    need: dict = {}
+    for path in paths or ():
+        directory = os.path.dirname(os.path.abspath(path))
+        device = os.stat(directory).st_dev
+        need.setdefault(device, [directory, 0])[1] += adapter.output_file_bytes(path, columns)
+    for directory, total in need.values():
+        free = shutil.disk_usage(directory).free
+        if total > free:
+            raise ValueError(f"the output needs about {format_bytes(total)} in {directory} but {format_bytes(free)} is "
+                             f"free there: free some space, write FLAC instead of WAV, or generate a shorter output")

@@ -9,7 +9,7 @@ After the last step the sampler stitches the long latent ``J`` and hands it here
   ``output_path``, writes each audio piece to its file as soon as it is decoded
   (:class:`~safa.audio_io.AudioWriter`: a temporary file moved into place at the end, so an
   interrupted run leaves nothing). Memory is then one tile's, whatever the length.
-  Images are written whole (PNG).
+  Images are written whole (PNG), through the pipeline's ``image_processor``.
 
 The stage only reads the stitched latent and the layout, so it runs the same wherever that
 latent came from (e.g. gathered from several processes).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,20 +25,21 @@ import torch
 from safa_kernels import ViewLayout
 
 from .adapters.base import Adapter
-from .audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, AudioWriter, audio_file_bytes, check_writable, write_image
+from .audio_io import AudioWriter, check_writable, write_image
 from .decode import decode, decode_tiles
-from .memory import format_bytes
 
-__all__ = ["decoded_chunks", "produce_output", "check_output_paths", "check_disk_space"]
+__all__ = ["decoded_chunks", "produce_output", "check_output_paths"]
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
 
 
-def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size: int, kind: str) -> Optional[List[str]]:
+def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size: int,
+                       adapter: Adapter) -> Optional[List[str]]:
     """``output_path`` as one path per output (None: no files), checked before any work.
 
-    A str for a call with one output, or a list of ``batch_size`` paths; WAV/FLAC for audio,
-    PNG for images; each must be creatable (the directory exists and is writable).
+    A str for a call with one output, or a list of ``batch_size`` paths, each ending in one of
+    ``adapter.output_extensions`` (WAV/FLAC for audio, PNG for images); each must be creatable
+    (the directory exists and is writable).
     """
     if output_path is None:
         return None
@@ -50,10 +50,10 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
         raise ValueError(f"output_path gives {len(paths)} path(s) but this call makes {batch_size} output(s) "
                          f"(batch prompts x outputs per prompt): give one path per output")
     paths = [os.fspath(p) for p in paths]
-    allowed = AUDIO_EXTENSIONS if kind == "audio" else IMAGE_EXTENSIONS
+    allowed = adapter.output_extensions
     for path in paths:
         if os.path.splitext(path)[1].lower() not in allowed:
-            raise ValueError(f"output_path for {kind} must end in one of {allowed}, got {path!r}")
+            raise ValueError(f"output_path for {adapter.kind} must end in one of {allowed}, got {path!r}")
         try:
             check_writable(path)
         except OSError as exc:
@@ -61,20 +61,6 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise ValueError(f"output_path names the same file twice: {paths}")
     return paths
-
-
-def check_disk_space(paths: Sequence[str], samples: int, channels: int) -> None:
-    """Raise ``ValueError`` unless every audio file of ``samples`` x ``channels`` fits on its filesystem."""
-    need: dict = {}
-    for path in paths:
-        directory = os.path.dirname(os.path.abspath(path))
-        device = os.stat(directory).st_dev
-        need.setdefault(device, [directory, 0])[1] += audio_file_bytes(path, samples, channels)
-    for directory, total in need.values():
-        free = shutil.disk_usage(directory).free
-        if total > free:
-            raise ValueError(f"the output needs about {format_bytes(total)} in {directory} but {format_bytes(free)} is "
-                             f"free there: free some space, write FLAC instead of WAV, or generate a shorter output")
 
 
 def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str, tile: int,
@@ -125,7 +111,7 @@ def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *
         for start, piece in chunks:
             if on_chunk is not None:
                 on_chunk(start, piece)
-            if paths is not None and adapter.kind == "audio":
+            if paths is not None and adapter.streams_files:
                 if writers is None:  # opened at the first piece: its shape gives the channels
                     channels = piece.shape[1] if piece.dim() == 3 else 1
                     writers = [files.enter_context(AudioWriter(p, adapter.sample_rate, channels, out_len))
@@ -141,7 +127,7 @@ def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *
             progress.update(piece.shape[-1])
     if paths is None:
         return adapter.to_output(out, output_type)
-    if adapter.kind == "image":
+    if not adapter.streams_files:  # images: written whole, through the pipeline's own conversion
         for path, image in zip(paths, adapter.to_output(out, "pil")):
             write_image(path, image)
     return None

@@ -111,12 +111,8 @@ def count_prompts(prompt: Any, view_prompts: Any, embeds_rows: Optional[int] = N
     return len(prompt) if isinstance(prompt, (list, tuple)) and prompt else 1
 
 
-def window_keys(prompts: PromptBatch, with_reference: bool) -> Tuple[List[Tuple[str, Optional[str]]], int]:
-    """``(keys, view_rows)``: the (prompt, negative) of every scheduler row, views first.
-
-    Rows are (view, output) view-major, then the reference's outputs; ``view_rows`` is how many
-    rows the views have.
-    """
+def window_keys(prompts: PromptBatch, with_reference: bool) -> List[Tuple[str, Optional[str]]]:
+    """The (prompt, negative) of every scheduler row: (view, output) view-major, then the reference's outputs."""
     keys: List[Tuple[str, Optional[str]]] = []
     neg = prompts.negative
     n = len(prompts.views[0])
@@ -124,12 +120,11 @@ def window_keys(prompts: PromptBatch, with_reference: bool) -> Tuple[List[Tuple[
         for b in range(prompts.batch_size):
             p = prompts.item(b)
             keys.append((prompts.views[p][v], neg[p] if neg is not None else None))
-    view_rows = len(keys)
     if with_reference:
         for b in range(prompts.batch_size):
             p = prompts.item(b)
             keys.append((prompts.reference[p], neg[p] if neg is not None else None))
-    return keys, view_rows
+    return keys
 
 
 def unique(items: Sequence[Any]) -> List[Any]:

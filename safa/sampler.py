@@ -1,31 +1,25 @@
 """The joint-diffusion sampler: SaFa and its baselines over any supported diffusers pipeline.
 
 Algorithm 1 of the paper (arXiv 2502.05130, section 3; docs/method.md), read top to bottom in
-:meth:`JointDiffusion.__call__`:
+:meth:`JointDiffusion.__call__`, in the numbered blocks that the whole package cites:
 
-1. ``check_inputs`` and the method object (:mod:`safa.methods`);
-2. ``prepare_layout``: the views ``F_i`` over the long latent ``J`` (open: the fewest views
+1. check inputs: every argument validated once into a :class:`~safa.request.GenerationRequest`
+   (:mod:`safa.request`), the method object included (:mod:`safa.methods`);
+2. the memory (and disk) the request needs against what the device has, before anything is
+   allocated (:mod:`safa.memory`): a request that cannot fit fails at once with a clear error;
+3. ``prepare_layout``: the views ``F_i`` over the long latent ``J`` (open: the fewest views
    covering the request, then cropped; loop: exactly the requested length; below one window:
-   one view of the pipeline's own size);
-3. ``prepare_conditions``: every distinct prompt encoded once;
-4. ``prepare_latents``: ``J_T`` drawn whole and gathered into the views, so overlapping
-   views start equal; ``prepare_reference``: the reference window ``X^0`` with its own noise
-   and its own copy of the scheduler (SaFa only);
-5. the loop, per step: the method's hook before the model (SyncDiffusion's gradient step);
-   every view (plus ``X^0`` while it guides) through the model as one
-   batch (chunked by ``view_batch_size`` only to bound memory; inside the method's model
-   context, MAD's merged attention); the method's hook after the model (SaFaStats moves the
-   views' clean predictions); ``scheduler.step`` ONCE on the
-   views' rows (multistep history and stochastic noise are per row) and once on ``X^0`` with
-   its own scheduler; then ONE ``sync_`` merges the overlaps in place (self-loop swap, Eq. 9,
-   or averaging) plus the reference swap of the middles (Eq. 10) during the first
-   ``round(guide * T)`` steps. ``X^0`` is read only then, so it is denoised only then: a SaFa
-   call costs ``n T + round(guide T)`` window evaluations, not ``(n + 1) T``;
-6. ``J = stitch(views)``, decoded, cropped to the requested length, returned or written to
+   one view of the pipeline's own size), and the prompt of every window (:mod:`safa.prompts`);
+4. the timesteps, and how many of them the reference window ``X^0`` guides;
+5. ``prepare_conditions``: every distinct prompt encoded once;
+6. ``prepare_latents``: ``J_T`` drawn whole and gathered into the views, so overlapping views
+   start equal; ``prepare_reference``: ``X^0`` with its own noise and its own copy of the
+   scheduler (SaFa only); ``prepare_shard``: this process's views;
+7. the denoising loop (:mod:`safa.loop`, blocks 7.1-7.7): per step, the method's hooks, one
+   model batch, ``scheduler.step`` once on all views, one ``sync_`` merge of the overlaps
+   (Eq. 9 or averaging) plus the reference swap (Eq. 10) while ``X^0`` guides;
+8. ``J = stitch(views)``, decoded, cropped to the requested length, returned or written to
    files tile by tile (:mod:`safa.output`).
-
-Before any of it, the memory the request needs is estimated and checked against what the
-device has (:mod:`safa.memory`), so a request that cannot fit fails at once with a clear error.
 
 With ``process_group=`` the same call runs on every rank of a ``torch.distributed`` group:
 each rank runs the model on its own block of views, the scheduler on the whole batch, and
@@ -35,48 +29,40 @@ from __future__ import annotations
 
 import collections
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.profiler import record_function
+from diffusers.utils import BaseOutput
 
 from safa_kernels import ViewLayout, gather, stitch
-from tqdm.auto import tqdm
 
-from . import accel as _accel
 from . import distributed as _distributed
+from . import loop as _loop
 from . import memory as _memory
 from . import output as _output
-from ._checks import check_positive_int, check_range
-from .adapters import Adapter, get_adapter
-from .decode import DECODE_MODES, resolve_mode, tile_count
-from .layouts import loop_layout, open_layout
-from .memory import MemoryEstimate
 from . import prompts as _prompts
-from .methods import METHODS, Method, MethodContext, get_method
+from . import request as _request
+from .adapters import Adapter, get_adapter
+from .decode import resolve_mode, tile_count
+from .memory import MemoryEstimate
+from .methods import METHODS, Method
 from .prompts import PromptBatch
-from .schedulers import scale_model_input
+from .request import DEFAULT_VIEW_BATCH_SIZE, GenerationRequest
 
 __all__ = ["JointDiffusion", "JointDiffusionOutput", "METHODS", "DEFAULT_VIEW_BATCH_SIZE"]
 
-# view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
-# set by the window and not by the output's length (hours of audio are thousands of windows);
-# on the CPU a bounded batch is also as fast or faster per window (benchmarks/README.md).
-DEFAULT_VIEW_BATCH_SIZE = 16
-
 
 @dataclass
-class JointDiffusionOutput:
-    """What :meth:`JointDiffusion.__call__` returns.
+class JointDiffusionOutput(BaseOutput):
+    """What :meth:`JointDiffusion.__call__` returns (a diffusers ``BaseOutput``).
 
     Attributes:
         audio: ``(B, samples)`` at ``sample_rate`` for audio pipelines (numpy or torch by
             ``output_type``), else None.
         images: a list of PIL images / ``(B, H, W, 3)`` array / ``(B, 3, H, W)`` tensor for
-            image pipelines, else None.
+            image pipelines (the pipeline's own ``image_processor`` output), else None.
         latent: the final long latent ``J`` over the whole layout (``layout.length`` columns
             on the long axis, before cropping).
         layout: the :class:`~safa_kernels.ViewLayout` of the views.
@@ -90,34 +76,22 @@ class JointDiffusionOutput:
         timings: wall-clock seconds of the ``"denoise"`` loop and of the ``"decode"`` stage
             (decoding, plus writing the files).
 
-    In a distributed call (``process_group=``) ``audio``, ``images``, ``latent`` and
-    ``output_paths`` are on rank 0 (which alone writes the files) and None on the other ranks.
+    As every ``BaseOutput``, it is also a dict of its fields that are not None (``out["latent"]``,
+    ``out.to_tuple()``, ``out[0]`` the first of them). In a distributed call (``process_group=``)
+    ``audio``, ``images``, ``latent`` and ``output_paths`` are on rank 0 (which alone writes the
+    files) and None on the other ranks.
     """
 
-    audio: Any
-    images: Any
-    latent: Optional[torch.Tensor]
-    layout: ViewLayout
-    columns: int
-    sample_rate: Optional[int]
+    audio: Any = None
+    images: Any = None
+    latent: Optional[torch.Tensor] = None
+    layout: Optional[ViewLayout] = None
+    columns: int = 0
+    sample_rate: Optional[int] = None
     method: Optional[Method] = None
     output_paths: Optional[List[str]] = None
     output_length: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
-
-
-def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) -> int:
-    """``overlap`` columns rounded to the nearest multiple of ``multiple``, nonzero when it is (MAD's layouts)."""
-    if window % multiple:
-        raise ValueError(f"window must be a multiple of {multiple} latent columns for method {method.name!r} "
-                         f"(the UNet's deepest attention downsampling), got {window}")
-    snapped = multiple * int(math.floor(overlap / multiple + 0.5))
-    if overlap > 0:
-        snapped = max(snapped, multiple)
-    if snapped >= window:
-        raise ValueError(f"overlap of {overlap:g} columns rounds to {snapped}, a whole window of {window}, for method "
-                         f"{method.name!r} (overlaps are multiples of {multiple} columns): ask for a smaller overlap")
-    return snapped
 
 
 class JointDiffusion:
@@ -165,19 +139,6 @@ class JointDiffusion:
         return self.adapter.sample_rate
 
     # -- geometry -----------------------------------------------------------------------
-    def window_columns(self, window: Optional[float] = None) -> int:
-        """The window in latent columns (default: the model's native window)."""
-        if window is None:
-            return self.adapter.native_window()
-        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
-            raise ValueError(f"window must be > 0 ({'seconds' if self.adapter.kind == 'audio' else 'latent columns'}), "
-                             f"got {window!r}")
-        w = self.adapter.window_columns(window)
-        if w < 1:
-            raise ValueError(f"window {window!r} is less than one latent column")
-        self.adapter.check_window(w)
-        return w
-
     def describe_layout(self, layout: ViewLayout) -> str:
         """The layout in the user's units, e.g. ``5 views of 10 s (250 latent frames), overlap 0.2 ... loop``."""
         fmt = self.adapter.describe_columns
@@ -187,92 +148,18 @@ class JointDiffusion:
                 f"{'loop of ' + fmt(layout.length) if layout.loop else 'covering ' + fmt(layout.length)}")
 
     def layout_for(self, seconds: Optional[float] = None, width: Optional[int] = None, *,
-                   window: Optional[float] = None, overlap: float = 0.2, loop: bool = False,
-                   method: Union[str, Method] = "safa") -> ViewLayout:
-        """The view layout a call with these arguments uses (e.g. to size a per-view prompt list)."""
-        self._check_length(seconds, width)
-        return self.prepare_layout(seconds, width, window, overlap, loop, get_method(method))[0]
+                   height: Optional[int] = None, window: Optional[float] = None, overlap: float = 0.2,
+                   loop: bool = False, method: Union[str, Method] = "safa") -> ViewLayout:
+        """The view layout a call with these arguments uses (e.g. to size a per-view prompt list),
+        the arguments validated as the call validates them."""
+        request = _request.build_request(self.adapter, seconds=seconds, width=width, height=height, window=window,
+                                         overlap=overlap, loop=loop, method=method, batch_size=1)
+        return self.prepare_layout(request)[0]
 
-    def _check_length(self, seconds: Optional[float], width: Optional[int]) -> None:
-        """``seconds`` (audio) or ``width`` (images): the one the pipeline takes, and a valid one."""
-        if self.adapter.kind == "audio":
-            if width is not None:
-                raise ValueError("width is for image pipelines; give seconds for audio")
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0 \
-                    or math.isinf(seconds):
-                raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
-        else:
-            if seconds is not None:
-                raise ValueError("seconds is for audio pipelines; give width (pixels) for images")
-            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-                raise ValueError(f"width must be an int >= 1 (pixels), got {width!r}")
-
-    def check_inputs(self, seconds: Optional[float], width: Optional[int], height: Optional[int], loop: bool,
-                     num_inference_steps: int, batch_size: int, view_batch_size: Optional[int], decode: str,
-                     decode_tile: Optional[int], output_type: Optional[str]) -> str:
-        """Validate the call's scalar arguments; returns the resolved ``output_type``."""
-        kind = self.adapter.kind
-        if kind == "audio" and height is not None:
-            raise ValueError("height is for image pipelines; give seconds for audio")
-        self._check_length(seconds, width)
-        if kind == "image":
-            self.adapter.latent_rows(height)  # type: ignore[attr-defined]  (validates height)
-        check_positive_int("num_inference_steps", num_inference_steps)
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("view_batch_size", view_batch_size, allow_none=True)
-        check_positive_int("decode_tile", decode_tile, allow_none=True)
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        if output_type is None:
-            output_type = "np" if kind == "audio" else "pil"
-        allowed = ("np", "pt", "latent") + (("pil",) if kind == "image" else ())
-        if output_type not in allowed:
-            raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")
-        return output_type
-
-    def prepare_layout(self, seconds: Optional[float], width: Optional[int], window: Optional[float],
-                       overlap: float, loop: bool, method: Method) -> Tuple[ViewLayout, int, int]:
-        """(layout, latent columns to crop to, output samples / pixels to crop to).
-
-        Open layouts take the fewest views of ``window`` covering the request; loop layouts
-        have exactly the requested length, with the window and overlap rate nearest the
-        requested ones that make it exact (:mod:`safa.layouts`). A request shorter than one
-        window is the wrapped pipeline's own call: one view of ``adapter.short_window``.
-        """
-        adapter = self.adapter
-        w, o, rate, multiple = self._window_and_overlap(window, overlap, loop, method)
-        out_len = adapter.output_length(seconds=seconds, width=width)
-        if loop:
-            layout = loop_layout(adapter.length_in_columns(seconds=seconds, width=width), w, rate, method.merge_mode,
-                                 adapter.window_multiple(), adapter.fixed_window, adapter.describe_columns,
-                                 stride_multiple=multiple)
-            return layout, layout.length, out_len
-        columns = adapter.columns_for(seconds=seconds, width=width)
-        if columns >= w:
-            return open_layout(columns, w, o), columns, out_len
-        short = adapter.short_window(columns)
-        return ViewLayout(short, short, 0), columns, out_len
-
-    def _window_and_overlap(self, window: Optional[float], overlap: float, loop: bool,
-                            method: Method) -> Tuple[int, int, float, int]:
-        """``(window, overlap columns, overlap rate, stride multiple)`` of a request, validated."""
-        if not isinstance(loop, bool):
-            raise ValueError(f"loop must be a bool, got {loop!r}")
-        # Swap is defined between two views only (no column covered by three): docs/kernels.md.
-        hi = method.max_overlap_rate
-        try:
-            rate = check_range("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
-        except ValueError as exc:
-            hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
-                    f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
-            raise ValueError(f"{exc}{hint}") from None
-        w = self.window_columns(window)
-        multiple = method.layout_multiple(self.adapter)
-        o = int(round(rate * w)) if multiple == 1 else _snap_overlap(rate * w, w, multiple, method)
-        if o >= w:
-            raise ValueError(f"overlap rate {overlap} gives {o} overlapping columns for a window of {w}: "
-                             f"it must leave at least one column of stride")
-        return w, o, rate, multiple
+    def prepare_layout(self, request: GenerationRequest) -> Tuple[ViewLayout, int, int]:
+        """(layout, latent columns to crop to, output samples / pixels to crop to): see
+        :func:`safa.request.prepare_layout`."""
+        return _request.prepare_layout(self.adapter, request)
 
     # -- memory --------------------------------------------------------------------------
     def estimate_memory(self, seconds: Optional[float] = None, *, width: Optional[int] = None,
@@ -291,115 +178,16 @@ class JointDiffusion:
         estimate, what is available and what to change) when it does not fit in the device's
         free memory.
         """
-        method = get_method(method)
-        guidance_scale = self._guidance_scale(guidance_scale)
-        output_type = self.check_inputs(seconds, width, height, loop, 1, batch_size, view_batch_size, decode,
-                                        decode_tile, output_type)
-        args = (seconds, width, height, window, overlap, loop, method, batch_size, guidance_scale, view_batch_size,
-                decode, decode_tile, output_type, output_path is not None)
-        return self._require_memory(*args) if check else self._estimate(*args)
+        request = _request.build_request(
+            self.adapter, seconds=seconds, width=width, height=height, window=window, overlap=overlap, loop=loop,
+            method=method, batch_size=batch_size, guidance_scale=guidance_scale, view_batch_size=view_batch_size,
+            decode=decode, decode_tile=decode_tile, output_type=output_type, output_path=output_path,
+            check_paths=False)
+        if check:
+            return _memory.require_memory(self.adapter, self.pipe.scheduler, request)
+        return _memory.estimate_request(self.adapter, self.pipe.scheduler, request)
 
-    def _guidance_scale(self, guidance_scale: Optional[float]) -> float:
-        """As given (a finite number), else the wrapped pipeline's own default (1.0 if it has none)."""
-        if guidance_scale is None:
-            guidance_scale = self.adapter.pipeline_default("guidance_scale", 1.0)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number (<= 1: no classifier-free guidance), "
-                             f"got {guidance_scale!r}")
-        return float(guidance_scale)
-
-    def _model_windows(self, view_batch_size: Optional[int], windows: int, method: Method) -> int:
-        """Windows per model call: ``view_batch_size``, else all of them up to :data:`DEFAULT_VIEW_BATCH_SIZE`
-        (all of them for a method that attends over every view at once)."""
-        if view_batch_size is not None:
-            return min(view_batch_size, windows)
-        return windows if method.all_views_in_one_call else min(windows, DEFAULT_VIEW_BATCH_SIZE)
-
-    def _planned_layout(self, seconds: Optional[float], width: Optional[int], window: Optional[float],
-                        overlap: float, loop: bool, method: Method) -> Tuple[int, int, int]:
-        """``(length, window, views)`` of the layout :meth:`prepare_layout` would build, without building it
-        (a loop's window and view count may differ by a little: the estimate does not need more)."""
-        adapter = self.adapter
-        w, o, _, _ = self._window_and_overlap(window, overlap, loop, method)
-        if loop:
-            length = max(w, math.ceil(adapter.length_in_columns(seconds=seconds, width=width)))
-            return length, w, max(2, round(length / (w - o)))
-        columns = adapter.columns_for(seconds=seconds, width=width)
-        if columns < w:
-            short = adapter.short_window(columns)
-            return short, short, 1
-        views = 1 + math.ceil((columns - w) / (w - o))
-        return w + (views - 1) * (w - o), w, views
-
-    def _estimate(self, seconds: Optional[float], width: Optional[int], height: Optional[int],
-                  window: Optional[float], overlap: float, loop: bool, method: Method, batch_size: int,
-                  guidance_scale: float, view_batch_size: Optional[int], decode: str, decode_tile: Optional[int],
-                  output_type: str, to_files: bool) -> MemoryEstimate:
-        adapter = self.adapter
-        length, w, n = self._planned_layout(seconds, width, window, overlap, loop, method)
-        with_reference = n > 1 and method.has_reference  # one window, however many steps it guides
-        mode = resolve_mode(decode, length, w)
-        tile = min(decode_tile or w, length)
-        decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
-            else length
-        return _memory.estimate_memory(
-            adapter, self.pipe.scheduler, length=length, window=w, num_views=n, batch_size=batch_size, height=height,
-            model_windows=self._model_windows(view_batch_size, n + with_reference, method),
-            guidance=guidance_scale > 1.0, with_reference=with_reference, decode_columns=decode_columns,
-            output_columns=adapter.output_length(seconds=seconds, width=width),
-            streamed=to_files and mode == "tiled" and adapter.kind == "audio", output_type=output_type)
-
-    def _require_memory(self, seconds: Optional[float], width: Optional[int], height: Optional[int],
-                        window: Optional[float], overlap: float, loop: bool, method: Method, batch_size: int,
-                        guidance_scale: float, view_batch_size: Optional[int], decode: str,
-                        decode_tile: Optional[int], output_type: str, to_files: bool) -> MemoryEstimate:
-        """The estimate, or :class:`~safa.memory.InsufficientMemoryError` saying what to change."""
-        audio = self.adapter.kind == "audio"
-
-        def estimate(length: float, vbs: Optional[int] = view_batch_size, files: bool = to_files) -> MemoryEstimate:
-            return self._estimate(length if audio else None, None if audio else int(length), height, window,
-                                  overlap, loop, method, batch_size, guidance_scale, vbs, decode, decode_tile,
-                                  output_type, files)
-
-        length = seconds if audio else width
-        found = estimate(length)
-        missing = _memory.shortfall(found)
-        if missing is None:
-            return found
-        _, available, where = missing
-        advice = []
-        if not method.all_views_in_one_call:
-            n = self._planned_layout(seconds, width, window, overlap, loop, method)[2]
-            k = self._model_windows(view_batch_size, n + 1, method) // 2
-            while k >= 1 and _memory.shortfall(estimate(length, k)) is not None:
-                k //= 2
-            if k >= 1:
-                advice.append(f"view_batch_size={k} (windows per model call) fits")
-        if audio and not to_files and _memory.shortfall(estimate(length, files=True)) is None:
-            advice.append("output_path= (write the audio to a file tile by tile instead of returning it) fits")
-        if not advice:
-            # The longest output that fits (the estimate grows with length): with this model batch,
-            # else with the smallest one.
-            for vbs in ((view_batch_size,) if method.all_views_in_one_call else (view_batch_size, 1)):
-                lo, hi = 0.0, float(length)
-                for _ in range(64):
-                    mid = (lo + hi) / 2 if audio else float(int((lo + hi) / 2))
-                    if mid <= lo:
-                        break
-                    lo, hi = (mid, hi) if _memory.shortfall(estimate(mid, vbs)) is None else (lo, mid)
-                if lo > 0:
-                    with_vbs = "" if vbs == view_batch_size else " with view_batch_size=1"
-                    advice.append(f"a shorter output: {'seconds' if audio else 'width'}={lo:.4g}{with_vbs} fits")
-                    break
-            else:
-                advice.append("not even the shortest output fits")
-        what = (f"seconds={seconds:g}" if audio else f"width={width}") + \
-            (f" with {batch_size} outputs" if batch_size > 1 else "")
-        raise _memory.InsufficientMemoryError(
-            f"{what} needs {found.describe()}, but {_memory.format_bytes(available)} of {where} is available: "
-            + "; ".join(advice), found, available)
-
+    # -- preparation (steps 5 and 6) ------------------------------------------------------
     def prepare_conditions(self, prompts: PromptBatch, embeds: Dict[str, torch.Tensor], with_reference: bool,
                            guidance_scale: float, seconds: Optional[float]
                            ) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
@@ -416,7 +204,7 @@ class JointDiffusion:
             items = [prompts.item(b) for b in range(B)]
             rows = torch.tensor(items * (n + (1 if with_reference else 0)))
         else:
-            keys, _ = _prompts.window_keys(prompts, with_reference)
+            keys = _prompts.window_keys(prompts, with_reference)
             distinct = _prompts.unique(keys)
             negatives = [neg for _, neg in distinct] if prompts.negative is not None else None
             cond = self.adapter.encode_prompts([text for text, _ in distinct], negatives, guidance_scale)
@@ -478,327 +266,97 @@ class JointDiffusion:
                  callback_on_step_end: Optional[Callable[..., Optional[Dict[str, Any]]]] = None,
                  output_type: Optional[str] = None, output_path: Union[None, str, Sequence[str]] = None,
                  callback_on_output_chunk: Optional[Callable[..., None]] = None, return_dict: bool = True) -> Any:
-        """Generate ``seconds`` of audio (or a panorama ``width`` x ``height`` pixels).
-
-        Args:
-            prompt: the prompt of every window, or a list of prompts: a batch, one output each
-                (as in diffusers).
-            seconds / audio_length_in_s: audio length (audio pipelines; the second is the
-                pipelines' own name). Honoured exactly: the covering layout is generated and
-                cropped; a loop is exactly this long. Below one window: one view of the
-                pipeline's own size (its own output).
-            width / height: panorama size in pixels (image pipelines; ``height`` a multiple of
-                the VAE factor, default the native window's, e.g. 512 for SD 1.x).
-            view_prompts: a prompt per view instead of ``prompt`` (rain -> thunder -> calm):
-                a list of ``layout_for(...).num_views`` prompts, or one such list per batch prompt.
-            negative_prompt: a str, or one per batch prompt (default: the pipeline's own
-                unconditional branch).
-            reference_prompt: prompt of the reference window ``X^0`` (a str or one per batch
-                prompt; default: each batch prompt's first view prompt).
-            method: a :class:`~safa.methods.Method` or its shorthand: ``"safa"`` (default:
-                self-loop swap + reference-guided swap), ``"safa_selfloop"`` (SaFa*),
-                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*), ``"mad"``
-                (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
-                grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
-            loop: seamless loop / 360-degree layout (the last view overlaps the first).
-            num_inference_steps: denoising steps (default: the wrapped pipeline's own, e.g. 10 for
-                AudioLDM, 200 for AudioLDM2 and MusicLDM, 50 for SD; the paper used 200 for audio).
-            guidance_scale: classifier-free guidance, off when <= 1 (default: the wrapped
-                pipeline's own, e.g. 2.5 for AudioLDM, 7.5 for SD).
-            num_waveforms_per_prompt / num_images_per_prompt: outputs per batch prompt (default 1).
-            generator: a torch generator, or a list with one per output (as in diffusers), for
-                the initial noise and stochastic schedulers.
-            window: window in seconds for audio, latent columns for images (default: the
-                model's native window, 10.24 s for the AudioLDM family).
-            overlap: overlap rate ``r_overlap`` (default 0.2): in ``[0, 0.5]`` for the swap
-                methods, ``[0, 1)`` for the averaging ones. Loop layouts take the nearest
-                rate (and window) that makes the loop exact.
-            swap_interval: ``w_swap`` of Eq. 9-10 for the swap methods (default: the method's, 1).
-            guide: ``r_guide`` for SaFa (default: the method's, 0.3): the reference swap runs
-                during the first ``round(guide * T)`` of the ``T`` scheduler steps, and the
-                reference window is denoised only then. With a single view there is nothing
-                to keep consistent, so no reference is used.
-            view_batch_size: windows per model call; bounds the model's memory (default: all of
-                them up to :data:`DEFAULT_VIEW_BATCH_SIZE`, 16; all of them for MAD).
-            eta: DDIM's eta (default 0).
-            latents: initial long noise ``J_T`` (unscaled, the layout's shape
-                ``adapter.latent_shape(batch, layout.length, height)``); default drawn from
-                ``generator``.
-            reference_latents: initial noise of the reference window (one window's shape).
-            prompt_embeds / negative_prompt_embeds / pooled_prompt_embeds /
-                negative_pooled_prompt_embeds: precomputed text embeddings, one row per batch
-                prompt, where the wrapped pipeline takes them (``adapter.embeds_arguments``).
-            decode: ``"auto"`` (default: ``"full"`` up to ``safa.decode.AUTO_WHOLE_WINDOWS``
-                windows, ``"tiled"`` beyond), ``"full"`` (the whole latent at once: the
-                pipeline's own decode), ``"views"`` (decode each view, stitch at the mel / pixel
-                level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per tile,
-                default one window).
-            callback_on_step_end: ``f(jd, step, timestep, callback_kwargs)`` after each step's
-                merge, ``callback_kwargs = {"views", "view_range", "reference", "layout"}``:
-                ``views`` are this process's views, ``view_range`` their indices in the layout
-                (every view in one process); ``reference`` is None once it stops guiding.
-                Returning a dict with ``"views"`` / ``"reference"`` tensors replaces them (in
-                a distributed call, a replaced reference must be the same on every rank).
-            output_type: ``"np"`` (audio default), ``"pil"`` (image default), ``"pt"`` or
-                ``"latent"`` (no decoding).
-            output_path: write the output to this file (WAV/FLAC for audio, PNG for images), or
-                to one file per output (a list), instead of returning it. Audio decoded in tiles
-                is written tile by tile as it is decoded, so memory does not grow with its
-                length; the file appears when it is complete (an interrupted call leaves
-                nothing). The result's ``audio`` / ``images`` are None then; ``output_paths``
-                names the files.
-            callback_on_output_chunk: ``f(jd, start, chunk)`` for every piece of the final
-                output as it is decoded (``chunk``: the long axis last, cropped; ``start``: its
-                first sample / pixel column), e.g. to accumulate a spectrogram of a streamed
-                output (:class:`safa.spectrogram.SpectrogramAccumulator`); on rank 0 only in a
-                distributed call.
-            return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
-                does, a tuple ``(audio,)`` / ``(images,)``.
-        """
-        adapter, pipe = self.adapter, self.pipe
-        # 1. Check inputs; the method object (guide= / swap_interval= are its parameters); the
-        # pipeline's own defaults for what is not given, as the pipeline itself would use.
-        method = get_method(method, guide=guide, swap_interval=swap_interval)
-        if num_inference_steps is None:
-            num_inference_steps = adapter.pipeline_default("num_inference_steps", 50)
-        guidance_scale = self._guidance_scale(guidance_scale)
-        check_range("eta", eta, 0.0, math.inf, hi_open=True)
-        method.check_pipeline(adapter)
-        seconds, per_prompt = self._pipeline_names(seconds, audio_length_in_s, width, num_waveforms_per_prompt,
-                                                   num_images_per_prompt)
-        output_type = self.check_inputs(seconds, width, height, loop, num_inference_steps, per_prompt,
-                                        view_batch_size, decode, decode_tile, output_type)
-        embeds = self._check_embeds(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                    pooled_prompt_embeds=pooled_prompt_embeds,
-                                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        outputs = _prompts.count_prompts(prompt, view_prompts, int(prompt_embeds.shape[0]) if embeds else None) \
-            * per_prompt
-        if output_path is not None and output_type == "latent":
-            raise ValueError("output_path writes the decoded output: it cannot be used with output_type='latent'")
-        # In a distributed call rank 0 alone writes the files (and checks them).
-        rank = _distributed.rank_of(self.process_group)
-        paths = _output.check_output_paths(output_path, outputs, adapter.kind) if rank == 0 else None
-
-        # 1b. What the request needs against what the device has, before anything is allocated:
-        # a clear error (what to change) rather than an allocator failure later (safa.memory).
-        self._require_memory(seconds, width, height, window, overlap, loop, method, outputs, guidance_scale,
-                             view_batch_size, decode, decode_tile, output_type, output_path is not None)
-        if paths is not None and adapter.kind == "audio":
-            _output.check_disk_space(paths, adapter.output_length(seconds=seconds),
-                                     adapter.output_elements_per_column())
-
-        # 2. Layout of the views over the long latent J, and the prompts of every window.
-        layout, columns, out_len = self.prepare_layout(seconds, width, window, overlap, loop, method)
-        n, dim = layout.num_views, adapter.long_dim
-        prompts = _prompts.resolve_prompts(prompt, view_prompts, negative_prompt, reference_prompt, per_prompt, n,
-                                           embeds_rows=int(prompt_embeds.shape[0]) if embeds else None)
-        batch_size = prompts.batch_size
-        _check_generator(generator, batch_size)
-        window_shape = adapter.latent_shape(batch_size, layout.window, height)
-
-        # 3. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1,
-        # with the guidance window of the paper's text: docs/method.md).
-        timesteps = adapter.set_timesteps(num_inference_steps, window_shape)
-        scheduler = pipe.scheduler
-        num_steps = len(timesteps)
-        guide_steps = method.reference_steps(num_steps, scheduler) if n > 1 else 0
+        adapter = self.adapter
+        # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
+        # alone checks and writes the output files).
+        request = _request.build_request(
+            adapter, method=method, guide=guide, swap_interval=swap_interval, seconds=seconds,
+            audio_length_in_s=audio_length_in_s, width=width, height=height, window=window, overlap=overlap,
+            loop=loop, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_waveforms_per_prompt=num_waveforms_per_prompt, num_images_per_prompt=num_images_per_prompt,
+            prompt=prompt, view_prompts=view_prompts, view_batch_size=view_batch_size, eta=eta, decode=decode,
+            decode_tile=decode_tile, output_type=output_type, output_path=output_path,
+            check_paths=_distributed.rank_of(self.process_group) == 0, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        method = request.method
+        # 2. What the request needs against what the device (and the disk) has, before anything is
+        # allocated: a clear error (what to change) rather than an allocator failure later.
+        _memory.require_memory(adapter, self.pipe.scheduler, request)
+        _memory.check_disk_space(adapter, request.paths, adapter.output_length(seconds=request.seconds,
+                                                                                 width=request.width))
+        # 3. Layout of the views over the long latent J, and the prompt of every window.
+        layout, columns, out_len = self.prepare_layout(request)
+        prompts = _prompts.resolve_prompts(prompt, view_prompts, negative_prompt, reference_prompt,
+                                           request.per_prompt, layout.num_views,
+                                           embeds_rows=int(prompt_embeds.shape[0]) if request.embeds else None)
+        _request.check_generator(generator, prompts.batch_size)
+        window_shape = adapter.latent_shape(prompts.batch_size, layout.window, request.height)
+        # 4. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1, with
+        # the guidance window of the paper's text: docs/method.md section 5).
+        timesteps = adapter.set_timesteps(request.num_inference_steps, window_shape)
+        guide_steps = method.reference_steps(len(timesteps), self.pipe.scheduler) if layout.num_views > 1 else 0
         if reference_latents is not None and guide_steps == 0:
-            raise ValueError(f"reference_latents given but method {method.name!r} with {n} view(s) and "
-                             f"{num_steps} steps uses no reference window")
+            raise ValueError(f"reference_latents given but method {method.name!r} with {layout.num_views} view(s) "
+                             f"and {len(timesteps)} steps uses no reference window")
+        # 5. Conditions: each distinct (prompt, negative prompt) encoded once.
+        cond, view_rows, reference_rows = self.prepare_conditions(prompts, request.embeds, guide_steps > 0,
+                                                                  request.guidance_scale, request.seconds)
+        # 6. This process's views; the views of J_T (the same on every rank); X^0 with its own scheduler.
+        plan = _loop.LoopPlan(layout, window_shape, timesteps, guide_steps, cond, view_rows, reference_rows,
+                              self.prepare_shard(layout, method, prompts.batch_size))
+        # 7. The denoising loop (safa.loop, blocks 7.1-7.7). The initial latents are passed, not
+        # held here, so that the loop frees them at its first step.
+        views, started = _loop.denoise(
+            self, request, plan, self.prepare_latents(layout, prompts.batch_size, request.height, generator, latents),
+            self.prepare_reference(window_shape, generator, reference_latents) if guide_steps else None,
+            generator, callback_on_step_end)
+        # 8. J = stitch(views), decoded, cropped, returned or written (safa.output).
+        return self._output_stage(request, plan, columns, out_len, views, started, callback_on_output_chunk,
+                                  return_dict)
 
-        # 4. Conditions: each distinct (prompt, negative prompt) encoded once.
-        cond, view_rows, reference_rows = self.prepare_conditions(prompts, embeds, guide_steps > 0, guidance_scale,
-                                                                  seconds)
+    __call__.__doc__ = """Generate ``seconds`` of audio (or a panorama ``width`` x ``height`` pixels).
+""" + _request.CALL_ARGUMENTS_DOC
 
-        # 5. Initial latents: the views of J_T (the same on every rank), then X^0 with its own
-        # scheduler; this process's views (all of them unless process_group is set).
-        shard = self.prepare_shard(layout, method, batch_size)
-        own, own_rows = shard.views, shard.rows
-        reference_here = guide_steps > 0 and shard.has_reference
-        views = self.prepare_latents(layout, batch_size, height, generator, latents)
-        reference, ref_scheduler = (self.prepare_reference(window_shape, generator, reference_latents)
-                                    if guide_steps else (None, None))
-
-        # 6. Denoising loop.
-        if self.cuda_graphs:
-            _accel.check_cuda_graphs(views.device)
-        config = _accel.StepConfig(
-            adapter=adapter, conditions=cond, view_rows=view_rows[own_rows],
-            reference_rows=reference_rows if reference_here else None,
-            guidance_scale=guidance_scale, timesteps=timesteps,
-            chunk_rows=self._model_windows(view_batch_size, len(own) + (1 if reference_here else 0), method)
-            * batch_size, layout=layout,
-            dim=dim, merge_mode=method.merge_mode, swap_interval=method.swap_interval,
-            reference_axis=adapter.reference_axis)
-        runner = _accel.StepRunner(config, compile=self.compile, cuda_graphs=self.cuda_graphs, merge=self.merge_step)
-        # Stochastic schedulers draw noise for every row: a generator list (one per output)
-        # covers the views' rows (view-major) once per view.
-        view_step_kwargs = adapter.step_kwargs(generator * n if isinstance(generator, list) else generator, eta)
-        ref_step_kwargs = adapter.step_kwargs(generator, eta)
-        # The method's hooks inside the step (MAD, SyncDiffusion); entered around the loop.
-        hooks = method.hooks(MethodContext(adapter=adapter, scheduler=scheduler, step=config,
-                                           scheduler_timesteps=runner.scheduler_timesteps,
-                                           window_shape=window_shape, cuda_graphs=self.cuda_graphs))
-        view_rows_count, own_rows_count = n * batch_size, len(own) * batch_size
-        progress_bar = pipe.progress_bar(total=num_steps) if shard.rank == 0 else tqdm(total=num_steps, disable=True)
-        # record_function ranges: `safa profile` splits each step into model / scheduler / merge.
-        started = time.perf_counter()
-        with hooks, progress_bar as progress:
-            if shard.rank == 0 and "desc" not in (getattr(pipe, "_progress_bar_config", None) or {}):
-                progress.set_description("denoising", refresh=False)
-            for i, t in enumerate(timesteps):
-                guiding = i < guide_steps
-                with_reference = guiding and shard.has_reference
-                shard.begin_step(i, num_steps)
-                with record_function("safa.step"):
-                    t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
-                    # 6.0 The method's pre-model hook: SyncDiffusion's gradient step on the views' x_t.
-                    hooks.before_model(i, views)
-                    flat = views.view(view_rows_count, *window_shape[1:])  # the scheduler's batch
-                    # 6.1 Model input: this process's views, plus X^0 (on its own scheduler) while
-                    # it guides, on the rank that holds it.
-                    with record_function("safa.scheduler"):
-                        model_in = scale_model_input(scheduler, flat[own_rows], t_sched)
-                        if with_reference:
-                            model_in = torch.cat([model_in, scale_model_input(ref_scheduler, reference, t_sched)])
-                    # 6.2 One model batch (classifier-free guidance inside adapter.predict), in the
-                    # method's model context (MAD: self-attention merged over the long latent).
-                    with record_function("safa.model"), hooks.model_context(i):
-                        model_out = runner.predict(model_in, i, with_reference)
-                    # 6.2b The method's post-model hook: SaFaStats moves the views' clean predictions.
-                    hooks.after_model(i, views, reference if guiding else None, model_in, model_out)
-                    # Memory: the scheduler's step is the peak of the loop; nothing views-sized that it
-                    # does not read may live through it (the concatenated model input here, its
-                    # pred_original_sample below): docs/long-audio.md.
-                    model_in = None
-                    # 6.3 Scheduler step of all views as one batch (in a distributed call every rank
-                    # steps every row: the model output of other ranks' rows is zeros, their results
-                    # unused).
-                    with record_function("safa.scheduler"):
-                        views = scheduler.step(shard.whole_batch(model_out[:own_rows_count]), t_sched, flat,
-                                               **view_step_kwargs).prev_sample.contiguous().view(n, *window_shape)
-                    # (distributed) The step's one exchange: X^0's model output from its rank, and
-                    # the overlap cells the merge of this rank's views reads.
-                    with record_function("safa.exchange"):
-                        reference_out = shard.exchange(views, model_out[own_rows_count:] if with_reference
-                                                       else None, guiding)
-                    # X^0 on its own scheduler (on every rank).
-                    with record_function("safa.scheduler"):
-                        if guiding:
-                            reference = ref_scheduler.step(reference_out, t_sched, reference,
-                                                           **ref_step_kwargs).prev_sample
-                    # 6.4 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
-                    # plus the reference-guided swap of the middles (Eq. 10) while guiding.
-                    with record_function("safa.merge"):
-                        runner.merge(views, reference if guiding and method.swaps_reference else None)
-                    # 6.5 Callback: may replace this process's views / the reference.
-                    if callback_on_step_end is not None:
-                        got = callback_on_step_end(self, i, t, {"views": views[own.start:own.stop],
-                                                                "view_range": own,
-                                                                "reference": reference if guiding else None,
-                                                                "layout": layout})
-                        if got:
-                            if got.get("views") is not None:
-                                views[own.start:own.stop].copy_(got["views"])
-                            if guiding and got.get("reference") is not None:
-                                reference = got["reference"]
-                if i + 1 == guide_steps:  # X^0 has guided its last step: free it and its scheduler
-                    reference = ref_scheduler = None
-                progress.update()
-
-        # 7. Every view on rank 0 (a no-op in one process), or on every rank when the ranks
-        # share a tiled decode; the other ranks are then done.
-        mode = resolve_mode(decode, layout.length, layout.window)
-        tile = decode_tile or layout.window
+    def _output_stage(self, request: GenerationRequest, plan: _loop.LoopPlan, columns: int, out_len: int,
+                      views: torch.Tensor, started: float, callback_on_output_chunk: Optional[Callable[..., None]],
+                      return_dict: bool) -> Any:
+        """Step 8: every view on rank 0 (on every rank when the ranks share a tiled decode), ``J =
+        stitch(views)``, then the output stage (:mod:`safa.output`): the whole layout decoded (a
+        loop as a loop, with circular context; the covering layout's extra columns only cost
+        compute), cropped, and returned or written to ``output_path`` tile by tile."""
+        adapter, layout, shard, method = self.adapter, plan.layout, plan.shard, request.method
+        mode = resolve_mode(request.decode, layout.length, layout.window)
+        tile = request.decode_tile or layout.window
         tiles = tile_count(adapter, layout.length, tile, out_len)
-        shared_decode = output_type != "latent" and mode == "tiled" and shard.can_share_decode(tiles)
+        shared_decode = request.output_type != "latent" and mode == "tiled" and shard.can_share_decode(tiles)
         views = shard.gather(views, everywhere=shared_decode)
-        nothing = JointDiffusionOutput(audio=None, images=None, latent=None, layout=layout, columns=columns,
-                                       sample_rate=adapter.sample_rate, method=method)
+        nothing = JointDiffusionOutput(layout=layout, columns=columns, sample_rate=adapter.sample_rate, method=method)
         if views is None:
-            return nothing if return_dict else (None,)
-        # 8. J = stitch(views), then the output stage (safa.output): the whole layout decoded
-        # (a loop as a loop, with circular context; the covering layout's extra columns only
-        # cost compute), cropped, and returned or written to output_path tile by tile.
-        latent = stitch(views, layout, dim, method.merge_mode, method.swap_interval)
-        views = flat = model_out = reference = None  # the step's state is not needed to decode: free it
+            return nothing if return_dict else adapter.pipeline_tuple(None)
+        latent = stitch(views, layout, adapter.long_dim, method.merge_mode, method.swap_interval)
+        views = None  # the step's state is not needed to decode: free it
         if latent.device.type == "cuda":
             torch.cuda.synchronize(latent.device)  # the loop's kernels end here, not in the decode's time
         timings = {"denoise": time.perf_counter() - started}
-        audio = images = None
-        if output_type != "latent":
+        result = None
+        if request.output_type != "latent":
             started = time.perf_counter()
             # Shared: the ranks decode the tiles round-robin and rank 0 receives them in order.
             pieces = shard.decode_tiles(adapter, latent, layout.loop, tile, tiles) if shared_decode else None
             if shard.rank != 0:
                 collections.deque(pieces, maxlen=0)  # run this rank's rounds: its tiles go to rank 0
-                return nothing if return_dict else (None,)
+                return nothing if return_dict else adapter.pipeline_tuple(None)
             on_chunk = (None if callback_on_output_chunk is None
                         else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
             result = _output.produce_output(adapter, latent, layout, mode=mode, tile=tile,
-                                            view_batch_size=view_batch_size, out_len=out_len,
-                                            output_type=output_type, paths=paths, on_chunk=on_chunk, pieces=pieces)
+                                            view_batch_size=request.view_batch_size, out_len=out_len,
+                                            output_type=request.output_type, paths=request.paths,
+                                            on_chunk=on_chunk, pieces=pieces)
             timings["decode"] = time.perf_counter() - started
-            if adapter.kind == "audio":
-                audio = result
-            else:
-                images = result
-        if not return_dict:
-            return (audio if adapter.kind == "audio" else images if output_type != "latent" else latent,)
-        return JointDiffusionOutput(audio=audio, images=images, latent=latent, layout=layout,
-                                    columns=columns, sample_rate=adapter.sample_rate, method=method,
-                                    output_paths=paths, output_length=out_len if output_type != "latent" else 0,
+        if not return_dict:  # what the wrapped pipeline returns; its output is the latent for "latent"
+            return adapter.pipeline_tuple(latent if request.output_type == "latent" else result)
+        return JointDiffusionOutput(**{adapter.output_field: result}, latent=latent, layout=layout, columns=columns,
+                                    sample_rate=adapter.sample_rate, method=method, output_paths=request.paths,
+                                    output_length=out_len if request.output_type != "latent" else 0,
                                     timings=timings)
-
-    # -- argument handling ------------------------------------------------------------------
-    def _pipeline_names(self, seconds: Optional[float], audio_length_in_s: Optional[float], width: Optional[int],
-                        num_waveforms_per_prompt: Optional[int],
-                        num_images_per_prompt: Optional[int]) -> Tuple[Optional[float], int]:
-        """The length and outputs per prompt from our names or the pipeline families' own."""
-        kind = self.adapter.kind
-        if audio_length_in_s is not None:
-            if seconds is not None and seconds != audio_length_in_s:
-                raise ValueError(f"seconds={seconds!r} and audio_length_in_s={audio_length_in_s!r} disagree: give one")
-            seconds = audio_length_in_s
-        if kind == "audio" and seconds is None:
-            raise ValueError("give seconds= (or audio_length_in_s=): the length of the audio to generate")
-        if kind == "image" and width is None and seconds is None:
-            raise ValueError("give width= (pixels): the width of the panorama to generate")
-        mine, other = (("num_waveforms_per_prompt", "num_images_per_prompt") if kind == "audio"
-                       else ("num_images_per_prompt", "num_waveforms_per_prompt"))
-        values = {"num_waveforms_per_prompt": num_waveforms_per_prompt, "num_images_per_prompt": num_images_per_prompt}
-        if values[other] is not None:
-            raise ValueError(f"{other} is for {'image' if kind == 'audio' else 'audio'} pipelines; give {mine}")
-        per_prompt = values[mine] if values[mine] is not None else 1
-        check_positive_int(mine, per_prompt)
-        return seconds, per_prompt
-
-    def _check_embeds(self, **given: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The precomputed-embedding arguments that were given, checked against what the family takes."""
-        embeds = {k: v for k, v in given.items() if v is not None}
-        if not embeds:
-            return {}
-        accepted = self.adapter.embeds_arguments
-        for name, value in embeds.items():
-            if name not in accepted:
-                raise ValueError(f"{name} is not supported for {type(self.pipe).__name__} here"
-                                 f"{' (it takes ' + ', '.join(accepted) + ')' if accepted else ''}; give prompt")
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if "prompt_embeds" not in embeds:
-            raise ValueError(f"{', '.join(embeds)} given without prompt_embeds")
-        rows = embeds["prompt_embeds"].shape[0]
-        for name, value in embeds.items():
-            if value.shape[0] != rows:
-                raise ValueError(f"{name} has {value.shape[0]} rows but prompt_embeds has {rows} (one per batch prompt)")
-        return embeds
-
-
-def _check_generator(generator: Any, batch_size: int) -> None:
-    """As diffusers: a generator list must have one generator per output."""
-    if isinstance(generator, list):
-        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError(f"generator is a list of {len(generator)} but this call makes {batch_size} output(s) "
-                             f"(batch prompts x outputs per prompt): give one torch.Generator per output, or one")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")

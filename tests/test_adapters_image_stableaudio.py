@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from merge_asserts import assert_merged_as_the_method_says, keep_last_views
 
 from safa import JointDiffusion
 from safa.testing import pipelines as tp
@@ -102,8 +103,11 @@ def test_height_is_a_call_argument(pipes):
     r = jd("a mountain range", width=600, height=64, num_inference_steps=1, guidance_scale=1.0, generator=_gen(),
            output_type="np")
     assert r.images.shape == (1, 64, 600, 3) and r.latent.shape[-2] == 8
-    for bad in (100, 0, -8, 64.0, True):  # not a positive int multiple of the VAE factor
+    for bad in (100, 0, -8):  # not a positive multiple of the VAE factor
         with pytest.raises(ValueError, match=r"height must be a positive multiple of 8 pixels"):
+            jd("x", width=600, height=bad, num_inference_steps=1)
+    for bad, name in ((64.0, "float"), (True, "bool"), ("64", "str")):  # a wrong type says so
+        with pytest.raises(ValueError, match=rf"height must be an int \(pixels\), got {name}"):
             jd("x", width=600, height=bad, num_inference_steps=1)
     # SD3's transformer patchifies 2x2 latent cells: a multiple of 16 px, as its pipeline requires
     with pytest.raises(ValueError, match=r"height must be a positive multiple of 16 pixels"):
@@ -160,6 +164,34 @@ def _one_view_pair(pipe, name: str, guidance: float, negative):
                   **common).images
     assert ours.layout.num_views == 1
     return ours.images, theirs
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+def test_images_are_the_pipelines_own_postprocess(pipes, name):
+    """Every output_type of one view goes through the pipeline's own image_processor: the same
+    values as the pipeline's own call (float rounding of the batched model call aside)."""
+    from PIL import Image
+    pipe = pipes[name]
+    jd = _jd(pipe)
+    latents = torch.randn(jd.adapter.latent_shape(1, jd.adapter.native_window(), TEST_HEIGHT), generator=_gen(7))
+    side = jd.adapter.native_window() * pipe.vae_scale_factor
+    for output_type in ("np", "pt", "pil"):
+        common = dict(num_inference_steps=2, guidance_scale=1.0, output_type=output_type)
+        ours = jd("a mountain range", width=side, height=TEST_HEIGHT, generator=_gen(), latents=latents,
+                  **common).images
+        theirs = pipe("a mountain range", height=TEST_HEIGHT, width=side, generator=_gen(), latents=latents.clone(),
+                      **common).images
+        assert type(ours) is type(theirs)
+        if output_type == "pil":
+            assert all(isinstance(im, Image.Image) and im.size == (side, TEST_HEIGHT) for im in ours)
+            ours = np.stack([np.asarray(im) for im in ours]).astype(int)
+            theirs = np.stack([np.asarray(im) for im in theirs]).astype(int)
+            # uint8: a value within float rounding of a rounding boundary may land one level off
+            assert np.abs(ours - theirs).max() <= 1 and (ours == theirs).mean() > 0.99
+        else:
+            ours, theirs = np.asarray(ours), np.asarray(theirs)
+            assert ours.shape == theirs.shape
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("guidance,negative", [(5.0, None), (5.0, "blurry"), (1.0, None)],
@@ -263,10 +295,13 @@ def test_sd_every_scheduler(pipes, scheduler):
     batch row, so the long panorama runs, and one view still reproduces the pipeline."""
     pipe = _with_scheduler(pipes["sd"], scheduler)
     pipe.set_progress_bar_config(disable=True)
+    jd = _jd(pipe)
     for method in METHODS:
-        r = _jd(pipe)("a mountain range", width=816, height=TEST_HEIGHT, method=method, loop=True, num_inference_steps=3,
-                      guidance_scale=3.0, generator=_gen(), output_type="np")
+        last: list = []
+        r = jd("a mountain range", width=816, height=TEST_HEIGHT, method=method, loop=True, num_inference_steps=3,
+               guidance_scale=3.0, generator=_gen(), output_type="np", callback_on_step_end=keep_last_views(last))
         assert r.images.shape == (1, TEST_HEIGHT, 816, 3) and np.isfinite(r.images).all()
+        assert_merged_as_the_method_says(r, last[0], jd.adapter.long_dim)
     ours, theirs = _one_view_pair(pipe, "sd", 3.0, None)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 

@@ -460,7 +460,7 @@ def test_mad_errors(audioldm, sd):
         JointDiffusion(audioldm)("rain", 2.9, method="mad", guide=0.3, **AUDIO)
     from safa.texture import make_texture_pipeline
     with pytest.raises(NotApplicable, match="MAD merges a UNet's self-attention.*no UNet"):
-        JointDiffusion(make_texture_pipeline(window=32))("rain", 3.0, method="mad", num_inference_steps=2)
+        JointDiffusion(make_texture_pipeline(window_frames=32))("rain", 3.0, method="mad", num_inference_steps=2)
     with pytest.raises(NotApplicable, match=r"SD3Transformer2DModel \(a DiT"):
         JointDiffusion(tp.tiny_sd3_pipeline())("x", width=512, method="mad", num_inference_steps=1)
     pipe = tp.tiny_sd_pipeline(sample_size=32)

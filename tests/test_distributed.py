@@ -36,7 +36,7 @@ STEPS = 2
 def _pipeline(kind: str):
     if kind == "texture":
         from safa.texture import make_texture_pipeline  # DPM-Solver++(2M): a multistep history
-        pipe = make_texture_pipeline(window=32)
+        pipe = make_texture_pipeline(window_frames=32)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return {"audioldm": tp.tiny_audioldm_pipeline, "sd": tp.tiny_sd_pipeline, "sd3": tp.tiny_sd3_pipeline,

@@ -38,7 +38,7 @@ class Case(NamedTuple):
 
 def _texture():
     from safa.texture import make_texture_pipeline
-    return make_texture_pipeline(window=64)
+    return make_texture_pipeline(window_frames=64)
 
 
 def _tiny(name: str) -> Callable[[], object]:

@@ -40,7 +40,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def _texture(window: int = W, iters: int = 2):
-    pipe = make_texture_pipeline(window=window)
+    pipe = make_texture_pipeline(window_frames=window)
     pipe.decoder.iters = iters
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -240,7 +240,7 @@ torch.set_num_threads(1)
 from safa import JointDiffusion
 from safa.texture import make_texture_pipeline
 seconds, streamed = float(sys.argv[1]), sys.argv[2] == "file"
-pipe = make_texture_pipeline(window=32)
+pipe = make_texture_pipeline(window_frames=32)
 pipe.decoder.iters = 1
 pipe.set_progress_bar_config(disable=True)
 jd = JointDiffusion(pipe)

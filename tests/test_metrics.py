@@ -215,7 +215,7 @@ def test_texture_pipeline_schedulers_do_not_clip() -> None:
     # The built-in latents are unbounded: DDIM made from its config (--scheduler DDIM) must not clip x0.
     from safa.commands.common import set_scheduler
     from safa.texture import make_texture_pipeline
-    pipe = make_texture_pipeline(window=32)
+    pipe = make_texture_pipeline(window_frames=32)
     set_scheduler(pipe, "DDIM")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
 

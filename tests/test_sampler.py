@@ -16,6 +16,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 import safa
 import safa.testing.pipelines as tp
+from merge_asserts import assert_merged_as_the_method_says, keep_last_views
 from safa import METHODS, JointDiffusion, get_method
 from safa.adapters import Adapter, get_adapter, registered_adapters
 from safa.decode import decode_tiled
@@ -199,7 +200,7 @@ def test_shorter_than_a_window_texture_model_crops_its_window():
     # The built-in model is defined on its window only, and its pipeline samples exactly that:
     # a shorter request is that window, cropped (the pipeline's own output, cropped).
     from safa.texture import make_texture_pipeline
-    pipe = make_texture_pipeline(window=32)
+    pipe = make_texture_pipeline(window_frames=32)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=4, guidance_scale=2.0, generator=gen(2), output_type="latent")
     ref = pipe("rain", **kw).audios
@@ -357,8 +358,10 @@ def test_every_scheduler_every_method(scheduler):
     for method in METHODS:
         kw = dict(method=method, loop=method == "safa", window=WINDOW_S, overlap=0.25,
                   num_inference_steps=4, output_type="latent")  # PNDM needs >= 4
-        out = jd("rain", 2.88, generator=gen(), **kw)
+        last = []
+        out = jd("rain", 2.88, generator=gen(), callback_on_step_end=keep_last_views(last), **kw)
         assert torch.isfinite(out.latent).all(), (scheduler.__name__, method)
+        assert_merged_as_the_method_says(out, last[0], jd.adapter.long_dim)
         assert torch.equal(jd("rain", 2.88, generator=gen(), **kw).latent, out.latent)
         if getattr(pipe.scheduler, "step_index", None) is not None:
             # One scheduler.step per timestep for all views, not one per view.
@@ -455,6 +458,10 @@ def test_tiled_decode_bounded_and_equal_to_full_for_one_tile(jd):
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (dict(guidance_scale="7"), "guidance_scale must be a finite number"),
     (dict(eta=float("nan")), r"eta must be in \[0.0, inf\)"),
+    # a wrong type says so (and the unit), not a range it was never out of
+    (dict(seconds="10"), r"seconds must be a number \(int or float, seconds\), got str: '10'"),
+    (dict(window="10"), r"window must be a number \(int or float, seconds\), got str"),
+    (dict(overlap="0.2"), r"overlap must be a number \(int or float, a rate of the window\), got str"),
 ])
 def test_bad_input_raises_value_error(jd, kwargs, match):
     args = dict(prompt="rain", seconds=2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=1)
@@ -484,7 +491,7 @@ def test_unset_steps_and_guidance_are_the_wrapped_pipelines_own():
     # As the pipeline itself: the built-in pipeline's call defaults are 50 steps and no guidance
     # (its denoiser is exact); a diffusers pipeline's are read from its __call__ the same way.
     from safa.texture import make_texture_pipeline
-    pipe = make_texture_pipeline(window=32)
+    pipe = make_texture_pipeline(window_frames=32)
     pipe.set_progress_bar_config(disable=True)
     jd = JointDiffusion(pipe)
     steps = []
@@ -497,3 +504,53 @@ def test_unset_steps_and_guidance_are_the_wrapped_pipelines_own():
     assert (sd.adapter.pipeline_default("num_inference_steps", None),
             sd.adapter.pipeline_default("guidance_scale", None)) == (50, 7.5)
     assert JointDiffusion(tp.tiny_audioldm_pipeline()).adapter.pipeline_default("guidance_scale", None) == 2.5
+
+
+def test_layout_for_takes_height_and_validates_as_the_call(jd):
+    sd = JointDiffusion(tp.tiny_sd_pipeline())
+    layout = sd.layout_for(width=1000, height=128, window=32, overlap=0.25)
+    assert layout == sd("a mountain range", width=1000, height=128, window=32, overlap=0.25, num_inference_steps=1,
+                        guidance_scale=1.0, output_type="latent").layout
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8 pixels, got 100"):
+        sd.layout_for(width=1000, height=100)
+    with pytest.raises(ValueError, match="height must be an int \\(pixels\\), got str"):
+        sd.layout_for(width=1000, height="128")
+    with pytest.raises(ValueError, match="width must be an int \\(pixels\\), got float"):
+        sd.layout_for(width=1000.0)
+    with pytest.raises(ValueError, match="height is for image pipelines"):
+        jd.layout_for(seconds=3.0, height=128)
+    with pytest.raises(ValueError, match="seconds must be a number .*got str"):
+        jd.layout_for(seconds="3")
+
+
+def test_output_is_a_diffusers_base_output(jd):
+    from diffusers.utils import BaseOutput
+    out = jd("rain", 2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=1, output_type="latent")
+    assert isinstance(out, BaseOutput)
+    # Attributes as before; as a dict, the fields that are not None (diffusers' convention).
+    assert out.audio is None and out.images is None and out.output_paths is None
+    assert out["latent"] is out.latent and out.layout.num_views == 3
+    assert "audio" not in out and out.to_tuple()[0] is out.latent and out[0] is out.latent
+    decoded = jd("rain", 2.9, window=WINDOW_S, overlap=0.25, num_inference_steps=1)
+    assert decoded[0] is decoded.audio and decoded.audio.shape == (1, int(round(2.9 * SR)))
+
+
+def test_window_is_seconds_for_the_texture_pipeline_too():
+    # window= is seconds at every door for audio; the texture pipeline's own size is window_frames=.
+    from safa.texture import make_texture_pipeline, window_frames
+    jd = JointDiffusion(make_texture_pipeline(window_frames=window_frames(1.28)))
+    assert jd.layout_for(seconds=3.0, window=1.28).window == 32
+    with pytest.raises(ValueError, match=r"defined on windows of exactly 1.28 s \(32 latent frames\), "
+                                         r"got window 100 s \(2500 latent frames\)"):
+        jd("rain", 300.0, window=100, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("method", ["safa", "multidiffusion"])
+def test_the_merge_assertion_catches_a_missing_merge(audioldm, method):
+    # The matrices' assertion can fail: without the per-step merge the views disagree on overlaps.
+    jd = JointDiffusion(audioldm, merge_step=lambda *args: None)
+    last: list = []
+    out = jd("rain", 2.88, method=method, window=WINDOW_S, overlap=0.25, num_inference_steps=2,
+             output_type="latent", generator=gen(), callback_on_step_end=keep_last_views(last))
+    with pytest.raises(AssertionError):
+        assert_merged_as_the_method_says(out, last[0], jd.adapter.long_dim)

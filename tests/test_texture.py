@@ -129,7 +129,7 @@ def test_sampling_one_window_reproduces_model_covariance(prompt: str) -> None:
 
 
 def test_decoder_shapes_and_determinism() -> None:
-    pipe = make_texture_pipeline(window=16)
+    pipe = make_texture_pipeline(window_frames=16)
     z = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     mel = pipe.decoder.latent_to_mel(z)
     assert mel.shape == (2, 1, 64, 64)
@@ -144,7 +144,7 @@ def test_pipeline_adapter_one_view_equivalence_and_persistence(tmp_path) -> None
     from safa import JointDiffusion
     from safa.adapters import get_adapter
     from safa.texture import TexturePipeline
-    pipe = make_texture_pipeline(window=16, prediction_type="v_prediction")
+    pipe = make_texture_pipeline(window_frames=16, prediction_type="v_prediction")
     pipe.set_progress_bar_config(disable=True)
     assert type(get_adapter(pipe)).__name__ == "TextureAdapter"
     lat = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -163,7 +163,7 @@ def test_pipeline_adapter_one_view_equivalence_and_persistence(tmp_path) -> None
 
 def test_long_loop_generation_is_audio() -> None:
     from safa import JointDiffusion
-    pipe = make_texture_pipeline(window=16)
+    pipe = make_texture_pipeline(window_frames=16)
     pipe.set_progress_bar_config(disable=True)
     out = JointDiffusion(pipe)("surf", seconds=2.0, method="safa", loop=True, num_inference_steps=3,
                                guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
@@ -175,8 +175,8 @@ def test_the_window_is_bounded():
     # The exact denoiser is dense in the window: a clear error instead of building gigabytes.
     from safa.texture import make_texture_pipeline, window_frames
     from safa.texture.model import MAX_WINDOW
-    with pytest.raises(ValueError, match=r"window must be an int of latent frames in \[2, 2048\]"):
-        make_texture_pipeline(window=MAX_WINDOW + 1)
+    with pytest.raises(ValueError, match=r"window_frames must be an int of latent frames in \[2, 2048\]"):
+        make_texture_pipeline(window_frames=MAX_WINDOW + 1)
     with pytest.raises(ValueError, match="at most 81.92 s"):
         window_frames(1000)
     assert window_frames(81.92) == MAX_WINDOW

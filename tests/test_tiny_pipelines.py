@@ -127,3 +127,49 @@ def test_tokenizers_cover_ascii(make) -> None:
     assert tok.unk_token_id not in ids
     # CLIP lower-cases and splits punctuation: compare case- and space-insensitively
     assert tok.decode(ids).replace(" ", "").lower() == text.replace(" ", "").lower()
+
+
+# -- JointDiffusion with return_dict=False: what the wrapped pipeline returns -----------------------
+def _jd_kwargs(name: str) -> dict:
+    """One view of each family's own size (the pipeline's own call), one step."""
+    if name in ("sd", "sdxl", "sd3"):
+        return dict(prompt="a mountain range", height=64, width=128)
+    return dict(prompt="rain on a tin roof", seconds=2.0 if name == "stable_audio" else 2.56)
+
+
+def _pipeline_tuple(pipe, name: str, output_type: str) -> tuple:
+    kwargs = CASES[name][1](pipe)
+    return pipe(num_inference_steps=1, generator=_gen(), return_dict=False, output_type=output_type, **kwargs)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_torchsde) if n == "stable_audio" else n
+                                  for n in CASES])
+def test_return_dict_false_is_what_the_pipeline_returns(name: str) -> None:
+    from safa import JointDiffusion
+    pipe = CASES[name][0](seed=0)
+    jd = JointDiffusion(pipe)
+    call = dict(_jd_kwargs(name), num_inference_steps=1, guidance_scale=1.0)
+    output_type = "pil" if name in ("sd", "sdxl", "sd3") else "np"
+    theirs = _pipeline_tuple(pipe, name, output_type)
+    ours = jd(generator=_gen(), return_dict=False, output_type=output_type, **call)
+    # The pipeline's tuple: (images, has_nsfw_concept) for SD 1.x / 2.x, (output,) for the others.
+    assert isinstance(ours, tuple) and len(ours) == len(theirs), (ours, theirs)
+    assert type(ours[0]) is type(theirs[0])
+    assert ours[1:] == (None,) * (len(theirs) - 1)
+    # output_type="latent": the latent takes the output's place (it was (None,) for audio).
+    whole = jd(generator=_gen(), output_type="latent", **call)
+    latent_only = jd(generator=_gen(), output_type="latent", return_dict=False, **call)
+    assert len(latent_only) == len(theirs)
+    assert isinstance(latent_only[0], torch.Tensor) and torch.equal(latent_only[0], whole.latent)
+
+
+def test_return_dict_false_latent_texture_pipeline() -> None:
+    from safa import JointDiffusion
+    from safa.texture import make_texture_pipeline
+    pipe = make_texture_pipeline(window_frames=16)
+    jd = JointDiffusion(pipe)
+    call = dict(prompt="rain", seconds=1.5, num_inference_steps=1, output_type="latent")
+    (latent,) = jd(generator=_gen(), return_dict=False, **call)
+    assert torch.equal(latent, jd(generator=_gen(), **call).latent)
+    (audio,) = jd(generator=_gen(), return_dict=False, **dict(call, output_type="np"))
+    assert isinstance(audio, np.ndarray) and audio.shape == (1, 24000)

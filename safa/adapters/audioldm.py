@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Adapter, Conditions, register_adapter
+from .base import AudioAdapter, Conditions, register_adapter
 
 __all__ = ["AudioLDMAdapter", "MusicLDMAdapter", "AudioLDM2Adapter"]
 
@@ -22,11 +22,10 @@ NATIVE_WINDOW_SECONDS = 10.24
 
 
 @register_adapter
-class AudioLDMAdapter(Adapter):
+class AudioLDMAdapter(AudioAdapter):
     """AudioLDM and MusicLDM: one CLAP text embedding per prompt, passed to the UNet as ``class_labels``."""
 
     pipeline_classes = ("AudioLDMPipeline",)
-    kind = "audio"
     long_dim = -2
     reference_axis = -2  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -2

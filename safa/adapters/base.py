@@ -7,16 +7,16 @@ pipeline family. An adapter holds a reference to the pipeline (no weights are co
 
 Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
 
-1. Subclass :class:`Adapter`, set the class attributes ``pipeline_classes`` (class names it
-   accepts), ``kind`` (``"audio"`` or ``"image"``), ``long_dim`` and ``reference_axis``.
+1. Subclass :class:`AudioAdapter` or :class:`ImageAdapter` (what differs between audio and
+   images: units, lengths, output types, files), set the class attributes ``pipeline_classes``
+   (class names it accepts), ``long_dim`` and ``reference_axis``.
 2. Implement :meth:`latent_shape`, :meth:`native_window`, :meth:`columns_for`,
    :meth:`output_length`, :meth:`encode_prompts`, :meth:`predict` and :meth:`decode_latents`
    (and :meth:`finalize` plus ``finalize_scale`` when decoding has a second stage such as
    a vocoder). Override :meth:`set_timesteps` / :meth:`init_noise` only when the pipeline
    does something special (e.g. SD3's shifted flow-matching sigmas).
 3. Decorate the class with :func:`register_adapter`. Modules placed in ``safa/adapters/``
-   are imported automatically on the first lookup; anything else calls
-   ``register_adapter`` at import time and is listed in ``safa.adapters._EXTRA_MODULES``.
+   are imported automatically on the first lookup.
 
 Axes: a *latent* is the pipeline's own latent tensor ``(B, ...)``. ``long_dim`` is the
 long (time / panorama width) axis, a negative index so it is valid for the latent with or
@@ -37,7 +37,10 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 
-__all__ = ["Adapter", "Conditions", "register_adapter", "registered_adapters", "adapter_class_for"]
+from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, audio_file_bytes
+
+__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "Conditions", "register_adapter", "registered_adapters",
+           "adapter_class_for"]
 
 
 @dataclass
@@ -102,7 +105,17 @@ class Adapter:
 
     Attributes:
         pipeline_classes: names of the diffusers pipeline classes this adapter accepts.
-        kind: ``"audio"`` (output ``(B, samples)``) or ``"image"`` (output ``(B, 3, H, W)``).
+        kind: a label, ``"audio"`` or ``"image"``; what differs by kind lives in
+            :class:`AudioAdapter` and :class:`ImageAdapter`, which every family subclasses.
+        length_argument: the call argument giving the output's length (``"seconds"`` / ``"width"``);
+            ``length_hint`` says what to give when it is missing.
+        per_output_argument: the pipelines' name for outputs per prompt.
+        output_field: the :class:`~safa.JointDiffusionOutput` attribute holding the output.
+        output_types: the accepted ``output_type`` values, the default first.
+        output_extensions: file extensions ``output_path`` may have.
+        window_unit: the unit of the call's ``window`` argument.
+        streams_files: ``output_path`` is written tile by tile as it is decoded (audio), rather
+            than whole at the end (images).
         long_dim: the long axis of the latent, negative (e.g. ``-2`` for AudioLDM's
             ``(B, 8, T, 16)``, ``-1`` for images ``(B, 4, H, W)``).
         reference_axis: axis along which the reference swap alternates (negative).
@@ -114,7 +127,15 @@ class Adapter:
     """
 
     pipeline_classes: ClassVar[Tuple[str, ...]] = ()
-    kind: ClassVar[str] = "audio"
+    kind: ClassVar[str] = ""
+    length_argument: ClassVar[str] = ""
+    length_hint: ClassVar[str] = ""
+    per_output_argument: ClassVar[str] = ""
+    output_field: ClassVar[str] = ""
+    output_types: ClassVar[Tuple[str, ...]] = ()
+    output_extensions: ClassVar[Tuple[str, ...]] = ()
+    window_unit: ClassVar[str] = ""
+    streams_files: ClassVar[bool] = False
     long_dim: ClassVar[int] = -1
     reference_axis: ClassVar[int] = -1
     decoded_dim: ClassVar[int] = -1
@@ -149,45 +170,28 @@ class Adapter:
         raise NotImplementedError
 
     def window_columns(self, window: float) -> int:
-        """Convert the user's ``window`` (seconds for audio, latent columns for images) to columns."""
-        if self.kind == "audio":
-            return int(round(float(window) * self.frames_per_second))
-        if float(window) != int(window):
-            raise ValueError(f"window is in latent columns for image pipelines: an int, got {window}")
-        return int(window)
+        """Convert the user's ``window`` (:attr:`window_unit`) to latent columns."""
+        raise NotImplementedError
 
-    @property
-    def frames_per_second(self) -> float:
-        """Latent columns per second of audio (audio adapters only)."""
+    def check_length(self, seconds: Optional[float], width: Optional[int], height: Optional[int]) -> None:
+        """Raise ``ValueError`` unless the call gave the length (and height) this kind of pipeline takes."""
         raise NotImplementedError
 
     def columns_for(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
         """Latent columns needed for the requested length (``seconds`` for audio, ``width`` pixels for images)."""
-        if self.kind == "audio":
-            if seconds is None:
-                raise ValueError("seconds is required for audio pipelines")
-            return max(1, math.ceil(float(seconds) * self.frames_per_second - 1e-9))
-        if width is None:
-            raise ValueError("width is required for image pipelines")
-        return max(1, math.ceil(int(width) / (self.decoded_scale * self.finalize_scale)))
+        raise NotImplementedError
 
     def length_in_columns(self, seconds: Optional[float] = None, width: Optional[int] = None) -> float:
         """The requested length in latent columns, exactly (a loop must be a whole number of them)."""
-        if self.kind == "audio":
-            return float(seconds) * self.frames_per_second
-        return int(width) / (self.decoded_scale * self.finalize_scale)
+        raise NotImplementedError
 
     def describe_columns(self, columns: float) -> str:
         """A length in latent columns as users give it: seconds for audio, pixels for images."""
-        if self.kind == "audio":
-            return f"{columns / self.frames_per_second:.6g} s ({columns:.6g} latent frames)"
-        return f"{columns * self.decoded_scale * self.finalize_scale:.6g} px ({columns:.6g} latent columns)"
+        raise NotImplementedError
 
     def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
         """Output columns (samples / pixels) to crop the decoded output to."""
-        if self.kind == "audio":
-            return int(round(float(seconds) * self.sample_rate))
-        return int(width)
+        raise NotImplementedError
 
     def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
         """Shape of a latent with ``length`` columns on ``long_dim``.
@@ -336,23 +340,225 @@ class Adapter:
         return None
 
     def output_elements_per_column(self, height: Optional[int] = None) -> int:
-        """Elements of one output per output column: audio channels (1 by default), or 3 x the
-        image height in pixels."""
-        if self.kind == "audio":
-            return 1
+        """Elements of one output per output column (audio channels, or 3 x the image height)."""
+        raise NotImplementedError
+
+    def output_file_bytes(self, path: str, columns: int) -> int:
+        """Bytes of one output file of ``columns`` output columns (0: not checked before writing)."""
+        return 0
+
+    def to_output(self, output: torch.Tensor, output_type: str) -> Any:
+        """Convert the cropped final output to ``output_type`` (one of :attr:`output_types` but ``"latent"``)."""
+        raise NotImplementedError
+
+    def pipeline_tuple(self, output: Any) -> Tuple[Any, ...]:
+        """What the wrapped pipeline returns with ``return_dict=False`` for ``output`` (decoded or latent)."""
+        return (output,)
+
+
+def _side(sample_size: Any) -> int:
+    """The latent height/width of a ``sample_size`` config entry (an int, or ``(h, w)``)."""
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[-1])
+    return int(sample_size)
+
+
+def _check_number(name: str, value: Any, unit: str) -> float:
+    """``value`` as a finite number > 0; a type error says the type, a range error the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number (int or float, {unit}), got {type(value).__name__}: {value!r}")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class AudioAdapter(Adapter):
+    """What every audio family shares: lengths and windows in seconds, waveforms out, WAV/FLAC files.
+
+    Subclasses provide :attr:`sample_rate` and :attr:`frames_per_second` (latent frames per second).
+    """
+
+    kind = "audio"
+    length_argument = "seconds"
+    length_hint = "seconds= (or audio_length_in_s=): the length of the audio"
+    per_output_argument = "num_waveforms_per_prompt"
+    output_field = "audio"
+    output_types = ("np", "pt", "latent")
+    output_extensions = AUDIO_EXTENSIONS
+    window_unit = "seconds"
+    streams_files = True
+
+    def window_columns(self, window: float) -> int:
+        return int(round(float(window) * self.frames_per_second))
+
+    def check_length(self, seconds: Optional[float], width: Optional[int], height: Optional[int]) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                raise ValueError(f"{name} is for image pipelines; give seconds for audio")
+        _check_number("seconds", seconds, "seconds")
+
+    def columns_for(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        if seconds is None:
+            raise ValueError("seconds is required for audio pipelines")
+        return max(1, math.ceil(float(seconds) * self.frames_per_second - 1e-9))
+
+    def length_in_columns(self, seconds: Optional[float] = None, width: Optional[int] = None) -> float:
+        return float(seconds) * self.frames_per_second  # type: ignore[arg-type]
+
+    def describe_columns(self, columns: float) -> str:
+        return f"{columns / self.frames_per_second:.6g} s ({columns:.6g} latent frames)"
+
+    def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        return int(round(float(seconds) * self.sample_rate))  # type: ignore[arg-type]
+
+    def output_elements_per_column(self, height: Optional[int] = None) -> int:
+        return 1  # mono; multi-channel families override
+
+    def output_file_bytes(self, path: str, columns: int) -> int:
+        return audio_file_bytes(path, columns, self.output_elements_per_column())
+
+    def to_output(self, output: torch.Tensor, output_type: str) -> Any:
+        # As the audio pipelines: a float tensor, or its numpy array for "np".
+        return output.float().cpu().numpy() if output_type == "np" else output
+
+
+class ImageAdapter(Adapter):
+    """What every latent-image family shares: width / height in pixels, windows in latent columns,
+    geometry from the denoiser's ``sample_size``, classifier-free guidance batching, VAE decoding
+    to ``[0, 1]`` and images out through the pipeline's own ``image_processor.postprocess``
+    (``finalize`` has already mapped the decoded pixels to ``[0, 1]``, so that decoded tiles are
+    images).
+
+    Subclasses provide ``_conditions`` (the pipeline's ``encode_prompt`` as :class:`Conditions`)
+    and :meth:`_denoise` (one model call on an already CFG-batched input), and name the
+    denoiser in ``_denoiser``.
+    """
+
+    kind = "image"
+    length_argument = "width"
+    length_hint = "width= (pixels): the width of the panorama"
+    per_output_argument = "num_images_per_prompt"
+    output_field = "images"
+    output_types = ("pil", "np", "pt", "latent")
+    output_extensions = IMAGE_EXTENSIONS
+    window_unit = "latent columns"
+    long_dim = -1
+    reference_axis = -2  # images: the reference swap alternates over rows (paper Sec. 2.3, Fig. 4)
+    decoded_dim = -1
+    finalize_scale = 1
+    # decode_context: the base default (8 latent columns each side of a tile). The SD VAE decoder
+    # has GroupNorm and a mid-block self-attention, so no finite context makes a tiled decode
+    # exact; 8 covers its convolutions' effective reach (diffusers' own tiled VAE decode blends
+    # over a comparable margin).
+    # The panorama has a nsfw flag per image in the pipeline's tuple (SD 1.x / 2.x): the safety
+    # checker is not run here, so it is None, as the pipeline's own without a safety checker.
+    returns_nsfw_flags: ClassVar[bool] = False
+
+    def window_columns(self, window: float) -> int:
+        if float(window) != int(window):
+            raise ValueError(f"window is in latent columns for image pipelines: an int, got {window}")
+        return int(window)
+
+    def check_length(self, seconds: Optional[float], width: Optional[int], height: Optional[int]) -> None:
+        if seconds is not None:
+            raise ValueError("seconds is for audio pipelines; give width (pixels) for images")
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise ValueError(f"width must be an int (pixels), got {type(width).__name__}: {width!r}")
+        if width < 1:
+            raise ValueError(f"width must be an int >= 1 (pixels), got {width!r}")
+        self.latent_rows(height)  # validates height
+
+    def columns_for(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        if width is None:
+            raise ValueError("width is required for image pipelines")
+        return max(1, math.ceil(int(width) / (self.decoded_scale * self.finalize_scale)))
+
+    def length_in_columns(self, seconds: Optional[float] = None, width: Optional[int] = None) -> float:
+        return int(width) / (self.decoded_scale * self.finalize_scale)  # type: ignore[arg-type]
+
+    def describe_columns(self, columns: float) -> str:
+        return f"{columns * self.decoded_scale * self.finalize_scale:.6g} px ({columns:.6g} latent columns)"
+
+    def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        return int(width)  # type: ignore[arg-type]
+
+    def output_elements_per_column(self, height: Optional[int] = None) -> int:
         return 3 * self.latent_shape(1, 1, height)[-2] * self.decoded_scale
 
     def to_output(self, output: torch.Tensor, output_type: str) -> Any:
-        """Convert the cropped final output to ``output_type`` (``"pt"``, ``"np"``, ``"pil"`` for images)."""
-        if output_type == "pt":
-            return output
-        if output_type == "np":
-            return output.float().cpu().numpy() if self.kind == "audio" else \
-                output.float().cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "pil" and self.kind == "image":
-            import numpy as np
-            from PIL import Image
-            arr = (output.float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            return [Image.fromarray(a) for a in arr]
-        allowed = ("pt", "np", "latent") + (("pil",) if self.kind == "image" else ())
-        raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")
+        processor = getattr(self.pipe, "image_processor", None)
+        if processor is None:  # a pipeline without one: VaeImageProcessor's own conversion
+            from diffusers.image_processor import VaeImageProcessor
+            processor = VaeImageProcessor()
+        return processor.postprocess(output, output_type=output_type, do_denormalize=[False] * output.shape[0])
+
+    def pipeline_tuple(self, output: Any) -> Tuple[Any, ...]:
+        return (output, None) if self.returns_nsfw_flags else (output,)
+
+    _denoiser: str = "unet"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self._denoiser)
+
+    @property
+    def decoded_scale(self) -> int:  # type: ignore[override]
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def native_window(self) -> int:
+        return _side(self.denoiser.config.sample_size)
+
+    def latent_rows(self, height: Optional[int] = None) -> int:
+        """Latent rows (dim -2) of every window and of the panorama for ``height`` pixels.
+
+        ``None``: the native window's height (a square window, what the model was trained on).
+        """
+        if height is None:
+            return self.native_window()
+        m = self.decoded_scale * self.window_multiple()
+        if isinstance(height, bool) or not isinstance(height, int):
+            raise ValueError(f"height must be an int (pixels), got {type(height).__name__}: {height!r}")
+        if height < m or height % m:
+            raise ValueError(f"height must be a positive multiple of {m} pixels, got {height!r}")
+        return height // self.decoded_scale
+
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
+        return (batch_size, int(self.denoiser.config.in_channels), self.latent_rows(height), int(length))
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _vae_input(self, latent: torch.Tensor) -> torch.Tensor:
+        """Undo the latent normalisation the way the pipeline does before ``vae.decode``."""
+        return latent / self.pipe.vae.config.scaling_factor
+
+    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        z = self._vae_input(latent.to(device=self.device, dtype=vae.dtype))
+        return vae.decode(z, return_dict=False)[0]
+
+    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
+        # The pipelines' image_processor.postprocess: [-1, 1] -> [0, 1] (denormalize), float.
+        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- conditions: the pipeline's own encode_prompt, from prompts or from embeddings -------
+    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
+        """``pipe.encode_prompt(**kwargs)`` as :class:`Conditions`."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+                       guidance_scale: float) -> Conditions:
+        cfg = guidance_scale > 1.0  # the pipelines' own rule
+        prompts, negative = self._split(prompts, negative_prompts, cfg)
+        return self._conditions(cfg, prompt=prompts, negative_prompt=negative)
+
+    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
+        return self._conditions(guidance_scale > 1.0, prompt=None, **embeds)
+
+    # -- shared prompt handling ------------------------------------------------------------
+    @staticmethod
+    def _split(prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+               cfg: bool) -> Tuple[list, Optional[list]]:
+        return list(prompts), (list(negative_prompts) if (cfg and negative_prompts is not None) else None)

@@ -12,8 +12,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from .base import Conditions, register_adapter
-from .stable_diffusion import ImageAdapter
+from .base import Conditions, ImageAdapter, register_adapter
 
 __all__ = ["StableDiffusion3Adapter"]
 

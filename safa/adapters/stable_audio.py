@@ -23,15 +23,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Adapter, Conditions, register_adapter
+from .base import AudioAdapter, Conditions, register_adapter
 
 __all__ = ["StableAudioAdapter"]
 
 
 @register_adapter
-class StableAudioAdapter(Adapter):
+class StableAudioAdapter(AudioAdapter):
     pipeline_classes = ("StableAudioPipeline",)
-    kind = "audio"
     long_dim = -1
     reference_axis = -1  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -1

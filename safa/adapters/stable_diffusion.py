@@ -11,104 +11,13 @@ the native window's (a square window, what the model was trained on).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict
 
 import torch
 
-from .base import Adapter, Conditions, register_adapter
+from .base import Conditions, ImageAdapter, register_adapter
 
-__all__ = ["ImageAdapter", "StableDiffusionAdapter", "StableDiffusionXLAdapter"]
-
-
-def _side(sample_size: Any) -> int:
-    """The latent height/width of a ``sample_size`` config entry (an int, or ``(h, w)``)."""
-    if isinstance(sample_size, (list, tuple)):
-        return int(sample_size[-1])
-    return int(sample_size)
-
-
-class ImageAdapter(Adapter):
-    """What every latent-image pipeline shares: geometry, CFG batching, VAE decoding to ``[0, 1]``.
-
-    Subclasses provide :meth:`encode_prompts` and :meth:`_denoise` (one model call on an
-    already CFG-batched input), and name the denoiser in ``_denoiser``.
-    """
-
-    kind = "image"
-    long_dim = -1
-    reference_axis = -2  # images: the reference swap alternates over rows (paper Sec. 2.3, Fig. 4)
-    decoded_dim = -1
-    finalize_scale = 1
-    # decode_context: the base default (8 latent columns each side of a tile). The SD VAE decoder
-    # has GroupNorm and a mid-block self-attention, so no finite context makes a tiled decode
-    # exact; 8 covers its convolutions' effective reach (diffusers' own tiled VAE decode blends
-    # over a comparable margin).
-
-    _denoiser: str = "unet"
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self._denoiser)
-
-    @property
-    def decoded_scale(self) -> int:  # type: ignore[override]
-        return int(self.pipe.vae_scale_factor)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
-    def native_window(self) -> int:
-        return _side(self.denoiser.config.sample_size)
-
-    def latent_rows(self, height: Optional[int] = None) -> int:
-        """Latent rows (dim -2) of every window and of the panorama for ``height`` pixels.
-
-        ``None``: the native window's height (a square window, what the model was trained on).
-        """
-        if height is None:
-            return self.native_window()
-        m = self.decoded_scale * self.window_multiple()
-        if isinstance(height, bool) or not isinstance(height, int) or height < m or height % m:
-            raise ValueError(f"height must be a positive multiple of {m} pixels, got {height!r}")
-        return height // self.decoded_scale
-
-    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
-        return (batch_size, int(self.denoiser.config.in_channels), self.latent_rows(height), int(length))
-
-    # -- decoding ----------------------------------------------------------------------------
-    def _vae_input(self, latent: torch.Tensor) -> torch.Tensor:
-        """Undo the latent normalisation the way the pipeline does before ``vae.decode``."""
-        return latent / self.pipe.vae.config.scaling_factor
-
-    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        z = self._vae_input(latent.to(device=self.device, dtype=vae.dtype))
-        return vae.decode(z, return_dict=False)[0]
-
-    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
-        # The pipelines' image_processor.postprocess: [-1, 1] -> [0, 1] (denormalize), float.
-        return (decoded.float() / 2 + 0.5).clamp(0, 1)
-
-    # -- conditions: the pipeline's own encode_prompt, from prompts or from embeddings -------
-    def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
-        """``pipe.encode_prompt(**kwargs)`` as :class:`Conditions`."""
-        raise NotImplementedError
-
-    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
-                       guidance_scale: float) -> Conditions:
-        cfg = guidance_scale > 1.0  # the pipelines' own rule
-        prompts, negative = self._split(prompts, negative_prompts, cfg)
-        return self._conditions(cfg, prompt=prompts, negative_prompt=negative)
-
-    def conditions_from_embeds(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Conditions:
-        return self._conditions(guidance_scale > 1.0, prompt=None, **embeds)
-
-    # -- shared prompt handling ------------------------------------------------------------
-    @staticmethod
-    def _split(prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
-               cfg: bool) -> Tuple[list, Optional[list]]:
-        return list(prompts), (list(negative_prompts) if (cfg and negative_prompts is not None) else None)
+__all__ = ["StableDiffusionAdapter", "StableDiffusionXLAdapter"]
 
 
 @register_adapter
@@ -116,6 +25,7 @@ class StableDiffusionAdapter(ImageAdapter):
     """SD 1.x / 2.x (``StableDiffusionPipeline`` and diffusers' panorama pipeline, same components)."""
 
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionPanoramaPipeline")
+    returns_nsfw_flags = True  # their tuple is (images, has_nsfw_concept)
     embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
 
     def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:

@@ -12,17 +12,16 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Adapter, Conditions, register_adapter
+from .base import AudioAdapter, Conditions, register_adapter
 
 __all__ = ["TextureAdapter"]
 
 
 @register_adapter
-class TextureAdapter(Adapter):
+class TextureAdapter(AudioAdapter):
     """The texture model behind the adapter protocol; the model acts where a UNet does."""
 
     pipeline_classes = ("TexturePipeline",)
-    kind = "audio"
     long_dim = -2
     reference_axis = -2
     decoded_dim = -2
@@ -62,9 +61,10 @@ class TextureAdapter(Adapter):
 
     def check_window(self, window: int) -> None:
         if window != self.native_window():
-            raise ValueError(f"the texture model is defined on windows of exactly {self.native_window()} latent "
-                             f"frames ({self.native_window() / self.frames_per_second:g} s), got window {window}: "
-                             f"build one for another window with make_texture_pipeline(window=...)")
+            raise ValueError(f"this texture model is defined on windows of exactly "
+                             f"{self.describe_columns(self.native_window())}, got window "
+                             f"{self.describe_columns(window)}: build one for that window with "
+                             f"make_texture_pipeline(window_frames=window_frames(seconds))")
 
     def short_window(self, columns: int) -> int:
         # The pipeline only samples its own window: a shorter output is that window, cropped.

@@ -140,7 +140,7 @@ def load_pipeline(model: str, window: Optional[float] = None) -> Any:
         if window is None:
             return make_texture_pipeline()
         try:
-            return make_texture_pipeline(window=window_frames(window))
+            return make_texture_pipeline(window_frames=window_frames(window))
         except ValueError as exc:
             raise CLIError(f"--{exc}") from None
     path = os.path.expanduser(model)

@@ -59,9 +59,9 @@ class MethodContext:
 class MethodHooks:
     """A method's behaviour inside the sampler's step, for one call (the base class does nothing).
 
-    The sampler enters it around the whole denoising loop and calls it at three points of
-    every step (``safa/sampler.py``): :meth:`before_model`, :meth:`model_context` around the
-    model call and :meth:`after_model` before the scheduler steps. ``__exit__`` runs also when
+    The sampler enters it around the whole denoising loop and calls it at three numbered points
+    of every step (``safa/loop.py``): :meth:`before_model` (7.1), :meth:`model_context` around
+    the model call (7.3) and :meth:`after_model` (7.4), before the scheduler steps. ``__exit__`` runs also when
     the loop raises, so anything installed by ``__enter__`` (MAD's attention processors) is
     always removed.
     """

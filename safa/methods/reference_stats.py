@@ -6,7 +6,7 @@ half of the same columns) and, while it runs, interleaves two trajectories colum
 :class:`ReferenceStatisticsHooks` (the method :class:`SaFaStats`) lets the reference
 decide the same global property (timbre, level, sub-style; colour and style for images) through
 statistics instead. At step ``i`` of the guided window, after the model call and before the
-scheduler steps (:meth:`MethodHooks.after_model`):
+scheduler steps (:meth:`MethodHooks.after_model`, the loop's 7.4):
 
 1. the clean predictions ``x0`` of the views and of the reference are read off the model output
    (:func:`safa.schedulers.predict_x0`);

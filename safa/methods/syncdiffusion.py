@@ -2,7 +2,7 @@
 
 At step ``i`` of the first ``round(steps * T)`` steps, every ``sync_freq``-th of them (when
 ``(i + 1) % sync_freq == 0``, as the authors' code), before the model call
-(:meth:`SyncDiffusionHooks.before_model`):
+(:meth:`SyncDiffusionHooks.before_model`, the loop's 7.1):
 
 1. the anchor view (the middle one by default) goes through the model with classifier-free
    guidance, without gradients; its clean prediction ``x0`` is decoded once;

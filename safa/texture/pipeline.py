@@ -140,9 +140,13 @@ def window_frames(seconds: float) -> int:
     return int(round(frames))
 
 
-def make_texture_pipeline(seed: int = 0, window: int = 256, channels: int = 8, freq_bins: int = 16,
+def make_texture_pipeline(seed: int = 0, window_frames: int = 256, channels: int = 8, freq_bins: int = 16,
                           prediction_type: str = "epsilon", scheduler: Optional[Any] = None) -> TexturePipeline:
     """The default built-in pipeline: AudioLDM-shaped latents, DPM-Solver++(2M) on the model's schedule.
+
+    ``window_frames``: the window the model is defined on, in latent frames (25 per second;
+    256 frames = 10.24 s). A window in seconds, as ``JointDiffusion(window=...)`` and the CLI's
+    ``--window`` take it: ``make_texture_pipeline(window_frames=window_frames(seconds))``.
 
     The betas (scaled-linear, 0.0015 to 0.0195, 1000 steps) are AudioLDM's, so schedulers
     configured for AudioLDM behave the same here. DPM-Solver++ rather than AudioLDM's DDIM
@@ -150,7 +154,10 @@ def make_texture_pipeline(seed: int = 0, window: int = 256, channels: int = 8, f
     the model's variance in its well-resolved directions (eigenvalue >= 1) to about 3%, where
     25 DDIM steps lose about 11% (measured with ``safa.metrics.whitened_band_variances``).
     """
-    model = TextureModel(channels=channels, freq_bins=freq_bins, window=window, seed=seed,
+    if isinstance(window_frames, bool) or not isinstance(window_frames, int) or not 2 <= window_frames <= MAX_WINDOW:
+        raise ValueError(f"window_frames must be an int of latent frames in [2, {MAX_WINDOW}] for the built-in model "
+                         f"(a window in seconds: window_frames=window_frames(seconds)), got {window_frames!r}")
+    model = TextureModel(channels=channels, freq_bins=freq_bins, window=window_frames, seed=seed,
                          prediction_type=prediction_type)
     if scheduler is None:
         scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,

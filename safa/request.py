@@ -1,0 +1,403 @@
+"""A call's arguments, validated once, and the geometry they imply (Algorithm 1's step 1).
+
+:func:`build_request` checks every argument of :meth:`safa.JointDiffusion.__call__` (and of
+``estimate_memory`` / ``layout_for``, which take a subset) in one place, before any work, and
+returns a frozen :class:`GenerationRequest`: the pipeline's own defaults filled in, our names
+and the pipeline families' names reconciled, the window and overlap in latent columns. Every
+later stage reads the request, never the raw arguments. What differs between audio and image
+pipelines (units, length argument, output types) is the adapter's (:mod:`safa.adapters.base`).
+
+The geometry (:func:`prepare_layout`, :func:`planned_layout`, :func:`model_windows`) is
+here too: it is the request's, and the memory planning (:mod:`safa.memory`) reads it without
+building a layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from safa_kernels import ViewLayout
+
+from . import output as _output
+from . import prompts as _prompts
+from ._checks import check_positive_int, check_range
+from .adapters.base import Adapter
+from .decode import DECODE_MODES
+from .layouts import loop_layout, open_layout
+from .methods import Method, get_method
+
+__all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layout", "model_windows",
+           "check_generator", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
+
+# view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
+# set by the window and not by the output's length (hours of audio are thousands of windows);
+# on the CPU a bounded batch is also as fast or faster per window (benchmarks/README.md).
+DEFAULT_VIEW_BATCH_SIZE = 16
+
+# The pipeline families' names for outputs per prompt, and whose they are.
+_PER_OUTPUT = {"num_waveforms_per_prompt": "audio", "num_images_per_prompt": "image"}
+_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """The validated arguments of one call (their meaning: :data:`CALL_ARGUMENTS_DOC`).
+
+    Attributes beyond the call's own names:
+        batch_size: outputs of the call (batch prompts x ``per_prompt``).
+        per_prompt: ``num_waveforms_per_prompt`` / ``num_images_per_prompt``.
+        window_columns, overlap_columns, overlap_rate, stride_multiple: the window and overlap
+            in latent columns (overlaps snapped to the method's grid, e.g. MAD's).
+        paths: the output files, checked (None: no files, or not this rank's to write).
+        to_files: the call writes files (on some rank).
+        embeds: the precomputed embeddings that were given, by the pipeline's names.
+    """
+
+    method: Method
+    seconds: Optional[float]
+    width: Optional[int]
+    height: Optional[int]
+    loop: bool
+    num_inference_steps: int
+    guidance_scale: float
+    per_prompt: int
+    batch_size: int
+    view_batch_size: Optional[int]
+    eta: float
+    decode: str
+    decode_tile: Optional[int]
+    output_type: str
+    window_columns: int
+    overlap_columns: int
+    overlap_rate: float
+    stride_multiple: int
+    to_files: bool = False
+    paths: Optional[List[str]] = None
+    embeds: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def guidance(self) -> bool:
+        """Classifier-free guidance is on (the pipelines' own rule)."""
+        return self.guidance_scale > 1.0
+
+    def with_length(self, adapter: Adapter, length: float) -> "GenerationRequest":
+        """The same request for another length in the adapter's unit (memory planning's search)."""
+        if adapter.length_argument == "seconds":
+            return replace(self, seconds=float(length))
+        return replace(self, width=int(length))
+
+    @property
+    def length(self) -> float:
+        """The requested length in the adapter's unit (seconds or pixels)."""
+        return self.seconds if self.seconds is not None else self.width  # type: ignore[return-value]
+
+
+def _guidance_scale(adapter: Adapter, guidance_scale: Optional[float]) -> float:
+    """As given (a finite number), else the wrapped pipeline's own default (1.0 if it has none)."""
+    if guidance_scale is None:
+        guidance_scale = adapter.pipeline_default("guidance_scale", 1.0)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (<= 1: no classifier-free guidance), "
+                         f"got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def _length_and_per_prompt(adapter: Adapter, seconds: Optional[float], audio_length_in_s: Optional[float],
+                           width: Optional[int], per_output: Dict[str, Optional[int]],
+                           require_length: bool) -> Tuple[Optional[float], int]:
+    """The length and outputs per prompt from our names or the pipeline families' own."""
+    if audio_length_in_s is not None:
+        if seconds is not None and seconds != audio_length_in_s:
+            raise ValueError(f"seconds={seconds!r} and audio_length_in_s={audio_length_in_s!r} disagree: give one")
+        seconds = audio_length_in_s
+    if require_length and seconds is None and (width is None or adapter.length_argument == "seconds"):
+        raise ValueError(f"give {adapter.length_hint} to generate")
+    mine = adapter.per_output_argument
+    for other, value in per_output.items():
+        if other != mine and value is not None:
+            raise ValueError(f"{other} is for {_PER_OUTPUT[other]} pipelines; give {mine}")
+    per_prompt = per_output.get(mine)
+    return seconds, check_positive_int(mine, 1 if per_prompt is None else per_prompt)  # type: ignore[return-value]
+
+
+def _check_embeds(adapter: Adapter, given: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The precomputed-embedding arguments that were given, checked against what the family takes."""
+    embeds = {k: v for k, v in given.items() if v is not None}
+    if not embeds:
+        return {}
+    accepted = adapter.embeds_arguments
+    for name, value in embeds.items():
+        if name not in accepted:
+            raise ValueError(f"{name} is not supported for {type(adapter.pipe).__name__} here"
+                             f"{' (it takes ' + ', '.join(accepted) + ')' if accepted else ''}; give prompt")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if "prompt_embeds" not in embeds:
+        raise ValueError(f"{', '.join(embeds)} given without prompt_embeds")
+    rows = embeds["prompt_embeds"].shape[0]
+    for name, value in embeds.items():
+        if value.shape[0] != rows:
+            raise ValueError(f"{name} has {value.shape[0]} rows but prompt_embeds has {rows} (one per batch prompt)")
+    return embeds
+
+
+def _check_scalars(adapter: Adapter, num_inference_steps: Any, view_batch_size: Any, decode: Any,
+                   decode_tile: Any, output_type: Any) -> str:
+    """The call's scalar options; returns the resolved ``output_type``."""
+    check_positive_int("num_inference_steps", num_inference_steps)
+    check_positive_int("view_batch_size", view_batch_size, allow_none=True)
+    check_positive_int("decode_tile", decode_tile, allow_none=True)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    if output_type is None:
+        return adapter.output_types[0]
+    if output_type not in adapter.output_types:
+        raise ValueError(f"output_type must be one of {adapter.output_types}, got {output_type!r}")
+    return output_type
+
+
+def _window_columns(adapter: Adapter, window: Optional[float]) -> int:
+    """The window in latent columns (default: the model's native window)."""
+    if window is None:
+        return adapter.native_window()
+    if isinstance(window, bool) or not isinstance(window, (int, float)):
+        raise ValueError(f"window must be a number (int or float, {adapter.window_unit}), "
+                         f"got {type(window).__name__}: {window!r}")
+    if not window > 0:
+        raise ValueError(f"window must be > 0 ({adapter.window_unit}), got {window!r}")
+    w = adapter.window_columns(window)
+    if w < 1:
+        raise ValueError(f"window {window!r} ({adapter.window_unit}) is less than one latent column")
+    adapter.check_window(w)
+    return w
+
+
+def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) -> int:
+    """``overlap`` columns rounded to the nearest multiple of ``multiple``, nonzero when it is (MAD's layouts)."""
+    if window % multiple:
+        raise ValueError(f"window must be a multiple of {multiple} latent columns for method {method.name!r} "
+                         f"(the UNet's deepest attention downsampling), got {window}")
+    snapped = multiple * int(math.floor(overlap / multiple + 0.5))
+    if overlap > 0:
+        snapped = max(snapped, multiple)
+    if snapped >= window:
+        raise ValueError(f"overlap of {overlap:g} columns rounds to {snapped}, a whole window of {window}, for method "
+                         f"{method.name!r} (overlaps are multiples of {multiple} columns): ask for a smaller overlap")
+    return snapped
+
+
+def _window_and_overlap(adapter: Adapter, window: Optional[float], overlap: Any, loop: Any,
+                        method: Method) -> Tuple[int, int, float, int]:
+    """``(window, overlap columns, overlap rate, stride multiple)`` of a request, validated."""
+    if not isinstance(loop, bool):
+        raise ValueError(f"loop must be a bool, got {loop!r}")
+    # Swap is defined between two views only (no column covered by three): docs/kernels.md.
+    hi = method.max_overlap_rate
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)):
+        raise ValueError(f"overlap must be a number (int or float, a rate of the window), "
+                         f"got {type(overlap).__name__}: {overlap!r}")
+    try:
+        rate = check_range("overlap", overlap, 0.0, hi, hi_open=hi >= 1.0)
+    except ValueError as exc:
+        hint = (f" for method {method.name!r} (a swap is defined between two views; the averaging "
+                f"methods accept overlaps below 1.0)" if hi < 1.0 else "")
+        raise ValueError(f"{exc}{hint}") from None
+    w = _window_columns(adapter, window)
+    multiple = method.layout_multiple(adapter)
+    o = int(round(rate * w)) if multiple == 1 else _snap_overlap(rate * w, w, multiple, method)
+    if o >= w:
+        raise ValueError(f"overlap rate {overlap} gives {o} overlapping columns for a window of {w}: "
+                         f"it must leave at least one column of stride")
+    return w, o, rate, multiple
+
+
+def build_request(adapter: Adapter, *, method: Union[str, Method] = "safa", guide: Optional[float] = None,
+                  swap_interval: Optional[int] = None, seconds: Optional[float] = None,
+                  audio_length_in_s: Optional[float] = None, width: Optional[int] = None,
+                  height: Optional[int] = None, window: Optional[float] = None, overlap: float = 0.2,
+                  loop: bool = False, num_inference_steps: Optional[int] = None,
+                  guidance_scale: Optional[float] = None, num_waveforms_per_prompt: Optional[int] = None,
+                  num_images_per_prompt: Optional[int] = None, prompt: Any = None, view_prompts: Any = None,
+                  batch_size: Optional[int] = None, view_batch_size: Optional[int] = None, eta: float = 0.0,
+                  decode: str = "auto", decode_tile: Optional[int] = None, output_type: Optional[str] = None,
+                  output_path: Union[None, str, Sequence[str]] = None, check_paths: bool = True,
+                  require_length: bool = True, **embeds: Optional[torch.Tensor]) -> GenerationRequest:
+    """Check every argument (in the order a user meets them) and return the :class:`GenerationRequest`.
+
+    ``batch_size`` gives the number of outputs directly (``estimate_memory``); otherwise it is
+    counted from the prompts. ``check_paths=False``: the output files are another rank's to
+    check and write. ``embeds``: the ``*_embeds`` call arguments.
+    """
+    unknown = set(embeds) - set(_EMBEDS)
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+    # The method object (guide= / swap_interval= are its parameters) and the pipeline's own
+    # defaults for what is not given, as the pipeline itself would use.
+    method = get_method(method, guide=guide, swap_interval=swap_interval)
+    if num_inference_steps is None:
+        num_inference_steps = adapter.pipeline_default("num_inference_steps", 50)
+    scale = _guidance_scale(adapter, guidance_scale)
+    check_range("eta", eta, 0.0, math.inf, hi_open=True)
+    method.check_pipeline(adapter)
+    seconds, per_prompt = _length_and_per_prompt(
+        adapter, seconds, audio_length_in_s, width,
+        dict(num_waveforms_per_prompt=num_waveforms_per_prompt, num_images_per_prompt=num_images_per_prompt),
+        require_length)
+    adapter.check_length(seconds, width, height)
+    output_type = _check_scalars(adapter, num_inference_steps, view_batch_size, decode, decode_tile, output_type)
+    given = _check_embeds(adapter, embeds)
+    if batch_size is None:
+        rows = int(given["prompt_embeds"].shape[0]) if given else None
+        batch_size = _prompts.count_prompts(prompt, view_prompts, rows) * per_prompt  # type: ignore[operator]
+    check_positive_int("batch_size", batch_size)
+    if output_path is not None and output_type == "latent":
+        raise ValueError("output_path writes the decoded output: it cannot be used with output_type='latent'")
+    paths = _output.check_output_paths(output_path, batch_size, adapter) if check_paths else None
+    w, o, rate, multiple = _window_and_overlap(adapter, window, overlap, loop, method)
+    return GenerationRequest(
+        method=method, seconds=seconds, width=width, height=height, loop=loop,
+        num_inference_steps=num_inference_steps, guidance_scale=scale, per_prompt=per_prompt,
+        batch_size=batch_size, view_batch_size=view_batch_size, eta=eta, decode=decode, decode_tile=decode_tile,
+        output_type=output_type, window_columns=w, overlap_columns=o, overlap_rate=rate, stride_multiple=multiple,
+        to_files=output_path is not None, paths=paths, embeds=given)
+
+
+def check_generator(generator: Any, batch_size: int) -> None:
+    """As diffusers: a generator list must have one generator per output."""
+    if isinstance(generator, list):
+        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator is a list of {len(generator)} but this call makes {batch_size} output(s) "
+                             f"(batch prompts x outputs per prompt): give one torch.Generator per output, or one")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+# -- the request's geometry -------------------------------------------------------------------
+def prepare_layout(adapter: Adapter, request: GenerationRequest) -> Tuple[ViewLayout, int, int]:
+    """(layout, latent columns to crop to, output samples / pixels to crop to).
+
+    Open layouts take the fewest views of the window covering the request; loop layouts have
+    exactly the requested length, with the window and overlap rate nearest the requested ones
+    that make it exact (:mod:`safa.layouts`). A request shorter than one window is the wrapped
+    pipeline's own call: one view of ``adapter.short_window``.
+    """
+    seconds, width, w = request.seconds, request.width, request.window_columns
+    out_len = adapter.output_length(seconds=seconds, width=width)
+    if request.loop:
+        layout = loop_layout(adapter.length_in_columns(seconds=seconds, width=width), w, request.overlap_rate,
+                             request.method.merge_mode, adapter.window_multiple(), adapter.fixed_window,
+                             adapter.describe_columns, stride_multiple=request.stride_multiple)
+        return layout, layout.length, out_len
+    columns = adapter.columns_for(seconds=seconds, width=width)
+    if columns >= w:
+        return open_layout(columns, w, request.overlap_columns), columns, out_len
+    short = adapter.short_window(columns)
+    return ViewLayout(short, short, 0), columns, out_len
+
+
+def planned_layout(adapter: Adapter, request: GenerationRequest) -> Tuple[int, int, int]:
+    """``(length, window, views)`` of the layout :func:`prepare_layout` would build, without building it
+    (a loop's window and view count may differ by a little: the memory estimate does not need more)."""
+    w, o = request.window_columns, request.overlap_columns
+    if request.loop:
+        length = max(w, math.ceil(adapter.length_in_columns(seconds=request.seconds, width=request.width)))
+        return length, w, max(2, round(length / (w - o)))
+    columns = adapter.columns_for(seconds=request.seconds, width=request.width)
+    if columns < w:
+        short = adapter.short_window(columns)
+        return short, short, 1
+    views = 1 + math.ceil((columns - w) / (w - o))
+    return w + (views - 1) * (w - o), w, views
+
+
+def model_windows(view_batch_size: Optional[int], windows: int, method: Method) -> int:
+    """Windows per model call: ``view_batch_size``, else all of them up to :data:`DEFAULT_VIEW_BATCH_SIZE`
+    (all of them for a method that attends over every view at once)."""
+    if view_batch_size is not None:
+        return min(view_batch_size, windows)
+    return windows if method.all_views_in_one_call else min(windows, DEFAULT_VIEW_BATCH_SIZE)
+
+
+CALL_ARGUMENTS_DOC = """
+        Args:
+            prompt: the prompt of every window, or a list of prompts: a batch, one output each
+                (as in diffusers).
+            seconds / audio_length_in_s: audio length (audio pipelines; the second is the
+                pipelines' own name). Honoured exactly: the covering layout is generated and
+                cropped; a loop is exactly this long. Below one window: one view of the
+                pipeline's own size (its own output).
+            width / height: panorama size in pixels (image pipelines; ``height`` a multiple of
+                the VAE factor, default the native window's, e.g. 512 for SD 1.x).
+            view_prompts: a prompt per view instead of ``prompt`` (rain -> thunder -> calm):
+                a list of ``layout_for(...).num_views`` prompts, or one such list per batch prompt.
+            negative_prompt: a str, or one per batch prompt (default: the pipeline's own
+                unconditional branch).
+            reference_prompt: prompt of the reference window ``X^0`` (a str or one per batch
+                prompt; default: each batch prompt's first view prompt).
+            method: a :class:`~safa.methods.Method` or its shorthand: ``"safa"`` (default:
+                self-loop swap + reference-guided swap), ``"safa_selfloop"`` (SaFa*),
+                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*), ``"mad"``
+                (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
+                grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
+            loop: seamless loop / 360-degree layout (the last view overlaps the first).
+            num_inference_steps: denoising steps (default: the wrapped pipeline's own, e.g. 10 for
+                AudioLDM, 200 for AudioLDM2 and MusicLDM, 50 for SD; the paper used 200 for audio).
+            guidance_scale: classifier-free guidance, off when <= 1 (default: the wrapped
+                pipeline's own, e.g. 2.5 for AudioLDM, 7.5 for SD).
+            num_waveforms_per_prompt / num_images_per_prompt: outputs per batch prompt (default 1).
+            generator: a torch generator, or a list with one per output (as in diffusers), for
+                the initial noise and stochastic schedulers.
+            window: window in seconds for audio, latent columns for images (default: the
+                model's native window, 10.24 s for the AudioLDM family).
+            overlap: overlap rate ``r_overlap`` (default 0.2): in ``[0, 0.5]`` for the swap
+                methods, ``[0, 1)`` for the averaging ones. Loop layouts take the nearest
+                rate (and window) that makes the loop exact.
+            swap_interval: ``w_swap`` of Eq. 9-10 for the swap methods (default: the method's, 1).
+            guide: ``r_guide`` for SaFa (default: the method's, 0.3): the reference swap runs
+                during the first ``round(guide * T)`` of the ``T`` scheduler steps, and the
+                reference window is denoised only then. With a single view there is nothing
+                to keep consistent, so no reference is used.
+            view_batch_size: windows per model call; bounds the model's memory (default: all of
+                them up to :data:`DEFAULT_VIEW_BATCH_SIZE`, 16; all of them for MAD).
+            eta: DDIM's eta (default 0).
+            latents: initial long noise ``J_T`` (unscaled, the layout's shape
+                ``adapter.latent_shape(batch, layout.length, height)``); default drawn from
+                ``generator``.
+            reference_latents: initial noise of the reference window (one window's shape).
+            prompt_embeds / negative_prompt_embeds / pooled_prompt_embeds /
+                negative_pooled_prompt_embeds: precomputed text embeddings, one row per batch
+                prompt, where the wrapped pipeline takes them (``adapter.embeds_arguments``).
+            decode: ``"auto"`` (default: ``"full"`` up to ``safa.decode.AUTO_WHOLE_WINDOWS``
+                windows, ``"tiled"`` beyond), ``"full"`` (the whole latent at once: the
+                pipeline's own decode), ``"views"`` (decode each view, stitch at the mel / pixel
+                level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per tile,
+                default one window).
+            callback_on_step_end: ``f(jd, step, timestep, callback_kwargs)`` after each step's
+                merge, ``callback_kwargs = {"views", "view_range", "reference", "layout"}``:
+                ``views`` are this process's views, ``view_range`` their indices in the layout
+                (every view in one process); ``reference`` is None once it stops guiding.
+                Returning a dict with ``"views"`` / ``"reference"`` tensors replaces them (in
+                a distributed call, a replaced reference must be the same on every rank).
+            output_type: ``"np"`` (audio default), ``"pil"`` (image default, through the
+                pipeline's ``image_processor``), ``"pt"`` or ``"latent"`` (no decoding).
+            output_path: write the output to this file (WAV/FLAC for audio, PNG for images), or
+                to one file per output (a list), instead of returning it. Audio decoded in tiles
+                is written tile by tile as it is decoded, so memory does not grow with its
+                length; the file appears when it is complete (an interrupted call leaves
+                nothing). The result's ``audio`` / ``images`` are None then; ``output_paths``
+                names the files.
+            callback_on_output_chunk: ``f(jd, start, chunk)`` for every piece of the final
+                output as it is decoded (``chunk``: the long axis last, cropped; ``start``: its
+                first sample / pixel column), e.g. to accumulate a spectrogram of a streamed
+                output (:class:`safa.spectrogram.SpectrogramAccumulator`); on rank 0 only in a
+                distributed call.
+            return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
+                does, what the wrapped pipeline returns with ``return_dict=False``: ``(audio,)``
+                for audio pipelines, ``(images,)`` for SDXL and SD3, ``(images, None)`` for SD
+                1.x / 2.x (their nsfw flags: the safety checker is not run). With
+                ``output_type="latent"`` the latent ``J`` takes the output's place.
+"""
