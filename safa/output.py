@@ -26,7 +26,9 @@ import torch
 from safa_kernels import ViewLayout
 
 from .adapters.base import Adapter
-from .audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, AudioWriter, audio_file_bytes, check_writable, write_image
+from .audio_io import AudioWriter, audio_file_bytes
+from .files import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable
+from .plots import write_image
 from .decode import decode, decode_tiles
 from .memory import format_bytes
 

@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 import safa.testing.pipelines as tp
-from safa.audio_io import atomic_path
+from safa.files import atomic_path
 from safa.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_unsupported_pipeline(tmp_path, capsys):
     (["--seconds", "0.5", "--loop"], "no seamless loop of exactly 0.5 s"),
     (["--seconds", "3", "--device", "nope"], "is not a torch device"),
     (["--seconds", "3", "--method", "multidiffusion", "--guide", "0.5"], "guide does not apply"),
-    (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "overlap must be in"),
+    (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "argument --overlap: must be in"),
     (["--seconds", "3", "--overlap", "0.7"], "overlap must be in [0.0, 0.5]"),
 ])
 def test_impossible_length_and_overlap(model_dir, tmp_path, capsys, extra, pattern):
@@ -110,8 +110,9 @@ def test_unavailable_device_is_one_line(model_dir, tmp_path, capsys):
         _assert_one_line_error(code, capsys.readouterr().err, "this machine has no CUDA device", tmp_path)
 
 
-@pytest.mark.parametrize("value,pattern", [("foo", "SAFA_BACKEND='foo' is not a backend"),
-                                           ("cuda", "SAFA_BACKEND='cuda' is not available for cpu")])
+@pytest.mark.parametrize("value,pattern", [("foo", "the SAFA_BACKEND environment variable must be one of"),
+                                           ("cuda", "SAFA_BACKEND environment variable: backend 'cuda' is not available "
+                                                    "for cpu")])
 def test_bad_backend_variable_is_one_line(model_dir, tmp_path, capsys, monkeypatch, value, pattern):
     monkeypatch.setenv("SAFA_BACKEND", value)
     code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--out", str(tmp_path / "x.wav")])

@@ -238,7 +238,7 @@ def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     assert main(["evaluate", "--scheduler", "nope", "--samples", "2", "--out", str(tmp_path)]) == 2
     capsys.readouterr()
     for bad, says in ((["--methods", ""], "--methods needs at least one method"),
-                      (["--seconds", "-24"], "seconds must be a finite number > 0"),
+                      (["--seconds", "-24"], "argument --seconds: must be a finite number > 0"),
                       (["--seconds", "5"], "needs at least two views"),
                       (["--seconds", "1e9"], "needs about"),
                       (["--out", "/proc/nope"], "cannot create --out /proc/nope")):
