@@ -270,8 +270,11 @@ def _notes(res: EvalResult) -> List[str]:
     for avg in ("multidiffusion", "multidiffusion_triangular"):
         if avg in by:
             m, lo, hi = _ci(by[avg].hf)
+            n = len(by[avg].hf[0])
             verdict = ("lower than the interior: averaging smooths the overlaps (paper's claim holds)" if hi < 1 else
-                       "NOT lower than the interior at 95%: the paper's smoothing claim is not observed here")
+                       "higher than the interior: the paper's smoothing claim does not hold here" if lo > 1 else
+                       f"not significantly lower than the interior at 95% with {n} samples per row (the interval "
+                       f"holds 1; more --samples narrow it)")
             notes.append(f"{avg}: overlap HF energy {m:.3f} [{lo:.3f}, {hi:.3f}] x interior, {verdict}.")
     for sw in ("safa", "safa_selfloop"):
         if sw in by:
@@ -320,9 +323,41 @@ def _notes(res: EvalResult) -> List[str]:
 
 def _settings_line(res: EvalResult) -> str:
     s = res.settings
-    return (f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']} s "
+    return (f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']:g} s "
             f"{'loop' if s['loop'] else 'open'}, {s['layout']}, {s['steps']} steps {s['scheduler']}, "
-            f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
+            f"guidance {s['guidance_scale']:g}, prompts {','.join(s['prompts'])}, seeds from {s['seed']}")
+
+
+def format_summary(res: EvalResult, width: int = 100) -> str:
+    """The few columns a listener reads, with plain names and the notes, wrapped to ``width`` characters.
+
+    ``HF kept in overlaps``: the overlaps' high-frequency energy over the interior's (1 = as
+    detailed as the interior, < 1 = smoothed); ``seam error``: KL of the seam regions to the
+    model (0 = exact, x1e3); ``views agree``: fraction of samples whose views share one
+    sub-style; for loops, ``loop seam``: the wrap-around seam's KL minus the other seams'.
+    :func:`format_table` has every column.
+    """
+    loop = bool(res.settings["loop"])
+    head = ["method", "HF kept in overlaps", "seam error x1e3", "views agree"] + (["loop seam x1e3"] if loop else [])
+    table = []
+    for r in res.rows:
+        cells = [r.name, _fmt_ratio(r.hf), _fmt(r.seam_kl, 1e3, 1), _fmt_prop(r.consistent)]
+        cells += [_fmt(r.wrap_excess, 1e3, 1)] if loop else []
+        if any(c != "-" for c in cells[1:]):  # 'one window' has no seams: nothing of it is shown here
+            table.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    wrap = lambda text, indent="": textwrap.fill(text, width, subsequent_indent=indent)  # noqa: E731
+    lines = [wrap(_settings_line(res)), fmt.format(*head), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*c).rstrip() for c in table]
+    lines += [wrap(f"{name}: not applicable: {why}") for name, why in res.not_applicable.items()]
+    lines.append(wrap("HF kept in overlaps: overlap / interior high-frequency energy (1 = as detailed as the "
+                      "interior, < 1 = smoothed); seam error: KL of the seams to the exact model (0 = exact); "
+                      "views agree: samples whose views share one sub-style"
+                      + ("; loop seam: the wrap seam's KL minus the other seams' (0 = like any seam)" if loop else "")
+                      + "; mean or geometric mean with 95% intervals. Every column: safa evaluate."))
+    lines += [wrap(f"note: {n}", "  ") for n in res.notes]
+    return "\n".join(lines)
 
 
 def _fmt_counts(x: Optional[np.ndarray], kinds: int) -> str:
@@ -378,8 +413,9 @@ def evaluation_figure(res: EvalResult) -> "Figure":
     Left, the paper's Fig. 2b as a ratio: for every row, the log-amplitude of the overlap
     regions' spectrum along time minus that of the interior segments, per temporal-frequency
     band (each row against its own interior, so a sampler's overall level cancels; 0 = the
-    overlaps are as detailed as the interior). Right, the HF energy ratio of the table with
-    its 95% interval (and the wrap seam's for loop layouts).
+    overlaps are as detailed as the interior), in Hz when the settings hold the latent's
+    frames per second (as :func:`evaluate` records them). Right, the HF energy ratio of the
+    table with its 95% interval (and the wrap seam's for loop layouts).
     """
     from .plots import new_figure
     fig = new_figure(14.0, 5.0)
@@ -388,16 +424,20 @@ def evaluation_figure(res: EvalResult) -> "Figure":
     for r in res.rows:
         colors[r.name] = "black" if r.name == "true" else f"C{len(colors) % 10}"
 
-    curves_ax.axvspan(M.HF_CUTOFF, 0.5, color="0.92", lw=0, label=f"HF band (>= {M.HF_CUTOFF:g})")
+    # Temporal frequencies in Hz when the latent frame rate is known (cycles per second of audio).
+    fps = res.settings.get("frames_per_second")
+    scale, unit = (fps, "Hz") if fps else (1.0, "cycles per latent frame")
+    curves_ax.axvspan(M.HF_CUTOFF * scale, 0.5 * scale, color="0.92", lw=0,
+                      label=f"HF band (>= {M.HF_CUTOFF * scale:g} {unit})")
     curves_ax.axhline(0.0, color="0.5", lw=1.0, ls="--", label="interior (reference)")
     for r in res.rows:
         if r.spectrum_overlap is None:
             continue
         ratio = np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30)
-        curves_ax.plot(res.freqs, 0.5 * np.log10(ratio), marker="o", ms=3, lw=1.5, color=colors[r.name],
+        curves_ax.plot(res.freqs * scale, 0.5 * np.log10(ratio), marker="o", ms=3, lw=1.5, color=colors[r.name],
                        label=r.name)
-    curves_ax.set_xlim(0.0, 0.5)
-    curves_ax.set_xlabel("temporal frequency (cycles per latent frame)")
+    curves_ax.set_xlim(0.0, 0.5 * scale)
+    curves_ax.set_xlabel(f"temporal frequency of the latent ({unit})")
     curves_ax.set_ylabel("log10 amplitude, overlap − interior")
     curves_ax.set_title("Relative log-amplitude of the overlaps (paper Fig. 2b)", fontsize="medium")
     curves_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: curves stay visible
