@@ -26,10 +26,10 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> Optio
     return value
 
 
-def check_int_range(name: str, value: Any, lo: int, hi: int) -> int:
-    """``value`` as an int in ``[lo, hi]``, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+def check_int_range(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``>= lo`` when ``hi`` is None), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be an int {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {value!r}")
     return value
 
 

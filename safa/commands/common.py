@@ -65,7 +65,7 @@ def arg_type(parse: Callable[[str], Any], check: Callable[[str, Any], Any], what
 
 
 POSITIVE_INT = arg_type(int, check_positive_int, "an int >= 1")
-NONNEGATIVE_INT = arg_type(int, lambda n, v: check_int_range(n, v, 0, sys.maxsize), "an int >= 0")
+NONNEGATIVE_INT = arg_type(int, lambda n, v: check_int_range(n, v, 0), "an int >= 0")
 POSITIVE_NUMBER = arg_type(float, check_positive_number, "a finite number > 0")
 NONNEGATIVE_NUMBER = arg_type(float, lambda n, v: check_range(n, v, 0.0, math.inf, hi_open=True),
                               "a finite number >= 0")
@@ -161,8 +161,10 @@ def check_backend(name: Optional[str], device: Any) -> str:
     try:
         return resolve_backend(name, device)
     except (ValueError, RuntimeError) as exc:
-        message = str(exc).replace("backend must be", "must be", 1).removeprefix("backend: ")
-        raise CLIError(f"--backend {message}" if name is not None else f"{message} (or unset it)") from None
+        message = str(exc)  # names its source: "backend ..." for the argument, else SAFA_BACKEND
+        if name is None:
+            raise CLIError(f"{message} (or unset it)") from None
+        raise CLIError(f"--{message}" if message.startswith("backend") else f"--backend: {message}") from None
 
 
 @contextlib.contextmanager
