@@ -146,10 +146,6 @@ class SpectrogramAccumulator:
         self._received = 0
         self._finished = False
 
-    @property
-    def samples_received(self) -> int:
-        return self._received
-
     def add(self, chunk: Any) -> None:
         """Add the next ``(samples,)`` or ``(channels, samples)`` chunk (same channels every time)."""
         if self._finished:

@@ -18,4 +18,4 @@ from . import _extension, triton_merge  # noqa: F401,E402  (register the compile
 
 __all__ = ["ViewLayout", "gather", "stitch", "sync_", "available_backends", "resolve_backend",
            "BACKENDS", "KERNEL_BACKENDS", "MODES"]
-__version__ = "0.1.0"
+from safa import __version__  # noqa: E402  (the one version string; safa's __init__ imports nothing)
