@@ -38,6 +38,7 @@ DEMO_WINDOW = 12.48
 def _parser() -> argparse.ArgumentParser:
     from .cli import OneLineParser
     from .commands.common import POSITIVE_INT, POSITIVE_NUMBER, SEED
+    from .commands.evaluate import SAMPLES
     p = OneLineParser(prog="python -m safa.demo", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out", help="output directory (default out/)")
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE_INT, default=25, help="denoising steps (default 25)")
     p.add_argument("--window", type=POSITIVE_NUMBER, default=DEMO_WINDOW,
                    help=f"window in seconds: the built-in model is built for it (default {DEMO_WINDOW})")
-    p.add_argument("--samples", type=POSITIVE_INT, default=6,
+    p.add_argument("--samples", type=SAMPLES, default=6,
                    help="samples per row of the seam-fidelity table, >= 2 (default 6)")
     p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     return p
@@ -82,8 +83,6 @@ def _run(args: argparse.Namespace) -> int:
     from .spectrogram import compute_spectrogram
     from .texture import make_texture_pipeline, window_frames
 
-    if args.samples < 2:
-        raise ValueError(f"--samples must be >= 2 (the table's intervals need two), got {args.samples}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file, not a directory")
     t_all = time.perf_counter()

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from ._checks import check_int_range
 from .methods import METHODS, NotApplicable, parse_method_spec
 
 if TYPE_CHECKING:
@@ -143,8 +144,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     parsed = [(spec, parse_method_spec(spec)) for spec in methods]  # a bad spec fails before any sampling
     if not parsed:
         raise ValueError(f"--methods needs at least one method, e.g. safa,multidiffusion (from {', '.join(METHODS)})")
-    if samples < 2:
-        raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
+    check_int_range("samples", samples, 2)  # the intervals need two samples per row
     if pipe is None:
         pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window=window_frames(window))
     if scheduler is not None:

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from .._checks import check_int_range
 from ..errors import CLIError
 from ..methods import METHODS
 from .common import (NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, SEED, add_device_arguments,
@@ -19,15 +20,8 @@ from .common import (NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, SEED, ad
 __all__ = ["add_parser", "run", "ALL_METHODS"]
 
 ALL_METHODS = tuple(METHODS)
-
-
-def _check_samples(name: str, value: int) -> int:
-    if value < 2:  # the table's intervals need two samples per row
-        raise ValueError(f"{name} must be an int >= 2 (the confidence intervals need two), got {value}")
-    return value
-
-
-SAMPLES = arg_type(int, _check_samples, "an int >= 2")
+# At least two samples per row: the table's intervals need them.
+SAMPLES = arg_type(int, lambda name, value: check_int_range(name, value, 2), "an int >= 2")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
