@@ -224,7 +224,8 @@ def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     from safa.cli import main
     plot = tmp_path / "ev.png"
     rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "0.96", "--steps", "3",
-               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot), "--out", str(tmp_path)])
+               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot), "--out", str(tmp_path),
+               "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
     for name in ("true", "one window", "safa", "safa_stats", "safa_selfloop", "multidiffusion",
