@@ -62,8 +62,8 @@ def check_output_path(path: str, kinds: Sequence[str] = tuple(OUTPUT_EXTENSIONS)
     """``ValueError`` naming ``name`` unless ``path`` ends in an extension of one of ``kinds`` and can be written."""
     allowed = tuple(ext for kind in kinds for ext in OUTPUT_EXTENSIONS[kind])
     if os.path.splitext(path)[1].lower() not in allowed:
-        what = f"{kinds[0]} output" if len(kinds) == 1 else name
-        raise ValueError(f"{what} must end in one of {', '.join(allowed)}, got {path!r}")
+        kind = f" ({kinds[0]} output)" if len(kinds) == 1 else ""
+        raise ValueError(f"{name} must end in one of {', '.join(allowed)}{kind}, got {path!r}")
     try:
         check_writable(path)
     except OSError as exc:

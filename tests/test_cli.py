@@ -299,7 +299,7 @@ def test_out_under_a_file_says_it_is_a_file(tmp_path, capsys):
 
 def test_evaluate_plot_needs_png(tmp_path, capsys):
     code = main(["evaluate", "--plot", str(tmp_path / "myplot"), "--out", str(tmp_path)])
-    _one_line(code, capsys.readouterr().err, "evaluate", "image output must end in one of .png")
+    _one_line(code, capsys.readouterr().err, "evaluate", "--plot must end in one of .png (image output), got")
     assert _only_inputs(tmp_path) == []
 
 
