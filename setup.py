@@ -11,11 +11,18 @@ Build against the torch already installed (an isolated build would download anot
     pip install --no-build-isolation -e .
 """
 import os
+import re
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """The one version string, ``safa.__version__`` (read, not imported: the build has no safa yet)."""
+    with open(os.path.join(HERE, "safa", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _want_cuda() -> bool:
@@ -48,7 +55,7 @@ def _extension():
 
 setup(
     name="safa",
-    version="0.1.0",
+    version=_version(),
     description="Training-free long-form generation with diffusion models (Latent Swap Joint Diffusion), "
                 "with fused merge kernels for overlapping views",
     packages=find_packages(include=["safa_kernels*", "safa*"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+# The one version string: setup.py reads it, safa_kernels and ``safa --version`` import it.
 __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first access)

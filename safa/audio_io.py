@@ -1,10 +1,8 @@
-"""Atomic output files: audio (WAV/FLAC via soundfile, whole or streamed) and images (PNG).
+"""Audio files: WAV / FLAC via soundfile, whole or streamed, written atomically.
 
-Every writer goes through :class:`AtomicFile` (:func:`atomic_path` for one-shot writes): the
-data is written to a temporary file in the destination directory and moved into place with
-``os.replace``, so after an error or Ctrl-C there is either the complete old file, the
-complete new file, or nothing. Figures (the annotated spectrogram, the evaluation plot) are
-written the same way by :mod:`safa.plots`.
+The file is written through :class:`safa.files.AtomicFile` (a temporary file moved into
+place), so after an error or Ctrl-C there is either the complete old file, the complete new
+file, or nothing. Images and figures are written by :mod:`safa.plots`.
 
 Audio is written by :class:`AudioWriter`, which appends chunks as they are produced (hours of
 audio never need to be in memory at once); :func:`write_audio` is one chunk. One rule for
@@ -16,83 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "AtomicFile", "AudioWriter", "atomic_path", "audio_file_bytes",
-           "check_writable", "write_audio", "write_image"]
+from .files import AUDIO_EXTENSIONS, AtomicFile
 
-AUDIO_EXTENSIONS = (".wav", ".flac")
-IMAGE_EXTENSIONS = (".png",)
+__all__ = ["AudioWriter", "audio_file_bytes", "write_audio"]
+
 # A RIFF WAV file counts its bytes in 32 bits; longer audio is written as RF64 (the WAV
 # extension for files over 4 GiB that soundfile and ffmpeg read).
 _WAV_MAX_BYTES = 2 ** 32 - 1 - 1024
-
-
-def check_writable(path: str) -> None:
-    """Raise ``OSError`` with a one-line reason unless a file can be created at ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise OSError(f"output directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise OSError(f"output path {path} is a directory")
-    # os.access is not reliable (root, ACLs, read-only mounts): try creating a file.
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".safa-probe-")
-    except OSError as exc:
-        raise OSError(f"cannot write to {directory}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-class AtomicFile:
-    """A temporary file next to ``path`` (same extension) that becomes ``path`` on :meth:`commit`.
-
-    :meth:`discard` (or garbage collection before a commit) removes it, so no partial file is
-    ever visible at ``path`` and no temporary file is left behind.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        base, ext = os.path.splitext(os.path.basename(path))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=f".part{ext}")
-        os.close(fd)
-        self.done = False
-
-    def commit(self) -> None:
-        """Move the temporary file onto ``path``."""
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
-        os.replace(self.tmp, self.path)
-        self.done = True
-
-    def discard(self) -> None:
-        """Remove the temporary file (nothing happens after a commit)."""
-        if not self.done:
-            self.done = True
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-
-    def __del__(self) -> None:
-        self.discard()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path`` (same extension); on success move it onto ``path``."""
-    file = AtomicFile(path)
-    try:
-        yield file.tmp
-        file.commit()
-    except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
-        file.discard()
-        raise
 
 
 def _audio_format(path: str) -> tuple:
@@ -182,15 +115,3 @@ def write_audio(path: str, audio: Any, sample_rate: int) -> None:
     data = np.asarray(audio, dtype=np.float32)
     with AudioWriter(path, sample_rate, 1 if data.ndim == 1 else data.shape[0], data.shape[-1]) as writer:
         writer.write(data)
-
-
-def write_image(path: str, image: Any) -> None:
-    """Write a PIL image (or ``(H, W, 3)`` array in [0, 1] / uint8) as PNG, atomically."""
-    from PIL import Image
-    if not isinstance(image, Image.Image):
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(arr)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")

@@ -3,53 +3,81 @@
 Subcommands live in :mod:`safa.commands` (one module each, exposing ``add_parser``);
 ``safa generate`` is :mod:`safa.commands.generate`. User errors (bad arguments, a missing
 model directory, an unsupported pipeline, an impossible length, an unwritable output) are
-reported as one line on stderr with exit code 2.
+reported as one line on stderr with exit code 2, argparse's own included (a bad value, a
+mistyped flag: the line names the subcommand whose ``--help`` lists its flags). Building the
+parser imports no torch, so ``--help`` answers at once.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import pkgutil
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import Dict, List, NoReturn, Optional
 
-__all__ = ["CLIError", "Terminated", "build_parser", "main", "one_line"]
+from .errors import CLIError, Terminated, one_line
 
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler, ``timeout``, torchrun stopping a rank): unwinds like Ctrl-C, so
-    that half-written temporary files are removed, and exits 143."""
+__all__ = ["CLIError", "Terminated", "UsageError", "OneLineParser", "build_parser", "main", "one_line"]
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def build_parser() -> argparse.ArgumentParser:
+class UsageError(Exception):
+    """argparse's error (a bad value, an unknown flag), as the one line :func:`main` prints (exit code 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line naming where the help is, not the usage."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.commands: Dict[str, argparse.ArgumentParser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)")
+
+
+def build_parser() -> OneLineParser:
     """The top-level parser with every subcommand module of :mod:`safa.commands` registered."""
     from . import __version__, commands
-    parser = argparse.ArgumentParser(prog="safa", description="Training-free long-form generation with "
-                                     "diffusion models by Latent Swap Joint Diffusion (SaFa).")
+    parser = OneLineParser(prog="safa", description="Training-free long-form generation with "
+                           "diffusion models by Latent Swap Joint Diffusion (SaFa).")
     parser.add_argument("--version", action="version", version=f"safa {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         if hasattr(module, "add_parser"):
-            module.add_parser(subparsers)
+            sub = module.add_parser(subparsers)
+            parser.commands[sub.prog.split()[-1]] = sub
     return parser
+
+
+def _parse(parser: OneLineParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse ``argv``; a flag the subcommand does not know is reported by the subcommand (with a guess)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands.get(getattr(args, "command", None) or "", parser)
+        known = [s for action in command._actions for s in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                      + (f" (did you mean {guess[0]}?)" if guess else ""))
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
@@ -81,11 +109,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line, whatever its formatting (the CLI's error lines)."""
-    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import torch.distributed as dist
 from safa_kernels import ViewLayout
 from safa_kernels.plan import REF_NONE, get_plan
 
-from .cli import one_line
+from .errors import one_line
 
 __all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells",
            "collective", "agree", "init_from_environment", "rank_of"]

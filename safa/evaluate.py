@@ -33,13 +33,15 @@ same scheduler and steps (what the sampler gives with no seam at all), as many w
 sample as the layout has views, their interior probes pooled per sample as a method's are,
 so its ``int KL`` is the same estimator as the methods'.
 Intervals are 95%: normal approximation over samples, Wilson for proportions.
+:func:`format_summary` is the short table a listener reads (the demo prints it);
+:func:`format_table` has every column. The command line is :mod:`safa.commands.evaluate`.
 
 ``--methods`` takes shorthands of :data:`safa.methods.METHODS`, each optionally with
 parameters of its method object: ``safa:guide=0.6,safa_stats:snr=0.05:strength=0.5``.
 """
 from __future__ import annotations
 
-import argparse
+import copy
 import math
 import textwrap
 import time
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from ._checks import check_int_range
 from .methods import METHODS, NotApplicable, parse_method_spec
 
 if TYPE_CHECKING:
@@ -57,7 +60,7 @@ if TYPE_CHECKING:
 
     from .methods import Method
 
-__all__ = ["add_parser", "run", "evaluate", "EvalResult", "format_table", "evaluation_figure", "write_plot",
+__all__ = ["evaluate", "EvalResult", "format_table", "format_summary", "evaluation_figure", "write_plot",
            "ALL_METHODS", "parse_method_spec"]
 
 ALL_METHODS = tuple(METHODS)
@@ -127,31 +130,32 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
              prompts: Optional[Sequence[str]] = None, loop: bool = False, overlap: float = 0.2,
              guidance_scale: float = 1.0, seed: int = 0, window: Optional[float] = None,
              min_eigenvalue: float = 1.0, pipe: Any = None, log: Any = None,
-             scheduler: Optional[str] = None) -> EvalResult:
+             scheduler: Optional[str] = None, device: Any = None) -> EvalResult:
     """Run every method and the reference rows; see the module docstring for the columns.
 
     ``methods``: shorthands with optional parameters (:func:`parse_method_spec`); each row is
     named by its spec. ``scheduler``: a diffusers scheduler class name for the built-in
-    pipeline (default its DPM-Solver++), e.g. ``"DDIM"``.
+    pipeline (default its DPM-Solver++), e.g. ``"DDIM"``. ``device``: where the pipeline
+    samples (default where it is); the statistics are computed on the CPU, and the noise is
+    drawn on the CPU, so a seed gives the same samples on every device up to rounding.
     """
     from .sampler import JointDiffusion
     from .texture import make_texture_pipeline, window_frames
     parsed = [(spec, parse_method_spec(spec)) for spec in methods]  # a bad spec fails before any sampling
     if not parsed:
         raise ValueError(f"--methods needs at least one method, e.g. safa,multidiffusion (from {', '.join(METHODS)})")
-    if samples < 2:
-        raise ValueError(f"--samples must be >= 2 for confidence intervals, got {samples}")
+    check_int_range("samples", samples, 2)  # the intervals need two samples per row
     if pipe is None:
         pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window_frames=window_frames(window))
     if scheduler is not None:
-        from .cli import CLIError
-        from .commands.common import set_scheduler
-        try:
-            set_scheduler(pipe, scheduler)
-        except CLIError as exc:
-            raise ValueError(str(exc)) from None
+        from .schedulers import set_scheduler
+        set_scheduler(pipe, scheduler)
+    if device is not None:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    model = pipe.model
+    # The statistics (exact model, whitening) run on the CPU: a CPU copy of the analytic model
+    # when the pipeline samples elsewhere.
+    model = pipe.model if pipe.model.device.type == "cpu" else copy.deepcopy(pipe.model).cpu()
     prompts = list(prompts) if prompts else list(model.class_names)
     model.encode_prompt(prompts)  # unknown prompt names fail here, before any sampling
     plan = _prompts_for(prompts, samples)
@@ -188,7 +192,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     for i, (p, c) in enumerate(plan):
         singles.append(pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale,
                             num_waveforms_per_prompt=c * n, generator=torch.Generator().manual_seed(seed + 104729 + i),
-                            output_type="latent").audios.reshape(c, n, model.channels, model.window, model.freq_bins))
+                            output_type="latent").audios.cpu().reshape(c, n, model.channels, model.window, model.freq_bins))
     singles = torch.cat(singles).transpose(0, 1).reshape(n * samples, model.channels, model.window,
                                                          model.freq_bins)  # window-major, like the views
     probe = min(2 * layout.overlap, min(hi - lo for lo, hi in (layout.middle(v) for v in range(n))))
@@ -214,7 +218,7 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
             out = jd(p, seconds=seconds, method=method, loop=loop, overlap=overlap, num_inference_steps=steps,
                      guidance_scale=guidance_scale, num_waveforms_per_prompt=c, output_type="latent",
                      generator=torch.Generator().manual_seed(seed + i))
-            latents.append(out.latent)
+            latents.append(out.latent.cpu())
         latent = torch.cat(latents)
         elapsed = time.perf_counter() - t0
         rows.append(_row_from_latent(spec, model, latent, out.layout, cw, min_eigenvalue, elapsed))
@@ -222,7 +226,8 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
 
     freqs = np.fft.rfftfreq(layout.overlap)
     settings = dict(samples=samples, seconds=seconds, steps=steps, prompts=prompts, loop=loop, overlap=overlap,
-                    guidance_scale=guidance_scale, seed=seed, window=layout.window, layout=str(layout),
+                    guidance_scale=guidance_scale, seed=seed, window=layout.window, layout=jd.describe_layout(layout),
+                    frames_per_second=jd.adapter.frames_per_second,
                     scheduler=type(pipe.scheduler).__name__, min_eigenvalue=min_eigenvalue,
                     substyles=[name for name, _, _ in model.substyles], wrapped_error=wrapped_error)
     result = EvalResult(rows, freqs, layout, settings, not_applicable=not_applicable)
@@ -265,8 +270,11 @@ def _notes(res: EvalResult) -> List[str]:
     for avg in ("multidiffusion", "multidiffusion_triangular"):
         if avg in by:
             m, lo, hi = _ci(by[avg].hf)
+            n = len(by[avg].hf[0])
             verdict = ("lower than the interior: averaging smooths the overlaps (paper's claim holds)" if hi < 1 else
-                       "NOT lower than the interior at 95%: the paper's smoothing claim is not observed here")
+                       "higher than the interior: the paper's smoothing claim does not hold here" if lo > 1 else
+                       f"not significantly lower than the interior at 95% with {n} samples per row (the interval "
+                       f"holds 1; more --samples narrow it)")
             notes.append(f"{avg}: overlap HF energy {m:.3f} [{lo:.3f}, {hi:.3f}] x interior, {verdict}.")
     for sw in ("safa", "safa_selfloop"):
         if sw in by:
@@ -315,9 +323,41 @@ def _notes(res: EvalResult) -> List[str]:
 
 def _settings_line(res: EvalResult) -> str:
     s = res.settings
-    return (f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']} s "
+    return (f"seam fidelity vs the exact texture model: {s['samples']} samples/row, {s['seconds']:g} s "
             f"{'loop' if s['loop'] else 'open'}, {s['layout']}, {s['steps']} steps {s['scheduler']}, "
-            f"guidance {s['guidance_scale']}, prompts {','.join(s['prompts'])}, seed {s['seed']}")
+            f"guidance {s['guidance_scale']:g}, prompts {','.join(s['prompts'])}, seeds from {s['seed']}")
+
+
+def format_summary(res: EvalResult, width: int = 100) -> str:
+    """The few columns a listener reads, with plain names and the notes, wrapped to ``width`` characters.
+
+    ``HF kept in overlaps``: the overlaps' high-frequency energy over the interior's (1 = as
+    detailed as the interior, < 1 = smoothed); ``seam error``: KL of the seam regions to the
+    model (0 = exact, x1e3); ``views agree``: fraction of samples whose views share one
+    sub-style; for loops, ``loop seam``: the wrap-around seam's KL minus the other seams'.
+    :func:`format_table` has every column.
+    """
+    loop = bool(res.settings["loop"])
+    head = ["method", "HF kept in overlaps", "seam error x1e3", "views agree"] + (["loop seam x1e3"] if loop else [])
+    table = []
+    for r in res.rows:
+        cells = [r.name, _fmt_ratio(r.hf), _fmt(r.seam_kl, 1e3, 1), _fmt_prop(r.consistent)]
+        cells += [_fmt(r.wrap_excess, 1e3, 1)] if loop else []
+        if any(c != "-" for c in cells[1:]):  # 'one window' has no seams: nothing of it is shown here
+            table.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    wrap = lambda text, indent="": textwrap.fill(text, width, subsequent_indent=indent)  # noqa: E731
+    lines = [wrap(_settings_line(res)), fmt.format(*head), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*c).rstrip() for c in table]
+    lines += [wrap(f"{name}: not applicable: {why}") for name, why in res.not_applicable.items()]
+    lines.append(wrap("HF kept in overlaps: overlap / interior high-frequency energy (1 = as detailed as the "
+                      "interior, < 1 = smoothed); seam error: KL of the seams to the exact model (0 = exact); "
+                      "views agree: samples whose views share one sub-style"
+                      + ("; loop seam: the wrap seam's KL minus the other seams' (0 = like any seam)" if loop else "")
+                      + "; mean or geometric mean with 95% intervals. Every column: safa evaluate."))
+    lines += [wrap(f"note: {n}", "  ") for n in res.notes]
+    return "\n".join(lines)
 
 
 def _fmt_counts(x: Optional[np.ndarray], kinds: int) -> str:
@@ -373,8 +413,9 @@ def evaluation_figure(res: EvalResult) -> "Figure":
     Left, the paper's Fig. 2b as a ratio: for every row, the log-amplitude of the overlap
     regions' spectrum along time minus that of the interior segments, per temporal-frequency
     band (each row against its own interior, so a sampler's overall level cancels; 0 = the
-    overlaps are as detailed as the interior). Right, the HF energy ratio of the table with
-    its 95% interval (and the wrap seam's for loop layouts).
+    overlaps are as detailed as the interior), in Hz when the settings hold the latent's
+    frames per second (as :func:`evaluate` records them). Right, the HF energy ratio of the
+    table with its 95% interval (and the wrap seam's for loop layouts).
     """
     from .plots import new_figure
     fig = new_figure(14.0, 5.0)
@@ -383,16 +424,20 @@ def evaluation_figure(res: EvalResult) -> "Figure":
     for r in res.rows:
         colors[r.name] = "black" if r.name == "true" else f"C{len(colors) % 10}"
 
-    curves_ax.axvspan(M.HF_CUTOFF, 0.5, color="0.92", lw=0, label=f"HF band (>= {M.HF_CUTOFF:g})")
+    # Temporal frequencies in Hz when the latent frame rate is known (cycles per second of audio).
+    fps = res.settings.get("frames_per_second")
+    scale, unit = (fps, "Hz") if fps else (1.0, "cycles per latent frame")
+    curves_ax.axvspan(M.HF_CUTOFF * scale, 0.5 * scale, color="0.92", lw=0,
+                      label=f"HF band (>= {M.HF_CUTOFF * scale:g} {unit})")
     curves_ax.axhline(0.0, color="0.5", lw=1.0, ls="--", label="interior (reference)")
     for r in res.rows:
         if r.spectrum_overlap is None:
             continue
         ratio = np.maximum(r.spectrum_overlap, 1e-30) / np.maximum(r.spectrum_interior, 1e-30)
-        curves_ax.plot(res.freqs, 0.5 * np.log10(ratio), marker="o", ms=3, lw=1.5, color=colors[r.name],
+        curves_ax.plot(res.freqs * scale, 0.5 * np.log10(ratio), marker="o", ms=3, lw=1.5, color=colors[r.name],
                        label=r.name)
-    curves_ax.set_xlim(0.0, 0.5)
-    curves_ax.set_xlabel("temporal frequency (cycles per latent frame)")
+    curves_ax.set_xlim(0.0, 0.5 * scale)
+    curves_ax.set_xlabel(f"temporal frequency of the latent ({unit})")
     curves_ax.set_ylabel("log10 amplitude, overlap − interior")
     curves_ax.set_title("Relative log-amplitude of the overlaps (paper Fig. 2b)", fontsize="medium")
     curves_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: curves stay visible
@@ -421,70 +466,3 @@ def write_plot(res: EvalResult, path: str) -> None:
     """:func:`evaluation_figure` written as PNG to ``path``, atomically."""
     from .plots import save_figure
     save_figure(evaluation_figure(res), path)
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``safa evaluate``."""
-    from .commands.common import add_guidance_argument
-    p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help=f"comma-separated methods, each optionally with parameters of its method object, "
-                        f"e.g. safa:guide=0.6 (default: all: {','.join(ALL_METHODS)})")
-    p.add_argument("--scheduler", default=None,
-                   help="diffusers scheduler class, e.g. DDIM, DPMSolverMultistep (default: the built-in "
-                        "model's DPM-Solver++)")
-    p.add_argument("--samples", type=int, default=8, help="long samples per row (default 8)")
-    p.add_argument("--seconds", type=float, default=40.0, help="length of each sample (default 40)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--prompts", default="", help="comma-separated texture classes (default: all, round-robin)")
-    p.add_argument("--loop", action="store_true", help="loop layout (adds wrap-seam columns)")
-    p.add_argument("--overlap", type=float, default=0.2, help="overlap rate (default 0.2)")
-    add_guidance_argument(p, 1.0, "the exact conditional denoiser needs none")
-    p.add_argument("--window", type=float, default=None,
-                   help="window in seconds: the built-in model is built for it (default its native 10.24 s)")
-    p.add_argument("--min-eigenvalue", type=float, default=1.0,
-                   help="whitened directions counted in the KL columns (default 1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
-    p.add_argument("--plot", default=None, help="the plot's path (default: evaluate.png in --out)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines, library warnings or notices")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """``safa evaluate``: print the table and write it with the plot (atomically)."""
-    import os
-    import sys
-
-    from .audio_io import atomic_path, check_writable
-    from .cli import CLIError
-    from .commands.common import setup_logging
-    setup_logging(args.quiet)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] or None
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        raise CLIError(f"cannot create --out {args.out}: {exc}") from None
-    table_path = os.path.join(args.out, "evaluate.txt")
-    plot = args.plot or os.path.join(args.out, "evaluate.png")
-    for path in (table_path, plot):  # fail before the (long) evaluation, not after it
-        try:
-            check_writable(path)
-        except OSError as exc:
-            raise CLIError(f"cannot write {path}: {exc}") from None
-    res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
-                   loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
-                   window=args.window, min_eigenvalue=args.min_eigenvalue, scheduler=args.scheduler,
-                   log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
-    table = format_table(res)
-    print(table)
-    with atomic_path(table_path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
-    write_plot(res, plot)
-    print(f"wrote {table_path}, {plot}")
-    return 0

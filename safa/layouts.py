@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 from safa_kernels import ViewLayout
 
@@ -156,15 +156,3 @@ def loop_layout(columns: float, window: int, overlap_rate: float, mode: str, mul
 
 def _columns(n: float) -> str:
     return f"{n:.6g} latent columns"
-
-
-def layout_table(lengths: Sequence[int], window: int, overlap_rate: float, mode: str, multiple: int = 1,
-                 fixed: bool = False) -> List[Tuple[int, Optional[ViewLayout]]]:
-    """``[(length, loop layout or None)]``: what :func:`loop_layout` picks for each length (docs tables)."""
-    out = []
-    for n in lengths:
-        try:
-            out.append((n, loop_layout(n, window, overlap_rate, mode, multiple, fixed)))
-        except LoopLengthError:
-            out.append((n, None))
-    return out

@@ -25,7 +25,9 @@ import torch
 from safa_kernels import ViewLayout
 
 from .adapters.base import Adapter
-from .audio_io import AudioWriter, check_writable, write_image
+from .audio_io import AudioWriter
+from .files import check_output_path
+from .plots import write_image
 from .decode import decode, decode_tiles
 
 __all__ = ["decoded_chunks", "produce_output", "check_output_paths"]
@@ -38,7 +40,7 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
     """``output_path`` as one path per output (None: no files), checked before any work.
 
     A str for a call with one output, or a list of ``batch_size`` paths, each ending in one of
-    ``adapter.output_extensions`` (WAV/FLAC for audio, PNG for images); each must be creatable
+    the output extensions of the adapter's kind (WAV/FLAC for audio, PNG for images); each must be creatable
     (the directory exists and is writable).
     """
     if output_path is None:
@@ -50,14 +52,8 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
         raise ValueError(f"output_path gives {len(paths)} path(s) but this call makes {batch_size} output(s) "
                          f"(batch prompts x outputs per prompt): give one path per output")
     paths = [os.fspath(p) for p in paths]
-    allowed = adapter.output_extensions
     for path in paths:
-        if os.path.splitext(path)[1].lower() not in allowed:
-            raise ValueError(f"output_path for {adapter.kind} must end in one of {allowed}, got {path!r}")
-        try:
-            check_writable(path)
-        except OSError as exc:
-            raise ValueError(f"cannot write output_path {path}: {exc}") from None
+        check_output_path(path, kinds=(adapter.kind,), name="output_path")
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise ValueError(f"output_path names the same file twice: {paths}")
     return paths

@@ -1,28 +1,30 @@
-"""Figures people read: the annotated spectrogram of generated audio, and the helpers every
-figure of the package uses (matplotlib, non-interactive Agg canvas, atomic PNG writes).
+"""Pictures people read: the annotated spectrogram of generated audio, generated images
+(:func:`write_image`), and the helpers every figure of the package uses (matplotlib,
+non-interactive Agg canvas, atomic PNG writes). Every PNG of the package is written here.
 
 Figures are built on :class:`matplotlib.figure.Figure` with a ``FigureCanvasAgg`` attached,
 never through ``pyplot``: no global state, no GUI backend, safe in threads and servers.
 Functions named ``*_figure`` return the Figure (tests inspect its axes before anything is
 written); ``write_*`` / :func:`save_figure` write it as PNG through
-:func:`safa.audio_io.atomic_path`, so an error or Ctrl-C never leaves a partial file.
+:func:`safa.files.atomic_path`, so an error or Ctrl-C never leaves a partial file.
+matplotlib is imported when a figure is made, not with this module.
 
 The spectrogram itself (streamed, pooled to the picture's resolution) is
 :mod:`safa.spectrogram`.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-from .audio_io import atomic_path
+from .files import atomic_path
 from .spectrogram import Spectrogram, hz_to_mel, mel_to_hz
 
-__all__ = ["new_figure", "save_figure", "spectrogram_figure", "write_spectrogram", "view_spans",
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["new_figure", "save_figure", "write_image", "spectrogram_png_bytes", "spectrogram_figure", "write_spectrogram", "view_spans",
            "layout_title", "overlap_intervals", "DYNAMIC_RANGE_DB", "MAX_VIEW_LINES"]
 
 # The dB colour bar spans at most this many dB; quieter cells get its darkest colour.
@@ -31,21 +33,48 @@ DYNAMIC_RANGE_DB = 80.0
 # would hide it); the view track above it still shows every overlap.
 MAX_VIEW_LINES = 64
 # Frequency ticks (Hz) per scale, spaced for the scale's low end; those inside the bands are used.
+# The spectrogram figure: width and height per panel (inches), dots per inch.
+_SPECTROGRAM_WIDTH, _SPECTROGRAM_TITLE_HEIGHT, _SPECTROGRAM_PANEL_HEIGHT, _DPI = 14.0, 0.8, 4.2, 100
 _FREQUENCY_TICKS = {"mel": (0, 200, 500, 1000, 2000, 4000, 8000, 16000),
                     "log": (20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)}
 
 
 def new_figure(width: float, height: float) -> Figure:
     """A Figure of ``width`` x ``height`` inches on an Agg canvas, with constrained layout."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def save_figure(fig: Figure, path: str, dpi: int = 100) -> None:
+def save_figure(fig: Figure, path: str, dpi: int = _DPI) -> None:
     """Write ``fig`` as PNG to ``path``, atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def write_image(path: str, image: Any) -> None:
+    """Write a PIL image (or ``(H, W, 3)`` array in [0, 1] / uint8) as PNG, atomically."""
+    from PIL import Image
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        image = Image.fromarray(arr)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _spectrogram_size(panels: int) -> Tuple[float, float]:
+    return _SPECTROGRAM_WIDTH, _SPECTROGRAM_TITLE_HEIGHT + _SPECTROGRAM_PANEL_HEIGHT * panels
+
+
+def spectrogram_png_bytes(panels: int = 1) -> int:
+    """An upper bound of the bytes of :func:`write_spectrogram`'s PNG: the uncompressed RGBA pixels
+    (a PNG's deflate never grows them by more than its few header bytes, counted in the slack)."""
+    width, height = _spectrogram_size(panels)
+    return int(width * _DPI) * int(height * _DPI) * 4 + 65536
 
 
 # -- views on the time axis --------------------------------------------------------------------
@@ -99,6 +128,7 @@ def overlap_intervals(spans: Sequence[Tuple[float, float]], duration: float,
 
 # -- spectrogram -------------------------------------------------------------------------------
 def _frequency_axis(ax: Any, spec: Spectrogram) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
     lo, hi = float(spec.band_edges[0]), float(spec.band_edges[-1])
     if spec.frequency_scale == "mel":
         ax.set_yscale("function", functions=(hz_to_mel, mel_to_hz))
@@ -115,6 +145,7 @@ def _draw_views(track: Any, spec_ax: Any, spans: Sequence[Tuple[float, float]], 
                 loop: bool) -> None:
     """Views as thin bars in two alternating lanes of ``track``, overlaps as light bands; the
     window boundaries as thin lines over the spectrogram (up to :data:`MAX_VIEW_LINES` views)."""
+    from matplotlib.ticker import NullLocator
     for a, b in overlap_intervals(spans, duration, loop):
         track.axvspan(a, b, color="tab:orange", alpha=0.25, lw=0)
     for i, pieces in enumerate(_segments(spans, duration, loop)):
@@ -161,7 +192,7 @@ def spectrogram_figure(spectrogram: Union[Spectrogram, Sequence[Spectrogram]],
     vmin = max(vmax - DYNAMIC_RANGE_DB, min(floor, vmax - 10.0))
     show_views = bool(view_spans)
     rows_per_panel = 2 if show_views else 1
-    fig = new_figure(14.0, 0.8 + 4.2 * len(specs))
+    fig = new_figure(*_spectrogram_size(len(specs)))
     grid = fig.add_gridspec(rows_per_panel * len(specs), 1,
                             height_ratios=([0.35, 4.0] if show_views else [4.0]) * len(specs))
     spec_axes, mesh, first = [], None, None

@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ._checks import check_int_range, check_positive_int, check_positive_number
+
 __all__ = ["Spectrogram", "SpectrogramAccumulator", "compute_spectrogram", "FREQUENCY_SCALES",
            "hz_to_mel", "mel_to_hz", "default_n_fft"]
 
@@ -103,19 +105,16 @@ class SpectrogramAccumulator:
 
     def __init__(self, sample_rate: int, duration: float, max_columns: int = 1200, bands: int = 128,
                  frequency_scale: str = "mel", n_fft: Optional[int] = None, fmin: Optional[float] = None) -> None:
-        if not (isinstance(sample_rate, (int, np.integer)) and sample_rate > 0):
-            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-        if not (isinstance(duration, (int, float, np.floating)) and math.isfinite(duration) and duration > 0):
-            raise ValueError(f"duration must be a finite number of seconds > 0, got {duration!r}")
-        if not (isinstance(max_columns, (int, np.integer)) and max_columns >= 1):
-            raise ValueError(f"max_columns must be an integer >= 1, got {max_columns!r}")
-        if not (isinstance(bands, (int, np.integer)) and bands >= 2):
-            raise ValueError(f"bands must be an integer >= 2, got {bands!r}")
+        def plain(x: Any) -> Any:  # numpy scalars as Python numbers, for the shared checks
+            return x.item() if isinstance(x, np.generic) else x
+
+        sample_rate = check_positive_int("sample_rate", plain(sample_rate))
+        duration = check_positive_number("duration (seconds)", plain(duration))
+        max_columns = check_positive_int("max_columns", plain(max_columns))
+        bands = check_int_range("bands", plain(bands), 2)
         if frequency_scale not in FREQUENCY_SCALES:
             raise ValueError(f"frequency_scale must be one of {FREQUENCY_SCALES}, got {frequency_scale!r}")
-        n_fft = default_n_fft(int(sample_rate)) if n_fft is None else n_fft
-        if not (isinstance(n_fft, (int, np.integer)) and n_fft >= 16):
-            raise ValueError(f"n_fft must be an integer >= 16, got {n_fft!r}")
+        n_fft = check_int_range("n_fft", plain(default_n_fft(sample_rate) if n_fft is None else n_fft), 16)
         self.sample_rate, self.duration = int(sample_rate), float(duration)
         self.n_fft, self.hop = int(n_fft), int(n_fft) // 4
         self.num_samples = int(round(self.duration * self.sample_rate))
@@ -145,10 +144,6 @@ class SpectrogramAccumulator:
         self._next_frame = 0
         self._received = 0
         self._finished = False
-
-    @property
-    def samples_received(self) -> int:
-        return self._received
 
     def add(self, chunk: Any) -> None:
         """Add the next ``(samples,)`` or ``(channels, samples)`` chunk (same channels every time)."""

@@ -20,4 +20,11 @@ from .ops import gather, stitch, sync_
 
 __all__ = ["ViewLayout", "gather", "stitch", "sync_", "available_backends", "resolve_backend", "intern_layout",
            "BACKENDS", "KERNEL_BACKENDS", "MODES"]
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    # The distribution's one version string (safa/__init__.py), read from the installed metadata
+    # so that the op layer does not import the sampler package.
+    if name == "__version__":
+        from importlib.metadata import version
+        return version("safa")
+    raise AttributeError(f"module 'safa_kernels' has no attribute {name!r}")

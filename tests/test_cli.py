@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 import safa.testing.pipelines as tp
-from safa.audio_io import atomic_path
+from safa.files import atomic_path
 from safa.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_unsupported_pipeline(tmp_path, capsys):
     (["--seconds", "0.5", "--loop"], "no seamless loop of exactly 0.5 s"),
     (["--seconds", "3", "--device", "nope"], "is not a torch device"),
     (["--seconds", "3", "--method", "multidiffusion", "--guide", "0.5"], "guide does not apply"),
-    (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "overlap must be in"),
+    (["--seconds", "3", "--method", "multidiffusion", "--overlap", "1.0"], "argument --overlap: must be in"),
     (["--seconds", "3", "--overlap", "0.7"], "overlap must be in [0.0, 0.5]"),
 ])
 def test_impossible_length_and_overlap(model_dir, tmp_path, capsys, extra, pattern):
@@ -110,8 +110,9 @@ def test_unavailable_device_is_one_line(model_dir, tmp_path, capsys):
         _assert_one_line_error(code, capsys.readouterr().err, "this machine has no CUDA device", tmp_path)
 
 
-@pytest.mark.parametrize("value,pattern", [("foo", "SAFA_BACKEND='foo' is not a backend"),
-                                           ("cuda", "SAFA_BACKEND='cuda' is not available for cpu")])
+@pytest.mark.parametrize("value,pattern", [("foo", "the SAFA_BACKEND environment variable must be one of"),
+                                           ("cuda", "SAFA_BACKEND environment variable: backend 'cuda' is not available "
+                                                    "for cpu")])
 def test_bad_backend_variable_is_one_line(model_dir, tmp_path, capsys, monkeypatch, value, pattern):
     monkeypatch.setenv("SAFA_BACKEND", value)
     code = main(["generate", "--model", model_dir, *FAST, "--seconds", "3", "--out", str(tmp_path / "x.wav")])
@@ -211,3 +212,173 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_file(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "safa generate: terminated"
     assert list(tmp_path.iterdir()) == []
+
+
+# -- what a new user trips on: every bad input is one line, every crash has a test ---------------------
+BUILTIN_FAST = ["--prompt", "rain", "--window", "0.96", "--seconds", "2.4", "--steps", "1", "--quiet"]
+
+
+def _one_line(code, err, command, pattern):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"safa {command}: error:") and pattern in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["generate", "--seed", "-1"], "argument --seed: must be an int in [0, 18446744073709551615], got -1"),
+    (["generate", "--seed", str(2 ** 64)], "argument --seed: must be an int in [0,"),
+    (["generate", "--seed", "x"], "argument --seed: must be an int in"),
+    (["generate", "--steps", "0"], "argument --steps: must be an int >= 1, got 0"),
+    (["generate", "--guidance-scale", "-5"], "argument --guidance-scale: must be in [0.0, inf), got -5.0"),
+    (["generate", "--seconds", "ten"], "argument --seconds: must be a finite number > 0, got 'ten'"),
+    (["generate", "--seconds", "nan"], "argument --seconds: must be a finite number > 0"),
+    (["generate", "--sed", "1"], "unrecognized arguments: --sed 1 (did you mean --seed?)"),
+    (["profile", "--threads", "0"], "argument --threads: must be an int >= 1, got 0"),
+    (["profile", "--warmup", "-1"], "argument --warmup: must be an int >= 0"),
+    (["evaluate", "--samples", "1"], "argument --samples: must be an int >= 2"),
+    (["evaluate", "--seed", "-1"], "argument --seed: must be an int in"),
+    (["evaluate", "--overlap", "1"], "argument --overlap: must be in [0.0, 1.0)"),
+])
+def test_argparse_errors_are_one_line_naming_the_subcommand(capsys, argv, pattern):
+    code = main(argv)
+    line = _one_line(code, capsys.readouterr().err, argv[0], pattern)
+    assert line.endswith(f"(see safa {argv[0]} --help)")  # the subcommand's help, not the top-level usage
+
+
+def test_a_mistyped_flag_of_the_top_level_is_one_line(capsys):
+    assert main(["--nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["safa: error: unrecognized arguments: --nope (see safa --help)"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+@pytest.mark.parametrize("command", ["profile", "generate", "evaluate"])
+def test_backend_flag_is_checked_before_any_work_and_named(capsys, command, monkeypatch):
+    # `--backend cuda` on a CPU machine was a 32-line traceback after the header; `bogus` blamed
+    # SAFA_BACKEND although the flag was given.
+    monkeypatch.delenv("SAFA_BACKEND", raising=False)
+    code = main([command, "--backend", "cuda"])
+    captured = capsys.readouterr()
+    _one_line(code, captured.err, command, "--backend: backend 'cuda' is not available for cpu tensors")
+    assert captured.out == ""  # nothing printed before the error
+    code = main([command, "--backend", "bogus"])
+    line = _one_line(code, capsys.readouterr().err, command, "--backend must be one of")
+    assert "SAFA_BACKEND" not in line
+
+
+def test_generate_takes_backend_and_notices_overlap_zero(tmp_path, capsys):
+    out = tmp_path / "x.wav"
+    code = main(["generate", *BUILTIN_FAST[:-1], "--overlap", "0", "--backend", "reference", "--seed", "3",
+                 "--out", str(out), "--no-spectrogram"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "notice: --overlap 0: the windows do not overlap" in captured.err
+    assert "seed 3;" in captured.out and "1 steps" in captured.out
+
+
+def test_read_only_out_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "keep.wav"
+    out.write_bytes(b"mine")
+    out.chmod(0o444)
+    code = main(["generate", *BUILTIN_FAST, "--out", str(out)])
+    _one_line(code, capsys.readouterr().err, "generate", "exists and is read-only (mode 444)")
+    assert out.read_bytes() == b"mine" and _only_inputs(tmp_path) == ["keep.wav"]
+    # The Python writers refuse it too (the rename would replace it whatever its mode).
+    from safa.audio_io import write_audio
+    with pytest.raises(PermissionError, match="read-only"):
+        write_audio(str(out), np.zeros(16), 16000)
+    assert out.read_bytes() == b"mine" and _only_inputs(tmp_path) == ["keep.wav"]
+
+
+def test_out_under_a_file_says_it_is_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code = main(["generate", *BUILTIN_FAST, "--out", str(tmp_path / "afile" / "x.wav")])
+    _one_line(code, capsys.readouterr().err, "generate", f"{tmp_path / 'afile'} is a file, not a directory")
+
+
+def test_evaluate_plot_needs_png(tmp_path, capsys):
+    code = main(["evaluate", "--plot", str(tmp_path / "myplot"), "--out", str(tmp_path)])
+    _one_line(code, capsys.readouterr().err, "evaluate", "--plot must end in one of .png (image output), got")
+    assert _only_inputs(tmp_path) == []
+
+
+def test_a_huge_prompt_is_not_echoed_whole(tmp_path, capsys):
+    code = main(["generate", *BUILTIN_FAST[2:], "--prompt", "rain " * 5000, "--out", str(tmp_path / "x.wav")])
+    line = _one_line(code, capsys.readouterr().err, "generate", "unknown texture prompt")
+    assert len(line) < 700 and "characters in all" in line
+    assert _only_inputs(tmp_path) == []
+
+
+def test_free_space_check_counts_the_spectrogram(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    audio_bytes = round(2.4 * 16000) * 4
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 0, audio_bytes + 1024))
+    code = main(["generate", *BUILTIN_FAST, "--out", str(tmp_path / "x.wav")])
+    line = _one_line(code, capsys.readouterr().err, "generate", "not enough disk space for --out: x.wav, x.png need")
+    assert "MiB free" in line and _only_inputs(tmp_path) == []
+
+
+def test_disk_full_while_writing_the_png_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safa.plots
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safa.plots, "save_figure", full)
+    out = tmp_path / "x.wav"
+    code = main(["generate", *BUILTIN_FAST, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"safa generate: error: wrote {out} but not its spectrogram {tmp_path / 'x.png'}: "
+                                 "No space left on device"]
+    assert _only_inputs(tmp_path) == ["x.wav"]  # the audio is complete, and said so
+
+
+def test_generate_takes_the_tiny_audioldm_and_the_pipelines_steps(tmp_path, capsys):
+    from safa.cli import build_parser
+    assert build_parser().parse_args(["generate"]).steps is None  # the pipeline's own, as the Python call
+    out = tmp_path / "t.wav"
+    code = main(["generate", "--model", "builtin:tiny-audioldm", "--prompt", "rain", "--seconds", "1.6", "--window",
+                 "0.64", "--quiet", "--out", str(out), "--no-spectrogram"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "10 steps" in captured.out  # AudioLDM's own default
+    assert sf.read(str(out))[0].shape == (round(1.6 * 16000),)
+
+
+def test_demo_bad_input_leaves_no_directory(tmp_path, capsys):
+    from safa.demo import main as demo
+    target = tmp_path / "new"
+    assert demo(["--out", str(target), "--prompt", "nope"]) == 2
+    assert "unknown texture prompt" in capsys.readouterr().err and not target.exists()
+    assert demo(["--out", str(target), "--seconds", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m safa.demo: error: argument --seconds: must be a finite number > 0, got -1.0 "
+        "(see python -m safa.demo --help)"]
+    assert not target.exists()
+
+
+def test_third_party_notices_are_filtered():
+    import logging
+
+    from safa.commands.common import _OncePerMessage
+    once = _OncePerMessage()
+
+    def record(message):
+        return logging.LogRecord("diffusers", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not once.filter(record("The AudioLDMPipeline has been deprecated and will not receive bug fixes or "
+                                  "feature updates after Diffusers version 0.33.1. "))
+    assert not once.filter(record("`CLIPImageProcessor` requires torchvision (not installed); falling back to x"))
+    assert once.filter(record("a notice about the user's run")) and not once.filter(record("a notice about the "
+                                                                                          "user's run"))
+
+
+def test_decode_choices_are_the_decoders():
+    from safa.commands.generate import DECODE_CHOICES
+    from safa.decode import DECODE_MODES
+    assert sorted(DECODE_CHOICES) == sorted(DECODE_MODES)

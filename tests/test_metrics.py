@@ -224,7 +224,8 @@ def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     from safa.cli import main
     plot = tmp_path / "ev.png"
     rc = main(["evaluate", "--samples", "2", "--seconds", "2.4", "--window", "0.96", "--steps", "3",
-               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot), "--out", str(tmp_path)])
+               "--prompts", "rain", "--loop", "--min-eigenvalue", "0.1", "--plot", str(plot), "--out", str(tmp_path),
+               "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
     for name in ("true", "one window", "safa", "safa_stats", "safa_selfloop", "multidiffusion",
@@ -238,7 +239,7 @@ def test_evaluate_smoke_cli(tmp_path, capsys) -> None:
     assert main(["evaluate", "--scheduler", "nope", "--samples", "2", "--out", str(tmp_path)]) == 2
     capsys.readouterr()
     for bad, says in ((["--methods", ""], "--methods needs at least one method"),
-                      (["--seconds", "-24"], "seconds must be a finite number > 0"),
+                      (["--seconds", "-24"], "argument --seconds: must be a finite number > 0"),
                       (["--seconds", "5"], "needs at least two views"),
                       (["--seconds", "1e9"], "needs about"),
                       (["--out", "/proc/nope"], "cannot create --out /proc/nope")):
@@ -260,7 +261,11 @@ def test_demo_smoke(tmp_path, capsys) -> None:
     import soundfile as sf
     audio, sr = sf.read(str(tmp_path / "safa.wav"))
     assert sr == 16000 and audio.shape == (38400,)
-    assert "HF ovl/int" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    # The short table (readable in a terminal), the demo's own seed, the time labelled as generation time.
+    assert "HF kept in overlaps" in captured.out and "seeds from 0" in captured.out
+    assert max(map(len, captured.out.splitlines())) <= 100
+    assert "safa.wav (2.4 s of audio, seed 0; generated in" in captured.err
     assert sorted(os.listdir(tmp_path)) == ["evaluate.png", "multidiffusion.wav", "safa.wav", "spectrograms.png"]
 
 

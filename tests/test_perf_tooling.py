@@ -125,6 +125,20 @@ def test_profile_cli_defaults_to_the_builtin_model_and_quiet_is_quiet(tmp_path, 
     out, err = capfd.readouterr()
     assert code == 0 and out.startswith("builtin:texture: ") and "of 5.12 s (128 latent frames)" in out
     assert err == ""  # no library notices, no profiler (kineto) lines
+    # Why its guide differs from generate's, said on the first line.
+    assert "safa (guide 1: the reference swap in every profiled step), backend cpp, seed 0" in out
+
+
+def test_profile_cli_takes_generates_layout_and_sampling_flags(tmp_path, capfd):
+    # --overlap, --loop, --scheduler, --seed, --view-batch-size mean what they mean in generate.
+    from safa.cli import main
+    code = main(["profile", "--seconds", "24", "--window", "5.12", "--steps", "1", "--warmup", "0", "--quiet",
+                 "--overlap", "0.25", "--loop", "--scheduler", "DDIM", "--seed", "7", "--view-batch-size", "2",
+                 "--backend", "reference", "--trace", ""])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert "loop of 24 s" in out and "backend reference, seed 7" in out
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_profile_cli_takes_method_specs(tmp_path, capfd):

@@ -157,6 +157,30 @@ def test_evaluation_figure_curves_legend_and_intervals(loop):
     assert "4 samples/row" in fig.get_suptitle()
 
 
+def test_evaluation_figure_speaks_hz_and_seconds():
+    # An audio user reads Hz, and the title names the layout in seconds, not a ViewLayout repr.
+    res, curves = _eval_result(False)
+    res.settings.update(frames_per_second=25.0, layout="3 views of 1.92 s (48 latent frames), overlap 0.2")
+    curves_ax, _ = evaluation_figure(res).axes
+    assert curves_ax.get_xlabel() == "temporal frequency of the latent (Hz)"
+    drawn = {line.get_label(): line for line in curves_ax.get_lines()}
+    np.testing.assert_allclose(drawn["safa"].get_xdata(), res.freqs * 25.0)
+    assert curves_ax.get_xlim() == (0.0, 12.5)
+    title = evaluation_figure(res).get_suptitle()
+    assert "3 views of 1.92 s" in title and "ViewLayout" not in title
+
+
+def test_summary_table_is_short_and_plain():
+    from safa.evaluate import format_summary
+    res, _ = _eval_result(True)
+    res.notes = ["multidiffusion: a long note " * 10]
+    text = format_summary(res)
+    assert max(map(len, text.splitlines())) <= 100
+    head = next(line for line in text.splitlines() if line.startswith("method"))
+    assert head.split("  ")[0] == "method" and "HF kept in overlaps" in head and "loop seam" in head
+    assert "one window" not in text  # no seams: nothing of it in the summary
+
+
 def test_write_plot_is_atomic(tmp_path, monkeypatch):
     res, _ = _eval_result(False)
     target = tmp_path / "ev.png"

@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 
-from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, audio_file_bytes
+from ..audio_io import audio_file_bytes
+from ..files import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 
 __all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "Conditions", "register_adapter", "registered_adapters",
            "adapter_class_for"]

@@ -1,4 +1,107 @@
-"""``safa evaluate``: registered here for :func:`safa.cli.build_parser`; the command is :mod:`safa.evaluate`."""
-from safa.evaluate import add_parser, run
+"""``safa evaluate``: exact seam-fidelity evaluation of the joint-diffusion methods with the built-in texture model.
 
-__all__ = ["add_parser", "run"]
+The evaluation itself (what is sampled, what every column measures) is :mod:`safa.evaluate`;
+this module is its command line: it checks the flags and the output paths before the (long)
+evaluation, prints the table and writes it with the plot, atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .._checks import check_int_range
+from ..errors import CLIError
+from ..methods import METHODS
+from .common import (NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, SEED, add_device_arguments,
+                     add_guidance_argument, add_layout_arguments, arg_type)
+
+__all__ = ["add_parser", "run", "ALL_METHODS"]
+
+ALL_METHODS = tuple(METHODS)
+# At least two samples per row: the table's intervals need them.
+SAMPLES = arg_type(int, lambda name, value: check_int_range(name, value, 2), "an int >= 2")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``safa evaluate``."""
+    p = subparsers.add_parser("evaluate", help="exact seam-fidelity evaluation with the built-in texture model",
+                              description=_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated methods, each optionally with parameters of its method object, "
+                        f"e.g. safa:guide=0.6 (default: all: {','.join(ALL_METHODS)})")
+    p.add_argument("--scheduler", default=None,
+                   help="diffusers scheduler class, e.g. DDIM, DPMSolverMultistep (default: the built-in "
+                        "model's DPM-Solver++)")
+    p.add_argument("--samples", type=SAMPLES, default=8, help="long samples per row, >= 2 (default 8)")
+    p.add_argument("--seconds", type=POSITIVE_NUMBER, default=40.0, help="length of each sample (default 40)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=25, help="denoising steps (default 25)")
+    p.add_argument("--prompts", default="", help="comma-separated texture classes (default: all, round-robin)")
+    add_layout_arguments(p, view_batch_size=False)
+    add_guidance_argument(p, 1.0, "the exact conditional denoiser needs none")
+    p.add_argument("--window", type=POSITIVE_NUMBER, default=None,
+                   help="window in seconds: the built-in model is built for it (default its native 10.24 s)")
+    p.add_argument("--min-eigenvalue", type=NONNEGATIVE_NUMBER, default=1.0,
+                   help="whitened directions counted in the KL columns (default 1.0)")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the first sample; sample i of every method starts from seed + i, so the rows "
+                        "are paired on the same noise (default 0)")
+    p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
+    p.add_argument("--plot", default=None, help="the plot's path, a .png (default: evaluate.png in --out)")
+    add_device_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _description() -> str:
+    # The library's docstring explains the columns; read from its file so that --help imports no torch.
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec("safa.evaluate")
+    if spec is None or spec.origin is None:
+        return __doc__ or ""
+    with open(spec.origin, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read())) or ""
+
+
+def run(args: argparse.Namespace) -> int:
+    """``safa evaluate``: print the table and write it with the plot (atomically)."""
+    from ..evaluate import evaluate, format_table, write_plot
+    from ..files import atomic_path, check_output_path, check_writable
+    from .common import check_backend, overlap_notice, resolve_device, setup_logging, use_backend
+
+    setup_logging(args.quiet)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] or None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a file: give a directory for evaluate.txt and evaluate.png")
+    table_path = os.path.join(args.out, "evaluate.txt")
+    plot = args.plot or os.path.join(args.out, "evaluate.png")
+    if args.plot is not None:
+        check_output_path(plot, kinds=("image",), name="--plot")
+    device = resolve_device(args.device)
+    check_backend(args.backend, device)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create --out {args.out}: {exc.strerror or exc}") from None
+    for path in (table_path, plot):  # fail before the (long) evaluation, not after it
+        try:
+            check_writable(path)
+        except OSError as exc:
+            raise CLIError(f"cannot write {path}: {exc}") from None
+    overlap_notice(args.overlap, args.quiet)
+    with use_backend(args.backend):
+        res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
+                       loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
+                       window=args.window, min_eigenvalue=args.min_eigenvalue, scheduler=args.scheduler,
+                       device=device, log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    table = format_table(res)
+    print(table)
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+    write_plot(res, plot)
+    print(f"wrote {table_path}, {plot}")
+    return 0

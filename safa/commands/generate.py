@@ -6,9 +6,11 @@
 
 Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
 dB colour bar) with the views' windows and overlaps marked, or a PNG (images). Files are
-written atomically. Long audio is decoded in tiles and each tile is appended to the file as
-it is finished, so hours fit in memory (docs/long-audio.md); a request that cannot fit is
-refused before any work, with what to change.
+written atomically, and the free space is checked for both before any work. Long audio is
+decoded in tiles and each tile is appended to the file as it is finished, so hours fit in
+memory (docs/long-audio.md); a request that cannot fit is refused before any work, with
+what to change. Arguments not given take the pipeline's own defaults, as the Python call
+(``--steps``: 10 for AudioLDM, 50 for the built-in model; the paper ran audio at 200).
 
 Under ``torchrun --nproc-per-node N -m safa generate ...`` (the same flags) the views are
 spread over N processes: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on
@@ -23,14 +25,16 @@ import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from ..audio_io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, check_writable
-from ..cli import CLIError
-from ..decode import DECODE_MODES
-from ..methods import METHODS, parse_method_spec
-from .common import (BUILTIN_MODEL, add_guidance_argument, add_model_arguments, check_backend_env, load_pipeline,
-                     resolve_device, set_scheduler, setup_logging)
+from ..errors import CLIError
+from ..methods import METHODS
+from .common import (BUILTIN_MODEL, POSITIVE_INT, POSITIVE_NUMBER, add_device_arguments, add_layout_arguments,
+                     add_model_arguments, add_sampling_arguments, check_backend, load_pipeline, overlap_notice,
+                     resolve_device, set_scheduler, setup_logging, use_backend)
 
-__all__ = ["add_parser", "run", "BUILTIN_MODEL"]
+__all__ = ["add_parser", "run", "BUILTIN_MODEL", "DECODE_CHOICES"]
+
+# safa.decode.DECODE_MODES, named here so that --help does not import torch (a test keeps them equal).
+DECODE_CHOICES = ("auto", "full", "views", "tiled")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,50 +49,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reference-prompt", default=None,
                    help="prompt of SaFa's reference window (default: the first view's)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=float, default=None, help="audio length in seconds")
-    length.add_argument("--width", type=int, default=None, help="panorama width in pixels")
-    p.add_argument("--height", type=int, default=None,
+    length.add_argument("--seconds", type=POSITIVE_NUMBER, default=None, help="audio length in seconds")
+    length.add_argument("--width", type=POSITIVE_INT, default=None, help="panorama width in pixels")
+    p.add_argument("--height", type=POSITIVE_INT, default=None,
                    help="panorama height in pixels (default: the model's native window height)")
     p.add_argument("--method", default="safa",
                    help=f"joint diffusion method: one of {', '.join(METHODS)}, optionally with parameters of its "
                         f"method object, e.g. safa:guide=0.5 or safa_stats:snr=0.05 (default safa)")
-    p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
-    p.add_argument("--steps", type=int, default=200, help="denoising steps (default 200)")
-    add_guidance_argument(p)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--scheduler", default=None,
-                   help="diffusers scheduler class, e.g. DDIM, DPMSolverMultistep, EulerDiscrete (default: the model's)")
-    p.add_argument("--overlap", type=float, default=0.2, help="overlap rate (default 0.2)")
-    p.add_argument("--swap-interval", type=int, default=None,
+    add_sampling_arguments(p)
+    add_layout_arguments(p)
+    p.add_argument("--swap-interval", type=POSITIVE_INT, default=None,
                    help="swap interval w_swap of the swap methods (default: the method's, 1)")
     p.add_argument("--guide", type=float, default=None,
                    help="SaFa's reference guidance step rate r_guide (default: the method's, 0.3)")
-    p.add_argument("--view-batch-size", type=int, default=None,
-                   help="windows per model call: bounds the model's memory (default: all, at most 16)")
-    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+    p.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
                    help="decoding (default auto: the whole latent up to 4 windows, in tiles beyond, streamed to --out)")
     p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images "
                                                "(default out.wav / out.png)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
+    p.add_argument("--dist-timeout", type=POSITIVE_NUMBER, default=600.0,
                    help="under torchrun: seconds a rank waits for the others before it gives up (default 600)")
+    add_device_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def _check_out(out: str) -> None:
-    try:  # fail before the (long) generation, not after it
-        check_writable(out)
-    except OSError as exc:
-        raise CLIError(f"cannot write --out {out}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     """``safa generate``: returns the exit code."""
     from .. import distributed
 
-    if not args.dist_timeout > 0:
-        raise CLIError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     # torchrun's environment -> the default process group (None in a plain run).
     launched = distributed.init_from_environment(args.dist_timeout, args.device)
     if launched is None:
@@ -113,7 +102,8 @@ def _generate(args: argparse.Namespace, group: Any, device: Any) -> int:
     # A rank that cannot start (a missing model on its node, rank 0's unwritable --out) stops
     # every rank here, before the generation, instead of leaving them waiting.
     distributed.agree(group, error)
-    return _generate_and_write(args, *prepared, rank)
+    with use_backend(args.backend):
+        return _generate_and_write(args, *prepared, rank)
 
 
 def _prepare(args: argparse.Namespace, group: Any, rank: int,
@@ -122,32 +112,23 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int,
 
     Returns ``(JointDiffusion, output path, device, the call's arguments)``; rank 0 alone checks the output path
     (it alone writes)."""
+    from ..files import check_output_path
     from ..sampler import JointDiffusion
 
     call = _call_arguments(args)  # a bad --method / --guide fails here, before the model loads
-    if args.steps < 1:
-        raise CLIError(f"--steps must be an int >= 1, got {args.steps}")
-    out: Optional[str] = args.out
-    if out is not None:
-        ext = os.path.splitext(out)[1].lower()
-        if ext not in AUDIO_EXTENSIONS + IMAGE_EXTENSIONS:
-            raise CLIError(f"--out must end in one of {AUDIO_EXTENSIONS + IMAGE_EXTENSIONS}, got {out!r}")
-        if rank == 0:
-            _check_out(out)
+    if args.view_prompt and args.prompt:
+        raise CLIError("give either --prompt or --view-prompt (repeated), not both")
+    if args.out is not None and rank == 0:  # fail before the (long) generation, not after it
+        check_output_path(args.out, name="--out")
     setup_logging(args.quiet or rank != 0)  # rank 0 speaks for every rank
     device = device if device is not None else resolve_device(args.device)
-    check_backend_env(device)
+    check_backend(args.backend, device)
     pipe = load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None)
     jd = JointDiffusion(pipe, process_group=group)  # ValueError (unsupported pipeline) -> exit 2
     kind = jd.adapter.kind
-    out = out or ("out.wav" if kind == "audio" else "out.png")
-    ext = os.path.splitext(out)[1].lower()
-    if kind == "audio" and ext not in AUDIO_EXTENSIONS:
-        raise CLIError(f"audio output must end in one of {AUDIO_EXTENSIONS}, got {out!r}")
-    if kind == "image" and ext not in IMAGE_EXTENSIONS:
-        raise CLIError(f"image output must end in .png, got {out!r}")
-    if args.out is None and rank == 0:
-        _check_out(out)
+    out = args.out or ("out.wav" if kind == "audio" else "out.png")
+    if rank == 0:
+        check_output_path(out, kinds=(kind,), name="--out")
     if kind == "audio" and args.seconds is None:
         raise CLIError("this is an audio pipeline: give --seconds")
     if kind == "image" and args.width is None:
@@ -156,15 +137,37 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int,
         set_scheduler(pipe, args.scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
-    if args.view_prompt and args.prompt:
-        raise CLIError("give either --prompt or --view-prompt (repeated), not both")
     # A request that cannot fit fails here, before the layout (or anything long) is built.
     jd.estimate_memory(**call, output_path=out, check=True)
+    if rank == 0 and kind == "audio":
+        _check_free_space(args, jd, out)
+    overlap_notice(args.overlap, args.quiet or rank != 0)
     return jd, out, device, call
+
+
+def _spectrogram_path(args: argparse.Namespace, out: str) -> Optional[str]:
+    return None if args.no_spectrogram else os.path.splitext(out)[0] + ".png"
+
+
+def _check_free_space(args: argparse.Namespace, jd: Any, out: str) -> None:
+    """The audio file and its spectrogram PNG fit on the disk, checked together before any work."""
+    from ..audio_io import audio_file_bytes
+    from ..files import check_free_space
+    from ..plots import spectrogram_png_bytes
+    needs = {out: audio_file_bytes(out, jd.adapter.output_length(seconds=args.seconds),
+                                   jd.adapter.output_elements_per_column())}
+    spec_path = _spectrogram_path(args, out)
+    if spec_path is not None:
+        needs[spec_path] = spectrogram_png_bytes()
+    try:
+        check_free_space(needs)
+    except OSError as exc:
+        raise CLIError(f"not enough disk space for --out: {exc}") from None
 
 
 def _call_arguments(args: argparse.Namespace) -> Dict[str, Any]:
     """The arguments of the JointDiffusion call that the memory estimate also takes."""
+    from ..methods import parse_method_spec
     window = None if args.model == BUILTIN_MODEL else args.window  # the built-in model was built for it
     method = parse_method_spec(args.method, guide=args.guide, swap_interval=args.swap_interval)
     return dict(seconds=args.seconds, width=args.width, height=args.height, method=method, loop=args.loop,
@@ -183,13 +186,15 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     if not args.quiet and rank == 0:
         print(f"layout: {jd.describe_layout(layout)}", file=sys.stderr)
     spectrogram = None
-    if kind == "audio" and not args.no_spectrogram:
+    spec_path = _spectrogram_path(args, out) if kind == "audio" else None
+    if spec_path is not None:
         from ..spectrogram import SpectrogramAccumulator
         samples = jd.adapter.output_length(seconds=args.seconds)
         # Fed with every decoded piece as it is written: the waveform is never held whole.
         spectrogram = SpectrogramAccumulator(jd.sample_rate, samples / jd.sample_rate)
+    steps = args.steps or jd.adapter.pipeline_default("num_inference_steps", 50)  # as the Python call
     started = time.perf_counter()
-    result = jd(**call, num_inference_steps=args.steps, negative_prompt=args.negative_prompt,
+    result = jd(**call, num_inference_steps=steps, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt, generator=torch.Generator(device=device).manual_seed(args.seed),
                 output_path=out,
                 callback_on_output_chunk=(None if spectrogram is None
@@ -201,18 +206,21 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     written = [out]
     if spectrogram is not None:
         from ..plots import layout_title, view_spans, write_spectrogram
-        spec_path = os.path.splitext(out)[0] + ".png"
         fps = jd.adapter.frames_per_second
-        write_spectrogram(spec_path, spectrogram.finish(), view_spans(layout, fps), loop=layout.loop,
-                          title=layout_title(args.method, args.view_prompt or [args.prompt], layout, fps))
+        try:
+            write_spectrogram(spec_path, spectrogram.finish(), view_spans(layout, fps), loop=layout.loop,
+                              title=layout_title(args.method, args.view_prompt or [args.prompt], layout, fps))
+        except OSError as exc:  # e.g. the disk filled since the check: the audio is complete, say so
+            print(f"safa generate: error: wrote {out} but not its spectrogram {spec_path}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
         written.append(spec_path)
     if kind == "audio":
         what = f"{result.output_length / result.sample_rate:.2f} s at {result.sample_rate} Hz"
     else:
         what = f"{args.width}x{jd.adapter.output_elements_per_column(args.height) // 3} px"
-    steps = result.timings["denoise"]
-    print(f"wrote {', '.join(written)}: {what}, {jd.describe_layout(result.layout)}, {args.method}; "
-          f"{args.steps} steps in {steps:.1f} s ({steps / args.steps:.2f} s/step), decoded and written in "
+    denoise = result.timings["denoise"]
+    print(f"wrote {', '.join(written)}: {what}, {jd.describe_layout(result.layout)}, {args.method}, seed {args.seed}; "
+          f"{steps} steps in {denoise:.1f} s ({denoise / steps:.2f} s/step), decoded and written in "
           f"{result.timings['decode']:.1f} s, {elapsed:.1f} s in all")
     return 0
-

@@ -7,20 +7,25 @@
 Runs a few steps under ``torch.profiler``, prints per step the time and the ops (CPU) or
 launches (CUDA) of each part, and writes a Chrome trace (open it in chrome://tracing or
 https://ui.perfetto.dev). ``--compare`` runs the hand-written per-view merge loop
-(``safa_kernels.naive``) beside the one-op merge, in the same process. Measuring is
-:mod:`safa.profiling.measure`, printing :mod:`safa.profiling.report`.
+(``safa_kernels.naive``) beside the one-op merge, in the same process. The flags mean what
+they mean in ``safa generate``; two defaults differ on purpose, and the first line printed
+says so: ``--steps`` (the steps profiled, 4) and SaFa's ``--guide`` (1.0, so that every
+profiled step does the reference swap, the step's most expensive merge; generate's is the
+method's 0.3). Measuring is :mod:`safa.profiling.measure`, printing :mod:`safa.profiling.report`.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import torch
+from .common import (BUILTIN_MODEL, NONNEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, TINY_AUDIOLDM,
+                     add_device_arguments, add_layout_arguments, add_model_arguments, add_sampling_arguments)
 
-__all__ = ["add_parser", "add_arguments", "method_choices", "run", "TINY_AUDIOLDM"]
+__all__ = ["add_parser", "add_arguments", "method_choices", "run", "TINY_AUDIOLDM", "PROFILE_GUIDE"]
 
-TINY_AUDIOLDM = "builtin:tiny-audioldm"
+# SaFa's r_guide when profiling: the reference swap in every profiled step (see the module docstring).
+PROFILE_GUIDE = 1.0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,96 +38,108 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def method_choices() -> List[str]:
-    """The methods `safa profile --method` takes: the one list, safa.sampler.METHODS."""
-    from ..sampler import METHODS
+    """The methods `safa profile --method` takes: the one list, safa.methods.METHODS."""
+    from ..methods import METHODS
     return list(METHODS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .common import add_guidance_argument, add_model_arguments
-    add_model_arguments(p)  # --model (also builtin:tiny-audioldm here), --window, --device, --quiet
-    p.add_argument("--seconds", type=float, default=None, help="audio length (default 30 for audio pipelines)")
-    p.add_argument("--width", type=int, default=None, help="panorama width in pixels (image pipelines)")
-    p.add_argument("--height", type=int, default=None, help="panorama height in pixels (image pipelines)")
+    add_model_arguments(p)  # --model (builtin:tiny-audioldm too), --window
+    p.add_argument("--seconds", type=POSITIVE_NUMBER, default=None, help="audio length (default 30 for audio pipelines)")
+    p.add_argument("--width", type=POSITIVE_INT, default=None, help="panorama width in pixels (image pipelines)")
+    p.add_argument("--height", type=POSITIVE_INT, default=None, help="panorama height in pixels (image pipelines)")
     p.add_argument("--prompt", default="rain", help="the prompt (default rain: a class of the built-in model)")
     p.add_argument("--method", default="safa",
                    help=f"one of {', '.join(method_choices())}, optionally with parameters of its method object "
                         f"(e.g. safa_stats:snr=0.05, as generate and evaluate take them; default safa)")
-    p.add_argument("--backend", default="auto", help="merge backend: auto, cpp, cuda, triton, reference")
-    p.add_argument("--steps", type=int, default=4, help="profiled steps (default 4)")
-    p.add_argument("--warmup", type=int, default=2, help="steps of the warm-up call (default 2)")
+    add_sampling_arguments(p, steps=4, steps_help="profiled steps (default 4)")
+    add_layout_arguments(p)
+    p.add_argument("--warmup", type=NONNEGATIVE_INT, default=2, help="steps of the warm-up call (default 2)")
     p.add_argument("--guide", type=float, default=None,
-                   help="SaFa's r_guide (default 1.0 for safa: the reference swap in every profiled step)")
-    add_guidance_argument(p)
+                   help=f"SaFa's r_guide (default {PROFILE_GUIDE:g} for safa: the reference swap in every profiled "
+                        "step; generate's default is the method's 0.3)")
     p.add_argument("--compile", action="store_true", help="JointDiffusion(compile=True)")
     p.add_argument("--cuda-graphs", action="store_true", help="JointDiffusion(cuda_graphs=True) (CUDA only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads, >= 1 (default: torch's)")
     p.add_argument("--compare", action="store_true",
                    help="also run the hand-written per-view merge loop (safa_kernels.naive) and print both "
                         "side by side")
     p.add_argument("--trace", default="out/profile_trace.json",
-                   help="Chrome trace path (default out/profile_trace.json; --compare adds .naive before .json)")
+                   help="Chrome trace path (default out/profile_trace.json; --compare adds .naive before .json; "
+                        "'' for none)")
+    add_device_arguments(p)
 
 
-def load(model: str, window: Optional[float]) -> Any:
-    """The pipeline ``model`` names: :data:`TINY_AUDIOLDM` or anything ``safa generate --model`` accepts."""
-    if model == TINY_AUDIOLDM:
-        from ..testing import tiny_audioldm_pipeline
-        return tiny_audioldm_pipeline()
-    from .common import BUILTIN_MODEL, load_pipeline
-    return load_pipeline(model, window if model == BUILTIN_MODEL else None)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``safa profile``: print the breakdown(s); returns the exit code."""
-    from ..profiling import NAIVE_METHODS, format_breakdown, format_comparison, naive_merge_step, profile_steps
+def _method(args: argparse.Namespace) -> Any:
+    """The method object, with SaFa's guide at :data:`PROFILE_GUIDE` unless the spec or --guide sets it."""
     from ..methods import parse_method_spec, split_method_spec
-    from ..sampler import JointDiffusion
-
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    from ..profiling import NAIVE_METHODS
     name, spec_params = split_method_spec(args.method)
-    # SaFa's reference swap in every profiled step unless the spec or --guide says otherwise.
-    guide = 1.0 if name == "safa" and args.guide is None and "guide" not in spec_params else args.guide
+    guide = PROFILE_GUIDE if name == "safa" and args.guide is None and "guide" not in spec_params else args.guide
     method = parse_method_spec(args.method, guide=guide)
     if args.compare and name not in NAIVE_METHODS:
         raise ValueError(f"--compare: the naive merge implements {NAIVE_METHODS}, not {args.method!r}")
-    from .common import BUILTIN_MODEL, check_backend_env, resolve_device, setup_logging
-    setup_logging(args.quiet)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    check_backend_env(device)
-    if args.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
-    pipe = load(args.model, args.window)
+    return method
+
+
+def _call_kwargs(args: argparse.Namespace, jd: Any, method: Any) -> Dict[str, Any]:
     window = None if args.model == BUILTIN_MODEL else args.window  # the built-in model was built for it
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs)
     kwargs: Dict[str, Any] = dict(prompt=args.prompt, method=method, num_inference_steps=args.steps,
-                                  guidance_scale=args.guidance_scale, window=window)
+                                  guidance_scale=args.guidance_scale, window=window, overlap=args.overlap,
+                                  loop=args.loop, view_batch_size=args.view_batch_size)
     if jd.adapter.kind == "audio":
         kwargs["seconds"] = args.seconds if args.seconds is not None else 30.0
     else:
         if args.width is None:
             raise ValueError("this is an image pipeline: give --width")
         kwargs.update(width=args.width, height=args.height)
-    layout = jd.layout_for(kwargs.get("seconds"), kwargs.get("width"), window=window, method=method)
+    return kwargs
+
+
+def run(args: argparse.Namespace) -> int:
+    """``safa profile``: print the breakdown(s); returns the exit code."""
+    import torch
+
+    from ..profiling import format_breakdown, format_comparison, naive_merge_step, profile_steps
+    from ..sampler import JointDiffusion
+    from .common import (check_backend, load_pipeline, overlap_notice, resolve_device, set_scheduler,
+                         setup_logging, use_backend)
+
+    method = _method(args)
+    setup_logging(args.quiet)
+    device = resolve_device(args.device)
+    backend = check_backend(args.backend, device)  # before anything is printed or loaded
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    kwargs = _call_kwargs(args, jd, method)
+    layout = jd.layout_for(kwargs.get("seconds"), kwargs.get("width"), window=kwargs["window"],
+                           overlap=args.overlap, loop=args.loop, method=method)
     if args.compare and layout.loop:
         raise ValueError("--compare: the naive merge handles open layouts only")
-    print(f"{args.model}: {jd.describe_layout(layout)}, "
-          f"{args.method}, backend {args.backend}, compile={args.compile}, cuda_graphs={args.cuda_graphs}, "
+    overlap_notice(args.overlap, args.quiet)
+    guide = getattr(method, "guide", None)
+    print(f"{args.model}: {jd.describe_layout(layout)}, {args.method}"
+          + (f" (guide {guide:g}: the reference swap in every profiled step)" if guide == PROFILE_GUIDE else "")
+          + f", backend {backend}, seed {args.seed}, compile={args.compile}, cuda_graphs={args.cuda_graphs}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    ours = profile_steps(jd, kwargs, label="safa_kernels", backend=args.backend, warmup_steps=args.warmup,
-                         trace=args.trace, quiet=args.quiet)
+    with use_backend(args.backend):
+        ours = profile_steps(jd, kwargs, label="safa_kernels", warmup_steps=args.warmup, trace=args.trace or None,
+                             seed=args.seed, quiet=args.quiet)
     print(format_breakdown(ours))
     if args.compare:
         trace = None if not args.trace else os.path.splitext(args.trace)[0] + ".naive.json"
         naive_jd = JointDiffusion(pipe, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                   merge_step=naive_merge_step)
         naive = profile_steps(naive_jd, kwargs, label="naive eager", warmup_steps=args.warmup, trace=trace,
-                              quiet=args.quiet)
+                              seed=args.seed, quiet=args.quiet)
         print()
         print(format_breakdown(naive))
         print()

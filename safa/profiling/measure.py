@@ -34,6 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from safa_kernels import ViewLayout, naive
 
+from ..files import atomic_path
+
 __all__ = ["CATEGORIES", "RANGES", "NAIVE_METHODS", "StepBreakdown", "ProfileResult", "analyse", "profile_steps",
            "naive_merge_step"]
 
@@ -59,23 +61,6 @@ def naive_merge_step(views: torch.Tensor, reference: Optional[torch.Tensor], lay
 
 
 NAIVE_METHODS = ("safa", "safa_selfloop", "multidiffusion")  # the methods whose modes naive implements
-
-
-@contextlib.contextmanager
-def _backend(name: Optional[str]) -> Iterator[None]:
-    """``SAFA_BACKEND`` for the block (the sampler's merge has no backend argument)."""
-    if name is None or name == "auto":
-        yield
-        return
-    saved = os.environ.get("SAFA_BACKEND")
-    os.environ["SAFA_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("SAFA_BACKEND", None)
-        else:
-            os.environ["SAFA_BACKEND"] = saved
 
 
 # -- analysis of a profile ----------------------------------------------------------------------------
@@ -199,15 +184,16 @@ def native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, backend: Optional[str] = None,
+def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str,
                   warmup_steps: int = 2, trace: Optional[str] = None, seed: int = 0,
                   quiet: bool = False) -> ProfileResult:
     """Run ``jd(**call_kwargs)`` under ``torch.profiler`` and break its steps down.
 
     A warm-up call of ``warmup_steps`` steps first (plans, compilation, allocator), then a
     timed call without the profiler (per-step wall time from step-end callbacks), then the
-    profiled call. ``backend`` sets ``SAFA_BACKEND`` for the call. To profile another merge,
-    pass a ``JointDiffusion(pipe, merge_step=...)``. ``trace``: a Chrome trace is written there
+    profiled call. The merge backend is the one a call picks (``SAFA_BACKEND``; ``safa profile
+    --backend`` sets it around this call). To profile another merge, pass a
+    ``JointDiffusion(pipe, merge_step=...)``. ``trace``: a Chrome trace is written there
     (whole or not at all). ``quiet``: the profiler library's own lines are not printed.
     """
     device = torch.device(jd.adapter.device)
@@ -220,30 +206,28 @@ def profile_steps(jd: Any, call_kwargs: Dict[str, Any], *, label: str, backend: 
             kwargs["callback_on_step_end"] = callback
         jd(**kwargs)
 
-    with _backend(backend):
-        if warmup_steps:
-            call(warmup_steps)
-        ends: List[float] = []
+    if warmup_steps:
+        call(warmup_steps)
+    ends: List[float] = []
 
-        def stamp(_jd: Any, _i: int, _t: Any, _kw: Dict[str, Any]) -> None:
-            _sync(device)
-            ends.append(time.perf_counter())
-
+    def stamp(_jd: Any, _i: int, _t: Any, _kw: Dict[str, Any]) -> None:
         _sync(device)
         ends.append(time.perf_counter())
-        call(callback=stamp)
-        # ends[0] is before the call: the first interval also holds the call's setup (prompt
-        # encoding, noise), so it is dropped.
-        unprofiled = [(b - a) * 1e3 for a, b in zip(ends[1:], ends[2:])]
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with (native_stderr_silenced() if quiet else contextlib.nullcontext()), \
-                profile(activities=activities) as prof:
-            call()
-        _sync(device)
+
+    _sync(device)
+    ends.append(time.perf_counter())
+    call(callback=stamp)
+    # ends[0] is before the call: the first interval also holds the call's setup (prompt
+    # encoding, noise), so it is dropped.
+    unprofiled = [(b - a) * 1e3 for a, b in zip(ends[1:], ends[2:])]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with (native_stderr_silenced() if quiet else contextlib.nullcontext()), \
+            profile(activities=activities) as prof:
+        call()
+    _sync(device)
     if trace:
         os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
-        partial = f"{trace}.partial"
-        prof.export_chrome_trace(partial)
-        os.replace(partial, trace)
+        with atomic_path(trace) as tmp:
+            prof.export_chrome_trace(tmp)
     return ProfileResult(label=label, device=str(device), steps=analyse(prof.events()),
                          unprofiled_step_ms=unprofiled, trace=trace)

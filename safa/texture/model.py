@@ -236,10 +236,6 @@ class TextureModel(ModelMixin, ConfigMixin):
     def num_components(self) -> int:
         return int(self.component_class.numel())
 
-    def component_name(self, k: int) -> str:
-        cls = self.classes[int(self.component_class[k])]
-        return f"{cls.name}/{self.substyles[k % len(self.substyles)][0]}"
-
     def class_prior(self) -> torch.Tensor:
         """The unconditional class distribution (uniform)."""
         return torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
@@ -500,18 +496,3 @@ class TextureModel(ModelMixin, ConfigMixin):
         lags = np.arange(w)
         return max(float(np.abs(self._wrapped_kernel(c, length)[:w] - temporal_kernel(cls.temporal, lags)
                                 - 1e-4 * (lags == 0)).max()) for c, cls in enumerate(self.classes))
-
-    def whiten(self, x: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-        """``(B, CF, T)`` whitened coefficients of windows ``x`` under ``components`` (``(B,)``).
-
-        Columns are the temporal eigenmodes sorted by *decreasing* eigenvalue (for a
-        stationary kernel: from slow to fast), so slices along the last axis are
-        temporal-frequency bands.
-        """
-        idx = torch.as_tensor(components).reshape(-1)
-        coef = self._rotate_in(x.to(torch.float64))
-        rows = coef[torch.arange(coef.shape[0]), idx]
-        lam = self._eig()[idx]
-        w = rows / lam.sqrt()
-        order = torch.argsort(self.temporal_eig[self.component_class[idx]], dim=-1, descending=True)
-        return torch.gather(w, -1, order[:, None, :].expand_as(w))
