@@ -161,14 +161,14 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     plan = _prompts_for(prompts, samples)
     cw = model.encode_prompt([p for p, c in plan for _ in range(c)])
     jd = JointDiffusion(pipe)
+    # Every sample's latent is held at once (the 'true' row, then each method's samples): checked
+    # as one batch before any work (and before the layout is built), as a call checks itself.
+    jd.estimate_memory(seconds=seconds, loop=loop, overlap=overlap, guidance_scale=guidance_scale,
+                       batch_size=len(cw), output_type="latent", check=True)
     layout = jd.layout_for(seconds=seconds, method="safa", loop=loop, overlap=overlap)
     if layout.num_views < 2:
         raise ValueError(f"--seconds {seconds:g} fits in one window ({layout.window} latent frames): the evaluation "
                          f"measures seams, so it needs at least two views: a longer --seconds")
-    # Every sample's latent is held at once (the 'true' row, then each method's samples): checked
-    # as one batch before any work, as a call checks itself.
-    jd.estimate_memory(seconds=seconds, loop=loop, overlap=overlap, guidance_scale=guidance_scale,
-                       batch_size=len(cw), output_type="latent", check=True)
     rows: List[RowStats] = []
 
     def say(msg: str) -> None:
