@@ -67,6 +67,7 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_flux_pipeline",
     "tiny_roberta_tokenizer",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
@@ -592,5 +593,45 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusion3P
         tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+    return _finish(pipe)
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> "FluxPipeline":
+    """A tiny random FluxPipeline (FLUX.1 layout): latent ``(B, 4, H, W)`` with a VAE /8, packed by
+    the pipeline into 2x2 patches (16-channel tokens) with ``(0, row, col)`` positional ids; a CLIP
+    (pooled, 32) and a T5 (joint attention dim 32), FlowMatchEuler with the resolution shift.
+
+    The real FLUX.1 has 16 latent channels (64 per token) and a 1024 px default size
+    (``default_sample_size`` 128 latent rows); the geometry is the same. ``guidance_embeds``:
+    FLUX.1-dev's distilled guidance input (True) or FLUX.1-schnell's none (False).
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # (text/image index, row, column): sums to attention_head_dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16, max_image_seq_len=1024)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=_tiny_image_vae(4, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=CLIPTextModel(_tiny_clip_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5_encoder(len(tokenizer_2), d_model=32),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     return _finish(pipe)

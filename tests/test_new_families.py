@@ -1,0 +1,131 @@
+"""JointDiffusion over the newer DiT families on tiny offline pipelines (safa.testing.pipelines).
+
+Flux (``FluxPipeline``): views cut on the unpacked latent, packed per view with the ids of its
+own window; one view is the pipeline's own call, bitwise; every applicable method, open and loop,
+gives the requested size; what Flux cannot do (MAD, true CFG) is refused in one clear line.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from merge_asserts import assert_merged_as_the_method_says, keep_last_views
+
+from safa import JointDiffusion
+from safa.methods import SyncDiffusion
+from safa.testing import pipelines as tp
+
+METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+# -- Flux -------------------------------------------------------------------------------------
+# 128 px high (16 latent rows, 8 token rows), windows of 32 latent columns (256 px): the real
+# FLUX.1 window is 128 x 128; the long axis is what these tests are about.
+FLUX_HEIGHT, FLUX_WINDOW = 128, 32
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tp.tiny_flux_pipeline(seed=0)
+
+
+def _flux_pipeline_latent(pipe, latents, **kw):
+    """The pipeline's own final latent, unpacked to the (B, C, H, W) layout the sampler returns."""
+    packed = pipe._pack_latents(latents.clone(), *latents.shape)
+    out = pipe(latents=packed, output_type="latent", **kw).images
+    return pipe._unpack_latents(out, kw["height"], kw["width"], pipe.vae_scale_factor)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
+def test_flux_one_view_equals_pipeline(guidance_embeds, flux):
+    pipe = flux if guidance_embeds else tp.tiny_flux_pipeline(seed=0, guidance_embeds=False)
+    jd = JointDiffusion(pipe)
+    width = FLUX_WINDOW * pipe.vae_scale_factor
+    latents = torch.randn(jd.adapter.latent_shape(1, FLUX_WINDOW, FLUX_HEIGHT), generator=_gen(7))
+    kw = dict(height=FLUX_HEIGHT, width=width, num_inference_steps=3, guidance_scale=4.0)
+    ours = jd("a mountain range", latents=latents, output_type="latent", **kw)
+    assert ours.layout.num_views == 1 and ours.layout.window == FLUX_WINDOW
+    assert torch.equal(ours.latent, _flux_pipeline_latent(pipe, latents, prompt="a mountain range", **kw))
+    # decoded through the pipeline's own VAE scaling and image processor: the same image
+    a = jd("a mountain range", generator=_gen(), output_type="np", **kw).images
+    b = pipe("a mountain range", generator=_gen(), output_type="np", **kw).images
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flux_narrower_than_a_window_is_the_pipeline(flux):
+    """Below one window (FLUX.1's 1024 px default) the call is the pipeline's at the requested size."""
+    jd = JointDiffusion(flux)
+    kw = dict(height=FLUX_HEIGHT, width=200, num_inference_steps=2, output_type="np")
+    ours = jd("a mountain range", generator=_gen(3), **kw)
+    # the pipeline rounds 200 px down to a multiple of 16 (192); the wrapper generates 208 and crops
+    assert ours.layout.num_views == 1 and ours.layout.window == 26 and ours.images.shape == (1, 128, 200, 3)
+    assert jd.adapter.native_window() == flux.default_sample_size
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
+@pytest.mark.parametrize("method", METHODS)
+def test_flux_panorama_every_method(flux, method, loop):
+    jd = JointDiffusion(flux)
+    width = 416 if loop else 601  # a loop: 52 latent columns, two views; open: 76 columns, cropped
+    last: list = []
+    r = jd("a mountain range at dawn", width=width, height=FLUX_HEIGHT, window=FLUX_WINDOW, method=method,
+           loop=loop, num_inference_steps=2, generator=_gen(), output_type="np",
+           callback_on_step_end=keep_last_views(last))
+    assert r.images.shape == (1, FLUX_HEIGHT, width, 3) and np.isfinite(r.images).all()
+    assert r.latent.shape[:3] == (1, 4, FLUX_HEIGHT // 8) and r.latent.shape[-1] == r.layout.length
+    assert r.layout.loop is loop and r.layout.num_views >= 2
+    assert_merged_as_the_method_says(r, last[0], jd.adapter.long_dim)
+
+
+def test_flux_odd_stride_packs_each_view_on_its_own(flux):
+    """A view may start at an odd latent column: it is packed from its own first column."""
+    r = JointDiffusion(flux)("a mountain range", width=480, height=FLUX_HEIGHT, window=FLUX_WINDOW, overlap=7 / 32,
+                             num_inference_steps=1, generator=_gen(), output_type="latent")
+    assert r.layout.stride == 25 and r.layout.num_views >= 2 and torch.isfinite(r.latent).all()
+
+
+def test_flux_syncdiffusion(flux):
+    """SyncDiffusion's loss is on decoded images; with a given loss (LPIPS needs weights) it runs and
+    moves the views."""
+    jd = JointDiffusion(flux)
+    kw = dict(width=416, height=FLUX_HEIGHT, window=FLUX_WINDOW, num_inference_steps=2, output_type="latent")
+    mse = lambda a, b: ((a - b) ** 2).mean()  # noqa: E731
+    zero = jd("x", method=SyncDiffusion(weight=0.0, steps=1.0, loss=mse), generator=_gen(), **kw)
+    sync = jd("x", method=SyncDiffusion(weight=20.0, steps=1.0, loss=mse), generator=_gen(), **kw)
+    assert torch.isfinite(sync.latent).all() and not torch.equal(zero.latent, sync.latent)
+
+
+def test_flux_refuses_clearly(flux):
+    jd = JointDiffusion(flux)
+    kw = dict(width=601, height=FLUX_HEIGHT, window=FLUX_WINDOW, num_inference_steps=1)
+    with pytest.raises(ValueError, match="MAD merges a UNet's self-attention layers; FluxPipeline cannot run it"):
+        jd("x", method="mad", **kw)
+    with pytest.raises(ValueError, match="true classifier-free guidance"):
+        jd("x", negative_prompt="blurry", **kw)
+    with pytest.raises(ValueError, match="negative_prompt_embeds is not supported for FluxPipeline"):
+        jd(prompt_embeds=torch.zeros(1, 4, 32), negative_prompt_embeds=torch.zeros(1, 4, 32), **kw)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 16 pixels"):
+        jd("x", **{**kw, "height": 120})
+    with pytest.raises(ValueError, match="window must be a multiple of 2 latent columns"):
+        jd("x", **{**kw, "window": 31})
+
+
+def test_flux_prompt_embeds_equal_prompt(flux):
+    jd = JointDiffusion(flux)
+    embeds, pooled, _ = flux.encode_prompt("a mountain range", prompt_2=None, max_sequence_length=512)
+    kw = dict(width=416, height=FLUX_HEIGHT, window=FLUX_WINDOW, num_inference_steps=1, output_type="latent")
+    a = jd("a mountain range", generator=_gen(), **kw).latent
+    b = jd(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_gen(), **kw).latent
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # the encoders' float rounding only
+
+
+def test_flux_writes_the_file(flux, tmp_path):
+    from PIL import Image
+    path = tmp_path / "pano.png"
+    r = JointDiffusion(flux)("a mountain range", width=601, height=FLUX_HEIGHT, window=FLUX_WINDOW,
+                             num_inference_steps=1, generator=_gen(), decode="tiled", output_path=str(path))
+    assert r.output_paths == [str(path)] and Image.open(path).size == (601, FLUX_HEIGHT)
