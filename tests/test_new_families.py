@@ -3,6 +3,10 @@
 Flux (``FluxPipeline``): views cut on the unpacked latent, packed per view with the ids of its
 own window; one view is the pipeline's own call, bitwise; every applicable method, open and loop,
 gives the requested size; what Flux cannot do (MAD, true CFG) is refused in one clear line.
+
+Stable Audio 3 (``StableAudio3Pipeline``): below one window (its duration embedder's range) the
+call is the pipeline's, bitwise, with its ping-pong sampler's fresh noise per step; long audio
+and loops with every method, each window conditioned on its own duration; tiled / streamed decode.
 """
 from __future__ import annotations
 
@@ -129,3 +133,89 @@ def test_flux_writes_the_file(flux, tmp_path):
     r = JointDiffusion(flux)("a mountain range", width=601, height=FLUX_HEIGHT, window=FLUX_WINDOW,
                              num_inference_steps=1, generator=_gen(), decode="tiled", output_path=str(path))
     assert r.output_paths == [str(path)] and Image.open(path).size == (601, FLUX_HEIGHT)
+
+
+# -- Stable Audio 3 ---------------------------------------------------------------------------
+# The tiny SA3: ~43 latent frames/s, native window 86 frames (the duration embedder's 2 s range).
+SA3_OPEN, SA3_LOOP = 5.3, 200 * 1024 / 44100  # 228 frames: covered by 4 views, cropped; a loop of 200 frames
+
+
+@pytest.fixture(scope="module")
+def sa3():
+    return tp.tiny_stable_audio_3_pipeline(seed=0)
+
+
+@pytest.mark.parametrize("guidance,negative", [(1.0, None), (3.0, None), (3.0, "noise")],
+                         ids=["distilled", "cfg", "cfg-negative"])
+@pytest.mark.parametrize("stochastic", [True, False], ids=["ping-pong", "euler"])
+def test_stable_audio_3_one_view_equals_pipeline(sa3, stochastic, guidance, negative):
+    """Below one window the call is the pipeline's at the requested duration, bitwise: the same noise,
+    duration conditioning, schedule, and (ping-pong) the same fresh noise drawn every step."""
+    pipe = sa3 if stochastic else tp.tiny_stable_audio_3_pipeline(seed=0, stochastic=False)
+    kw = dict(num_inference_steps=3, guidance_scale=guidance, negative_prompt=negative, output_type="np")
+    ours = JointDiffusion(pipe)("rain on a tin roof", 1.0, generator=_gen(), **kw)
+    theirs = pipe("rain on a tin roof", duration=1.0, generator=_gen(), **kw).audios
+    assert ours.layout.num_views == 1 and ours.layout.window == 44  # ceil(1.0 s x 43.07 frames/s)
+    assert ours.audio.shape == theirs.shape == (1, 2, 44100)
+    np.testing.assert_array_equal(ours.audio, theirs)
+
+
+def test_stable_audio_3_defaults_are_the_pipelines(sa3):
+    adapter = JointDiffusion(sa3).adapter
+    assert adapter.pipeline_default("num_inference_steps", 50) == 8  # ping-pong
+    euler = JointDiffusion(tp.tiny_stable_audio_3_pipeline(seed=0, stochastic=False)).adapter
+    assert euler.pipeline_default("num_inference_steps", 50) == 100
+    assert adapter.native_window() == int(2.0 * 44100 / 1024)  # the duration embedder's range
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
+@pytest.mark.parametrize("method", METHODS)
+def test_stable_audio_3_long_audio_every_method(sa3, method, loop):
+    jd = JointDiffusion(sa3)
+    seconds = SA3_LOOP if loop else SA3_OPEN
+    last: list = []
+    r = jd("rain", seconds, method=method, loop=loop, num_inference_steps=3, generator=_gen(), output_type="np",
+           callback_on_step_end=keep_last_views(last))
+    assert r.audio.shape == (1, 2, int(round(seconds * 44100))) and np.isfinite(r.audio).all()
+    assert np.abs(r.audio).max() <= 1.0  # clamped as the pipeline does
+    assert r.layout.loop is loop and r.layout.num_views >= 2 and r.latent.shape[:2] == (1, 8)
+    if loop:
+        assert r.layout.length == r.columns == 200
+    assert_merged_as_the_method_says(r, last[0], jd.adapter.long_dim)
+
+
+def test_stable_audio_3_duration_is_per_window(sa3, monkeypatch):
+    """Every window is conditioned on its own length (the whole long output's would be out of range)."""
+    jd = JointDiffusion(sa3)
+    seen = set()
+    real = jd.adapter._duration_state
+    monkeypatch.setattr(jd.adapter, "_duration_state", lambda s: seen.add(round(s, 6)) or real(s))
+    jd("rain", SA3_OPEN, num_inference_steps=1, generator=_gen(), output_type="latent")
+    assert seen == {round(86 * 1024 / 44100, 6)}
+
+
+def test_stable_audio_3_streamed_file_equals_returned_audio(sa3, tmp_path):
+    """A tiled decode (the SAME decoder's band attention inside the context) equals the whole decode to
+    float rounding, and the file written tile by tile holds that audio."""
+    import soundfile as sf
+    jd = JointDiffusion(sa3)
+    kw = dict(num_inference_steps=2, generator=None)
+    full = jd("rain", SA3_OPEN, decode="full", output_type="np", **{**kw, "generator": _gen()})
+    tiled = jd("rain", SA3_OPEN, decode="tiled", decode_tile=40, output_type="np", **{**kw, "generator": _gen()})
+    assert torch.equal(full.latent, tiled.latent)
+    np.testing.assert_allclose(tiled.audio, full.audio, rtol=0, atol=1e-5)
+    path = tmp_path / "rain.wav"
+    r = jd("rain", SA3_OPEN, decode="tiled", decode_tile=40, output_path=str(path), **{**kw, "generator": _gen()})
+    assert r.output_paths == [str(path)] and r.audio is None
+    written, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    assert rate == 44100 and written.shape == (int(round(SA3_OPEN * 44100)), 2)
+    np.testing.assert_allclose(written.T, full.audio[0], atol=1e-4)  # WAV's float32 / PCM rounding
+
+
+def test_stable_audio_3_syncdiffusion_and_refusals(sa3):
+    jd = JointDiffusion(sa3)
+    r = jd("rain", SA3_LOOP, method=SyncDiffusion(steps=1.0), loop=True, num_inference_steps=2, generator=_gen(),
+           output_type="np")
+    assert r.audio.shape == (1, 2, int(round(SA3_LOOP * 44100))) and np.isfinite(r.audio).all()
+    with pytest.raises(ValueError, match="MAD merges a UNet's self-attention layers; StableAudio3Pipeline"):
+        jd("rain", SA3_OPEN, method="mad", num_inference_steps=1)
