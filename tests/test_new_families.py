@@ -219,3 +219,13 @@ def test_stable_audio_3_syncdiffusion_and_refusals(sa3):
     assert r.audio.shape == (1, 2, int(round(SA3_LOOP * 44100))) and np.isfinite(r.audio).all()
     with pytest.raises(ValueError, match="MAD merges a UNet's self-attention layers; StableAudio3Pipeline"):
         jd("rain", SA3_OPEN, method="mad", num_inference_steps=1)
+
+
+@pytest.mark.parametrize("make", [tp.tiny_flux_pipeline, tp.tiny_stable_audio_3_pipeline], ids=["flux", "sa3"])
+def test_tiny_pipelines_round_trip_offline(make, tmp_path):
+    pipe = make()
+    pipe.save_pretrained(tmp_path)
+    loaded = type(pipe).from_pretrained(tmp_path)
+    for a, b in zip(pipe.transformer.parameters(), loaded.transformer.parameters()):
+        assert torch.equal(a, b)
+    assert type(loaded.tokenizer) is type(pipe.tokenizer)

@@ -10,6 +10,8 @@ joint-diffusion sampler cares about); only channel widths and depths are shrunk 
 - Stable Audio Open: latent ``(B, C, T)``, time last, 44.1 kHz / 2048 ~ 21.5 frames/s.
 - Stable Diffusion 1.x/2.x, SDXL, SD3: latent ``(B, 4, H, W)`` with a VAE that downsamples by 8
   (SD3 may use fewer latent channels; its pipeline reads them from the transformer config).
+- FLUX.1: latent ``(B, 4, H, W)`` with a VAE /8, packed by its pipeline into 2x2 tokens.
+- Stable Audio 3: latent ``(B, 8, T)``, time last, 44.1 kHz / 1024 ~ 43 frames/s (SAME autoencoder).
 
 Every pipeline survives ``save_pretrained(dir)`` + ``<Class>.from_pretrained(dir)`` offline.
 """
