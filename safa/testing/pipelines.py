@@ -10,6 +10,8 @@ joint-diffusion sampler cares about); only channel widths and depths are shrunk 
 - Stable Audio Open: latent ``(B, C, T)``, time last, 44.1 kHz / 2048 ~ 21.5 frames/s.
 - Stable Diffusion 1.x/2.x, SDXL, SD3: latent ``(B, 4, H, W)`` with a VAE that downsamples by 8
   (SD3 may use fewer latent channels; its pipeline reads them from the transformer config).
+- FLUX.1: latent ``(B, 4, H, W)`` with a VAE /8, packed by its pipeline into 2x2 tokens.
+- Stable Audio 3: latent ``(B, 8, T)``, time last, 44.1 kHz / 1024 ~ 43 frames/s (SAME autoencoder).
 
 Every pipeline survives ``save_pretrained(dir)`` + ``<Class>.from_pretrained(dir)`` offline.
 """
@@ -67,6 +69,9 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_flux_pipeline",
+    "tiny_stable_audio_3_pipeline",
+    "tiny_gemma_tokenizer",
     "tiny_roberta_tokenizer",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
@@ -593,4 +598,87 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusion3P
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
+    return _finish(pipe)
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> "FluxPipeline":
+    """A tiny random FluxPipeline (FLUX.1 layout): latent ``(B, 4, H, W)`` with a VAE /8, packed by
+    the pipeline into 2x2 patches (16-channel tokens) with ``(0, row, col)`` positional ids; a CLIP
+    (pooled, 32) and a T5 (joint attention dim 32), FlowMatchEuler with the resolution shift.
+
+    The real FLUX.1 has 16 latent channels (64 per token) and a 1024 px default size
+    (``default_sample_size`` 128 latent rows); the geometry is the same. ``guidance_embeds``:
+    FLUX.1-dev's distilled guidance input (True) or FLUX.1-schnell's none (False).
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # (text/image index, row, column): sums to attention_head_dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16, max_image_seq_len=1024)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=_tiny_image_vae(4, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=CLIPTextModel(_tiny_clip_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5_encoder(len(tokenizer_2), d_model=32),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+def tiny_gemma_tokenizer(model_max_length: int = 32) -> "GemmaTokenizer":
+    """A Gemma tokenizer built in code over printable ASCII (one token per character, no merges)."""
+    from transformers import GemmaTokenizer
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for c in map(chr, range(33, 127)):
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_stable_audio_3_pipeline(seed: int = 0, stochastic: bool = True,
+                                 max_seconds: float = 2.0) -> "StableAudio3Pipeline":
+    """A tiny random StableAudio3Pipeline: latent ``(B, 8, T)``, time last; a SAME autoencoder of
+    ratio 1024 (patch 256 x stride 4) at 44.1 kHz stereo, ~43 latent frames/s (the real SAME has
+    ratio 4096 and 256 latent channels); a T5Gemma encoder; the duration embedder's range
+    ``[0, max_seconds]`` (384 s for SA3 Medium), which is the adapter's native window.
+
+    ``stochastic``: the distilled checkpoint's ping-pong sampler (FlowMatchEuler with
+    ``stochastic_sampling``, fresh noise every step) or the base checkpoint's plain Euler.
+    """
+    from diffusers import StableAudio3Pipeline
+    from diffusers.models.autoencoders.autoencoder_same import AutoencoderSAME
+    from diffusers.models.transformers.transformer_stable_audio3 import StableAudio3DiTModel
+    from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+    torch.manual_seed(seed)
+    tokenizer = tiny_gemma_tokenizer()
+    module = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
+    text_encoder = T5GemmaEncoderModel(T5GemmaConfig(encoder=module, decoder=module, vocab_size=len(tokenizer),
+                                                     is_encoder_decoder=False))
+    transformer = StableAudio3DiTModel(io_channels=8, embed_dim=32, depth=1, num_heads=2, cond_token_dim=16,
+                                       global_cond_dim=16, local_add_cond_dim=9, timestep_features_dim=16,
+                                       ff_mult=2.0, num_memory_tokens=4)
+    vae = AutoencoderSAME(audio_channels=2, patch_size=256, encoder_channels=8, encoder_c_mults=(1,),
+                          encoder_strides=(4,), encoder_transformer_depths=(1,), latent_dim=8, dim_heads=8,
+                          ff_mult=2, sliding_window=1, sampling_rate=44100)
+    pipe = StableAudio3Pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        duration_embedder=StableAudio3DurationEmbedder(output_dim=16, fourier_dim=16, max_val=max_seconds),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic))
     return _finish(pipe)
