@@ -2,6 +2,8 @@
 
     safa profile                                  # the built-in model, 30 s, SaFa, 4 steps
     safa profile --model builtin:tiny-audioldm    # a tiny random AudioLDM (a UNet, offline)
+    safa profile --model fullsize:audioldm --seconds 10 --steps 1 --warmup 0
+                                                  # full-size AudioLDM-S / fullsize:sd2 (random weights)
     safa profile --model DIR --seconds 60 --method multidiffusion --backend triton --compare
 
 Runs a few steps under ``torch.profiler``, prints per step the time and the ops (CPU) or
@@ -21,6 +23,9 @@ import torch
 __all__ = ["add_parser", "add_arguments", "method_choices", "run", "TINY_AUDIOLDM"]
 
 TINY_AUDIOLDM = "builtin:tiny-audioldm"
+# Full-size random-weight architectures from the published configs of benchmarks/fullsize.py
+# (a source checkout's, not an installed package's): the real cost of a step, offline.
+FULLSIZE = {"fullsize:sd2": "sd2_pipeline", "fullsize:audioldm": "audioldm_pipeline"}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -69,8 +74,23 @@ def load(model: str, window: Optional[float]) -> Any:
     if model == TINY_AUDIOLDM:
         from ..testing import tiny_audioldm_pipeline
         return tiny_audioldm_pipeline()
+    if model in FULLSIZE:
+        return _fullsize(model)
     from .common import BUILTIN_MODEL, load_pipeline
     return load_pipeline(model, window if model == BUILTIN_MODEL else None)
+
+
+def _fullsize(model: str) -> Any:
+    """``fullsize:sd2`` / ``fullsize:audioldm``: built by benchmarks/fullsize.py of this source tree."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "benchmarks", "fullsize.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {model} needs a source checkout (benchmarks/fullsize.py); not found at {path}")
+    spec = importlib.util.spec_from_file_location("safa_benchmarks_fullsize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return getattr(module, FULLSIZE[model])("full")
 
 
 def run(args: argparse.Namespace) -> int:
