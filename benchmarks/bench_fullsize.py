@@ -32,7 +32,7 @@ On CUDA (the GPU kit), quick and full mode run full mode's configurations at 512
 
 ``--memory`` instead checks the adapters' working-memory estimate of the denoiser: one
 no-grad UNet call per batch size, live tensor bytes and RSS against ``denoiser_memory``
-(docs/long-audio.md, "Memory").
+(docs/long-audio.md, "Where memory goes").
 """
 from __future__ import annotations
 
