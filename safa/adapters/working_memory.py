@@ -25,7 +25,7 @@ point and keep the largest sum.
 
 The estimate is of live tensor bytes (what CUDA's ``max_memory_allocated`` reports, and what
 :class:`safa.profiling.memory.LiveTensorPeak` measures on the CPU), checked against the
-full-size SD 2.0 and AudioLDM-S UNets (random weights; docs/long-audio.md "Memory"). A CPU
+full-size SD 2.0 and AudioLDM-S UNets (random weights; docs/long-audio.md, "Where memory goes"). A CPU
 process's resident set grows further by the freed heap glibc keeps (measured 1.3-1.9x the
 live peak around one full-size UNet call), which the estimate does not model.
 """
