@@ -29,6 +29,10 @@ full-size models, one thread, one step, 512x1024 px with SaFa, MD and the diffus
 every configuration, 512x1024 and 512x2048 px, 60 s and 10 min, 2 steps, 1 and 2 threads.
 On CUDA (the GPU kit), quick and full mode run full mode's configurations at 512x1024,
 512x2048 and the paper's 512x3200 px.
+
+``--memory`` instead checks the adapters' working-memory estimate of the denoiser: one
+no-grad UNet call per batch size, live tensor bytes and RSS against ``denoiser_memory``
+(docs/long-audio.md, "Where memory goes").
 """
 from __future__ import annotations
 
@@ -199,7 +203,47 @@ def measure(device: torch.device, mode: str, threads_given: Optional[int],
     return records
 
 
+# -- the denoiser's working memory against the adapters' estimate (--memory) -------------------------
+MEMORY_POINTS = {"audio": (1, 16), "image": (1, 2)}  # batch rows of one denoiser call (16: 8 views under CFG)
+
+
+def measure_denoiser_memory(kind: str, rows_list: Sequence[int] = ()) -> List[Dict[str, Any]]:
+    """One no-grad denoiser call of the full-size ``kind`` model ("audio": AudioLDM-S at its 256x16
+    window, "image": SD 2.0 at 64x64) per batch size: the peak of live tensor bytes
+    (safa.profiling.memory.LiveTensorPeak) and of RSS above the start, beside the adapter's
+    ``denoiser_memory`` estimate. One model in memory at a time; SD 2.0 at 2 rows takes a minute."""
+    from safa.adapters import get_adapter
+    from safa.profiling.memory import LiveTensorPeak
+    pipe = (fullsize.audioldm_pipeline if kind == "audio" else fullsize.sd2_pipeline)("full")
+    adapter = get_adapter(pipe)
+    window = adapter.latent_shape(1, adapter.native_window(), None) if kind == "audio" else \
+        adapter.latent_shape(1, adapter.native_window())
+    unet = pipe.unet
+    out = []
+    for rows in rows_list or MEMORY_POINTS[kind]:
+        x = torch.randn((rows,) + tuple(window[1:]))
+        cond = (dict(encoder_hidden_states=None, class_labels=torch.randn(rows, 512)) if kind == "audio"
+                else dict(encoder_hidden_states=torch.randn(rows, 77, unet.config.cross_attention_dim)))
+        with torch.no_grad(), PeakMemory(torch.device("cpu")) as rss, LiveTensorPeak() as live:
+            unet(x, torch.tensor(500), **cond)
+        estimate = adapter.denoiser_memory(rows, False, tuple(window))
+        out.append(dict(kind=kind, model=MODELS[kind], rows=rows, window=list(window), live_bytes=live.peak,
+                        rss_bytes=rss.peak, estimate_bytes=estimate))
+        print(f"  {kind} {rows} rows: live peak {live.peak / 2**20:.0f} MiB, RSS peak +{rss.peak / 2**20:.0f} MiB, "
+              f"estimate {estimate / 2**20:.0f} MiB ({estimate / live.peak:.2f}x live, "
+              f"{estimate / rss.peak:.2f}x RSS)", flush=True)
+    del pipe, unet
+    gc.collect()
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--memory" in argv:  # the memory check alone: python benchmarks/bench_fullsize.py --memory
+        harness.set_threads(1)
+        for kind in ("audio", "image"):
+            measure_denoiser_memory(kind)
+        return 0
     p = harness.argument_parser(__doc__)
     args = p.parse_args(argv)
     # One thread count when given (--threads, or run.py's SAFA_BENCH_THREADS), else the mode's.

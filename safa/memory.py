@@ -15,6 +15,8 @@ measurements these rules were checked against):
   the adapter reports it (:meth:`~safa.adapters.base.Adapter.denoiser_memory`).
 - **scheduler step** (the peak for long outputs): ``S``, the model output, the scheduler's
   history and its temporaries: ``(STEP_STATE_COPIES + history) x S``.
+- **gradient step** (SyncDiffusion): one view through the model and the decoder with their
+  graphs kept for the backward pass (``grad=True`` of the two methods above).
 - **decode**: the stitched long latent, the scheduler's history (kept until the next call),
   decoding one tile or the whole latent (:meth:`~safa.adapters.base.Adapter.decoder_memory`),
   and the decoded output when it is held in memory rather than streamed to a file.
@@ -136,7 +138,8 @@ def scheduler_history(scheduler: Any) -> int:
 
 def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, num_views: int, batch_size: int,
                     height: Optional[int], model_windows: int, guidance: bool, with_reference: bool,
-                    decode_columns: int, output_columns: int, streamed: bool, output_type: str) -> MemoryEstimate:
+                    decode_columns: int, output_columns: int, streamed: bool, output_type: str,
+                    gradient_steps: bool = False) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of a call with this geometry (pure arithmetic: nothing is allocated).
 
     Args:
@@ -151,6 +154,9 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
         output_columns: output samples (pixels) per output after cropping.
         streamed: the output is written to files tile by tile instead of being returned.
         output_type: ``"latent"`` means no decoding at all.
+        gradient_steps: the method takes gradient steps through the model and the decoder of one
+            view at a time (SyncDiffusion): a ``"gradient step"`` phase with both graphs' saved
+            activations.
     """
     itemsize = torch.empty((), dtype=adapter.dtype).element_size()
     window_bytes = math.prod(adapter.latent_shape(batch_size, window, height)) * itemsize
@@ -159,7 +165,8 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
     reference = window_bytes if with_reference else 0
     history = scheduler_history(scheduler)
     not_estimated = []
-    model = adapter.denoiser_memory(model_windows * batch_size, guidance)
+    window_shape = tuple(adapter.latent_shape(1, window, height))
+    model = adapter.denoiser_memory(model_windows * batch_size, guidance, window_shape)
     if model is None:
         not_estimated.append("model activations")
     state = views + reference
@@ -170,9 +177,17 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
         "scheduler step": {"views": state, "step tensors": (STEP_STATE_COPIES - 1) * state,
                            "scheduler history": history * state},
     }
+    if gradient_steps:
+        model_graph = adapter.denoiser_memory(batch_size, guidance, window_shape, grad=True)
+        decoder_graph = adapter.decoder_memory(window, batch_size, grad=True, height=height)
+        not_estimated += [what for what, b in (("model activations with gradient", model_graph),
+                                                ("decoder activations with gradient", decoder_graph)) if b is None]
+        phases["gradient step"] = {"views": state, "model input and output": (MODEL_CALL_STATE_COPIES - 1) * state,
+                                   "scheduler history": history * state, "model graph": model_graph or 0,
+                                   "decoder graph": decoder_graph or 0}
     host: Dict[str, Dict[str, int]] = {}
     if output_type != "latent":
-        decoding = adapter.decoder_memory(decode_columns, batch_size)
+        decoding = adapter.decoder_memory(decode_columns, batch_size, height=height)
         if decoding is None:
             not_estimated.append("decoding")
         phases["decode"] = {"latent": latent, "scheduler history": history * state, "decoding": decoding or 0}
@@ -258,7 +273,8 @@ def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -
         height=request.height, model_windows=model_windows(request.view_batch_size, n + with_reference, method),
         guidance=request.guidance, with_reference=with_reference, decode_columns=decode_columns,
         output_columns=adapter.output_length(seconds=request.seconds, width=request.width),
-        streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type)
+        streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type,
+        gradient_steps=method.name == "syncdiffusion" and n > 1)
 
 
 def _advice(adapter: Any, scheduler: Any, request: GenerationRequest) -> List[str]:

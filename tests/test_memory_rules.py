@@ -108,3 +108,22 @@ def test_shares_memory_matches_brute_force(a, b):
     b = buffer.as_strided(b.shape, b.stride(), b.storage_offset() + 2)
     assert shares_memory(a, b) == bool(set(addresses(a)) & set(addresses(b)))
     assert not shares_memory(a, torch.zeros(64).as_strided(b.shape, b.stride(), b.storage_offset()))
+
+
+# -- the denoisers' working memory against measured live peaks (tiny pipelines) -------------------
+@pytest.mark.parametrize("factory", ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_audioldm_pipeline",
+                                     "tiny_audioldm2_pipeline"])
+def test_denoiser_memory_within_1_3x_of_the_measured_live_peak(factory):
+    """The adapters' UNet estimate (a walk of the config) against the live tensor bytes of predict()."""
+    import safa.adapters
+    from safa.profiling.memory import LiveTensorPeak
+    from safa.testing import pipelines
+    pipe = getattr(pipelines, factory)()
+    adapter = safa.adapters.get_adapter(pipe)
+    shape = tuple(adapter.latent_shape(1, adapter.native_window(), None))
+    cond = adapter.encode_prompts(["a"] * 4, None, 3.0)
+    t = adapter.set_timesteps(2, shape)[0]
+    with torch.no_grad(), LiveTensorPeak() as live:
+        adapter.predict(torch.randn((4,) + shape[1:]), t, cond, 3.0)
+    estimate = adapter.denoiser_memory(4, True, shape)
+    assert live.peak / 1.3 <= estimate <= live.peak * 1.3, (estimate, live.peak)

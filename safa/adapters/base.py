@@ -327,18 +327,42 @@ class Adapter:
         return decoded
 
     # -- memory (safa.memory: the estimate checked before a call does any work) ------------
-    def denoiser_memory(self, rows: int, guidance: bool) -> Optional[int]:
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
         """Working memory in bytes of one :meth:`predict` call on ``rows`` windows, or None if unknown.
 
         Beyond the input and the weights; ``guidance``: classifier-free guidance doubles the
-        denoiser's batch. Families that can say override this (the built-in texture model does).
+        denoiser's batch; ``window_shape``: one window's latent shape ``(1, C, ...)``; ``grad``:
+        the call records the graph for a backward pass (SyncDiffusion). The default walks a
+        UNet's config (:func:`~safa.adapters.working_memory.unet_forward_bytes`); a UNet under
+        ``grad`` and other denoisers are unknown unless the family overrides this.
         """
-        return None
+        from .working_memory import unet_forward_bytes
+        config = getattr(getattr(self.pipe, "unet", None), "config", None)
+        if config is None or window_shape is None or grad or _get_config(config, "down_block_types") is None:
+            return None
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return rows * (2 if guidance else 1) * unet_forward_bytes(config, window_shape, itemsize)
 
-    def decoder_memory(self, columns: int, batch_size: int) -> Optional[int]:
+    def decoder_memory(self, columns: int, batch_size: int, grad: bool = False,
+                       height: Optional[int] = None) -> Optional[int]:
         """Bytes to decode ``columns`` latent columns of ``batch_size`` outputs at once (both stages,
-        output included), or None if unknown."""
-        return None
+        output included), or None if unknown. ``grad``: the decode records the graph for a backward
+        pass (SyncDiffusion); ``height``: the image height (image pipelines). The default knows
+        ``AutoencoderKL`` decoders, followed by a HiFi-GAN vocoder where the pipeline has one
+        (:mod:`~safa.adapters.working_memory`)."""
+        from .working_memory import hifigan_bytes, vae_decode_bytes
+        vae, vocoder = getattr(self.pipe, "vae", None), getattr(self.pipe, "vocoder", None)
+        if type(vae).__name__ != "AutoencoderKL":
+            return None
+        shape = self.latent_shape(1, columns, height)
+        itemsize = torch.empty((), dtype=vae.dtype).element_size()
+        per_row = vae_decode_bytes(vae.config, shape, itemsize, grad=grad)
+        if vocoder is not None and not grad:  # SyncDiffusion's loss reads the VAE's mel, not the waveform
+            if not hasattr(vocoder.config, "upsample_rates"):
+                return None
+            per_row += hifigan_bytes(vocoder.config, columns * self.decoded_scale, itemsize)
+        return batch_size * per_row
 
     def output_elements_per_column(self, height: Optional[int] = None) -> int:
         """Elements of one output per output column (audio channels, or 3 x the image height)."""
@@ -355,6 +379,10 @@ class Adapter:
     def pipeline_tuple(self, output: Any) -> Tuple[Any, ...]:
         """What the wrapped pipeline returns with ``return_dict=False`` for ``output`` (decoded or latent)."""
         return (output,)
+
+
+def _get_config(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
 
 
 def _side(sample_size: Any) -> int:

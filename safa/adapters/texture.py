@@ -90,7 +90,10 @@ class TextureAdapter(AudioAdapter):
     # statistics of one window. Fitted to peak RSS of predict() on 8 and 32 windows with
     # guidance at windows of 32 and 256 frames (within 12% at all four); all components: an
     # upper bound, since a class prompt without guidance uses only its own.
-    def denoiser_memory(self, rows: int, guidance: bool) -> int:
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
+        if grad:  # the exact denoiser is never differentiated through by the built-in methods
+            return None
         m = self.pipe.model
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         cf = m.channels * m.freq_bins
@@ -103,7 +106,10 @@ class TextureAdapter(AudioAdapter):
     # phase, spectrum, momentum, rebuilt, ...): measured 142-180 KiB per latent column.
     _DECODE_BYTES_PER_BIN = 80
 
-    def decoder_memory(self, columns: int, batch_size: int) -> int:
+    def decoder_memory(self, columns: int, batch_size: int, grad: bool = False,
+                       height: Optional[int] = None) -> Optional[int]:
+        if grad:
+            return None
         d = self.pipe.decoder
         return batch_size * columns * d.time_scale * (d.n_fft // 2 + 1) * self._DECODE_BYTES_PER_BIN
 

@@ -2,6 +2,8 @@
 
     safa profile                                  # the built-in model, 30 s, SaFa, 4 steps
     safa profile --model builtin:tiny-audioldm    # a tiny random AudioLDM (a UNet, offline)
+    safa profile --model fullsize:audioldm --seconds 10 --steps 1 --warmup 0
+                                                  # full-size AudioLDM-S / fullsize:sd2 (random weights)
     safa profile --model DIR --seconds 60 --method multidiffusion --backend triton --compare
 
 Runs a few steps under ``torch.profiler``, prints per step the time and the ops (CPU) or
@@ -26,6 +28,9 @@ __all__ = ["add_parser", "add_arguments", "method_choices", "run", "TINY_AUDIOLD
 
 # SaFa's r_guide when profiling: the reference swap in every profiled step (see the module docstring).
 PROFILE_GUIDE = 1.0
+# Full-size random-weight architectures from the published configs of benchmarks/fullsize.py
+# (a source checkout's, not an installed package's): the real cost of a step, offline.
+FULLSIZE = {"fullsize:sd2": "sd2_pipeline", "fullsize:audioldm": "audioldm_pipeline"}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -68,6 +73,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Chrome trace path (default out/profile_trace.json; --compare adds .naive before .json; "
                         "'' for none)")
     add_device_arguments(p)
+
+
+def _fullsize(model: str) -> Any:
+    """``fullsize:sd2`` / ``fullsize:audioldm``: built by benchmarks/fullsize.py of this source tree."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "benchmarks", "fullsize.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {model} needs a source checkout (benchmarks/fullsize.py); not found at {path}")
+    spec = importlib.util.spec_from_file_location("safa_benchmarks_fullsize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return getattr(module, FULLSIZE[model])("full")
 
 
 def _method(args: argparse.Namespace) -> Any:
@@ -113,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--cuda-graphs needs a CUDA device; this run is on {device}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None)
+    pipe = (_fullsize(args.model) if args.model in FULLSIZE
+            else load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None))
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     pipe.to(device)
