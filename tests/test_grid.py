@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import safa_kernels as sk
-from safa_kernels import GridLayout, ViewLayout, gather, stitch, sync_
+from safa_kernels import GridLayout, ViewLayout, gather, naive, stitch, sync_
 from safa_kernels.plan import get_plan, REF_NONE
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
@@ -367,3 +367,24 @@ def test_gradcheck_grid(backend, mode):
                                             reference_axis=axis, backend="reference"), (views, reference), cot)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dims", [(-2, -1), (-1, -2), (0, 2)])
+def test_the_naive_per_tile_loop_is_the_same_merge(dims):
+    """safa_kernels.naive's grid loop (the benchmarks' baseline) against the ops."""
+    grid = GridLayout.covering(20, 25, (8, 6), (2, 3))
+    shape = [3, 2, 2]
+    shape[dims[0]], shape[dims[1]] = grid.rows.length, grid.cols.length
+    latent = torch.randn(shape, dtype=torch.float64)
+    views = gather(latent, grid, dims)
+    assert torch.equal(naive.gather_grid(latent, grid, dims), views)
+    views = views + torch.randn_like(views)
+    for mode in naive.GRID_MODES:
+        expected = stitch(views, grid, dims, mode=mode)
+        torch.testing.assert_close(naive.stitch_grid(views, grid, dims, mode), expected, atol=1e-13, rtol=1e-13)
+        torch.testing.assert_close(naive.sync_grid_(views.clone(), grid, dims, mode), gather(expected, grid, dims),
+                                   atol=1e-13, rtol=1e-13)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        naive.stitch_grid(views, grid, dims, "swap")
+    with pytest.raises(ValueError, match="must be False"):
+        naive.gather_grid(torch.zeros(8, 9), AWKWARD["torus"])
