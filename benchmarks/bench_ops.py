@@ -4,8 +4,12 @@
 
 Workloads (``Case``): AudioLDM-shaped float32 latents ``(2, 8, T, 16)``, long axis dim -2,
 T = 25 frames per second (256 per 10.24 s), window 256, overlap round(0.2 * 256) = 51,
-open layouts covering 1 to 10 minutes (20 in full mode); and a 4096 x 16384 px SD panorama latent
-``(1, 4, 512, 2048)``, long axis dim -1, window 64, overlap 13.
+open layouts covering 1 to 10 minutes (20 in full mode); a 4096 x 16384 px SD panorama latent
+``(1, 4, 512, 2048)``, long axis dim -1, window 64, overlap 13; and 2-D grids (``GridLayout``,
+axes dims (-2, -1)): SD 1.5 at 2048 x 2048 px, latent ``(1, 4, 256, 256)`` covered by 64 x 64
+tiles overlapping by 16 on both axes (1024 x 1024 px in smoke mode), and in full mode SDXL at
+4096 x 4096 px, 128 x 128 tiles overlapping by 32. Their naive baseline is the per-tile loop of
+tiled-diffusion code (``naive.gather_grid`` / ``stitch_grid`` / ``sync_grid_``, mean only).
 
 Ops: ``gather``; ``stitch`` and ``sync_`` in swap (``swap_interval`` 1) and mean mode; and
 ``sync_ swap+ref``, SaFa's guided step (the self-loop swap and the reference swap in one
@@ -35,7 +39,7 @@ import torch
 
 import harness
 import safa_kernels as sk
-from safa_kernels import ViewLayout, gather, naive, stitch, sync_
+from safa_kernels import GridLayout, ViewLayout, gather, naive, stitch, sync_
 from safa_kernels.plan import REF_LONG_AXIS, REF_NONE, build_plan
 
 FPS = 25  # AudioLDM latent frames per second: 256 frames per 10.24 s
@@ -81,15 +85,44 @@ def panorama(height_px: int, width_px: int) -> Case:
     return Case(f"panorama {height_px}x{width_px} px", (1, 4, height_px // 8, layout.length), -1, 64, 13)
 
 
+@dataclasses.dataclass(frozen=True)
+class GridCase:
+    """A 2-D canvas ``(1, 4, H, W)`` of square tiles, axes dims (-2, -1): the ``Case`` interface."""
+    name: str
+    latent_shape: Tuple[int, ...]
+    window: int
+    overlap: int
+    long_dim: Tuple[int, int] = (-2, -1)
+
+    @functools.cached_property
+    def layout(self) -> GridLayout:
+        return GridLayout.covering(self.latent_shape[-2], self.latent_shape[-1], self.window, self.overlap)
+
+    @property
+    def view_shape(self) -> Tuple[int, ...]:
+        return (self.layout.num_views, *self.latent_shape[:-2], self.window, self.window)
+
+    @property
+    def cells_per_column(self) -> int:  # per cell of the merged (H * W) axis
+        return self.latent_shape[0] * self.latent_shape[1]
+
+
+def image_grid(side_px: int, window: int, overlap: int, model: str) -> GridCase:
+    grid = GridLayout.covering(side_px // 8, side_px // 8, window, overlap)  # cover, then crop
+    return GridCase(f"grid {model} {side_px}x{side_px} px", (1, 4, grid.rows.length, grid.cols.length), window,
+                    overlap)
+
+
 def cases(device: torch.device) -> List[Case]:
     if MODE == "smoke":
-        return [audio(1), panorama(512, 2048)]
+        return [audio(1), panorama(512, 2048), image_grid(1024, 64, 16, "SD")]
+    grids = [image_grid(2048, 64, 16, "SD")] + ([image_grid(4096, 128, 32, "SDXL")] if MODE == "full" else [])
     if device.type == "cuda":
         minutes = [1, 10] if MODE == "quick" else [1, 2, 5, 10, 20]
-        return [audio(m) for m in minutes] + [panorama(4096, 16384)]
+        return [audio(m) for m in minutes] + [panorama(4096, 16384)] + grids
     if MODE == "quick":
-        return [audio(m) for m in (1, 2, 5, 10)] + [panorama(4096, 16384)]
-    return [audio(m) for m in (1, 2, 5, 10, 20)] + [panorama(4096, 16384)]
+        return [audio(m) for m in (1, 2, 5, 10)] + [panorama(4096, 16384)] + grids
+    return [audio(m) for m in (1, 2, 5, 10, 20)] + [panorama(4096, 16384)] + grids
 
 
 # (name, plan op, mode, with reference)
@@ -111,14 +144,17 @@ def plan_bytes(case: Case, op: str, mode: str, with_reference: bool, itemsize: i
     return cells * case.cells_per_column * itemsize
 
 
-def impls(device: torch.device, op: str) -> List[str]:
+def impls(device: torch.device, op: str, grid: bool = False) -> List[str]:
     kernels = [b for b in sk.available_backends(device) if b != "reference" and not
                (b == "triton" and device.type == "cpu")]
+    if grid:  # the naive per-tile loop merges by mean only
+        return kernels + ["reference"] + (["naive"] if op in ("gather", "stitch mean", "sync_ mean") else [])
     raw = RAW_OPS.get(op, []) if device.type == "cpu" and "cpp" in kernels else []
     return kernels + raw + ["reference", "naive"]
 
 
-OP_PARAMS = [(d, c, name, impl) for d in DEVICES for c in cases(d) for name, *_ in OPS for impl in impls(d, name)]
+OP_PARAMS = [(d, c, name, impl) for d in DEVICES for c in cases(d) for name, *_ in OPS
+             for impl in impls(d, name, isinstance(c, GridCase))]
 COPY_PARAMS = sorted({(d, c, plan_bytes(c, op, mode, ref)) for d in DEVICES for c in cases(d)
                       for _, op, mode, ref in OPS}, key=lambda p: (p[0].type, p[2]))
 
@@ -187,9 +223,13 @@ def test_op(op_timer, device, case, op_name, impl):
     t = _tensors(case, device)
     d = case.long_dim
     ref = t["reference"] if with_reference else None
-    ref_axis = d if with_reference else None
+    ref_axis = (d if isinstance(d, int) else d[0]) if with_reference else None  # a grid: along its rows
     if impl.startswith("cpp op"):
         fn = _raw_op_call(case, t, op, mode, impl)
+    elif isinstance(case, GridCase) and impl == "naive":
+        fn = {"gather": lambda: naive.gather_grid(t["latent"], case.layout, d),
+              "stitch": lambda: naive.stitch_grid(t["views"], case.layout, d, mode),
+              "sync": lambda: naive.sync_grid_(t["views"], case.layout, d, mode)}[op]
     elif op == "gather":
         fn = (lambda: naive.gather(t["latent"], case.layout, d)) if impl == "naive" else \
             (lambda: gather(t["latent"], case.layout, d, backend=impl))

@@ -14,11 +14,11 @@ torch.Size([2, 8, 1076, 16])
 """
 from .backends import available_backends, resolve_backend
 from .cache import intern_layout
-from .layout import ViewLayout
+from .layout import GridLayout, ViewLayout
 from .library import BACKENDS, KERNEL_BACKENDS, MODES
 from .ops import gather, stitch, sync_
 
-__all__ = ["ViewLayout", "gather", "stitch", "sync_", "available_backends", "resolve_backend", "intern_layout",
+__all__ = ["ViewLayout", "GridLayout", "gather", "stitch", "sync_", "available_backends", "resolve_backend", "intern_layout",
            "BACKENDS", "KERNEL_BACKENDS", "MODES"]
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .execute import zeros
-from .layout import ViewLayout
+from .layout import layout_from_geometry
 from .library import LIB
 
 __all__: list = []  # importing this module registers the formulas
@@ -56,7 +56,7 @@ def _stitch_adjoint_backward(ctx, grad):
 def _reference_adjoint_backward(ctx, grad):
     # (latent -> reference)^T is the stitch of zero views with this reference.
     layout, dim, swap_interval, reference_axis, backend = ctx.arguments
-    zero = zeros(grad, [ViewLayout.from_geometry(layout).num_views] + list(grad.shape))
+    zero = zeros(grad, [layout_from_geometry(layout).num_views] + list(grad.shape))
     return (torch.ops.safa.stitch.default(zero, grad, layout, dim, "mean", swap_interval, reference_axis, backend),
             None, None, None, None, None)
 

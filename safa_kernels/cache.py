@@ -1,7 +1,7 @@
 """The op layer's one cache: layouts interned by value, each with the plans built for it.
 
 Two things need equal layouts to be one object with one memo. ``torch.compile`` guards on the
-layout's identity (its plan is a constant in the graph), so a fresh-but-equal ``ViewLayout``
+layout's identity (its plan is a constant in the graph), so a fresh-but-equal layout (``ViewLayout`` or ``GridLayout``)
 per call would recompile every call. And a plan is built on the host once per
 ``(layout, op, mode, ...)`` and copied to each device once (``plan.get_plan``), so the
 per-step merge allocates nothing, whichever equal layout object the caller holds.
@@ -18,22 +18,22 @@ import threading
 from collections import OrderedDict
 from typing import Dict, Tuple
 
-from .layout import ViewLayout
+from .layout import AnyLayout
 
 __all__ = ["MAX_LAYOUTS", "intern_layout", "memo"]
 
 MAX_LAYOUTS = 64
 
-Entry = Tuple[ViewLayout, Dict[tuple, object]]  # (the interned layout, its memo: plan key -> plan)
+Entry = Tuple[AnyLayout, Dict[tuple, object]]  # (the interned layout, its memo: plan key -> plan)
 
 _lock = threading.Lock()  # several threads may merge at once (one per GPU, a data loader)
-_entries: "OrderedDict[ViewLayout, Entry]" = OrderedDict()  # least recently used first
+_entries: "OrderedDict[AnyLayout, Entry]" = OrderedDict()  # least recently used first
 # The most recently used entry, which a sampler asks for again every step: found by identity,
 # without hashing, locking or reordering (it is already the most recent).
 _recent: Tuple[object, Entry] = (None, (None, {}))  # type: ignore[assignment]
 
 
-def _entry(layout: ViewLayout) -> Entry:
+def _entry(layout: AnyLayout) -> Entry:
     global _recent
     recent = _recent
     if recent[0] is layout:
@@ -50,11 +50,11 @@ def _entry(layout: ViewLayout) -> Entry:
         return found
 
 
-def intern_layout(layout: ViewLayout) -> ViewLayout:
+def intern_layout(layout: AnyLayout) -> AnyLayout:
     """The first-seen layout equal to ``layout`` that is still cached (``layout`` itself if none)."""
     return _entry(layout)[0]
 
 
-def memo(layout: ViewLayout) -> Dict[tuple, object]:
+def memo(layout: AnyLayout) -> Dict[tuple, object]:
     """The plans cached for layouts equal to ``layout`` (``plan.get_plan`` fills it)."""
     return _entry(layout)[1]

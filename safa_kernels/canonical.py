@@ -16,7 +16,7 @@ import torch
 
 from .plan import REF_LONG_AXIS, REF_NONE, REF_OTHER_AXIS
 
-__all__ = ["canonical", "canonical_input", "parity"]
+__all__ = ["canonical", "canonical_input", "parity", "merge_axes", "split_axes", "merged_axis"]
 
 
 def _merged_stride(sizes, strides) -> Optional[int]:
@@ -68,3 +68,37 @@ def parity(shape, dim: int, axis: Optional[int], swap_interval: int) -> Tuple[in
     if axis < dim:
         return REF_OTHER_AXIS, [1, math.prod(shape[axis + 1:dim]), shape[axis], swap_interval]
     return REF_OTHER_AXIS, [2, math.prod(shape[axis + 1:]), shape[axis], swap_interval]
+
+
+# -- grids: two long axes as one ----------------------------------------------------------------
+def merge_axes(x: torch.Tensor, dims: Tuple[int, int], lead: bool) -> Tuple[torch.Tensor, int, bool]:
+    """``x`` with a grid's two axes ``dims = (rows, cols)`` (latent coordinates) merged into one
+    axis of ``rows * cols`` cells, row-major, at latent position ``p = min(dims)``.
+
+    Returns ``(merged, p, is_view)``: a view of ``x`` when the strides allow it (the two axes
+    adjacent and in order, the rows' stride ``cols`` times the columns'), else a copy. The
+    other axes keep their order.
+    """
+    rows, cols = dims
+    p, off = min(dims), int(lead)
+    moved = x.movedim((rows + off, cols + off), (p + off, p + 1 + off))
+    shape = list(moved.shape)
+    shape[p + off: p + off + 2] = [shape[p + off] * shape[p + off + 1]]
+    try:
+        return moved.view(shape), p, True
+    except RuntimeError:  # strides that do not collapse: reading a copy is what the kernels need
+        return moved.reshape(shape), p, False
+
+
+def split_axes(x: torch.Tensor, dims: Tuple[int, int], sizes: Tuple[int, int], lead: bool) -> torch.Tensor:
+    """The inverse of :func:`merge_axes`: the merged axis at ``min(dims)`` back into axes ``dims`` of ``sizes``."""
+    rows, cols = dims
+    p, off = min(dims), int(lead)
+    return x.unflatten(p + off, sizes).movedim((p + off, p + 1 + off), (rows + off, cols + off))
+
+
+def merged_axis(axis: int, dims: Tuple[int, int], ndim: int) -> int:
+    """Where latent axis ``axis`` (not one of ``dims``) lies after :func:`merge_axes`."""
+    others = [d for d in range(ndim) if d not in dims]
+    p = min(dims)
+    return (others[:p] + [None] + others[p:]).index(axis)

@@ -14,7 +14,7 @@ import torch
 
 from .cache import intern_layout
 from .canonical import canonical, canonical_input, parity
-from .layout import ViewLayout
+from .layout import AnyLayout
 from .library import LIB, long_axis_shape, merge_op, op_layout, stitch_layout
 from .plan import REF_NONE, REF_OTHER_AXIS, get_plan
 
@@ -24,7 +24,7 @@ _NO_PARITY = [0, 1, 1, 1]  # a plan without a reference
 
 
 def run(backend: str, out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[torch.Tensor],
-        layout: ViewLayout, op: str, mode: str, swap_interval: int, ref_kind: int, parity_arg: List[int]) -> None:
+        layout: AnyLayout, op: str, mode: str, swap_interval: int, ref_kind: int, parity_arg: List[int]) -> None:
     """One plan executor call: the cached plan of ``(layout, op, ...)`` on ``out``'s device."""
     index, weight = get_plan(layout, op, mode, swap_interval, ref_kind, out.device)
     if index.shape[0]:  # e.g. sync_ with no overlap and no reference has nothing to do
@@ -36,18 +36,18 @@ def zeros(like: torch.Tensor, shape) -> torch.Tensor:
     return like.new_zeros(()).expand(list(shape))
 
 
-def gather_views(latent: torch.Tensor, layout: ViewLayout, dim: int, backend: str) -> torch.Tensor:
+def gather_views(latent: torch.Tensor, layout: AnyLayout, dim: int, backend: str) -> torch.Tensor:
     """gather's work: allocate the views, run the plan."""
-    views = latent.new_empty([layout.num_views] + long_axis_shape(latent.shape, dim, layout.window))
+    views = latent.new_empty([layout.num_views] + long_axis_shape(latent.shape, dim, layout.view_cells))
     run(backend, canonical(views, dim, True), canonical_input(latent, dim, False), None,
         layout, "gather", "swap", 1, REF_NONE, _NO_PARITY)
     return views
 
 
-def stitch_latent(views: torch.Tensor, reference: Optional[torch.Tensor], layout: ViewLayout, dim: int, mode: str,
+def stitch_latent(views: torch.Tensor, reference: Optional[torch.Tensor], layout: AnyLayout, dim: int, mode: str,
                   swap_interval: int, reference_axis: Optional[int], backend: str) -> torch.Tensor:
     """stitch's work: allocate the latent, run the plan."""
-    latent = views.new_empty(long_axis_shape(views.shape[1:], dim, layout.length))
+    latent = views.new_empty(long_axis_shape(views.shape[1:], dim, layout.canvas_cells))
     ref_kind, parity_arg = parity(latent.shape, dim, reference_axis, swap_interval)
     ref = None if reference is None else canonical_input(reference, dim, False)[0]
     run(backend, canonical(latent, dim, False), canonical_input(views, dim, True), ref,
@@ -55,7 +55,7 @@ def stitch_latent(views: torch.Tensor, reference: Optional[torch.Tensor], layout
     return latent
 
 
-def sync_views(views: torch.Tensor, reference: Optional[torch.Tensor], layout: ViewLayout, dim: int, mode: str,
+def sync_views(views: torch.Tensor, reference: Optional[torch.Tensor], layout: AnyLayout, dim: int, mode: str,
                swap_interval: int, reference_axis: Optional[int], backend: str) -> torch.Tensor:
     """sync_'s work, in place on ``views``: the ``sync`` plan, which writes only the cells that change."""
     ref_kind, parity_arg = parity(list(views.shape[1:]), dim, reference_axis, swap_interval)
@@ -78,7 +78,7 @@ def _gather_impl(latent, layout, dim, backend):
 
 def _gather_adjoint_impl(views, layout, dim, backend):
     layout = intern_layout(op_layout("gather_adjoint", layout, backend, "views", views, True, dim))
-    latent = views.new_empty(long_axis_shape(views.shape[1:], dim, layout.length))  # every column is written
+    latent = views.new_empty(long_axis_shape(views.shape[1:], dim, layout.canvas_cells))  # every column is written
     run(backend, canonical(latent, dim, False), canonical_input(views, dim, True), None,
         layout, "gather_adjoint", "swap", 1, REF_NONE, _NO_PARITY)
     return latent
@@ -92,7 +92,7 @@ def _stitch_impl(views, reference, layout, dim, mode, swap_interval, reference_a
 def _stitch_adjoint_impl(latent, layout, dim, mode, swap_interval, reference_axis, backend):
     layout = intern_layout(op_layout("stitch_adjoint", layout, backend, "latent", latent, False, dim, mode,
                                      swap_interval, reference_axis))
-    views = latent.new_zeros([layout.num_views] + long_axis_shape(latent.shape, dim, layout.window))
+    views = latent.new_zeros([layout.num_views] + long_axis_shape(latent.shape, dim, layout.view_cells))
     ref_kind, parity_arg = parity(latent.shape, dim, reference_axis, swap_interval)
     # Where the reference's parity runs along another axis the plan keeps its reference
     # columns, and a zero reference writes the zero gradient of the cells it replaced.
@@ -106,7 +106,7 @@ def _stitch_adjoint_impl(latent, layout, dim, mode, swap_interval, reference_axi
 def _reference_adjoint_impl(latent, layout, dim, swap_interval, reference_axis, backend):
     layout = intern_layout(op_layout("reference_adjoint", layout, backend, "latent", latent, False, dim,
                                      swap_interval=swap_interval, reference_axis=reference_axis))
-    reference = latent.new_zeros(long_axis_shape(latent.shape, dim, layout.window))
+    reference = latent.new_zeros(long_axis_shape(latent.shape, dim, layout.view_cells))
     ref_kind, _ = parity(latent.shape, dim, reference_axis, swap_interval)
     run(backend, canonical(reference, dim, False), canonical_input(latent, dim, False), None,
         layout, "reference_adjoint", "mean", swap_interval, ref_kind, _NO_PARITY)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
-__all__ = ["ViewLayout", "MAX_CELLS"]
+__all__ = ["ViewLayout", "GridLayout", "AnyLayout", "layout_from_geometry", "MAX_CELLS", "GRID_TAG"]
 
 # The kernels address a view cell (view v, local column k) by its flat position v * window + k
 # in an int32 plan table (plan.py), so no layout may have more than this many cells. Checked
@@ -275,3 +275,141 @@ class ViewLayout:
             last = bisect.bisect_right(self.starts, c)
             out.extend((v, c - self.starts[v]) for v in range(first, last))
         return sorted(set(out))
+
+    # -- the flat view the plans and kernels see (shared with GridLayout) -----------------
+    @property
+    def view_cells(self) -> int:
+        """Cells of one view along the merged axis the kernels address: ``window``."""
+        return self.window
+
+    @property
+    def canvas_cells(self) -> int:
+        """Cells of the long latent along that axis: ``length``."""
+        return self.length
+
+    @property
+    def swappable(self) -> bool:
+        """Whether ``mode="swap"`` applies: no column covered by three views (``overlap <= window / 2``)."""
+        return 2 * self.overlap <= self.window
+
+
+# The first entry of a GridLayout's geometry: negative, so it is never a ViewLayout's length.
+GRID_TAG = -2
+
+
+def _axis_layout(name: str, value: object) -> ViewLayout:
+    if not isinstance(value, ViewLayout):
+        raise TypeError(f"{name} must be a ViewLayout, got {type(value).__name__}")
+    return value
+
+
+def _pair(name: str, value: object) -> Tuple[object, object]:
+    """``value`` for both axes, or its two entries ``(rows, cols)``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value or a pair (rows, cols), got {value!r}")
+        return value[0], value[1]
+    return value, value
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """A grid of tiles over two long axes: ``rows`` along the first, ``cols`` along the second.
+
+    Each axis is its own :class:`ViewLayout` (window, overlap, loop, uniform or spaced). Tile
+    ``(a, b)`` covers rows ``rows.columns(a)`` x columns ``cols.columns(b)``; tiles are numbered
+    row-major, ``view = a * cols.num_views + b``. The kernels see a grid as one merged axis of
+    ``rows.length * cols.length`` cells, a tile as ``rows.window * cols.window`` of them, row-major
+    (docs/kernels.md, section 8), so the same plan executors run strips and grids.
+    """
+
+    rows: ViewLayout
+    cols: ViewLayout
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _axis_layout("rows", self.rows)
+        _axis_layout("cols", self.cols)
+        n, cells = self.num_views, self.rows.window * self.cols.window
+        if n * cells > MAX_CELLS:
+            raise ValueError(
+                f"cols: {self.rows.num_views} x {self.cols.num_views} tiles of {self.rows.window} x "
+                f"{self.cols.window} are {n * cells} view cells, more than the kernels address (2**31 - 1, int32 plan "
+                f"positions): cols.num_views must be <= {MAX_CELLS // (cells * self.rows.num_views)} for these rows")
+        object.__setattr__(self, "_hash", hash((GRID_TAG, self.rows, self.cols)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @classmethod
+    def covering(cls, min_height: int, min_width: int, window, overlap, loop=False) -> "GridLayout":
+        """The uniform grid with the fewest tiles covering at least ``min_height`` x ``min_width``.
+
+        ``window``, ``overlap`` and ``loop`` are one value for both axes or a pair ``(rows, cols)``;
+        each axis is :meth:`ViewLayout.covering` (the caller generates that size and crops).
+        """
+        (wr, wc), (orr, oc), (lr, lc) = _pair("window", window), _pair("overlap", overlap), _pair("loop", loop)
+        return cls(ViewLayout.covering(min_height, wr, orr, lr), ViewLayout.covering(min_width, wc, oc, lc))
+
+    @classmethod
+    def spaced(cls, height: int, width: int, window, num_views, loop=False) -> "GridLayout":
+        """Tiles spread evenly over exactly ``height`` x ``width`` (:meth:`ViewLayout.spaced` per axis);
+        ``window``, ``num_views`` and ``loop`` are one value or a pair ``(rows, cols)``."""
+        (wr, wc), (nr, nc), (lr, lc) = _pair("window", window), _pair("num_views", num_views), _pair("loop", loop)
+        return cls(ViewLayout.spaced(height, wr, nr, lr), ViewLayout.spaced(width, wc, nc, lc))
+
+    def __repr__(self) -> str:
+        return f"GridLayout(rows={self.rows!r}, cols={self.cols!r})"
+
+    @property
+    def geometry(self) -> Tuple[int, ...]:
+        """The grid as ints for a torch.library op's ``int[] layout``:
+        ``(GRID_TAG, len(rows.geometry), *rows.geometry, *cols.geometry)``."""
+        return (GRID_TAG, len(self.rows.geometry)) + self.rows.geometry + self.cols.geometry
+
+    @classmethod
+    def from_geometry(cls, geometry: Sequence[int]) -> "GridLayout":
+        """The grid whose :attr:`geometry` is ``geometry`` (validated as the constructor does)."""
+        if len(geometry) < 10 or geometry[0] != GRID_TAG or not 4 <= geometry[1] <= len(geometry) - 6:
+            raise ValueError(f"layout must be [{GRID_TAG}, len(rows), *rows, *cols], got {list(geometry)[:12]}")
+        split = 2 + geometry[1]
+        return cls(ViewLayout.from_geometry(geometry[2:split]), ViewLayout.from_geometry(geometry[split:]))
+
+    @property
+    def num_views(self) -> int:
+        """Tiles in the grid: ``rows.num_views * cols.num_views``."""
+        return self.rows.num_views * self.cols.num_views
+
+    @property
+    def view_cells(self) -> int:
+        """Cells of one tile on the merged axis: ``rows.window * cols.window``."""
+        return self.rows.window * self.cols.window
+
+    @property
+    def canvas_cells(self) -> int:
+        """Cells of the canvas on the merged axis: ``rows.length * cols.length``."""
+        return self.rows.length * self.cols.length
+
+    @property
+    def swappable(self) -> bool:
+        """Whether ``mode="swap"`` applies: each axis has ``overlap <= window / 2``."""
+        return self.rows.swappable and self.cols.swappable
+
+    def tile(self, view: int) -> Tuple[int, int]:
+        """``(a, b)``: the row and column of tile ``view`` (row-major)."""
+        return divmod(view, self.cols.num_views)
+
+    def middle(self, view: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """Local ``([row_lo, row_hi), [col_lo, col_hi))`` of tile ``view`` that no other tile covers."""
+        a, b = self.tile(view)
+        return self.rows.middle(a), self.cols.middle(b)
+
+
+AnyLayout = Union[ViewLayout, GridLayout]
+
+
+def layout_from_geometry(geometry: Sequence[int]) -> AnyLayout:
+    """The :class:`ViewLayout` or :class:`GridLayout` whose ``geometry`` is ``geometry``."""
+    if len(geometry) and geometry[0] == GRID_TAG:
+        return GridLayout.from_geometry(geometry)
+    return ViewLayout.from_geometry(geometry)

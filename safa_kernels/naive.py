@@ -8,6 +8,9 @@ each overlap from its pair with a parity mask (arXiv 2502.05130, Eq. 9); the ref
 swap (Eq. 10) is a per-view ``torch.where`` on each middle region. Eager PyTorch, one
 small op per view or pair, so its op count grows with the number of views.
 
+For grids the same per-tile loop (:func:`gather_grid`, :func:`stitch_grid`, :func:`sync_grid_`):
+each tile added into a canvas slice with its weights (mean, or Mixture of Diffusers' Gaussian).
+
 It is not a backend: the ops of :mod:`safa_kernels.ops` are what to use. It handles what
 such hand-written loops handle, open layouts and the modes ``"mean"`` and ``"swap"``, and
 refuses the rest with a ``ValueError``. Arguments mean what they mean for
@@ -21,8 +24,10 @@ from typing import Optional
 import torch
 
 from .layout import ViewLayout
+from .library import axis_weights
 
-__all__ = ["MODES", "gather", "stitch", "sync_", "reference_swap_"]
+__all__ = ["MODES", "GRID_MODES", "gather", "stitch", "sync_", "reference_swap_", "gather_grid", "stitch_grid",
+           "sync_grid_"]
 
 MODES = ("mean", "swap")
 
@@ -103,3 +108,55 @@ def sync_(views: torch.Tensor, layout: ViewLayout, dim: int = -2, mode: str = "m
     elif reference_axis is not None:
         raise ValueError("reference_axis was given without a reference")
     return views
+
+
+# -- grids: the per-tile loop of tiled-diffusion code (MultiDiffusion / Mixture of Diffusers) --------
+GRID_MODES = ("mean", "gaussian")
+
+
+def _check_grid(grid, mode: Optional[str] = None) -> None:
+    if grid.rows.loop or grid.cols.loop:
+        raise ValueError("grid.rows.loop and grid.cols.loop must be False: the naive loop slices tiles with "
+                         "narrow(), which cannot wrap around (use safa_kernels.stitch for loop grids)")
+    if mode is not None and mode not in GRID_MODES:
+        raise ValueError(f"mode must be one of {GRID_MODES} for the naive grid loop, got {mode!r}")
+
+
+def _tile_slices(x: torch.Tensor, grid, dims, a: int, b: int) -> torch.Tensor:
+    return x.narrow(dims[0], grid.rows.starts[a], grid.rows.window).narrow(dims[1], grid.cols.starts[b],
+                                                                             grid.cols.window)
+
+
+def gather_grid(latent: torch.Tensor, grid, dims=(-2, -1)) -> torch.Tensor:
+    """Every tile: ``torch.stack`` of two ``narrow`` slices per tile, row-major."""
+    _check_grid(grid)
+    return torch.stack([_tile_slices(latent, grid, dims, a, b)
+                        for a in range(grid.rows.num_views) for b in range(grid.cols.num_views)])
+
+
+def stitch_grid(views: torch.Tensor, grid, dims=(-2, -1), mode: str = "mean") -> torch.Tensor:
+    """value / count per tile: each tile (times its weights) added into a canvas slice, then divided."""
+    _check_grid(grid, mode)
+    ndim = views.ndim - 1
+    dims = (dims[0] % ndim, dims[1] % ndim)
+    shape = list(views.shape[1:])
+    shape[dims[0]], shape[dims[1]] = grid.rows.length, grid.cols.length
+    weight = torch.ones(grid.rows.window, grid.cols.window, dtype=views.dtype, device=views.device)
+    if mode == "gaussian":
+        rows = torch.tensor(axis_weights(mode, grid.rows.window), dtype=views.dtype, device=views.device)
+        cols = torch.tensor(axis_weights(mode, grid.cols.window), dtype=views.dtype, device=views.device)
+        weight = rows[:, None] * cols[None, :]
+    wshape = [1] * ndim
+    wshape[dims[0]], wshape[dims[1]] = grid.rows.window, grid.cols.window
+    weight = weight.view(wshape) if dims[0] < dims[1] else weight.t().reshape(wshape)
+    value, count = views.new_zeros(shape), views.new_zeros(shape)
+    for view in range(grid.num_views):
+        a, b = divmod(view, grid.cols.num_views)
+        _tile_slices(value, grid, dims, a, b).add_(views[view] * weight)
+        _tile_slices(count, grid, dims, a, b).add_(weight)
+    return value / count
+
+
+def sync_grid_(views: torch.Tensor, grid, dims=(-2, -1), mode: str = "mean") -> torch.Tensor:
+    """In place: stitch the tiles into a canvas, slice every tile back out."""
+    return views.copy_(gather_grid(stitch_grid(views, grid, dims, mode), grid, dims))

@@ -59,7 +59,8 @@ import torch
 
 from . import cache
 from ._compile import constant_under_compile
-from .layout import ViewLayout
+from .layout import AnyLayout, GridLayout, ViewLayout
+from .library import axis_weights
 
 __all__ = ["Plan", "get_plan", "OPS", "ADJOINTS", "REF_NONE", "REF_LONG_AXIS", "REF_OTHER_AXIS"]
 
@@ -77,15 +78,25 @@ def _odd(offset: int, swap_interval: int) -> bool:
     return (offset // swap_interval) % 2 == 1
 
 
-def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
-    """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
-    w, W = layout.window, layout.length
-    tri = lambda k: float(min(k + 1, w - k))  # noqa: E731  (MD* weight, docs/kernels.md section 2)
-    for col in range(W):
+def _swap_owner(cover, swap_interval: int):
+    """Of the two ``(view, local)`` cells over one column, the one the swap keeps (Eq. 9).
+
+    The pair (i, j): view i holds the overlap in its right part (the larger local column),
+    view j in its left part at overlap offset q = kj; p = floor(q / w_swap) mod 2 picks j when odd.
+    """
+    (vi, ki), (vj, kj) = cover if cover[0][1] > cover[1][1] else cover[::-1]
+    return (vj, kj) if _odd(kj, swap_interval) else (vi, ki)
+
+
+def _strip_merges(layout: ViewLayout, mode: str, swap_interval: int, ref: int, gather: bool):
+    """Yield ``(column, cells, ref_col, sources, weights)`` per column of a strip (sources None for gather)."""
+    w = layout.window
+    weight_of = None if mode == "swap" or gather else axis_weights(mode, w)
+    for col in range(layout.length):
         cover = layout.coverage(col)                      # [(view, local)]
         cells = [v * w + k for v, k in cover]
-        if op == "gather":
-            yield -1, [col], [1.0], cells
+        if gather:
+            yield col, cells, -1, None, None
             continue
         ref_col = -1
         if len(cover) == 1 and ref != REF_NONE:
@@ -94,24 +105,72 @@ def _rows(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int):
             if lo <= local < hi and (ref == REF_OTHER_AXIS or _odd(local - lo, swap_interval)):
                 ref_col = local
         if len(cover) == 1:
-            sources, weights = cells, [1.0]
+            yield col, cells, ref_col, cells, [1.0]
         elif mode == "swap":
-            # The pair (i, j): view i holds the overlap in its right part (the larger local
-            # column), view j in its left part at overlap offset q = kj (Eq. 9:
-            # p = floor(q / w_swap) mod 2).
-            (vi, ki), (vj, kj) = cover if cover[0][1] > cover[1][1] else cover[::-1]
-            winner = vj * w + kj if _odd(kj, swap_interval) else vi * w + ki
-            sources, weights = [winner], [1.0]
+            v, k = _swap_owner(cover, swap_interval)
+            yield col, cells, ref_col, [v * w + k], [1.0]
         else:
-            raw = [1.0 if mode == "mean" else tri(k) for _, k in cover]
+            raw = [weight_of[k] for _, k in cover]
             total = sum(raw)
-            sources, weights = cells, [x / total for x in raw]
-        if op == "stitch":
+            yield col, cells, ref_col, cells, [x / total for x in raw]
+
+
+def _grid_merges(grid: GridLayout, mode: str, swap_interval: int, ref: int, gather: bool):
+    """:func:`_strip_merges` of a grid, per cell of the merged axis (``row * cols.length + col``).
+
+    A cell's covering tiles are the product of its row's and its column's covering views. The
+    swap keeps the tile ``(row owner, column owner)`` of the two axes' 1-D swaps; averages weigh
+    a tile by the product of its two axes' weights; the reference swap applies to the cells of
+    a tile's middle (row middle x column middle), alternating along the rows (section 8).
+    """
+    rows, cols = grid.rows, grid.cols
+    nc, wc, tile_cells = cols.num_views, cols.window, grid.view_cells
+    row_cover = [rows.coverage(r) for r in range(rows.length)]
+    col_cover = [cols.coverage(c) for c in range(cols.length)]
+    swap = mode == "swap" and not gather
+    if swap:
+        row_owner = [cv[0] if len(cv) == 1 else _swap_owner(cv, swap_interval) for cv in row_cover]
+        col_owner = [cv[0] if len(cv) == 1 else _swap_owner(cv, swap_interval) for cv in col_cover]
+    elif not gather:
+        row_weight, col_weight = axis_weights(mode, rows.window), axis_weights(mode, wc)
+    for r, rcover in enumerate(row_cover):
+        for c, ccover in enumerate(col_cover):
+            cover = [(a * nc + b, kr, kc) for a, kr in rcover for b, kc in ccover]
+            cells = [v * tile_cells + kr * wc + kc for v, kr, kc in cover]
+            col = r * cols.length + c
+            if gather:
+                yield col, cells, -1, None, None
+                continue
+            ref_col = -1
+            if len(cover) == 1 and ref != REF_NONE:
+                (a, kr), (b, kc) = rcover[0], ccover[0]
+                (row_lo, row_hi), (col_lo, col_hi) = rows.middle(a), cols.middle(b)
+                if (row_lo <= kr < row_hi and col_lo <= kc < col_hi
+                        and (ref == REF_OTHER_AXIS or _odd(kr - row_lo, swap_interval))):
+                    ref_col = kr * wc + kc
+            if len(cover) == 1:
+                yield col, cells, ref_col, cells, [1.0]
+            elif swap:
+                (a, kr), (b, kc) = row_owner[r], col_owner[c]
+                yield col, cells, ref_col, [(a * nc + b) * tile_cells + kr * wc + kc], [1.0]
+            else:
+                raw = [row_weight[kr] * col_weight[kc] for _, kr, kc in cover]
+                total = sum(raw)
+                yield col, cells, ref_col, cells, [x / total for x in raw]
+
+
+def _rows(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int):
+    """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
+    merges = _grid_merges if isinstance(layout, GridLayout) else _strip_merges
+    for col, cells, ref_col, sources, weights in merges(layout, mode, swap_interval, ref, op == "gather"):
+        if op == "gather":
+            yield -1, [col], [1.0], cells
+        elif op == "stitch":
             yield ref_col, sources, weights, [col]
-        elif len(cover) == 1:  # sync: a lone column changes only by the reference swap
+        elif len(cells) == 1:  # sync: a lone column changes only by the reference swap
             if ref_col >= 0:
                 yield ref_col, ([] if ref == REF_OTHER_AXIS else sources), weights, cells
-        elif mode == "swap":  # sync: only the losing view's cell changes
+        elif mode == "swap":  # sync: only the losing views' cells change
             yield -1, sources, weights, [c for c in cells if c != sources[0]]
         else:
             yield -1, sources, weights, cells
@@ -141,7 +200,7 @@ def _reference_adjoint_rows(rows):
         yield -1, into[ref_col], [1.0] * len(into[ref_col]), [ref_col]
 
 
-def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
+def build_plan(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if op == "gather_adjoint":
@@ -166,7 +225,7 @@ def build_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: 
 # torch.compile calls this eagerly while tracing and treats the plan as a constant
 # (tracing the Python loops of `build_plan` would unroll them into the graph builder).
 @constant_under_compile
-def get_plan(layout: ViewLayout, op: str, mode: str, swap_interval: int, ref: int,
+def get_plan(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int,
              device: torch.device) -> Plan:
     """The plan on ``device``, from the cache of layouts equal to ``layout`` (``cache.py``).
 

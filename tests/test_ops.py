@@ -4,6 +4,8 @@ Copies (gather, swap stitch/sync, reference swap) must be bitwise equal to the r
 on every backend and dtype; averages agree to a tight tolerance.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +77,8 @@ def brute_force_stitch(views, layout, mode, swap_interval, reference=None):
             (vi, ki), (vj, kj) = sorted(cover, key=lambda c: -c[1])
             out.append(views[vj, kj] if (kj // swap_interval) % 2 else views[vi, ki])
         else:
-            wts = [1.0 if mode == "mean" else float(min(k + 1, w - k)) for _, k in cover]
+            wts = [1.0 if mode == "mean" else float(min(k + 1, w - k)) if mode == "triangular"
+                   else math.exp(-((k - (w - 1) / 2) / w) ** 2 / 0.02) for _, k in cover]  # gaussian: sigma 0.1 w
             out.append(sum(wt * views[v, k] for wt, (v, k) in zip(wts, cover)) / sum(wts))
     return torch.stack(out)
 
