@@ -70,6 +70,8 @@ def read_audio(audio: Any, sample_rate: Optional[int], target_rate: int, channel
             raise ValueError(f"{name} must be a path, a numpy array or a torch tensor, got {type(audio).__name__}")
         if audio.ndim not in (1, 2):
             raise ValueError(f"{name} must be (samples,) or (channels, samples), got shape {audio.shape}")
+        if audio.size == 0:
+            raise ValueError(f"{name} is empty (0 samples)")
         data = np.asarray(audio, dtype=np.float32).reshape(-1, audio.shape[-1])
         if sample_rate is None:
             raise ValueError(f"sample_rate is required with an {name} array (samples per second of {name})")
@@ -289,7 +291,7 @@ def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio
     columns = sorted({c for a, b in sample_ranges
                       for c in range(-(-a // per_column), b // per_column)
                       if first_column <= c < first_column + k and c < layout_length})
-    if len(columns) >= layout_length:
+    if len(columns) >= min(layout_length, adapter.columns_for(seconds=seconds)):
         raise ValueError(f"the kept audio covers the whole {seconds:g} s: nothing is left to generate "
                         f"(ask for more seconds, or keep less)")
     if latent.shape[0] not in (1, batch_size):
