@@ -198,3 +198,36 @@ def test_every_family_continues_a_clip(make):
     start, fade = int(round(0.25 * rate)), int(round(0.05 * rate))
     given = torch.from_numpy(clip[..., fade:-fade])
     assert torch.equal(audio[..., start + fade:start + clip.shape[-1] - fade], given)
+
+
+# -- the exact truth of a continuation on the built-in model ------------------------------------------
+def test_sample_conditional_is_the_dense_gaussian_conditional():
+    from safa.texture.model import TextureModel
+    model = TextureModel(channels=2, freq_bins=2, window=8, class_names=["rain", "surf"])
+    cw = model.encode_prompt(["surf"]).double()
+    g = torch.Generator().manual_seed(0)
+    prefix = model.sample(torch.tensor([4]), length=4, generator=g, dtype=torch.float64)
+    # The posterior against the dense multivariate normal of each component's first 4 frames.
+    dense = []
+    for k in range(model.num_components):
+        cov = model.component_cov(k).reshape(4, 8, 4, 8)[:, :4, :, :4].reshape(16, 16)
+        x = prefix[0].permute(0, 2, 1).reshape(-1)
+        dense.append(torch.distributions.MultivariateNormal(torch.zeros(16, dtype=torch.float64), cov).log_prob(x))
+    expected = torch.softmax(torch.stack(dense) + model.component_logprior(cw)[0], 0)
+    torch.testing.assert_close(model.substyle_posterior(prefix, cw)[0], expected)
+    # The conditional's mean and covariance against the dense Schur complement (4000 draws).
+    n = 4000
+    out, comps = model.sample_conditional(prefix.expand(n, -1, -1, -1), cw.expand(n, -1), 8, generator=g,
+                                          dtype=torch.float64)
+    k = int(expected.argmax())
+    assert (comps == k).float().mean() > 0.5 * float(expected[k])
+    rows = out[comps == k][:, :, 4:].permute(0, 1, 3, 2).reshape(-1, 16)           # (c, f, t) order
+    full = model.component_cov(k)                                                   # (c, f, t) over 8 frames
+    t = torch.arange(8)
+    past = (torch.arange(4)[:, None] * 8 + t[None, :4]).reshape(-1)
+    future = (torch.arange(4)[:, None] * 8 + t[None, 4:]).reshape(-1)
+    gain = torch.linalg.solve(full[past][:, past], full[past][:, future])
+    mean = prefix[0].permute(0, 2, 1).reshape(-1) @ gain
+    cov = full[future][:, future] - full[future][:, past] @ gain
+    assert (rows.mean(0) - mean).abs().max() < 4 * cov.diagonal().max().sqrt() / rows.shape[0] ** 0.5
+    assert (torch.cov(rows.T) - cov).abs().max() < 0.1 * cov.diagonal().max()
