@@ -447,6 +447,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-eigenvalue", type=float, default=1.0,
                    help="whitened directions counted in the KL columns (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=("seams", "continue"), default="seams",
+                   help="seams: the methods' seams (default); continue: continue a clip drawn from the model "
+                        "against the exact conditional (table only; --samples per prompt)")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="--task continue: the clip's length (default 10)")
     p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
     p.add_argument("--plot", default=None, help="the plot's path (default: evaluate.png in --out)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, library warnings or notices")
@@ -476,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
             check_writable(path)
         except OSError as exc:
             raise CLIError(f"cannot write {path}: {exc}") from None
+    if args.task == "continue":
+        return _run_continue(args, prompts, table_path)
     res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                    loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
                    window=args.window, min_eigenvalue=args.min_eigenvalue, scheduler=args.scheduler,
@@ -559,8 +565,9 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
             post = model.substyle_posterior(prefix, cw)[0]
             outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]}
             kw = dict(num_inference_steps=steps, output_type="latent", generator=g)
-            free = jd(prompt, seconds=(n - p + fps) / fps, **kw).latent
-            outs["crossfade"] = _crossfaded(prefix, free, round(fps))[:, :, :n]
+            fade = min(round(fps), p // 2)
+            free = jd(prompt, seconds=(n - p + fade) / fps, **kw).latent
+            outs["crossfade"] = _crossfaded(prefix, free, fade)[:, :, :n]
             for method in ("multidiffusion", "safa"):
                 outs[method] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix, **kw).latent[:, :, :n]
             for row, latent in outs.items():
@@ -597,3 +604,21 @@ def format_continuation_table(res: ContinueResult) -> str:
             cells.append(f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]")
         lines.append(f"{row:<16}{cells[0]:>22}{cells[1]:>22}{cells[2]:>20}{cells[3]:>20}")
     return "\n".join(lines)
+
+
+def _run_continue(args: argparse.Namespace, prompts: Optional[List[str]], table_path: str) -> int:
+    """``safa evaluate --task continue``: the continuation table, printed and written."""
+    import sys
+
+    from .audio_io import atomic_path
+    res = evaluate_continuation(prompts or ("rain", "wind", "surf"), samples=args.samples,
+                                clip_seconds=args.clip_seconds, seconds=args.seconds, steps=args.steps,
+                                scheduler=args.scheduler, seed=args.seed, min_eigenvalue=args.min_eigenvalue,
+                                log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    table = format_continuation_table(res)
+    print(table)
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+    print(f"wrote {table_path}")
+    return 0

@@ -231,3 +231,16 @@ def test_sample_conditional_is_the_dense_gaussian_conditional():
     cov = full[future][:, future] - full[future][:, past] @ gain
     assert (rows.mean(0) - mean).abs().max() < 4 * cov.diagonal().max().sqrt() / rows.shape[0] ** 0.5
     assert (torch.cov(rows.T) - cov).abs().max() < 0.1 * cov.diagonal().max()
+
+
+def test_continuation_task_runs_at_a_tiny_size(monkeypatch):
+    """The table's rows and columns (the measurement itself: docs/own-audio.md)."""
+    import safa.texture
+    from safa.evaluate import evaluate_continuation, format_continuation_table
+    make = safa.texture.make_texture_pipeline
+    monkeypatch.setattr(safa.texture, "make_texture_pipeline", lambda: make(window_frames=16))
+    res = evaluate_continuation(prompts=("rain",), samples=1, clip_seconds=0.64, seconds=2.56, steps=3, probe=8)
+    table = format_continuation_table(res)
+    for row in ("true", "crossfade", "multidiffusion", "safa"):
+        assert row in table and len(res.rows[row]["junction"]) == 1
+    assert res.rows["true"]["interior"][0] >= 0
