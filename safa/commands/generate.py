@@ -53,6 +53,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"joint diffusion method: one of {', '.join(METHODS)}, optionally with parameters of its "
                         f"method object, e.g. safa:guide=0.5 or safa_stats:snr=0.05 (default safa)")
     p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
+    p.add_argument("--audio", default=None, help="your own WAV/FLAC clip to continue / extend / fill / loop "
+                                                 "(resampled to the model's rate; its samples kept exactly)")
+    p.add_argument("--at", type=float, default=0.0, help="--audio: where the clip starts, seconds (default 0)")
+    p.add_argument("--keep", action="append", default=None, metavar="START:END",
+                   help="--audio: a range of the output (seconds) to keep from the clip (repeat; default all of it)")
+    p.add_argument("--crossfade", type=float, default=0.05,
+                   help="--audio: crossfade at each junction with the clip, seconds (default 0.05)")
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default 200)")
     add_guidance_argument(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -191,7 +198,7 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     started = time.perf_counter()
     result = jd(**call, num_inference_steps=args.steps, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt, generator=torch.Generator(device=device).manual_seed(args.seed),
-                output_path=out,
+                output_path=out, **_known_arguments(args),
                 callback_on_output_chunk=(None if spectrogram is None
                                           else lambda _, start, chunk: spectrogram.add(chunk[0].numpy())),
                 **prompt_args)
@@ -216,3 +223,20 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
           f"{result.timings['decode']:.1f} s, {elapsed:.1f} s in all")
     return 0
 
+
+
+def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--audio`` / ``--at`` / ``--keep`` / ``--crossfade`` as the call's ``audio=`` arguments (safa.known)."""
+    if args.audio is None:
+        if args.keep or args.at:
+            raise CLIError("--at and --keep place your audio: give --audio with them")
+        return {}
+    keep = None
+    if args.keep:
+        try:
+            keep = [tuple(float(x) for x in k.split(":")) for k in args.keep]
+        except ValueError:
+            raise CLIError(f"--keep takes START:END in seconds, got {args.keep}") from None
+        if any(len(k) != 2 for k in keep):
+            raise CLIError(f"--keep takes START:END in seconds, got {args.keep}")
+    return dict(audio=args.audio, audio_start=args.at, keep=keep, audio_crossfade=args.crossfade)
