@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .methods import Method
 
 __all__ = ["evaluate", "EvalResult", "format_table", "format_summary", "evaluation_figure", "write_plot",
-           "ALL_METHODS", "parse_method_spec"]
+           "ALL_METHODS", "parse_method_spec", "evaluate_continuation", "format_continuation_table", "ContinueResult"]
 
 ALL_METHODS = tuple(METHODS)
 
@@ -466,3 +466,113 @@ def write_plot(res: EvalResult, path: str) -> None:
     """:func:`evaluation_figure` written as PNG to ``path``, atomically."""
     from .plots import save_figure
     save_figure(evaluation_figure(res), path)
+
+
+# -- the user's own audio: continuation against the exact conditional (safa.known) -----------------
+CONTINUE_ROWS = ("true", "crossfade", "multidiffusion", "safa")
+
+
+@dataclass
+class ContinueResult:
+    """Per row, per sample: junction and interior KL, sub-style agreement and repetition."""
+
+    settings: Dict[str, Any]
+    rows: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
+
+
+def _probe_kl(model, latent: torch.Tensor, starts: Sequence[int], size: int, cw: torch.Tensor,
+              min_eigenvalue: float) -> Tuple[float, List[int]]:
+    """Mean over ``starts`` of the probes' Gaussian KL to the model (summed over bands), and their components."""
+    windows = torch.cat([latent[:, :, s:s + size] for s in starts])
+    band_sq, comps = M.whitened_band_variances(model, windows, cw.expand(windows.shape[0], -1),
+                                               min_eigenvalue=min_eigenvalue)
+    kl = M.gaussian_kl_to_unit(band_sq.mean(0).numpy()).sum()
+    return float(kl), comps.tolist()
+
+
+def _crossfaded(prefix: torch.Tensor, generated: torch.Tensor, fade: int) -> torch.Tensor:
+    """What users do today: the clip, then an independent generation, a linear crossfade of ``fade`` frames."""
+    p = prefix.shape[-2]
+    ramp = torch.linspace(0, 1, fade + 2, dtype=prefix.dtype)[1:-1][:, None]
+    joined = torch.cat([prefix, generated[:, :, fade:]], dim=-2)
+    joined[:, :, p - fade:p] = prefix[:, :, p - fade:] * (1 - ramp) + generated[:, :, :fade] * ramp
+    return joined
+
+
+def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), samples: int = 2,
+                          clip_seconds: float = 10.0, seconds: float = 40.0, steps: int = 25,
+                          scheduler: Optional[str] = None, seed: int = 0, probe: int = 32,
+                          min_eigenvalue: float = 1.0, log: Optional[Any] = None) -> ContinueResult:
+    """Continue a clip drawn from the model with each row; measure against the exact conditional.
+
+    Per sample: a clip of ``clip_seconds`` drawn exactly from a component of the prompt's class,
+    its exact posterior (:meth:`TextureModel.substyle_posterior`), then each row continues it to
+    ``seconds``: ``true`` (:meth:`TextureModel.sample_conditional`), ``crossfade`` (an independent
+    generation crossfaded 1 s after the clip), ``multidiffusion`` / ``safa`` with the clip as known
+    latent columns (``audio_latents``). Columns: the junction probes' KL (``probe`` frames centred
+    on the clip's end), the interior probes' KL (non-overlapping probes from one window after the
+    clip), the fraction whose interior sub-style is the posterior's choice where it is confident
+    (>= 0.9), and the correlation of the clip with what follows it (repetition).
+    """
+    from .sampler import JointDiffusion
+    from .schedulers import set_scheduler
+    from .texture import make_texture_pipeline
+    pipe = make_texture_pipeline()
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    model, jd = pipe.model, JointDiffusion(pipe)
+    fps = pipe.frames_per_second
+    p, n, window = round(clip_seconds * fps), round(seconds * fps), model.window
+    res = ContinueResult(dict(prompts=list(prompts), samples=samples, clip_seconds=clip_seconds, seconds=seconds,
+                              steps=steps, scheduler=type(pipe.scheduler).__name__, probe=probe))
+    for row in CONTINUE_ROWS:
+        res.rows[row] = {"junction": [], "interior": [], "agree": [], "repeat": []}
+    interior = list(range(p + window, n - probe + 1, probe))
+    for prompt in prompts:
+        cw = model.encode_prompt([prompt]).double()
+        for s in range(samples):
+            g = torch.Generator().manual_seed(seed + 1000 * s + sum(map(ord, prompt)))
+            comp = model.sample_components(cw, g)
+            prefix = model.sample(comp, length=p, generator=g)
+            post = model.substyle_posterior(prefix, cw)[0]
+            outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]}
+            kw = dict(num_inference_steps=steps, output_type="latent", generator=g)
+            fade = min(round(fps), p // 2)
+            free = jd(prompt, seconds=(n - p + fade) / fps, **kw).latent
+            outs["crossfade"] = _crossfaded(prefix, free, fade)[:, :, :n]
+            for method in ("multidiffusion", "safa"):
+                outs[method] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix, **kw).latent[:, :, :n]
+            for row, latent in outs.items():
+                stats = res.rows[row]
+                stats["junction"].append(_probe_kl(model, latent, [p - probe // 2], probe, cw, min_eigenvalue)[0])
+                kl, comps = _probe_kl(model, latent, interior, probe, cw, min_eigenvalue)
+                stats["interior"].append(kl)
+                if float(post.max()) >= 0.9:
+                    stats["agree"].append(float(max(set(comps), key=comps.count) == int(post.argmax())))
+                a, b = latent[:, :, :p].flatten(), latent[:, :, p:2 * p].flatten()
+                m = min(a.numel(), b.numel())
+                stats["repeat"].append(float(torch.corrcoef(torch.stack([a[-m:], b[:m]]).double())[0, 1]))
+            if log:
+                log(f"{prompt} sample {s + 1}/{samples}: posterior sub-style {int(post.argmax())} "
+                    f"({float(post.max()):.2f})")
+    return res
+
+
+def format_continuation_table(res: ContinueResult) -> str:
+    """The continuation table: mean [95% interval] over samples per column."""
+    st = res.settings
+    lines = [f"continue a {st['clip_seconds']:g} s clip to {st['seconds']:g} s, {st['steps']} steps "
+             f"{st['scheduler']}, prompts {','.join(st['prompts'])}, {st['samples']} samples each, probes of "
+             f"{st['probe']} frames",
+             f"{'row':<16}{'junction KL':>22}{'interior KL':>22}{'sub-style agrees':>20}{'repeat corr':>20}"]
+    for row, stats in res.rows.items():
+        cells = []
+        for key in ("junction", "interior", "agree", "repeat"):
+            x = stats[key]
+            if not x:
+                cells.append("n/a")
+                continue
+            mean, half = M.mean_ci(x)
+            cells.append(f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]")
+        lines.append(f"{row:<16}{cells[0]:>22}{cells[1]:>22}{cells[2]:>20}{cells[3]:>20}")
+    return "\n".join(lines)

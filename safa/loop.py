@@ -13,7 +13,9 @@ hooks and docs/method.md cite these numbers):
 - 7.5 ``scheduler.step`` ONCE on the views' rows (multistep history and stochastic noise are
   per row), the distributed exchange, and ``X^0`` on its own scheduler while it guides;
 - 7.6 ONE ``sync_``: the overlaps merged in place (self-loop swap, Eq. 9, or averaging) plus
-  the reference swap of the middles (Eq. 10) during the first ``round(guide * T)`` steps;
+  the reference swap of the middles (Eq. 10) during the first ``round(guide * T)`` steps; with
+  the user's audio (:mod:`safa.known`) one ``index_put_`` then writes its latent columns, at
+  the step's noise level, into every view;
 - 7.7 the user's ``callback_on_step_end``.
 
 ``X^0`` is read only while it guides, so it is denoised only then and freed after: a SaFa call
@@ -34,6 +36,7 @@ from safa_kernels import ViewLayout
 from . import accel as _accel
 from .adapters.base import Conditions
 from .distributed import ViewShard
+from .known import KnownAudio
 from .methods import MethodContext
 from .request import GenerationRequest, model_windows
 from .schedulers import scale_model_input
@@ -53,6 +56,7 @@ class LoopPlan:
         conditions, view_rows, reference_rows: the encoded prompts and the prompt of every
             scheduler row of the views (all of them) and of ``X^0`` (None without one).
         shard: this process's views (all of them in one process).
+        known: the user's audio (:mod:`safa.known`): its latent columns, imposed every step.
     """
 
     layout: ViewLayout
@@ -63,6 +67,7 @@ class LoopPlan:
     view_rows: torch.Tensor
     reference_rows: Optional[torch.Tensor]
     shard: ViewShard
+    known: Optional[KnownAudio] = None
 
 
 def _step_runner(jd: Any, request: GenerationRequest, plan: LoopPlan) -> _accel.StepRunner:
@@ -160,6 +165,11 @@ def denoise(jd: Any, request: GenerationRequest, plan: LoopPlan, views: torch.Te
                 # plus the reference-guided swap of the middles (Eq. 10) while guiding.
                 with record_function("safa.merge"):
                     runner.merge(views, reference if guiding and method.swaps_reference else None)
+                # ... then the user's audio: its latent columns in every view, brought to the noise
+                # level of this step's output by the scheduler's forward process (safa.known).
+                if plan.known is not None:
+                    with record_function("safa.known"):
+                        plan.known.impose(views, scheduler, plan.timesteps, i)
                 # 7.7 Callback: may replace this process's views / the reference.
                 if callback_on_step_end is not None:
                     got = callback_on_step_end(jd, i, t, {"views": views[own.start:own.stop], "view_range": own,

@@ -395,6 +395,22 @@ CALL_ARGUMENTS_DOC = """
                 first sample / pixel column), e.g. to accumulate a spectrogram of a streamed
                 output (:class:`safa.spectrogram.SpectrogramAccumulator`); on rank 0 only in a
                 distributed call.
+            audio: the user's own audio to continue, extend, fill or loop (audio pipelines,
+                :mod:`safa.known`, docs/own-audio.md): a WAV / FLAC path, or a numpy array /
+                tensor ``(samples,)`` or ``(channels, samples)``; resampled to the model's rate,
+                downmixed (with a notice) for a mono model. Encoded once with the pipeline's own
+                encoder; its latent columns are imposed in every view at every step, brought to
+                that step's noise level by the scheduler's forward process.
+            sample_rate: samples per second of an ``audio`` array (a file's own rate by default).
+            audio_start: where the clip starts in the output, seconds (default 0: a continuation).
+            keep: ``[(start, end), ...]`` seconds of the output to keep from the clip (default:
+                all of it); the rest of the output, gaps included, is generated.
+            audio_latents: the clip already encoded (the model's latent with the clip's columns
+                on the long axis), instead of ``audio``; nothing is pasted then.
+            audio_crossfade: seconds of the raised-cosine crossfade at each junction between the
+                user's samples and the generation (default 0.05).
+            paste_audio: the output holds the user's samples exactly over ``keep`` (default);
+                False returns the decoded generation there instead.
             return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
                 does, what the wrapped pipeline returns with ``return_dict=False``: ``(audio,)``
                 for audio pipelines, ``(images,)`` for SDXL and SD3, ``(images, None)`` for SD

@@ -39,6 +39,7 @@ from diffusers.utils import BaseOutput
 from safa_kernels import ViewLayout, gather, stitch
 
 from . import distributed as _distributed
+from . import known as _known
 from . import loop as _loop
 from . import memory as _memory
 from . import output as _output
@@ -213,15 +214,19 @@ class JointDiffusion:
         return cond, rows[:n * B], (rows[n * B:] if with_reference else None)
 
     def prepare_latents(self, layout: ViewLayout, batch_size: int, height: Optional[int], generator: Any,
-                        latents: Optional[torch.Tensor]) -> torch.Tensor:
+                        latents: Optional[torch.Tensor], known: Optional[_known.KnownAudio] = None) -> torch.Tensor:
         """The views of the initial long noise ``J_T``: ``(num_views, B, *window)``.
 
         ``J_T`` is drawn whole (first, so that a one-view layout sees exactly the pipeline's
-        own noise) and gathered, so overlapping views start equal.
+        own noise) and gathered, so overlapping views start equal. With the user's audio
+        (``known``), its known columns take their fixed noise from ``J_T`` (:mod:`safa.known`).
         """
         adapter = self.adapter
         j_t = adapter.init_noise(adapter.latent_shape(batch_size, layout.length, height), generator, latents)
-        return gather(j_t, layout, adapter.long_dim)
+        views = gather(j_t, layout, adapter.long_dim)
+        if known is not None:
+            known.bind(layout, views, float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)))
+        return views
 
     def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
         """This process's part of the call: every view in one process, a block of them per rank
@@ -265,7 +270,10 @@ class JointDiffusion:
                  decode: str = "auto", decode_tile: Optional[int] = None,
                  callback_on_step_end: Optional[Callable[..., Optional[Dict[str, Any]]]] = None,
                  output_type: Optional[str] = None, output_path: Union[None, str, Sequence[str]] = None,
-                 callback_on_output_chunk: Optional[Callable[..., None]] = None, return_dict: bool = True) -> Any:
+                 callback_on_output_chunk: Optional[Callable[..., None]] = None, return_dict: bool = True,
+                 audio: Any = None, sample_rate: Optional[int] = None, audio_start: float = 0.0,
+                 keep: Optional[Sequence[Tuple[float, float]]] = None, audio_latents: Optional[torch.Tensor] = None,
+                 audio_crossfade: float = 0.05, paste_audio: bool = True) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
         # alone checks and writes the output files).
@@ -291,6 +299,11 @@ class JointDiffusion:
                                            request.per_prompt, layout.num_views,
                                            embeds_rows=int(prompt_embeds.shape[0]) if request.embeds else None)
         _request.check_generator(generator, prompts.batch_size)
+        # The user's audio (safa.known): checked, resampled and encoded once into known latent columns.
+        known = _known.prepare_known(adapter, audio=audio, sample_rate=sample_rate, audio_latents=audio_latents,
+                                     audio_start=audio_start, keep=keep, seconds=request.seconds, loop=request.loop,
+                                     audio_crossfade=audio_crossfade, paste_audio=paste_audio,
+                                     batch_size=prompts.batch_size, layout_length=layout.length)
         window_shape = adapter.latent_shape(prompts.batch_size, layout.window, request.height)
         # 4. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1, with
         # the guidance window of the paper's text: docs/method.md section 5).
@@ -304,11 +317,12 @@ class JointDiffusion:
                                                                   request.guidance_scale, request.seconds)
         # 6. This process's views; the views of J_T (the same on every rank); X^0 with its own scheduler.
         plan = _loop.LoopPlan(layout, window_shape, timesteps, guide_steps, cond, view_rows, reference_rows,
-                              self.prepare_shard(layout, method, prompts.batch_size))
+                              self.prepare_shard(layout, method, prompts.batch_size), known)
         # 7. The denoising loop (safa.loop, blocks 7.1-7.7). The initial latents are passed, not
         # held here, so that the loop frees them at its first step.
         views, started = _loop.denoise(
-            self, request, plan, self.prepare_latents(layout, prompts.batch_size, request.height, generator, latents),
+            self, request, plan, self.prepare_latents(layout, prompts.batch_size, request.height, generator, latents,
+                                                      known),
             self.prepare_reference(window_shape, generator, reference_latents) if guide_steps else None,
             generator, callback_on_step_end)
         # 8. J = stitch(views), decoded, cropped, returned or written (safa.output).
@@ -347,8 +361,8 @@ class JointDiffusion:
             if shard.rank != 0:
                 collections.deque(pieces, maxlen=0)  # run this rank's rounds: its tiles go to rank 0
                 return nothing if return_dict else adapter.pipeline_tuple(None)
-            on_chunk = (None if callback_on_output_chunk is None
-                        else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
+            on_chunk = _known.paste_then(plan.known, None if callback_on_output_chunk is None
+                                         else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
             result = _output.produce_output(adapter, latent, layout, mode=mode, tile=tile,
                                             view_batch_size=request.view_batch_size, out_len=out_len,
                                             output_type=request.output_type, paths=request.paths,

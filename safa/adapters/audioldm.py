@@ -100,6 +100,30 @@ class AudioLDMAdapter(AudioAdapter):
     def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.pipe.mel_spectrogram_to_waveform(decoded)
 
+    # -- encoding the user's audio (safa.known) ----------------------------------------------
+    def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """``(B, samples)`` -> ``(B, 1, samples / hop, mel_bins)``: the log-mel the family's VAE and
+        vocoder were trained on (AudioLDM's: STFT with a window of 6.4 hops, 1024 at hop 160 and
+        16 kHz, reflect-padded so that there is one frame per hop; Slaney mel filters up to half the
+        rate; ``log(max(mel, 1e-5))``)."""
+        from transformers.audio_utils import mel_filter_bank
+        hop, rate = self.finalize_scale, self.sample_rate
+        n_fft = 1 << max(1, math.ceil(math.log2(6.4 * hop)))
+        bins = int(self.pipe.vocoder.config.model_in_dim)
+        filters = torch.tensor(mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=bins,
+                                               min_frequency=0.0, max_frequency=rate / 2, sampling_rate=rate,
+                                               norm="slaney", mel_scale="slaney"), dtype=torch.float32)
+        pad = (n_fft - hop) // 2
+        x = torch.nn.functional.pad(waveform.float()[:, None], (pad, n_fft - hop - pad), mode="reflect")[:, 0]
+        spec = torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft), center=False, return_complex=True)
+        mel = torch.einsum("bkt,km->btm", spec.abs(), filters)
+        return torch.log(mel.clamp_min(1e-5))[:, None]
+
+    def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        mel = self.log_mel(waveform[:, 0]).to(device=self.device, dtype=vae.dtype)
+        return vae.encode(mel).latent_dist.mode() * vae.config.scaling_factor
+
 
 @register_adapter
 class MusicLDMAdapter(AudioLDMAdapter):

@@ -450,6 +450,12 @@ class AudioAdapter(Adapter):
         # As the audio pipelines: a float tensor, or its numpy array for "np".
         return output.float().cpu().numpy() if output_type == "np" else output
 
+    def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own encoder (safa.known): ``(1, channels, samples)`` at :attr:`sample_rate`,
+        ``samples`` a whole number of latent columns -> the latent ``(1, ...)`` of those columns."""
+        raise NotImplementedError(f"{type(self).__name__} has no audio encoder: audio= is not supported for "
+                                  f"{type(self.pipe).__name__}")
+
 
 class ImageAdapter(Adapter):
     """What every latent-image family shares: width / height in pixels, windows in latent columns,

@@ -155,3 +155,9 @@ class StableAudioAdapter(AudioAdapter):
 
     def output_elements_per_column(self, height: Optional[int] = None) -> int:
         return int(self.pipe.vae.config.audio_channels)
+
+    def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
+        # The Oobleck VAE's posterior mean (the pipeline's audio-to-audio samples it: the mean is
+        # the deterministic choice, and the latent has no scaling factor).
+        vae = self.pipe.vae
+        return vae.encode(waveform.to(device=self.device, dtype=vae.dtype)).latent_dist.mode()

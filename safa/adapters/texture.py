@@ -118,3 +118,6 @@ class TextureAdapter(AudioAdapter):
 
     def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.pipe.decoder.mel_to_audio(decoded)
+
+    def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.pipe.encode_audio(waveform[:, 0]).to(device=self.device, dtype=self.dtype)

@@ -47,6 +47,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the first sample; sample i of every method starts from seed + i, so the rows "
                         "are paired on the same noise (default 0)")
+    p.add_argument("--task", choices=("seams", "continue"), default="seams",
+                   help="seams: the methods' seams (default); continue: continue a clip drawn from the model "
+                        "against the exact conditional (table only; --samples per prompt)")
+    p.add_argument("--clip-seconds", type=POSITIVE_NUMBER, default=10.0,
+                   help="--task continue: the clip's length in seconds (default 10)")
     p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
     p.add_argument("--plot", default=None, help="the plot's path, a .png (default: evaluate.png in --out)")
     add_device_arguments(p)
@@ -92,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CLIError(f"cannot write {path}: {exc}") from None
     overlap_notice(args.overlap, args.quiet)
+    if args.task == "continue":
+        with use_backend(args.backend):
+            return _run_continue(args, prompts, table_path)
     with use_backend(args.backend):
         res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                        loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -104,4 +112,22 @@ def run(args: argparse.Namespace) -> int:
             f.write(table + "\n")
     write_plot(res, plot)
     print(f"wrote {table_path}, {plot}")
+    return 0
+
+
+def _run_continue(args: argparse.Namespace, prompts: Any, table_path: str) -> int:
+    """``safa evaluate --task continue``: the continuation table (safa.evaluate.evaluate_continuation), printed and
+    written."""
+    from ..evaluate import evaluate_continuation, format_continuation_table
+    from ..files import atomic_path
+    res = evaluate_continuation(prompts or ("rain", "wind", "surf"), samples=args.samples,
+                                clip_seconds=args.clip_seconds, seconds=args.seconds, steps=args.steps,
+                                scheduler=args.scheduler, seed=args.seed, min_eigenvalue=args.min_eigenvalue,
+                                log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    table = format_continuation_table(res)
+    print(table)
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+    print(f"wrote {table_path}")
     return 0

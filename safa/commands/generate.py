@@ -27,9 +27,9 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..errors import CLIError
 from ..methods import METHODS
-from .common import (BUILTIN_MODEL, POSITIVE_INT, POSITIVE_NUMBER, add_device_arguments, add_layout_arguments,
-                     add_model_arguments, add_sampling_arguments, check_backend, load_pipeline, overlap_notice,
-                     resolve_device, set_scheduler, setup_logging, use_backend)
+from .common import (BUILTIN_MODEL, NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, add_device_arguments,
+                     add_layout_arguments, add_model_arguments, add_sampling_arguments, check_backend,
+                     load_pipeline, overlap_notice, resolve_device, set_scheduler, setup_logging, use_backend)
 
 __all__ = ["add_parser", "run", "BUILTIN_MODEL", "DECODE_CHOICES"]
 
@@ -58,6 +58,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         f"method object, e.g. safa:guide=0.5 or safa_stats:snr=0.05 (default safa)")
     add_sampling_arguments(p)
     add_layout_arguments(p)
+    p.add_argument("--audio", default=None, help="your own WAV/FLAC clip to continue / extend / fill / loop "
+                                                 "(resampled to the model's rate; its samples kept exactly)")
+    p.add_argument("--at", type=NONNEGATIVE_NUMBER, default=0.0,
+                   help="--audio: where the clip starts, seconds (default 0)")
+    p.add_argument("--keep", action="append", default=None, metavar="START:END",
+                   help="--audio: a range of the output (seconds) to keep from the clip (repeat; default all of it)")
+    p.add_argument("--crossfade", type=NONNEGATIVE_NUMBER, default=0.05,
+                   help="--audio: crossfade at each junction with the clip, seconds (default 0.05)")
     p.add_argument("--swap-interval", type=POSITIVE_INT, default=None,
                    help="swap interval w_swap of the swap methods (default: the method's, 1)")
     p.add_argument("--guide", type=float, default=None,
@@ -196,7 +204,7 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     started = time.perf_counter()
     result = jd(**call, num_inference_steps=steps, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt, generator=torch.Generator(device=device).manual_seed(args.seed),
-                output_path=out,
+                output_path=out, **_known_arguments(args),
                 callback_on_output_chunk=(None if spectrogram is None
                                           else lambda _, start, chunk: spectrogram.add(chunk[0].numpy())),
                 **prompt_args)
@@ -224,3 +232,20 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
           f"{steps} steps in {denoise:.1f} s ({denoise / steps:.2f} s/step), decoded and written in "
           f"{result.timings['decode']:.1f} s, {elapsed:.1f} s in all")
     return 0
+
+
+def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--audio`` / ``--at`` / ``--keep`` / ``--crossfade`` as the call's ``audio=`` arguments (safa.known)."""
+    if args.audio is None:
+        if args.keep or args.at:
+            raise CLIError("--at and --keep place your audio: give --audio with them")
+        return {}
+    keep = None
+    if args.keep:
+        try:
+            keep = [tuple(float(x) for x in k.split(":")) for k in args.keep]
+        except ValueError:
+            raise CLIError(f"--keep takes START:END in seconds, got {args.keep}") from None
+        if any(len(k) != 2 for k in keep):
+            raise CLIError(f"--keep takes START:END in seconds, got {args.keep}")
+    return dict(audio=args.audio, audio_start=args.at, keep=keep, audio_crossfade=args.crossfade)

@@ -473,6 +473,67 @@ class TextureModel(ModelMixin, ConfigMixin):
             out[i] = m.reshape(self.channels, self.freq_bins, length).permute(0, 2, 1)
         return out.to(dtype)
 
+    # -- the exact continuation of a given prefix (safa.known's truth) -----------------------
+    def _temporal(self, c: int, length: int) -> torch.Tensor:
+        """Class ``c``'s temporal covariance over ``length`` frames (any length), with the nugget."""
+        lags = np.arange(length)[:, None] - np.arange(length)[None, :]
+        return torch.tensor(temporal_kernel(self.classes[c].temporal, lags) + 1e-4 * np.eye(length))
+
+    def substyle_posterior(self, prefix: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` exact posterior of the components given ``prefix`` ``(B, C, P, F)`` (any ``P``).
+
+        Component ``k`` makes the prefix ``N(0, A_k (x) K_c[:P, :P])``: its log-likelihood in the
+        Kronecker eigenbasis plus the log prior of ``class_weights`` ``(B, num_classes)``, normalised.
+        """
+        b, c, p, f = prefix.shape
+        x = prefix.to(torch.float64).permute(0, 1, 3, 2).reshape(b, c * f, p)
+        logprior = self.component_logprior(class_weights)
+        ll = torch.full((b, self.num_components), -math.inf, dtype=torch.float64)
+        for ci in range(self.num_classes):
+            comps = torch.nonzero(self.component_class == ci).reshape(-1)
+            if not torch.isfinite(logprior[:, comps]).any():
+                continue  # a class the prompt excludes
+            eig_t, basis_t = torch.linalg.eigh(self._temporal(ci, p))
+            z = x @ basis_t                                                      # (B, CF, P)
+            for k in comps.tolist():
+                y = self.chanfreq_basis[k].T @ z
+                lam = self.chanfreq_eig[k][:, None] * eig_t[None, :]
+                ll[:, k] = -0.5 * ((y ** 2 / lam).sum((-1, -2)) + torch.log(lam).sum()
+                                   + c * f * p * math.log(2 * math.pi))
+        return torch.softmax(ll + logprior, dim=-1)
+
+    def sample_conditional(self, prefix: torch.Tensor, class_weights: torch.Tensor, length: int,
+                           generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Exact continuations ``(B, C, length, F)`` of ``prefix`` ``(B, C, P, F)``, and their components.
+
+        The model is a mixture of stationary Gaussian processes, so the continuation is exact in
+        two stages: a component drawn from :meth:`substyle_posterior` given the prefix, then the
+        Gaussian conditional of frames ``P .. length - 1`` given the prefix under it (the channel-
+        frequency factor ``A_k`` factors out of a Kronecker covariance): mean
+        ``X K_pp^-1 K_pf``, covariance ``A_k (x) (K_ff - K_fp K_pp^-1 K_pf)``. The first ``P``
+        frames of the result are the prefix itself. Dense in time: ``length`` up to
+        ``4 * MAX_WINDOW`` frames.
+        """
+        b, c, p, f = prefix.shape
+        if not p < length <= 4 * MAX_WINDOW:
+            raise ValueError(f"length must be in ({p}, {4 * MAX_WINDOW}] frames (after the prefix's {p}), "
+                             f"got {length}")
+        post = self.substyle_posterior(prefix, class_weights)
+        comps = torch.multinomial(post, 1, generator=generator).reshape(-1)
+        x = prefix.to(torch.float64).permute(0, 1, 3, 2).reshape(b, c * f, p)
+        out = torch.empty(b, c * f, length, dtype=torch.float64)
+        out[..., :p] = x
+        for i, k in enumerate(comps.tolist()):
+            kt = self._temporal(int(self.component_class[k]), length)
+            chol_pp = torch.linalg.cholesky(kt[:p, :p])
+            gain = torch.cholesky_solve(kt[:p, p:], chol_pp)                     # K_pp^-1 K_pf
+            schur = kt[p:, p:] - kt[p:, :p] @ gain
+            chol_f = torch.linalg.cholesky(0.5 * (schur + schur.T))
+            e = torch.randn(c * f, length - p, generator=generator, dtype=torch.float64)
+            out[i, :, p:] = x[i] @ gain + torch.linalg.cholesky(self.chanfreq_cov[k]) @ e @ chol_f.T
+        return out.reshape(b, c, f, length).permute(0, 1, 3, 2).to(dtype), comps
+
     def _wrapped_kernel(self, c: int, length: int) -> np.ndarray:
         """Class ``c``'s kernel wrapped around a circle of ``length`` frames (lags ``0 .. length - 1``),
         with the sampler's nugget; terms are added until they are below 1e-15."""

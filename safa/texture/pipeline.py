@@ -105,6 +105,38 @@ class TexturePipeline(DiffusionPipeline):
             return (audio,)
         return AudioPipelineOutput(audios=audio)
 
+    # -- the encoder: the user's audio into the model's latent (safa.known) ------------------
+    @torch.no_grad()
+    def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
+        """``(B, samples)`` at ``sample_rate`` (a whole number of latent frames) -> ``(B, C, T, F)``.
+
+        The decoder's least-squares inverse: its soft limiter undone, the STFT magnitude's log
+        mapped to log-mel by the pseudo-inverse of the decoder's mel -> linear interpolation, its
+        offset and gain removed, frequency by the pseudo-inverse of its bilinear upsampling and time
+        by averaging its ``time_scale`` frames, then the minimum-norm latent whose channel mix is
+        that (the decoder sums the channels, so the other channel directions are unobservable:
+        decoding the result reproduces the clip's log-mel envelope, not its phase).
+        """
+        d = self.decoder
+        b, samples = waveform.shape
+        frames = samples // d.hop
+        x = torch.atanh(waveform.float().clamp(-0.999, 0.999))
+        spec = torch.stft(x, d.n_fft, d.hop, window=d.window, return_complex=True)[..., :frames]
+        log_lin = torch.log(spec.abs().clamp_min(1e-6))                              # (B, K, Tm)
+        k = d.n_fft // 2 + 1
+        interp = torch.zeros(k, d.n_mels)                                            # lin = interp @ mel
+        interp[torch.arange(k), d._lo] = 1 - d._frac
+        interp[torch.arange(k), d._lo + 1] += d._frac
+        log_mel = torch.einsum("mk,bkt->btm", torch.linalg.pinv(interp), log_lin)
+        u_up = (log_mel - d.mel_offset) / d.log_gain                                 # (B, Tm, M)
+        eye = torch.eye(d.freq_bins)[:, None, None]                                  # F basis rows
+        up_f = torch.nn.functional.interpolate(eye, size=(1, d.n_mels), mode="bilinear",
+                                               align_corners=False)[:, 0, 0].T       # (M, F)
+        u = torch.einsum("fm,btm->btf", torch.linalg.pinv(up_f), u_up)
+        u = u.reshape(b, frames // d.time_scale, d.time_scale, d.freq_bins).mean(dim=2)
+        w = d.channel_weights
+        return (w[None, :, None, None] * u[:, None] / (w * w).sum()).to(self.dtype)
+
     # -- persistence: the model is its config (no weights), so save configs only -------------
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **_: Any) -> None:  # type: ignore[override]
         os.makedirs(save_directory, exist_ok=True)

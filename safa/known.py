@@ -1,0 +1,317 @@
+"""The user's own audio in a call: continue it, extend it on both sides, fill its gaps, loop it.
+
+``jd(prompt, audio=clip, sample_rate=sr, seconds=300)`` places ``clip`` at ``audio_start``
+seconds (default 0: a continuation) and generates the rest of the ``seconds``; ``keep=[(start,
+end), ...]`` (seconds of the output) keeps only those parts of the clip and regenerates the
+gaps; ``loop=True`` makes a seamless loop that contains the clip. The names follow diffusers':
+``audio`` / ``sample_rate`` as the audio pipelines' ``initial_audio_waveforms`` /
+``initial_audio_sampling_rate``, ``audio_latents`` as ``latents`` (the clip already encoded).
+
+Mechanism (docs/own-audio.md):
+
+1. :func:`read_audio`: the clip (an array / tensor, or a WAV / FLAC path) as float32
+   ``(channels, samples)`` at the model's rate (``scipy.signal.resample_poly``), mono models
+   given a multichannel clip downmix it (with a notice), stereo models given mono duplicate it.
+2. :func:`prepare_known`: the clip encoded ONCE with the pipeline's own encoder
+   (``adapter.encode_audio``: AudioLDM's mel + VAE, Stable Audio's Oobleck VAE, the texture
+   model's inverse decoder) into latent columns, and the latent columns of the long latent
+   ``J`` that the keep-ranges cover whole.
+3. Every step, after the merge (loop block 7.6), :meth:`KnownAudio.impose` writes into every
+   view the known latent brought to the noise level of the step's output by the scheduler's own
+   forward process (:func:`noised_known`), one ``index_put_`` over all views; at the last step
+   the clean known latent. This is diffusers' inpainting rule (``StableDiffusionInpaintPipeline``:
+   ``add_noise(image_latents, noise, timesteps[i + 1])``), with the same fixed noise (the
+   columns of ``J_T``) at every step.
+4. :meth:`KnownAudio.paste` puts the user's samples back into the decoded output over each
+   keep-range, with a raised-cosine crossfade of ``audio_crossfade`` seconds inside each end
+   that joins generated audio, so the clip never loses its samples to the VAE round trip
+   (``paste_audio=False``: the decoded version).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from safa_kernels import ViewLayout
+
+__all__ = ["KnownAudio", "read_audio", "prepare_known", "noised_known", "keep_ranges", "paste_then"]
+
+
+def read_audio(audio: Any, sample_rate: Optional[int], target_rate: int, channels: int,
+               name: str = "audio") -> np.ndarray:
+    """``audio`` (path, numpy array or tensor; ``(samples,)`` or ``(channels, samples)``) as float32
+    ``(channels, samples)`` at ``target_rate``.
+
+    A path is read with ``soundfile`` (WAV, FLAC, ...), whose rate is used unless ``sample_rate``
+    is given; an array needs ``sample_rate``. Silence-only warns (the model is then asked to
+    continue silence); more channels than the model has are averaged, with a notice.
+    """
+    if isinstance(audio, (str, os.PathLike)):
+        import soundfile
+        path = os.fspath(audio)
+        if not os.path.isfile(path):
+            raise ValueError(f"{name}: no such file {path!r}")
+        try:
+            data, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        except Exception as exc:  # soundfile raises its own LibsndfileError / RuntimeError
+            raise ValueError(f"{name}: cannot read {path!r} as audio ({str(exc).splitlines()[0]})") from None
+        data = data.T
+        sample_rate = file_rate if sample_rate is None else sample_rate
+    else:
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().float().cpu().numpy()
+        if not isinstance(audio, np.ndarray):
+            raise ValueError(f"{name} must be a path, a numpy array or a torch tensor, got {type(audio).__name__}")
+        if audio.ndim not in (1, 2):
+            raise ValueError(f"{name} must be (samples,) or (channels, samples), got shape {audio.shape}")
+        if audio.size == 0:
+            raise ValueError(f"{name} is empty (0 samples)")
+        data = np.asarray(audio, dtype=np.float32).reshape(-1, audio.shape[-1])
+        if sample_rate is None:
+            raise ValueError(f"sample_rate is required with an {name} array (samples per second of {name})")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be an int > 0 (samples per second), got {sample_rate!r}")
+    if data.shape[-1] == 0:
+        raise ValueError(f"{name} is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{name} contains NaN or infinite samples")
+    if data.shape[0] > channels:
+        warnings.warn(f"{name} has {data.shape[0]} channels and the model {channels}: downmixed to mono", stacklevel=3)
+        data = data.mean(axis=0, keepdims=True)
+    if data.shape[0] < channels:
+        data = np.repeat(data[:1], channels, axis=0)
+    if not np.any(data):
+        warnings.warn(f"{name} is silence only: the model is asked to continue silence", stacklevel=3)
+    if int(sample_rate) != target_rate:
+        from scipy.signal import resample_poly
+        g = math.gcd(int(sample_rate), int(target_rate))
+        data = resample_poly(data, target_rate // g, int(sample_rate) // g, axis=-1).astype(np.float32)
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def keep_ranges(keep: Optional[Sequence[Tuple[float, float]]], clip: Tuple[float, float], seconds: float,
+                ) -> List[Tuple[float, float]]:
+    """The keep-ranges in seconds of the output, checked, sorted and merged (default: the whole clip)."""
+    start, end = clip
+    if end > seconds + 1e-9:
+        raise ValueError(f"the clip ends at {end:.6g} s (audio_start {start:.6g} s + its {end - start:.6g} s), "
+                        f"beyond the requested {seconds:.6g} s: ask for more seconds or a shorter clip")
+    if keep is None:
+        return [(start, min(end, seconds))]
+    try:
+        ranges = [(float(a), float(b)) for a, b in keep]
+    except (TypeError, ValueError):
+        raise ValueError(f"keep must be a list of (start, end) pairs in seconds, got {keep!r}") from None
+    if not ranges:
+        raise ValueError("keep is empty: give at least one (start, end) range, or no keep for the whole clip")
+    for a, b in ranges:
+        if not (start - 1e-9 <= a < b <= end + 1e-9):
+            raise ValueError(f"keep-range ({a:g}, {b:g}) s must satisfy {start:.6g} <= start < end <= {end:.6g} "
+                            f"(inside the clip, placed at audio_start)")
+    ranges.sort()
+    merged = [ranges[0]]
+    for a, b in ranges[1:]:
+        if a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def noised_known(scheduler: Any, known: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                 i: int) -> torch.Tensor:
+    """``known`` (clean) at the noise level of step ``i``'s output, by the scheduler's own forward process.
+
+    Step ``i`` turns ``x`` at ``timesteps[i]`` into ``x`` at ``timesteps[i + 1]`` (what the next step
+    reads it as), and the last step into the clean sample: so ``add_noise(known, noise,
+    timesteps[i + 1])`` (``scale_noise`` for flow matching: ``(1 - s) x0 + s noise``), and
+    ``known`` itself after the last step. ``add_noise`` maps the timestep to the scheduler's own
+    noise level: ``alphas_cumprod`` (DDIM, DDPM, PNDM), ``sigmas[i + 1]`` through the step index
+    (DPM-Solver, UniPC, Euler and the EDM-form Cosine DPM-Solver, whose ``x = x0 + sigma noise``).
+    Tested against each scheduler's own step with an exact model (tests/test_known_audio.py).
+    """
+    if i + 1 >= len(timesteps):
+        return known
+    t_next = timesteps[i + 1:i + 2]
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(known, t_next, noise)
+    return scheduler.add_noise(known, noise, t_next)
+
+
+@dataclass
+class KnownAudio:
+    """The known part of a call: latent columns to impose every step, and samples to paste at the end.
+
+    Attributes:
+        latent: the clean known latent ``(B, ..., K)`` on the long axis ``dim`` (``K`` columns
+            from long-latent column ``first_column``; for a loop modulo the layout's length).
+        columns: the long-latent columns imposed (sorted), a subset of the ``K``.
+        waveform: the clip at the model's rate ``(channels, samples)`` placed at sample
+            ``start_sample`` of the output (None when only latents were given: nothing to paste).
+        sample_ranges: the keep-ranges in output samples.
+        crossfade: samples of each crossfade (0: none).
+        loop: the output is a loop (the junction at its end joins its start).
+    """
+
+    latent: torch.Tensor
+    first_column: int
+    columns: List[int]
+    dim: int
+    waveform: Optional[np.ndarray] = None
+    start_sample: int = 0
+    sample_ranges: Tuple[Tuple[int, int], ...] = ()
+    crossfade: int = 0
+    loop: bool = False
+    out_len: int = 0
+    noise: Optional[torch.Tensor] = None
+    _index: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def bind(self, layout: ViewLayout, j_t_views: torch.Tensor, init_noise_sigma: float) -> None:
+        """Index every (view, local column) holding a known column, and take the fixed noise of the
+        known columns from the views of ``J_T`` (overlapping views hold the same noise there)."""
+        length, window = layout.length, layout.window
+        wanted = {c % length: c - self.first_column for c in self.columns}
+        view_idx, local_idx, src_idx = [], [], []
+        for v, s in enumerate(layout.starts):
+            for k in range(window):
+                c = (s + k) % length if layout.loop else s + k
+                if c in wanted:
+                    view_idx.append(v), local_idx.append(k), src_idx.append(wanted[c])
+        device = j_t_views.device
+        self._index = (torch.tensor(view_idx, device=device), torch.tensor(local_idx, device=device),
+                       torch.tensor(src_idx, device=device))
+        # Noise of each known column from the first view holding it; columns not imposed keep 0.
+        moved = j_t_views.movedim(self.dim, 1)  # (n, W, B, ...)
+        noise = torch.zeros_like(self.latent.movedim(self.dim, 0))
+        first = {}
+        for v, k, s in zip(view_idx, local_idx, src_idx):
+            first.setdefault(s, (v, k))
+        for s, (v, k) in first.items():
+            noise[s] = moved[v, k] / init_noise_sigma
+        self.noise = noise.movedim(0, self.dim)
+
+    def impose(self, views: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, i: int) -> None:
+        """Write the known latent at step ``i``'s output noise level into every view, in place
+        (one ``index_put_`` over all views)."""
+        if self._index is None or not self.columns:
+            return
+        view_idx, local_idx, src_idx = self._index
+        value = noised_known(scheduler, self.latent, self.noise, timesteps, i).to(views.dtype)
+        target = views.movedim(self.dim, 1)  # (n, W, B, ...) a view of the same storage
+        target.index_put_((view_idx, local_idx), value.movedim(self.dim, 0)[src_idx])
+
+    # -- the output: the user's samples back, crossfaded into the generation ----------------
+    def paste(self, start: int, piece: torch.Tensor) -> None:
+        """Paste the clip's samples into ``piece`` (output samples ``[start, start + len)``, long axis
+        last, ``(B, S)`` or ``(B, C, S)``) in place, crossfading at every end that joins generated audio."""
+        if self.waveform is None:
+            return
+        stop = start + piece.shape[-1]
+        for a, b in self.sample_ranges:
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= hi:
+                continue
+            user = torch.from_numpy(self.waveform[:, lo - self.start_sample:hi - self.start_sample]).to(piece.device)
+            if piece.dim() == 2:
+                user = user[0]
+            weight = torch.from_numpy(self._weights(a, b, lo, hi)).to(piece.device, piece.dtype)
+            region = piece[..., lo - start:hi - start]
+            region.copy_(region * (1 - weight) + user.to(piece.dtype) * weight)
+
+    def _weights(self, a: int, b: int, lo: int, hi: int) -> np.ndarray:
+        """The clip's weight at output samples ``[lo, hi)`` of keep-range ``[a, b)``: 1 inside, a
+        raised-cosine ramp over ``crossfade`` samples at each end that joins generated audio (the
+        output's own ends join nothing, except in a loop)."""
+        n = np.arange(lo, hi, dtype=np.float64)
+        w = np.ones_like(n)
+        f = min(self.crossfade, (b - a) // 2)
+        if f > 0:
+            if a > 0 or self.loop:
+                w = np.minimum(w, np.sin(0.5 * np.pi * np.clip((n - a + 0.5) / f, 0, 1)) ** 2)
+            if b < self.out_len or self.loop:
+                w = np.minimum(w, np.sin(0.5 * np.pi * np.clip((b - n - 0.5) / f, 0, 1)) ** 2)
+        return w.astype(np.float32)
+
+
+def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio_latents: Optional[torch.Tensor],
+                  audio_start: float, keep: Optional[Sequence[Tuple[float, float]]], seconds: float,
+                  loop: bool, audio_crossfade: float, paste_audio: bool, batch_size: int,
+                  layout_length: int) -> Optional[KnownAudio]:
+    """Check the known-audio arguments of a call and encode the clip once (None: no clip given)."""
+    if audio is None and audio_latents is None:
+        for name, value, default in (("keep", keep, None), ("audio_start", audio_start, 0.0)):
+            if value != default:
+                raise ValueError(f"{name} places the user's audio: give audio= (or audio_latents=) with it")
+        return None
+    if adapter.kind != "audio":
+        raise ValueError(f"audio= is for audio pipelines; {type(adapter.pipe).__name__} makes images")
+    if audio is not None and audio_latents is not None:
+        raise ValueError("give audio= or audio_latents=, not both")
+    for name, value in (("audio_start", audio_start), ("audio_crossfade", audio_crossfade)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    if not isinstance(paste_audio, bool):
+        raise ValueError(f"paste_audio must be a bool, got {paste_audio!r}")
+    fps, rate = adapter.frames_per_second, adapter.sample_rate
+    per_column = int(round(rate / fps))  # output samples per latent column
+    if audio is not None:
+        channels = adapter.output_elements_per_column()
+        wave = read_audio(audio, sample_rate, rate, channels)
+        start_sample = int(round(audio_start * rate))
+        first_column = start_sample // per_column
+        pad_left = start_sample - first_column * per_column
+        total = pad_left + wave.shape[-1]
+        padded = np.zeros((channels, -(-total // per_column) * per_column), dtype=np.float32)
+        padded[:, pad_left:total] = wave
+        latent = adapter.encode_audio(torch.from_numpy(padded)[None])
+        clip_seconds = wave.shape[-1] / rate
+    else:
+        if not isinstance(audio_latents, torch.Tensor):
+            raise ValueError(f"audio_latents must be a torch.Tensor, got {type(audio_latents).__name__}")
+        if sample_rate is not None:
+            raise ValueError("sample_rate is the rate of audio=; audio_latents are already the model's")
+        wave, latent = None, audio_latents.to(device=adapter.device, dtype=adapter.dtype)
+        first_column = int(round(audio_start * fps))
+        start_sample = first_column * per_column
+        clip_seconds = latent.shape[adapter.long_dim] / fps
+    ranges = keep_ranges(keep, (start_sample / rate, start_sample / rate + clip_seconds), seconds)
+    sample_ranges = tuple((int(round(a * rate)), int(round(b * rate))) for a, b in ranges)
+    k = latent.shape[adapter.long_dim]
+    expected = adapter.latent_shape(latent.shape[0], k)
+    if tuple(latent.shape) != tuple(expected):
+        what = "audio_latents" if audio is None else f"the clip encoded by {type(adapter.pipe).__name__}'s encoder"
+        raise ValueError(f"{what} has shape {tuple(latent.shape)}, the model's latent {tuple(expected)}")
+    # Columns whose samples the keep-ranges cover whole (and that the clip's latent holds).
+    columns = sorted({c for a, b in sample_ranges
+                      for c in range(-(-a // per_column), b // per_column)
+                      if first_column <= c < first_column + k and c < layout_length})
+    if len(columns) >= min(layout_length, adapter.columns_for(seconds=seconds)):
+        raise ValueError(f"the kept audio covers the whole {seconds:g} s: nothing is left to generate "
+                        f"(ask for more seconds, or keep less)")
+    if latent.shape[0] not in (1, batch_size):
+        raise ValueError(f"audio_latents has {latent.shape[0]} rows; give 1 or one per output ({batch_size})")
+    latent = latent.expand(batch_size, *latent.shape[1:]).contiguous()
+    return KnownAudio(latent=latent, first_column=first_column, columns=columns, dim=adapter.long_dim,
+                      waveform=wave if paste_audio else None, start_sample=start_sample,
+                      sample_ranges=sample_ranges, crossfade=int(round(audio_crossfade * rate)), loop=loop,
+                      out_len=adapter.output_length(seconds=seconds))
+
+
+def paste_then(known: Optional[KnownAudio], on_chunk: Optional[Callable[[int, torch.Tensor], None]]
+               ) -> Optional[Callable[[int, torch.Tensor], None]]:
+    """The output stage's per-piece hook: the user's samples pasted into each decoded piece (before it
+    is returned or written), then ``on_chunk``; ``on_chunk`` itself when there is nothing to paste."""
+    if known is None or known.waveform is None:
+        return on_chunk
+
+    def paste_and_call(start: int, piece: torch.Tensor) -> None:
+        known.paste(start, piece)
+        if on_chunk is not None:
+            on_chunk(start, piece)
+    return paste_and_call
