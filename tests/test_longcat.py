@@ -110,6 +110,9 @@ def test_longcat_syncdiffusion_and_refusals(longcat):
     zero = jd("rain", LOOP, method=SyncDiffusion(weight=0.0, steps=1.0), **{**kw, "generator": _gen()})
     sync = jd("rain", LOOP, method=SyncDiffusion(weight=20.0, steps=1.0), **{**kw, "generator": _gen()})
     assert torch.isfinite(sync.latent).all() and not torch.equal(zero.latent, sync.latent)
+    # SaFaStats shifts the clean prediction through the same inverted-sigma reading
+    stats = jd("rain", LOOP, method="safa_stats", **{**kw, "generator": _gen()})
+    assert stats.latent.shape == zero.latent.shape and torch.isfinite(stats.latent).all()
     with pytest.raises(ValueError, match="MAD merges a UNet's self-attention layers; LongCatAudioDiTPipeline"):
         jd("rain", LONG, method="mad", num_inference_steps=1)
     with pytest.raises(ValueError, match="prompt_embeds is not supported for LongCatAudioDiTPipeline"):
