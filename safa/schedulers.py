@@ -5,7 +5,9 @@ step (SyncDiffusion's gradient, SaFaStats' statistics, the guidance window by no
 need the scheduler's noise levels at step ``i`` instead, for the three families diffusers has:
 
 - EDM (``precondition_outputs``; Stable Audio's cosine DPM-Solver): ``x_t = x0 + sigma eps``;
-- flow matching (``scale_noise``, no ``alphas_cumprod``; SD3): ``x_t = (1 - s) x0 + s eps``;
+- flow matching (``scale_noise``, no ``alphas_cumprod``; SD3): ``x_t = (1 - s) x0 + s eps``; with
+  ``invert_sigmas`` (LongCat-AudioDiT, Mochi) the scheduler's sigmas count up from noise, its ``s`` is
+  the weight of ``x0`` and the model predicts ``x0 - eps``: read through :func:`_flow_noise`;
 - the DDPM family (``alphas_cumprod``: DDIM, DDPM, PNDM, Euler, DPM-Solver, UniPC, ...):
   ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` in the model's variance-preserving units.
 """
@@ -28,6 +30,17 @@ def scale_model_input(scheduler: Any, sample: torch.Tensor, t: Any) -> torch.Ten
 def _per_step_sigma(scheduler: Any) -> bool:
     sigmas = getattr(scheduler, "sigmas", None)
     return isinstance(sigmas, torch.Tensor) and sigmas.numel() == len(scheduler.timesteps) + 1
+
+
+def _flow_noise(scheduler: Any, i: int) -> float:
+    """The noise weight ``s`` of ``x_t = (1 - s) x0 + s eps`` at step ``i`` of a flow-matching scheduler."""
+    sigma = float(scheduler.sigmas[i])
+    return 1.0 - sigma if scheduler.config.get("invert_sigmas", False) else sigma
+
+
+def _flow_sign(scheduler: Any) -> float:
+    """+1 where the model predicts ``eps - x0`` (SD3), -1 under ``invert_sigmas`` (it predicts ``x0 - eps``)."""
+    return -1.0 if scheduler.config.get("invert_sigmas", False) else 1.0
 
 
 def x0_family(scheduler: Any) -> str:
@@ -68,7 +81,7 @@ def step_snr(scheduler: Any, i: int) -> float:
     if family == "ddpm":
         a = _alpha_bar(scheduler, i)
         return a / (1.0 - a) if a < 1.0 else math.inf
-    s = float(scheduler.sigmas[i])
+    s = _flow_noise(scheduler, i) if family == "flow" else float(scheduler.sigmas[i])
     if s == 0.0:
         return math.inf
     return ((1.0 - s) / s) ** 2 if family == "flow" else 1.0 / s ** 2
@@ -94,7 +107,7 @@ def shift_clean_prediction(scheduler: Any, i: int, sample: torch.Tensor, model_i
         weight = math.sqrt(_alpha_bar(scheduler, i)) / scale_in
     else:
         scale_in = 1.0 if family == "flow" else None
-        weight = 1.0 - float(scheduler.sigmas[i]) if family == "flow" else 1.0
+        weight = 1.0 - _flow_noise(scheduler, i) if family == "flow" else 1.0
     # predict_x0 is affine in (sample, model_input, model_output): read its two coefficients on scalars.
     probe = torch.zeros(1, dtype=torch.float64, device=sample.device)
     one = torch.ones_like(probe)
@@ -119,7 +132,8 @@ def predict_x0(scheduler: Any, i: int, sample: torch.Tensor, model_input: torch.
     - EDM (``precondition_outputs``, e.g. Stable Audio's cosine DPM-Solver): the scheduler's
       own output preconditioning at ``sigmas[i]``;
     - flow matching (``scale_noise``, no ``alphas_cumprod``; SD3): ``x_t = (1 - s) x0 + s eps``
-      and the model predicts ``eps - x0``, so ``x0 = x_t - s * v`` with ``s = sigmas[i]``;
+      and the model predicts ``eps - x0``, so ``x0 = x_t - s * v`` with ``s = sigmas[i]``
+      (``invert_sigmas``: ``s = 1 - sigmas[i]`` and ``v = x0 - eps``, so ``x0 = x_t + s * v``);
     - the DDPM family (``alphas_cumprod``): the model input is the variance-preserving
       ``sqrt(a) x0 + sqrt(1 - a) eps`` (Euler-type schedulers scale their ``x0 + sigma eps``
       sample down to it), with ``a = 1 / (1 + sigmas[i]^2)`` when the scheduler keeps one
@@ -131,7 +145,7 @@ def predict_x0(scheduler: Any, i: int, sample: torch.Tensor, model_input: torch.
     if family == "edm":
         return scheduler.precondition_outputs(sample, model_output, scheduler.sigmas[i].to(sample.device))
     if family == "flow":
-        return sample - float(scheduler.sigmas[i]) * model_output
+        return sample - _flow_sign(scheduler) * _flow_noise(scheduler, i) * model_output
     alpha_bar = _alpha_bar(scheduler, i)
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     prediction = scheduler.config.prediction_type

@@ -12,6 +12,8 @@ joint-diffusion sampler cares about); only channel widths and depths are shrunk 
   (SD3 may use fewer latent channels; its pipeline reads them from the transformer config).
 - FLUX.1: latent ``(B, 4, H, W)`` with a VAE /8, packed by its pipeline into 2x2 tokens.
 - Stable Audio 3: latent ``(B, 8, T)``, time last, 44.1 kHz / 1024 ~ 43 frames/s (SAME autoencoder).
+- LongCat-AudioDiT: latent ``(B, T, 8)``, time on dim -2, 80 Hz / 8 = 10 frames/s (the real one:
+  24 kHz / 2048 ~ 11.7 frames/s), the pipeline's own 30 s native window (300 frames).
 
 Every pipeline survives ``save_pretrained(dir)`` + ``<Class>.from_pretrained(dir)`` offline.
 """
@@ -71,6 +73,7 @@ __all__ = [
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
     "tiny_stable_audio_3_pipeline",
+    "tiny_longcat_audio_pipeline",
     "tiny_gemma_tokenizer",
     "tiny_roberta_tokenizer",
     "tiny_clip_tokenizer",
@@ -681,4 +684,33 @@ def tiny_stable_audio_3_pipeline(seed: int = 0, stochastic: bool = True,
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         duration_embedder=StableAudio3DurationEmbedder(output_dim=16, fourier_dim=16, max_val=max_seconds),
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic))
+    return _finish(pipe)
+
+
+def tiny_longcat_audio_pipeline(seed: int = 0) -> "LongCatAudioDiTPipeline":
+    """A tiny random LongCatAudioDiTPipeline: latent ``(B, T, 8)``, time on dim -2; a convolutional
+    VAE of ratio 8 (strides 2, 4) at a toy 80 Hz mono, so 10 latent frames/s and the pipeline's
+    fixed 30 s cap is 300 frames (the real one: 24 kHz / 2048, 64 latent channels); a UMT5 encoder;
+    the pipeline's own FlowMatchEuler with ``invert_sigmas``.
+
+    The transformer zero-initialises its output projection, AdaLN and GRN gains (its output would
+    be 0 whatever the input): its parameters are redrawn here so that a call's output depends on
+    its inputs.
+    """
+    from diffusers import LongCatAudioDiTPipeline, LongCatAudioDiTTransformer, LongCatAudioDiTVae
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_ff=16, d_kv=8, num_heads=2,
+                                               num_layers=1, pad_token_id=0, eos_token_id=1,
+                                               decoder_start_token_id=0))
+    transformer = LongCatAudioDiTTransformer(dit_dim=32, dit_depth=2, dit_heads=2, dit_text_dim=16, latent_dim=8,
+                                             ff_mult=2.0)
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.normal_(0.0, 0.2)
+    vae = LongCatAudioDiTVae(in_channels=1, channels=8, c_mults=[1, 2], strides=[2, 4], latent_dim=8,
+                             encoder_latent_dim=16, downsampling_ratio=8, sample_rate=80)
+    pipe = LongCatAudioDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True))
     return _finish(pipe)
