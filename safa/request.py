@@ -445,7 +445,9 @@ CALL_ARGUMENTS_DOC = """
                 cropped; a loop is exactly this long. Below one window: one view of the
                 pipeline's own size (its own output).
             width / height: panorama size in pixels (image pipelines; ``height`` a multiple of
-                the VAE factor, default the native window's, e.g. 512 for SD 1.x).
+                the VAE factor, default the native window's, e.g. 512 for SD 1.x). A height
+                above one window lays the image out as a grid of square tiles (rows x cols),
+                merged in both directions; ``layout`` is then a ``safa_kernels.GridLayout``.
             view_prompts: a prompt per view instead of ``prompt`` (rain -> thunder -> calm):
                 a list of ``layout_for(...).num_views`` prompts, or one such list per batch prompt.
             negative_prompt: a str, or one per batch prompt (default: the pipeline's own
@@ -454,10 +456,13 @@ CALL_ARGUMENTS_DOC = """
                 prompt; default: each batch prompt's first view prompt).
             method: a :class:`~safa.methods.Method` or its shorthand: ``"safa"`` (default:
                 self-loop swap + reference-guided swap), ``"safa_selfloop"`` (SaFa*),
-                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*), ``"mad"``
+                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*),
+                ``"multidiffusion_gaussian"`` (Mixture of Diffusers' Gaussian weights), ``"mad"``
                 (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
                 grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
-            loop: seamless loop / 360-degree layout (the last view overlaps the first).
+            loop: seamless loop / 360-degree layout (the last view overlaps the first). Images
+                also take ``"both"`` or a pair of flags ``(height, width)``: looping the height
+                too gives a torus (a tileable texture), each looping axis exactly its length.
             num_inference_steps: denoising steps (default: the wrapped pipeline's own, e.g. 10 for
                 AudioLDM, 200 for AudioLDM2 and MusicLDM, 50 for SD; the paper used 200 for audio).
             guidance_scale: classifier-free guidance, off when <= 1 (default: the wrapped
