@@ -16,16 +16,16 @@ finished (:mod:`safa.output`).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
-from safa_kernels import ViewLayout, gather, stitch
+from safa_kernels import GridLayout, ViewLayout, gather, stitch
 
 from .adapters.base import Adapter
 
 __all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "decode_full", "decode_views",
-           "decode_tiles", "decode_tiled", "tile_count"]
+           "decode_tiles", "decode_tiled", "decode_grid", "tile_count"]
 
 DECODE_MODES = ("auto", "full", "views", "tiled")
 # decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
@@ -80,6 +80,27 @@ def decode_full(adapter: Adapter, latent: torch.Tensor, loop: bool) -> torch.Ten
     scale = adapter.decoded_scale * adapter.finalize_scale
     return _apply_with_context(both, latent, adapter.long_dim, scale, -1, 0, n,
                                min(adapter.decode_context, n), True)
+
+
+def decode_grid(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool]) -> torch.Tensor:
+    """Decode a 2-D canvas (an image beyond one window in height) whole, with circular context on
+    each axis in ``loops`` (rows, cols) so that a cylinder or a torus tiles without a seam."""
+    scale = adapter.decoded_scale * adapter.finalize_scale
+
+    def both(z: torch.Tensor) -> torch.Tensor:
+        return adapter.finalize(adapter.decode_latents(z))
+
+    def wrapped(fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(z: torch.Tensor) -> torch.Tensor:
+            n = z.shape[dim]
+            return _apply_with_context(fn, z, dim, scale, dim, 0, n, min(adapter.decode_context, n), True)
+        return run
+
+    fn = both
+    for dim, loop in ((-2, loops[0]), (-1, loops[1])):
+        if loop:
+            fn = wrapped(fn, dim)
+    return fn(latent)
 
 
 def _decoded_layout(layout: ViewLayout, scale: int) -> ViewLayout:
@@ -170,12 +191,15 @@ def tile_count(adapter: Adapter, columns: int, tile: int, stop: Optional[int] = 
     return count
 
 
-def decode(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str = "auto",
+def decode(adapter: Adapter, latent: torch.Tensor, layout: Union[ViewLayout, GridLayout], mode: str = "auto",
            view_batch_size: Optional[int] = None, tile: Optional[int] = None) -> torch.Tensor:
     """Decode the long ``latent`` (``layout.length`` columns) with ``mode`` in :data:`DECODE_MODES`.
 
-    ``tile`` (tiled mode) defaults to one window.
+    ``tile`` (tiled mode) defaults to one window. A :class:`~safa_kernels.GridLayout` is decoded
+    whole (:func:`decode_grid`), whatever ``mode``.
     """
+    if isinstance(layout, GridLayout):
+        return decode_grid(adapter, latent, (layout.rows.loop, layout.cols.loop))
     mode = resolve_mode(mode, layout.length, layout.window)
     if mode == "full":
         return decode_full(adapter, latent, layout.loop)

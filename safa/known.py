@@ -242,7 +242,7 @@ class KnownAudio:
 def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio_latents: Optional[torch.Tensor],
                   audio_start: float, keep: Optional[Sequence[Tuple[float, float]]], seconds: float,
                   loop: bool, audio_crossfade: float, paste_audio: bool, batch_size: int,
-                  layout_length: int) -> Optional[KnownAudio]:
+                  layout: Any) -> Optional[KnownAudio]:
     """Check the known-audio arguments of a call and encode the clip once (None: no clip given)."""
     if audio is None and audio_latents is None:
         for name, value, default in (("keep", keep, None), ("audio_start", audio_start, 0.0)):
@@ -258,6 +258,7 @@ def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio
             raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
     if not isinstance(paste_audio, bool):
         raise ValueError(f"paste_audio must be a bool, got {paste_audio!r}")
+    layout_length = layout.length  # a strip: audio layouts are never grids
     fps, rate = adapter.frames_per_second, adapter.sample_rate
     per_column = int(round(rate / fps))  # output samples per latent column
     if audio is not None:

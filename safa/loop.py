@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from safa_kernels import ViewLayout
+from safa_kernels import GridLayout, ViewLayout
 
 from . import accel as _accel
 from .adapters.base import Conditions
 from .distributed import ViewShard
 from .known import KnownAudio
 from .methods import MethodContext
-from .request import GenerationRequest, model_windows
+from .request import GenerationRequest, merge_dims, model_windows
 from .schedulers import scale_model_input
 
 __all__ = ["LoopPlan", "denoise"]
@@ -59,7 +59,7 @@ class LoopPlan:
         known: the user's audio (:mod:`safa.known`): its latent columns, imposed every step.
     """
 
-    layout: ViewLayout
+    layout: Union[ViewLayout, GridLayout]
     window_shape: Tuple[int, ...]
     timesteps: torch.Tensor
     guide_steps: int
@@ -80,8 +80,10 @@ def _step_runner(jd: Any, request: GenerationRequest, plan: LoopPlan) -> _accel.
         reference_rows=plan.reference_rows if reference_here else None,
         guidance_scale=request.guidance_scale, timesteps=plan.timesteps,
         chunk_rows=model_windows(request.view_batch_size, windows, method) * request.batch_size,
-        layout=plan.layout, dim=jd.adapter.long_dim, merge_mode=method.merge_mode,
-        swap_interval=method.swap_interval, reference_axis=jd.adapter.reference_axis)
+        layout=plan.layout, dim=merge_dims(jd.adapter, plan.layout), merge_mode=method.merge_mode,
+        swap_interval=method.swap_interval,
+        # A grid's reference swap alternates along its rows axis (the ops' default for grids).
+        reference_axis=None if isinstance(plan.layout, GridLayout) else jd.adapter.reference_axis)
     return _accel.StepRunner(config, compile=jd.compile, cuda_graphs=jd.cuda_graphs, merge=jd.merge_step)
 
 

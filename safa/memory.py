@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .decode import resolve_mode
-from .request import GenerationRequest, model_windows, planned_layout
+from .request import GenerationRequest, is_grid, model_windows, planned_layout, planned_tile_height
 
 __all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "estimate_request", "require_memory",
            "check_disk_space", "available_memory", "scheduler_history", "shortfall", "format_bytes",
@@ -264,16 +264,20 @@ def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -
     length, w, n = planned_layout(adapter, request)
     method = request.method
     with_reference = n > 1 and method.has_reference  # one window, however many steps it guides
-    mode = resolve_mode(request.decode, length, w)
+    # A grid is counted as the strip of its tiles' height with as many cells, decoded whole.
+    height, grid = planned_tile_height(adapter, request), is_grid(adapter, request)
+    output_columns = adapter.output_length(seconds=request.seconds, width=request.width)
+    if grid:
+        output_columns = math.ceil(output_columns * adapter.latent_rows(request.height) * adapter.decoded_scale / height)
+    mode = "full" if grid else resolve_mode(request.decode, length, w)
     tile = min(request.decode_tile or w, length)
     decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
         else length
     return estimate_memory(
         adapter, scheduler, length=length, window=w, num_views=n, batch_size=request.batch_size,
-        height=request.height, model_windows=model_windows(request.view_batch_size, n + with_reference, method),
+        height=height, model_windows=model_windows(request.view_batch_size, n + with_reference, method),
         guidance=request.guidance, with_reference=with_reference, decode_columns=decode_columns,
-        output_columns=adapter.output_length(seconds=request.seconds, width=request.width),
-        streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type,
+        output_columns=output_columns, streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type,
         gradient_steps=method.name == "syncdiffusion" and n > 1)
 
 

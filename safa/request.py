@@ -19,18 +19,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from safa_kernels import ViewLayout
+from safa_kernels import GridLayout, ViewLayout
 
 from . import output as _output
 from . import prompts as _prompts
 from ._checks import check_positive_int, check_range
 from .adapters.base import Adapter
 from .decode import DECODE_MODES
-from .layouts import loop_layout, open_layout
+from .layouts import LoopLengthError, loop_layout, open_layout
 from .methods import Method, get_method
 
 __all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layout", "model_windows",
-           "check_generator", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
+           "check_generator", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
 
 # view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
 # set by the window and not by the output's length (hours of audio are thousands of windows);
@@ -54,6 +54,8 @@ class GenerationRequest:
         paths: the output files, checked (None: no files, or not this rank's to write).
         to_files: the call writes files (on some rank).
         embeds: the precomputed embeddings that were given, by the pipeline's names.
+        loop_rows: an image loops on its height too (``loop="both"`` / ``(True, True)``: a
+            torus, a tileable texture); ``loop`` is then the width's flag.
     """
 
     method: Method
@@ -77,6 +79,7 @@ class GenerationRequest:
     to_files: bool = False
     paths: Optional[List[str]] = None
     embeds: Dict[str, torch.Tensor] = field(default_factory=dict)
+    loop_rows: bool = False
 
     @property
     def guidance(self) -> bool:
@@ -193,8 +196,6 @@ def _snap_overlap(overlap: float, window: int, multiple: int, method: Method) ->
 def _window_and_overlap(adapter: Adapter, window: Optional[float], overlap: Any, loop: Any,
                         method: Method) -> Tuple[int, int, float, int]:
     """``(window, overlap columns, overlap rate, stride multiple)`` of a request, validated."""
-    if not isinstance(loop, bool):
-        raise ValueError(f"loop must be a bool, got {loop!r}")
     # Swap is defined between two views only (no column covered by three): docs/kernels.md.
     hi = method.max_overlap_rate
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)):
@@ -238,6 +239,7 @@ def build_request(adapter: Adapter, *, method: Union[str, Method] = "safa", guid
     # The method object (guide= / swap_interval= are its parameters) and the pipeline's own
     # defaults for what is not given, as the pipeline itself would use.
     method = get_method(method, guide=guide, swap_interval=swap_interval)
+    loop, loop_rows = _loop_flags(adapter, loop)
     if num_inference_steps is None:
         num_inference_steps = adapter.pipeline_default("num_inference_steps", 50)
     scale = _guidance_scale(adapter, guidance_scale)
@@ -258,12 +260,45 @@ def build_request(adapter: Adapter, *, method: Union[str, Method] = "safa", guid
         raise ValueError("output_path writes the decoded output: it cannot be used with output_type='latent'")
     paths = _output.check_output_paths(output_path, batch_size, adapter) if check_paths else None
     w, o, rate, multiple = _window_and_overlap(adapter, window, overlap, loop, method)
+    if adapter.kind == "image" and (loop_rows or adapter.latent_rows(height) > w):
+        _check_grid(adapter, method, width, w, decode)
     return GenerationRequest(
         method=method, seconds=seconds, width=width, height=height, loop=loop,
         num_inference_steps=num_inference_steps, guidance_scale=scale, per_prompt=per_prompt,
         batch_size=batch_size, view_batch_size=view_batch_size, eta=eta, decode=decode, decode_tile=decode_tile,
         output_type=output_type, window_columns=w, overlap_columns=o, overlap_rate=rate, stride_multiple=multiple,
-        to_files=output_path is not None, paths=paths, embeds=given)
+        to_files=output_path is not None, paths=paths, embeds=given, loop_rows=loop_rows)
+
+
+def _loop_flags(adapter: Adapter, loop: Any) -> Tuple[bool, bool]:
+    """``(width loops, height loops)`` of ``loop``: a bool (the long axis), or for images ``"both"``
+    or a pair of bools ``(height, width)``."""
+    if isinstance(loop, bool):
+        return loop, False
+    both = loop == "both" if isinstance(loop, str) else None
+    pair = tuple(loop) if isinstance(loop, (tuple, list)) and len(loop) == 2 else None
+    if adapter.kind != "image" and (both is not None or pair is not None):
+        raise ValueError(f"loop must be a bool for {adapter.kind} pipelines (one long axis), got {loop!r}")
+    if both:
+        return True, True
+    if pair is not None and all(isinstance(flag, bool) for flag in pair):
+        return pair[1], pair[0]
+    raise ValueError(f"loop must be a bool (the width), 'both' or a pair of bools (height, width), got {loop!r}")
+
+
+def _check_grid(adapter: Adapter, method: Method, width: Optional[int], window: int, decode: str) -> None:
+    """A 2-D canvas (an image beyond one window in height, or looping on its height): at least one
+    tile wide, and refused for the methods that have no grid form."""
+    if width is not None and width < window * adapter.decoded_scale:
+        raise ValueError(f"width must be at least one window ({window * adapter.decoded_scale} px) when the height "
+                         f"exceeds one window or loops (the tiles are {window} x {window} latent cells), got {width}")
+    if decode not in ("auto", "full"):
+        raise ValueError(f"decode={decode!r} decodes a strip along the width; an image beyond one window in height "
+                         f"is decoded whole: use decode='auto' or 'full'")
+    if method.grid_refusal is not None:
+        raise ValueError(f"method {method.name!r} runs on strips only ({method.grid_refusal}): an image beyond one "
+                         f"window in height (or loop on its height) needs safa, safa_selfloop, multidiffusion, "
+                         f"multidiffusion_triangular or multidiffusion_gaussian")
 
 
 def check_generator(generator: Any, batch_size: int) -> None:
@@ -277,16 +312,72 @@ def check_generator(generator: Any, batch_size: int) -> None:
 
 
 # -- the request's geometry -------------------------------------------------------------------
-def prepare_layout(adapter: Adapter, request: GenerationRequest) -> Tuple[ViewLayout, int, int]:
+AnyLayout = Union[ViewLayout, GridLayout]
+
+
+def is_grid(adapter: Adapter, request: GenerationRequest) -> bool:
+    """Whether the request's latent is a 2-D grid of tiles: an image taller than one window, or one
+    that loops on its height. Below that the layout is today's strip along the width."""
+    if adapter.kind != "image" or request.seconds is not None:
+        return False
+    return request.loop_rows or adapter.latent_rows(request.height) > request.window_columns
+
+
+def merge_dims(adapter: Adapter, layout: AnyLayout) -> Union[int, Tuple[int, int]]:
+    """The latent axes the ops merge ``layout`` over: ``(rows, cols)`` for a grid, the long axis for a strip."""
+    return (-2, -1) if isinstance(layout, GridLayout) else adapter.long_dim
+
+
+def _grid_shape(adapter: Adapter, batch_size: int, rows: int, cols: int) -> Tuple[int, ...]:
+    shape = list(adapter.latent_shape(batch_size, cols, None))
+    shape[-2] = rows
+    return tuple(shape)
+
+
+def canvas_shape(adapter: Adapter, batch_size: int, layout: AnyLayout, height: Optional[int]) -> Tuple[int, ...]:
+    """The long latent ``J``'s shape for ``layout`` (a grid's rows x cols, a strip's ``height``)."""
+    if isinstance(layout, GridLayout):
+        return _grid_shape(adapter, batch_size, layout.rows.length, layout.cols.length)
+    return adapter.latent_shape(batch_size, layout.length, height)
+
+
+def window_shape(adapter: Adapter, batch_size: int, layout: AnyLayout, height: Optional[int]) -> Tuple[int, ...]:
+    """One view's latent shape: a grid's tile, or a strip's window of the image's ``height``."""
+    if isinstance(layout, GridLayout):
+        return _grid_shape(adapter, batch_size, layout.rows.window, layout.cols.window)
+    return adapter.latent_shape(batch_size, layout.window, height)
+
+
+def _axis_layout(adapter: Adapter, request: GenerationRequest, columns: float, loop: bool, axis: str) -> ViewLayout:
+    """One axis of the request: a loop of exactly ``columns``, or the fewest windows covering it."""
+    w = request.window_columns
+    if loop:
+        try:
+            return loop_layout(columns, w, request.overlap_rate, request.method.merge_mode, adapter.window_multiple(),
+                               adapter.fixed_window, adapter.describe_columns, stride_multiple=request.stride_multiple)
+        except LoopLengthError as exc:
+            if axis == "width":
+                raise
+            raise LoopLengthError(f"loop on the {axis}: {exc}", exc.nearest) from None
+    return open_layout(math.ceil(columns), w, request.overlap_columns)
+
+
+def prepare_layout(adapter: Adapter, request: GenerationRequest) -> Tuple[AnyLayout, int, int]:
     """(layout, latent columns to crop to, output samples / pixels to crop to).
 
     Open layouts take the fewest views of the window covering the request; loop layouts have
     exactly the requested length, with the window and overlap rate nearest the requested ones
     that make it exact (:mod:`safa.layouts`). A request shorter than one window is the wrapped
-    pipeline's own call: one view of ``adapter.short_window``.
+    pipeline's own call: one view of ``adapter.short_window``. An image taller than one window
+    (or looping on its height) is a :class:`~safa_kernels.GridLayout`: each axis chosen so, rows
+    over the latent height, cols over the width (cropped to ``height`` rows at the output).
     """
     seconds, width, w = request.seconds, request.width, request.window_columns
     out_len = adapter.output_length(seconds=seconds, width=width)
+    if is_grid(adapter, request):
+        rows = _axis_layout(adapter, request, adapter.latent_rows(request.height), request.loop_rows, "height")
+        cols = _axis_layout(adapter, request, adapter.length_in_columns(width=width), request.loop, "width")
+        return GridLayout(rows, cols), cols.length, out_len
     if request.loop:
         layout = loop_layout(adapter.length_in_columns(seconds=seconds, width=width), w, request.overlap_rate,
                              request.method.merge_mode, adapter.window_multiple(), adapter.fixed_window,
@@ -299,13 +390,36 @@ def prepare_layout(adapter: Adapter, request: GenerationRequest) -> Tuple[ViewLa
     return ViewLayout(short, short, 0), columns, out_len
 
 
+def _planned_axis(columns: float, w: int, o: int, loop: bool) -> Tuple[int, int]:
+    """``(length, views)`` of one axis as :func:`prepare_layout` would lay it out (a loop's may differ a little)."""
+    if loop:
+        length = max(w, math.ceil(columns))
+        return length, max(2, round(length / (w - o)))
+    views = 1 + math.ceil((math.ceil(columns) - w) / (w - o))
+    return w + (views - 1) * (w - o), views
+
+
+def planned_tile_height(adapter: Adapter, request: GenerationRequest) -> Optional[int]:
+    """The height (pixels) of one view of the request: a grid's tile, else the image's ``height``."""
+    return request.window_columns * adapter.decoded_scale if is_grid(adapter, request) else request.height
+
+
 def planned_layout(adapter: Adapter, request: GenerationRequest) -> Tuple[int, int, int]:
     """``(length, window, views)`` of the layout :func:`prepare_layout` would build, without building it
-    (a loop's window and view count may differ by a little: the memory estimate does not need more)."""
+    (a loop's window and view count may differ by a little: the memory estimate does not need more).
+
+    A grid is given as the strip of its tiles' height (:func:`planned_tile_height`) with the same
+    number of latent cells: ``length`` is the canvas's cells over the tile height, ``views`` every tile.
+    """
     w, o = request.window_columns, request.overlap_columns
+    if is_grid(adapter, request):
+        rows, row_views = _planned_axis(adapter.latent_rows(request.height), w, o, request.loop_rows)
+        cols, col_views = _planned_axis(adapter.length_in_columns(width=request.width), w, o, request.loop)
+        return math.ceil(rows * cols / w), w, row_views * col_views
     if request.loop:
-        length = max(w, math.ceil(adapter.length_in_columns(seconds=request.seconds, width=request.width)))
-        return length, w, max(2, round(length / (w - o)))
+        length, views = _planned_axis(adapter.length_in_columns(seconds=request.seconds, width=request.width),
+                                      w, o, True)
+        return length, w, views
     columns = adapter.columns_for(seconds=request.seconds, width=request.width)
     if columns < w:
         short = adapter.short_window(columns)
@@ -331,7 +445,9 @@ CALL_ARGUMENTS_DOC = """
                 cropped; a loop is exactly this long. Below one window: one view of the
                 pipeline's own size (its own output).
             width / height: panorama size in pixels (image pipelines; ``height`` a multiple of
-                the VAE factor, default the native window's, e.g. 512 for SD 1.x).
+                the VAE factor, default the native window's, e.g. 512 for SD 1.x). A height
+                above one window lays the image out as a grid of square tiles (rows x cols),
+                merged in both directions; ``layout`` is then a ``safa_kernels.GridLayout``.
             view_prompts: a prompt per view instead of ``prompt`` (rain -> thunder -> calm):
                 a list of ``layout_for(...).num_views`` prompts, or one such list per batch prompt.
             negative_prompt: a str, or one per batch prompt (default: the pipeline's own
@@ -340,10 +456,13 @@ CALL_ARGUMENTS_DOC = """
                 prompt; default: each batch prompt's first view prompt).
             method: a :class:`~safa.methods.Method` or its shorthand: ``"safa"`` (default:
                 self-loop swap + reference-guided swap), ``"safa_selfloop"`` (SaFa*),
-                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*), ``"mad"``
+                ``"multidiffusion"`` (MD), ``"multidiffusion_triangular"`` (MD*),
+                ``"multidiffusion_gaussian"`` (Mixture of Diffusers' Gaussian weights), ``"mad"``
                 (merged self-attention, UNet pipelines; overlaps rounded to the UNet's attention
                 grid), ``"syncdiffusion"`` (gradient steps towards an anchor view).
-            loop: seamless loop / 360-degree layout (the last view overlaps the first).
+            loop: seamless loop / 360-degree layout (the last view overlaps the first). Images
+                also take ``"both"`` or a pair of flags ``(height, width)``: looping the height
+                too gives a torus (a tileable texture), each looping axis exactly its length.
             num_inference_steps: denoising steps (default: the wrapped pipeline's own, e.g. 10 for
                 AudioLDM, 200 for AudioLDM2 and MusicLDM, 50 for SD; the paper used 200 for audio).
             guidance_scale: classifier-free guidance, off when <= 1 (default: the wrapped

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from diffusers.utils import BaseOutput
 
-from safa_kernels import ViewLayout, gather, stitch
+from safa_kernels import GridLayout, ViewLayout, gather, stitch
 
 from . import distributed as _distributed
 from . import known as _known
@@ -140,9 +140,19 @@ class JointDiffusion:
         return self.adapter.sample_rate
 
     # -- geometry -----------------------------------------------------------------------
-    def describe_layout(self, layout: ViewLayout) -> str:
-        """The layout in the user's units, e.g. ``5 views of 10 s (250 latent frames), overlap 0.2 ... loop``."""
+    def describe_layout(self, layout: Union[ViewLayout, GridLayout]) -> str:
+        """The layout in the user's units, e.g. ``5 views of 10 s (250 latent frames), overlap 0.2 ... loop``;
+        a grid as ``3 x 4 tiles of 512 x 512 px, ...``, one line."""
         fmt = self.adapter.describe_columns
+        if isinstance(layout, GridLayout):
+            rows, cols, px = layout.rows, layout.cols, self.adapter.decoded_scale
+
+            def axis(name: str, a: ViewLayout) -> str:
+                return (f"{name} overlap {a.overlap / a.window:.3g} ({a.overlap} latent), "
+                        f"{'loop of ' if a.loop else 'covering '}{a.length * px} px")
+            return (f"{rows.num_views} x {cols.num_views} tiles of {rows.window * px} x {cols.window * px} px "
+                    f"({rows.window} x {cols.window} latent), {axis('rows', rows)}; {axis('cols', cols)}"
+                    f"{' (a torus: tileable both ways)' if rows.loop and cols.loop else ''}")
         rate = layout.overlap / layout.window
         return (f"{layout.num_views} view{'s' if layout.num_views != 1 else ''} of {fmt(layout.window)}, "
                 f"overlap {rate:.3g} ({layout.overlap} latent columns), "
@@ -150,14 +160,15 @@ class JointDiffusion:
 
     def layout_for(self, seconds: Optional[float] = None, width: Optional[int] = None, *,
                    height: Optional[int] = None, window: Optional[float] = None, overlap: float = 0.2,
-                   loop: bool = False, method: Union[str, Method] = "safa") -> ViewLayout:
+                   loop: Union[bool, str, Tuple[bool, bool]] = False,
+                   method: Union[str, Method] = "safa") -> Union[ViewLayout, GridLayout]:
         """The view layout a call with these arguments uses (e.g. to size a per-view prompt list),
         the arguments validated as the call validates them."""
         request = _request.build_request(self.adapter, seconds=seconds, width=width, height=height, window=window,
                                          overlap=overlap, loop=loop, method=method, batch_size=1)
         return self.prepare_layout(request)[0]
 
-    def prepare_layout(self, request: GenerationRequest) -> Tuple[ViewLayout, int, int]:
+    def prepare_layout(self, request: GenerationRequest) -> Tuple[Union[ViewLayout, GridLayout], int, int]:
         """(layout, latent columns to crop to, output samples / pixels to crop to): see
         :func:`safa.request.prepare_layout`."""
         return _request.prepare_layout(self.adapter, request)
@@ -213,17 +224,19 @@ class JointDiffusion:
         cond.extra["seconds"] = seconds
         return cond, rows[:n * B], (rows[n * B:] if with_reference else None)
 
-    def prepare_latents(self, layout: ViewLayout, batch_size: int, height: Optional[int], generator: Any,
-                        latents: Optional[torch.Tensor], known: Optional[_known.KnownAudio] = None) -> torch.Tensor:
+    def prepare_latents(self, layout: Union[ViewLayout, GridLayout], batch_size: int, height: Optional[int],
+                        generator: Any, latents: Optional[torch.Tensor],
+                        known: Optional[_known.KnownAudio] = None) -> torch.Tensor:
         """The views of the initial long noise ``J_T``: ``(num_views, B, *window)``.
 
         ``J_T`` is drawn whole (first, so that a one-view layout sees exactly the pipeline's
-        own noise) and gathered, so overlapping views start equal. With the user's audio
-        (``known``), its known columns take their fixed noise from ``J_T`` (:mod:`safa.known`).
+        own noise) and gathered, so overlapping views start equal. A grid's ``J_T`` is the
+        whole canvas, rows x cols. With the user's audio (``known``), its known columns take
+        their fixed noise from ``J_T`` (:mod:`safa.known`).
         """
         adapter = self.adapter
-        j_t = adapter.init_noise(adapter.latent_shape(batch_size, layout.length, height), generator, latents)
-        views = gather(j_t, layout, adapter.long_dim)
+        j_t = adapter.init_noise(_request.canvas_shape(adapter, batch_size, layout, height), generator, latents)
+        views = gather(j_t, layout, _request.merge_dims(adapter, layout))
         if known is not None:
             known.bind(layout, views, float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)))
         return views
@@ -231,6 +244,9 @@ class JointDiffusion:
     def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
         """This process's part of the call: every view in one process, a block of them per rank
         with ``process_group`` (an error on every rank when there are more ranks than views)."""
+        if self.process_group is not None and isinstance(layout, GridLayout):
+            raise ValueError("process_group: a 2-D grid of tiles (an image beyond one window in height) runs in one "
+                             "process only for now: call it without process_group")
         if self.process_group is not None and method.couples_views:
             raise ValueError(f"method {method.name!r} couples the views inside each step (its hooks see every "
                              f"view at once), so it runs in one process only: call it without process_group")
@@ -303,8 +319,8 @@ class JointDiffusion:
         known = _known.prepare_known(adapter, audio=audio, sample_rate=sample_rate, audio_latents=audio_latents,
                                      audio_start=audio_start, keep=keep, seconds=request.seconds, loop=request.loop,
                                      audio_crossfade=audio_crossfade, paste_audio=paste_audio,
-                                     batch_size=prompts.batch_size, layout_length=layout.length)
-        window_shape = adapter.latent_shape(prompts.batch_size, layout.window, request.height)
+                                     batch_size=prompts.batch_size, layout=layout)
+        window_shape = _request.window_shape(adapter, prompts.batch_size, layout, request.height)
         # 4. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1, with
         # the guidance window of the paper's text: docs/method.md section 5).
         timesteps = adapter.set_timesteps(request.num_inference_steps, window_shape)
@@ -340,15 +356,16 @@ class JointDiffusion:
         loop as a loop, with circular context; the covering layout's extra columns only cost
         compute), cropped, and returned or written to ``output_path`` tile by tile."""
         adapter, layout, shard, method = self.adapter, plan.layout, plan.shard, request.method
-        mode = resolve_mode(request.decode, layout.length, layout.window)
-        tile = request.decode_tile or layout.window
-        tiles = tile_count(adapter, layout.length, tile, out_len)
+        grid = isinstance(layout, GridLayout)  # decoded whole (checked in build_request), rows cropped
+        mode = "full" if grid else resolve_mode(request.decode, layout.length, layout.window)
+        tile = request.decode_tile or (layout.cols.window if grid else layout.window)
+        tiles = 1 if grid else tile_count(adapter, layout.length, tile, out_len)
         shared_decode = request.output_type != "latent" and mode == "tiled" and shard.can_share_decode(tiles)
         views = shard.gather(views, everywhere=shared_decode)
         nothing = JointDiffusionOutput(layout=layout, columns=columns, sample_rate=adapter.sample_rate, method=method)
         if views is None:
             return nothing if return_dict else adapter.pipeline_tuple(None)
-        latent = stitch(views, layout, adapter.long_dim, method.merge_mode, method.swap_interval)
+        latent = stitch(views, layout, _request.merge_dims(adapter, layout), method.merge_mode, method.swap_interval)
         views = None  # the step's state is not needed to decode: free it
         if latent.device.type == "cuda":
             torch.cuda.synchronize(latent.device)  # the loop's kernels end here, not in the decode's time
@@ -363,7 +380,8 @@ class JointDiffusion:
                 return nothing if return_dict else adapter.pipeline_tuple(None)
             on_chunk = _known.paste_then(plan.known, None if callback_on_output_chunk is None
                                          else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
-            result = _output.produce_output(adapter, latent, layout, mode=mode, tile=tile,
+            shown = latent.narrow(-2, 0, adapter.latent_rows(request.height)) if grid else latent
+            result = _output.produce_output(adapter, shown, layout, mode=mode, tile=tile,
                                             view_batch_size=request.view_batch_size, out_len=out_len,
                                             output_type=request.output_type, paths=request.paths,
                                             on_chunk=on_chunk, pieces=pieces)

@@ -16,6 +16,8 @@ shorthand                          object                                       
 ``"safa_selfloop"``                :class:`SaFaSelfLoop` (SaFa*)                 self-loop swap only
 ``"multidiffusion"``               :class:`MultiDiffusion` (MD)                  mean of the overlaps
 ``"multidiffusion_triangular"``    ``MultiDiffusion(triangular=True)`` (MD*)     triangular-weighted mean
+``"multidiffusion_gaussian"``      ``MultiDiffusion(gaussian=True)``             Gaussian-weighted mean
+                                   (Mixture of Diffusers)
 ``"mad"``                          :class:`MAD` ``(steps, cross_attention)``     mean; cross- (every step) and
                                                                                  self-attention (first steps)
                                                                                  merged over the long latent
@@ -114,6 +116,7 @@ METHODS: Dict[str, MethodEntry] = {
     "safa_selfloop": MethodEntry(lambda: SaFaSelfLoop),
     "multidiffusion": MethodEntry(lambda: MultiDiffusion),
     "multidiffusion_triangular": MethodEntry(lambda: MultiDiffusion, {"triangular": True}),
+    "multidiffusion_gaussian": MethodEntry(lambda: MultiDiffusion, {"gaussian": True}),
     "mad": MethodEntry(_mad),
     "syncdiffusion": MethodEntry(_syncdiffusion),
 }

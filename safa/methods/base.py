@@ -105,6 +105,8 @@ class Method:
         couples_views: whether the method's hooks see every view at once inside a step (MAD's
             merged attention, SyncDiffusion's anchor, SaFaStats' agreed corrections), so the
             views cannot be sharded over processes (``process_group``).
+        grid_refusal: None when the method runs on a 2-D grid of tiles (an image beyond one
+            window in height); else why it does not (the sampler's one-line error).
     """
 
     merge_mode: ClassVar[str] = "swap"
@@ -112,6 +114,7 @@ class Method:
     all_views_in_one_call: ClassVar[bool] = False
     swaps_reference: ClassVar[bool] = True
     couples_views: ClassVar[bool] = False
+    grid_refusal: ClassVar[Optional[str]] = None
     swap_interval: int = 1
 
     @property

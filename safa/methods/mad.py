@@ -83,6 +83,7 @@ class MAD(Method):
     max_overlap_rate: ClassVar[float] = 1.0
     all_views_in_one_call: ClassVar[bool] = True
     couples_views: ClassVar[bool] = True  # the views attend to each other
+    grid_refusal: ClassVar[Optional[str]] = "its merged self-attention canvas is laid out along the width only"
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 0.0, 1.0)

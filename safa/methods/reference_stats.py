@@ -72,6 +72,7 @@ class SaFaStats(Method):
     swap_interval: int = 1
     swaps_reference: ClassVar[bool] = False
     couples_views: ClassVar[bool] = True  # the views' corrections agree over the overlaps
+    grid_refusal: ClassVar[Optional[str]] = "its corrections are gains per column of one long axis"
 
     def __post_init__(self) -> None:
         if isinstance(self.snr, bool) or not isinstance(self.snr, (int, float)) or not 0.0 <= self.snr < math.inf:

@@ -76,6 +76,7 @@ class SyncDiffusion(Method):
     merge_mode: ClassVar[str] = "mean"
     max_overlap_rate: ClassVar[float] = 1.0
     couples_views: ClassVar[bool] = True  # every view is pulled towards the anchor view
+    grid_refusal: ClassVar[Optional[str]] = "its anchor view and gradient step are defined on a strip of views"
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
