@@ -128,9 +128,11 @@ def test_bad_flags_are_one_line_errors():
 def test_method_defaults_are_the_method_objects():
     from safa.serve.jobs import method_defaults
     assert method_defaults("safa") == "guide=0.3:swap_interval=1"
-    assert method_defaults("multidiffusion") == "triangular=false"
-    assert method_defaults("multidiffusion_triangular") == ""
-    assert method_defaults("syncdiffusion") == "weight=20.0:decay=0.95:steps=0.2"  # loss / anchor: the method's
+    assert method_defaults("multidiffusion") == "triangular=false:gaussian=false"
+    assert method_defaults("multidiffusion_triangular") == "gaussian=false"  # triangular is the shorthand's
+    assert method_defaults("mad") == "steps=0.5:cross_attention=canvas"
+    # loss / anchor have no plain default: the method's own
+    assert method_defaults("syncdiffusion") == "weight=20.0:decay=0.95:steps=0.2:sync_freq=1"
 
 
 @pytest.mark.parametrize("changes, field", [

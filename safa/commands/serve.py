@@ -19,8 +19,8 @@ import sys
 import warnings
 from typing import Any
 
-from ..cli import CLIError
-from .common import BUILTIN_MODEL, add_model_arguments
+from ..errors import CLIError
+from .common import BUILTIN_MODEL, add_device_arguments, add_model_arguments
 
 __all__ = ["add_parser", "run", "DEFAULT_HOST", "DEFAULT_PORT"]
 
@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="folder for the generated files (default: a new temporary folder)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting at most; more are turned away until the queue shortens (default 16)")
+    add_device_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -60,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..sampler import JointDiffusion
     from ..serve.jobs import Studio
-    from .common import check_backend_env, load_pipeline, resolve_device, setup_logging
+    from .common import check_backend, load_pipeline, resolve_device, setup_logging, use_backend
 
     setup_logging(args.quiet)
     # The web stack's own deprecation notices and unclosed-loop warnings say nothing to a user.
     warnings.filterwarnings("ignore", module="gradio")
     warnings.filterwarnings("ignore", category=ResourceWarning)
     device = resolve_device(args.device)
-    check_backend_env(device)
+    check_backend(args.backend, device)  # before anything is loaded
     pipe = load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None)
     jd = JointDiffusion(pipe)  # ValueError (unsupported pipeline) -> one line, exit 2
     pipe.to(device)
@@ -76,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
     studio = Studio(jd, args.model, results, device=device)
     print(f"safa serve: {args.model} on {device}, files in {results}; http://{args.host}:{args.port} "
           f"(Ctrl-C stops it)", file=sys.stderr)
-    launch(studio, host=args.host, port=args.port, max_queue=args.max_queue, quiet=args.quiet)
+    with use_backend(args.backend):  # every request's merge
+        launch(studio, host=args.host, port=args.port, max_queue=args.max_queue, quiet=args.quiet)
     return 0

@@ -10,7 +10,6 @@ cancelled or failing at any point leaves no file behind.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -49,11 +48,10 @@ def method_defaults(name: str) -> str:
     """The parameters of a method shorthand with their defaults, as a method spec's tail:
     ``"guide=0.3:swap_interval=1"`` for ``"safa"`` (the page shows them next to the method)."""
     from ..methods import METHODS
-    factory = METHODS[name]
-    cls = factory.func if isinstance(factory, functools.partial) else factory
-    fixed = getattr(factory, "keywords", {})
+    entry = METHODS[name]
+    fixed = entry.fixed
     shown = []
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(entry.cls):
         # Parameters without a plain default (a loss function, an anchor index) stay the method's.
         if f.name in fixed or f.default is None or f.default is dataclasses.MISSING:
             continue
