@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import safa
 from safa import accel, profiling
-from safa.methods import get_method
-from safa.sampler import METHODS, JointDiffusion
+# The sampler needs diffusers, which a bare GPU machine may lack: reached through safa's lazy
+# exports inside the tests (which skip there), not imported here.
+from safa.methods import METHODS, get_method
 from safa_kernels import ViewLayout
 from safa_kernels.ops import available_backends
 
@@ -39,7 +41,7 @@ def pipe():
     return tiny_audioldm_pipeline()
 
 
-def run(jd: JointDiffusion, steps: int = 2, seed: int = 0, **kw) -> torch.Tensor:
+def run(jd: "safa.JointDiffusion", steps: int = 2, seed: int = 0, **kw) -> torch.Tensor:
     device = jd.adapter.device
     args = dict(SMALL, **kw)
     if args.get("method", "safa") == "safa":
@@ -54,7 +56,7 @@ def run(jd: JointDiffusion, steps: int = 2, seed: int = 0, **kw) -> torch.Tensor
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "mad"])
 def test_merge_is_one_op_per_step(pipe, method):
     """Every method's whole merge (SaFa: self-loop swap + reference swap) is ONE safa::merge_* op."""
-    jd = JointDiffusion(pipe)
+    jd = safa.JointDiffusion(pipe)
     run(jd, steps=1, method=method)  # plans built outside the profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run(jd, steps=2, method=method)
@@ -189,8 +191,8 @@ def test_compile_true_matches_eager_without_recompiling(pipe, monkeypatch):
     # The plumbing with dynamo's "eager" backend (inductor codegen of the UNet takes minutes
     # on this CPU; its speed is measured by benchmarks/bench_steps.py instead).
     monkeypatch.setattr(accel, "COMPILE_BACKEND", "eager")
-    expected = run(JointDiffusion(pipe), method="safa")
-    jd = JointDiffusion(pipe, compile=True)
+    expected = run(safa.JointDiffusion(pipe), method="safa")
+    jd = safa.JointDiffusion(pipe, compile=True)
     torch._dynamo.utils.counters.clear()
     assert torch.equal(run(jd, method="safa"), expected)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -202,7 +204,7 @@ def test_compile_true_matches_eager_without_recompiling(pipe, monkeypatch):
 
 # -- the static-buffer step (what cuda_graphs=True captures) -------------------------------------------------
 def test_static_model_step_is_shape_stable_and_equals_eager(pipe):
-    jd = JointDiffusion(pipe)
+    jd = safa.JointDiffusion(pipe)
     adapter = jd.adapter
     cond = adapter.encode_prompts(["rain", "wind"], None, 2.5)
     rows = torch.tensor([0, 1, 1])
@@ -235,11 +237,11 @@ def test_step_runner_scheduler_gets_host_timesteps():
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error")
 def test_cuda_graphs_raises_clearly_without_cuda(pipe):
     with pytest.raises(RuntimeError, match="cuda_graphs=True needs CUDA"):
-        JointDiffusion(pipe, cuda_graphs=True)
+        safa.JointDiffusion(pipe, cuda_graphs=True)
     with pytest.raises(RuntimeError, match="CUDA graphs do not exist on CPU"):
         accel.check_cuda_graphs(torch.device("cpu"))
     with pytest.raises(ValueError, match="must be bools"):
-        JointDiffusion(pipe, compile="yes")
+        safa.JointDiffusion(pipe, compile="yes")
 
 
 # -- the build choices of setup.py ----------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_setup_py_extension_choice(monkeypatch, force, cuda_sources):
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------------
-def _sync_free_steps(jd: JointDiffusion, steps: int = 4, **kw) -> torch.Tensor:
+def _sync_free_steps(jd: "safa.JointDiffusion", steps: int = 4, **kw) -> torch.Tensor:
     """Run with torch.cuda.set_sync_debug_mode('error') from the end of step 0 (which may sync
     legitimately: schedulers find their step index, a CUDA graph is captured) to the last step."""
     def callback(_jd, i, _t, _kw):
@@ -285,8 +287,8 @@ def _sync_free_steps(jd: JointDiffusion, steps: int = 4, **kw) -> torch.Tensor:
 def test_no_host_sync_inside_the_step_loop(pipe, method, cuda_graphs):
     pipe.to("cuda")
     try:
-        latent = _sync_free_steps(JointDiffusion(pipe, cuda_graphs=cuda_graphs), method=method)
-        expected = run(JointDiffusion(pipe), steps=4, method=method)
+        latent = _sync_free_steps(safa.JointDiffusion(pipe, cuda_graphs=cuda_graphs), method=method)
+        expected = run(safa.JointDiffusion(pipe), steps=4, method=method)
         torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
     finally:
         pipe.to("cpu")
@@ -300,7 +302,7 @@ def test_merge_is_one_launch_per_step_on_cuda(pipe, backend):
         pytest.skip(f"needs CUDA and the {backend} backend")
     pipe.to("cuda")
     try:
-        jd = JointDiffusion(pipe)
+        jd = safa.JointDiffusion(pipe)
         os.environ["SAFA_BACKEND"] = backend
         run(jd, steps=1)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
