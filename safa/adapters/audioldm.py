@@ -43,10 +43,6 @@ class AudioLDMAdapter(AudioAdapter):
     def sample_rate(self) -> int:
         return int(self.pipe.vocoder.config.sampling_rate)
 
-    @property
-    def frames_per_second(self) -> float:
-        return self.sample_rate / (self.decoded_scale * self.finalize_scale)
-
     def native_window(self) -> int:
         return max(1, int(round(NATIVE_WINDOW_SECONDS * self.frames_per_second)))
 

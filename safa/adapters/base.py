@@ -230,10 +230,17 @@ class Adapter:
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    # The pipeline attribute holding the denoiser: "unet", or "transformer" for the DiT families.
+    _denoiser: str = "unet"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self._denoiser)
+
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the latents (the denoiser's dtype)."""
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                        guidance_scale: float) -> Conditions:
@@ -404,7 +411,8 @@ def _check_number(name: str, value: Any, unit: str) -> float:
 class AudioAdapter(Adapter):
     """What every audio family shares: lengths and windows in seconds, waveforms out, WAV/FLAC files.
 
-    Subclasses provide :attr:`sample_rate` and :attr:`frames_per_second` (latent frames per second).
+    Subclasses provide :attr:`sample_rate`; latent frames per second follow from it and the
+    output samples per latent frame (``decoded_scale * finalize_scale``).
     """
 
     kind = "audio"
@@ -416,6 +424,10 @@ class AudioAdapter(Adapter):
     output_extensions = AUDIO_EXTENSIONS
     window_unit = "seconds"
     streams_files = True
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / (self.decoded_scale * self.finalize_scale)
 
     def window_columns(self, window: float) -> int:
         return int(round(float(window) * self.frames_per_second))
@@ -530,19 +542,9 @@ class ImageAdapter(Adapter):
     def pipeline_tuple(self, output: Any) -> Tuple[Any, ...]:
         return (output, None) if self.returns_nsfw_flags else (output,)
 
-    _denoiser: str = "unet"
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self._denoiser)
-
     @property
     def decoded_scale(self) -> int:  # type: ignore[override]
         return int(self.pipe.vae_scale_factor)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
 
     def native_window(self) -> int:
         return _side(self.denoiser.config.sample_size)

@@ -47,6 +47,7 @@ class LongCatAudioAdapter(AudioAdapter):
     reference_axis = -2  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -1
     finalize_scale = 1
+    _denoiser = "transformer"
 
     # -- geometry -----------------------------------------------------------------------------
     @property
@@ -80,13 +81,6 @@ class LongCatAudioAdapter(AudioAdapter):
     def sample_rate(self) -> int:
         return int(self.pipe.sample_rate)
 
-    @property
-    def frames_per_second(self) -> float:
-        return self.sample_rate / self.decoded_scale
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
 
     def native_window(self) -> int:
         return int(float(self.pipe.max_wav_duration) * self.sample_rate // self.decoded_scale)

@@ -35,6 +35,7 @@ class StableAudioAdapter(AudioAdapter):
     reference_axis = -1  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -1
     finalize_scale = 1
+    _denoiser = "transformer"
     # Latent frames of context each side of a decoded tile: the Oobleck decoder's whole receptive
     # field (conv_in kernel 7: 3 frames; first upsampling block, stride 8: its transposed conv
     # ~1 frame plus dilated residual units of +-39 samples at 8 per frame: ~5 frames; the later
@@ -58,13 +59,6 @@ class StableAudioAdapter(AudioAdapter):
     def sample_rate(self) -> int:
         return int(self.pipe.vae.config.sampling_rate)
 
-    @property
-    def frames_per_second(self) -> float:
-        return self.sample_rate / self.decoded_scale
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
 
     def native_window(self) -> int:
         return int(self.pipe.transformer.config.sample_size)

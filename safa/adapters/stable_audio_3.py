@@ -43,6 +43,7 @@ class StableAudio3Adapter(AudioAdapter):
     reference_axis = -1  # audio: the reference swap alternates along time (paper Eq. 10)
     decoded_dim = -1
     finalize_scale = 1
+    _denoiser = "transformer"
     embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
 
     def __init__(self, pipe: Any) -> None:
@@ -66,13 +67,6 @@ class StableAudio3Adapter(AudioAdapter):
     def sample_rate(self) -> int:
         return int(self.pipe.vae.config.sampling_rate)
 
-    @property
-    def frames_per_second(self) -> float:
-        return self.sample_rate / self.decoded_scale
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
 
     def native_window(self) -> int:
         return int(float(self.pipe.duration_embedder.config.max_val) * self.frames_per_second)

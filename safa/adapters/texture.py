@@ -44,10 +44,6 @@ class TextureAdapter(AudioAdapter):
         return int(self.pipe.decoder.sample_rate)
 
     @property
-    def frames_per_second(self) -> float:
-        return self.sample_rate / (self.decoded_scale * self.finalize_scale)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.pipe.dtype
 
