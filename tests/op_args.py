@@ -1,4 +1,5 @@
-"""Arguments of one raw ``safa::merge_<backend>_`` call (for opcheck), shared by the CPU and GPU tests.
+"""What the op tests share: the arguments of one raw ``safa::merge_<backend>_`` call (for opcheck),
+the dtypes and tolerances, and the comparison of a merge with its oracle (CPU and GPU tests).
 
 Only torch and safa_kernels: the GPU kit runs tests/test_gpu.py on a bare machine.
 """
@@ -9,6 +10,20 @@ import torch
 from safa_kernels import ViewLayout
 from safa_kernels.canonical import canonical, parity
 from safa_kernels.plan import get_plan
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# The reference averages as sum(w * x) / sum(w), the kernels as sum((w / sum(w)) * x): the
+# same to a few ulps (fp64 weights make fp64 averages exact, test_float64_averages_are_exact).
+TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_merged_equal(actual: torch.Tensor, expected: torch.Tensor, mode: str) -> None:
+    """A swap selects values (bitwise equal); averaging modes agree to the dtype's tolerance."""
+    if mode == "swap":
+        assert torch.equal(actual, expected)
+    else:
+        tol = TOL[expected.dtype]
+        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
 
 
 def op_args(mode: str, in_place: bool, with_reference: bool, device: torch.device) -> tuple:

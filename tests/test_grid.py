@@ -17,18 +17,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import safa_kernels as sk
 from safa_kernels import GridLayout, ViewLayout, gather, naive, stitch, sync_
 from safa_kernels.plan import get_plan, REF_NONE
+from op_args import DTYPES, assert_merged_equal
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
 BACKENDS = ["reference"] + KERNELS
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def assert_merged_equal(actual, expected, mode):
-    if mode == "swap":
-        assert torch.equal(actual, expected)
-    else:
-        torch.testing.assert_close(actual, expected, atol=TOL[expected.dtype], rtol=TOL[expected.dtype])
 
 
 # -- the independent oracle ------------------------------------------------------------------

@@ -13,21 +13,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import safa_kernels as sk
 from safa_kernels import ViewLayout, gather, reference, stitch, sync_
-from op_args import op_args
+from op_args import DTYPES, assert_merged_equal, op_args
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# The reference averages as sum(w * x) / sum(w), the kernels as sum((w / sum(w)) * x): the
-# same to a few ulps (fp64 weights make fp64 averages exact, test_float64_averages_are_exact).
-TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def assert_merged_equal(actual, expected, mode):
-    if mode == "swap":
-        assert torch.equal(actual, expected)
-    else:
-        tol = TOL[expected.dtype]
-        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
 
 
 # -- a random case: layout, latent shape, dim, layout of memory ---------------------------

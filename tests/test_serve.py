@@ -119,10 +119,12 @@ def test_help_says_where_it_listens_without_loading_torch_or_gradio():
 
 def test_bad_flags_are_one_line_errors():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "safa", "serve", "--port", "70000"], capture_output=True,
-                         text=True, cwd=ROOT, env=env, timeout=120)
-    assert run.returncode == 2
-    assert run.stderr.strip() == "safa serve: error: --port must be in [0, 65535], got 70000"
+    for flag, value, says in (("--port", "70000", "must be an int in [0, 65535], got 70000"),
+                              ("--max-queue", "0", "must be an int >= 1, got 0")):
+        run = subprocess.run([sys.executable, "-m", "safa", "serve", flag, value], capture_output=True,
+                             text=True, cwd=ROOT, env=env, timeout=120)
+        assert run.returncode == 2
+        assert run.stderr.strip() == f"safa serve: error: argument {flag}: {says} (see safa serve --help)"
 
 
 def test_method_defaults_are_the_method_objects():

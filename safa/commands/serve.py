@@ -20,12 +20,14 @@ import warnings
 from typing import Any
 
 from ..errors import CLIError
-from .common import BUILTIN_MODEL, add_device_arguments, add_model_arguments
+from .._checks import check_int_range
+from .common import BUILTIN_MODEL, POSITIVE_INT, add_device_arguments, add_model_arguments, arg_type
 
 __all__ = ["add_parser", "run", "DEFAULT_HOST", "DEFAULT_PORT"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+PORT = arg_type(int, lambda name, value: check_int_range(name, value, 0, 65535), "an int in [0, 65535]")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,10 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only). 0.0.0.0 listens on "
                         "every network interface: anyone who can reach this machine can then use the page and "
                         "its compute; there is no login")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--results", default=None,
                    help="folder for the generated files (default: a new temporary folder)")
-    p.add_argument("--max-queue", type=int, default=16,
+    p.add_argument("--max-queue", type=POSITIVE_INT, default=16,
                    help="requests waiting at most; more are turned away until the queue shortens (default 16)")
     add_device_arguments(p)
     p.set_defaults(func=run)
@@ -49,10 +51,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """``safa serve``: serve until interrupted; returns the exit code."""
-    if not 0 <= args.port <= 65535:
-        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 1:
-        raise CLIError(f"--max-queue must be >= 1, got {args.max_queue}")
     try:
         from ..serve.app import launch
     except ImportError as exc:
