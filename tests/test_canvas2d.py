@@ -148,3 +148,21 @@ def test_bad_input_is_one_clear_line(jd, call, message):
     with pytest.raises(ValueError, match=message) as info:
         jd("x", **args)
     assert "\n" not in str(info.value)
+
+
+def test_cli_makes_a_tileable_texture(jd, tmp_path, capsys):
+    # safa generate --loop both: the same torus from the command line, a PNG of the size asked.
+    from PIL import Image
+
+    from safa.cli import main
+    model = tmp_path / "tiny-sd"
+    jd.pipe.save_pretrained(str(model))
+    out = tmp_path / "wall.png"
+    assert main(["generate", "--model", str(model), "--prompt", "a stone wall", "--width", "272", "--height", "200",
+                 "--loop", "both", "--overlap", "0.25", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    assert "tiles" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (272, 200)
+    assert main(["generate", "--model", str(model), "--width", "272", "--loop", "sideways", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "argument --loop: takes no value, or 'both'" in capsys.readouterr().err

@@ -111,11 +111,22 @@ def add_sampling_arguments(p: argparse.ArgumentParser, steps: Optional[int] = No
     p.add_argument("--seed", type=SEED, default=0, help=f"random seed, 0 to {SEED_MAX} (default 0)")
 
 
+def _loop_value(text: str) -> str:
+    if text != "both":
+        raise argparse.ArgumentTypeError(f"takes no value, or 'both' (tile both ways), got {text!r}")
+    return text
+
+
+LOOP = _loop_value
+
+
 def add_layout_arguments(p: argparse.ArgumentParser, view_batch_size: bool = True) -> None:
     """``--overlap``, ``--loop`` and (for a call that runs the model on views) ``--view-batch-size``."""
     p.add_argument("--overlap", type=OVERLAP, default=0.2,
                    help="overlap rate of neighbouring windows (default 0.2, the paper's; 0: no overlap, hard seams)")
-    p.add_argument("--loop", action="store_true", help="seamless loop / 360-degree panorama")
+    p.add_argument("--loop", nargs="?", const=True, default=False, type=LOOP, metavar="both",
+                   help="seamless loop / 360-degree panorama; '--loop both': an image that tiles both ways "
+                        "(a tileable texture, image pipelines)")
     if view_batch_size:
         p.add_argument("--view-batch-size", type=POSITIVE_INT, default=None,
                        help="windows per model call: bounds the model's memory (default: all, at most 16)")

@@ -189,8 +189,8 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
 
     kind = jd.adapter.kind
     prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
-    layout = jd.layout_for(args.seconds, args.width, window=call["window"], overlap=args.overlap, loop=args.loop,
-                           method=call["method"])
+    layout = jd.layout_for(args.seconds, args.width, height=args.height, window=call["window"], overlap=args.overlap,
+                           loop=args.loop, method=call["method"])
     if not args.quiet and rank == 0:
         print(f"layout: {jd.describe_layout(layout)}", file=sys.stderr)
     spectrogram = None
