@@ -1,6 +1,8 @@
 """Printing what :mod:`safa.profiling.measure` measured: per-step tables and side-by-side medians."""
 from __future__ import annotations
 
+import math
+
 from .measure import CATEGORIES, ProfileResult
 
 __all__ = ["format_breakdown", "format_comparison"]
@@ -18,8 +20,9 @@ def format_breakdown(result: ProfileResult) -> str:
         lines.append(f"{s.step:>4} {s.total_ms:>9.2f} | "
                      + " | ".join(f"{s.ms[c]:>12.3f} {counts[c]:>8}" for c in CATEGORIES)
                      + f" | {s.merge_ops:>9}")
-    lines.append(f"median step {result.median_total_ms:.2f} ms under the profiler, "
-                 f"{result.median_unprofiled_ms:.2f} ms without it")
+    unprofiled = ("" if math.isnan(result.median_unprofiled_ms)  # --warmup 0: no step ran outside it
+                  else f", {result.median_unprofiled_ms:.2f} ms without it")
+    lines.append(f"median step {result.median_total_ms:.2f} ms under the profiler{unprofiled}")
     return "\n".join(lines)
 
 
