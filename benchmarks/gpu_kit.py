@@ -15,7 +15,7 @@ installed torch and triton pinned). Stages, each with its own time limit inside
 - ``build``: ``setup.py build_ext --inplace`` with that torch: the CPU and CUDA kernels for
   this GPU's architecture (``TORCH_CUDA_ARCH_LIST``); without nvcc, or if the CUDA build
   fails, the CPU-only build, so that Triton is still checked (a failed CUDA build fails the kit);
-- ``tests``: ``pytest -m gpu`` over tests/test_gpu.py (every backend against the reference in
+- ``tests``: ``pytest -m gpu`` over tests/kernels/test_gpu.py (every backend against the reference in
   every dtype, opcheck, torch.compile with inductor, CUDA graphs under sync debug mode
   "error", one launch per call), the Triton CUDA tests, and, with diffusers, the pipeline
   GPU tests (no host sync in the step loop, eager and CUDA graphs; one launch per step);
@@ -65,8 +65,8 @@ WANTED = {"diffusers": "diffusers", "transformers": "transformers", "pytest": "p
           "scipy": "scipy"}
 LIMITS = {"wheels": 120, "build": 300, "tests": 240, "sanitizer": 150, "ops": 150, "pipeline": 400, "report": 60}
 REPORT_RESERVE = 20  # seconds of the budget kept for the report stage
-TEST_FILES = ["tests/test_gpu.py", "tests/test_triton_backend.py::TestCUDA", "tests/test_perf_tooling.py"]
-SANITIZED = ["tests/test_gpu.py", "-k", "every_path"]
+TEST_FILES = ["tests/kernels/test_gpu.py", "tests/kernels/test_triton_backend.py::TestCUDA", "tests/cli/test_perf_tooling.py"]
+SANITIZED = ["tests/kernels/test_gpu.py", "-k", "every_path"]
 
 PROBE = r"""
 import importlib, json, sys

@@ -134,7 +134,7 @@ def noised_known(scheduler: Any, known: torch.Tensor, noise: torch.Tensor, times
     ``known`` itself after the last step. ``add_noise`` maps the timestep to the scheduler's own
     noise level: ``alphas_cumprod`` (DDIM, DDPM, PNDM), ``sigmas[i + 1]`` through the step index
     (DPM-Solver, UniPC, Euler and the EDM-form Cosine DPM-Solver, whose ``x = x0 + sigma noise``).
-    Tested against each scheduler's own step with an exact model (tests/test_known_audio.py).
+    Tested against each scheduler's own step with an exact model (tests/sampler/test_known_audio.py).
     """
     if i + 1 >= len(timesteps):
         return known

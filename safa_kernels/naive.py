@@ -15,7 +15,7 @@ It is not a backend: the ops of :mod:`safa_kernels.ops` are what to use. It hand
 such hand-written loops handle, open layouts and the modes ``"mean"`` and ``"swap"``, and
 refuses the rest with a ``ValueError``. Arguments mean what they mean for
 :func:`safa_kernels.gather`, :func:`~safa_kernels.stitch` and :func:`~safa_kernels.sync_`;
-tests/test_naive.py checks it against :mod:`safa_kernels.reference`.
+tests/kernels/test_naive.py checks it against :mod:`safa_kernels.reference`.
 """
 from __future__ import annotations
 

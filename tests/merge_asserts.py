@@ -1,5 +1,5 @@
 """What the sampler tests assert about a finished call's merge, shared by the adapter x method x
-scheduler matrices (tests/test_sampler.py, tests/test_adapters_image_stableaudio.py)."""
+scheduler matrices (tests/sampler/test_sampler.py, tests/adapters/test_adapters_image_stableaudio.py)."""
 from __future__ import annotations
 
 import torch

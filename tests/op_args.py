@@ -1,7 +1,7 @@
 """What the op tests share: the arguments of one raw ``safa::merge_<backend>_`` call (for opcheck),
 the dtypes and tolerances, and the comparison of a merge with its oracle (CPU and GPU tests).
 
-Only torch and safa_kernels: the GPU kit runs tests/test_gpu.py on a bare machine.
+Only torch and safa_kernels: the GPU kit runs tests/kernels/test_gpu.py on a bare machine.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 ``TorchDispatchMode``), from its creation to the death of its last tensor, and keeps the
 largest sum: on the CPU what ``torch.cuda.max_memory_allocated`` reports on CUDA (PyTorch
 has no CPU allocator statistics). It is what :mod:`safa.memory`'s estimates of working
-memory are checked against (tests/test_memory_rules.py, benchmarks/bench_fullsize.py
+memory are checked against (tests/sampler/test_memory_rules.py, benchmarks/bench_fullsize.py
 ``--memory``). Tensors created before the block and kept by it are not counted.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ import safa.testing.pipelines as tp
 from safa.files import atomic_path
 from safa.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--prompt", "rain", "--window", "1.28", "--overlap", "0.25", "--steps", "2", "--quiet"]
 
 
@@ -46,7 +46,7 @@ def test_generate_subprocess_writes_audio_and_spectrogram(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     data, sr = sf.read(str(out))
     assert sr == 16000 and data.shape == (round(2.9 * 16000),) and np.isfinite(data).all()
-    spec = Image.open(tmp_path / "rain.png")  # the annotated spectrogram (tests/test_plots.py)
+    spec = Image.open(tmp_path / "rain.png")  # the annotated spectrogram (tests/cli/test_plots.py)
     assert spec.size[0] > 1000 and spec.size[1] > 300
     assert "3 views" in proc.stdout
     assert _only_inputs(tmp_path) == ["rain.png", "rain.wav"]  # no temporary files left

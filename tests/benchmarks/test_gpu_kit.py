@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_kit  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_plan_for_a_bare_offline_gpu_machine(tmp_path):
     assert build.commands == [["/usr/bin/python3", "setup.py", "-q", "build_ext", "--inplace"]]  # no pip, no venv
     tests = stages["tests"]
     assert tests.run and "-m" in tests.commands[0] and "gpu" in tests.commands[0]
-    assert "tests/test_gpu.py" in tests.commands[0] and "pipeline GPU tests skip" in tests.reason
+    assert "tests/kernels/test_gpu.py" in tests.commands[0] and "pipeline GPU tests skip" in tests.reason
     sanitizer = stages["sanitizer"]
     assert [c[2] for c in sanitizer.commands] == ["memcheck", "racecheck"]
     assert sanitizer.env == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}

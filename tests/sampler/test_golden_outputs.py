@@ -3,7 +3,7 @@
 Refactors of the sampler, the methods, the adapters or the op layer must not change a single
 bit of what a call returns. Every method, open and loop layouts, audio and image families,
 two schedulers each: the final long latent ``J`` (``output_type="latent"``) of each call in
-:data:`CASES` is compared with the one recorded in ``tests/data/golden_latents.pt``.
+:data:`CASES` is compared with the one recorded in ``tests/sampler/data/golden_latents.pt``.
 
 Bitwise where the recording machine's floating-point setup is this one (same torch version and
 CPU instruction set: the tiny models' convolutions pick kernels by ISA); elsewhere to float32
@@ -11,7 +11,7 @@ rounding, since another ISA rounds differently without anything being wrong.
 
 An intended change of behaviour re-records the cases it touches, in the same commit, with:
 
-    python tests/test_golden_outputs.py --record [case-name ...]
+    python tests/sampler/test_golden_outputs.py --record [case-name ...]
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _fingerprint() -> str:
 @pytest.fixture(scope="module")
 def recorded():
     if not os.path.exists(DATA):
-        pytest.fail(f"{DATA} is missing: record it with python tests/test_golden_outputs.py --record")
+        pytest.fail(f"{DATA} is missing: record it with python tests/sampler/test_golden_outputs.py --record")
     return torch.load(DATA)
 
 
@@ -132,7 +132,7 @@ def pipes():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_final_latents_are_the_recorded_ones(name, recorded, pipes):
-    assert name in recorded["latents"], f"{name} not recorded: python tests/test_golden_outputs.py --record {name}"
+    assert name in recorded["latents"], f"{name} not recorded: python tests/sampler/test_golden_outputs.py --record {name}"
     expected = recorded["latents"][name]
     got = run_case(CASES[name], pipes)
     assert got.shape == expected.shape and got.dtype == expected.dtype
@@ -160,7 +160,7 @@ def _record(names) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "--record":
-        sys.exit("usage: python tests/test_golden_outputs.py --record [case-name ...]")
+        sys.exit("usage: python tests/sampler/test_golden_outputs.py --record [case-name ...]")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     unknown = [n for n in sys.argv[2:] if n not in CASES]
     if unknown:

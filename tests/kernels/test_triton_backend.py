@@ -3,7 +3,7 @@
 On a machine without CUDA these run the kernel in Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``, which must be set before triton and safa_kernels are imported;
 tests/conftest.py does that, and this module does it too when run on its own). The
-generic backend-parametrised property and opcheck tests live in tests/test_ops.py; these
+generic backend-parametrised property and opcheck tests live in tests/kernels/test_ops.py; these
 cover what is particular to this kernel: block boundaries, int64 offsets, strides, padding.
 """
 import os
@@ -100,7 +100,7 @@ def test_without_triton_nothing_is_registered():
             "x = torch.randn(2, 26)\n"
             "assert safa_kernels.gather(x, safa_kernels.ViewLayout(26, 8, 2), -1).shape == (4, 2, 8)\n")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

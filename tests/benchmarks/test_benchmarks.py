@@ -12,7 +12,7 @@ import torch
 
 from safa_kernels import ViewLayout, tuning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_fullsize  # noqa: E402
 import bench_long  # noqa: E402

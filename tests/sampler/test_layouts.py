@@ -77,7 +77,7 @@ def test_fractional_length_cannot_loop():
 def test_the_docs_table_is_what_the_code_does():
     import runpy
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     table = runpy.run_path(str(root / "tools" / "loop_table.py"))["table"]()
     docs = (root / "docs" / "method.md").read_text()
     for line in table.splitlines():

@@ -28,7 +28,7 @@ from safa.distributed import agree, cells_read, view_blocks
 from safa.testing.distributed import RankError, run_processes
 from safa_kernels import ViewLayout, sync_
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 2
 
 

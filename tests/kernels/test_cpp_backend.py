@@ -1,6 +1,6 @@
 """Tests specific to the compiled CPU kernel (`safa::merge_cpp_`, csrc/merge_cpu.cpp).
 
-The generic backend-vs-reference suite is tests/test_ops.py; this file covers what only
+The generic backend-vs-reference suite is tests/kernels/test_ops.py; this file covers what only
 the C++ kernel can get wrong: loading, its copy-run fast path (runs must stop at view
 boundaries), parallel chunks on larger plans, strides the fast paths do not expect,
 empty work, bit-exact copies of arbitrary bit patterns, and its argument checks.

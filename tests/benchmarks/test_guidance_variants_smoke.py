@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["safa_snr:snr=0.05", "swap_blocks:block=8", "lowpass:cutoff=0.05:snr=0.05", "ref_noise:band=all",
             "ref_noise:band=low", "ref_spectrum:basis=rows:snr=0.075", "consensus:bands=12:reconcile=swap:snr=0.05",
             "consensus:bands=0:reconcile=vp:snr=0.075", "consensus:basis=pca:reconcile=tri:snr=0.01:init=1"]

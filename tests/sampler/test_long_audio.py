@@ -30,7 +30,7 @@ from safa.memory import InsufficientMemoryError, scheduler_history
 from safa.spectrogram import compute_spectrogram
 from safa.texture import make_texture_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 W = 32  # latent frames per window: 1.28 s
 SR = 16000
 
@@ -156,7 +156,7 @@ def test_auto_is_the_whole_or_the_tiled_decode(jd, seconds, same_as):
 
 def test_texture_tiles_sound_like_the_whole_decode():
     """Griffin-Lim estimates phase over the whole signal, so tiles are not sample-equal to one
-    whole decode (decoders without global state are: Stable Audio's, tests/test_adapters_*); the
+    whole decode (decoders without global state are: Stable Audio's, tests/adapters/test_adapters_*); the
     spectrogram must be the same up to the phase estimate's edge effects."""
     adapter = JointDiffusion(make_texture_pipeline()).adapter
     latent = torch.randn(1, 8, 4 * 256, 16, generator=gen(3))

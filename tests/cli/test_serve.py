@@ -27,7 +27,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed (make install)")
 soundfile = pytest.importorskip("soundfile")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "out" / "test-output" / "serve.png"
 SAMPLE_RATE = 16000  # the built-in model's
 STARTUP_SECONDS = 240  # imports of torch, diffusers and gradio on a busy 2-core machine

@@ -21,7 +21,7 @@ from safa.methods import METHODS, get_method
 from safa_kernels import ViewLayout
 from safa_kernels.ops import available_backends
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -52,7 +52,7 @@ def run(jd: "safa.JointDiffusion", steps: int = 2, seed: int = 0, **kw) -> torch
 
 # -- the profile --------------------------------------------------------------------------------
 # MAD also merges inside the model (stitch + gather per self-attention call while it is on):
-# tests/test_baselines.py counts those.
+# tests/methods/test_baselines.py counts those.
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "mad"])
 def test_merge_is_one_op_per_step(pipe, method):
     """Every method's whole merge (SaFa: self-loop swap + reference swap) is ONE safa::merge_* op."""
