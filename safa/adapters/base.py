@@ -38,7 +38,6 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Type
 import torch
 
 from ..audio_io import audio_file_bytes
-from ..files import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 
 __all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "Conditions", "register_adapter", "registered_adapters",
            "adapter_class_for"]
@@ -113,7 +112,6 @@ class Adapter:
         per_output_argument: the pipelines' name for outputs per prompt.
         output_field: the :class:`~safa.JointDiffusionOutput` attribute holding the output.
         output_types: the accepted ``output_type`` values, the default first.
-        output_extensions: file extensions ``output_path`` may have.
         window_unit: the unit of the call's ``window`` argument.
         streams_files: ``output_path`` is written tile by tile as it is decoded (audio), rather
             than whole at the end (images).
@@ -134,7 +132,6 @@ class Adapter:
     per_output_argument: ClassVar[str] = ""
     output_field: ClassVar[str] = ""
     output_types: ClassVar[Tuple[str, ...]] = ()
-    output_extensions: ClassVar[Tuple[str, ...]] = ()
     window_unit: ClassVar[str] = ""
     streams_files: ClassVar[bool] = False
     long_dim: ClassVar[int] = -1
@@ -421,7 +418,6 @@ class AudioAdapter(Adapter):
     per_output_argument = "num_waveforms_per_prompt"
     output_field = "audio"
     output_types = ("np", "pt", "latent")
-    output_extensions = AUDIO_EXTENSIONS
     window_unit = "seconds"
     streams_files = True
 
@@ -487,7 +483,6 @@ class ImageAdapter(Adapter):
     per_output_argument = "num_images_per_prompt"
     output_field = "images"
     output_types = ("pil", "np", "pt", "latent")
-    output_extensions = IMAGE_EXTENSIONS
     window_unit = "latent columns"
     long_dim = -1
     reference_axis = -2  # images: the reference swap alternates over rows (paper Sec. 2.3, Fig. 4)
