@@ -32,7 +32,8 @@ On CUDA (the GPU kit), quick and full mode run full mode's configurations at 512
 
 ``--memory`` instead checks the adapters' working-memory estimate of the denoiser: one
 no-grad UNet call per batch size, live tensor bytes and RSS against ``denoiser_memory``
-(docs/long-audio.md, "Where memory goes").
+(docs/long-audio.md, "Where memory goes"); and the same for the DiTs (SD3-medium, FLUX.1-dev,
+Stable Audio Open) at full width, a block or two deep (``fullsize.dit_block``).
 """
 from __future__ import annotations
 
@@ -237,12 +238,58 @@ def measure_denoiser_memory(kind: str, rows_list: Sequence[int] = ()) -> List[Di
     return out
 
 
+# One window per DiT: SD3 / Flux at 512 x 512 px (64 x 64 latent), Stable Audio at its 1024 frames.
+DIT_WINDOWS = {"sd3": (1, 16, 64, 64), "flux": (1, 16, 64, 64), "stable-audio": (1, 64, 1024)}
+
+
+def _dit_inputs(kind: str, pipe: Any, rows: int) -> Dict[str, Any]:
+    """Random inputs of one DiT call with the full-size conditioning widths (the tiny pipeline's
+    text encoders do not have them)."""
+    cfg, window = pipe.transformer.config, DIT_WINDOWS[kind]
+    if kind == "sd3":
+        text = int(getattr(pipe, "tokenizer_max_length", 77)) + 256  # CLIP + the pipeline's T5 default
+        return dict(hidden_states=torch.randn((rows,) + window[1:]),
+                    encoder_hidden_states=torch.randn(rows, text, cfg.joint_attention_dim),
+                    pooled_projections=torch.randn(rows, cfg.pooled_projection_dim), timestep=torch.full((rows,), 500.0))
+    if kind == "flux":
+        tokens, text = (window[-2] // 2) * (window[-1] // 2), 512
+        return dict(hidden_states=torch.randn(rows, tokens, cfg.in_channels),
+                    encoder_hidden_states=torch.randn(rows, text, cfg.joint_attention_dim),
+                    pooled_projections=torch.randn(rows, cfg.pooled_projection_dim), timestep=torch.full((rows,), 0.5),
+                    img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3), guidance=torch.full((rows,), 3.5))
+    return dict(hidden_states=torch.randn((rows,) + window[1:]), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(rows, 130, cfg.cross_attention_dim),
+                global_hidden_states=torch.randn(rows, 1, cfg.global_states_input_dim))
+
+
+def measure_dit_memory(kind: str, rows_list: Sequence[int] = (1, 2)) -> List[Dict[str, Any]]:
+    """``measure_denoiser_memory`` for a DiT: its no-grad call on :data:`DIT_WINDOWS` per batch size."""
+    from safa.adapters import get_adapter
+    from safa.profiling.memory import LiveTensorPeak
+    pipe = fullsize.dit_block(kind)
+    adapter, out = get_adapter(pipe), []
+    for rows in rows_list:
+        inputs = _dit_inputs(kind, pipe, rows)
+        with torch.no_grad(), LiveTensorPeak() as live:
+            pipe.transformer(**inputs)
+        estimate = adapter.denoiser_memory(rows, False, DIT_WINDOWS[kind])
+        out.append(dict(kind=kind, rows=rows, window=list(DIT_WINDOWS[kind]), live_bytes=live.peak,
+                        estimate_bytes=estimate))
+        print(f"  {kind} {rows} rows: live peak {live.peak / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB "
+              f"({estimate / live.peak:.2f}x live)", flush=True)
+    del pipe
+    gc.collect()
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--memory" in argv:  # the memory check alone: python benchmarks/bench_fullsize.py --memory
         harness.set_threads(1)
         for kind in ("audio", "image"):
             measure_denoiser_memory(kind)
+        for kind in DIT_WINDOWS:
+            measure_dit_memory(kind)
         return 0
     p = harness.argument_parser(__doc__)
     args = p.parse_args(argv)

@@ -10,7 +10,12 @@ call), but with the hidden size the denoiser's cross-attention / class embedding
 - :data:`AUDIOLDM_UNET`, :data:`AUDIOLDM_VAE`, :data:`AUDIOLDM_VOCODER`: ``cvssp/audioldm-s-full-v2``,
   ``unet/config.json``, ``vae/config.json``, ``vocoder/config.json``;
 - :data:`STABLE_AUDIO_DIT`: ``stabilityai/stable-audio-open-1.0``, ``transformer/config.json``
-  (written down for the GPU kit; its 1.06 B parameters are not built on the 2-core VM).
+  (written down for the GPU kit; its 1.06 B parameters are not built on the 2-core VM);
+- :data:`SD3_MEDIUM_DIT`: ``stabilityai/stable-diffusion-3-medium-diffusers``, ``transformer/config.json``;
+- :data:`FLUX_DEV_DIT`: ``black-forest-labs/FLUX.1-dev``, ``transformer/config.json``.
+
+The DiTs' working memory is one block's (no skips), so :func:`dit_block` builds them at full
+width but :data:`DIT_MEMORY_LAYERS` deep, which fits the 2-core VM and gives the same peak.
 
 Configs not in this list are left at diffusers' defaults, which are those of these files
 unless a comment says otherwise. ``kind="tiny"`` returns safa.testing's tiny pipelines
@@ -81,6 +86,41 @@ STABLE_AUDIO_DIT: Dict[str, Any] = dict(
     num_attention_heads=24, num_key_value_attention_heads=12, cross_attention_dim=768,
     cross_attention_input_dim=768, global_states_input_dim=1536, time_proj_dim=256,
 )
+
+# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (SD3Transformer2DModel).
+SD3_MEDIUM_DIT: Dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+# black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel): 19 double-stream
+# and 38 single-stream blocks of width 3072.
+FLUX_DEV_DIT: Dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+# Blocks built per DiT for the memory check: the no-grad peak of a DiT is one block's (measured
+# equal at 2 and 3 SD3 blocks), so depth only costs build time.
+DIT_MEMORY_LAYERS = {"sd3": dict(num_layers=2), "flux": dict(num_layers=1, num_single_layers=1),
+                     "stable-audio": dict(num_layers=1)}
+
+
+def dit_block(kind: str) -> Any:
+    """The ``kind`` DiT ("sd3", "flux", "stable-audio") of its published config at full width, in
+    a tiny pipeline of its family (whose adapter reads the transformer's config), with
+    :data:`DIT_MEMORY_LAYERS` blocks."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, StableAudioDiTModel
+
+    from safa.testing import pipelines
+    build = {"sd3": (pipelines.tiny_sd3_pipeline, SD3Transformer2DModel, SD3_MEDIUM_DIT),
+             "flux": (pipelines.tiny_flux_pipeline, FluxTransformer2DModel, FLUX_DEV_DIT),
+             "stable-audio": (pipelines.tiny_stable_audio_pipeline, StableAudioDiTModel, STABLE_AUDIO_DIT)}
+    tiny, cls, config = build[kind]
+    pipe = tiny()
+    torch.manual_seed(0)
+    pipe.transformer = cls(**dict(config, **DIT_MEMORY_LAYERS[kind]))
+    return _eval(pipe)
 
 
 def _tiny_clip_encoder(hidden_size: int, vocab_size: int) -> Any:

@@ -137,6 +137,20 @@ class FluxAdapter(ImageAdapter):
         return pipe._unpack_latents(out, rows * scale, columns * scale, scale)
 
     # -- decoding -------------------------------------------------------------------------
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
+        """A single-stream block's peak over a window's packed 2x2 tokens plus the T5 tokens
+        (:data:`~safa.adapters.working_memory.FLUX_SINGLE_MAPS`); guidance adds no batch (it is
+        the transformer's input); unknown under ``grad``."""
+        from .working_memory import FLUX_SINGLE_MAPS, dit_forward_bytes
+        if window_shape is None or grad:
+            return None
+        cfg = self.denoiser.config
+        tokens = (int(window_shape[-2]) // 2) * (int(window_shape[-1]) // 2) + self.max_sequence_length
+        width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return rows * dit_forward_bytes(tokens, width, itemsize, FLUX_SINGLE_MAPS)
+
     def _vae_input(self, latent: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config
         return latent / cfg.scaling_factor + cfg.shift_factor

@@ -8,7 +8,7 @@ actually denoises, not of the whole panorama.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,21 @@ class StableDiffusion3Adapter(ImageAdapter):
         return self.denoiser(hidden_states=x, timestep=t.expand(x.shape[0]),
                              encoder_hidden_states=c["encoder_hidden_states"],
                              pooled_projections=c["pooled_projections"], return_dict=False)[0]
+
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
+        """The MMDiT's block peak over a window's patch tokens and the prompt's CLIP + T5 tokens
+        (:func:`~safa.adapters.working_memory.mmdit_forward_bytes`); unknown under ``grad``."""
+        from .working_memory import mmdit_forward_bytes
+        if window_shape is None or grad:
+            return None
+        cfg = self.denoiser.config
+        patch = int(cfg.patch_size)
+        image_tokens = (int(window_shape[-2]) // patch) * (int(window_shape[-1]) // patch)
+        text_tokens = int(getattr(self.pipe, "tokenizer_max_length", 77)) + self.max_sequence_length
+        width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return rows * (2 if guidance else 1) * mmdit_forward_bytes(image_tokens, text_tokens, width, itemsize)
 
     def _vae_input(self, latent: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config

@@ -140,6 +140,19 @@ class StableAudioAdapter(AudioAdapter):
                                      rotary_embedding=self._rotary_embedding(frames), return_dict=False)[0]
 
     # -- decoding -------------------------------------------------------------------------------
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
+        """The DiT's block peak over a window's frames plus the prepended global token
+        (:data:`~safa.adapters.working_memory.GLU_DIT_MAPS`); unknown under ``grad``."""
+        from .working_memory import GLU_DIT_MAPS, dit_forward_bytes
+        if window_shape is None or grad:
+            return None
+        cfg = self.pipe.transformer.config
+        width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_row = dit_forward_bytes(int(window_shape[-1]) + 1, width, itemsize, GLU_DIT_MAPS)
+        return rows * (2 if guidance else 1) * per_row
+
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         return vae.decode(latent.to(device=self.device, dtype=vae.dtype)).sample

@@ -16,8 +16,12 @@ point and keep the largest sum.
   (:data:`GEGLU_MAPS`). Attention runs through ``scaled_dot_product_attention``'s fused
   kernels (flash attention on CPU and CUDA), which never hold the score matrix, so
   attention (q, k, v, output: about 7 maps) stays below the feed-forward.
-- **DiT** (SD3's MMDiT, Stable Audio's DiT): no skips; a block peaks in its feed-forward over
-  all tokens (image / audio tokens plus, for joint attention, the text tokens).
+- **DiT** (SD3's MMDiT, Flux, Stable Audio's DiT): no skips, so the peak is one block's and
+  does not depend on the depth; a block peaks in its feed-forward over all tokens (image /
+  audio tokens plus, for joint attention, the text tokens). The maps per token of each family
+  (:data:`MMDIT_IMAGE_MAPS`, :data:`MMDIT_TEXT_MAPS`, :data:`FLUX_SINGLE_MAPS`,
+  :data:`GLU_DIT_MAPS`) are counted from the block's code and checked against the live peak of
+  full-width blocks of the published configs (``benchmarks/bench_fullsize.py --memory``).
 - **VAE decoder** (``AutoencoderKL``): no skips; the peak is the last ResNet / upsampling at
   full resolution. ``grad=True`` (SyncDiffusion's gradient through the decoder) keeps what
   every op saves for the backward pass: each ResNet its input, both GroupNorm inputs, both
@@ -34,7 +38,8 @@ from __future__ import annotations
 import math
 from typing import Any, List, Sequence, Tuple
 
-__all__ = ["unet_forward_bytes", "dit_forward_bytes", "vae_decode_bytes", "GEGLU_MAPS", "GELU_MAPS",
+__all__ = ["unet_forward_bytes", "dit_forward_bytes", "mmdit_forward_bytes", "vae_decode_bytes", "GEGLU_MAPS",
+           "GELU_MAPS", "MMDIT_IMAGE_MAPS", "MMDIT_TEXT_MAPS", "FLUX_SINGLE_MAPS", "GLU_DIT_MAPS",
            "RESNET_SAVED_MAPS"]
 
 # Maps of width D alive at a transformer block's feed-forward peak: the residual stream, its
@@ -42,6 +47,18 @@ __all__ = ["unet_forward_bytes", "dit_forward_bytes", "vae_decode_bytes", "GEGLU
 GEGLU_MAPS = 1 + 1 + 8 + 4 + 4
 # ... with a plain GELU feed-forward (SD3, DiTs): residual, LayerNorm, projection 4D, GELU 4D.
 GELU_MAPS = 1 + 1 + 4 + 4
+# SD3's joint (MMDiT) block at the image stream's feed-forward: GELU_MAPS plus the AdaLN-modulated
+# norm, the gated attention output and the feed-forward's output before its gate (measured 12.6
+# per image token on SD3-medium's width). Meanwhile the text stream holds its residual, norm,
+# modulated norm, attention output and gated sum (measured 5.7 per text token).
+MMDIT_IMAGE_MAPS = GELU_MAPS + 3
+MMDIT_TEXT_MAPS = 6
+# Flux's single-stream block over text + image tokens: residual, modulated norm, attention output
+# (D each), the MLP projection and its GELU (4D each), and their concatenation (5D) (measured 15.4).
+FLUX_SINGLE_MAPS = 1 + 1 + 1 + 4 + 4 + 5
+# Stable Audio's DiT: a GLU feed-forward (GEGLU_MAPS: 2 x 4D projection, activation, product) plus
+# the AdaLN-free pre-norm block's attention output and the summed residual (measured 20.1).
+GLU_DIT_MAPS = GEGLU_MAPS + 2
 # What a ResNet block saves for the backward pass, in maps of its input (Cin) and output (Cout)
 # channels: GroupNorm-1 input, SiLU-1 output (conv-1 input) -> 2 Cin; conv-1 output (GroupNorm-2
 # input), SiLU-2 output (conv-2 input) -> 2 Cout.
@@ -118,10 +135,16 @@ def unet_forward_bytes(config: Any, window_shape: Sequence[int], itemsize: int) 
     return int(peak * itemsize)
 
 
-def dit_forward_bytes(tokens: int, width: int, itemsize: int, ff_maps: int = GELU_MAPS) -> int:
+def dit_forward_bytes(tokens: int, width: int, itemsize: int, maps: int) -> int:
     """Peak bytes of one batch row's no-grad forward of a transformer over ``tokens`` tokens of
-    ``width`` channels (its feed-forward, plus the block input held as residual)."""
-    return int(tokens * _transformer(width, ff_maps) * itemsize)
+    ``width`` channels, with ``maps`` maps of that width alive per token at a block's peak."""
+    return int(tokens * maps * width * itemsize)
+
+
+def mmdit_forward_bytes(image_tokens: int, text_tokens: int, width: int, itemsize: int) -> int:
+    """Peak bytes of one batch row's no-grad forward of SD3's MMDiT: the image stream at its
+    feed-forward while the text stream holds its own block state."""
+    return int((image_tokens * MMDIT_IMAGE_MAPS + text_tokens * MMDIT_TEXT_MAPS) * width * itemsize)
 
 
 def _decoder_levels(config: Any, latent_shape: Sequence[int]) -> Tuple[List[int], List[int], int]:

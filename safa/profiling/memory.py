@@ -5,7 +5,8 @@
 largest sum: on the CPU what ``torch.cuda.max_memory_allocated`` reports on CUDA (PyTorch
 has no CPU allocator statistics). It is what :mod:`safa.memory`'s estimates of working
 memory are checked against (tests/sampler/test_memory_rules.py, benchmarks/bench_fullsize.py
-``--memory``). Tensors created before the block and kept by it are not counted.
+``--memory``). Tensors created before the block and kept by it are not counted, nor are
+views of them made inside it (a crop of a positional-embedding buffer costs no memory).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import weakref
 from typing import Any, Dict, List
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["LiveTensorPeak"]
@@ -29,6 +31,10 @@ class LiveTensorPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # Storages the op's inputs already had: an output on one of them that is not counted
+        # yet is a view (or an in-place result) of a tensor made before the block.
+        inputs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and not a.is_meta}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(t, torch.Tensor) or t.is_meta:
                 continue
@@ -38,6 +44,8 @@ class LiveTensorPeak(TorchDispatchMode):
                 continue
             entry = self._storages.get(key)
             if entry is None:
+                if key in inputs:
+                    continue
                 entry = self._storages[key] = [size, 0]
                 self.live += size
                 self.peak = max(self.peak, self.live)
