@@ -469,7 +469,7 @@ def write_plot(res: EvalResult, path: str) -> None:
 
 
 # -- the user's own audio: continuation against the exact conditional (safa.known) -----------------
-CONTINUE_ROWS = ("true", "crossfade", "multidiffusion", "safa")
+CONTINUE_ROWS = ("true", "crossfade", "multidiffusion", "safa", "safa, own X^0")
 
 
 @dataclass
@@ -509,7 +509,8 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     its exact posterior (:meth:`TextureModel.substyle_posterior`), then each row continues it to
     ``seconds``: ``true`` (:meth:`TextureModel.sample_conditional`), ``crossfade`` (an independent
     generation crossfaded 1 s after the clip), ``multidiffusion`` / ``safa`` with the clip as known
-    latent columns (``audio_latents``). Columns: the junction probes' KL (``probe`` frames centred
+    latent columns (``audio_latents``; SaFa's reference window holds the clip), and ``safa, own
+    X^0`` (the reference its own noise, as without a clip). Every row draws the same noise. Columns: the junction probes' KL (``probe`` frames centred
     on the clip's end), the interior probes' KL (non-overlapping probes from one window after the
     clip), the fraction whose interior sub-style is the posterior's choice where it is confident
     (>= 0.9), and the correlation of the clip with what follows it (repetition).
@@ -528,6 +529,7 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     for row in CONTINUE_ROWS:
         res.rows[row] = {"junction": [], "interior": [], "agree": [], "repeat": []}
     interior = list(range(p + window, n - probe + 1, probe))
+    model_window_shape = tuple(jd.adapter.latent_shape(1, window))
     for prompt in prompts:
         cw = model.encode_prompt([prompt]).double()
         for s in range(samples):
@@ -536,12 +538,23 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
             prefix = model.sample(comp, length=p, generator=g)
             post = model.substyle_posterior(prefix, cw)[0]
             outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]}
-            kw = dict(num_inference_steps=steps, output_type="latent", generator=g)
+            # Every row draws its noise from the same seed (common random numbers: the rows differ
+            # by method, not by the generator's position after the rows before them).
+            call_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+
+            def kw() -> Dict[str, Any]:
+                return dict(num_inference_steps=steps, output_type="latent",
+                            generator=torch.Generator().manual_seed(call_seed))
             fade = min(round(fps), p // 2)
-            free = jd(prompt, seconds=(n - p + fade) / fps, **kw).latent
+            free = jd(prompt, seconds=(n - p + fade) / fps, **kw()).latent
             outs["crossfade"] = _crossfaded(prefix, free, fade)[:, :, :n]
             for method in ("multidiffusion", "safa"):
-                outs[method] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix, **kw).latent[:, :, :n]
+                outs[method] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix, **kw()).latent[:, :, :n]
+            # SaFa with its reference X^0 its own noise, as without a clip (given reference_latents,
+            # X^0 does not hold the clip): what the clip in X^0 adds.
+            own = jd.adapter.init_noise(model_window_shape, torch.Generator().manual_seed(call_seed + 1))
+            outs["safa, own X^0"] = jd(prompt, seconds=seconds, method="safa", audio_latents=prefix,
+                                      reference_latents=own, **kw()).latent[:, :, :n]
             for row, latent in outs.items():
                 stats = res.rows[row]
                 stats["junction"].append(_probe_kl(model, latent, [p - probe // 2], probe, cw, min_eigenvalue)[0])
@@ -564,7 +577,7 @@ def format_continuation_table(res: ContinueResult) -> str:
     lines = [f"continue a {st['clip_seconds']:g} s clip to {st['seconds']:g} s, {st['steps']} steps "
              f"{st['scheduler']}, prompts {','.join(st['prompts'])}, {st['samples']} samples each, probes of "
              f"{st['probe']} frames",
-             f"{'row':<16}{'junction KL':>22}{'interior KL':>22}{'sub-style agrees':>20}{'repeat corr':>20}"]
+             f"{'row':<16}{'junction KL':>22}{'interior KL':>22} {'sub-style agrees':>20} {'repeat corr':>20}"]
     for row, stats in res.rows.items():
         cells = []
         for key in ("junction", "interior", "agree", "repeat"):
@@ -574,5 +587,5 @@ def format_continuation_table(res: ContinueResult) -> str:
                 continue
             mean, half = M.mean_ci(x)
             cells.append(f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]")
-        lines.append(f"{row:<16}{cells[0]:>22}{cells[1]:>22}{cells[2]:>20}{cells[3]:>20}")
+        lines.append(f"{row:<16}{cells[0]:>22}{cells[1]:>22} {cells[2]:>20} {cells[3]:>20}")
     return "\n".join(lines)

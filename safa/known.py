@@ -171,6 +171,7 @@ class KnownAudio:
     out_len: int = 0
     noise: Optional[torch.Tensor] = None
     _index: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    _reference: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def bind(self, layout: ViewLayout, j_t_views: torch.Tensor, init_noise_sigma: float) -> None:
         """Index every (view, local column) holding a known column, and take the fixed noise of the
@@ -205,6 +206,43 @@ class KnownAudio:
         value = noised_known(scheduler, self.latent, self.noise, timesteps, i).to(views.dtype)
         target = views.movedim(self.dim, 1)  # (n, W, B, ...) a view of the same storage
         target.index_put_((view_idx, local_idx), value.movedim(self.dim, 0)[src_idx])
+
+    def bind_reference(self, reference_t: torch.Tensor, output_columns: int, init_noise_sigma: float) -> None:
+        """Place the clip in SaFa's reference window ``X^0`` (``(B, ..., window)`` on ``dim``).
+
+        The reference's middle is swapped into every view during the first steps (Eq. 10), so
+        whatever it holds sets the output's global character; holding the clip, it carries the
+        clip's character (sub-style) to views a window away, which the known columns alone do not
+        reach. Placed: the longest run of known columns (its last ``window`` columns if longer),
+        at the reference's start, or at its end when the run ends the output (an extension to the
+        left); the rest of the reference is generated around it. Its noise is the reference's own.
+        """
+        window = reference_t.shape[self.dim]
+        runs: List[List[int]] = []
+        for c in self.columns:
+            if runs and c == runs[-1][-1] + 1:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        if not runs:
+            return
+        run = max(runs, key=len)[-window:]
+        at_end = run[-1] + 1 >= output_columns and not self.loop
+        local = list(range(window - len(run), window)) if at_end else list(range(len(run)))
+        device = reference_t.device
+        local_idx = torch.tensor(local, device=device)
+        src_idx = torch.tensor([c - self.first_column for c in run], device=device)
+        noise = reference_t.index_select(self.dim, local_idx) / init_noise_sigma
+        self._reference = (local_idx, src_idx, noise)
+
+    def impose_reference(self, reference: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, i: int) -> None:
+        """Write the clip into the reference window at step ``i``'s output noise level, in place
+        (``scheduler``: the reference's own copy)."""
+        if self._reference is None:
+            return
+        local_idx, src_idx, noise = self._reference
+        value = noised_known(scheduler, self.latent.index_select(self.dim, src_idx), noise, timesteps, i)
+        reference.index_copy_(self.dim % reference.dim(), local_idx, value.to(reference.dtype))
 
     # -- the output: the user's samples back, crossfaded into the generation ----------------
     def paste(self, start: int, piece: torch.Tensor) -> None:

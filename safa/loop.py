@@ -162,6 +162,8 @@ def denoise(jd: Any, request: GenerationRequest, plan: LoopPlan, views: torch.Te
                     if guiding:
                         reference = ref_scheduler.step(reference_out, t_sched, reference,
                                                        **ref_step_kwargs).prev_sample
+                        if plan.known is not None:  # X^0 holds the user's clip (safa.known)
+                            plan.known.impose_reference(reference, ref_scheduler, plan.timesteps, i)
                 flat = model_out = reference_out = None
                 # 7.6 The merge, one op: self-loop swap (Eq. 9) or averaging over the overlaps,
                 # plus the reference-guided swap of the middles (Eq. 10) while guiding.

@@ -254,14 +254,18 @@ class JointDiffusion:
                                       method.swap_interval, batch_size)
 
     def prepare_reference(self, window_shape: Tuple[int, ...], generator: Any,
-                          reference_latents: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Any]:
+                          reference_latents: Optional[torch.Tensor], known: Optional[_known.KnownAudio] = None,
+                          columns: int = 0) -> Tuple[torch.Tensor, Any]:
         """The reference window ``X^0`` (its own noise) and its own copy of the scheduler.
 
         The copy is taken after ``set_timesteps`` and before the first step: ``X^0`` is
         stepped only while it guides, so sharing the views' scheduler would leave its
-        multistep history and step counter out of step with theirs.
+        multistep history and step counter out of step with theirs. With the user's audio
+        (``known``) and no ``reference_latents``, ``X^0`` holds the clip (:meth:`KnownAudio.bind_reference`).
         """
         reference = self.adapter.init_noise(window_shape, generator, reference_latents)
+        if known is not None and reference_latents is None:
+            known.bind_reference(reference, columns, float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)))
         return reference, copy.deepcopy(self.pipe.scheduler)
 
     # -- generation ----------------------------------------------------------------------
@@ -339,7 +343,7 @@ class JointDiffusion:
         views, started = _loop.denoise(
             self, request, plan, self.prepare_latents(layout, prompts.batch_size, request.height, generator, latents,
                                                       known),
-            self.prepare_reference(window_shape, generator, reference_latents) if guide_steps else None,
+            self.prepare_reference(window_shape, generator, reference_latents, known, columns) if guide_steps else None,
             generator, callback_on_step_end)
         # 8. J = stitch(views), decoded, cropped, returned or written (safa.output).
         return self._output_stage(request, plan, columns, out_len, views, started, callback_on_output_chunk,
