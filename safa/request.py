@@ -627,6 +627,19 @@ CALL_ARGUMENTS_DOC = """
                 user's samples and the generation (default 0.05).
             paste_audio: the output holds the user's samples exactly over ``keep`` (default);
                 False returns the decoded generation there instead.
+            image: an image for the whole canvas, cropped per view (docs/conditions.md): a PIL RGB
+                image, a list of them, an ``(H, W, 3)`` array or a ``(3, H, W)`` / ``(B, 3, H, W)``
+                tensor in ``[0, 1]``; one for every output or one per output. What it is follows
+                the pipeline (``adapter.image_role``): a ControlNet pipeline's control image, the x4
+                upscaler's low-resolution input (required for both), or on SD / SDXL the image of
+                img2img. It sets the output's size (4x for the upscaler) and is never resized.
+                No reference window runs with it (``guide`` > 0 and MAD are refused).
+            strength: img2img (SD / SDXL): in ``[0, 1]`` (default 0.8): the last
+                ``int(num_inference_steps * strength)`` steps run, from the image encoded and
+                noised to the first of them; ``latents`` is then that noise.
+            controlnet_conditioning_scale: ControlNet pipelines: the residuals' scale (default 1.0).
+            noise_level: the x4 upscaler: noise added to its low-resolution image (default the
+                pipeline's, 20; at most its ``max_noise_level``).
             return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
                 does, what the wrapped pipeline returns with ``return_dict=False``: ``(audio,)``
                 for audio pipelines, ``(images,)`` for SDXL and SD3, ``(images, None)`` for SD
