@@ -343,6 +343,11 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
             raise ValueError(f"{option}={given!r} disagrees with the image ({pixels.shape[-1]} x {pixels.shape[-2]} px, "
                              f"an output of {size[0]} x {size[1]} px): the image is never resized; leave "
                              f"{option} out or resize the image")
+    try:
+        adapter.latent_rows(size[1])
+    except ValueError as exc:
+        raise ValueError(f"image: {pixels.shape[-1]} x {pixels.shape[-2]} px gives an output {size[1]} px high, and "
+                         f"{exc}") from None
     values: Dict[str, Any] = {}
     if role == "init":
         values["strength"] = check_range("strength", DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)

@@ -185,6 +185,7 @@ def test_controlnet_loops_and_grids(controlnet):
     (dict(image=torch.rand(1, 3, 128, 256), width=512), r"width=512 disagrees with the image \(256 x 128 px"),
     (dict(image=torch.rand(1, 3, 128, 256), height=256), "never resized"),
     (dict(image=Image.new("L", (256, 128))), "RGB image"),
+    (dict(image=torch.rand(1, 3, 100, 256)), "output 100 px high, and height must be a positive multiple of 8"),
     (dict(image=torch.rand(1, 3, 128, 256), strength=0.5), "strength is not an option of"),
     (dict(image=torch.rand(1, 3, 128, 256), controlnet_conditioning_scale="1"), "finite number"),
     (dict(image=torch.rand(1, 3, 128, 256), guide=0.3), "reference window has no place"),
