@@ -39,7 +39,6 @@ from diffusers.utils import BaseOutput
 from safa_kernels import GridLayout, ViewLayout, gather, stitch
 
 from . import distributed as _distributed
-from .adapters import canvas as _canvas
 from . import known as _known
 from . import loop as _loop
 from . import memory as _memory
@@ -47,6 +46,7 @@ from . import output as _output
 from . import prompts as _prompts
 from . import request as _request
 from .adapters import Adapter, get_adapter
+from .adapters import canvas as _canvas
 from .decode import resolve_mode, tile_count
 from .memory import MemoryEstimate
 from .methods import METHODS, Method

@@ -597,7 +597,6 @@ class ImageAdapter(Adapter):
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
     # -- image= : a canvas-sized image (safa.adapters.canvas, docs/conditions.md) -------------
-
     @property
     def image_pixels_per_column(self) -> int:
         """Pixels of the call's ``image`` per latent column (the VAE factor: the image is the output's size)."""

@@ -239,3 +239,4 @@ def test_the_upscaler_gives_4x_at_any_size_over_a_grid(upscaler):
 def test_upscaler_bad_input_is_one_clear_error(upscaler, kwargs, message):
     with pytest.raises(ValueError, match=message):
         JointDiffusion(upscaler)("a cat", num_inference_steps=1, **kwargs)
+
