@@ -25,12 +25,13 @@ from . import output as _output
 from . import prompts as _prompts
 from ._checks import check_positive_int, check_range
 from .adapters.base import Adapter
+from .adapters.canvas import CanvasImage, read_image
 from .decode import DECODE_MODES
 from .layouts import LoopLengthError, loop_layout, open_layout
 from .methods import Method, get_method
 
 __all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layout", "model_windows",
-           "check_generator", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
+           "check_generator", "check_image", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
 
 # view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
 # set by the window and not by the output's length (hours of audio are thousands of windows);
@@ -301,6 +302,107 @@ def _check_grid(adapter: Adapter, method: Method, width: Optional[int], window: 
                          f"multidiffusion_triangular or multidiffusion_gaussian")
 
 
+# image=: what the call's image is to each role, and the option each role takes (docs/conditions.md).
+_IMAGE_OPTIONS = {"init": "strength", "control": "controlnet_conditioning_scale", "low_res": "noise_level"}
+_IMAGE_MEANING = {"init": "the image to transform (img2img)", "control": "the control image",
+                  "low_res": "the low-resolution image to upscale"}
+# The img2img pipelines' own default strength.
+DEFAULT_STRENGTH = 0.8
+
+
+def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlnet_conditioning_scale: Any = None,
+                noise_level: Any = None, width: Optional[int] = None, height: Optional[int] = None,
+                window: Optional[float] = None) -> Tuple[Optional[CanvasImage], Optional[int], Optional[int]]:
+    """The call's ``image=`` read and checked for the family's role (:attr:`Adapter.image_role`),
+    with the option of that role; returns it with the output ``(width, height)`` it sets (the
+    image is never resized: a ``width`` / ``height`` that disagrees with it is an error)."""
+    role = adapter.image_role
+    options = {"strength": strength, "controlnet_conditioning_scale": controlnet_conditioning_scale,
+               "noise_level": noise_level}
+    name = type(adapter.pipe).__name__
+    if image is None:
+        if role in ("control", "low_res"):
+            raise ValueError(f"image is required for {name}: {_IMAGE_MEANING[role]}")
+        for option, value in options.items():
+            if value is not None:
+                raise ValueError(f"{option} is given without image")
+        return None, width, height
+    if adapter.kind != "image":
+        raise ValueError(f"image is for image pipelines; {name} takes audio= (your own audio to continue, fill "
+                         f"or loop)")
+    if role is None:
+        raise ValueError(f"image is not supported for {name} (img2img runs on SD 1.x/2.x and SDXL)")
+    for option, value in options.items():
+        if value is not None and option != _IMAGE_OPTIONS[role]:
+            raise ValueError(f"{option} is not an option of {name} (its image is {_IMAGE_MEANING[role]})")
+    pixels = read_image(image)
+    scale = adapter.decoded_scale // adapter.image_pixels_per_column
+    size = (int(pixels.shape[-1]) * scale, int(pixels.shape[-2]) * scale)
+    for option, given, own in (("width", width, size[0]), ("height", height, size[1])):
+        if given is not None and given != own:
+            raise ValueError(f"{option}={given!r} disagrees with the image ({pixels.shape[-1]} x {pixels.shape[-2]} px, "
+                             f"an output of {size[0]} x {size[1]} px): the image is never resized; leave "
+                             f"{option} out or resize the image")
+    try:
+        adapter.latent_rows(size[1])
+    except ValueError as exc:
+        raise ValueError(f"image: {pixels.shape[-1]} x {pixels.shape[-2]} px gives an output {size[1]} px high, and "
+                         f"{exc}") from None
+    values: Dict[str, Any] = {}
+    if role == "init":
+        values["strength"] = check_range("strength", DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)
+        w = _window_columns(adapter, window) * adapter.decoded_scale
+        m = adapter.decoded_scale
+        if size[0] % m or size[1] % m:
+            raise ValueError(f"image must be a multiple of {m} px on both sides (the VAE's factor), got "
+                             f"{size[0]} x {size[1]} px")
+        if min(size) < w:
+            raise ValueError(f"image must be at least one window ({w} x {w} px) for img2img, got "
+                             f"{size[0]} x {size[1]} px")
+    elif role == "control":
+        scale_value = 1.0 if controlnet_conditioning_scale is None else controlnet_conditioning_scale
+        if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)) \
+                or not math.isfinite(scale_value):
+            raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale_value!r}")
+        values["conditioning_scale"] = float(scale_value)
+    else:
+        top = int(getattr(adapter, "max_noise_level", 350))
+        level = adapter.pipeline_default("noise_level", 20) if noise_level is None else noise_level
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
+            raise ValueError(f"noise_level must be an int in [0, {top}] (the pipeline's max_noise_level), "
+                             f"got {level!r}")
+        values["noise_level"] = level
+    return CanvasImage(pixels, role, **values), size[0], size[1]
+
+
+def check_canvas_method(image: Optional[CanvasImage], method: Method, guide: Optional[float]) -> None:
+    """A canvas image gives every view its own crop, so no reference window runs (it has no place
+    on the canvas): an explicit ``guide`` > 0 is refused, and MAD (whose merged attention groups
+    the views by prompt alone)."""
+    if image is None:
+        return
+    if guide:
+        raise ValueError(f"guide={guide!r}: with image= every view takes its own crop of the image, and the "
+                         f"reference window has no place on it; leave guide out (or 0)")
+    if method.name.startswith("mad"):
+        raise ValueError(f"method {method.name!r} does not take image= here: use safa, safa_selfloop, "
+                         f"multidiffusion, multidiffusion_triangular, multidiffusion_gaussian or syncdiffusion")
+
+
+def strength_timesteps(scheduler: Any, timesteps: torch.Tensor, num_inference_steps: int,
+                       strength: float) -> torch.Tensor:
+    """img2img: the last ``int(num_inference_steps * strength)`` timesteps, and the scheduler told
+    where they begin (diffusers' img2img ``get_timesteps``)."""
+    init = min(int(num_inference_steps * strength), num_inference_steps)
+    if init < 1:
+        raise ValueError(f"strength={strength!r} leaves no denoising step of num_inference_steps="
+                         f"{num_inference_steps}: strength * num_inference_steps must be >= 1")
+    start = (num_inference_steps - init) * getattr(scheduler, "order", 1)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return timesteps[start:]
+
+
 def check_generator(generator: Any, batch_size: int) -> None:
     """As diffusers: a generator list must have one generator per output."""
     if isinstance(generator, list):
@@ -530,6 +632,19 @@ CALL_ARGUMENTS_DOC = """
                 user's samples and the generation (default 0.05).
             paste_audio: the output holds the user's samples exactly over ``keep`` (default);
                 False returns the decoded generation there instead.
+            image: an image for the whole canvas, cropped per view (docs/conditions.md): a PIL RGB
+                image, a list of them, an ``(H, W, 3)`` array or a ``(3, H, W)`` / ``(B, 3, H, W)``
+                tensor in ``[0, 1]``; one for every output or one per output. What it is follows
+                the pipeline (``adapter.image_role``): a ControlNet pipeline's control image, the x4
+                upscaler's low-resolution input (required for both), or on SD / SDXL the image of
+                img2img. It sets the output's size (4x for the upscaler) and is never resized.
+                No reference window runs with it (``guide`` > 0 and MAD are refused).
+            strength: img2img (SD / SDXL): in ``[0, 1]`` (default 0.8): the last
+                ``int(num_inference_steps * strength)`` steps run, from the image encoded and
+                noised to the first of them; ``latents`` is then that noise.
+            controlnet_conditioning_scale: ControlNet pipelines: the residuals' scale (default 1.0).
+            noise_level: the x4 upscaler: noise added to its low-resolution image (default the
+                pipeline's, 20; at most its ``max_noise_level``).
             return_dict: return a :class:`JointDiffusionOutput` (default) or, as diffusers
                 does, what the wrapped pipeline returns with ``return_dict=False``: ``(audio,)``
                 for audio pipelines, ``(images,)`` for SDXL and SD3, ``(images, None)`` for SD

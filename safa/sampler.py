@@ -46,6 +46,7 @@ from . import output as _output
 from . import prompts as _prompts
 from . import request as _request
 from .adapters import Adapter, get_adapter
+from .adapters import canvas as _canvas
 from .decode import resolve_mode, tile_count
 from .memory import MemoryEstimate
 from .methods import METHODS, Method
@@ -226,16 +227,24 @@ class JointDiffusion:
 
     def prepare_latents(self, layout: Union[ViewLayout, GridLayout], batch_size: int, height: Optional[int],
                         generator: Any, latents: Optional[torch.Tensor],
-                        known: Optional[_known.KnownAudio] = None) -> torch.Tensor:
+                        known: Optional[_known.KnownAudio] = None, init: Optional[_canvas.CanvasImage] = None,
+                        first_timestep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The views of the initial long noise ``J_T``: ``(num_views, B, *window)``.
 
         ``J_T`` is drawn whole (first, so that a one-view layout sees exactly the pipeline's
         own noise) and gathered, so overlapping views start equal. A grid's ``J_T`` is the
         whole canvas, rows x cols. With the user's audio (``known``), its known columns take
-        their fixed noise from ``J_T`` (:mod:`safa.known`).
+        their fixed noise from ``J_T`` (:mod:`safa.known`). img2img (``init``): ``J`` is the
+        encoded image noised to ``first_timestep`` (``latents`` then is the noise), as the
+        img2img pipelines do (:func:`safa.adapters.canvas.noised_init_latents`).
         """
         adapter = self.adapter
-        j_t = adapter.init_noise(_request.canvas_shape(adapter, batch_size, layout, height), generator, latents)
+        shape = _request.canvas_shape(adapter, batch_size, layout, height)
+        if init is not None and init.role == "init":
+            j_t = _canvas.noised_init_latents(adapter, self.pipe.scheduler, init, shape, first_timestep, generator,
+                                              latents)
+        else:
+            j_t = adapter.init_noise(shape, generator, latents)
         views = gather(j_t, layout, _request.merge_dims(adapter, layout))
         if known is not None:
             known.bind(layout, views, float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)))
@@ -293,10 +302,15 @@ class JointDiffusion:
                  callback_on_output_chunk: Optional[Callable[..., None]] = None, return_dict: bool = True,
                  audio: Any = None, sample_rate: Optional[int] = None, audio_start: float = 0.0,
                  keep: Optional[Sequence[Tuple[float, float]]] = None, audio_latents: Optional[torch.Tensor] = None,
-                 audio_crossfade: float = 0.05, paste_audio: bool = True) -> Any:
+                 audio_crossfade: float = 0.05, paste_audio: bool = True, image: Any = None,
+                 strength: Optional[float] = None, controlnet_conditioning_scale: Optional[float] = None,
+                 noise_level: Optional[int] = None) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
-        # alone checks and writes the output files).
+        # alone checks and writes the output files). A canvas image sets the output's size.
+        canvas_image, width, height = _request.check_image(
+            adapter, image, strength=strength, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            noise_level=noise_level, width=width, height=height, window=window)
         request = _request.build_request(
             adapter, method=method, guide=guide, swap_interval=swap_interval, seconds=seconds,
             audio_length_in_s=audio_length_in_s, width=width, height=height, window=window, overlap=overlap,
@@ -308,6 +322,7 @@ class JointDiffusion:
             negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         method = request.method
+        _request.check_canvas_method(canvas_image, method, guide)
         # 2. What the request needs against what the device (and the disk) has, before anything is
         # allocated: a clear error (what to change) rather than an allocator failure later.
         _memory.require_memory(adapter, self.pipe.scheduler, request)
@@ -328,13 +343,21 @@ class JointDiffusion:
         # 4. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1, with
         # the guidance window of the paper's text: docs/method.md section 5).
         timesteps = adapter.set_timesteps(request.num_inference_steps, window_shape)
-        guide_steps = method.reference_steps(len(timesteps), self.pipe.scheduler) if layout.num_views > 1 else 0
+        if canvas_image is not None and canvas_image.role == "init":  # img2img: the strength's last steps
+            timesteps = _request.strength_timesteps(self.pipe.scheduler, timesteps, request.num_inference_steps,
+                                                    canvas_image.strength)
+        # A canvas image gives every view its own crop: a reference window has no place on it.
+        guide_steps = (method.reference_steps(len(timesteps), self.pipe.scheduler)
+                       if layout.num_views > 1 and canvas_image is None else 0)
         if reference_latents is not None and guide_steps == 0:
             raise ValueError(f"reference_latents given but method {method.name!r} with {layout.num_views} view(s) "
                              f"and {len(timesteps)} steps uses no reference window")
         # 5. Conditions: each distinct (prompt, negative prompt) encoded once.
         cond, view_rows, reference_rows = self.prepare_conditions(prompts, request.embeds, guide_steps > 0,
                                                                   request.guidance_scale, request.seconds)
+        if canvas_image is not None:  # per-pixel conditions: every view its crop (docs/conditions.md)
+            view_rows = _canvas.add_view_crops(adapter, cond, view_rows, canvas_image, layout, request.height,
+                                               prompts.batch_size, generator)
         # 6. This process's views; the views of J_T (the same on every rank); X^0 with its own scheduler.
         plan = _loop.LoopPlan(layout, window_shape, timesteps, guide_steps, cond, view_rows, reference_rows,
                               self.prepare_shard(layout, method, prompts.batch_size), known)
@@ -342,7 +365,7 @@ class JointDiffusion:
         # held here, so that the loop frees them at its first step.
         views, started = _loop.denoise(
             self, request, plan, self.prepare_latents(layout, prompts.batch_size, request.height, generator, latents,
-                                                      known),
+                                                      known, canvas_image, timesteps[:1]),
             self.prepare_reference(window_shape, generator, reference_latents, known, columns) if guide_steps else None,
             generator, callback_on_step_end)
         # 8. J = stitch(views), decoded, cropped, returned or written (safa.output).

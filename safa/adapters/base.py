@@ -56,19 +56,36 @@ class Conditions:
     positive: Dict[str, torch.Tensor]
     negative: Optional[Dict[str, torch.Tensor]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    # Per-window conditions (safa.adapters.canvas: each view's crop of a canvas-sized image), one
+    # row per crop, the same in both guidance branches. A row index then names a (prompt, crop)
+    # pair: ``prompt + num_prompts * crop`` (:meth:`row`); without them it is the prompt alone.
+    windows: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_prompts(self) -> int:
         return next(iter(self.positive.values())).shape[0]
 
+    def row(self, prompts: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """The row indices of (prompt, crop) pairs, for :meth:`take`."""
+        return prompts + self.num_prompts * crops
+
     def take(self, rows: torch.Tensor) -> "Conditions":
-        """The conditions of a batch whose row ``r`` uses prompt ``rows[r]``."""
-        def pick(d: Optional[Dict[str, torch.Tensor]]) -> Optional[Dict[str, torch.Tensor]]:
+        """The conditions of a batch whose row ``r`` uses prompt ``rows[r]`` (with :attr:`windows`:
+        the pair :meth:`row` encoded). The per-window tensors are gathered by index, and join
+        both branches' dicts under their names."""
+        crops = None
+        if self.windows:
+            rows, crops = rows % self.num_prompts, torch.div(rows, self.num_prompts, rounding_mode="floor")
+
+        def pick(d: Optional[Dict[str, torch.Tensor]], index: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
             if d is None:
                 return None
-            return {k: (v.index_select(0, rows.to(v.device)) if isinstance(v, torch.Tensor) else v)
+            return {k: (v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) else v)
                     for k, v in d.items()}
-        return Conditions(pick(self.positive), pick(self.negative), dict(self.extra))
+        picked = pick(self.windows, crops) if crops is not None else {}
+        negative = pick(self.negative, rows)
+        return Conditions({**pick(self.positive, rows), **picked},  # type: ignore[dict-item]
+                          {**negative, **picked} if negative is not None else None, dict(self.extra))
 
 
 _REGISTRY: Dict[str, Type["Adapter"]] = {}
@@ -141,6 +158,10 @@ class Adapter:
     finalize_scale: ClassVar[int] = 1
     decode_context: ClassVar[int] = 8
     fixed_window: ClassVar[bool] = False  # the denoiser accepts its native window only
+    # What the call's image= is to this family (safa.adapters.canvas, docs/conditions.md): "init"
+    # (img2img: encoded, noised to the strength's timestep), "control" (a ControlNet's condition),
+    # "low_res" (the x4 upscaler's input), or None (image= is refused).
+    image_role: ClassVar[Optional[str]] = None
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -574,6 +595,33 @@ class ImageAdapter(Adapter):
     def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
         # The pipelines' image_processor.postprocess: [-1, 1] -> [0, 1] (denormalize), float.
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- image= : a canvas-sized image (safa.adapters.canvas, docs/conditions.md) -------------
+    @property
+    def image_pixels_per_column(self) -> int:
+        """Pixels of the call's ``image`` per latent column (the VAE factor: the image is the output's size)."""
+        return self.decoded_scale
+
+    def image_conditions(self, image: Any, generator: Any) -> Dict[str, torch.Tensor]:
+        """The per-pixel conditions of a :class:`~safa.adapters.canvas.CanvasImage` for the whole canvas,
+        by the denoiser's argument names (cropped per view by the sampler); none for img2img."""
+        return {}
+
+    def encode_image(self, pixels: torch.Tensor, generator: Any) -> torch.Tensor:
+        """img2img: ``pixels`` ``(B, 3, H, W)`` in ``[0, 1]`` -> the latent, as the pipeline's img2img
+        ``prepare_latents`` encodes it (a sample of the VAE's posterior drawn from ``generator``,
+        one generator per row for a list, times ``scaling_factor``)."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+        vae = self.pipe.vae
+        x = (pixels * 2.0 - 1.0).to(device=self.device, dtype=vae.dtype)  # VaeImageProcessor.normalize
+        if isinstance(generator, list):
+            if x.shape[0] < len(generator):
+                x = x.repeat(len(generator) // x.shape[0], 1, 1, 1)
+            latent = torch.cat([retrieve_latents(vae.encode(x[i:i + 1]), generator=generator[i])
+                                for i in range(x.shape[0])])
+        else:
+            latent = retrieve_latents(vae.encode(x), generator=generator)
+        return vae.config.scaling_factor * latent.to(self.dtype)
 
     # -- conditions: the pipeline's own encode_prompt, from prompts or from embeddings -------
     def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:

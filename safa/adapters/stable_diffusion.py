@@ -27,6 +27,7 @@ class StableDiffusionAdapter(ImageAdapter):
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionPanoramaPipeline")
     returns_nsfw_flags = True  # their tuple is (images, has_nsfw_concept)
     embeds_arguments = ("prompt_embeds", "negative_prompt_embeds")
+    image_role = "init"  # image= + strength=: img2img over the canvas (docs/conditions.md)
 
     def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
@@ -54,6 +55,7 @@ class StableDiffusionXLAdapter(ImageAdapter):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     embeds_arguments = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                         "negative_pooled_prompt_embeds")
+    image_role = "init"
 
     def _conditions(self, cfg: bool, **kwargs: Any) -> Conditions:
         with torch.no_grad():
@@ -79,12 +81,26 @@ class StableDiffusionXLAdapter(ImageAdapter):
             cache[key] = ids.to(self.device)
         return cache[key].repeat(batch, 1)
 
+    def _added_cond(self, x: torch.Tensor, c: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        time_ids = self._time_ids(x.shape[-2], x.shape[-1], x.shape[0], c["encoder_hidden_states"].dtype)
+        return {"text_embeds": c["text_embeds"], "time_ids": time_ids}
+
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
                  extra: Dict[str, Any]) -> torch.Tensor:
-        time_ids = self._time_ids(x.shape[-2], x.shape[-1], x.shape[0], c["encoder_hidden_states"].dtype)
-        added = {"text_embeds": c["text_embeds"], "time_ids": time_ids}
         return self.denoiser(x, t, encoder_hidden_states=c["encoder_hidden_states"],
-                             added_cond_kwargs=added, return_dict=False)[0]
+                             added_cond_kwargs=self._added_cond(x, c), return_dict=False)[0]
+
+    def encode_image(self, pixels: torch.Tensor, generator: Any) -> torch.Tensor:
+        # As SDXL's img2img prepare_latents: the VAE's own normalisation (latents_mean / std) when it has one.
+        vae = self.pipe.vae
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return super().encode_image(pixels, generator)
+        latent = super().encode_image(pixels, generator) / vae.config.scaling_factor
+        shape = (1, -1) + (1,) * (latent.dim() - 2)
+        mean_t = torch.tensor(mean, device=latent.device, dtype=latent.dtype).view(shape)
+        std_t = torch.tensor(std, device=latent.device, dtype=latent.dtype).view(shape)
+        return (latent - mean_t) * vae.config.scaling_factor / std_t
 
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

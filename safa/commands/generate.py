@@ -3,6 +3,9 @@
     safa generate --model DIR_OR_ID --prompt "rain" --seconds 40 \\
         --method safa --loop --steps 200 --guidance-scale 2.5 --seed 0 --out rain.wav
     safa generate --view-prompt rain --view-prompt wind --view-prompt calm --seconds 24 ...
+    safa generate --model DIR --prompt "a castle" --image wide.png --strength 0.3 --out castle.png
+    safa generate --model CONTROLNET_DIR --prompt "a castle" --control-image edges.png --out castle.png
+    safa generate --model X4_UPSCALER_DIR --prompt "a castle" --image small.png --out castle_x4.png
 
 Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
 dB colour bar) with the views' windows and overlaps marked, or a PNG (images). Files are
@@ -66,6 +69,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="--audio: a range of the output (seconds) to keep from the clip (repeat; default all of it)")
     p.add_argument("--crossfade", type=NONNEGATIVE_NUMBER, default=0.05,
                    help="--audio: crossfade at each junction with the clip, seconds (default 0.05)")
+    p.add_argument("--image", default=None,
+                   help="an RGB image for the whole canvas: img2img's input (SD, SDXL; with --strength) or the x4 "
+                        "upscaler's low-resolution input; it sets the output size (never resized)")
+    p.add_argument("--strength", type=NONNEGATIVE_NUMBER, default=None,
+                   help="--image on SD / SDXL: how much of the image is regenerated, in [0, 1] (default 0.8)")
+    p.add_argument("--control-image", default=None,
+                   help="a ControlNet pipeline's control image for the whole canvas (each view takes its crop)")
+    p.add_argument("--control-scale", type=float, default=None,
+                   help="--control-image: controlnet_conditioning_scale (default 1.0)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="the x4 upscaler's noise_level on its low-resolution --image (default the pipeline's, 20)")
     p.add_argument("--swap-interval", type=POSITIVE_INT, default=None,
                    help="swap interval w_swap of the swap methods (default: the method's, 1)")
     p.add_argument("--guide", type=float, default=None,
@@ -134,19 +148,20 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int,
     pipe = load_pipeline(args.model, args.window if args.model == BUILTIN_MODEL else None)
     jd = JointDiffusion(pipe, process_group=group)  # ValueError (unsupported pipeline) -> exit 2
     kind = jd.adapter.kind
+    call.update(_image_arguments(args, jd.adapter, call))
     out = args.out or ("out.wav" if kind == "audio" else "out.png")
     if rank == 0:
         check_output_path(out, kinds=(kind,), name="--out")
     if kind == "audio" and args.seconds is None:
         raise CLIError("this is an audio pipeline: give --seconds")
-    if kind == "image" and args.width is None:
-        raise CLIError("this is an image pipeline: give --width")
+    if kind == "image" and call["width"] is None:
+        raise CLIError("this is an image pipeline: give --width (or --image / --control-image)")
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
     # A request that cannot fit fails here, before the layout (or anything long) is built.
-    jd.estimate_memory(**call, output_path=out, check=True)
+    jd.estimate_memory(**{k: v for k, v in call.items() if k not in _IMAGE_CALL}, output_path=out, check=True)
     if rank == 0 and kind == "audio":
         _check_free_space(args, jd, out)
     overlap_notice(args.overlap, args.quiet or rank != 0)
@@ -189,8 +204,8 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
 
     kind = jd.adapter.kind
     prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
-    layout = jd.layout_for(args.seconds, args.width, height=args.height, window=call["window"], overlap=args.overlap,
-                           loop=args.loop, method=call["method"])
+    layout = jd.layout_for(args.seconds, call["width"], height=call["height"], window=call["window"],
+                           overlap=args.overlap, loop=args.loop, method=call["method"])
     if not args.quiet and rank == 0:
         print(f"layout: {jd.describe_layout(layout)}", file=sys.stderr)
     spectrogram = None
@@ -226,7 +241,7 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     if kind == "audio":
         what = f"{result.output_length / result.sample_rate:.2f} s at {result.sample_rate} Hz"
     else:
-        what = f"{args.width}x{jd.adapter.output_elements_per_column(args.height) // 3} px"
+        what = f"{call['width']}x{jd.adapter.output_elements_per_column(call['height']) // 3} px"
     denoise = result.timings["denoise"]
     print(f"wrote {', '.join(written)}: {what}, {jd.describe_layout(result.layout)}, {args.method}, seed {args.seed}; "
           f"{steps} steps in {denoise:.1f} s ({denoise / steps:.2f} s/step), decoded and written in "
@@ -249,3 +264,40 @@ def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:
         if any(len(k) != 2 for k in keep):
             raise CLIError(f"--keep takes START:END in seconds, got {args.keep}")
     return dict(audio=args.audio, audio_start=args.at, keep=keep, audio_crossfade=args.crossfade)
+
+
+# The call's image arguments (not the memory estimate's).
+_IMAGE_CALL = ("image", "strength", "controlnet_conditioning_scale", "noise_level")
+
+
+def _image_arguments(args: argparse.Namespace, adapter: Any, call: Dict[str, Any]) -> Dict[str, Any]:
+    """``--image`` / ``--control-image`` and their options as the call's ``image=`` arguments, with the
+    output's width and height, which the image sets (checked as the call checks them)."""
+    from ..request import check_image
+    options = dict(strength=args.strength, controlnet_conditioning_scale=args.control_scale,
+                   noise_level=args.noise_level)
+    if args.image is not None and args.control_image is not None:
+        raise CLIError("give --image or --control-image, not both")
+    path, flag = (args.control_image, "--control-image") if args.control_image is not None else (args.image, "--image")
+    name = type(adapter.pipe).__name__
+    if flag == "--control-image" and path is not None and adapter.image_role != "control":
+        raise CLIError(f"--control-image is for ControlNet pipelines, not {name}")
+    if flag == "--image" and path is not None and adapter.image_role == "control":
+        raise CLIError(f"{name} takes its control image with --control-image")
+    image = None
+    if path is not None:
+        from PIL import Image
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{flag}: cannot read an image from {path} ({exc})") from None
+    try:
+        checked, width, height = check_image(adapter, image, width=call["width"], height=call["height"],
+                                             window=call["window"], **options)
+    except ValueError as exc:
+        raise CLIError(f"{flag} {path}: {exc}" if path is not None else str(exc)) from None
+    if checked is None:
+        return {}
+    return dict(image=image, width=width, height=height, **{k: v for k, v in options.items() if v is not None})

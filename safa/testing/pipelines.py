@@ -28,8 +28,10 @@ from diffusers import (
     AudioLDMPipeline,
     AutoencoderKL,
     AutoencoderOobleck,
+    ControlNetModel,
     CosineDPMSolverMultistepScheduler,
     DDIMScheduler,
+    DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     MusicLDMPipeline,
@@ -38,7 +40,10 @@ from diffusers import (
     StableAudioPipeline,
     StableAudioProjectionModel,
     StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -70,6 +75,9 @@ __all__ = [
     "tiny_stable_audio_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_controlnet_pipeline",
+    "tiny_sdxl_controlnet_pipeline",
+    "tiny_upscale_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
     "tiny_stable_audio_3_pipeline",
@@ -713,4 +721,67 @@ def tiny_longcat_audio_pipeline(seed: int = 0) -> "LongCatAudioDiTPipeline":
                              encoder_latent_dim=16, downsampling_ratio=8, sample_rate=80)
     pipe = LongCatAudioDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True))
+    return _finish(pipe)
+
+
+def _tiny_controlnet(unet: UNet2DConditionModel, seed: int) -> ControlNetModel:
+    """A ControlNet copied from ``unet`` (as ``ControlNetModel.from_unet`` does for real ones), its
+    conditioning embedding tiny (3 downsamplings: pixels -> latent resolution, /8).
+
+    A trained ControlNet's zero convolutions (and its condition embedding's last one) have learned
+    weights; freshly made they are zero, and the control image would change nothing: they are drawn
+    at random here, so tests can see it.
+    """
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            block.weight.normal_(0.0, 0.2)
+    return controlnet.eval()
+
+
+def tiny_controlnet_pipeline(seed: int = 0, sample_size: int = 64) -> StableDiffusionControlNetPipeline:
+    """A tiny random StableDiffusionControlNetPipeline: :func:`tiny_sd_pipeline`'s components plus a
+    ControlNet made from its UNet (:func:`_tiny_controlnet`). The control image is pixels, 8 per
+    latent column."""
+    base = tiny_sd_pipeline(seed, sample_size)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=_tiny_controlnet(base.unet, seed + 1), scheduler=base.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    return _finish(pipe)
+
+
+def tiny_sdxl_controlnet_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionXLControlNetPipeline:
+    """A tiny random StableDiffusionXLControlNetPipeline: :func:`tiny_sdxl_pipeline`'s components plus
+    a ControlNet made from its UNet (pooled text and time ids as the UNet's)."""
+    base = tiny_sdxl_pipeline(seed, sample_size)
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=_tiny_controlnet(base.unet, seed + 1),
+        scheduler=base.scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return _finish(pipe)
+
+
+def tiny_upscale_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionUpscalePipeline:
+    """A tiny random StableDiffusionUpscalePipeline (the x4 upscaler's layout, after diffusers' own
+    tests): a UNet on the latent (4) + the low-resolution image (3) with ``noise_level`` class
+    embeddings, a 3-level VAE (x4, ``scaling_factor`` 0.08333 as the real one), a DDPM
+    ``low_res_scheduler`` and a v-prediction DDIM. ``sample_size`` 32 latent columns: windows of
+    32 low-res pixels, 128 output pixels."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=7, out_channels=4, block_out_channels=(8, 16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, use_linear_projection=True, num_class_embeds=400)
+    vae = AutoencoderKL(block_out_channels=[8, 8, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                        latent_channels=4, layers_per_block=1, norm_num_groups=4, scaling_factor=0.08333)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=CLIPTextModel(_tiny_clip_config(len(tokenizer))), tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        max_noise_level=350)
     return _finish(pipe)
