@@ -117,6 +117,42 @@ def test_known_latent_columns_are_clean_and_one_impose_per_step(texture, monkeyp
     assert torch.equal(out.latent[:, :, 4:24], given)
 
 
+@pytest.mark.parametrize("audio_start_frames, at_end", [(0, False), (28, True)])
+def test_reference_window_holds_the_clip_while_it_guides(audio_start_frames, at_end):
+    """SaFa's X^0 holds the clip's known columns at each guided step's noise level (at its start for
+    a continuation, at its end when the clip ends the output), with one fixed noise; given
+    ``reference_latents``, X^0 is the user's and holds nothing of the clip."""
+    pipe = make_texture_pipeline(window_frames=16)
+    pipe.scheduler = DDIMScheduler(**_BETAS, clip_sample=False, set_alpha_to_one=True)
+    jd = JointDiffusion(pipe)
+    fps, window = jd.adapter.frames_per_second, jd.adapter.native_window()
+    given = torch.randn(jd.adapter.latent_shape(1, 12), generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    def keep_reference(_jd, i, t, state):
+        seen[i] = (int(t), state["reference"].clone() if state["reference"] is not None else None)
+    kwargs = dict(seconds=40 / fps, audio_latents=given, audio_start=audio_start_frames / fps, output_type="latent",
+                  num_inference_steps=10, method="safa:guide=0.5", callback_on_step_end=keep_reference)
+    _run(jd, **kwargs)
+    cols = slice(window - 12, window) if at_end else slice(0, 12)
+    alphas = pipe.scheduler.alphas_cumprod
+    timesteps = [t for t, _ in seen.values()] + [None]
+    implied_noise = []
+    for i in range(5):  # guide=0.5 of 10 steps
+        a = alphas[timesteps[i + 1]].double()
+        ref = seen[i][1][:, :, cols].double()
+        implied_noise.append((ref - a.sqrt() * given.double()) / (1 - a).sqrt())
+    for noise in implied_noise[1:]:
+        assert torch.allclose(noise, implied_noise[0], atol=1e-4)
+    assert seen[5][1] is None  # X^0 freed once it stops guiding
+    seen.clear()
+    own = torch.randn(jd.adapter.latent_shape(1, window), generator=torch.Generator().manual_seed(4))
+    _run(jd, reference_latents=own, **kwargs)
+    a = alphas[seen[1][0]].double()
+    ref = seen[0][1][:, :, cols].double()
+    assert not torch.allclose((ref - a.sqrt() * given.double()) / (1 - a).sqrt(), implied_noise[0], atol=1e-2)
+
+
 def test_no_audio_is_the_plain_call(texture):
     plain = _run(texture, seconds=1.5, output_type="latent")
     same = _run(texture, seconds=1.5, output_type="latent", audio=None, keep=None)
