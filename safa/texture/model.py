@@ -117,6 +117,31 @@ def temporal_kernel(terms: Sequence[Tuple[str, float, float, float]], lags: np.n
     return out / total
 
 
+def wrapped_kernel(terms: Sequence[Tuple[str, float, float, float]], length: int) -> np.ndarray:
+    """The kernel of ``terms`` wrapped around a circle of ``length`` frames (lags ``0 .. length - 1``):
+    ``sum_m k(tau + m * length)``, with the samplers' nugget; terms are added until they are below 1e-15."""
+    lags = np.arange(length)
+    wrapped = temporal_kernel(terms, lags)
+    m = 1
+    while True:
+        more = temporal_kernel(terms, lags + m * length) + temporal_kernel(terms, lags - m * length)
+        wrapped = wrapped + more
+        if np.abs(more).max() < 1e-15:
+            break
+        m += 1
+    wrapped[0] += 1e-4
+    return wrapped
+
+
+def wrapped_kernel_error(terms: Sequence[Tuple[str, float, float, float]], length: int, window: int) -> float:
+    """Largest difference, over lags within a window, between the kernel wrapped around ``length``
+    frames and the kernel itself (both with the nugget): how far a window of the circle's process
+    is from the model's."""
+    w = min(window, length)
+    lags = np.arange(w)
+    return float(np.abs(wrapped_kernel(terms, length)[:w] - temporal_kernel(terms, lags) - 1e-4 * (lags == 0)).max())
+
+
 class TextureModel(KroneckerMixture):
     """Mixture-of-Kronecker-Gaussians texture prior with an exact denoiser.
 
@@ -349,25 +374,10 @@ class TextureModel(KroneckerMixture):
         return out.reshape(b, c, f, length).permute(0, 1, 3, 2).to(dtype), comps
 
     def _wrapped_kernel(self, c: int, length: int) -> np.ndarray:
-        """Class ``c``'s kernel wrapped around a circle of ``length`` frames (lags ``0 .. length - 1``),
-        with the sampler's nugget; terms are added until they are below 1e-15."""
-        lags = np.arange(length)
-        wrapped = temporal_kernel(self.classes[c].temporal, lags)
-        m = 1
-        while True:
-            terms = (temporal_kernel(self.classes[c].temporal, lags + m * length)
-                     + temporal_kernel(self.classes[c].temporal, lags - m * length))
-            wrapped = wrapped + terms
-            if np.abs(terms).max() < 1e-15:
-                break
-            m += 1
-        wrapped[0] += 1e-4
-        return wrapped
+        """Class ``c``'s kernel wrapped around a circle of ``length`` frames (:func:`wrapped_kernel`)."""
+        return wrapped_kernel(self.classes[c].temporal, length)
 
     def periodic_error(self, length: int) -> float:
         """Largest difference, over classes and lags within a window, between the covariance of a
         window of the ``periodic`` process on ``length`` frames and the model's (``k(0) = 1``)."""
-        w = min(self.window, length)
-        lags = np.arange(w)
-        return max(float(np.abs(self._wrapped_kernel(c, length)[:w] - temporal_kernel(cls.temporal, lags)
-                                - 1e-4 * (lags == 0)).max()) for c, cls in enumerate(self.classes))
+        return max(wrapped_kernel_error(cls.temporal, length, self.window) for cls in self.classes)
