@@ -169,3 +169,72 @@ def test_heights_below_the_tile_and_other_windows_are_refused(jd):
         jd("gravel", width=40, height=8, num_inference_steps=1)
     with pytest.raises(ValueError, match="defined on tiles of exactly 16 latent cells, got window 24"):
         jd("gravel", width=40, window=24, num_inference_steps=1)
+
+
+# -- the 2-D seam metrics ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model32():
+    return TextureModel2D(window=32)
+
+
+def _true_canvases(model, layout, prompts, seed, loop=False):
+    cw = model.encode_prompt(prompts)
+    comps = model.sample_components(cw, generator=_gen(seed))
+    return model.sample(comps, layout.rows.length, layout.cols.length, generator=_gen(seed + 1), periodic=loop), cw
+
+
+def test_grid_regions_are_the_products_of_the_axes_regions():
+    from safa import metrics as M
+    pick = lambda axis: {"overlap": M.overlap_columns(axis), "middle": M.interior_columns(axis, 8)}  # noqa: E731
+    open_grid = GridLayout.covering(80, 80, 32, 8)
+    counts = {k: len(v) for k, v in M.grid_regions(open_grid, pick, pick).items()}
+    assert counts == {"vertical": 6, "horizontal": 6, "corner": 4, "interior": 9}
+    torus = GridLayout.spaced(72, 72, 32, 3, loop=True)
+    regions = M.grid_regions(torus, pick, pick)
+    assert {k: len(v) for k, v in regions.items()} == {"vertical": 9, "horizontal": 9, "corner": 9, "interior": 9}
+    # The wrap seam of the columns: cells 0..7, where the last tile (48..79 mod 72) overlaps the first.
+    wraps = [(r, c) for w, r, c in regions["vertical"] if w]
+    assert len(wraps) == 3 and all(c == list(range(8)) for _, c in wraps)
+
+
+def test_true_canvases_have_no_seams_and_averaged_overlaps_do(model32):
+    """On exact canvases the seam cells are like the interior; replacing the vertical seams' cells by
+    the mean of two independent exact canvases (MultiDiffusion's merge of two independent views)
+    halves their variance, which the HF ratio and the seam KL both show, on that seam kind only."""
+    from safa import metrics as M
+    layout = GridLayout.covering(80, 80, 32, 8)
+    prompts = ["gravel", "marble", "weave", "clouds"] * 2
+    x, cw = _true_canvases(model32, layout, prompts, 0)
+    truth = M.grid_seam_statistics(model32, x, layout, cw)
+    for kind in ("vertical", "horizontal", "corner"):
+        _, lo, hi = M.log_ratio_ci(*truth.hf[kind])
+        assert lo < 1 < hi, kind
+    assert truth.consistent.all()
+    y, _ = _true_canvases(model32, layout, prompts, 0)
+    z, _ = _true_canvases(model32, layout, prompts, 5)  # same components (same seed for them), other noise
+    blended = x.clone()
+    for (_, cols) in M.overlap_columns(layout.cols):
+        blended[..., cols] = (y[..., cols] + z[..., cols]) / 2
+    smoothed = M.grid_seam_statistics(model32, blended, layout, cw)
+    m, lo, hi = M.log_ratio_ci(*smoothed.hf["vertical"])
+    assert hi < 0.7                                    # half the variance, HF included
+    _, lo, hi = M.log_ratio_ci(*smoothed.hf["horizontal"])
+    assert lo < 1 < hi                                 # the horizontal seams' cells were not touched
+    excess = smoothed.kl["vertical"] - smoothed.kl["interior"]
+    assert (excess > 0).all() and excess.mean() > 5e-3
+    assert abs((truth.kl["vertical"] - truth.kl["interior"]).mean()) < excess.mean() / 2
+
+
+def test_the_torus_wrap_seam_of_a_true_torus_is_a_seam_like_the_others(model32):
+    from safa import metrics as M
+    layout = GridLayout.spaced(72, 72, 32, 3, loop=True)
+    x, cw = _true_canvases(model32, layout, ["marble", "clouds", "waves", "grass"] * 2, 3, loop=True)
+    st = M.grid_seam_statistics(model32, x, layout, cw)
+    _, lo, hi = M.log_ratio_ci(*st.hf["wrap"])
+    assert lo < 1 < hi
+    d, h = M.mean_ci(st.wrap_excess)
+    assert abs(d) < h + 2e-3
+    # A canvas cut open (an open sample used as a torus) has a hard wrap seam: the excess is large.
+    open_x, _ = _true_canvases(model32, layout, ["marble", "clouds", "waves", "grass"] * 2, 3, loop=False)
+    cut = M.grid_seam_statistics(model32, open_x, layout, cw)
+    assert cut.wrap_excess.mean() > 10 * max(abs(d), 1e-3)
