@@ -554,14 +554,13 @@ def grid_hf_energies(latent: torch.Tensor, layout, cutoff: float = HF_CUTOFF
         return total.reshape(len(kind_regions), b).mean(0)
     across = {"vertical": (-1,), "horizontal": (-2,), "corner": (-2, -1)}
     out = {kind: (hf(regions[kind], dims), hf(regions["interior"], dims)) for kind, dims in across.items()}
-    wrap = [r for kind in ("vertical", "horizontal") for r in regions[kind] if r[0]]
-    if wrap:
-        # Each wrap region across its own seam: vertical ones along the columns, horizontal along the rows.
-        v = [r for r in regions["vertical"] if r[0]]
-        h = [r for r in regions["horizontal"] if r[0]]
-        num = (len(v) * np.nan_to_num(hf(v, (-1,))) + len(h) * np.nan_to_num(hf(h, (-2,)))) / (len(v) + len(h))
-        den = (len(v) * hf(regions["interior"], (-1,)) + len(h) * hf(regions["interior"], (-2,))) / (len(v) + len(h))
-        out["wrap"] = (num, den)
+    # A torus's wrap regions, each across its own seam; the two kinds weighted by their region counts.
+    wraps = [(k, dims) for k, dims in (([r for r in regions["vertical"] if r[0]], (-1,)),
+                                       ([r for r in regions["horizontal"] if r[0]], (-2,))) if k]
+    if wraps:
+        total = sum(len(k) for k, _ in wraps)
+        out["wrap"] = (sum(len(k) * hf(k, dims) for k, dims in wraps) / total,
+                       sum(len(k) * hf(regions["interior"], dims) for k, dims in wraps) / total)
     return out
 
 

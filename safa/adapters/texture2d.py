@@ -25,7 +25,7 @@ class TextureImageAdapter(ImageAdapter):
     pipeline_classes = ("TexturePipeline2D",)
     _denoiser = "model"
     fixed_window = True  # the model is defined on its window only (it raises on anything else)
-    decode_context = 1   # the decoder is per cell: no context needed, one column kept for safety of crops
+    decode_context = 0   # the decoder maps each cell alone, so a tile decodes exactly without context
 
     @property
     def decoded_scale(self) -> int:  # type: ignore[override]
