@@ -77,13 +77,13 @@ def _plan(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
     return [(p, c) for p, c in zip(prompts, counts) if c > 0]
 
 
-def _one_window_row(pipe, model, plan, cw, tiles: int, steps: int, probe: int, seed: int,
+def _one_window_row(pipe, model, plan, cw, tiles: int, steps: int, guidance_scale: float, probe: int, seed: int,
                     min_eigenvalue: float) -> Seams2DRow:
     """The pipeline's own tiles, ``tiles`` per canvas; interior probes centred, pooled per sample."""
     t0 = time.perf_counter()
     singles = []
     for i, (p, c) in enumerate(plan):
-        out = pipe(p, num_inference_steps=steps, num_images_per_prompt=c * tiles,
+        out = pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=c * tiles,
                    generator=torch.Generator().manual_seed(seed + 104729 + i), output_type="latent").images
         singles.append(out.cpu().reshape(c, tiles, *out.shape[1:]))
     singles = torch.cat(singles).transpose(0, 1).reshape(-1, *singles[0].shape[2:])  # tile-major
@@ -99,14 +99,17 @@ def _one_window_row(pipe, model, plan, cw, tiles: int, steps: int, probe: int, s
 def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, tiles: int = 3, steps: int = 25,
                      scheduler: Optional[str] = None, prompts: Optional[Sequence[str]] = None, loop: bool = False,
                      overlap: float = 0.25, seed: int = 0, window: int = 32, min_eigenvalue: float = 1.0,
-                     pipe: Any = None, log: Any = None) -> Seams2DResult:
+                     guidance_scale: float = 1.0, pipe: Any = None, device: Any = None, log: Any = None
+                     ) -> Seams2DResult:
     """Run every grid method and the reference rows on ``tiles x tiles`` canvases; see the module docstring.
 
     ``loop``: a torus (both axes loop); ``scheduler``: a diffusers scheduler class name (default the
     pipeline's DPM-Solver++); ``window``: the tile side in cells; ``prompts``: the model's classes,
     round-robin over ``samples`` (default all). Sample ``i`` of every method starts from the same
-    seed, so rows are paired on the same noise.
+    seed, so rows are paired on the same noise. ``device``: where the pipeline samples (default where
+    it is); the noise is drawn and the statistics computed on the CPU.
     """
+    import copy
     from .sampler import JointDiffusion
     from .texture.pipeline2d import make_texture2d_pipeline
     parsed = [(spec, parse_method_spec(spec)) for spec in methods]
@@ -119,8 +122,11 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
     if scheduler is not None:
         from .schedulers import set_scheduler
         set_scheduler(pipe, scheduler)
+    if device is not None:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    model = pipe.model
+    # The statistics (exact model, whitening) run on the CPU: a CPU copy of the model when the pipeline is elsewhere.
+    model = pipe.model if pipe.model.device.type == "cpu" else copy.deepcopy(pipe.model).cpu()
     prompts = list(prompts) if prompts else list(model.class_names)
     model.encode_prompt(prompts)  # unknown names fail before any sampling
     plan = _plan(prompts, samples)
@@ -131,8 +137,9 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
     jd = JointDiffusion(pipe)
     stride = model.window - int(round(overlap * model.window))
     side = tiles * stride if loop else model.window + (tiles - 1) * stride
-    canvas = dict(width=side, height=side, loop="both" if loop else False, overlap=overlap)
-    layout = jd.layout_for(method="safa", **canvas)
+    canvas = dict(width=side, height=side, loop="both" if loop else False, overlap=overlap,
+                  guidance_scale=guidance_scale)
+    layout = jd.layout_for(method="safa", width=side, height=side, loop=canvas["loop"], overlap=overlap)
     say = log or (lambda msg: None)
     rows: List[Seams2DRow] = []
     example: Dict[str, np.ndarray] = {}
@@ -145,7 +152,8 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
     stats = M.grid_seam_statistics(model, true, layout, cw, min_eigenvalue=min_eigenvalue)
     rows.append(Seams2DRow("true", stats, seconds=time.perf_counter() - t0))
     example["true"] = _decoded(pipe, true[shown:shown + 1])
-    rows.append(_one_window_row(pipe, model, plan, cw, layout.num_views, steps, stats.probe, seed, min_eigenvalue))
+    rows.append(_one_window_row(pipe, model, plan, cw, layout.num_views, steps, guidance_scale, stats.probe, seed,
+                                min_eigenvalue))
     say(f"reference rows done ({rows[-1].seconds:.1f} s for the single tiles)")
 
     not_applicable: Dict[str, str] = {}
@@ -168,6 +176,7 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
         say(f"{spec}: {elapsed:.1f} s")
 
     settings = dict(samples=samples, tiles=tiles, side=side, steps=steps, scheduler=type(pipe.scheduler).__name__,
+                    guidance_scale=guidance_scale,
                     prompts=prompts, loop=loop, overlap=overlap, overlap_cells=layout.cols.overlap, seed=seed,
                     window=model.window, min_eigenvalue=min_eigenvalue, probe=rows[0].stats.probe,
                     layout=jd.describe_layout(layout),
@@ -205,9 +214,10 @@ def _agree(x: Optional[np.ndarray]) -> str:
 
 def settings_line(res: Seams2DResult) -> str:
     s = res.settings
+    guidance = "" if s.get("guidance_scale", 1.0) == 1.0 else f"guidance {s['guidance_scale']:g}, "
     return (f"2-D seams vs the exact 2-D texture model: {s['samples']} canvases/row of {s['side']} x {s['side']} cells "
-            f"({'torus' if s['loop'] else 'open'}; {s['layout']}), {s['steps']} steps {s['scheduler']}, probes "
-            f"{s['probe']} x {s['probe']}, prompts {','.join(s['prompts'])}, seeds from {s['seed']}")
+            f"({'torus' if s['loop'] else 'open'}; {s['layout']}), {s['steps']} steps {s['scheduler']}, {guidance}"
+            f"probes {s['probe']} x {s['probe']}, prompts {','.join(s['prompts'])}, seeds from {s['seed']}")
 
 
 def format_seams2d_table(res: Seams2DResult) -> str:

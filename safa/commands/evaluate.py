@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             return _run_continue(args, prompts, table_path)
     if args.task == "seams2d":
         with use_backend(args.backend):
-            return _run_seams2d(args, methods, prompts)
+            return _run_seams2d(args, methods, prompts, device)
     with use_backend(args.backend):
         res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                        loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -155,7 +155,7 @@ def _check_seams2d(args: argparse.Namespace) -> None:
         raise CLIError("--seconds / --window are for the audio tasks; --task seams2d takes --tiles (32 x 32 tiles)")
 
 
-def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any) -> int:
+def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any, device: Any) -> int:
     """``safa evaluate --task seams2d`` (safa.evaluate2d): per scheduler setting, the open canvas and the
     torus; the tables printed and written, the figure written."""
     from ..evaluate2d import (GRID_METHODS, QUICK_SETTINGS, SEAMS2D_SETTINGS, evaluate_seams2d, format_seams2d_table,
@@ -173,7 +173,8 @@ def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any) -> int:
         for loop in (False, True):
             res = evaluate_seams2d(methods, samples=samples, tiles=args.tiles, steps=steps, scheduler=scheduler,
                                    prompts=prompts, loop=loop, overlap=args.overlap, seed=args.seed,
-                                   min_eigenvalue=args.min_eigenvalue, log=log)
+                                   min_eigenvalue=args.min_eigenvalue, guidance_scale=args.guidance_scale,
+                                   device=device, log=log)
             results.append(res)
             tables.append(format_seams2d_table(res))
             print(tables[-1] + "\n")

@@ -45,3 +45,14 @@ def test_seams2d_writes_the_open_and_torus_tables_and_the_figure(tmp_path, capsy
 def test_seams2d_flag_errors_are_one_line(argv, pattern, tmp_path, capsys):
     code = main(["evaluate", "--task", "seams2d", "--out", str(tmp_path), *argv])
     _one_line(code, capsys.readouterr().err, pattern)
+
+
+def test_seams2d_with_guidance_on_a_tiny_pipeline():
+    from safa.evaluate2d import evaluate_seams2d, format_seams2d_table
+    from safa.testing import tiny_texture2d_pipeline
+    res = evaluate_seams2d(["multidiffusion"], samples=2, tiles=2, steps=2, prompts=["marble"], guidance_scale=2.0,
+                           pipe=tiny_texture2d_pipeline(window=16))
+    table = format_seams2d_table(res)
+    assert "guidance 2, probes 8 x 8" in table.splitlines()[0]
+    assert [r.name for r in res.rows] == ["true", "one window", "multidiffusion"]
+    assert res.rows[-1].stats.consistent.shape == (2,) and res.example_prompt == "marble"
