@@ -26,6 +26,9 @@ Metrics
   likely sub-style.
 * :func:`middle_correlation`: whether the views repeat each other (the correlation of their
   middles; about 0 for a stationary texture).
+* 2-D grids (:class:`safa_kernels.GridLayout`, the 2-D texture model): :func:`grid_seam_statistics`,
+  the above along each axis for vertical, horizontal and corner seams and a torus's wrap seams
+  (``safa evaluate --task seams2d``, :mod:`safa.evaluate2d`).
 * Generic: :func:`frechet_distance`, :func:`class_kl`, :func:`intra_similarity` for users
   with their own embedding / classifier functions.
 
