@@ -26,6 +26,9 @@ Metrics
   likely sub-style.
 * :func:`middle_correlation`: whether the views repeat each other (the correlation of their
   middles; about 0 for a stationary texture).
+* 2-D grids (:class:`safa_kernels.GridLayout`, the 2-D texture model): :func:`grid_seam_statistics`,
+  the above along each axis for vertical, horizontal and corner seams and a torus's wrap seams
+  (``safa evaluate --task seams2d``, :mod:`safa.evaluate2d`).
 * Generic: :func:`frechet_distance`, :func:`class_kl`, :func:`intra_similarity` for users
   with their own embedding / classifier functions.
 
@@ -490,3 +493,188 @@ def proportion_ci(successes: int, n: int, z: float = 1.96) -> Tuple[float, float
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return p, max(0.0, c - h), min(1.0, c + h)
+
+
+# -- 2-D grids: seams of images beyond the window both ways, against the 2-D texture model ---------
+# A GridLayout is a product of two ViewLayouts, so its regions are products of the 1-D ones above:
+# a *vertical seam* cell is in a column overlap and a row middle (the seam line runs down the
+# image), a *horizontal seam* cell in a row overlap and a column middle, a *corner* cell in both
+# overlaps (four tiles meet), an *interior* cell in both middles. On a torus the pairs (n-1, 0)
+# of a looping axis are its wrap-around seams.
+__all__ += ["GRID_REGION_KINDS", "grid_regions", "grid_hf_energies", "whitened_band_variances_2d",
+            "GridSeamStatistics", "grid_seam_statistics"]
+
+GRID_REGION_KINDS = ("vertical", "horizontal", "corner", "interior")
+
+
+def grid_regions(layout, rows: Callable, cols: Callable) -> Dict[str, List[Tuple[bool, List[int], List[int]]]]:
+    """Per region kind, ``[(wraps, row cells, col cells)]``: the products of the 1-D regions that
+    ``rows(axis_layout)`` / ``cols(axis_layout)`` give for overlaps (``"overlap"``) and middles
+    (``"middle"``): each a list of ``(pair or view, cells)``. ``wraps``: the region is on a looping
+    axis's wrap-around seam."""
+    def parts(axis, pick):
+        overlaps = [(axis.loop and pair == tuple(axis.neighbour_pairs()[-1]), c) for pair, c in pick(axis)["overlap"]]
+        middles = [(False, c) for _, c in pick(axis)["middle"]]
+        return overlaps, middles
+    r_ov, r_mid = parts(layout.rows, rows)
+    c_ov, c_mid = parts(layout.cols, cols)
+
+    def product(a, b):
+        return [(wa or wb, ra, cb) for wa, ra in a for wb, cb in b]
+    return {"vertical": product(r_mid, c_ov), "horizontal": product(r_ov, c_mid), "corner": product(r_ov, c_ov),
+            "interior": product(r_mid, c_mid)}
+
+
+def _patches(latent: torch.Tensor, regions: Sequence[Tuple[bool, List[int], List[int]]]) -> torch.Tensor:
+    """``(R * B, C, P, Q)``, region-major: each region's cells of every sample."""
+    return torch.cat([_take(_take(latent, -2, r), -1, c) for _, r, c in regions])
+
+
+def grid_hf_energies(latent: torch.Tensor, layout, cutoff: float = HF_CUTOFF
+                     ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Per seam kind, per sample: (the seam cells' HF energy, the interior cells' HF energy), both
+    across the seam: along the columns for vertical seams, the rows for horizontal ones, both
+    (summed) for corners; the same axis for the interior. Regions are ``o x o`` cells (``o`` the
+    smaller of the two axes' overlaps); spectra as :func:`region_spectra`'s (Hann-tapered power
+    along the axis, averaged over channels, the other axis and the regions). Loop axes add
+    ``wrap``: the wrap-around seams' cells (vertical and horizontal) against the interior."""
+    o = min(layout.rows.min_overlap, layout.cols.min_overlap)
+    if o < 4:
+        raise ValueError(f"an overlap of {o} cells is too short for a spectrum (need >= 4)")
+    band = np.fft.rfftfreq(o) >= cutoff
+
+    def pick(axis):
+        return {"overlap": overlap_columns(axis), "middle": interior_columns(axis, o)}
+    regions = grid_regions(layout, pick, pick)
+    b = latent.shape[0]
+
+    def hf(kind_regions, dims: Sequence[int]) -> np.ndarray:
+        """``(B,)`` HF energy along ``dims`` (summed), averaged over the regions."""
+        if not kind_regions:
+            return np.full(b, np.nan)
+        x = _patches(latent, kind_regions)
+        total = sum(_power(x, d).numpy()[:, band].sum(1) for d in dims)
+        return total.reshape(len(kind_regions), b).mean(0)
+    across = {"vertical": (-1,), "horizontal": (-2,), "corner": (-2, -1)}
+    out = {kind: (hf(regions[kind], dims), hf(regions["interior"], dims)) for kind, dims in across.items()}
+    # A torus's wrap regions, each across its own seam; the two kinds weighted by their region counts.
+    wraps = [(k, dims) for k, dims in (([r for r in regions["vertical"] if r[0]], (-1,)),
+                                       ([r for r in regions["horizontal"] if r[0]], (-2,))) if k]
+    if wraps:
+        total = sum(len(k) for k, _ in wraps)
+        out["wrap"] = (sum(len(k) * hf(k, dims) for k, dims in wraps) / total,
+                       sum(len(k) * hf(regions["interior"], dims) for k, dims in wraps) / total)
+    return out
+
+
+def _axis_marginal(model, axis: str, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the eigen-factors of the ``axis`` covariance over ``size`` cells, slow -> fast."""
+    covs = torch.stack([model.axis_cov(c, axis, size) for c in range(model.num_classes)])
+    eig, basis = torch.linalg.eigh(covs)
+    return basis.flip(-1), eig.flip(-1).clamp_min(1e-12)
+
+
+def whitened_band_variances_2d(model, patches: torch.Tensor, class_weights: torch.Tensor, bands: int = 4,
+                               min_eigenvalue: float = 1.0, chunk: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`whitened_band_variances` for the 2-D model: probe patches ``(N, C, P, Q)`` whitened by
+    their most likely component's exact marginal ``A_k (x) K_r[:P, :P] (x) K_c[:Q, :Q]`` (exact:
+    both kernels are stationary). Returns ``(band_sq (N, bands), components (N,))``; the counted
+    directions (eigenvalue >= ``min_eigenvalue``) are split into ``bands`` equal groups by spatial
+    frequency, the sum of their row and column mode ranks (slow -> fast)."""
+    n, c, p, q = patches.shape
+    ur, mr = _axis_marginal(model, "rows", p)
+    uc, mc = _axis_marginal(model, "cols", q)
+    cls = model.component_class
+    lam = model.channel_eig[:, :, None, None] * mr[cls][:, None, :, None] * mc[cls][:, None, None, :]  # (K, C, P, Q)
+    logdet = torch.log(lam).sum((-1, -2, -3))
+    rank = (torch.arange(p)[:, None] + torch.arange(q)[None, :]).expand(c, p, q)
+    band_of = torch.full(lam.shape, -1, dtype=torch.long)
+    for k in range(lam.shape[0]):
+        kept = torch.nonzero(lam[k] >= min_eigenvalue)                     # (m, 3): (channel, row mode, col mode)
+        if kept.shape[0] < bands:
+            continue  # too few resolved directions: this component's patches give NaN
+        order = torch.argsort(rank[kept[:, 0], kept[:, 1], kept[:, 2]], stable=True)
+        groups = torch.div(torch.arange(kept.shape[0]) * bands, kept.shape[0], rounding_mode="floor")
+        band_of[k, kept[order, 0], kept[order, 1], kept[order, 2]] = groups
+    band_sq, comps = [], []
+    for r in range(0, n, chunk):
+        x = patches[r:r + chunk].to(torch.float64)
+        z = torch.matmul(torch.matmul(ur.transpose(-1, -2)[None, :, None], x[:, None]), uc[None, :, None])
+        z = z[:, cls]                                                      # (b, K, C, P, Q)
+        b = z.shape[0]
+        y = torch.matmul(model.channel_basis.transpose(-1, -2)[None], z.reshape(b, -1, c, p * q)).reshape(z.shape)
+        w2 = y ** 2 / lam[None]
+        ll = -0.5 * (w2.sum((-1, -2, -3)) + logdet[None]) + model.component_logprior(class_weights[r:r + chunk])
+        comp = ll.argmax(-1)
+        w2 = w2[torch.arange(b), comp].reshape(b, -1)
+        bo = band_of[comp].reshape(b, -1)
+        per_band = []
+        for k in range(bands):
+            sel = (bo == k).to(w2.dtype)
+            cnt = sel.sum(-1)
+            per_band.append(torch.where(cnt > 0, (w2 * sel).sum(-1) / cnt.clamp_min(1),
+                                        torch.full_like(cnt, float("nan"))))
+        band_sq.append(torch.stack(per_band, -1))
+        comps.append(comp)
+    return torch.cat(band_sq), torch.cat(comps)
+
+
+@dataclass
+class GridSeamStatistics:
+    """Per-sample statistics of a 2-D canvas (arrays of length ``B``).
+
+    ``hf``: :func:`grid_hf_energies`; ``kl``: per region kind (and ``wrap`` on a torus), the probes'
+    whitened variances pooled over the probes of the sample, as a Gaussian KL to N(0, 1) averaged
+    over bands (0 = exactly the model); ``wrap_excess``: the wrap-around seams' probe KL minus the
+    other seams', each probe on its own (0 = the wrap seam is like any other; None without a loop);
+    ``consistent``: every tile's most likely component is the same (exact likelihood of the tile);
+    ``tile_components``: ``(B, tiles)`` those components."""
+
+    hf: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    kl: Dict[str, np.ndarray]
+    wrap_excess: Optional[np.ndarray]
+    consistent: np.ndarray
+    tile_components: np.ndarray
+    probe: int
+
+
+def grid_seam_statistics(model, latent: torch.Tensor, layout, class_weights: torch.Tensor, probe: Optional[int] = None,
+                         bands: int = 4, min_eigenvalue: float = 1.0) -> GridSeamStatistics:
+    """Seam statistics of ``(B, C, H, W)`` canvases on a :class:`~safa_kernels.GridLayout` against the
+    2-D texture model (:class:`~safa.texture.model2d.TextureModel2D`); ``class_weights``: ``(B, classes)``.
+
+    Probes are ``P x P`` cells, ``P = min(2 o, middle, window)`` over both axes (as
+    :func:`probe_fidelity`): straddling a seam across it (centred on the overlap) and centred in a
+    middle along it; corner probes straddle both overlaps; interior probes sit in both middles.
+    """
+    from safa_kernels import gather
+    b = latent.shape[0]
+    mid = min(hi - lo for axis in (layout.rows, layout.cols) for lo, hi in (axis.middle(v) for v in range(axis.num_views)))
+    o = min(layout.rows.min_overlap, layout.cols.min_overlap)
+    probe = int(probe or min(2 * o, mid, layout.rows.window, layout.cols.window))
+    if probe < 2 * bands:
+        raise ValueError(f"probe of {probe} cells is too small for {bands} bands (overlap {o}, middle {mid})")
+
+    def pick(axis):
+        return {"overlap": seam_probe_columns(axis, probe), "middle": interior_columns(axis, probe)}
+    regions = grid_regions(layout, pick, pick)
+    cw = class_weights.to(torch.float64)
+    each: Dict[str, np.ndarray] = {}
+    for kind, kind_regions in regions.items():
+        sq, _ = whitened_band_variances_2d(model, _patches(latent, kind_regions), cw.repeat(len(kind_regions), 1),
+                                           bands, min_eigenvalue)
+        each[kind] = sq.reshape(len(kind_regions), b, bands).numpy()
+    kl = {kind: np.nanmean(gaussian_kl_to_unit(np.nanmean(sq, axis=0)), axis=-1) for kind, sq in each.items()}
+    wrap_excess = None
+    seams = [(w, kind, i) for kind in ("vertical", "horizontal") for i, (w, _, _) in enumerate(regions[kind])]
+    if any(w for w, _, _ in seams):
+        wrapped = np.stack([each[kind][i] for w, kind, i in seams if w])
+        inner = np.stack([each[kind][i] for w, kind, i in seams if not w])
+        kl["wrap"] = np.nanmean(gaussian_kl_to_unit(np.nanmean(wrapped, axis=0)), axis=-1)
+        single = lambda sq: np.nanmean(gaussian_kl_to_unit(sq), axis=-1).mean(0)  # noqa: E731
+        wrap_excess = single(wrapped) - single(inner)
+    tiles = gather(latent, layout, (-2, -1))                               # (tiles, B, C, w, w)
+    n = tiles.shape[0]
+    comps = model.tile_components(tiles.reshape(n * b, *tiles.shape[2:]), cw.repeat(n, 1)).reshape(n, b).T
+    consistent = (comps == comps[:, :1]).all(1).numpy()
+    return GridSeamStatistics(grid_hf_energies(latent, layout), kl, wrap_excess, consistent, comps.numpy(), probe)

@@ -47,9 +47,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the first sample; sample i of every method starts from seed + i, so the rows "
                         "are paired on the same noise (default 0)")
-    p.add_argument("--task", choices=("seams", "continue"), default="seams",
+    p.add_argument("--task", choices=("seams", "continue", "seams2d"), default="seams",
                    help="seams: the methods' seams (default); continue: continue a clip drawn from the model "
-                        "against the exact conditional (table only; --samples per prompt)")
+                        "against the exact conditional (table only; --samples per prompt); seams2d: 2-D seams of "
+                        "the grid methods on images of tiles x tiles tiles of the 2-D texture model, open and torus, "
+                        "DDIM 200 and DPM-Solver++ 25 steps, or --scheduler with --steps (seams2d.txt, seams2d.png)")
+    p.add_argument("--tiles", type=POSITIVE_INT, default=3,
+                   help="--task seams2d: tiles per side of each canvas, 2 to 16 (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="--task seams2d: 2 canvases per row, DDIM 20 and DPM-Solver++ 10 steps (a smoke run)")
     p.add_argument("--clip-seconds", type=POSITIVE_NUMBER, default=10.0,
                    help="--task continue: the clip's length in seconds (default 10)")
     p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
@@ -81,10 +87,13 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] or None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out} is a file: give a directory for evaluate.txt and evaluate.png")
-    table_path = os.path.join(args.out, "evaluate.txt")
-    plot = args.plot or os.path.join(args.out, "evaluate.png")
+    stem = "seams2d" if args.task == "seams2d" else "evaluate"
+    table_path = os.path.join(args.out, f"{stem}.txt")
+    plot = args.plot or os.path.join(args.out, f"{stem}.png")
     if args.plot is not None:
         check_output_path(plot, kinds=("image",), name="--plot")
+    if args.task == "seams2d":
+        _check_seams2d(args)
     device = resolve_device(args.device)
     check_backend(args.backend, device)
     try:
@@ -100,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "continue":
         with use_backend(args.backend):
             return _run_continue(args, prompts, table_path)
+    if args.task == "seams2d":
+        with use_backend(args.backend):
+            return _run_seams2d(args, methods, prompts, device)
     with use_backend(args.backend):
         res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                        loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -130,4 +142,47 @@ def _run_continue(args: argparse.Namespace, prompts: Any, table_path: str) -> in
         with open(tmp, "w") as f:
             f.write(table + "\n")
     print(f"wrote {table_path}")
+    return 0
+
+
+def _check_seams2d(args: argparse.Namespace) -> None:
+    """The flags ``--task seams2d`` takes, checked before any work (one line each)."""
+    if args.loop:
+        raise CLIError("--loop: --task seams2d measures both the open canvas and the torus; drop --loop")
+    if not 2 <= args.tiles <= 16:
+        raise CLIError(f"--tiles must be an int in [2, 16], got {args.tiles}")
+    if args.seconds != 40.0 or args.window is not None:
+        raise CLIError("--seconds / --window are for the audio tasks; --task seams2d takes --tiles (32 x 32 tiles)")
+
+
+def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any, device: Any) -> int:
+    """``safa evaluate --task seams2d`` (safa.evaluate2d): per scheduler setting, the open canvas and the
+    torus; the tables printed and written, the figure written."""
+    from ..evaluate2d import (GRID_METHODS, QUICK_SETTINGS, SEAMS2D_SETTINGS, evaluate_seams2d, format_seams2d_table,
+                              write_seams2d_plot)
+    from ..files import atomic_path
+    if args.methods == ",".join(ALL_METHODS):  # the default: the methods that have a grid form
+        methods = list(GRID_METHODS)
+    settings = QUICK_SETTINGS if args.quick else SEAMS2D_SETTINGS
+    if args.scheduler is not None:
+        settings = ((args.scheduler, args.steps),)
+    samples = 2 if args.quick else args.samples
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
+    results, tables = [], []
+    for scheduler, steps in settings:
+        for loop in (False, True):
+            res = evaluate_seams2d(methods, samples=samples, tiles=args.tiles, steps=steps, scheduler=scheduler,
+                                   prompts=prompts, loop=loop, overlap=args.overlap, seed=args.seed,
+                                   min_eigenvalue=args.min_eigenvalue, guidance_scale=args.guidance_scale,
+                                   device=device, log=log)
+            results.append(res)
+            tables.append(format_seams2d_table(res))
+            print(tables[-1] + "\n")
+    table_path = os.path.join(args.out, "seams2d.txt")
+    plot = args.plot or os.path.join(args.out, "seams2d.png")
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+    write_seams2d_plot(results, plot)
+    print(f"wrote {table_path}, {plot}")
     return 0

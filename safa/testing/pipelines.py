@@ -14,6 +14,8 @@ joint-diffusion sampler cares about); only channel widths and depths are shrunk 
 - Stable Audio 3: latent ``(B, 8, T)``, time last, 44.1 kHz / 1024 ~ 43 frames/s (SAME autoencoder).
 - LongCat-AudioDiT: latent ``(B, T, 8)``, time on dim -2, 80 Hz / 8 = 10 frames/s (the real one:
   24 kHz / 2048 ~ 11.7 frames/s), the pipeline's own 30 s native window (300 frames).
+- The 2-D analytic texture model (``tiny_texture2d_pipeline``): latent ``(B, 4, H, W)``, one pixel
+  per cell, an exact denoiser on square tiles (no weights: it is built from its config).
 
 Every pipeline survives ``save_pretrained(dir)`` + ``<Class>.from_pretrained(dir)`` offline.
 """
@@ -82,6 +84,7 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_stable_audio_3_pipeline",
     "tiny_longcat_audio_pipeline",
+    "tiny_texture2d_pipeline",
     "tiny_gemma_tokenizer",
     "tiny_roberta_tokenizer",
     "tiny_clip_tokenizer",
@@ -784,4 +787,16 @@ def tiny_upscale_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusi
         vae=vae, text_encoder=CLIPTextModel(_tiny_clip_config(len(tokenizer))), tokenizer=tokenizer, unet=unet,
         low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
         max_noise_level=350)
+def tiny_texture2d_pipeline(seed: int = 0, window: int = 16, scheduler: str = "DDIM") -> "TexturePipeline2D":
+    """The 2-D analytic texture pipeline (:mod:`safa.texture.pipeline2d`) on ``window x window`` tiles
+    (default 16: a grid of a few tiles stays cheap), with ``scheduler`` ``"DDIM"`` (no x0 clipping)
+    or ``"DPMSolverMultistep"`` (its default) on Stable Diffusion's schedule."""
+    from diffusers import DDIMScheduler
+
+    from ..texture.pipeline2d import make_texture2d_pipeline
+    pipe = make_texture2d_pipeline(seed=seed, window=window)
+    if scheduler == "DDIM":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "DPMSolverMultistep":
+        raise ValueError(f"scheduler must be 'DDIM' or 'DPMSolverMultistep', got {scheduler!r}")
     return _finish(pipe)

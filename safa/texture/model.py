@@ -22,28 +22,21 @@ once per class.
 
 Denoiser
 --------
-With ``x_t = a x_0 + b eps`` (``a = sqrt(alpha_bar)``, ``b = sqrt(1 - alpha_bar)``) and
-``y`` a coefficient in a component's eigenbasis with eigenvalue ``lam``:
-
-    E[x_0 | y]  = a lam / (a^2 lam + b^2) * y
-    E[eps | y]  = b / (a^2 lam + b^2) * y            (stable as b -> 0, no division by b)
-    E[v | y]    = a b (1 - lam) / (a^2 lam + b^2) * y (v = a eps - b x_0)
-
-and components are mixed by their exact posterior responsibilities
-``softmax_k(log pi_k + log N(x_t; 0, a^2 Sigma_k + b^2 I))`` computed in log space.
-Because every output is linear in ``x_t`` given the responsibilities, the mixture of the
-per-component expectations is the exact posterior expectation.
+The exact posterior expectations (epsilon, v or x_0) and the components' responsibilities are
+:class:`~safa.texture.mixture.KroneckerMixture`'s, shared with the 2-D model
+(:mod:`safa.texture.model2d`); this module gives its rotations and eigenvalues.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from .mixture import KroneckerMixture, alpha_bar_at, scheduled_alphas_cumprod
 
 __all__ = ["TextureModel", "TextureClass", "DEFAULT_CLASSES", "MAX_WINDOW", "alpha_bar_at"]
 
@@ -124,27 +117,32 @@ def temporal_kernel(terms: Sequence[Tuple[str, float, float, float]], lags: np.n
     return out / total
 
 
-def alpha_bar_at(alphas_cumprod: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """``alpha_bar`` at (possibly fractional) timesteps, as diffusers' schedules mean them.
-
-    Integer timesteps index ``alphas_cumprod``. Fractional ones (Euler/Heun with Karras or
-    exponential sigmas) come from ``_sigma_to_t``, which interpolates ``t`` linearly in
-    ``log sigma`` between neighbouring integers; we invert exactly that.
-    """
-    ac = alphas_cumprod.to(torch.float64)
-    t = timestep.to(torch.float64).clamp(0, ac.numel() - 1)
-    lo = t.floor().long()
-    hi = torch.clamp(lo + 1, max=ac.numel() - 1)
-    frac = t - lo.to(torch.float64)
-    if bool((frac == 0).all()):
-        return ac[lo]
-    log_sigma = 0.5 * (torch.log1p(-ac) - torch.log(ac))
-    ls = (1 - frac) * log_sigma[lo] + frac * log_sigma[hi]
-    sigma2 = torch.exp(2 * ls)
-    return 1.0 / (1.0 + sigma2)
+def wrapped_kernel(terms: Sequence[Tuple[str, float, float, float]], length: int) -> np.ndarray:
+    """The kernel of ``terms`` wrapped around a circle of ``length`` frames (lags ``0 .. length - 1``):
+    ``sum_m k(tau + m * length)``, with the samplers' nugget; terms are added until they are below 1e-15."""
+    lags = np.arange(length)
+    wrapped = temporal_kernel(terms, lags)
+    m = 1
+    while True:
+        more = temporal_kernel(terms, lags + m * length) + temporal_kernel(terms, lags - m * length)
+        wrapped = wrapped + more
+        if np.abs(more).max() < 1e-15:
+            break
+        m += 1
+    wrapped[0] += 1e-4
+    return wrapped
 
 
-class TextureModel(ModelMixin, ConfigMixin):
+def wrapped_kernel_error(terms: Sequence[Tuple[str, float, float, float]], length: int, window: int) -> float:
+    """Largest difference, over lags within a window, between the kernel wrapped around ``length``
+    frames and the kernel itself (both with the nugget): how far a window of the circle's process
+    is from the model's."""
+    w = min(window, length)
+    lags = np.arange(w)
+    return float(np.abs(wrapped_kernel(terms, length)[:w] - temporal_kernel(terms, lags) - 1e-4 * (lags == 0)).max())
+
+
+class TextureModel(KroneckerMixture):
     """Mixture-of-Kronecker-Gaussians texture prior with an exact denoiser.
 
     Call it like a UNet: ``model(sample, timestep, class_weights) -> model output`` where
@@ -218,72 +216,10 @@ class TextureModel(ModelMixin, ConfigMixin):
         self.register_buffer("component_class", torch.tensor(comp_class, dtype=torch.long), persistent=False)
         self.register_buffer("substyle_logprior",
                              torch.full((len(comp_class),), -math.log(n_sub), dtype=torch.float64), persistent=False)
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0), persistent=False)
+        self.register_buffer("alphas_cumprod", scheduled_alphas_cumprod(num_train_timesteps, beta_start, beta_end),
+                             persistent=False)
         self.prediction_type = prediction_type
         self._cast_cache: Dict[torch.dtype, Tuple[torch.Tensor, ...]] = {}
-
-    # -- names and conditions ---------------------------------------------------------
-    @property
-    def class_names(self) -> List[str]:
-        return [c.name for c in self.classes]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def num_components(self) -> int:
-        return int(self.component_class.numel())
-
-    def class_prior(self) -> torch.Tensor:
-        """The unconditional class distribution (uniform)."""
-        return torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
-
-    def encode_prompt(self, prompt: Union[str, Sequence[str]]) -> torch.Tensor:
-        """Prompt(s) -> ``(B, num_classes)`` class weights. ``""`` is the unconditional prior.
-
-        A prompt names a class (case and surrounding space ignored); anything else is a
-        ``ValueError`` listing the classes, because silently falling back to the
-        unconditional model would hide typos.
-        """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        rows = []
-        for p in prompts:
-            key = (p or "").strip().lower()
-            if not key:
-                rows.append(self.class_prior())
-                continue
-            if key not in self.class_names:
-                raise ValueError(f"unknown texture prompt {p!r}; the built-in texture model knows: "
-                                 f"{', '.join(self.class_names)} (or '' for the unconditional mixture)")
-            row = torch.zeros(self.num_classes, dtype=torch.float64)
-            row[self.class_names.index(key)] = 1.0
-            rows.append(row)
-        return torch.stack(rows)
-
-    def component_logprior(self, class_weights: torch.Tensor) -> torch.Tensor:
-        """``(B, K)`` log prior of each component given ``(B, num_classes)`` class weights."""
-        cw = class_weights.to(torch.float64)
-        return torch.log(cw[:, self.component_class]) + self.substyle_logprior
-
-    # -- schedule ---------------------------------------------------------------------
-    def set_schedule(self, alphas_cumprod: torch.Tensor, prediction_type: str) -> None:
-        """Bind the scheduler's noise schedule and prediction type (what a UNet was trained for)."""
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().clone()
-        self.prediction_type = prediction_type
-
-    def bind_scheduler(self, scheduler) -> None:
-        """Take ``alphas_cumprod`` and ``prediction_type`` from a diffusers scheduler."""
-        ac = getattr(scheduler, "alphas_cumprod", None)
-        if ac is None:
-            # ValueError: the CLI reports it as a one-line user error (a --scheduler choice).
-            raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: the texture model's "
-                             "denoiser needs a variance-preserving (DDPM-family) scheduler such as DDIM, "
-                             "DPMSolverMultistep, EulerDiscrete or UniPCMultistep")
-        self.set_schedule(ac, scheduler.config.prediction_type)
 
     # -- core linear algebra ----------------------------------------------------------
     def _factors(self, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
@@ -329,107 +265,10 @@ class TextureModel(ModelMixin, ConfigMixin):
         per_class.index_add_(1, local.to(coef.device), z)             # one temporal rotation per class
         return self._from_matrix(torch.matmul(per_class, ut[classes].transpose(-1, -2)[None]).sum(1))
 
-    def _noisy_stats(self, alpha_bar: torch.Tensor, comps: torch.Tensor, dtype: torch.dtype
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per distinct ``alpha_bar``: inverse variances ``(U, K', CF, T)`` in ``dtype``, log-dets
-        ``(U, K')`` in float64, and the row -> distinct index map.  Rows of a sampler batch
-        share their timestep, so this is computed once per step, not once per row."""
-        uniq, inv = torch.unique(alpha_bar.to(torch.float64), return_inverse=True)
-        var = uniq.reshape(-1, 1, 1, 1) * self._eig(comps)[None] + (1 - uniq).reshape(-1, 1, 1, 1)
-        return (1.0 / var).to(dtype), torch.log(var).sum((-1, -2)), inv
-
-    def log_likelihoods(self, x: torch.Tensor, alpha_bar: Union[float, torch.Tensor] = 1.0,
-                        coef: Optional[torch.Tensor] = None, comps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(B, K')`` log densities of ``x`` under each component of ``N(0, a^2 Sigma_k + b^2 I)``.
-
-        With ``alpha_bar = 1`` this is the clean model's component log-likelihood.
-        """
-        comps = torch.arange(self.num_components) if comps is None else comps
-        ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        if coef is None:
-            coef = self._rotate_in(x, comps)
-        inv_var, logdet, row = self._noisy_stats(ab, comps, coef.dtype)
-        # Squares and products in the working dtype, the sum over ~C*F*T terms in float64.
-        quad = (coef * coef * inv_var[row]).sum((-1, -2), dtype=torch.float64)
-        d = coef.shape[-1] * coef.shape[-2]
-        return -0.5 * (quad + logdet[row] + d * math.log(2 * math.pi))
-
-    def responsibilities(self, x: torch.Tensor, class_weights: torch.Tensor,
-                         alpha_bar: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
-        """``(B, K)`` posterior component probabilities (log-sum-exp stable)."""
-        ll = self.log_likelihoods(x, alpha_bar) + self.component_logprior(class_weights).to(x.device)
-        return torch.softmax(ll, dim=-1)
-
-    # -- the denoiser -----------------------------------------------------------------
-    def alpha_bar(self, timestep: Union[int, float, torch.Tensor], batch: int) -> torch.Tensor:
-        t = torch.as_tensor(timestep).reshape(-1).to(torch.float64)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch}")
-        return alpha_bar_at(self.alphas_cumprod, t)
-
-    def denoise(self, x_t: torch.Tensor, alpha_bar: torch.Tensor, class_weights: torch.Tensor,
-                output: str = "epsilon") -> torch.Tensor:
-        """Exact posterior expectation of ``output`` (epsilon, v_prediction or sample).
-
-        ``x_t`` is ``(B, C, T, F)``, ``alpha_bar`` ``(B,)`` and ``class_weights``
-        ``(B, num_classes)``.  Rows are grouped by which components have non-zero prior
-        (a class prompt needs only its own sub-styles), so a conditional row costs a
-        fraction of an unconditional one.
-        """
-        if output not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported output {output!r}")
-        ab_all = alpha_bar.to(torch.float64).reshape(-1).expand(x_t.shape[0])
-        logprior = self.component_logprior(class_weights.to(torch.float64).cpu())
-        support = torch.isfinite(logprior)
-        out = torch.empty_like(x_t)
-        patterns, group = torch.unique(support, dim=0, return_inverse=True)
-        for g in range(patterns.shape[0]):
-            rows = torch.nonzero(group == g).reshape(-1)
-            comps = torch.nonzero(patterns[g]).reshape(-1)
-            x, ab = x_t[rows.to(x_t.device)], ab_all[rows]
-            coef = self._rotate_in(x, comps)
-            ll = self.log_likelihoods(x, ab, coef=coef, comps=comps) + logprior[rows][:, comps].to(x.device)
-            resp = torch.softmax(ll, dim=-1)                          # (b, K'), float64
-            # A responsibility below 1e-20 changes nothing at float64 precision, but its
-            # products would be float32 denormals (a 10-100x slowdown in the matmuls); drop
-            # it, and skip components that no row of the group needs any more.
-            resp = torch.where(resp < 1e-20, torch.zeros_like(resp), resp)
-            keep = torch.nonzero(resp.amax(0) > 0).reshape(-1)
-            comps, coef, resp = comps[keep], coef[:, keep.to(coef.device)], resp[:, keep]
-            uniq, row = torch.unique(ab, return_inverse=True)
-            u = uniq.reshape(-1, 1, 1, 1)
-            lam = self._eig(comps)[None]
-            denom = u * lam + (1 - u)
-            if output == "epsilon":
-                gain = (1 - u).sqrt() / denom
-            elif output == "v_prediction":
-                gain = (u * (1 - u)).sqrt() * (1 - lam) / denom
-            else:
-                gain = u.sqrt() * lam / denom
-            gain = gain.to(x.dtype)[row] * resp.to(x.dtype)[:, :, None, None]
-            out[rows.to(x_t.device)] = self._rotate_out(coef * gain, comps)
-        return out
-
-    def forward(self, sample: torch.Tensor, timestep: Union[int, float, torch.Tensor],
-                class_weights: torch.Tensor, return_dict: bool = False):
-        """UNet-shaped call: the scheduler-scaled ``x_t`` in, the scheduler's target out."""
-        cw = class_weights
-        if cw.dim() == 1:
-            cw = cw[None].expand(sample.shape[0], -1)
-        out = self.denoise(sample, self.alpha_bar(timestep, sample.shape[0]), cw, self.prediction_type)
-        return (out,) if not return_dict else {"sample": out}
-
     # -- exact sampling from the model --------------------------------------------------
     def component_cov(self, k: int) -> torch.Tensor:
         """Dense ``(C F T) x (C F T)`` covariance of component ``k`` in ``(c, f, t)`` order (tests)."""
         return torch.kron(self.chanfreq_cov[k], self.temporal_cov[self.component_class[k]])
-
-    def sample_components(self, class_weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Draw a component index per row of ``(B, num_classes)`` class weights."""
-        p = torch.exp(self.component_logprior(class_weights))
-        return torch.multinomial(p, 1, generator=generator).reshape(-1)
 
     def sample(self, components: torch.Tensor, length: Optional[int] = None,
                generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32,
@@ -535,25 +374,10 @@ class TextureModel(ModelMixin, ConfigMixin):
         return out.reshape(b, c, f, length).permute(0, 1, 3, 2).to(dtype), comps
 
     def _wrapped_kernel(self, c: int, length: int) -> np.ndarray:
-        """Class ``c``'s kernel wrapped around a circle of ``length`` frames (lags ``0 .. length - 1``),
-        with the sampler's nugget; terms are added until they are below 1e-15."""
-        lags = np.arange(length)
-        wrapped = temporal_kernel(self.classes[c].temporal, lags)
-        m = 1
-        while True:
-            terms = (temporal_kernel(self.classes[c].temporal, lags + m * length)
-                     + temporal_kernel(self.classes[c].temporal, lags - m * length))
-            wrapped = wrapped + terms
-            if np.abs(terms).max() < 1e-15:
-                break
-            m += 1
-        wrapped[0] += 1e-4
-        return wrapped
+        """Class ``c``'s kernel wrapped around a circle of ``length`` frames (:func:`wrapped_kernel`)."""
+        return wrapped_kernel(self.classes[c].temporal, length)
 
     def periodic_error(self, length: int) -> float:
         """Largest difference, over classes and lags within a window, between the covariance of a
         window of the ``periodic`` process on ``length`` frames and the model's (``k(0) = 1``)."""
-        w = min(self.window, length)
-        lags = np.arange(w)
-        return max(float(np.abs(self._wrapped_kernel(c, length)[:w] - temporal_kernel(cls.temporal, lags)
-                                - 1e-4 * (lags == 0)).max()) for c, cls in enumerate(self.classes))
+        return max(wrapped_kernel_error(cls.temporal, length, self.window) for cls in self.classes)

@@ -25,7 +25,33 @@ from .model import MAX_WINDOW, TextureModel
 __all__ = ["TexturePipeline", "make_texture_pipeline", "window_frames"]
 
 
-class TexturePipeline(DiffusionPipeline):
+class ConfigOnlyPersistence:
+    """``save_pretrained`` / ``from_pretrained`` for the analytic pipelines: the model is its config
+    (no weights), so only configs are saved: the model's (class ``model_class``) and the scheduler's."""
+
+    model_class: Any = None
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **_: Any) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_config(os.path.join(save_directory, "model"))
+        self.scheduler.save_config(os.path.join(save_directory, "scheduler"))
+        with open(os.path.join(save_directory, "model_index.json"), "w") as f:
+            json.dump({"_class_name": type(self).__name__, "model": ["safa.texture", self.model_class.__name__],
+                       "scheduler": ["diffusers", type(self.scheduler).__name__]}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **_: Any) -> Any:
+        import diffusers
+        path = str(pretrained_model_name_or_path)
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+        model = cls.model_class.from_config(cls.model_class.load_config(os.path.join(path, "model")))
+        sched_cls = getattr(diffusers, index["scheduler"][1])
+        scheduler = sched_cls.from_config(sched_cls.load_config(os.path.join(path, "scheduler")))
+        return cls(model, scheduler)
+
+
+class TexturePipeline(ConfigOnlyPersistence, DiffusionPipeline):
     """Diffusers-style pipeline around the analytic texture model.
 
     >>> pipe = make_texture_pipeline()                        # doctest: +SKIP
@@ -33,6 +59,7 @@ class TexturePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model"
+    model_class = TextureModel
 
     def __init__(self, model: TextureModel, scheduler: Any) -> None:
         super().__init__()
@@ -136,26 +163,6 @@ class TexturePipeline(DiffusionPipeline):
         u = u.reshape(b, frames // d.time_scale, d.time_scale, d.freq_bins).mean(dim=2)
         w = d.channel_weights
         return (w[None, :, None, None] * u[:, None] / (w * w).sum()).to(self.dtype)
-
-    # -- persistence: the model is its config (no weights), so save configs only -------------
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **_: Any) -> None:  # type: ignore[override]
-        os.makedirs(save_directory, exist_ok=True)
-        self.model.save_config(os.path.join(save_directory, "model"))
-        self.scheduler.save_config(os.path.join(save_directory, "scheduler"))
-        with open(os.path.join(save_directory, "model_index.json"), "w") as f:
-            json.dump({"_class_name": type(self).__name__, "model": ["safa.texture", "TextureModel"],
-                       "scheduler": ["diffusers", type(self.scheduler).__name__]}, f, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **_: Any) -> "TexturePipeline":  # type: ignore[override]
-        import diffusers
-        path = str(pretrained_model_name_or_path)
-        with open(os.path.join(path, "model_index.json")) as f:
-            index = json.load(f)
-        model = TextureModel.from_config(TextureModel.load_config(os.path.join(path, "model")))
-        sched_cls = getattr(diffusers, index["scheduler"][1])
-        scheduler = sched_cls.from_config(sched_cls.load_config(os.path.join(path, "scheduler")))
-        return cls(model, scheduler)
 
 
 def window_frames(seconds: float) -> int:
