@@ -787,6 +787,9 @@ def tiny_upscale_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusi
         vae=vae, text_encoder=CLIPTextModel(_tiny_clip_config(len(tokenizer))), tokenizer=tokenizer, unet=unet,
         low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
         max_noise_level=350)
+    return _finish(pipe)
+
+
 def tiny_texture2d_pipeline(seed: int = 0, window: int = 16, scheduler: str = "DDIM") -> "TexturePipeline2D":
     """The 2-D analytic texture pipeline (:mod:`safa.texture.pipeline2d`) on ``window x window`` tiles
     (default 16: a grid of a few tiles stays cheap), with ``scheduler`` ``"DDIM"`` (no x0 clipping)
