@@ -156,6 +156,7 @@ def _check_scalars(adapter: Adapter, num_inference_steps: Any, view_batch_size: 
     check_positive_int("decode_tile", decode_tile, allow_none=True)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    adapter.check_decode(decode)
     if output_type is None:
         return adapter.output_types[0]
     if output_type not in adapter.output_types:

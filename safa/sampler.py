@@ -64,6 +64,7 @@ class JointDiffusionOutput(BaseOutput):
             ``output_type``), else None.
         images: a list of PIL images / ``(B, H, W, 3)`` array / ``(B, 3, H, W)`` tensor for
             image pipelines (the pipeline's own ``image_processor`` output), else None.
+        frames: the videos of video pipelines (``(B, F, H, W, 3)`` for ``"np"``), else None.
         latent: the final long latent ``J`` over the whole layout (``layout.length`` columns
             on the long axis, before cropping).
         layout: the :class:`~safa_kernels.ViewLayout` of the views.
@@ -85,6 +86,7 @@ class JointDiffusionOutput(BaseOutput):
 
     audio: Any = None
     images: Any = None
+    frames: Any = None
     latent: Optional[torch.Tensor] = None
     layout: Optional[ViewLayout] = None
     columns: int = 0

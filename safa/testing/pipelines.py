@@ -74,6 +74,7 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_stable_audio_3_pipeline",
     "tiny_longcat_audio_pipeline",
+    "tiny_wan_pipeline",
     "tiny_gemma_tokenizer",
     "tiny_roberta_tokenizer",
     "tiny_clip_tokenizer",
@@ -713,4 +714,29 @@ def tiny_longcat_audio_pipeline(seed: int = 0) -> "LongCatAudioDiTPipeline":
                              encoder_latent_dim=16, downsampling_ratio=8, sample_rate=80)
     pipe = LongCatAudioDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True))
+    return _finish(pipe)
+
+
+def tiny_wan_pipeline(seed: int = 0) -> "WanPipeline":
+    """A tiny random WanPipeline (text to video), the shapes of diffusers' own Wan tests: a causal 3-D
+    VAE (``AutoencoderKLWan``, 16 latent channels, 8x spatial and 4x temporal compression, base width
+    3), a two-layer ``WanTransformer3DModel`` (patch ``(1, 2, 2)``, 2 heads of 12), a UMT5 encoder
+    (width 32) with :func:`tiny_t5_tokenizer`, and FlowMatchEuler with shift 7. At ``height=width=32``
+    a latent frame is 4 x 4 (4 tokens); the pipeline's default 81 frames are 21 latent frames.
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer(model_max_length=512)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=32, d_kv=8, num_heads=2,
+                                               num_layers=1, pad_token_id=0, eos_token_id=1,
+                                               decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     return _finish(pipe)
