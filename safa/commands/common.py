@@ -79,7 +79,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--window``."""
     p.add_argument("--model", default=BUILTIN_MODEL,
                    help=f"local diffusers pipeline directory or cached hub id (default {BUILTIN_MODEL}: "
-                        f"the built-in analytic texture model; {TINY_AUDIOLDM}: a tiny random AudioLDM, offline)")
+                        f"the built-in analytic texture model; {TINY_AUDIOLDM}: a tiny random AudioLDM, offline; "
+                        f"{TINY_WAN}: a tiny random Wan text-to-video pipeline, offline)")
     p.add_argument("--window", type=POSITIVE_NUMBER, default=None,
                    help="window: seconds for audio, latent columns for images (default: the model's native one; "
                         "the built-in model is built for the window asked)")
