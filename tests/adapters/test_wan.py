@@ -196,3 +196,13 @@ def test_cli_generate_writes_mp4(tmp_path, capsys):
     assert not (tmp_path / "bad.mp4").exists()
     assert main(["generate", "--frames", "61", "--out", str(tmp_path / "x.wav"), "--quiet"]) == 2
     assert "--frames is for video pipelines" in capsys.readouterr().err
+
+
+def test_wan_pil_and_tuple_outputs_are_the_pipelines(wan, jd):
+    kw = dict(num_inference_steps=1, output_type="pil", **SIZE)
+    theirs = wan("a cat", num_frames=9, generator=_gen(), return_dict=False, **kw)
+    ours = jd("a cat", 9 / FPS, generator=_gen(), return_dict=False, **kw)
+    assert len(ours) == len(theirs) == 1 and len(ours[0]) == 1 and len(ours[0][0]) == len(theirs[0][0]) == 9
+    for a, b in zip(ours[0][0], theirs[0][0]):
+        assert a.size == b.size == (32, 32)
+        assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
