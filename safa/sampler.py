@@ -362,7 +362,9 @@ class JointDiffusion:
         mode = "full" if grid else resolve_mode(request.decode, layout.length, layout.window)
         tile = request.decode_tile or (layout.cols.window if grid else layout.window)
         tiles = 1 if grid else tile_count(adapter, layout.length, tile, out_len)
-        shared_decode = request.output_type != "latent" and mode == "tiled" and shard.can_share_decode(tiles)
+        # (a video's causal VAE decodes its frames in order, carrying its cache: on rank 0 alone)
+        shared_decode = request.output_type != "latent" and mode == "tiled" and adapter.kind != "video" \
+            and shard.can_share_decode(tiles)
         views = shard.gather(views, everywhere=shared_decode)
         nothing = JointDiffusionOutput(layout=layout, columns=columns, sample_rate=adapter.sample_rate, method=method)
         if views is None:

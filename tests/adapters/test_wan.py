@@ -206,3 +206,19 @@ def test_wan_pil_and_tuple_outputs_are_the_pipelines(wan, jd):
     for a, b in zip(ours[0][0], theirs[0][0]):
         assert a.size == b.size == (32, 32)
         assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
+
+
+def _wan_video(group):
+    jd = JointDiffusion(tp.tiny_wan_pipeline(seed=0), process_group=group)
+    out = jd("waves", OPEN_FRAMES / FPS, method="safa_selfloop", window=WINDOW, num_inference_steps=2,
+             view_batch_size=1, decode="tiled", decode_tile=3, output_type="pt", generator=_gen(), **SIZE)
+    return None if out.frames is None else out.frames.numpy()
+
+
+def test_wan_two_processes_equal_one(jd):
+    """Views sharded over 2 gloo processes; the causal decode runs on rank 0 alone, in order."""
+    from safa.testing.distributed import RankError, run_processes
+    results = run_processes(_wan_video, 2)
+    assert not any(isinstance(r, RankError) for r in results), results
+    assert results[1] is None
+    np.testing.assert_array_equal(results[0], _wan_video(None))
