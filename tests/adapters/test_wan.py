@@ -222,3 +222,16 @@ def test_wan_two_processes_equal_one(jd):
     assert not any(isinstance(r, RankError) for r in results), results
     assert results[1] is None
     np.testing.assert_array_equal(results[0], _wan_video(None))
+
+
+def test_serve_refuses_video_and_profile_takes_it(jd, tmp_path, capsys, monkeypatch):
+    from safa.cli import main
+    from safa.serve.jobs import Studio
+    with pytest.raises(ValueError, match="safa serve makes audio and images; WanPipeline makes video"):
+        Studio(jd, "builtin:tiny-wan", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    args = ["profile", "--model", "builtin:tiny-wan", "--width", "32", "--height", "32", "--window", str(WINDOW),
+            "--steps", "1", "--quiet"]
+    assert main(args) == 2 and "this is a video pipeline: give --seconds" in capsys.readouterr().err
+    assert main([*args, "--seconds", str(OPEN_FRAMES / FPS)]) == 0
+    assert "builtin:tiny-wan: 3 views of 1.5 s (6 latent frames, 24 frames)" in capsys.readouterr().out
