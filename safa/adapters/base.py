@@ -7,8 +7,8 @@ pipeline family. An adapter holds a reference to the pipeline (no weights are co
 
 Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
 
-1. Subclass :class:`AudioAdapter` or :class:`ImageAdapter` (what differs between audio and
-   images: units, lengths, output types, files), set the class attributes ``pipeline_classes``
+1. Subclass :class:`AudioAdapter`, :class:`ImageAdapter` or :class:`VideoAdapter` (what differs
+   between audio, images and video: units, lengths, output types, files), set the class attributes ``pipeline_classes``
    (class names it accepts), ``long_dim`` and ``reference_axis``.
 2. Implement :meth:`latent_shape`, :meth:`native_window`, :meth:`columns_for`,
    :meth:`output_length`, :meth:`encode_prompts`, :meth:`predict` and :meth:`decode_latents`
@@ -39,8 +39,8 @@ import torch
 
 from ..audio_io import audio_file_bytes
 
-__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "VideoAdapter", "Conditions", "register_adapter", "registered_adapters",
-           "adapter_class_for"]
+__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "VideoAdapter", "Conditions", "register_adapter",
+           "registered_adapters", "adapter_class_for"]
 
 
 @dataclass
@@ -105,8 +105,9 @@ class Adapter:
 
     Attributes:
         pipeline_classes: names of the diffusers pipeline classes this adapter accepts.
-        kind: a label, ``"audio"`` or ``"image"``; what differs by kind lives in
-            :class:`AudioAdapter` and :class:`ImageAdapter`, which every family subclasses.
+        kind: a label, ``"audio"``, ``"image"`` or ``"video"``; what differs by kind lives in
+            :class:`AudioAdapter`, :class:`ImageAdapter` and :class:`VideoAdapter`, which every family
+            subclasses.
         length_argument: the call argument giving the output's length (``"seconds"`` / ``"width"``);
             ``length_hint`` says what to give when it is missing.
         per_output_argument: the pipelines' name for outputs per prompt.

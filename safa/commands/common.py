@@ -1,8 +1,9 @@
 """What every ``safa`` subcommand shares: the same flags with the same meaning, checks and defaults.
 
 - ``--model`` (default the built-in texture model; ``builtin:tiny-audioldm`` a tiny random
-  AudioLDM, ``builtin:tiny-wan`` a tiny random Wan text-to-video) and ``--window`` (seconds for audio, latent columns for images, in every
-  subcommand; with the built-in model the model is built for that window);
+  AudioLDM, ``builtin:tiny-wan`` a tiny random Wan text-to-video) and ``--window`` (seconds for
+  audio and video, latent columns for images, in every subcommand; with the built-in model the
+  model is built for that window);
 - ``--device`` (a clear one-line error when the device does not exist here), ``--backend``
   (the merge backend; checked with ``SAFA_BACKEND`` by the kernels' own resolver, before any
   work), ``--quiet`` (library warnings and notices silenced; without it each is shown once,
@@ -30,7 +31,8 @@ from typing import Any, Callable, Iterator, Optional
 from .._checks import check_int_range, check_positive_int, check_positive_number, check_range
 from ..errors import CLIError
 
-__all__ = ["BUILTIN_MODEL", "TINY_AUDIOLDM", "TINY_WAN", "SEED_MAX", "arg_type", "POSITIVE_INT", "POSITIVE_NUMBER",
+__all__ = ["BUILTIN_MODEL", "TINY_AUDIOLDM", "TINY_WAN", "SEED_MAX", "arg_type", "POSITIVE_INT",
+           "POSITIVE_NUMBER",
            "NONNEGATIVE_INT", "NONNEGATIVE_NUMBER", "SEED", "add_model_arguments", "add_device_arguments",
            "add_sampling_arguments", "add_layout_arguments", "add_guidance_argument", "resolve_device",
            "check_backend", "use_backend", "setup_logging", "overlap_notice", "load_pipeline", "set_scheduler"]
@@ -244,8 +246,8 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_pipeline(model: str, window: Optional[float] = None) -> Any:
-    """Load ``model``: the built-in texture model, :data:`TINY_AUDIOLDM`, :data:`TINY_WAN`, a local pipeline directory,
-    or a cached hub id.
+    """Load ``model``: the built-in texture model, :data:`TINY_AUDIOLDM`, :data:`TINY_WAN`, a local pipeline
+    directory, or a cached hub id.
 
     The built-in model is defined on one window: with ``window`` (seconds) it is built for that
     window. Raises :class:`CLIError` for a missing directory, a directory that is not a

@@ -150,7 +150,8 @@ def test_wan_syncdiffusion_with_a_loss(jd):
     def loss(a, b):
         assert a.shape[1:3] == (3, 21)  # decoded clips (B, 3, frames, H, W)
         return ((a - b) ** 2).mean()
-    zero = jd("waves", OPEN_FRAMES / FPS, method=SyncDiffusion(weight=0.0, steps=1.0, loss=loss), generator=_gen(), **kw)
+    zero = jd("waves", OPEN_FRAMES / FPS, method=SyncDiffusion(weight=0.0, steps=1.0, loss=loss), generator=_gen(),
+              **kw)
     sync = jd("waves", OPEN_FRAMES / FPS, method=SyncDiffusion(steps=1.0, loss=loss), generator=_gen(), **kw)
     assert torch.isfinite(sync.latent).all() and not torch.equal(zero.latent, sync.latent)
 
@@ -235,3 +236,10 @@ def test_serve_refuses_video_and_profile_takes_it(jd, tmp_path, capsys, monkeypa
     assert main(args) == 2 and "this is a video pipeline: give --seconds" in capsys.readouterr().err
     assert main([*args, "--seconds", str(OPEN_FRAMES / FPS)]) == 0
     assert "builtin:tiny-wan: 3 views of 1.5 s (6 latent frames, 24 frames)" in capsys.readouterr().out
+
+
+def test_wan_videos_per_prompt(jd):
+    out = jd("waves", 9 / FPS, num_videos_per_prompt=2, num_inference_steps=1, generator=[_gen(1), _gen(2)], **SIZE)
+    assert out.frames.shape == (2, 9, 32, 32, 3) and not np.array_equal(out.frames[0], out.frames[1])
+    with pytest.raises(ValueError, match="num_images_per_prompt is for image pipelines; give num_videos_per_prompt"):
+        jd("waves", 9 / FPS, num_images_per_prompt=2, num_inference_steps=1, **SIZE)
