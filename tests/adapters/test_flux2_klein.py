@@ -76,3 +76,10 @@ def test_klein_guidance_rules_and_embeddings(klein):
     assert torch.equal(guided, unguided)  # the distilled models take no guidance, as the pipeline
     with pytest.raises(ValueError, match="MAD merges a UNet's self-attention layers; Flux2KleinPipeline"):
         jd("a fox", width=128, method="mad", num_inference_steps=1)
+
+
+def test_klein_grid_beyond_one_window_in_height(klein):
+    out = JointDiffusion(klein)("a cat", height=128, width=128, window=8, num_inference_steps=2, generator=_gen(),
+                                output_type="np")
+    assert out.images.shape == (1, 128, 128, 3) and np.isfinite(out.images).all()
+    assert (out.layout.rows.num_views, out.layout.cols.num_views) == (3, 3)
