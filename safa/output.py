@@ -57,6 +57,9 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
         check_output_path(path, kinds=(adapter.kind,), name="output_path")
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise ValueError(f"output_path names the same file twice: {paths}")
+    if adapter.kind == "video":  # the writer's library, before any work rather than at the first frames
+        from .video_io import require_av
+        require_av()
     return paths
 
 

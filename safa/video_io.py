@@ -16,14 +16,15 @@ import numpy as np
 
 from .files import AtomicFile
 
-__all__ = ["VideoWriter", "VIDEO_CODEC"]
+__all__ = ["VideoWriter", "VIDEO_CODEC", "require_av"]
 
 # H.264 with yuv420p: what players and browsers expect of an .mp4. crf 18: visually lossless.
 VIDEO_CODEC = "libx264"
 _OPTIONS = {"crf": "18", "preset": "medium"}
 
 
-def _import_av() -> Any:
+def require_av() -> Any:
+    """The ``av`` module, or a ``ValueError`` saying how to install it."""
     try:
         import av
     except ImportError:
@@ -41,7 +42,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: str, fps: int, height: int, width: int, frames: Optional[int] = None) -> None:
-        av = _import_av()
+        av = require_av()
         if height % 2 or width % 2:
             raise ValueError(f"an H.264 video needs an even frame size, got {height} x {width}")
         self.path, self.frames, self.written = path, frames, 0

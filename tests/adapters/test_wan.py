@@ -9,6 +9,7 @@ causal cache IS the whole decode; a loop is the periodic video's period; MP4 fil
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -243,3 +244,10 @@ def test_wan_videos_per_prompt(jd):
     assert out.frames.shape == (2, 9, 32, 32, 3) and not np.array_equal(out.frames[0], out.frames[1])
     with pytest.raises(ValueError, match="num_images_per_prompt is for image pipelines; give num_videos_per_prompt"):
         jd("waves", 9 / FPS, num_images_per_prompt=2, num_inference_steps=1, **SIZE)
+
+
+def test_wan_mp4_without_pyav_fails_before_any_work(jd, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # an import of av raises ImportError
+    with pytest.raises(ValueError, match=r"writing video needs PyAV: pip install av"):
+        jd("waves", OPEN_FRAMES / FPS, output_path=str(tmp_path / "w.mp4"), num_inference_steps=1,
+           callback_on_step_end=lambda *a: pytest.fail("a step ran"), **SIZE)
