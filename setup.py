@@ -65,7 +65,7 @@ setup(
     install_requires=["numpy", "diffusers", "transformers", "soundfile", "scipy", "pillow", "matplotlib"],
     # Stable Audio Open's CosineDPMSolverMultistep scheduler imports torchsde; safa serve's page is Gradio
     # (the version the tests ran with is pinned in requirements-dev.txt).
-    extras_require={"stable-audio": ["torchsde"], "serve": ["gradio>=6.31,<7"]},
+    extras_require={"stable-audio": ["torchsde"], "serve": ["gradio>=6.31,<7"], "video": ["av"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     entry_points={"console_scripts": ["safa=safa.cli:main"]},

@@ -3,7 +3,7 @@
 :class:`AtomicFile` (:func:`atomic_path` for one-shot writes) writes to a temporary file in
 the destination directory and moves it into place with ``os.replace``, so after an error or
 Ctrl-C there is either the complete old file, the complete new file, or nothing. Audio
-(:mod:`safa.audio_io`), PNGs and figures (:mod:`safa.plots`), the evaluation table and the
+(:mod:`safa.audio_io`), videos (:mod:`safa.video_io`), PNGs and figures (:mod:`safa.plots`), the evaluation table and the
 profiler's trace all go through it.
 
 :func:`check_output_path` is the one check of an output path (its extension for the kind
@@ -19,13 +19,15 @@ import stat
 import tempfile
 from typing import Dict, Iterator, Sequence, Tuple
 
-__all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "OUTPUT_EXTENSIONS", "AtomicFile", "atomic_path",
+__all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "OUTPUT_EXTENSIONS", "AtomicFile", "atomic_path",
            "check_writable", "check_output_path", "check_free_space"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 IMAGE_EXTENSIONS = (".png",)
+VIDEO_EXTENSIONS = (".mp4",)
 # The file types written per kind of output.
-OUTPUT_EXTENSIONS: Dict[str, Tuple[str, ...]] = {"audio": AUDIO_EXTENSIONS, "image": IMAGE_EXTENSIONS}
+OUTPUT_EXTENSIONS: Dict[str, Tuple[str, ...]] = {"audio": AUDIO_EXTENSIONS, "image": IMAGE_EXTENSIONS,
+                                                 "video": VIDEO_EXTENSIONS}
 
 
 def _read_only(path: str) -> bool:

@@ -288,7 +288,7 @@ def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio
                 raise ValueError(f"{name} places the user's audio: give audio= (or audio_latents=) with it")
         return None
     if adapter.kind != "audio":
-        raise ValueError(f"audio= is for audio pipelines; {type(adapter.pipe).__name__} makes images")
+        raise ValueError(f"audio= is for audio pipelines; {type(adapter.pipe).__name__} makes {adapter.kind}s")
     if audio is not None and audio_latents is not None:
         raise ValueError("give audio= or audio_latents=, not both")
     for name, value in (("audio_start", audio_start), ("audio_crossfade", audio_crossfade)):

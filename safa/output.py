@@ -9,7 +9,8 @@ After the last step the sampler stitches the long latent ``J`` and hands it here
   ``output_path``, writes each audio piece to its file as soon as it is decoded
   (:class:`~safa.audio_io.AudioWriter`: a temporary file moved into place at the end, so an
   interrupted run leaves nothing). Memory is then one tile's, whatever the length.
-  Images are written whole (PNG), through the pipeline's ``image_processor``.
+  Images are written whole (PNG), through the pipeline's ``image_processor``; videos frame by
+  frame as they are decoded (MP4, :class:`~safa.video_io.VideoWriter`).
 
 The stage only reads the stitched latent and the layout, so it runs the same wherever that
 latent came from (e.g. gathered from several processes).
@@ -56,6 +57,9 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
         check_output_path(path, kinds=(adapter.kind,), name="output_path")
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise ValueError(f"output_path names the same file twice: {paths}")
+    if adapter.kind == "video":  # the writer's library, before any work rather than at the first frames
+        from .video_io import require_av
+        require_av()
     return paths
 
 
@@ -68,7 +72,9 @@ def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, m
     ``pieces``: the decoded pieces when they were decoded elsewhere (several processes,
     :meth:`safa.distributed.ViewShard.decode_tiles`), else they are decoded here.
     """
-    if pieces is None and mode == "tiled":
+    if pieces is None and adapter.kind == "video":  # the causal VAE decodes the frames in order, with its cache
+        pieces = adapter.decode_frames(latent, layout.loop, mode, tile)  # type: ignore[attr-defined]
+    elif pieces is None and mode == "tiled":
         pieces = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len)
     elif pieces is None:
         pieces = iter([(0, decode(adapter, latent, layout, mode, view_batch_size))])
@@ -76,13 +82,21 @@ def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, m
         yield start, piece[..., :out_len - start]
 
 
-def _progress(pipe: Any, out_len: int, sample_rate: Optional[int]) -> Any:
-    """The decoding bar, counting output columns, shown in seconds of audio (or pixels) with its rate."""
+def _open_writer(adapter: Adapter, path: str, piece: torch.Tensor, out_len: int) -> Any:
+    """The streaming writer of one output file: WAV / FLAC for audio, MP4 for video."""
+    if adapter.kind == "video":
+        from .video_io import VideoWriter
+        return VideoWriter(path, adapter.fps, piece.shape[-3], piece.shape[-2], out_len)  # type: ignore[attr-defined]
+    return AudioWriter(path, adapter.sample_rate, piece.shape[1] if piece.dim() == 3 else 1, out_len)
+
+
+def _progress(pipe: Any, out_len: int, sample_rate: Optional[int], unit: str = "px") -> Any:
+    """The decoding bar, counting output columns, shown in seconds of audio (or pixels, or frames) with its rate."""
     from tqdm.auto import tqdm
     config = dict(getattr(pipe, "_progress_bar_config", None) or {})
     config.setdefault("desc", "decoding")
     if not sample_rate:
-        return tqdm(total=out_len, unit="px", **config)
+        return tqdm(total=out_len, unit=unit, **config)
     config.setdefault("bar_format", "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio "
                                     "[{elapsed}<{remaining}, {rate_fmt}]")
     return tqdm(total=out_len, unit=" s audio", unit_scale=1.0 / sample_rate, **config)
@@ -100,18 +114,16 @@ def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *
     :func:`decoded_chunks`.
     """
     chunks = decoded_chunks(adapter, latent, layout, mode, tile, view_batch_size, out_len, pieces)
-    progress = _progress(adapter.pipe, out_len, adapter.sample_rate)
+    progress = _progress(adapter.pipe, out_len, adapter.sample_rate, " frames" if adapter.kind == "video" else "px")
     with progress, contextlib.ExitStack() as files:
-        writers: Optional[List[AudioWriter]] = None
+        writers: Optional[List[Any]] = None
         out: Optional[torch.Tensor] = None
         for start, piece in chunks:
             if on_chunk is not None:
                 on_chunk(start, piece)
             if paths is not None and adapter.streams_files:
                 if writers is None:  # opened at the first piece: its shape gives the channels
-                    channels = piece.shape[1] if piece.dim() == 3 else 1
-                    writers = [files.enter_context(AudioWriter(p, adapter.sample_rate, channels, out_len))
-                               for p in paths]
+                    writers = [files.enter_context(_open_writer(adapter, p, piece, out_len)) for p in paths]
                 for writer, row in zip(writers, piece.float().cpu().numpy()):
                     writer.write(row)
             elif start == 0 and piece.shape[-1] == out_len:

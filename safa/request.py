@@ -39,7 +39,7 @@ __all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layo
 DEFAULT_VIEW_BATCH_SIZE = 16
 
 # The pipeline families' names for outputs per prompt, and whose they are.
-_PER_OUTPUT = {"num_waveforms_per_prompt": "audio", "num_images_per_prompt": "image"}
+_PER_OUTPUT = {"num_waveforms_per_prompt": "audio", "num_images_per_prompt": "image", "num_videos_per_prompt": "video"}
 _EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
@@ -157,6 +157,7 @@ def _check_scalars(adapter: Adapter, num_inference_steps: Any, view_batch_size: 
     check_positive_int("decode_tile", decode_tile, allow_none=True)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    adapter.check_decode(decode)
     if output_type is None:
         return adapter.output_types[0]
     if output_type not in adapter.output_types:
@@ -223,7 +224,8 @@ def build_request(adapter: Adapter, *, method: Union[str, Method] = "safa", guid
                   height: Optional[int] = None, window: Optional[float] = None, overlap: float = 0.2,
                   loop: bool = False, num_inference_steps: Optional[int] = None,
                   guidance_scale: Optional[float] = None, num_waveforms_per_prompt: Optional[int] = None,
-                  num_images_per_prompt: Optional[int] = None, prompt: Any = None, view_prompts: Any = None,
+                  num_images_per_prompt: Optional[int] = None, num_videos_per_prompt: Optional[int] = None,
+                  prompt: Any = None, view_prompts: Any = None,
                   batch_size: Optional[int] = None, view_batch_size: Optional[int] = None, eta: float = 0.0,
                   decode: str = "auto", decode_tile: Optional[int] = None, output_type: Optional[str] = None,
                   output_path: Union[None, str, Sequence[str]] = None, check_paths: bool = True,
@@ -248,7 +250,8 @@ def build_request(adapter: Adapter, *, method: Union[str, Method] = "safa", guid
     method.check_pipeline(adapter)
     seconds, per_prompt = _length_and_per_prompt(
         adapter, seconds, audio_length_in_s, width,
-        dict(num_waveforms_per_prompt=num_waveforms_per_prompt, num_images_per_prompt=num_images_per_prompt),
+        dict(num_waveforms_per_prompt=num_waveforms_per_prompt, num_images_per_prompt=num_images_per_prompt,
+             num_videos_per_prompt=num_videos_per_prompt),
         require_length)
     adapter.check_length(seconds, width, height)
     output_type = _check_scalars(adapter, num_inference_steps, view_batch_size, decode, decode_tile, output_type)
@@ -569,7 +572,8 @@ CALL_ARGUMENTS_DOC = """
                 AudioLDM, 200 for AudioLDM2 and MusicLDM, 50 for SD; the paper used 200 for audio).
             guidance_scale: classifier-free guidance, off when <= 1 (default: the wrapped
                 pipeline's own, e.g. 2.5 for AudioLDM, 7.5 for SD).
-            num_waveforms_per_prompt / num_images_per_prompt: outputs per batch prompt (default 1).
+            num_waveforms_per_prompt / num_images_per_prompt / num_videos_per_prompt: outputs per batch
+                prompt (default 1).
             generator: a torch generator, or a list with one per output (as in diffusers), for
                 the initial noise and stochastic schedulers.
             window: window in seconds for audio, latent columns for images (default: the

@@ -65,6 +65,7 @@ class JointDiffusionOutput(BaseOutput):
             ``output_type``), else None.
         images: a list of PIL images / ``(B, H, W, 3)`` array / ``(B, 3, H, W)`` tensor for
             image pipelines (the pipeline's own ``image_processor`` output), else None.
+        frames: the videos of video pipelines (``(B, F, H, W, 3)`` for ``"np"``), else None.
         latent: the final long latent ``J`` over the whole layout (``layout.length`` columns
             on the long axis, before cropping).
         layout: the :class:`~safa_kernels.ViewLayout` of the views.
@@ -86,6 +87,7 @@ class JointDiffusionOutput(BaseOutput):
 
     audio: Any = None
     images: Any = None
+    frames: Any = None
     latent: Optional[torch.Tensor] = None
     layout: Optional[ViewLayout] = None
     columns: int = 0
@@ -288,6 +290,7 @@ class JointDiffusion:
                  method: Union[str, Method] = "safa", loop: bool = False,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  num_waveforms_per_prompt: Optional[int] = None, num_images_per_prompt: Optional[int] = None,
+                 num_videos_per_prompt: Optional[int] = None,
                  generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
                  window: Optional[float] = None, overlap: float = 0.2, swap_interval: Optional[int] = None,
                  guide: Optional[float] = None, view_batch_size: Optional[int] = None,
@@ -316,6 +319,7 @@ class JointDiffusion:
             audio_length_in_s=audio_length_in_s, width=width, height=height, window=window, overlap=overlap,
             loop=loop, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_waveforms_per_prompt=num_waveforms_per_prompt, num_images_per_prompt=num_images_per_prompt,
+            num_videos_per_prompt=num_videos_per_prompt,
             prompt=prompt, view_prompts=view_prompts, view_batch_size=view_batch_size, eta=eta, decode=decode,
             decode_tile=decode_tile, output_type=output_type, output_path=output_path,
             check_paths=_distributed.rank_of(self.process_group) == 0, prompt_embeds=prompt_embeds,
@@ -387,7 +391,9 @@ class JointDiffusion:
         mode = "full" if grid else resolve_mode(request.decode, layout.length, layout.window)
         tile = request.decode_tile or (layout.cols.window if grid else layout.window)
         tiles = 1 if grid else tile_count(adapter, layout.length, tile, out_len)
-        shared_decode = request.output_type != "latent" and mode == "tiled" and shard.can_share_decode(tiles)
+        # (a video's causal VAE decodes its frames in order, carrying its cache: on rank 0 alone)
+        shared_decode = request.output_type != "latent" and mode == "tiled" and adapter.kind != "video" \
+            and shard.can_share_decode(tiles)
         views = shard.gather(views, everywhere=shared_decode)
         nothing = JointDiffusionOutput(layout=layout, columns=columns, sample_rate=adapter.sample_rate, method=method)
         if views is None:

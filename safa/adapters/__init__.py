@@ -9,11 +9,11 @@ import importlib
 import pkgutil
 from typing import Any
 
-from .base import (Adapter, AudioAdapter, Conditions, ImageAdapter, adapter_class_for, register_adapter,
-                   registered_adapters)
+from .base import (Adapter, AudioAdapter, Conditions, ImageAdapter, VideoAdapter, adapter_class_for,
+                   register_adapter, registered_adapters)
 
-__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "Conditions", "register_adapter", "registered_adapters",
-           "get_adapter", "load_all"]
+__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "VideoAdapter", "Conditions", "register_adapter",
+           "registered_adapters", "get_adapter", "load_all"]
 
 _loaded = False
 

@@ -7,8 +7,8 @@ pipeline family. An adapter holds a reference to the pipeline (no weights are co
 
 Writing an adapter (see ``safa/adapters/audioldm.py`` for a complete one):
 
-1. Subclass :class:`AudioAdapter` or :class:`ImageAdapter` (what differs between audio and
-   images: units, lengths, output types, files), set the class attributes ``pipeline_classes``
+1. Subclass :class:`AudioAdapter`, :class:`ImageAdapter` or :class:`VideoAdapter` (what differs
+   between audio, images and video: units, lengths, output types, files), set the class attributes ``pipeline_classes``
    (class names it accepts), ``long_dim`` and ``reference_axis``.
 2. Implement :meth:`latent_shape`, :meth:`native_window`, :meth:`columns_for`,
    :meth:`output_length`, :meth:`encode_prompts`, :meth:`predict` and :meth:`decode_latents`
@@ -39,8 +39,8 @@ import torch
 
 from ..audio_io import audio_file_bytes
 
-__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "Conditions", "register_adapter", "registered_adapters",
-           "adapter_class_for"]
+__all__ = ["Adapter", "AudioAdapter", "ImageAdapter", "VideoAdapter", "Conditions", "register_adapter",
+           "registered_adapters", "adapter_class_for"]
 
 
 @dataclass
@@ -122,8 +122,9 @@ class Adapter:
 
     Attributes:
         pipeline_classes: names of the diffusers pipeline classes this adapter accepts.
-        kind: a label, ``"audio"`` or ``"image"``; what differs by kind lives in
-            :class:`AudioAdapter` and :class:`ImageAdapter`, which every family subclasses.
+        kind: a label, ``"audio"``, ``"image"`` or ``"video"``; what differs by kind lives in
+            :class:`AudioAdapter`, :class:`ImageAdapter` and :class:`VideoAdapter`, which every family
+            subclasses.
         length_argument: the call argument giving the output's length (``"seconds"`` / ``"width"``);
             ``length_hint`` says what to give when it is missing.
         per_output_argument: the pipelines' name for outputs per prompt.
@@ -350,6 +351,10 @@ class Adapter:
         ``(B, 3, H, W)`` in ``[0, 1]``.
         """
         return decoded
+
+    def check_decode(self, decode: str) -> None:
+        """Raise ``ValueError`` when this family cannot decode with ``decode`` (a mode of
+        :data:`safa.decode.DECODE_MODES`); every mode is accepted by default."""
 
     # -- memory (safa.memory: the estimate checked before a call does any work) ------------
     def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
@@ -642,3 +647,169 @@ class ImageAdapter(Adapter):
     def _split(prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
                cfg: bool) -> Tuple[list, Optional[list]]:
         return list(prompts), (list(negative_prompts) if (cfg and negative_prompts is not None) else None)
+
+
+class VideoAdapter(Adapter):
+    """What every latent-video family shares: a long video as joint diffusion along the latent
+    FRAME axis (docs/video.md). Lengths are seconds at the pipeline's :attr:`fps` (``frames / fps``:
+    give a whole number of frames), windows in seconds; the frame size is the call's ``height`` /
+    ``width`` in pixels (default the pipeline's own), held for the call by :meth:`check_length`.
+
+    The latent is ``(B, C, F, H, W)`` with frames on dim -3 (the long axis, and the axis the
+    reference swap alternates along, as time for audio). A causal video VAE compresses
+    ``temporal_compression`` frames into one latent frame, the first frame alone: an open video of
+    ``L`` latent frames has ``t (L - 1) + 1`` frames, so ``(frames - 1) % t == 0``; in a loop every
+    latent frame is ``t`` frames (``frames % t == 0``). Outputs: ``"np"`` ``(B, F, H, W, 3)``, ``"pt"``
+    ``(B, F, 3, H, W)`` in ``[0, 1]``, ``"pil"`` a list of frame lists, as the video pipelines return
+    them; between :meth:`finalize` and :meth:`to_output` the frames are the last axis (the output
+    stage crops and streams along the last axis). Files: MP4 (:mod:`safa.video_io`).
+    """
+
+    kind = "video"
+    length_argument = "seconds"
+    length_hint = "seconds= (the video's length: frames / fps)"
+    per_output_argument = "num_videos_per_prompt"
+    output_field = "frames"
+    output_types = ("np", "pt", "pil", "latent")
+    window_unit = "seconds"
+    streams_files = True
+    long_dim = -3
+    reference_axis = -3  # the reference swap alternates along frames, as along time for audio
+    decoded_dim = -3
+    finalize_scale = 1
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__(pipe)
+        self._frame_size: Optional[Tuple[int, int]] = None  # (height, width) in pixels of the current call
+
+    # -- what a family provides ----------------------------------------------------------------
+    @property
+    def fps(self) -> int:
+        """Frames per second of the output (the rate the pipeline's videos are exported at)."""
+        raise NotImplementedError
+
+    @property
+    def temporal_compression(self) -> int:
+        """Video frames per latent frame (the first latent frame holds one)."""
+        raise NotImplementedError
+
+    @property
+    def spatial_compression(self) -> int:
+        raise NotImplementedError
+
+    def size_multiple(self) -> int:
+        """Frame height and width must be multiples of this many pixels (VAE x patch)."""
+        return self.spatial_compression
+
+    def default_frame_size(self) -> Tuple[int, int]:
+        return (int(self.pipeline_default("height", 480)), int(self.pipeline_default("width", 832)))
+
+    @property
+    def decoded_scale(self) -> int:  # type: ignore[override]
+        return self.temporal_compression
+
+    @property
+    def frame_size(self) -> Tuple[int, int]:
+        """``(height, width)`` in pixels of the frames of the current call (the pipeline's default before one)."""
+        return self._frame_size or self.default_frame_size()
+
+    # -- lengths: seconds <-> frames <-> latent frames ------------------------------------------
+    def frames_in(self, seconds: float) -> float:
+        return float(seconds) * self.fps
+
+    def seconds_for_frames(self, frames: int) -> float:
+        """The ``seconds`` to give for a video of ``frames`` frames."""
+        return frames / self.fps
+
+    def valid_frame_counts(self, frames: float, loop: bool) -> Tuple[int, ...]:
+        """The frame counts nearest ``frames`` that a video (``loop``: a looping one) can have."""
+        t = self.temporal_compression
+        offset = 0 if loop else 1
+        below = math.floor((frames - offset) / t) * t + offset
+        return tuple(n for n in (below, below + t) if n >= max(1, t if loop else 1) and n != frames) or (below + t,)
+
+    def _describe_frames(self, counts: Sequence[int]) -> str:
+        return " or ".join(f"{n} frames (seconds={self.seconds_for_frames(n):.6g})" for n in counts)
+
+    def window_columns(self, window: float) -> int:
+        # A window of w latent frames spans t * w frames of a long video (t w - t + 1 alone).
+        return int(round(self.frames_in(window) / self.temporal_compression))
+
+    def check_length(self, seconds: Optional[float], width: Optional[int], height: Optional[int]) -> None:
+        _check_number("seconds", seconds, "seconds")
+        frames = self.frames_in(seconds)  # type: ignore[arg-type]
+        if abs(frames - round(frames)) > 1e-6:
+            raise ValueError(f"seconds={seconds!r} is {frames:.6g} frames at {self.fps} fps: give a whole number of "
+                             f"frames, e.g. {self._describe_frames(self.valid_frame_counts(frames, False))}")
+        default = self.default_frame_size()
+        m = self.size_multiple()
+        size = []
+        for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
+            value = fallback if value is None else value
+            if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
+                raise ValueError(f"{name} must be a positive multiple of {m} pixels for {type(self.pipe).__name__} "
+                                 f"(the frame size), got {value!r}")
+            size.append(value)
+        self._frame_size = (size[0], size[1])
+
+    def columns_for(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        if seconds is None:
+            raise ValueError("seconds is required for video pipelines")
+        t, frames = self.temporal_compression, self.frames_in(seconds)
+        if abs(frames - round(frames)) <= 1e-6:
+            frames = round(frames)
+            if (frames - 1) % t:
+                raise ValueError(f"a video of {frames} frames does not fit the VAE's temporal compression "
+                                 f"((frames - 1) % {t} == 0 for {type(self.pipe).__name__}): nearest "
+                                 f"{self._describe_frames(self.valid_frame_counts(frames, False))}")
+        # (a fractional count only comes from the memory planner's length search: rounded up)
+        return max(1, math.ceil((frames - 1) / t - 1e-9) + 1)
+
+    def length_in_columns(self, seconds: Optional[float] = None, width: Optional[int] = None) -> float:
+        # A loop has no first frame: every latent frame is t frames (a LoopLengthError names the
+        # nearest lengths when frames % t != 0).
+        return self.frames_in(seconds) / self.temporal_compression  # type: ignore[arg-type]
+
+    def describe_columns(self, columns: float) -> str:
+        frames = columns * self.temporal_compression
+        return f"{frames / self.fps:.6g} s ({columns:.6g} latent frames, {frames:.6g} frames)"
+
+    def output_length(self, seconds: Optional[float] = None, width: Optional[int] = None) -> int:
+        return int(round(self.frames_in(seconds)))  # type: ignore[arg-type]
+
+    def latent_shape(self, batch_size: int, length: int, height: Optional[int] = None) -> Tuple[int, ...]:
+        h, w = self.frame_size
+        s = self.spatial_compression
+        return (batch_size, int(self.denoiser.config.in_channels), int(length), h // s, w // s)
+
+    def latent_rows(self, height: Optional[int] = None) -> int:
+        return self.frame_size[0] // self.spatial_compression
+
+    def output_elements_per_column(self, height: Optional[int] = None) -> int:
+        h, w = self.frame_size
+        return 3 * h * w
+
+    def output_file_bytes(self, path: str, columns: int) -> int:
+        # A generous size for H.264 at the writer's crf 18: 4 bits per pixel and frame (the tiny test
+        # model's videos, random noise, took 3.2; natural video takes far less).
+        return columns * self.output_elements_per_column() // 6 + 4096
+
+    def check_decode(self, decode: str) -> None:
+        if decode == "views":
+            raise ValueError("decode='views' (decode each view, stitch the pixels) is not available for video: the "
+                             "causal VAE decodes the frames in order; use decode='auto', 'full' or 'tiled'")
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def finalize(self, decoded: torch.Tensor) -> torch.Tensor:
+        # The video processor's denormalisation, [-1, 1] -> [0, 1], with the frames moved last.
+        return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 1, 3, 4, 2)
+
+    def to_output(self, output: torch.Tensor, output_type: str) -> Any:
+        frames = output.permute(0, 4, 1, 2, 3)  # (B, F, 3, H, W), as the pipelines' "pt"
+        if output_type == "pt":
+            return frames
+        array = frames.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3), as "np"
+        if output_type == "np":
+            return array
+        from diffusers.image_processor import VaeImageProcessor
+        return [VaeImageProcessor.numpy_to_pil(video) for video in array]

@@ -1,8 +1,9 @@
 """What every ``safa`` subcommand shares: the same flags with the same meaning, checks and defaults.
 
 - ``--model`` (default the built-in texture model; ``builtin:tiny-audioldm`` a tiny random
-  AudioLDM) and ``--window`` (seconds for audio, latent columns for images, in every
-  subcommand; with the built-in model the model is built for that window);
+  AudioLDM, ``builtin:tiny-wan`` a tiny random Wan text-to-video) and ``--window`` (seconds for
+  audio and video, latent columns for images, in every subcommand; with the built-in model the
+  model is built for that window);
 - ``--device`` (a clear one-line error when the device does not exist here), ``--backend``
   (the merge backend; checked with ``SAFA_BACKEND`` by the kernels' own resolver, before any
   work), ``--quiet`` (library warnings and notices silenced; without it each is shown once,
@@ -30,7 +31,8 @@ from typing import Any, Callable, Iterator, Optional
 from .._checks import check_int_range, check_positive_int, check_positive_number, check_range
 from ..errors import CLIError
 
-__all__ = ["BUILTIN_MODEL", "TINY_AUDIOLDM", "SEED_MAX", "arg_type", "POSITIVE_INT", "POSITIVE_NUMBER",
+__all__ = ["BUILTIN_MODEL", "TINY_AUDIOLDM", "TINY_WAN", "SEED_MAX", "arg_type", "POSITIVE_INT",
+           "POSITIVE_NUMBER",
            "NONNEGATIVE_INT", "NONNEGATIVE_NUMBER", "SEED", "add_model_arguments", "add_device_arguments",
            "add_sampling_arguments", "add_layout_arguments", "add_guidance_argument", "resolve_device",
            "check_backend", "use_backend", "setup_logging", "overlap_notice", "load_pipeline", "set_scheduler"]
@@ -39,6 +41,8 @@ __all__ = ["BUILTIN_MODEL", "TINY_AUDIOLDM", "SEED_MAX", "arg_type", "POSITIVE_I
 BUILTIN_MODEL = "builtin:texture"
 # A tiny random-weight AudioLDM (safa.testing): a real UNet pipeline, offline.
 TINY_AUDIOLDM = "builtin:tiny-audioldm"
+# A tiny random-weight Wan text-to-video pipeline (safa.testing): long video, offline.
+TINY_WAN = "builtin:tiny-wan"
 # Pipeline classes that are not in diffusers: module that exports them.
 _CUSTOM_PIPELINE_MODULES = ("safa.texture",)
 # torch.Generator.manual_seed takes a 64-bit unsigned seed.
@@ -77,7 +81,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--window``."""
     p.add_argument("--model", default=BUILTIN_MODEL,
                    help=f"local diffusers pipeline directory or cached hub id (default {BUILTIN_MODEL}: "
-                        f"the built-in analytic texture model; {TINY_AUDIOLDM}: a tiny random AudioLDM, offline)")
+                        f"the built-in analytic texture model; {TINY_AUDIOLDM}: a tiny random AudioLDM, offline; "
+                        f"{TINY_WAN}: a tiny random Wan text-to-video pipeline, offline)")
     p.add_argument("--window", type=POSITIVE_NUMBER, default=None,
                    help="window: seconds for audio, latent columns for images (default: the model's native one; "
                         "the built-in model is built for the window asked)")
@@ -241,8 +246,8 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_pipeline(model: str, window: Optional[float] = None) -> Any:
-    """Load ``model``: the built-in texture model, :data:`TINY_AUDIOLDM`, a local pipeline directory,
-    or a cached hub id.
+    """Load ``model``: the built-in texture model, :data:`TINY_AUDIOLDM`, :data:`TINY_WAN`, a local pipeline
+    directory, or a cached hub id.
 
     The built-in model is defined on one window: with ``window`` (seconds) it is built for that
     window. Raises :class:`CLIError` for a missing directory, a directory that is not a
@@ -252,6 +257,9 @@ def load_pipeline(model: str, window: Optional[float] = None) -> Any:
     if model == TINY_AUDIOLDM:
         from ..testing import tiny_audioldm_pipeline
         return tiny_audioldm_pipeline()
+    if model == TINY_WAN:
+        from ..testing.pipelines import tiny_wan_pipeline
+        return tiny_wan_pipeline()
     if model == BUILTIN_MODEL:
         from ..texture import make_texture_pipeline, window_frames
         if window is None:

@@ -1,4 +1,4 @@
-"""``safa generate``: long-form audio (or a panorama) from a diffusers pipeline by joint diffusion.
+"""``safa generate``: long-form audio (or a panorama, or a long video) from a diffusers pipeline by joint diffusion.
 
     safa generate --model DIR_OR_ID --prompt "rain" --seconds 40 \\
         --method safa --loop --steps 200 --guidance-scale 2.5 --seed 0 --out rain.wav
@@ -6,9 +6,11 @@
     safa generate --model DIR --prompt "a castle" --image wide.png --strength 0.3 --out castle.png
     safa generate --model CONTROLNET_DIR --prompt "a castle" --control-image edges.png --out castle.png
     safa generate --model X4_UPSCALER_DIR --prompt "a castle" --image small.png --out castle_x4.png
+    safa generate --model WAN_DIR --prompt "waves" --frames 241 --width 832 --height 480 --out waves.mp4
 
 Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
-dB colour bar) with the views' windows and overlaps marked, or a PNG (images). Files are
+dB colour bar) with the views' windows and overlaps marked, a PNG (images) or an MP4 (video,
+written frame by frame as the frames are decoded; docs/video.md). Files are
 written atomically, and the free space is checked for both before any work. Long audio is
 decoded in tiles and each tile is appended to the file as it is finished, so hours fit in
 memory (docs/long-audio.md); a request that cannot fit is refused before any work, with
@@ -52,10 +54,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reference-prompt", default=None,
                    help="prompt of SaFa's reference window (default: the first view's)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=POSITIVE_NUMBER, default=None, help="audio length in seconds")
-    length.add_argument("--width", type=POSITIVE_INT, default=None, help="panorama width in pixels")
+    length.add_argument("--seconds", type=POSITIVE_NUMBER, default=None, help="audio (or video) length in seconds")
+    length.add_argument("--frames", type=POSITIVE_INT, default=None,
+                        help="video length in frames (video pipelines; e.g. 4k + 1 for Wan, 4k for a loop)")
+    p.add_argument("--width", type=POSITIVE_INT, default=None,
+                   help="panorama width in pixels (a video's frame width: default the pipeline's)")
     p.add_argument("--height", type=POSITIVE_INT, default=None,
-                   help="panorama height in pixels (default: the model's native window height)")
+                   help="panorama height in pixels (default: the model's native window height; a video's frame "
+                        "height: default the pipeline's)")
     p.add_argument("--method", default="safa",
                    help=f"joint diffusion method: one of {', '.join(METHODS)}, optionally with parameters of its "
                         f"method object, e.g. safa:guide=0.5 or safa_stats:snr=0.05 (default safa)")
@@ -86,8 +92,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="SaFa's reference guidance step rate r_guide (default: the method's, 0.3)")
     p.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
                    help="decoding (default auto: the whole latent up to 4 windows, in tiles beyond, streamed to --out)")
-    p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images "
-                                               "(default out.wav / out.png)")
+    p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images, .mp4 for video "
+                                               "(default out.wav / out.png / out.mp4)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")
     p.add_argument("--dist-timeout", type=POSITIVE_NUMBER, default=600.0,
                    help="under torchrun: seconds a rank waits for the others before it gives up (default 600)")
@@ -149,9 +155,10 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int,
     jd = JointDiffusion(pipe, process_group=group)  # ValueError (unsupported pipeline) -> exit 2
     kind = jd.adapter.kind
     call.update(_image_arguments(args, jd.adapter, call))
-    out = args.out or ("out.wav" if kind == "audio" else "out.png")
+    out = args.out or {"audio": "out.wav", "image": "out.png", "video": "out.mp4"}[kind]
     if rank == 0:
         check_output_path(out, kinds=(kind,), name="--out")
+    _video_length(args, jd, call)
     if kind == "audio" and args.seconds is None:
         raise CLIError("this is an audio pipeline: give --seconds")
     if kind == "image" and call["width"] is None:
@@ -166,6 +173,18 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int,
         _check_free_space(args, jd, out)
     overlap_notice(args.overlap, args.quiet or rank != 0)
     return jd, out, device, call
+
+
+def _video_length(args: argparse.Namespace, jd: Any, call: Dict[str, Any]) -> None:
+    """``--frames`` as the call's seconds (frames / the pipeline's fps): video pipelines only."""
+    if jd.adapter.kind != "video":
+        if args.frames is not None:
+            raise CLIError(f"--frames is for video pipelines; this is an {jd.adapter.kind} pipeline")
+        return
+    if args.frames is None and args.seconds is None:
+        raise CLIError("this is a video pipeline: give --frames (or --seconds)")
+    if args.frames is not None:
+        args.seconds = call["seconds"] = jd.adapter.seconds_for_frames(args.frames)
 
 
 def _spectrogram_path(args: argparse.Namespace, out: str) -> Optional[str]:
@@ -240,6 +259,9 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
         written.append(spec_path)
     if kind == "audio":
         what = f"{result.output_length / result.sample_rate:.2f} s at {result.sample_rate} Hz"
+    elif kind == "video":
+        height, width = jd.adapter.frame_size
+        what = f"{result.output_length} frames of {width}x{height} px at {jd.adapter.fps} fps"
     else:
         what = f"{call['width']}x{jd.adapter.output_elements_per_column(call['height']) // 3} px"
     denoise = result.timings["denoise"]

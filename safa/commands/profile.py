@@ -107,6 +107,10 @@ def _call_kwargs(args: argparse.Namespace, jd: Any, method: Any) -> Dict[str, An
                                   loop=args.loop, view_batch_size=args.view_batch_size)
     if jd.adapter.kind == "audio":
         kwargs["seconds"] = args.seconds if args.seconds is not None else 30.0
+    elif jd.adapter.kind == "video":  # the length in seconds (whole frames), the frame size in pixels
+        if args.seconds is None:
+            raise ValueError("this is a video pipeline: give --seconds (frames / fps)")
+        kwargs.update(seconds=args.seconds, width=args.width, height=args.height)
     else:
         if args.width is None:
             raise ValueError("this is an image pipeline: give --width")

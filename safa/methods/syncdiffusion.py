@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .._checks import check_positive_int, check_range
 from ..adapters import Adapter, Conditions
 from ..schedulers import predict_x0, scale_model_input, x0_family
-from .base import Method, MethodContext, MethodHooks, leading_steps
+from .base import Method, MethodContext, MethodHooks, NotApplicable, leading_steps
 
 __all__ = ["SyncDiffusion", "spectral_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
 
@@ -94,6 +94,11 @@ class SyncDiffusion(Method):
     @property
     def name(self) -> str:
         return "syncdiffusion"
+
+    def check_pipeline(self, adapter: Adapter) -> None:
+        if adapter.kind == "video" and self.loss is None:  # neither LPIPS on one image nor a spectral distance
+            raise NotApplicable("SyncDiffusion has no default loss for video: pass SyncDiffusion(loss=f) with a "
+                                "differentiable f(a, b) -> scalar on decoded clips (B, 3, frames, H, W) in [-1, 1]")
 
     def hooks(self, context: MethodContext) -> MethodHooks:
         return SyncDiffusionHooks(self, context)

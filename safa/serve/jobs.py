@@ -168,6 +168,9 @@ class Studio:
     def __init__(self, jd: Any, model_name: str, results_dir: str, device: Any = "cpu") -> None:
         self.jd, self.model_name, self.results_dir, self.device = jd, model_name, results_dir, device
         self.kind: str = jd.adapter.kind
+        if self.kind == "video":  # the page shows audio or an image
+            raise ValueError(f"safa serve makes audio and images; {type(jd.pipe).__name__} makes video: "
+                             f"use safa generate")
         # The built-in texture model knows a few classes: the page offers them and checks the prompt.
         self.prompt_names: Optional[List[str]] = list(getattr(getattr(jd.pipe, "model", None), "class_names", [])) \
             or None

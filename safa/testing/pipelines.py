@@ -85,6 +85,8 @@ __all__ = [
     "tiny_stable_audio_3_pipeline",
     "tiny_longcat_audio_pipeline",
     "tiny_texture2d_pipeline",
+    "tiny_wan_pipeline",
+    "tiny_flux2_klein_pipeline",
     "tiny_gemma_tokenizer",
     "tiny_roberta_tokenizer",
     "tiny_clip_tokenizer",
@@ -802,4 +804,71 @@ def tiny_texture2d_pipeline(seed: int = 0, window: int = 16, scheduler: str = "D
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler != "DPMSolverMultistep":
         raise ValueError(f"scheduler must be 'DDIM' or 'DPMSolverMultistep', got {scheduler!r}")
+    return _finish(pipe)
+
+
+def tiny_wan_pipeline(seed: int = 0) -> "WanPipeline":
+    """A tiny random WanPipeline (text to video), the shapes of diffusers' own Wan tests: a causal 3-D
+    VAE (``AutoencoderKLWan``, 16 latent channels, 8x spatial and 4x temporal compression, base width
+    3), a two-layer ``WanTransformer3DModel`` (patch ``(1, 2, 2)``, 2 heads of 12), a UMT5 encoder
+    (width 32) with :func:`tiny_t5_tokenizer`, and FlowMatchEuler with shift 7. At ``height=width=32``
+    a latent frame is 4 x 4 (4 tokens); the pipeline's default 81 frames are 21 latent frames.
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer(model_max_length=512)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=32, d_kv=8, num_heads=2,
+                                               num_layers=1, pad_token_id=0, eos_token_id=1,
+                                               decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    return _finish(pipe)
+
+
+def tiny_qwen_tokenizer(model_max_length: int = 512) -> "Qwen2Tokenizer":
+    """A Qwen2 byte-level BPE tokenizer built in code (one token per byte, no merges) with a ChatML
+    chat template (what Qwen3 chat models use), so ``apply_chat_template`` works offline."""
+    from transformers import Qwen2Tokenizer
+    vocab = _byte_level_vocab(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length,
+                               pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tokenizer
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False) -> "Flux2KleinPipeline":
+    """A tiny random Flux2KleinPipeline (FLUX.2 [klein] layout): a VAE /4 with 4 latent channels and
+    batch-norm statistics, patchified 2x2 by the pipeline (16-channel tokens, 8 px per latent
+    column) with 4-D ids; a 28-layer Qwen3 of width 16 (the pipeline stacks hidden layers 9, 18 and
+    27: text width 48) with :func:`tiny_qwen_tokenizer`; FlowMatchEuler. The released models have
+    a VAE /8 of 32 channels (128 per token, 16 px per column) and a 1024 px default size.
+    ``is_distilled``: the distilled models' no-guidance rule.
+    """
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                                                num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=1024))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=32)
+    with torch.no_grad():  # batch-norm statistics that are not the identity, so their use is tested
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=is_distilled)
     return _finish(pipe)
