@@ -130,5 +130,7 @@ class Flux2KleinAdapter(ImageAdapter):
         tokens = int(window_shape[-2] * window_shape[-1]) + int(self.pipe.tokenizer_max_length)
         width = int(config.num_attention_heads * config.attention_head_dim)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        ff_maps = 2 + int(np.ceil(3 * float(config.mlp_ratio)))  # SwiGLU: 2 x mlp_ratio in, mlp_ratio out
-        return rows * (2 if guidance else 1) * dit_forward_bytes(tokens, width, itemsize, ff_maps=ff_maps)
+        # The residual and its norm, then SwiGLU: 2 x mlp_ratio in, mlp_ratio out (not yet checked
+        # against a full-width block, as SD3's and FLUX.1's are).
+        maps = 3 + int(np.ceil(3 * float(config.mlp_ratio)))
+        return rows * (2 if guidance else 1) * dit_forward_bytes(tokens, width, itemsize, maps)

@@ -200,7 +200,9 @@ class WanAdapter(VideoAdapter):
         tokens = (window_shape[2] // patch[0]) * (window_shape[3] // patch[1]) * (window_shape[4] // patch[2])
         width = int(config.num_attention_heads * config.attention_head_dim)
         itemsize = torch.empty((), dtype=self.denoiser.dtype).element_size()
-        per_row = dit_forward_bytes(tokens, width, itemsize, ff_maps=2 + math.ceil(2 * config.ffn_dim / width))
+        # The residual and its norm plus the feed-forward's projection and activation (not yet
+        # checked against a full-width block, as SD3's and FLUX.1's are).
+        per_row = dit_forward_bytes(tokens, width, itemsize, 3 + math.ceil(2 * config.ffn_dim / width))
         return rows * (2 if guidance else 1) * per_row
 
     def decoder_memory(self, columns: int, batch_size: int, grad: bool = False,
