@@ -235,11 +235,12 @@ def format_timeline_table(res: TimelineResult) -> str:
     s = res.settings
     lines = [f"timeline {' -> '.join(s['classes'])} over {s['seconds']:g} s, transition {s['transition']:g} s; "
              f"{s['samples']} samples, {s['steps']} steps of {s['scheduler']}; built-in texture model, exact posteriors",
-             f"{'row':<14} {'accuracy':>16} {'width (s)':>16} {'offset (s)':>17} {'dip (nats/frame)':>18} "
-             f"{'evals/sample':>13}"]
+             f"{'row':<14} {'accuracy':>16} {'width (s)':>16} {'offset (s)':>17} {'|offset| (s)':>16} "
+             f"{'dip (nats/frame)':>18} {'evals/sample':>13}"]
     for row in res.accuracy:
         lines.append(f"{row:<14} {_mean_sd(res.accuracy[row]):>16} {_mean_sd(res.width[row]):>16} "
-                     f"{_mean_sd(res.offset[row]):>17} {_mean_sd(res.dip[row]):>18} {res.evaluations.get(row, 0):>13}")
+                     f"{_mean_sd(res.offset[row]):>17} {_mean_sd(np.abs(res.offset[row])):>16} "
+                     f"{_mean_sd(res.dip[row]):>18} {res.evaluations.get(row, 0):>13}")
     lines.append("accuracy: windows inside a span (>= transition/2 from its boundaries) whose most probable class is "
                  "the span's; width: 10-90% rise of the incoming/outgoing class log-likelihood ratio on 1 s probes "
                  "(the probe adds its own ~1 s); offset: its 0.5 crossing minus the boundary asked; dip: the best class's "
