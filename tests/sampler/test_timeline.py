@@ -197,3 +197,10 @@ def test_cli_generates_a_timeline_and_counts_its_evaluations(tmp_path, capsys):
                  "--out", str(tmp_path / "o.wav")])
     out = capsys.readouterr().out
     assert code == 0 and "window evaluations (" in out and "added by the timeline" in out, out
+
+
+def test_a_timeline_takes_outputs_per_prompt_and_a_negative_prompt(jd):
+    out = jd(timeline=SPANS[:2], seconds=30, transition=2.0, num_waveforms_per_prompt=2, guidance_scale=2.0,
+             negative_prompt="surf", num_inference_steps=2, output_type="latent", generator=[_gen(1), _gen(2)])
+    assert out.latent.shape[0] == 2 and not torch.equal(out.latent[0], out.latent[1])
+    assert out.extra_window_evaluations > 0
