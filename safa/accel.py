@@ -29,6 +29,7 @@ import torch
 from safa_kernels import ViewLayout, intern_layout, sync_
 
 from .adapters import Adapter, Conditions
+from .regions import Bootstrap, PromptMix, combine_branches
 
 __all__ = ["merge_step", "StaticModelStep", "StepConfig", "StepRunner", "intern_layout"]
 
@@ -70,7 +71,8 @@ def compiled_merge_step() -> Callable[..., None]:
     return _compiled_merge
 
 
-Chunk = Tuple[int, int, Conditions]
+# (first row, end row, their conditions, their guidance scale): one model call.
+Chunk = Tuple[int, int, Conditions, float]
 
 
 class StaticModelStep:
@@ -83,9 +85,9 @@ class StaticModelStep:
     it with the eager step).
     """
 
-    def __init__(self, predict: Callable[..., torch.Tensor], chunks: List[Chunk], guidance_scale: float,
+    def __init__(self, predict: Callable[..., torch.Tensor], chunks: List[Chunk],
                  example: torch.Tensor, t0: torch.Tensor) -> None:
-        self.predict, self.chunks, self.guidance_scale = predict, chunks, guidance_scale
+        self.predict, self.chunks = predict, chunks
         self.x = torch.empty_like(example, memory_format=torch.contiguous_format)
         self.t = torch.empty((), dtype=t0.dtype, device=example.device)
 
@@ -98,8 +100,7 @@ class StaticModelStep:
         self.t.copy_(t.reshape(()), non_blocking=True)
 
     def forward(self) -> torch.Tensor:
-        return torch.cat([self.predict(self.x[a:b], self.t, cond, self.guidance_scale)
-                          for a, b, cond in self.chunks])
+        return torch.cat([self.predict(self.x[a:b], self.t, cond, scale) for a, b, cond, scale in self.chunks])
 
 
 class _GraphedModelStep:
@@ -144,6 +145,10 @@ class StepConfig:
         chunk_rows: windows' rows per model call (``view_batch_size * B``).
         layout, dim: the views' geometry and the latent's long axis.
         merge_mode, swap_interval, reference_axis: the merge of :func:`merge_step`.
+        mix: prompts over the canvas (a timeline, regions: :mod:`safa.regions`): the views' rows
+            run as these model branches, combined per cell before the scheduler step; None: one
+            branch per row (``view_rows``).
+        bootstrap: MultiDiffusion's bootstrapping of the mix's foreground branches, or None.
     """
 
     adapter: Adapter
@@ -158,6 +163,8 @@ class StepConfig:
     merge_mode: str
     swap_interval: int
     reference_axis: Optional[int]
+    mix: Optional[PromptMix] = None
+    bootstrap: Optional[Bootstrap] = None
 
 
 class _Batch:
@@ -167,10 +174,16 @@ class _Batch:
     with a host tensor: on CUDA a host-to-device copy, i.e. a host sync, every step).
     """
 
-    def __init__(self, config: StepConfig, rows: torch.Tensor) -> None:
+    def __init__(self, config: StepConfig, rows: torch.Tensor, scales: Optional[Tuple[float, ...]] = None) -> None:
         total, size = int(rows.shape[0]), config.chunk_rows
-        self.chunks: List[Chunk] = [(r, min(r + size, total), config.conditions.take(rows[r:r + size]))
-                                    for r in range(0, total, size)]
+        scales = scales or (config.guidance_scale,) * total
+        self.chunks: List[Chunk] = []
+        start = 0
+        while start < total:  # chunks of at most `size` rows, one guidance scale each
+            end = min(start + size, total)
+            end = next((r for r in range(start + 1, end) if scales[r] != scales[start]), end)
+            self.chunks.append((start, end, config.conditions.take(rows[start:end]), scales[start]))
+            start = end
         self.graphed: Optional[_GraphedModelStep] = None
 
 
@@ -179,13 +192,19 @@ class StepRunner:
 
     Two batch compositions exist: the views plus the reference window (while it guides)
     and the views alone; each has its chunks (and, under ``cuda_graphs``, its own graph).
+    With a prompt mix (:mod:`safa.regions`) the views' part of the batch is the mix's branches,
+    combined back into one prediction per row before :meth:`predict` returns.
     """
 
     def __init__(self, config: StepConfig, *, compile: bool = False, cuda_graphs: bool = False,
                  merge: Optional[Callable[..., None]] = None) -> None:
         self.config = config
-        self._views = _Batch(config, config.view_rows)
-        self._with_reference = (_Batch(config, torch.cat([config.view_rows, config.reference_rows]))
+        mix = config.mix
+        view_rows = mix.rows if mix is not None else config.view_rows
+        view_scales = mix.scales if mix is not None else (config.guidance_scale,) * int(view_rows.shape[0])
+        self._views = _Batch(config, view_rows, view_scales)
+        self._with_reference = (_Batch(config, torch.cat([view_rows, config.reference_rows]),
+                                       view_scales + (config.guidance_scale,) * int(config.reference_rows.shape[0]))
                                 if config.reference_rows is not None else None)
         # The scheduler's copy of the schedule on the host: see the module docstring.
         timesteps = config.timesteps
@@ -207,20 +226,32 @@ class StepRunner:
 
     def predict(self, model_in: torch.Tensor, i: int, with_reference: bool) -> torch.Tensor:
         """Model outputs for ``model_in``: the views' rows, then (``with_reference``) the reference's."""
+        mix = self.config.mix
+        if mix is None:
+            return self._predict_rows(model_in, i, with_reference)
+        # Prompts over the canvas: every view row's branches (its prompts), then the reference's rows.
+        views = int(self.config.view_rows.shape[0])
+        branch_in = model_in[:views].index_select(0, mix.source.to(model_in.device))
+        if self.config.bootstrap is not None:
+            branch_in = self.config.bootstrap.apply(branch_in, i)
+        out = self._predict_rows(torch.cat([branch_in, model_in[views:]]), i, with_reference)
+        combined = combine_branches(out[:mix.num_branches], mix, views)
+        return torch.cat([combined, out[mix.num_branches:]]) if with_reference else combined
+
+    def _predict_rows(self, model_in: torch.Tensor, i: int, with_reference: bool) -> torch.Tensor:
         batch = self._with_reference if with_reference else self._views
         if batch is None:
             raise ValueError("this generation has no reference window")
         t = self.config.timesteps[i]
         if self.cuda_graphs:
             if batch.graphed is None:
-                static = StaticModelStep(self._predict, batch.chunks, self.config.guidance_scale, model_in, t)
+                static = StaticModelStep(self._predict, batch.chunks, model_in, t)
                 batch.graphed = _GraphedModelStep(static, model_in, t)
             return batch.graphed(model_in, t)
-        scale = self.config.guidance_scale
         # Each chunk's output goes straight into one buffer: a torch.cat of the chunk outputs
         # would hold the whole model output twice (hours of audio: ~0.5 GB more at the peak).
         out: Optional[torch.Tensor] = None
-        for a, b, c in batch.chunks:
+        for a, b, c, scale in batch.chunks:
             piece = self._predict(model_in[a:b], t, c, scale)
             if len(batch.chunks) == 1:
                 return piece

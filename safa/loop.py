@@ -37,6 +37,7 @@ from . import accel as _accel
 from .adapters.base import Conditions
 from .distributed import ViewShard
 from .known import KnownAudio
+from .regions import Bootstrap, PromptMix
 from .methods import MethodContext
 from .request import GenerationRequest, merge_dims, model_windows
 from .schedulers import scale_model_input
@@ -57,6 +58,8 @@ class LoopPlan:
             scheduler row of the views (all of them) and of ``X^0`` (None without one).
         shard: this process's views (all of them in one process).
         known: the user's audio (:mod:`safa.known`): its latent columns, imposed every step.
+        mix: a timeline's / regions' model branches (:mod:`safa.regions`), or None.
+        seed: seeds the generator of the mix's bootstrapping (its own: the call's stream is untouched).
     """
 
     layout: Union[ViewLayout, GridLayout]
@@ -68,6 +71,8 @@ class LoopPlan:
     reference_rows: Optional[torch.Tensor]
     shard: ViewShard
     known: Optional[KnownAudio] = None
+    mix: Optional[PromptMix] = None
+    seed: int = 0
 
 
 def _step_runner(jd: Any, request: GenerationRequest, plan: LoopPlan) -> _accel.StepRunner:
@@ -83,7 +88,9 @@ def _step_runner(jd: Any, request: GenerationRequest, plan: LoopPlan) -> _accel.
         layout=plan.layout, dim=merge_dims(jd.adapter, plan.layout), merge_mode=method.merge_mode,
         swap_interval=method.swap_interval,
         # A grid's reference swap alternates along its rows axis (the ops' default for grids).
-        reference_axis=None if isinstance(plan.layout, GridLayout) else jd.adapter.reference_axis)
+        reference_axis=None if isinstance(plan.layout, GridLayout) else jd.adapter.reference_axis, mix=plan.mix,
+        bootstrap=Bootstrap(jd.adapter, jd.pipe.scheduler, plan.timesteps, plan.mix, plan.window_shape, plan.seed)
+        if plan.mix is not None and plan.mix.bootstrap_steps else None)
     return _accel.StepRunner(config, compile=jd.compile, cuda_graphs=jd.cuda_graphs, merge=jd.merge_step)
 
 

@@ -555,6 +555,18 @@ CALL_ARGUMENTS_DOC = """
                 merged in both directions; ``layout`` is then a ``safa_kernels.GridLayout``.
             view_prompts: a prompt per view instead of ``prompt`` (rain -> thunder -> calm):
                 a list of ``layout_for(...).num_views`` prompts, or one such list per batch prompt.
+            timeline: audio: ``[(start seconds, prompt), ...]`` instead of ``prompt``, starts from 0
+                increasing, each span to the next start, independent of the views; a loop wraps it
+                (docs/timelines.md). A view spanning k prompts runs k model branches, combined per
+                latent column before the scheduler step (``window_evaluations`` counts them).
+            transition: seconds of the linear ramp centred on each timeline boundary (default 2, or
+                the shortest span when shorter; 0: a hard switch).
+            regions: images: ``[(mask, prompt), ...]`` or ``(mask, prompt, {"guidance_scale": g,
+                "negative_prompt": n})`` over the background ``prompt``; a mask is a box ``(top, left,
+                bottom, right)`` in pixels, a PIL image or an array / tensor of the canvas's pixel size
+                with values in [0, 1] (docs/timelines.md).
+            bootstrap: regions: the fraction of the steps with MultiDiffusion's bootstrapping (a region's
+                input outside its mask replaced by a noised random constant colour; default 0.2).
             negative_prompt: a str, or one per batch prompt (default: the pipeline's own
                 unconditional branch).
             reference_prompt: prompt of the reference window ``X^0`` (a str or one per batch

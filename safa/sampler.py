@@ -44,6 +44,7 @@ from . import loop as _loop
 from . import memory as _memory
 from . import output as _output
 from . import prompts as _prompts
+from . import regions as _regions
 from . import request as _request
 from .adapters import Adapter, get_adapter
 from .adapters import canvas as _canvas
@@ -78,6 +79,11 @@ class JointDiffusionOutput(BaseOutput):
         output_length: samples (pixels) of each output, returned or written.
         timings: wall-clock seconds of the ``"denoise"`` loop and of the ``"decode"`` stage
             (decoding, plus writing the files).
+        window_evaluations: model evaluations of one window per output over the call (the
+            views' at every step, the reference window's while it guides; classifier-free
+            guidance's two branches count as one, as the pipeline's own call).
+        extra_window_evaluations: those of them that a ``timeline`` / ``regions`` added (a view
+            that spans k prompts runs k branches; docs/timelines.md).
 
     As every ``BaseOutput``, it is also a dict of its fields that are not None (``out["latent"]``,
     ``out.to_tuple()``, ``out[0]`` the first of them). In a distributed call (``process_group=``)
@@ -96,6 +102,8 @@ class JointDiffusionOutput(BaseOutput):
     output_paths: Optional[List[str]] = None
     output_length: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
+    window_evaluations: int = 0
+    extra_window_evaluations: int = 0
 
 
 class JointDiffusion:
@@ -307,7 +315,9 @@ class JointDiffusion:
                  keep: Optional[Sequence[Tuple[float, float]]] = None, audio_latents: Optional[torch.Tensor] = None,
                  audio_crossfade: float = 0.05, paste_audio: bool = True, image: Any = None,
                  strength: Optional[float] = None, controlnet_conditioning_scale: Optional[float] = None,
-                 noise_level: Optional[int] = None) -> Any:
+                 noise_level: Optional[int] = None, timeline: Optional[Sequence[Any]] = None,
+                 transition: Optional[float] = None, regions: Optional[Sequence[Any]] = None,
+                 bootstrap: Optional[float] = None) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
         # alone checks and writes the output files). A canvas image sets the output's size.
@@ -334,9 +344,18 @@ class JointDiffusion:
                                                                                  width=request.width))
         # 3. Layout of the views over the long latent J, and the prompt of every window.
         layout, columns, out_len = self.prepare_layout(request)
-        prompts = _prompts.resolve_prompts(prompt, view_prompts, negative_prompt, reference_prompt,
-                                           request.per_prompt, layout.num_views,
-                                           embeds_rows=int(prompt_embeds.shape[0]) if request.embeds else None)
+        # A timeline / regions: prompts weighted per latent cell over the canvas (safa.regions).
+        canvas = _regions.canvas_prompts(adapter, request, layout, timeline=timeline, transition=transition,
+                                         regions=regions, bootstrap=bootstrap, prompt=prompt, view_prompts=view_prompts)
+        if canvas is not None and self.process_group is not None:
+            raise ValueError("timeline / regions run in one process only for now: call it without process_group")
+        if canvas is not None and canvas_image is not None:
+            raise ValueError("regions / timeline with image= (img2img, ControlNet, the upscaler) are not combined "
+                             "yet: give regions or image, not both")
+        prompts = _prompts.resolve_prompts(
+            prompt if canvas is None else canvas.prompts[0], view_prompts, negative_prompt,
+            reference_prompt if canvas is None or reference_prompt is not None else _regions.dominant_prompt(canvas, layout),
+            request.per_prompt, layout.num_views, embeds_rows=int(prompt_embeds.shape[0]) if request.embeds else None)
         _request.check_generator(generator, prompts.batch_size)
         # The user's audio (safa.known): checked, resampled and encoded once into known latent columns.
         known = _known.prepare_known(adapter, audio=audio, sample_rate=sample_rate, audio_latents=audio_latents,
@@ -357,14 +376,22 @@ class JointDiffusion:
             raise ValueError(f"reference_latents given but method {method.name!r} with {layout.num_views} view(s) "
                              f"and {len(timesteps)} steps uses no reference window")
         # 5. Conditions: each distinct (prompt, negative prompt) encoded once.
-        cond, view_rows, reference_rows = self.prepare_conditions(prompts, request.embeds, guide_steps > 0,
-                                                                  request.guidance_scale, request.seconds)
+        # With a timeline / regions: the prompts each view spans, as model branches (safa.regions).
+        if canvas is None:
+            cond, view_rows, reference_rows = self.prepare_conditions(prompts, request.embeds, guide_steps > 0,
+                                                                      request.guidance_scale, request.seconds)
+            mix = None
+        else:
+            cond, view_rows, reference_rows, mix = _regions.mix_conditions(
+                adapter, canvas, prompts, layout, window_shape, guide_steps > 0, request.guidance_scale, len(timesteps))
+            cond.extra["seconds"] = request.seconds
         if canvas_image is not None:  # per-pixel conditions: every view its crop (docs/conditions.md)
             view_rows = _canvas.add_view_crops(adapter, cond, view_rows, canvas_image, layout, request.height,
                                                prompts.batch_size, generator)
         # 6. This process's views; the views of J_T (the same on every rank); X^0 with its own scheduler.
         plan = _loop.LoopPlan(layout, window_shape, timesteps, guide_steps, cond, view_rows, reference_rows,
-                              self.prepare_shard(layout, method, prompts.batch_size), known)
+                              self.prepare_shard(layout, method, prompts.batch_size), known, mix,
+                              _regions.seed_of(generator))
         # 7. The denoising loop (safa.loop, blocks 7.1-7.7). The initial latents are passed, not
         # held here, so that the loop frees them at its first step.
         views, started = _loop.denoise(
@@ -421,7 +448,9 @@ class JointDiffusion:
             timings["decode"] = time.perf_counter() - started
         if not return_dict:  # what the wrapped pipeline returns; its output is the latent for "latent"
             return adapter.pipeline_tuple(latent if request.output_type == "latent" else result)
+        evaluations, extra = _regions.window_evaluations(plan.mix, layout.num_views, len(plan.timesteps),
+                                                         plan.guide_steps, request.batch_size)
         return JointDiffusionOutput(**{adapter.output_field: result}, latent=latent, layout=layout, columns=columns,
                                     sample_rate=adapter.sample_rate, method=method, output_paths=request.paths,
                                     output_length=out_len if request.output_type != "latent" else 0,
-                                    timings=timings)
+                                    timings=timings, window_evaluations=evaluations, extra_window_evaluations=extra)

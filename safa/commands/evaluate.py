@@ -47,15 +47,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the first sample; sample i of every method starts from seed + i, so the rows "
                         "are paired on the same noise (default 0)")
-    p.add_argument("--task", choices=("seams", "continue", "seams2d"), default="seams",
+    p.add_argument("--task", choices=("seams", "continue", "timeline", "seams2d"), default="seams",
                    help="seams: the methods' seams (default); continue: continue a clip drawn from the model "
-                        "against the exact conditional (table only; --samples per prompt); seams2d: 2-D seams of "
+                        "against the exact conditional (table only; --samples per prompt); timeline: a timeline of "
+                        "--prompts (default rain,wind,surf) in equal spans over --seconds against per-view prompts, "
+                        "crossfaded spans and MultiDiffusion (docs/timelines.md); seams2d: 2-D seams of "
                         "the grid methods on images of tiles x tiles tiles of the 2-D texture model, open and torus, "
                         "DDIM 200 and DPM-Solver++ 25 steps, or --scheduler with --steps (seams2d.txt, seams2d.png)")
     p.add_argument("--tiles", type=POSITIVE_INT, default=3,
                    help="--task seams2d: tiles per side of each canvas, 2 to 16 (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="--task seams2d: 2 canvases per row, DDIM 20 and DPM-Solver++ 10 steps (a smoke run)")
+    p.add_argument("--transition", type=NONNEGATIVE_NUMBER, default=4.0,
+                   help="--task timeline: seconds of each transition (default 4)")
     p.add_argument("--clip-seconds", type=POSITIVE_NUMBER, default=10.0,
                    help="--task continue: the clip's length in seconds (default 10)")
     p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
@@ -112,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "seams2d":
         with use_backend(args.backend):
             return _run_seams2d(args, methods, prompts, device)
+    if args.task == "timeline":
+        with use_backend(args.backend):
+            return _run_timeline(args, prompts, table_path, plot)
     with use_backend(args.backend):
         res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                        loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -184,5 +191,22 @@ def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any, device: A
         with open(tmp, "w") as f:
             f.write("\n\n".join(tables) + "\n")
     write_seams2d_plot(results, plot)
+    print(f"wrote {table_path}, {plot}")
+    return 0
+
+
+def _run_timeline(args: argparse.Namespace, prompts: Any, table_path: str, plot: str) -> int:
+    """``safa evaluate --task timeline``: the table and plot of safa.timeline_eval, printed and written."""
+    from ..files import atomic_path
+    from ..timeline_eval import evaluate_timeline, format_timeline_table, write_timeline_plot
+    res = evaluate_timeline(prompts or ("rain", "wind", "surf"), seconds=args.seconds, transition=args.transition,
+                            samples=args.samples, steps=args.steps, scheduler=args.scheduler, seed=args.seed,
+                            log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    table = format_timeline_table(res)
+    print(table)
+    with atomic_path(table_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+    write_timeline_plot(res, plot)
     print(f"wrote {table_path}, {plot}")
     return 0

@@ -7,6 +7,8 @@
     safa generate --model CONTROLNET_DIR --prompt "a castle" --control-image edges.png --out castle.png
     safa generate --model X4_UPSCALER_DIR --prompt "a castle" --image small.png --out castle_x4.png
     safa generate --model WAN_DIR --prompt "waves" --frames 241 --width 832 --height 480 --out waves.mp4
+    safa generate --timeline 0:rain --timeline 30:thunderstorm --timeline 45:calm --transition 4 --seconds 60 ...
+    safa generate --prompt "a forest" --region "64,128,448,512:a red deer" --width 2048 ...
 
 Writes WAV/FLAC (audio) plus ``<out>.png``, a spectrogram (time in s, mel frequency in Hz,
 dB colour bar) with the views' windows and overlaps marked, a PNG (images) or an MP4 (video,
@@ -50,6 +52,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="the prompt of every view (default: empty)")
     p.add_argument("--view-prompt", action="append", default=None,
                    help="a prompt per view instead of --prompt: repeat once per view, in order")
+    p.add_argument("--timeline", action="append", default=None, metavar="START:PROMPT",
+                   help="audio: a span of the timeline, from START seconds to the next span's start (repeat, "
+                        "starting at 0; instead of --prompt); independent of the views")
+    p.add_argument("--transition", type=NONNEGATIVE_NUMBER, default=None,
+                   help="--timeline: seconds of the linear ramp centred on each span boundary (default: 2, or the "
+                        "shortest span)")
+    p.add_argument("--region", action="append", default=None, metavar="TOP,LEFT,BOTTOM,RIGHT:PROMPT",
+                   help="images: a box in pixels (or MASK.png:PROMPT, white inside) with its own prompt over the "
+                        "--prompt background (repeat)")
+    p.add_argument("--bootstrap", type=NONNEGATIVE_NUMBER, default=None,
+                   help="--region: fraction of the steps with MultiDiffusion's bootstrapping (default 0.2)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the pipeline's own)")
     p.add_argument("--reference-prompt", default=None,
                    help="prompt of SaFa's reference window (default: the first view's)")
@@ -146,6 +159,7 @@ def _prepare(args: argparse.Namespace, group: Any, rank: int,
     call = _call_arguments(args)  # a bad --method / --guide fails here, before the model loads
     if args.view_prompt and args.prompt:
         raise CLIError("give either --prompt or --view-prompt (repeated), not both")
+    _prompt_arguments(args)  # a malformed --timeline / --region fails here, before the model loads
     if args.out is not None and rank == 0:  # fail before the (long) generation, not after it
         check_output_path(args.out, name="--out")
     setup_logging(args.quiet or rank != 0)  # rank 0 speaks for every rank
@@ -222,7 +236,7 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     import torch
 
     kind = jd.adapter.kind
-    prompt_args = (dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt))
+    prompt_args = _prompt_arguments(args)
     layout = jd.layout_for(args.seconds, call["width"], height=call["height"], window=call["window"],
                            overlap=args.overlap, loop=args.loop, method=call["method"])
     if not args.quiet and rank == 0:
@@ -251,7 +265,8 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
         fps = jd.adapter.frames_per_second
         try:
             write_spectrogram(spec_path, spectrogram.finish(), view_spans(layout, fps), loop=layout.loop,
-                              title=layout_title(args.method, args.view_prompt or [args.prompt], layout, fps))
+                              title=layout_title(args.method, args.view_prompt or [p for _, p in prompt_args.get(
+                                  "timeline", [])] or [args.prompt], layout, fps))
         except OSError as exc:  # e.g. the disk filled since the check: the audio is complete, say so
             print(f"safa generate: error: wrote {out} but not its spectrogram {spec_path}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
@@ -267,8 +282,62 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     denoise = result.timings["denoise"]
     print(f"wrote {', '.join(written)}: {what}, {jd.describe_layout(result.layout)}, {args.method}, seed {args.seed}; "
           f"{steps} steps in {denoise:.1f} s ({denoise / steps:.2f} s/step), decoded and written in "
-          f"{result.timings['decode']:.1f} s, {elapsed:.1f} s in all")
+          f"{result.timings['decode']:.1f} s, {elapsed:.1f} s in all; {result.window_evaluations} window evaluations"
+          + (f" ({result.extra_window_evaluations} added by the {'timeline' if args.timeline else 'regions'})"
+             if args.timeline or args.region else ""))
     return 0
+
+
+def parse_timeline(items: Any) -> Any:
+    """``["0:rain", "30:thunder"]`` -> ``[(0.0, "rain"), (30.0, "thunder")]`` (``--timeline``)."""
+    spans = []
+    for item in items:
+        start, sep, prompt = item.partition(":")
+        try:
+            spans.append((float(start), prompt))
+        except ValueError:
+            sep = ""
+        if not sep or not prompt:
+            raise CLIError(f"--timeline takes START:PROMPT (START in seconds), got {item!r}")
+    return spans
+
+
+def parse_regions(items: Any) -> Any:
+    """``["0,0,64,128:a deer", "mask.png:a lake"]`` -> ``[((0, 0, 64, 128), "a deer"), (<image>, "a lake")]``."""
+    regions = []
+    for item in items:
+        where, sep, prompt = item.partition(":")
+        if not sep or not prompt:
+            raise CLIError(f"--region takes TOP,LEFT,BOTTOM,RIGHT:PROMPT (pixels) or MASK.png:PROMPT, got {item!r}")
+        parts = where.split(",")
+        if len(parts) == 4:
+            try:
+                regions.append((tuple(int(p) for p in parts), prompt))
+                continue
+            except ValueError:
+                raise CLIError(f"--region: a box is four integers TOP,LEFT,BOTTOM,RIGHT in pixels, got {where!r}") from None
+        if not os.path.isfile(where):
+            raise CLIError(f"--region: {where!r} is neither a box TOP,LEFT,BOTTOM,RIGHT nor a mask image file")
+        from PIL import Image
+        regions.append((Image.open(where), prompt))
+    return regions
+
+
+def _prompt_arguments(args: argparse.Namespace) -> Dict[str, Any]:
+    """--prompt / --view-prompt / --timeline / --region as the call's prompt arguments."""
+    if args.timeline:
+        if args.prompt or args.view_prompt or args.region:
+            raise CLIError("give either --timeline (repeated) or --prompt / --view-prompt / --region, not both")
+        return dict(timeline=parse_timeline(args.timeline), transition=args.transition)
+    if args.transition is not None:
+        raise CLIError("--transition is the ramp between --timeline spans: give --timeline with it")
+    if args.region:
+        if args.view_prompt:
+            raise CLIError("give either --region (over the --prompt background) or --view-prompt, not both")
+        return dict(prompt=args.prompt, regions=parse_regions(args.region), bootstrap=args.bootstrap)
+    if args.bootstrap is not None:
+        raise CLIError("--bootstrap is for --region: give --region with it")
+    return dict(view_prompts=args.view_prompt) if args.view_prompt else dict(prompt=args.prompt)
 
 
 def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:

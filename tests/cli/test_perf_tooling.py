@@ -208,17 +208,17 @@ def test_static_model_step_is_shape_stable_and_equals_eager(pipe):
     adapter = jd.adapter
     cond = adapter.encode_prompts(["rain", "wind"], None, 2.5)
     rows = torch.tensor([0, 1, 1])
-    chunks = [(0, 2, cond.take(rows[:2])), (2, 3, cond.take(rows[2:]))]
+    chunks = [(0, 2, cond.take(rows[:2]), 2.5), (2, 3, cond.take(rows[2:]), 2.5)]
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(3, 8, 16, 16, generator=g) for _ in range(3)]
     timesteps = torch.tensor([900, 500, 1])
-    static = accel.StaticModelStep(adapter.predict, chunks, 2.5, inputs[0], timesteps[0])
+    static = accel.StaticModelStep(adapter.predict, chunks, inputs[0], timesteps[0])
     pointers = (static.x.data_ptr(), static.t.data_ptr())
     outs = []
     for x, t in zip(inputs, timesteps):
         static.load(x, t)
         out = static.forward()
-        eager = torch.cat([adapter.predict(x[a:b], t, c, 2.5) for a, b, c in chunks])
+        eager = torch.cat([adapter.predict(x[a:b], t, c, scale) for a, b, c, scale in chunks])
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
         assert (static.x.data_ptr(), static.t.data_ptr()) == pointers
         outs.append(out)
