@@ -164,7 +164,8 @@ def _draw_views(track: Any, spec_ax: Any, spans: Sequence[Tuple[float, float]], 
 
 def spectrogram_figure(spectrogram: Union[Spectrogram, Sequence[Spectrogram]],
                        view_spans: Sequence[Tuple[float, float]] = (), loop: bool = False,
-                       title: Optional[str] = None, panel_titles: Sequence[str] = ()) -> Figure:
+                       title: Optional[str] = None, panel_titles: Sequence[str] = (),
+                       given_spans: Sequence[Tuple[float, float]] = ()) -> Figure:
     """The annotated spectrogram(s) of generated audio, as a Figure (nothing written).
 
     Args:
@@ -177,6 +178,9 @@ def spectrogram_figure(spectrogram: Union[Spectrogram, Sequence[Spectrogram]],
             as light bands) and as thin lines at the window boundaries.
         title: the figure's title (:func:`layout_title`: method, prompt, layout).
         panel_titles: one title per spectrogram.
+        given_spans: ``(start_s, end_s)`` of the user's own audio in the output (``audio=``,
+            :mod:`safa.known`), outlined and hatched over each spectrogram so the generated
+            parts stand out.
     """
     specs = [spectrogram] if isinstance(spectrogram, Spectrogram) else list(spectrogram)
     if not specs:
@@ -203,6 +207,11 @@ def spectrogram_figure(spectrogram: Union[Spectrogram, Sequence[Spectrogram]],
         mesh = ax.pcolormesh(spec.column_edges, spec.band_edges, db, cmap="magma", vmin=vmin, vmax=vmax,
                              shading="flat", rasterized=True)
         _frequency_axis(ax, spec)
+        for n, (a, b) in enumerate(given_spans):
+            ax.axvspan(a, b, facecolor="none", edgecolor="cyan", hatch="//", linewidth=1.0,
+                       label="your audio" if n == 0 else None)
+        if given_spans:
+            ax.legend(loc="upper right", fontsize="small", framealpha=0.7)
         ax.set_xlim(0.0, duration)
         ax.set_xlabel("time (s)")
         top = ax
@@ -221,6 +230,7 @@ def spectrogram_figure(spectrogram: Union[Spectrogram, Sequence[Spectrogram]],
 
 def write_spectrogram(path: str, spectrogram: Union[Spectrogram, Sequence[Spectrogram]],
                       view_spans: Sequence[Tuple[float, float]] = (), loop: bool = False,
-                      title: Optional[str] = None, panel_titles: Sequence[str] = ()) -> None:
+                      title: Optional[str] = None, panel_titles: Sequence[str] = (),
+                      given_spans: Sequence[Tuple[float, float]] = ()) -> None:
     """:func:`spectrogram_figure` written as PNG to ``path``, atomically."""
-    save_figure(spectrogram_figure(spectrogram, view_spans, loop, title, panel_titles), path)
+    save_figure(spectrogram_figure(spectrogram, view_spans, loop, title, panel_titles, given_spans=given_spans), path)

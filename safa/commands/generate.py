@@ -30,7 +30,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import CLIError
 from ..methods import METHODS
@@ -266,7 +266,8 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
         try:
             write_spectrogram(spec_path, spectrogram.finish(), view_spans(layout, fps), loop=layout.loop,
                               title=layout_title(args.method, args.view_prompt or [p for _, p in prompt_args.get(
-                                  "timeline", [])] or [args.prompt], layout, fps))
+                                  "timeline", [])] or [args.prompt], layout, fps),
+                              given_spans=_given_spans(args))
         except OSError as exc:  # e.g. the disk filled since the check: the audio is complete, say so
             print(f"safa generate: error: wrote {out} but not its spectrogram {spec_path}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
@@ -355,6 +356,18 @@ def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:
         if any(len(k) != 2 for k in keep):
             raise CLIError(f"--keep takes START:END in seconds, got {args.keep}")
     return dict(audio=args.audio, audio_start=args.at, keep=keep, audio_crossfade=args.crossfade)
+
+
+def _given_spans(args: argparse.Namespace) -> List[Tuple[float, float]]:
+    """Where the user's audio lies in the output, in seconds (marked on the spectrogram): the
+    ``--keep`` ranges, else the clip from ``--at`` on."""
+    if args.audio is None:
+        return []
+    if args.keep:
+        return [tuple(float(x) for x in k.split(":")) for k in args.keep]
+    import soundfile
+    start = args.at or 0.0
+    return [(start, start + soundfile.info(args.audio).duration)]
 
 
 # The call's image arguments (not the memory estimate's).

@@ -382,3 +382,25 @@ def test_decode_choices_are_the_decoders():
     from safa.commands.generate import DECODE_CHOICES
     from safa.decode import DECODE_MODES
     assert sorted(DECODE_CHOICES) == sorted(DECODE_MODES)
+
+
+def test_generate_with_your_audio_marks_it_on_the_spectrogram(model_dir, tmp_path, monkeypatch):
+    """``--audio --at``: the clip's span is hatched on the spectrogram PNG."""
+    import safa.plots as plots
+    clip = tmp_path / "clip.wav"
+    sf.write(str(clip), 0.1 * np.sin(np.linspace(0, 400, 16000)).astype(np.float32), 16000)  # 1 s
+    drawn = {}
+    original = plots.spectrogram_figure
+
+    def spy(*args, **kwargs):
+        fig = original(*args, **kwargs)
+        drawn["given"] = kwargs.get("given_spans")
+        drawn["labels"] = [h.get_label() for ax in fig.axes for h in ax.patches]
+        return fig
+    monkeypatch.setattr(plots, "spectrogram_figure", spy)
+    out = tmp_path / "x.wav"
+    assert main(["generate", "--model", model_dir, *FAST, "--seconds", "2.4", "--audio", str(clip), "--at", "1.0",
+                 "--out", str(out)]) == 0
+    assert drawn["given"] == [(1.0, 2.0)]
+    assert "your audio" in drawn["labels"]
+    assert (tmp_path / "x.png").exists()
