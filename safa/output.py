@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from safa_kernels import ViewLayout
+from safa_kernels import GridLayout, ViewLayout
 
 from .adapters.base import Adapter
 from .audio_io import AudioWriter
@@ -68,7 +68,7 @@ def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, m
     ``pieces``: the decoded pieces when they were decoded elsewhere (several processes,
     :meth:`safa.distributed.ViewShard.decode_tiles`), else they are decoded here.
     """
-    if pieces is None and mode == "tiled":
+    if pieces is None and mode == "tiled" and not isinstance(layout, GridLayout):
         pieces = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len)
     elif pieces is None:
         pieces = iter([(0, decode(adapter, latent, layout, mode, view_batch_size))])

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-__all__ = ["TiledTensor", "decode", "decode_tiles", "encode", "MIN_TILE", "DEFAULT_TILE", "tile_bounds"]
+__all__ = ["TiledTensor", "decode", "decode_tiles", "encode", "supports", "MIN_TILE", "DEFAULT_TILE", "tile_bounds"]
 
 # Smallest tile side in latent pixels (decode) / latent pixels times the VAE factor (encode).
 # Every 3x3 convolution reads one pixel of halo per side; below this the halos are more than a
@@ -47,7 +47,7 @@ MIN_TILE = 8
 # Default tile side in latent pixels: 64 (512 px), the SD VAE's own window.
 DEFAULT_TILE = 64
 # Attention queries per chunk: bounds the (queries x keys) score matrix of a math-path sdpa.
-ATTENTION_SCORES = 1 << 24
+ATTENTION_SCORES = 1 << 22
 
 Bounds = Tuple[int, ...]
 Pointwise = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -216,9 +216,16 @@ def _resnet(x: TiledTensor, block: torch.nn.Module, device: torch.device) -> Til
         raise ValueError("unsupported ResnetBlock2D in the VAE for a tiled decode")
     h = _conv(x, block.conv1, device, pre=_normalizer(x, block.norm1, device, act=True))
     h = _conv(h, block.conv2, device, pre=_normalizer(h, block.norm2, device, act=True))
-    shortcut = _conv(x, block.conv_shortcut, device) if block.conv_shortcut is not None else x
-    factor = block.output_scale_factor
-    return h.like(lambda i, j: (shortcut.tile(i, j, device) + h.tile(i, j, device)) / factor)
+    factor, sc = block.output_scale_factor, block.conv_shortcut
+    if sc is not None and sc.kernel_size != (1, 1):
+        x, sc = _conv(x, sc, device), None
+
+    def tile(i: int, j: int) -> torch.Tensor:
+        t = x.tile(i, j, device)
+        if sc is not None:  # a 1x1 projection needs no halo: made per tile, never whole
+            t = F.conv2d(t, sc.weight, sc.bias, stride=sc.stride)
+        return (t + h.tile(i, j, device)) / factor
+    return h.like(tile)
 
 
 def _attention(x: TiledTensor, attn: torch.nn.Module, device: torch.device) -> TiledTensor:
@@ -422,3 +429,11 @@ def encode(vae: torch.nn.Module, pixels: torch.Tensor, tile: int = DEFAULT_TILE 
             x = _conv(x, vae.quant_conv, device)
         moments = x.assemble().to(device)
     return DiagonalGaussianDistribution(moments)
+
+
+def supports(vae: object) -> bool:
+    """Whether ``vae`` has the architecture this module runs over tiles (diffusers' ``AutoencoderKL``:
+    GroupNorm resnet blocks, nearest upsampling, a mid-block attention)."""
+    dec = getattr(vae, "decoder", None)
+    return type(vae).__name__ == "AutoencoderKL" and dec is not None and \
+        isinstance(getattr(dec, "conv_norm_out", None), torch.nn.GroupNorm) and hasattr(dec, "up_blocks")

@@ -1,0 +1,145 @@
+"""Tiled VAE decoding: safa's exact tiled decode (safa.tiled_vae) against the whole decode and
+diffusers' ``vae.enable_tiling()``, in fidelity, peak memory and time.
+
+    python benchmarks/bench_vae.py [--mode smoke|quick|full] [--device cpu|cuda] [--threads N]
+
+Two random-weight ``AutoencoderKL`` decoders, the same latents for every method:
+
+- **tiny**: the tiny SD VAE of safa.testing (8 channels, 4 levels: the x8 of every SD VAE);
+- **SD 2**: the full-size SD 1.x / 2.x VAE (benchmarks/fullsize.py ``SD2_VAE``: 128-512 channels, 83.7 M
+  parameters), random weights: cost and float behaviour are the real model's, colours are not.
+
+**fidelity** (one latent, per tile size): the largest per-pixel difference from the whole decode
+and its PSNR, on the pipeline's pixel scale (``x / 2 + 0.5``, times 255, *not* clamped, so
+saturated pixels do not hide differences), and the **colour shift**: the image cut into
+blocks of the tile size, the largest difference of a block's per-channel mean from the whole
+decode's (what shows as tiles of different colour). diffusers' tiling runs with its tile set to
+the same size (``tile_sample_min_size``; its overlap factor 0.25, blended).
+
+**cost** (square images of the mode's sizes, SD 2 VAE): peak memory as the most tensor bytes
+alive at once (safa.profiling.LiveTensorPeak: what ``torch.cuda.max_memory_allocated``
+reports on CUDA) and wall time of one call, for the whole decode, safa tiled (64 latent pixels
+= 512 px tiles) and diffusers' tiling (512 px tiles, its default for this VAE).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+import harness
+import report
+from fullsize import SD2_VAE
+
+SETTINGS = {"smoke": dict(fidelity=[("tiny", (24, 40), (8, 16))], cost=[("tiny", 32), ("tiny", 64)]),
+            "quick": dict(fidelity=[("tiny", (64, 96), (16, 32, 64)), ("SD 2", (32, 48), (16, 32))],
+                          cost=[("SD 2", 64), ("SD 2", 96)]),
+            "full": dict(fidelity=[("tiny", (64, 96), (16, 32, 64)), ("SD 2", (64, 96), (16, 32, 64))],
+                         cost=[("SD 2", 64), ("SD 2", 128), ("SD 2", 256)])}
+COST_TILE = 64  # latent pixels: 512 px, diffusers' own tile for the SD VAE
+
+
+def build_vae(kind: str, device: torch.device) -> Any:
+    from diffusers import AutoencoderKL
+
+    from safa.testing.pipelines import _tiny_image_vae
+    torch.manual_seed(0)
+    vae = _tiny_image_vae() if kind == "tiny" else AutoencoderKL(**SD2_VAE)
+    return vae.eval().to(device)
+
+
+def _diffusers_tiled(vae: Any, z: torch.Tensor, tile: int) -> torch.Tensor:
+    """``vae.enable_tiling()`` with ``tile`` latent pixels per tile (its default overlap, 0.25)."""
+    vae.enable_tiling()
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_latent_min_size, vae.tile_sample_min_size = tile, tile * 8
+    try:
+        with torch.no_grad():
+            return vae.decode(z).sample
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+        vae.disable_tiling()
+
+
+def _whole(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.decode(z).sample
+
+
+def fidelity_row(kind: str, method: str, tile: int, out: torch.Tensor, full: torch.Tensor) -> Dict[str, Any]:
+    """Differences from the whole decode on the 0-255 pixel scale (unclamped)."""
+    a, b = (out.double() / 2 + 0.5) * 255, (full.double() / 2 + 0.5) * 255
+    diff = (a - b).abs()
+    mse = float(((a - b) / 255).pow(2).mean())
+    block = tile * 8
+    pooled = torch.nn.functional.avg_pool2d(a - b, block, ceil_mode=True)  # per-block per-channel mean difference
+    return dict(vae=kind, method=method, tile_px=block, height=out.shape[-2], width=out.shape[-1],
+                max_abs=float(diff.max()), mean_abs=float(diff.mean()),
+                psnr_db=float("inf") if mse == 0 else 10 * math.log10(1.0 / mse),
+                colour_shift=float(pooled.abs().max()))
+
+
+def fidelity(device: torch.device, cases: Sequence[Any]) -> List[Dict[str, Any]]:
+    from safa import tiled_vae
+    rows = []
+    for kind, (h, w), tiles in cases:
+        vae = build_vae(kind, device)
+        z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+        full = _whole(vae, z)
+        for tile in tiles:
+            rows.append(fidelity_row(kind, "safa tiled", tile, tiled_vae.decode(vae, z, tile=tile), full))
+            rows.append(fidelity_row(kind, "diffusers tiling", tile, _diffusers_tiled(vae, z, tile), full))
+            print(rows[-2], rows[-1], flush=True)
+    return rows
+
+
+def _measure(fn: Any, device: torch.device) -> Dict[str, float]:
+    from safa.profiling.memory import LiveTensorPeak
+    clock = harness.timer(device)
+    start = clock()
+    with LiveTensorPeak() as peak:
+        out = fn()
+    seconds = clock() - start
+    del out
+    return dict(peak_bytes=peak.peak, seconds=seconds)
+
+
+def cost(device: torch.device, cases: Sequence[Any]) -> List[Dict[str, Any]]:
+    from safa import tiled_vae
+    from safa.memory import tiled_decode_bytes
+    from safa.adapters.working_memory import vae_decode_bytes
+    rows = []
+    for kind, side in cases:
+        vae = build_vae(kind, device)
+        z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(2)).to(device)
+        tile = min(COST_TILE, side // 2)  # at least 2 x 2 tiles, so both tiled decodes tile
+        methods = {"whole": lambda: _whole(vae, z),
+                   "safa tiled": lambda: tiled_vae.decode(vae, z, tile=tile),
+                   "diffusers tiling": lambda: _diffusers_tiled(vae, z, tile)}
+        estimates = {"whole": vae_decode_bytes(vae.config, z.shape, 4),
+                     "safa tiled": tiled_decode_bytes(vae.config, z.shape, 4, tile)}
+        for method, fn in methods.items():
+            row = dict(vae=kind, method=method, side_px=side * 8, pixels=(side * 8) ** 2, tile_px=tile * 8,
+                       estimate_bytes=estimates.get(method), **_measure(fn, device))
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = harness.argument_parser(__doc__)
+    args = p.parse_args(argv)
+    mode, threads, device = harness.configure(args, p)
+    st = SETTINGS[mode]
+    started = time.perf_counter()
+    records = [dict(part="fidelity", **r) for r in fidelity(device, st["fidelity"])] + \
+        [dict(part="cost", **r) for r in cost(device, st["cost"])]
+    path = harness.record("vae", device, records, threads, wall_seconds=time.perf_counter() - started)
+    print(report.render_file_section("vae", path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
