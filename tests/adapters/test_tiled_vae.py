@@ -166,3 +166,91 @@ def test_tile_bounds_are_near_equal_multiples():
     b = tiled_vae.tile_bounds(328, 96, 8)
     assert b[0] == 0 and b[-1] == 328 and all(v % 8 == 0 for v in b) and max(map(lambda p: p[1] - p[0],
                                                                               zip(b, b[1:]))) <= 96
+
+
+# -- the memory rule -------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,tile", [((1, 4, 32, 48), 16), ((2, 4, 24, 24), 8), ((1, 4, 64, 64), 64)])
+def test_tiled_decode_bytes_bounds_the_measured_peak(shape, tile):
+    from safa.memory import tiled_decode_bytes
+    from safa.profiling.memory import LiveTensorPeak
+    vae = _vae(torch.float32)
+    z = _latent(shape, torch.float32)
+    with LiveTensorPeak() as peak:
+        tiled_vae.decode(vae, z, tile=tile)
+    estimate = tiled_decode_bytes(vae.config, z.shape, 4, tile)
+    assert peak.peak <= estimate <= 1.6 * peak.peak, (peak.peak, estimate)
+
+
+# -- wired into the sampler: decode="tiled" / "auto" on images, the streamed PNG ----------------
+@pytest.fixture(scope="module")
+def jd():
+    from safa import JointDiffusion
+    from safa.testing import pipelines as tp
+    return JointDiffusion(tp.tiny_sd_pipeline(seed=0, sample_size=32))
+
+
+CALL = dict(width=520, height=256, overlap=0.25, num_inference_steps=1, output_type="pt")
+
+
+def test_sampler_tiled_decode_equals_the_whole_decode(jd):
+    full = jd("a lake", decode="full", generator=torch.Generator().manual_seed(3), **CALL).images
+    tiled = jd("a lake", decode="tiled", decode_tile=12, generator=torch.Generator().manual_seed(3), **CALL).images
+    assert tiled.shape == full.shape == (1, 3, 256, 520)
+    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-5)
+
+
+def test_sampler_tiled_decode_of_a_torus_is_the_wrapped_decode(jd):
+    # a 2-D canvas looping both ways: the exact tiled decode with circular halos
+    out = jd("a wall", decode="tiled", decode_tile=16, loop="both", generator=torch.Generator().manual_seed(4),
+             width=352, height=352, overlap=0.25, num_inference_steps=1, output_type="pt").images
+    assert out.shape == (1, 3, 352, 352)
+    seam = (out[..., 0] - out[..., -1]).abs().mean() + (out[..., 0, :] - out[..., -1, :]).abs().mean()
+    interior = (out[..., 1:] - out[..., :-1]).abs().mean() + (out[..., 1:, :] - out[..., :-1, :]).abs().mean()
+    assert seam < 3 * interior
+
+
+def test_auto_decodes_tiled_when_the_whole_decode_does_not_fit(jd, monkeypatch):
+    from safa import memory
+    adapter = jd.adapter
+    whole = adapter.decoder_memory(65, 1, height=256)
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(whole / memory.WHOLE_DECODE_SHARE))
+    assert memory.resolve_decode(adapter, "auto", 65, 32, 1, 256) == "full"
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(whole / memory.WHOLE_DECODE_SHARE) - 1)
+    assert memory.resolve_decode(adapter, "auto", 65, 32, 1, 256) == "tiled"
+    assert memory.resolve_decode(adapter, "views", 65, 32, 1, 256, grid=True) == "full"
+
+
+def test_streamed_png_is_the_in_memory_image(jd, tmp_path):
+    import numpy as np
+    from PIL import Image
+    target = tmp_path / "lake.png"
+    kw = dict(CALL, output_type="np")
+    image = jd("a lake", decode="tiled", decode_tile=12, generator=torch.Generator().manual_seed(3), **kw).images[0]
+    assert jd("a lake", decode="tiled", decode_tile=12, generator=torch.Generator().manual_seed(3),
+              output_path=str(target), **CALL) is not None
+    with Image.open(target) as png:
+        written = np.asarray(png.convert("RGB"))
+    assert written.shape == (256, 520, 3)
+    assert np.array_equal(written, (image * 255).round().astype(np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == ["lake.png"]  # no temporary file left
+
+
+def test_png_rows_round_trip_and_refuse_a_short_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from safa.output import PngRows
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    writer = PngRows(str(tmp_path / "a.png"), 29, 37)
+    for start in range(0, 37, 10):
+        writer.write(rgb[start:start + 10])
+    writer.close()
+    with Image.open(tmp_path / "a.png") as png:
+        assert np.array_equal(np.asarray(png), rgb)
+    short = PngRows(str(tmp_path / "b.png"), 29, 37)
+    short.write(rgb[:10])
+    with pytest.raises(ValueError, match="the PNG has 10 of its 37 rows"):
+        short.close()
+    with pytest.raises(ValueError, match="a band of 29 x 3 uint8 pixels"):
+        PngRows(str(tmp_path / "c.png"), 29, 37).write(rgb[:, :5])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
