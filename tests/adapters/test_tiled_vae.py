@@ -254,3 +254,17 @@ def test_png_rows_round_trip_and_refuse_a_short_image(tmp_path):
     with pytest.raises(ValueError, match="a band of 29 x 3 uint8 pixels"):
         PngRows(str(tmp_path / "c.png"), 29, 37).write(rgb[:, :5])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_every_image_family_decodes_tiled_as_whole(family):
+    # each family's own un-normalisation (scaling, shift, SDXL's latents mean / std) is applied
+    from safa.adapters import get_adapter
+    from safa.decode import decode_full, decode_tiled, exact_tiled
+    from safa.testing import pipelines as tp
+    adapter = get_adapter(getattr(tp, f"tiny_{family}_pipeline")(seed=0))
+    assert exact_tiled(adapter)
+    latent = _latent(adapter.latent_shape(1, 40, None), torch.float32)
+    full, tiled = decode_full(adapter, latent, False), decode_tiled(adapter, latent, False, 12)
+    assert tiled.shape == full.shape
+    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-5)
