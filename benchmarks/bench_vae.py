@@ -1,7 +1,8 @@
 """Tiled VAE decoding: safa's exact tiled decode (safa.tiled_vae) against the whole decode and
 diffusers' ``vae.enable_tiling()``, in fidelity, peak memory and time.
 
-    python benchmarks/bench_vae.py [--mode smoke|quick|full] [--device cpu|cuda] [--threads N]
+    python benchmarks/bench_vae.py [--mode smoke|quick|full] [--device cpu|cuda] [--threads N] [--plot PNG]
+    python benchmarks/bench_vae.py --plot PNG --from-results benchmarks/results/<machine>.json
 
 Two random-weight ``AutoencoderKL`` decoders, the same latents for every method:
 
@@ -130,9 +131,40 @@ def cost(device: torch.device, cases: Sequence[Any]) -> List[Dict[str, Any]]:
     return rows
 
 
+def plot(records: Sequence[Dict[str, Any]], path: str) -> None:
+    """Peak tensor memory against the image's pixels, one line per decode (log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in records if r["part"] == "cost"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["pixels"])
+        ax.plot([r["pixels"] / 1e6 for r in mine], [r["peak_bytes"] / 2 ** 30 for r in mine], "o-", label=method)
+        for r in mine:
+            ax.annotate(f"{r['side_px']}²", (r["pixels"] / 1e6, r["peak_bytes"] / 2 ** 30), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("image (megapixels)")
+    ax.set_ylabel("peak tensor memory (GiB)")
+    ax.set_title(f"VAE decode, {rows[0]['vae']} architecture (random weights)" if rows else "VAE decode")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import json
     p = harness.argument_parser(__doc__)
+    p.add_argument("--plot", default=None, help="also write the peak-memory plot to this PNG")
+    p.add_argument("--from-results", default=None, help="plot the vae section of this results file, measure nothing")
     args = p.parse_args(argv)
+    if args.from_results:
+        if not args.plot:
+            p.error("--from-results needs --plot")
+        plot(json.loads(open(args.from_results).read())["benchmarks"]["vae"]["records"], args.plot)
+        return 0
     mode, threads, device = harness.configure(args, p)
     st = SETTINGS[mode]
     started = time.perf_counter()
@@ -140,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         [dict(part="cost", **r) for r in cost(device, st["cost"])]
     path = harness.record("vae", device, records, threads, wall_seconds=time.perf_counter() - started)
     print(report.render_file_section("vae", path))
+    if args.plot:
+        plot(records, args.plot)
     return 0
 
 
