@@ -102,13 +102,10 @@ class TiledTensor:
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.store is None else t.to(self.store)
 
-    def like(self, fn: Callable[[int, int], torch.Tensor], scale: int = 1) -> "TiledTensor":
-        """A new tiled tensor of tile ``(i, j)`` = ``fn(i, j)``, the grid scaled by ``scale``
-        (a fraction ``1 / s`` as ``-s``)."""
-        def sc(b: Bounds) -> Bounds:
-            return tuple(v * scale if scale > 0 else v // -scale for v in b)
+    def like(self, fn: Callable[[int, int], torch.Tensor]) -> "TiledTensor":
+        """A new tiled tensor on the same grid, of tile ``(i, j)`` = ``fn(i, j)`` (a per-tile layer)."""
         tiles = [[self.keep(fn(i, j)) for j in range(len(self.cols) - 1)] for i in range(len(self.rows) - 1)]
-        return TiledTensor(tiles, sc(self.rows), sc(self.cols), self.loops, self.store)
+        return TiledTensor(tiles, self.rows, self.cols, self.loops, self.store)
 
     def region(self, r0: int, r1: int, c0: int, c1: int, device: torch.device, pre: Pointwise = None) -> torch.Tensor:
         """Rows ``[r0, r1)`` x cols ``[c0, c1)`` on ``device``, ``pre`` applied to the image's pixels
