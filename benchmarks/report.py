@@ -512,6 +512,22 @@ def stitch_diagnosis(records: List[Dict[str, Any]], floor: Dict[Tuple[str, int],
 
 
 # -- the README and tuning.py ---------------------------------------------------------------------
+def render_vae(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
+    """bench_vae.py: fidelity of the tiled decodes against the whole decode, then their cost."""
+    rows = section["records"]
+    out = ["| VAE | decode | tile | image | max abs diff (/255) | clamped | PSNR (dB) | colour shift (/255) |",
+           "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in (r for r in rows if r["part"] == "fidelity"):
+        out.append(f"| {r['vae']} | {r['method']} | {r['tile_px']} px | {r['width']} x {r['height']} | "
+                   f"{r['max_abs']:.3g} | {r['max_abs_clamped']:.3g} | {r['psnr_db']:.1f} | {r['colour_shift']:.3g} |")
+    out += ["", "| VAE | decode | image | tile | peak tensor memory | estimate | time |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in (r for r in rows if r["part"] == "cost"):
+        est = f"{r['estimate_bytes'] / 2 ** 20:.0f} MiB" if r.get("estimate_bytes") else "-"
+        out.append(f"| {r['vae']} | {r['method']} | {r['side_px']}² | {r['tile_px']} px | "
+                   f"{r['peak_bytes'] / 2 ** 20:.0f} MiB | {est} | {r['seconds']:.3g} s |")
+    return "\n".join(out)
+
+
 RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": render_ops, "audio": render_audio,
                                                                          "panorama": render_panorama,
                                                                          "steps": render_steps,
@@ -519,10 +535,11 @@ RENDERERS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {"ops": 
                                                                          "fullsize": render_fullsize,
                                                                          "long": render_long,
                                                                          "distributed": render_distributed,
+                                                                         "vae": render_vae,
                                                                          "gpu_checks": render_gpu_checks}
 SECTION_TITLES = {"ops": "op microbenchmarks", "audio": "long audio", "panorama": "panorama",
                   "methods": "every method", "fullsize": "full-size architecture", "long": "hours of audio", "distributed": "distributed",
-                  "steps": "per-step pipeline", "gpu_checks": "GPU checks"}
+                  "steps": "per-step pipeline", "gpu_checks": "GPU checks", "vae": "tiled VAE decode"}
 
 
 def load_results(folder: Path = RESULTS) -> List[Tuple[Path, Dict[str, Any]]]:

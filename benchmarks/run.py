@@ -40,12 +40,12 @@ from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("ops", "steps", "panorama", "methods", "fullsize", "audio", "long", "distributed")
-PIPELINE_PARTS = ("steps", "panorama", "methods", "fullsize", "audio", "long", "distributed")
+PARTS = ("ops", "steps", "panorama", "methods", "fullsize", "audio", "long", "distributed", "vae")
+PIPELINE_PARTS = ("steps", "panorama", "methods", "fullsize", "audio", "long", "distributed", "vae")
 CPU_PARTS = ("audio", "long", "distributed")  # skipped with --device cuda
 # Left out of a plain quick run (make bench) on CPU: full-size models take minutes per step
-# there. ``--only fullsize`` runs it; make bench-full and make bench-smoke include it.
-NOT_IN_PLAIN_QUICK = ("fullsize",)
+# there. ``--only fullsize`` (``--only vae``) runs it; make bench-full and make bench-smoke include them.
+NOT_IN_PLAIN_QUICK = ("fullsize", "vae")
 
 
 def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
@@ -61,7 +61,8 @@ def commands(mode: str, device: Optional[str]) -> Dict[str, List[str]]:
             "fullsize": [py, str(HERE / "bench_fullsize.py"), "--mode", mode] + dev,
             "audio": [py, str(HERE / "bench_audio.py"), "--mode", mode],
             "long": [py, str(HERE / "bench_long.py"), "--mode", mode],
-            "distributed": [py, str(HERE / "bench_distributed.py"), "--mode", mode]}
+            "distributed": [py, str(HERE / "bench_distributed.py"), "--mode", mode],
+            "vae": [py, str(HERE / "bench_vae.py"), "--mode", mode] + dev}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

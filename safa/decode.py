@@ -8,6 +8,11 @@ identity otherwise). The final output has its long axis last: ``(B, samples)`` f
 
 Loop layouts are decoded with circular context so the output loops without a seam.
 
+Images (an ``AutoencoderKL`` behind an image adapter) decode ``"tiled"`` exactly: the VAE runs
+layer by layer over tiles (:mod:`safa.tiled_vae`: convolution halos, whole-image GroupNorm
+statistics, attention over all keys), so the result is the whole decode's up to float
+rounding, strips and 2-D canvases alike, loops with circular halos (:func:`decode_image_tiled`).
+
 ``"auto"`` (the default) decodes the whole latent while it is at most
 :data:`AUTO_WHOLE_WINDOWS` windows long (the pipeline's own path) and in tiles beyond that;
 :func:`decode_tiles` yields the tiles one by one, so a caller can write each to disk as it is
@@ -22,10 +27,12 @@ import torch
 
 from safa_kernels import GridLayout, ViewLayout, gather, stitch
 
+from . import tiled_vae
 from .adapters.base import Adapter
 
 __all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "decode_full", "decode_views",
-           "decode_tiles", "decode_tiled", "decode_grid", "tile_count"]
+           "decode_tiles", "decode_tiled", "decode_grid", "tile_count", "exact_tiled", "vae_input", "image_tiles",
+           "decode_image_tiled"]
 
 DECODE_MODES = ("auto", "full", "views", "tiled")
 # decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
@@ -82,9 +89,14 @@ def decode_full(adapter: Adapter, latent: torch.Tensor, loop: bool) -> torch.Ten
                                min(adapter.decode_context, n), True)
 
 
-def decode_grid(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool]) -> torch.Tensor:
-    """Decode a 2-D canvas (an image beyond one window in height) whole, with circular context on
-    each axis in ``loops`` (rows, cols) so that a cylinder or a torus tiles without a seam."""
+def decode_grid(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool], mode: str = "full",
+                tile: Optional[int] = None) -> torch.Tensor:
+    """Decode a 2-D canvas (an image beyond one window in height): ``"full"`` whole, with circular
+    context on each axis in ``loops`` (rows, cols) so that a cylinder or a torus tiles without a
+    seam; ``"tiled"`` exactly over ``tile`` latent tiles (default one window of the pipeline) with
+    circular halos (:func:`decode_image_tiled`)."""
+    if mode == "tiled" and exact_tiled(adapter):
+        return decode_image_tiled(adapter, latent, loops, tile or tiled_vae.DEFAULT_TILE)
     scale = adapter.decoded_scale * adapter.finalize_scale
 
     def both(z: torch.Tensor) -> torch.Tensor:
@@ -101,6 +113,71 @@ def decode_grid(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool]
         if loop:
             fn = wrapped(fn, dim)
     return fn(latent)
+
+
+def exact_tiled(adapter: Adapter) -> bool:
+    """Whether ``decode="tiled"`` is exact for ``adapter``: an image adapter whose VAE
+    :mod:`safa.tiled_vae` can run over tiles (diffusers' ``AutoencoderKL``)."""
+    return adapter.kind == "image" and tiled_vae.supports(getattr(adapter.pipe, "vae", None))
+
+
+def vae_input(adapter: Adapter, latent: torch.Tensor) -> torch.Tensor:
+    """What ``adapter.decode_latents(latent)`` hands ``vae.decode``: the latent un-normalised,
+    on the device and in the dtype the family decodes in (SDXL's fp16 VAE: float32).
+
+    Read by running the adapter's own ``decode_latents`` with ``vae.decode`` answering its input,
+    so every family's un-normalisation (scaling, shift, SDXL's latents mean / std) applies as is.
+    """
+    vae = adapter.pipe.vae
+    own = vae.__dict__.get("decode")
+
+    def echo(z: torch.Tensor, return_dict: bool = True, **_: object) -> object:
+        return (z,) if not return_dict else _Sample(z)
+    vae.decode = echo
+    try:
+        return adapter.decode_latents(latent)
+    finally:
+        del vae.decode
+        if own is not None:
+            vae.decode = own
+
+
+class _Sample:
+    """``DecoderOutput``'s one field, for adapters that read ``vae.decode(z).sample``."""
+
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample = sample
+
+
+def image_tiles(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool],
+                tile: int) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """The image of ``latent`` as ``(first row, first column, tile)`` in row-major order (pixels in
+    ``[0, 1]``, ``adapter.finalize`` applied), decoded exactly over ``tile x tile`` latent tiles;
+    ``loops`` (rows, cols) wrap. The VAE decodes in the dtype the family asks for (upcast as the
+    pipeline does when it hands the VAE float32)."""
+    vae = adapter.pipe.vae
+    z = vae_input(adapter, latent)
+    dtype = vae.dtype
+    if z.dtype != dtype:
+        vae.to(z.dtype)
+    try:
+        for r, c, piece in tiled_vae.decode_tiles(vae, z, tile, loops):
+            yield r, c, adapter.finalize(piece)
+    finally:
+        if z.dtype != dtype:
+            vae.to(dtype)
+
+
+def decode_image_tiled(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool], tile: int) -> torch.Tensor:
+    """:func:`image_tiles` assembled: the whole decode's image up to float rounding."""
+    out: Optional[torch.Tensor] = None
+    scale = adapter.decoded_scale * adapter.finalize_scale
+    for r, c, piece in image_tiles(adapter, latent, loops, tile):
+        if out is None:
+            out = piece.new_empty(*piece.shape[:2], latent.shape[-2] * scale, latent.shape[-1] * scale)
+        out[..., r:r + piece.shape[-2], c:c + piece.shape[-1]] = piece
+    assert out is not None
+    return out
 
 
 def _decoded_layout(layout: ViewLayout, scale: int) -> ViewLayout:
@@ -147,10 +224,14 @@ def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int, 
     (:meth:`safa.distributed.ViewShard.decode_tiles`). Peak memory is that of decoding one tile,
     whatever the length. Tiles see only local context, so decoders with global statistics
     (GroupNorm) or a global phase estimate (Griffin-Lim) differ slightly from
-    :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``.
+    :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``. Images with an
+    ``AutoencoderKL`` (:func:`exact_tiled`) are the exception: one piece, :func:`decode_image_tiled`.
     """
     dim = adapter.long_dim
     n = latent.shape[dim]
+    if exact_tiled(adapter):  # the exact tiled decode: one piece (tiles share GroupNorm statistics)
+        yield 0, decode_image_tiled(adapter, latent, (False, loop), tile)
+        return
     if tile >= n:
         yield 0, decode_full(adapter, latent, loop)
         return
@@ -184,7 +265,9 @@ def decode_tiled(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int) 
 
 def tile_count(adapter: Adapter, columns: int, tile: int, stop: Optional[int] = None) -> int:
     """How many tiles :func:`decode_tiles` decodes for ``columns`` latent columns (fewer when the
-    output ``stop`` s earlier)."""
+    output ``stop`` s earlier); 1 for an exact image decode (one piece: its tiles share statistics)."""
+    if exact_tiled(adapter):
+        return 1
     count = math.ceil(columns / tile)
     if stop is not None:
         count = min(count, math.ceil(stop / (tile * adapter.decoded_scale * adapter.finalize_scale)))
@@ -196,10 +279,11 @@ def decode(adapter: Adapter, latent: torch.Tensor, layout: Union[ViewLayout, Gri
     """Decode the long ``latent`` (``layout.length`` columns) with ``mode`` in :data:`DECODE_MODES`.
 
     ``tile`` (tiled mode) defaults to one window. A :class:`~safa_kernels.GridLayout` is decoded
-    whole (:func:`decode_grid`), whatever ``mode``.
+    by :func:`decode_grid` (``"tiled"``: exactly over tiles, other modes whole).
     """
     if isinstance(layout, GridLayout):
-        return decode_grid(adapter, latent, (layout.rows.loop, layout.cols.loop))
+        return decode_grid(adapter, latent, (layout.rows.loop, layout.cols.loop), mode,
+                           tile or layout.cols.window)
     mode = resolve_mode(mode, layout.length, layout.window)
     if mode == "full":
         return decode_full(adapter, latent, layout.loop)

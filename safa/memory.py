@@ -34,12 +34,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .decode import resolve_mode
+from .decode import exact_tiled, resolve_mode
 from .request import GenerationRequest, is_grid, model_windows, planned_layout, planned_tile_height
 
 __all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "estimate_request", "require_memory",
            "check_disk_space", "available_memory", "scheduler_history", "shortfall", "format_bytes",
-           "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES"]
+           "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES", "tiled_decode_bytes", "resolve_decode",
+           "WHOLE_DECODE_SHARE"]
 
 # Views-sized tensors alive at the peak of scheduler.step besides the scheduler's history: the
 # views, the model output and the scheduler's temporaries (measured with DDIM, which keeps no
@@ -48,6 +49,10 @@ STEP_STATE_COPIES = 6
 # ... and around the model call: the views, the model input (a concatenated copy while the
 # reference window joins the batch) and the model output, besides history and activations.
 MODEL_CALL_STATE_COPIES = 3
+# decode="auto" on images decodes whole while the whole decode's estimate is at most this share
+# of the available memory, else exactly over tiles (the two agree up to float rounding). A
+# margin, not a measurement: the rest of the decode phase and the allocator's slack need room.
+WHOLE_DECODE_SHARE = 0.5
 
 
 class InsufficientMemoryError(ValueError, MemoryError):
@@ -139,7 +144,7 @@ def scheduler_history(scheduler: Any) -> int:
 def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, num_views: int, batch_size: int,
                     height: Optional[int], model_windows: int, guidance: bool, with_reference: bool,
                     decode_columns: int, output_columns: int, streamed: bool, output_type: str,
-                    gradient_steps: bool = False) -> MemoryEstimate:
+                    gradient_steps: bool = False, decoding: Optional[int] = None) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of a call with this geometry (pure arithmetic: nothing is allocated).
 
     Args:
@@ -157,6 +162,8 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
         gradient_steps: the method takes gradient steps through the model and the decoder of one
             view at a time (SyncDiffusion): a ``"gradient step"`` phase with both graphs' saved
             activations.
+        decoding: the decode's working memory when it is not ``decode_columns`` decoded at once
+            (the exact tiled image decode: :func:`tiled_decode_bytes`).
     """
     itemsize = torch.empty((), dtype=adapter.dtype).element_size()
     window_bytes = math.prod(adapter.latent_shape(batch_size, window, height)) * itemsize
@@ -187,7 +194,8 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
                                    "decoder graph": decoder_graph or 0}
     host: Dict[str, Dict[str, int]] = {}
     if output_type != "latent":
-        decoding = adapter.decoder_memory(decode_columns, batch_size, height=height)
+        if decoding is None:
+            decoding = adapter.decoder_memory(decode_columns, batch_size, height=height)
         if decoding is None:
             not_estimated.append("decoding")
         phases["decode"] = {"latent": latent, "scheduler history": history * state, "decoding": decoding or 0}
@@ -258,6 +266,54 @@ def shortfall(estimate: MemoryEstimate) -> Optional[Tuple[int, int, str]]:
     return None
 
 
+# -- the exact tiled VAE decode of images (safa.tiled_vae) ------------------------------------
+def tiled_decode_bytes(config: Any, latent_shape: Sequence[int], itemsize: int, tile: int) -> int:
+    """Peak bytes of :func:`safa.tiled_vae.decode` of a ``(B, C, h, w)`` latent in ``tile`` x ``tile``
+    latent tiles with an ``AutoencoderKL`` of ``config`` (the assembled output included).
+
+    The tiled activations of one block at a time: a resnet block holds its input, its middle
+    activation and its output (``c_in + 2 c_out`` maps of the level's pixels), an upsampling
+    its input and its 4x output, the attention its input, keys, values and output; plus one
+    tile's work (its region with halos, the normalised copy and the result: 3 maps of the
+    widest channels at the tile's size, with a 1-pixel halo) and the query chunk's scores.
+    """
+    from .adapters.working_memory import _decoder_levels
+    from .tiled_vae import ATTENTION_SCORES
+    batch = int(latent_shape[0]) if len(latent_shape) == 4 else 1
+    channels, tokens, per_level = _decoder_levels(config, latent_shape)
+    out_channels = int(getattr(config, "out_channels", None) or 3)
+    peak = 4 * channels[0] * tokens[0] + min(ATTENTION_SCORES, tokens[0] ** 2)
+    work = 0
+    for level, c_out in enumerate(channels):
+        n, c_in = tokens[level], channels[max(level - 1, 0)]
+        peak = max(peak, (c_in + 2 * c_out) * n)
+        side = tile * 2 ** level + 2
+        work = max(work, 3 * max(c_in, c_out) * side * side)
+        if level < len(channels) - 1:
+            peak = max(peak, c_out * n + c_out * tokens[level + 1])
+    del per_level
+    peak = max(peak, (channels[-1] + out_channels) * tokens[-1])
+    return int(batch * (peak + work) * itemsize)
+
+
+def resolve_decode(adapter: Any, mode: str, length: int, window: int, batch_size: int,
+                   height: Optional[int], grid: bool = False) -> str:
+    """The decode mode a request runs: ``"full"`` / ``"tiled"`` / ``"views"``.
+
+    :func:`~safa.decode.resolve_mode`, except for images with the exact tiled decode
+    (:func:`~safa.decode.exact_tiled`), where ``"auto"`` is the whole decode while its estimate
+    (:meth:`~safa.adapters.base.Adapter.decoder_memory`) is at most :data:`WHOLE_DECODE_SHARE` of
+    the available memory, else tiled. A grid (``grid``) decodes ``"tiled"`` or whole.
+    """
+    if mode == "auto" and exact_tiled(adapter):
+        whole = adapter.decoder_memory(length, batch_size, height=height)
+        fits = whole is None or whole <= WHOLE_DECODE_SHARE * available_memory(adapter.device)
+        return "full" if fits else "tiled"
+    if grid:
+        return "tiled" if mode == "tiled" else "full"
+    return resolve_mode(mode, length, window)
+
+
 # -- a request's needs (safa.request), before the call does any work --------------------------
 def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of ``request``, from its geometry alone (no layout is built)."""
@@ -269,16 +325,24 @@ def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -
     output_columns = adapter.output_length(seconds=request.seconds, width=request.width)
     if grid:
         output_columns = math.ceil(output_columns * adapter.latent_rows(request.height) * adapter.decoded_scale / height)
-    mode = "full" if grid else resolve_mode(request.decode, length, w)
+    # the decoded canvas: a grid's full height and width, a strip's length at its height
+    columns, rows_px = (adapter.columns_for(width=request.width), request.height) if grid else (length, height)
+    mode = resolve_decode(adapter, request.decode, columns, w, request.batch_size, rows_px, grid)
     tile = min(request.decode_tile or w, length)
     decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
         else length
+    decoding = None
+    if mode == "tiled" and exact_tiled(adapter):
+        vae = adapter.pipe.vae
+        shape = adapter.latent_shape(request.batch_size, columns, rows_px)
+        decoding = tiled_decode_bytes(vae.config, shape, torch.empty((), dtype=vae.dtype).element_size(),
+                                      request.decode_tile or w)
     return estimate_memory(
         adapter, scheduler, length=length, window=w, num_views=n, batch_size=request.batch_size,
         height=height, model_windows=model_windows(request.view_batch_size, n + with_reference, method),
         guidance=request.guidance, with_reference=with_reference, decode_columns=decode_columns,
         output_columns=output_columns, streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type,
-        gradient_steps=method.name == "syncdiffusion" and n > 1)
+        gradient_steps=method.name == "syncdiffusion" and n > 1, decoding=decoding)
 
 
 def _advice(adapter: Any, scheduler: Any, request: GenerationRequest) -> List[str]:

@@ -9,8 +9,10 @@ After the last step the sampler stitches the long latent ``J`` and hands it here
   ``output_path``, writes each audio piece to its file as soon as it is decoded
   (:class:`~safa.audio_io.AudioWriter`: a temporary file moved into place at the end, so an
   interrupted run leaves nothing). Memory is then one tile's, whatever the length.
-  Images are written whole (PNG), through the pipeline's ``image_processor``; videos frame by
-  frame as they are decoded (MP4, :class:`~safa.video_io.VideoWriter`).
+  Images are written whole (PNG), through the pipeline's ``image_processor``, except an exact
+  tiled decode (``decode="tiled"``, or ``"auto"`` choosing it), which is written row band by
+  row band as its tiles come out (:class:`PngRows`): the image never exists whole as floats;
+  videos frame by frame as they are decoded (MP4, :class:`~safa.video_io.VideoWriter`).
 
 The stage only reads the stitched latent and the layout, so it runs the same wherever that
 latent came from (e.g. gathered from several processes).
@@ -19,19 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
+import zlib
+
+import numpy as np
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from safa_kernels import ViewLayout
+from safa_kernels import GridLayout, ViewLayout
 
 from .adapters.base import Adapter
 from .audio_io import AudioWriter
-from .files import check_output_path
+from .files import AtomicFile, check_output_path
 from .plots import write_image
-from .decode import decode, decode_tiles
+from .decode import decode, decode_tiles, exact_tiled, image_tiles
 
-__all__ = ["decoded_chunks", "produce_output", "check_output_paths"]
+__all__ = ["decoded_chunks", "produce_output", "check_output_paths", "PngRows"]
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
 
@@ -63,6 +69,90 @@ def check_output_paths(output_path: Union[None, str, Sequence[str]], batch_size:
     return paths
 
 
+class PngRows:
+    """An 8-bit RGB PNG written band of rows by band of rows, atomically (a temporary file next
+    to ``path`` becomes ``path`` on :meth:`close` once all ``height`` rows are in).
+
+    Rows are PNG-filtered with "Sub" and compressed by one zlib stream into IDAT chunks as they
+    come, so memory is one band's, whatever the image's size.
+    """
+
+    SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+    def __init__(self, path: str, width: int, height: int) -> None:
+        self.width, self.height, self.rows = width, height, 0
+        self._file = AtomicFile(path)
+        self._out = open(self._file.tmp, "wb")
+        self._zip = zlib.compressobj(6)
+        self._out.write(self.SIGNATURE)
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))  # 8-bit RGB
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self._out.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+
+    def write(self, band: np.ndarray) -> None:
+        """Append ``band``: ``(rows, width, 3)`` uint8."""
+        if band.shape[1:] != (self.width, 3) or band.dtype != np.uint8 or self.rows + band.shape[0] > self.height:
+            raise ValueError(f"a band of {self.width} x 3 uint8 pixels within {self.height} rows, got {band.shape} "
+                             f"{band.dtype} after {self.rows} rows")
+        flat = band.reshape(band.shape[0], -1)
+        sub = flat.copy()
+        sub[:, 3:] -= flat[:, :-3]  # filter "Sub": each byte minus the same channel's left neighbour (mod 256)
+        data = np.concatenate([np.ones((flat.shape[0], 1), np.uint8), sub], 1)
+        packed = self._zip.compress(data.tobytes())
+        if packed:
+            self._chunk(b"IDAT", packed)
+        self.rows += band.shape[0]
+
+    def close(self) -> None:
+        """Finish the file and move it into place (all rows written), else discard it."""
+        try:
+            if self.rows != self.height:
+                raise ValueError(f"the PNG has {self.rows} of its {self.height} rows")
+            self._chunk(b"IDAT", self._zip.flush())
+            self._chunk(b"IEND", b"")
+            self._out.close()
+            self._file.commit()
+        finally:
+            self._out.close()
+            self._file.discard()
+
+    def discard(self) -> None:
+        self._out.close()
+        self._file.discard()
+
+
+def _stream_images(adapter: Adapter, latent: torch.Tensor, layout: Any, tile: int, out_len: int,
+                   paths: List[str]) -> None:
+    """Decode exactly over tiles (:func:`safa.decode.image_tiles`) and write each band of tile
+    rows to its PNG as soon as the row is complete, cropped to ``out_len`` columns; the pixels
+    are the pipeline's (``round(x * 255)``)."""
+    loops = (layout.rows.loop, layout.cols.loop) if isinstance(layout, GridLayout) else (False, layout.loop)
+    height = latent.shape[-2] * adapter.decoded_scale
+    writers = [PngRows(p, out_len, height) for p in paths]
+    try:
+        band: List[torch.Tensor] = []
+        for _, c, piece in image_tiles(adapter, latent, loops, tile):
+            if c == 0 and band:
+                _write_band(writers, band, out_len)
+                band = []
+            band.append(piece)
+        _write_band(writers, band, out_len)
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.discard()
+        raise
+
+
+def _write_band(writers: List[PngRows], band: List[torch.Tensor], out_len: int) -> None:
+    pixels = torch.cat(band, -1)[..., :out_len]
+    rgb = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for writer, image in zip(writers, rgb):
+        writer.write(image)
+
+
 def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, mode: str, tile: int,
                    view_batch_size: Optional[int], out_len: int,
                    pieces: Optional[Iterator[Tuple[int, torch.Tensor]]] = None) -> Iterator[Tuple[int, torch.Tensor]]:
@@ -74,7 +164,7 @@ def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, m
     """
     if pieces is None and adapter.kind == "video":  # the causal VAE decodes the frames in order, with its cache
         pieces = adapter.decode_frames(latent, layout.loop, mode, tile)  # type: ignore[attr-defined]
-    elif pieces is None and mode == "tiled":
+    elif pieces is None and mode == "tiled" and not isinstance(layout, GridLayout):
         pieces = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len)
     elif pieces is None:
         pieces = iter([(0, decode(adapter, latent, layout, mode, view_batch_size))])
@@ -109,10 +199,16 @@ def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *
     """Decode ``latent`` (``layout.length`` columns) and return the output, or write it to ``paths``.
 
     Without ``paths``: the output cropped to ``out_len`` in ``output_type``. With ``paths`` (one
-    per output): audio is written piece by piece as it is decoded, images whole; returns None.
+    per output): audio is written piece by piece as it is decoded, images whole, or band by band
+    for an exact tiled decode without ``on_chunk``; returns None.
     ``on_chunk(start, piece)`` sees every piece before it is written. ``pieces``: see
     :func:`decoded_chunks`.
     """
+    if paths is not None and mode == "tiled" and exact_tiled(adapter) and pieces is None and on_chunk is None:
+        with _progress(adapter.pipe, out_len, adapter.sample_rate) as progress:
+            _stream_images(adapter, latent, layout, tile, out_len, paths)
+            progress.update(out_len)
+        return None
     chunks = decoded_chunks(adapter, latent, layout, mode, tile, view_batch_size, out_len, pieces)
     progress = _progress(adapter.pipe, out_len, adapter.sample_rate, " frames" if adapter.kind == "video" else "px")
     with progress, contextlib.ExitStack() as files:

@@ -296,9 +296,9 @@ def _check_grid(adapter: Adapter, method: Method, width: Optional[int], window: 
     if width is not None and width < window * adapter.decoded_scale:
         raise ValueError(f"width must be at least one window ({window * adapter.decoded_scale} px) when the height "
                          f"exceeds one window or loops (the tiles are {window} x {window} latent cells), got {width}")
-    if decode not in ("auto", "full"):
+    if decode not in ("auto", "full", "tiled"):
         raise ValueError(f"decode={decode!r} decodes a strip along the width; an image beyond one window in height "
-                         f"is decoded whole: use decode='auto' or 'full'")
+                         f"is decoded whole or tiled: use decode='auto', 'full' or 'tiled'")
     if method.grid_refusal is not None:
         raise ValueError(f"method {method.name!r} runs on strips only ({method.grid_refusal}): an image beyond one "
                          f"window in height (or loop on its height) needs safa, safa_selfloop, multidiffusion, "

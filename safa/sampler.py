@@ -48,7 +48,7 @@ from . import regions as _regions
 from . import request as _request
 from .adapters import Adapter, get_adapter
 from .adapters import canvas as _canvas
-from .decode import resolve_mode, tile_count
+from .decode import tile_count
 from .memory import MemoryEstimate
 from .methods import METHODS, Method
 from .prompts import PromptBatch
@@ -415,7 +415,9 @@ class JointDiffusion:
         compute), cropped, and returned or written to ``output_path`` tile by tile."""
         adapter, layout, shard, method = self.adapter, plan.layout, plan.shard, request.method
         grid = isinstance(layout, GridLayout)  # decoded whole (checked in build_request), rows cropped
-        mode = "full" if grid else resolve_mode(request.decode, layout.length, layout.window)
+        mode = _memory.resolve_decode(adapter, request.decode, layout.cols.length if grid else layout.length,
+                                      layout.window if not grid else layout.cols.window, request.batch_size,
+                                      request.height, grid)
         tile = request.decode_tile or (layout.cols.window if grid else layout.window)
         tiles = 1 if grid else tile_count(adapter, layout.length, tile, out_len)
         # (a video's causal VAE decodes its frames in order, carrying its cache: on rank 0 alone)

@@ -138,7 +138,7 @@ def test_the_memory_estimate_counts_every_tile(jd):
     (dict(method="syncdiffusion"), r"method 'syncdiffusion' runs on strips only \(its anchor view"),
     (dict(method="safa_stats"), r"method 'safa_stats' runs on strips only"),
     (dict(width=100), r"width must be at least one window \(128 px\) when the height exceeds one window"),
-    (dict(decode="tiled"), r"decode='tiled' decodes a strip along the width; .* use decode='auto' or 'full'"),
+    (dict(decode="views"), r"decode='views' decodes a strip along the width; .* use decode='auto', 'full' or 'tiled'"),
     (dict(loop="both", height=224), r"loop on the height: no seamless loop of exactly 224 px .*nearest loopable"),
     (dict(method="safa", overlap=0.6), r"overlap must be"),
 ])

@@ -164,9 +164,9 @@ def test_bitwise_equal_to_one_process(one_process, world_size):
             assert res["latent"] is None and res["audio"] is None and res["images"] is None
     for i, (kind, method, loop, options) in enumerate(cases):  # who ran the decoder
         calls = [results[rank][i]["decoder_calls"] for rank in range(world_size)]
-        if options.get("decode") == "tiled":  # the one process's tiles, split between the ranks
+        if options.get("decode") == "tiled" and kind != "sd":  # the one process's tiles, split between the ranks
             assert sum(calls) == one_process[i]["decoder_calls"] and min(calls) >= 1, (cases[i], calls)
-        elif options.get("decoded"):
+        elif options.get("decoded"):  # rank 0 (an image's exact tiled decode too: its tiles share GroupNorm statistics)
             assert calls[0] >= 1 and sum(calls[1:]) == 0, (cases[i], calls)
 
 
