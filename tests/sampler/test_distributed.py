@@ -40,7 +40,8 @@ def _pipeline(kind: str):
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return {"audioldm": tp.tiny_audioldm_pipeline, "sd": tp.tiny_sd_pipeline, "sd3": tp.tiny_sd3_pipeline,
-            "stable_audio": tp.tiny_stable_audio_pipeline}[kind]()
+            "stable_audio": tp.tiny_stable_audio_pipeline, "flux": tp.tiny_flux_pipeline,
+            "stable_audio_3": tp.tiny_stable_audio_3_pipeline, "longcat": tp.tiny_longcat_audio_pipeline}[kind]()
 
 
 SCHEDULERS = {"DDPM": DDPMScheduler, "EulerAncestral": EulerAncestralDiscreteScheduler, "PNDM": PNDMScheduler}
@@ -59,10 +60,12 @@ def _generate(jd: JointDiffusion, kind: str, method: str, loop: bool, options: d
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices of the tiny pipelines
-            if kind in ("sd", "sd3"):  # windows of 16 latent columns (128 px), 128 px high: 7 views, 6 in a loop
+            if kind in ("sd", "sd3", "flux"):  # windows of 16 latent columns (128 px), 128 px high: 7 views, 6 in a loop
                 return jd("a lake", width=(72 if loop else 80) * 8, height=128, window=16, **kw)
-            if kind == "stable_audio":  # 2 s windows: 4 views
+            if kind in ("stable_audio", "longcat"):  # 2 s windows: 4 views
                 return jd("rain", 6.0, window=2.0, **kw)
+            if kind == "stable_audio_3":  # 1 s windows: 4 views
+                return jd("rain", 3.0, window=1.0, **kw)
             window = 1.28 if kind == "audioldm" else None  # 32 latent frames (the texture model's own)
             return jd("rain", 2.88 if loop else 3.2, window=window, **kw)
     finally:
@@ -97,6 +100,11 @@ def _cases():
         # flow matching (SD3), and Stable Audio's SDE solver (Brownian-tree noise from the generator)
         ("sd3", "safa", False, {}),
         ("stable_audio", "safa_selfloop", False, {}),
+        # the newer families: FLUX.1 (views packed with their own ids), Stable Audio 3 (its
+        # ping-pong sampler re-noises from the generator), LongCat-AudioDiT (time on dim -2)
+        ("flux", "safa", False, {}),
+        ("stable_audio_3", "multidiffusion", False, {}),
+        ("longcat", "safa", True, {}),
     ]
     return cases
 
