@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import safa_kernels as sk
 from safa_kernels import GridLayout, ViewLayout, gather, naive, stitch, sync_
-from safa_kernels.plan import get_plan, REF_NONE
+from safa_kernels.plan import get_plan, REF_LONG_AXIS, REF_NONE
 from op_args import DTYPES, assert_merged_equal
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
@@ -239,8 +239,9 @@ def test_the_in_place_sync_touches_only_the_overlap_cells(name):
     for mode in sk.MODES:
         if mode == "swap" and not grid.swappable:
             continue
-        index, _ = get_plan(grid, "sync", mode, 1, REF_NONE, torch.device("cpu"))
-        assert index.shape[0] == shared  # one row per canvas cell covered by two tiles or more, nothing else
+        index, _, runs = get_plan(grid, "sync", mode, 1, REF_NONE, torch.device("cpu"))
+        assert runs[:, 0].sum() == shared  # a cell per canvas cell covered by two tiles or more, nothing else
+        assert index.shape[0] <= shared  # in runs of cells
     views = torch.randn(grid.num_views, 1, grid.rows.window, grid.cols.window)
     middles = views.clone()
     sync_(views, grid, mode="mean", backend=KERNELS[0])
@@ -324,9 +325,20 @@ def test_opcheck_grid_ops(backend):
                      ("stitch_adjoint", (latent, geometry, 1, "mean", 2, 1, backend)),
                      ("reference_adjoint", (latent, geometry, 1, 2, 0, backend))]:
         torch.library.opcheck(getattr(torch.ops.safa, op).default, args)
-    index, weight = get_plan(grid, "sync", "mean", 1, REF_NONE, torch.device("cpu"))
-    out = views.clone().view(grid.num_views, 2, grid.view_cells, 3)
-    torch.library.opcheck(sk.library.merge_op(backend), (out, None, None, index, weight, [0, 1, 1, 1]))
+    # The plan executor itself, with every grid plan's runs: in place, and from latent / views.
+    canonical_latent, canonical_views = latent[None], views.clone()
+    for op, src, out, ref_kind, ref in [
+            ("sync", None, canonical_views, REF_NONE, None),
+            ("sync", None, canonical_views, REF_LONG_AXIS, reference),
+            ("gather", canonical_latent, canonical_views, REF_NONE, None),
+            ("stitch", canonical_views.clone(), canonical_latent.clone(), REF_LONG_AXIS, reference),
+            ("gather_adjoint", canonical_views.clone(), canonical_latent.clone(), REF_NONE, None),
+            ("stitch_adjoint", canonical_latent.clone(), canonical_views, REF_NONE, None),
+            ("reference_adjoint", canonical_latent.clone(), reference.clone()[None], REF_LONG_AXIS, None)]:
+        plan = get_plan(grid, op, "triangular", 1, ref_kind, torch.device("cpu"))
+        assert plan.runs is not None and plan.runs[:, 0].max() > 1
+        torch.library.opcheck(sk.library.merge_op(backend),
+                              (out, src, ref, plan.index, plan.weight, [0, 1, 1, 1], plan.runs))
 
 
 @pytest.mark.parametrize("backend", KERNELS)
