@@ -140,8 +140,9 @@ def plan_bytes(case: Case, op: str, mode: str, with_reference: bool, itemsize: i
     """Bytes the op must move: every valid source and reference cell read once, every target
     cell written once (counted from the plan, so sync_ swap counts only the losing halves)."""
     plan = build_plan(case.layout, op, mode, 1, REF_LONG_AXIS if with_reference else REF_NONE)
-    cells = int((plan.index[:, 1:] >= 0).sum()) + int((plan.index[:, 0] >= 0).sum())
-    return cells * case.cells_per_column * itemsize
+    entries = (plan.index[:, 1:] >= 0).sum(dim=1) + (plan.index[:, 0] >= 0)
+    count = plan.runs[:, 0] if plan.runs is not None else 1  # a grid's row stands for a run of cells
+    return int((entries * count).sum()) * case.cells_per_column * itemsize
 
 
 def impls(device: torch.device, op: str, grid: bool = False) -> List[str]:

@@ -56,9 +56,13 @@ struct Operand {
   int64_t long_size;  // columns per view: a flat plan position p is view p / long_size, column p % long_size
   int64_t view_stride, outer_stride, long_stride, inner_stride;
 
-  // The cell of flat plan position `pos` at outer index 0, inner index 0.
+  // The cell of flat plan position `pos` (an int32 of the plan, >= 0) at outer index 0, inner
+  // index 0. In 32 bits: a 64-bit division costs several times more, once per source and target
+  // of every row.
   T* cell(int64_t pos) const {
-    return data + (pos / long_size) * view_stride + (pos % long_size) * long_stride;
+    const uint32_t p = static_cast<uint32_t>(pos), n = static_cast<uint32_t>(long_size);
+    const uint32_t view = p / n;
+    return data + static_cast<int64_t>(view) * view_stride + static_cast<int64_t>(p - view * n) * long_stride;
   }
 };
 
@@ -137,14 +141,18 @@ class PlanExecutor {
   // strides that alias in the caches), which is several times slower once the latent no
   // longer fits in the last-level cache.
   void run(int64_t begin, int64_t end) const {
-    std::vector<Row<T>> block(block_rows_);  // block_rows_ = columns per block, an upper bound on rows
-    std::vector<const T*> sources(block_rows_ * K_);
-    std::vector<Acc> weights(block_rows_ * K_);
-    std::vector<T*> targets(block_rows_ * T_);
+    // Rows per block: at most block_rows_ (columns per block, each row has one or more) and at
+    // most the chunk's rows. The scratch is allocated per call: sized by the chunk, a small plan
+    // (a grid's runs, a short layout) does not pay for a full block of it.
+    const int64_t capacity = std::min(block_rows_, end - begin);
+    std::vector<Row<T>> block(capacity);
+    std::vector<const T*> sources(capacity * K_);
+    std::vector<Acc> weights(capacity * K_);
+    std::vector<T*> targets(capacity * T_);
     std::vector<int64_t> target_pos(T_);
     std::vector<CopyJob> copies;
-    copies.reserve(block_rows_ * T_);
-    for (int64_t b = 0; b < block_rows_; ++b) {
+    copies.reserve(capacity * T_);
+    for (int64_t b = 0; b < capacity; ++b) {
       block[b].sources = sources.data() + b * K_;
       block[b].weights = weights.data() + b * K_;
       block[b].targets = targets.data() + b * T_;
@@ -300,8 +308,8 @@ class PlanExecutor {
       if (dense_column && (job.columns == 1 || (dense_run && job.step == 1))) {
         copy_bytes(to, from, sizeof(T) * job.columns * inner_);
       } else {
-        for (int64_t c = 0; c < job.columns * job.step; c += job.step)
-          copy_inner(to + c * out_.long_stride, from + c * src_.long_stride, src_inner_);
+        for (int64_t c = 0; c < job.columns; ++c)
+          copy_inner(to + c * job.step * out_.long_stride, from + c * job.step * src_.long_stride, src_inner_);
       }
     }
   }
@@ -321,8 +329,10 @@ class PlanExecutor {
       } else if (dense_run && job.step == 1) {
         std::memcpy(to, from, kColumnBytes * job.columns);
       } else {
-        for (int64_t c = 0; c < job.columns * job.step; c += job.step)
-          std::memcpy(to + c * out_.long_stride, from + c * src_.long_stride, kColumnBytes);
+        // Strides in locals: memcpy may alias any memory, so members would be reloaded per column.
+        const int64_t from_step = job.step * src_.long_stride, to_step = job.step * out_.long_stride;
+        const int64_t columns = job.columns;
+        for (int64_t c = 0; c < columns; ++c) std::memcpy(to + c * to_step, from + c * from_step, kColumnBytes);
       }
     }
   }
@@ -513,11 +523,14 @@ int64_t check_plan_runs(const at::Tensor& index, const at::Tensor& runs, int64_t
                 "), expected a count and a step >= 1");
     const int64_t span = (count - 1) * step;
     cells += count;
+    if (span == 0) continue;  // one cell: check_plan_indices has checked it
     TORCH_CHECK(entry[0] < 0 || entry[0] + span < window, "merge_cpp_: runs[", r, "] = (", count, ", ", step,
                 ") takes reference column ", entry[0], " past the reference's window ", window);
     for (int64_t k = 1; k < width; ++k) {
       const int64_t long_size = k <= K ? src_long : out_long;
-      TORCH_CHECK(entry[k] < 0 || entry[k] % long_size + span < long_size, "merge_cpp_: runs[", r, "] = (", count,
+      // 32-bit remainder (positions are int32, see Operand::cell).
+      TORCH_CHECK(entry[k] < 0 || static_cast<uint32_t>(entry[k]) % static_cast<uint32_t>(long_size) + span < long_size,
+                  "merge_cpp_: runs[", r, "] = (", count,
                   ", ", step, ") takes index[", r, ", ", k, "] = ", entry[k], " past the end of its view (",
                   long_size, " cells)");
     }
