@@ -56,13 +56,9 @@ struct Operand {
   int64_t long_size;  // columns per view: a flat plan position p is view p / long_size, column p % long_size
   int64_t view_stride, outer_stride, long_stride, inner_stride;
 
-  // The cell of flat plan position `pos` (an int32 of the plan, >= 0) at outer index 0, inner
-  // index 0. In 32 bits: a 64-bit division costs several times more, once per source and target
-  // of every row.
+  // The cell of flat plan position `pos` at outer index 0, inner index 0.
   T* cell(int64_t pos) const {
-    const uint32_t p = static_cast<uint32_t>(pos), n = static_cast<uint32_t>(long_size);
-    const uint32_t view = p / n;
-    return data + static_cast<int64_t>(view) * view_stride + static_cast<int64_t>(p - view * n) * long_stride;
+    return data + (pos / long_size) * view_stride + (pos % long_size) * long_stride;
   }
 };
 
@@ -528,8 +524,7 @@ int64_t check_plan_runs(const at::Tensor& index, const at::Tensor& runs, int64_t
                 ") takes reference column ", entry[0], " past the reference's window ", window);
     for (int64_t k = 1; k < width; ++k) {
       const int64_t long_size = k <= K ? src_long : out_long;
-      // 32-bit remainder (positions are int32, see Operand::cell).
-      TORCH_CHECK(entry[k] < 0 || static_cast<uint32_t>(entry[k]) % static_cast<uint32_t>(long_size) + span < long_size,
+      TORCH_CHECK(entry[k] < 0 || entry[k] % long_size + span < long_size,
                   "merge_cpp_: runs[", r, "] = (", count,
                   ", ", step, ") takes index[", r, ", ", k, "] = ", entry[k], " past the end of its view (",
                   long_size, " cells)");

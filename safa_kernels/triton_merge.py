@@ -65,21 +65,19 @@ INTERPRET_MAX_BLOCK = 1 << 16
 RUN_LANES = 32
 _INT32_MAX = 2**31 - 1
 _kernel = None  # the @triton.jit function, built on first use
-merge_cells = None  # its per-cell helper, also built on first use (a global: see _build_kernel)
+merge_cells = larger = None  # its @jit helpers, also built on first use (globals: see _define_helpers)
 
 
-def _build_kernel():
-    global _kernel
-    if _kernel is not None:
-        return _kernel
-    try:
-        import triton
-        import triton.language as tl
-    except Exception as exc:  # find_spec saw a package that does not import (broken install)
-        raise RuntimeError(f"safa_kernels: the 'triton' backend needs an importable triton: {exc}") from exc
+def _define_helpers(triton, tl) -> None:
+    """The @jit functions the kernel calls, as globals of this module: Triton resolves a called
+    @jit function among the caller's globals."""
+    global merge_cells, larger
 
-    # Module-level: Triton resolves a called @jit function among the caller's globals.
-    global merge_cells
+    @triton.jit
+    def larger(a, b):
+        # The combine of the builtin tl.reduce: tl.max is itself a @jit function of
+        # triton.language, which a test compiling this kernel under the interpreter cannot lower.
+        return tl.maximum(a, b)
 
     @triton.jit
     def merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, shift, live, Ls, Ld,
@@ -137,6 +135,19 @@ def _build_kernel():
             tt = tt + shift
             tl.store(out_ptr + (tt // Ld) * os0 + o64 * os1 + (tt % Ld) * os2 + i64 * os3, value, mask=written)
 
+
+def _build_kernel():
+    global _kernel
+    if _kernel is not None:
+        return _kernel
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as exc:  # find_spec saw a package that does not import (broken install)
+        raise RuntimeError(f"safa_kernels: the 'triton' backend needs an importable triton: {exc}") from exc
+
+    _define_helpers(triton, tl)
+
     @triton.jit
     def merge_kernel(out_ptr, src_ptr, ref_ptr, index_ptr, weight_ptr, runs_ptr,
                      N, P, I, Ls, Ld,
@@ -173,7 +184,7 @@ def _build_kernel():
         if HAS_RUNS:  # lane l of a row merges its run's cells l, l + LANES, ...
             count = tl.load(runs_ptr + r.to(tl.int64) * 2, mask=mask, other=0)
             step = tl.load(runs_ptr + r.to(tl.int64) * 2 + 1, mask=mask, other=0).to(tl.int64)
-            rounds = tl.max((count + LANES - 1) // LANES, axis=0)
+            rounds = tl.reduce((count + LANES - 1) // LANES, 0, larger)
             for k in range(0, rounds):
                 j = lane + k * LANES
                 merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, j.to(tl.int64) * step,
