@@ -140,16 +140,18 @@ def plan_bytes(case: Case, op: str, mode: str, with_reference: bool, itemsize: i
     """Bytes the op must move: every valid source and reference cell read once, every target
     cell written once (counted from the plan, so sync_ swap counts only the losing halves)."""
     plan = build_plan(case.layout, op, mode, 1, REF_LONG_AXIS if with_reference else REF_NONE)
-    cells = int((plan.index[:, 1:] >= 0).sum()) + int((plan.index[:, 0] >= 0).sum())
-    return cells * case.cells_per_column * itemsize
+    entries = (plan.index[:, 1:] >= 0).sum(dim=1) + (plan.index[:, 0] >= 0)
+    count = plan.runs[:, 0] if plan.runs is not None else 1  # a grid's row stands for a run of cells
+    return int((entries * count).sum()) * case.cells_per_column * itemsize
 
 
 def impls(device: torch.device, op: str, grid: bool = False) -> List[str]:
     kernels = [b for b in sk.available_backends(device) if b != "reference" and not
                (b == "triton" and device.type == "cpu")]
-    if grid:  # the naive per-tile loop merges by mean only
-        return kernels + ["reference"] + (["naive"] if op in ("gather", "stitch mean", "sync_ mean") else [])
     raw = RAW_OPS.get(op, []) if device.type == "cpu" and "cpp" in kernels else []
+    if grid:  # the naive per-tile loop merges by mean only; the raw op as is (no strip diagnostics)
+        return (kernels + raw[:1] + ["reference"]
+                + (["naive"] if op in ("gather", "stitch mean", "sync_ mean") else []))
     return kernels + raw + ["reference", "naive"]
 
 
@@ -197,23 +199,26 @@ def one_view_plan(layout: ViewLayout) -> torch.Tensor:
 
 
 def _raw_op_call(case: Case, t: Dict[str, torch.Tensor], op: str, mode: str, variant: str):
-    """A raw C++ op variant (RAW_OPS) on canonical 4-D tensors (views (V, outer, window, inner))."""
-    dim = case.long_dim % len(case.latent_shape)
+    """A raw C++ op variant (RAW_OPS) on canonical 4-D tensors (views (V, outer, window, inner);
+    a grid's two axes merged into one of cells, with the plan's runs)."""
+    grid = isinstance(case, GridCase)
+    dim = len(case.latent_shape) - 2 if grid else case.long_dim % len(case.latent_shape)
     outer = 1
     for n in case.latent_shape[:dim]:
         outer *= n
-    inner = case.cells_per_column // outer
-    views = t["views"].view(case.layout.num_views, outer, case.window, inner)
+    inner = 1 if grid else case.cells_per_column // outer
+    views = t["views"].view(case.layout.num_views, outer, case.layout.view_cells, inner)
     interval = 64 if variant == "cpp op, interval 64" else 1
     plan = build_plan(case.layout, op, mode, interval, REF_NONE)
     if variant == "cpp op, one view":
         plan = plan._replace(index=one_view_plan(case.layout))
     kernel = torch.ops.safa.merge_cpp_.default
     parity = [0, 1, 1, interval]
+    runs = () if plan.runs is None else (plan.runs,)
     if op == "stitch":
-        latent = t["latent"].view(1, outer, case.layout.length, inner)
-        return lambda: kernel(latent, views, None, plan.index, plan.weight, parity)
-    return lambda: kernel(views, None, None, plan.index, plan.weight, parity)
+        latent = t["latent"].view(1, outer, case.layout.canvas_cells, inner)
+        return lambda: kernel(latent, views, None, plan.index, plan.weight, parity, *runs)
+    return lambda: kernel(views, None, None, plan.index, plan.weight, parity, *runs)
 
 
 @pytest.mark.parametrize("device,case,op_name,impl", OP_PARAMS,

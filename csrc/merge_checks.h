@@ -11,7 +11,7 @@ namespace safa {
 
 // The operands of one merge call, with `src` and `reference` undefined when absent.
 struct MergeOperands {
-  at::Tensor src, reference;
+  at::Tensor src, reference, runs;
 };
 
 inline void check_operand(const char* op, const char* name, const at::Tensor& t, int64_t dims,
@@ -28,7 +28,8 @@ inline void check_operand(const char* op, const char* name, const at::Tensor& t,
 inline MergeOperands check_merge_args(const char* op, at::DeviceType device, const at::Tensor& out,
                                       const std::optional<at::Tensor>& src_opt,
                                       const std::optional<at::Tensor>& reference_opt, const at::Tensor& index,
-                                      const at::Tensor& weight, at::IntArrayRef parity) {
+                                      const at::Tensor& weight, at::IntArrayRef parity,
+                                      const std::optional<at::Tensor>& runs_opt) {
   const at::ScalarType dtype = out.scalar_type();
   TORCH_CHECK(out.dim() == 4, op, ": out must be 4-D (views, outer, long, inner), got shape ", out.sizes());
   TORCH_CHECK(out.device().type() == device, op, ": out must be a ", at::DeviceTypeName(device),
@@ -63,6 +64,15 @@ inline MergeOperands check_merge_args(const char* op, at::DeviceType device, con
   TORCH_CHECK(weight.size(0) == P, op, ": weight must have one row per index row (", P, "), got ", weight.size(0));
   TORCH_CHECK(K >= 1 && index.size(1) >= 1 + K, op, ": index must have 1 + K + T columns for weight's K = ", K,
               " (K >= 1), got ", index.size(1));
+  if (runs_opt.has_value() && runs_opt->defined()) {  // a grid's plan: (count, step) per row
+    operands.runs = *runs_opt;
+    TORCH_CHECK(operands.runs.scalar_type() == at::kInt && operands.runs.dim() == 2 && operands.runs.size(0) == P &&
+                    operands.runs.size(1) == 2 && operands.runs.is_contiguous(),
+                op, ": runs must be a contiguous int32 (P, 2) = (", P, ", 2) tensor, got ", operands.runs.scalar_type(),
+                " ", operands.runs.sizes());
+    TORCH_CHECK(operands.runs.device() == out.device(), op, ": runs must be on out's device ", out.device(), ", got ",
+                operands.runs.device());
+  }
   TORCH_CHECK(parity.size() == 4, op, ": parity must be [axis_part, div, size, swap_interval], got ",
               parity.size(), " values");
   TORCH_CHECK(parity[0] >= 0 && parity[0] <= 2, op, ": parity[0] (axis_part) must be 0, 1 or 2, got ", parity[0]);

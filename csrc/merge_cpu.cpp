@@ -3,7 +3,9 @@
 // The plan contract (what a row means) is documented once, in safa_kernels/plan.py; this
 // file only executes it. Tensors arrive canonical and 4-D with arbitrary strides:
 //   out (D, O, Ld, I), src (S, O, Ls, I) or undefined (= out, in-place sync),
-//   reference (O, window, I), index int32 (P, 1 + K + T), weight float64 (P, K).
+//   reference (O, window, I), index int32 (P, 1 + K + T), weight float64 (P, K),
+//   runs int32 (P, 2) or undefined: row r stands for runs[r, 0] cells at positions p + j * runs[r, 1]
+//   (a grid's plan; undefined: every row one cell, a strip's plan).
 //
 // The work is memory-bound, so the loop is shaped around memory traffic:
 //  * plan rows are decoded once per call, a block at a time, and the block is then
@@ -17,6 +19,9 @@
 //    never x * 1.0; one source of another weight (an adjoint plan) is multiplied; a lone
 //    column (the alternating overlap columns of swap_interval 1) is one move of a size
 //    known at compile time, not a general memcpy;
+//  * a run row (a grid's plan: a tile's span of one canvas row) is one copy job, or one
+//    weighted sum over the run's cells vectorised along the run when inner is 1 (an image
+//    latent, where a cell is one element per channel);
 //  * rows are independent (they write disjoint cells, and every row reads only cells of
 //    its own column of J), so chunks of rows run in parallel with no synchronisation.
 //
@@ -76,17 +81,19 @@ struct Row {
   int32_t ref_col;
   bool copy;                // one source of weight exactly 1: a bitwise copy (the plan contract, plan.py)
   int64_t num_sources = 0, num_targets = 0;
+  int64_t count = 1, step = 1;  // the row's cells: positions p + j * step, j < count (plan.py, runs)
   const T** sources;        // cell(pos) of each valid source (length num_sources)
   Acc* weights;             // their weights, in the accumulation type
   T** targets;              // cell(pos) of each valid target
 };
 
-// A run of `columns` copy rows (see copy_run_length) for one target, at outer index 0.
+// A run of `columns` copy rows (see copy_run_length) or one run row, for one target, at
+// outer index 0: column c is at from + c * step long-axis strides.
 template <typename T>
 struct CopyJob {
   const T* from;
   T* to;
-  int64_t columns;
+  int64_t columns, step;
 };
 
 template <typename T>
@@ -100,11 +107,12 @@ class PlanExecutor {
 
  public:
   PlanExecutor(const at::Tensor& out, const at::Tensor& src, const at::Tensor& reference,
-               const at::Tensor& index, const at::Tensor& weight, Parity parity)
+               const at::Tensor& index, const at::Tensor& weight, Parity parity, const at::Tensor& runs)
       : out_(operand<T>(out)), src_(src.defined() ? operand<T>(src) : out_),
         outer_(out.size(1)), inner_(out.size(3)),
         K_(weight.size(1)), T_(index.size(1) - 1 - weight.size(1)),
-        index_(index.data_ptr<int32_t>()), weight_(weight.data_ptr<double>()), parity_(parity) {
+        index_(index.data_ptr<int32_t>()), weight_(weight.data_ptr<double>()), parity_(parity),
+        runs_(runs.defined() ? runs.data_ptr<int32_t>() : nullptr) {
     if (reference.defined()) {
       ref_ = reference.data_ptr<T>();
       ref_outer_stride_ = reference.stride(0);
@@ -129,14 +137,18 @@ class PlanExecutor {
   // strides that alias in the caches), which is several times slower once the latent no
   // longer fits in the last-level cache.
   void run(int64_t begin, int64_t end) const {
-    std::vector<Row<T>> block(block_rows_);  // block_rows_ = columns per block, an upper bound on rows
-    std::vector<const T*> sources(block_rows_ * K_);
-    std::vector<Acc> weights(block_rows_ * K_);
-    std::vector<T*> targets(block_rows_ * T_);
+    // Rows per block: at most block_rows_ (columns per block, each row has one or more) and at
+    // most the chunk's rows. The scratch is allocated per call: sized by the chunk, a small plan
+    // (a grid's runs, a short layout) does not pay for a full block of it.
+    const int64_t capacity = std::min(block_rows_, end - begin);
+    std::vector<Row<T>> block(capacity);
+    std::vector<const T*> sources(capacity * K_);
+    std::vector<Acc> weights(capacity * K_);
+    std::vector<T*> targets(capacity * T_);
     std::vector<int64_t> target_pos(T_);
     std::vector<CopyJob> copies;
-    copies.reserve(block_rows_ * T_);
-    for (int64_t b = 0; b < block_rows_; ++b) {
+    copies.reserve(capacity * T_);
+    for (int64_t b = 0; b < capacity; ++b) {
       block[b].sources = sources.data() + b * K_;
       block[b].weights = weights.data() + b * K_;
       block[b].targets = targets.data() + b * T_;
@@ -148,6 +160,20 @@ class PlanExecutor {
       while (columns_in_block < block_rows_ && r < end) {
         Row<T>& row = block[rows];
         const int32_t* entry = index_ + r * (1 + K_ + T_);
+        if (runs_ != nullptr) {  // a grid's plan: the plan grouped the runs, one job or row each
+          decode(r, entry, row, target_pos.data());
+          row.count = runs_[2 * r];
+          row.step = runs_[2 * r + 1];
+          if (row.ref_col < 0 && row.copy) {
+            for (int64_t t = 0; t < row.num_targets; ++t)
+              if (row.targets[t] != row.sources[0]) copies.push_back({row.sources[0], row.targets[t], row.count, row.step});
+          } else {
+            ++rows;
+          }
+          ++r;
+          columns_in_block += row.count;
+          continue;
+        }
         if (const int64_t columns = single_copy_run(entry, r, end, copies)) {
           r += columns;
           columns_in_block += columns;
@@ -158,7 +184,7 @@ class PlanExecutor {
           const int64_t columns = copy_run_length(entry, target_pos.data(), row.num_targets, r, end);
           for (int64_t t = 0; t < row.num_targets; ++t)
             if (row.targets[t] != row.sources[0])  // a copy onto itself changes nothing
-              copies.push_back({row.sources[0], row.targets[t], columns});
+              copies.push_back({row.sources[0], row.targets[t], columns, 1});
           r += columns;
           columns_in_block += columns;
         } else {
@@ -194,12 +220,13 @@ class PlanExecutor {
       ++n;
     const T* from = src_.cell(source);
     T* to = out_.cell(target);
-    if (from != to) copies.push_back({from, to, n});  // a copy onto itself changes nothing
+    if (from != to) copies.push_back({from, to, n, 1});  // a copy onto itself changes nothing
     return n;
   }
 
   void decode(int64_t r, const int32_t* entry, Row<T>& row, int64_t* target_pos) const {
     row.ref_col = entry[0];
+    row.count = row.step = 1;
     row.num_sources = 0;
     for (int64_t k = 0; k < K_; ++k) {
       const int32_t pos = entry[1 + k];
@@ -274,11 +301,11 @@ class PlanExecutor {
     for (const CopyJob& job : jobs) {
       const T* from = job.from + from_offset;
       T* to = job.to + to_offset;
-      if (dense_column && (job.columns == 1 || dense_run)) {
+      if (dense_column && (job.columns == 1 || (dense_run && job.step == 1))) {
         copy_bytes(to, from, sizeof(T) * job.columns * inner_);
       } else {
         for (int64_t c = 0; c < job.columns; ++c)
-          copy_inner(to + c * out_.long_stride, from + c * src_.long_stride, src_inner_);
+          copy_inner(to + c * job.step * out_.long_stride, from + c * job.step * src_.long_stride, src_inner_);
       }
     }
   }
@@ -295,11 +322,13 @@ class PlanExecutor {
       T* to = job.to + to_offset;
       if (job.columns == 1) {
         std::memcpy(to, from, kColumnBytes);
-      } else if (dense_run) {
+      } else if (dense_run && job.step == 1) {
         std::memcpy(to, from, kColumnBytes * job.columns);
       } else {
-        for (int64_t c = 0; c < job.columns; ++c)
-          std::memcpy(to + c * out_.long_stride, from + c * src_.long_stride, kColumnBytes);
+        // Strides in locals: memcpy may alias any memory, so members would be reloaded per column.
+        const int64_t from_step = job.step * src_.long_stride, to_step = job.step * out_.long_stride;
+        const int64_t columns = job.columns;
+        for (int64_t c = 0; c < columns; ++c) std::memcpy(to + c * to_step, from + c * from_step, kColumnBytes);
       }
     }
   }
@@ -322,82 +351,108 @@ class PlanExecutor {
   }
 
   // One column's inner segment: bitwise, never through arithmetic.
-  void copy_inner(T* d, const T* s, int64_t s_inner) const {
-    if (s_inner == 1 && out_inner_ == 1) {
-      copy_bytes(d, s, sizeof(T) * inner_);
+  void copy_inner(T* d, const T* s, int64_t s_inner) const { copy_span(d, s, inner_, out_inner_, s_inner); }
+
+  // n elements, d[e * d_stride] = s[e * s_stride]: bitwise, never through arithmetic.
+  static void copy_span(T* d, const T* s, int64_t n, int64_t d_stride, int64_t s_stride) {
+    if (s_stride == 1 && d_stride == 1) {
+      copy_bytes(d, s, sizeof(T) * n);
     } else {
-      for (int64_t i = 0; i < inner_; ++i) d[i * out_inner_] = s[i * s_inner];
+      for (int64_t e = 0; e < n; ++e) d[e * d_stride] = s[e * s_stride];
     }
   }
 
-  // The weighted mean of the row's sources at (o, i), written to every target, tile by tile.
-  void weighted_inner(const Row<T>& row, int64_t o) const {
+  // A span of n elements of a row at outer index o: element e lies at the row's cells (shifted
+  // by `shift` columns) + e * stride. Either one cell's inner segment, or, when inner is 1, the
+  // run's cells themselves (stride = step long-axis strides).
+  struct Span {
+    int64_t shift, n, src_stride, out_stride, ref_stride;
+  };
+
+  // The weighted mean of the row's sources over the span, written to every target, tile by tile.
+  void weighted_span(const Row<T>& row, int64_t src_offset, int64_t out_offset, const Span& span) const {
     Acc acc[kTile];
-    for (int64_t i0 = 0; i0 < inner_; i0 += kTile) {
-      const int64_t n = std::min(kTile, inner_ - i0);
+    for (int64_t e0 = 0; e0 < span.n; e0 += kTile) {
+      const int64_t n = std::min(kTile, span.n - e0);
       std::fill(acc, acc + n, Acc(0));
       for (int64_t k = 0; k < row.num_sources; ++k) {
-        const T* s = row.sources[k] + o * src_.outer_stride + i0 * src_inner_;
+        const T* s = row.sources[k] + src_offset + e0 * span.src_stride;
         const Acc w = row.weights[k];
-        if (src_inner_ == 1) {
-          for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<Acc>(s[i]);
+        if (span.src_stride == 1) {
+          for (int64_t e = 0; e < n; ++e) acc[e] += w * static_cast<Acc>(s[e]);
         } else {
-          for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<Acc>(s[i * src_inner_]);
+          for (int64_t e = 0; e < n; ++e) acc[e] += w * static_cast<Acc>(s[e * span.src_stride]);
         }
       }
-      // All sources of this tile are read before any target is written (in-place sync).
+      // All sources of this tile are read before any target is written (in-place sync): a
+      // target of element e is a source of element e only, never of another element.
       for (int64_t t = 0; t < row.num_targets; ++t) {
-        T* d = row.targets[t] + o * out_.outer_stride + i0 * out_inner_;
-        for (int64_t i = 0; i < n; ++i) d[i * out_inner_] = static_cast<T>(acc[i]);
+        T* d = row.targets[t] + out_offset + e0 * span.out_stride;
+        for (int64_t e = 0; e < n; ++e) d[e * span.out_stride] = static_cast<T>(acc[e]);
       }
     }
   }
 
-  // The row's own value (no reference) for outer index o, into every target.
-  void own_inner(const Row<T>& row, int64_t o) const {
+  // The row's own value (no reference) over the span, into every target.
+  void own_span(const Row<T>& row, int64_t src_offset, int64_t out_offset, const Span& span) const {
     if (row.num_sources == 0) return;  // nothing to write: the cell keeps its value
     if (row.copy) {
-      const T* s = row.sources[0] + o * src_.outer_stride;
+      const T* s = row.sources[0] + src_offset;
       for (int64_t t = 0; t < row.num_targets; ++t)
-        if (row.targets[t] != row.sources[0]) copy_inner(row.targets[t] + o * out_.outer_stride, s, src_inner_);
+        if (row.targets[t] != row.sources[0])
+          copy_span(row.targets[t] + out_offset, s, span.n, span.out_stride, span.src_stride);
     } else {
-      weighted_inner(row, o);
+      weighted_span(row, src_offset, out_offset, span);
     }
   }
 
-  // A row with a reference column, or with several sources, at outer index o.
+  // A row with a reference column, or with several sources, at outer index o: the whole run as
+  // one span when inner is 1, else cell by cell.
   void apply_row(const Row<T>& row, int64_t o) const {
+    if (inner_ == 1 && parity_.axis_part != 2) {
+      const int64_t step = row.step;
+      apply_span(row, o, {0, row.count, step * src_.long_stride, step * out_.long_stride, step * ref_long_stride_});
+    } else {
+      for (int64_t j = 0; j < row.count; ++j)
+        apply_span(row, o, {j * row.step, inner_, src_inner_, out_inner_, ref_inner_});
+    }
+  }
+
+  void apply_span(const Row<T>& row, int64_t o, const Span& span) const {
+    const int64_t src_offset = o * src_.outer_stride + span.shift * src_.long_stride;
+    const int64_t out_offset = o * out_.outer_stride + span.shift * out_.long_stride;
     if (row.ref_col < 0) {
-      own_inner(row, o);
+      own_span(row, src_offset, out_offset, span);
       return;
     }
-    const T* ref = ref_ + row.ref_col * ref_long_stride_ + o * ref_outer_stride_;
+    const T* ref = ref_ + (row.ref_col + span.shift) * ref_long_stride_ + o * ref_outer_stride_;
     if (parity_.axis_part == 0 || (parity_.axis_part == 1 && parity_.takes(o))) {
-      for (int64_t t = 0; t < row.num_targets; ++t) copy_inner(row.targets[t] + o * out_.outer_stride, ref, ref_inner_);
+      for (int64_t t = 0; t < row.num_targets; ++t)
+        copy_span(row.targets[t] + out_offset, ref, span.n, span.out_stride, span.ref_stride);
     } else if (parity_.axis_part == 1) {
-      own_inner(row, o);
+      own_span(row, src_offset, out_offset, span);
     } else {
-      mixed_inner(row, ref, o);
+      mixed_inner(row, ref, src_offset, out_offset);
     }
   }
 
   // Reference parity along the inner axis: element by element, reference or own value.
-  void mixed_inner(const Row<T>& row, const T* ref, int64_t o) const {
+  void mixed_inner(const Row<T>& row, const T* ref, int64_t src_offset, int64_t out_offset) const {
     for (int64_t i = 0; i < inner_; ++i) {
       T value;
       if (parity_.takes(i)) {
         value = ref[i * ref_inner_];
       } else if (row.copy) {
-        value = row.sources[0][o * src_.outer_stride + i * src_inner_];
+        value = row.sources[0][src_offset + i * src_inner_];
       } else if (row.num_sources > 0) {
         Acc acc = 0;
         for (int64_t k = 0; k < row.num_sources; ++k)
-          acc += row.weights[k] * static_cast<Acc>(row.sources[k][o * src_.outer_stride + i * src_inner_]);
+          acc += row.weights[k] * static_cast<Acc>(row.sources[k][src_offset + i * src_inner_]);
         value = static_cast<T>(acc);
       } else {
         continue;
       }
-      for (int64_t t = 0; t < row.num_targets; ++t) row.targets[t][o * out_.outer_stride + i * out_inner_] = value;
+      for (int64_t t = 0; t < row.num_targets; ++t) row.targets[t][out_offset + i * out_inner_] = value;
     }
   }
 
@@ -406,6 +461,7 @@ class PlanExecutor {
   const int32_t* index_;
   const double* weight_;
   Parity parity_;
+  const int32_t* runs_;  // (P, 2) count and step per row, or nullptr: every row one cell
   const T* ref_ = nullptr;
   int64_t ref_outer_stride_ = 0, ref_long_stride_ = 0, ref_inner_stride_ = 0;
   int64_t src_inner_, out_inner_, ref_inner_;
@@ -449,26 +505,55 @@ void check_plan_indices(const at::Tensor& index, int64_t K, int64_t num_sources,
   }
 }
 
+// A grid plan's runs: every run stays inside the view (and the reference window) it starts in,
+// so a kernel may step through it by strides. Returns the number of cells all rows stand for.
+int64_t check_plan_runs(const at::Tensor& index, const at::Tensor& runs, int64_t K, int64_t src_long,
+                        int64_t out_long, int64_t window) {
+  const int32_t* entry = index.data_ptr<int32_t>();
+  const int32_t* run = runs.data_ptr<int32_t>();
+  const int64_t P = index.size(0), width = index.size(1);
+  int64_t cells = 0;
+  for (int64_t r = 0; r < P; ++r, entry += width) {
+    const int64_t count = run[2 * r], step = run[2 * r + 1];
+    TORCH_CHECK(count >= 1 && step >= 1, "merge_cpp_: runs[", r, "] is (", count, ", ", step,
+                "), expected a count and a step >= 1");
+    const int64_t span = (count - 1) * step;
+    cells += count;
+    if (span == 0) continue;  // one cell: check_plan_indices has checked it
+    TORCH_CHECK(entry[0] < 0 || entry[0] + span < window, "merge_cpp_: runs[", r, "] = (", count, ", ", step,
+                ") takes reference column ", entry[0], " past the reference's window ", window);
+    for (int64_t k = 1; k < width; ++k) {
+      const int64_t long_size = k <= K ? src_long : out_long;
+      TORCH_CHECK(entry[k] < 0 || entry[k] % long_size + span < long_size,
+                  "merge_cpp_: runs[", r, "] = (", count,
+                  ", ", step, ") takes index[", r, ", ", k, "] = ", entry[k], " past the end of its view (",
+                  long_size, " cells)");
+    }
+  }
+  return cells;
+}
+
 void merge_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
                const std::optional<at::Tensor>& reference_opt, const at::Tensor& index, const at::Tensor& weight,
-               at::IntArrayRef parity) {
+               at::IntArrayRef parity, const std::optional<at::Tensor>& runs_opt) {
   const MergeOperands operands =
-      check_merge_args("merge_cpp_", at::kCPU, out, src_opt, reference_opt, index, weight, parity);
-  const at::Tensor &src = operands.src, &reference = operands.reference;
+      check_merge_args("merge_cpp_", at::kCPU, out, src_opt, reference_opt, index, weight, parity, runs_opt);
+  const at::Tensor &src = operands.src, &reference = operands.reference, &runs = operands.runs;
   const int64_t P = index.size(0), K = weight.size(1);
   const Parity par{parity[0], parity[1], parity[2], parity[3]};
 
   const at::Tensor& source = src.defined() ? src : out;
-  check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2),
-                     reference.defined() ? reference.size(1) : 0);
+  const int64_t window = reference.defined() ? reference.size(1) : 0;
+  check_plan_indices(index, K, source.size(0) * source.size(2), out.size(0) * out.size(2), window);
+  const int64_t cells = runs.defined() ? check_plan_runs(index, runs, K, source.size(2), out.size(2), window) : P;
   mark_written(out);
-  const int64_t cells_per_row = out.size(1) * out.size(3);
-  if (P == 0 || cells_per_row == 0) return;
+  const int64_t cells_per_row = out.size(1) * out.size(3) * (P ? std::max<int64_t>(1, cells / P) : 1);
+  if (P == 0 || out.size(1) * out.size(3) == 0) return;
 
   // Aim for chunks of ~64K cells: big enough to amortise a task, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / cells_per_row);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "merge_cpp_", [&] {
-    const PlanExecutor<scalar_t> executor(out, src, reference, index, weight, par);
+    const PlanExecutor<scalar_t> executor(out, src, reference, index, weight, par, runs);
     at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) { executor.run(begin, end); });
   });
 }

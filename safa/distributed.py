@@ -102,7 +102,7 @@ def cells_read(layout: ViewLayout, mode: str, swap_interval: int, views: range) 
     that writes a cell of ``views``. The reference swap reads only the cell it writes (or
     none), so the plan without a reference gives the same set.
     """
-    index, weight = get_plan(layout, "sync", mode, swap_interval, REF_NONE, torch.device("cpu"))
+    index, weight, _ = get_plan(layout, "sync", mode, swap_interval, REF_NONE, torch.device("cpu"))
     k = weight.shape[1]
     sources, targets = index[:, 1:1 + k].long(), index[:, 1 + k:].long()
     w = layout.window

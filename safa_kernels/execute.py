@@ -26,9 +26,12 @@ _NO_PARITY = [0, 1, 1, 1]  # a plan without a reference
 def run(backend: str, out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[torch.Tensor],
         layout: AnyLayout, op: str, mode: str, swap_interval: int, ref_kind: int, parity_arg: List[int]) -> None:
     """One plan executor call: the cached plan of ``(layout, op, ...)`` on ``out``'s device."""
-    index, weight = get_plan(layout, op, mode, swap_interval, ref_kind, out.device)
+    index, weight, runs = get_plan(layout, op, mode, swap_interval, ref_kind, out.device)
     if index.shape[0]:  # e.g. sync_ with no overlap and no reference has nothing to do
-        merge_op(backend)(out, src, reference, index, weight, parity_arg)
+        if runs is None:  # a strip's plan: every row one cell
+            merge_op(backend)(out, src, reference, index, weight, parity_arg)
+        else:
+            merge_op(backend)(out, src, reference, index, weight, parity_arg, runs)
 
 
 def zeros(like: torch.Tensor, shape) -> torch.Tensor:

@@ -50,6 +50,14 @@ the transposed tables, executed by the same kernels (``ADJOINTS``):
   columns that took it (the caller masks the parity of another axis).
 
 Only cells a plan targets are written: the caller zero-fills the outputs of the last two.
+
+Runs (grids). A grid's plan rows are built per canvas cell as above, then grouped into runs
+(:func:`_group_runs`): consecutive rows whose every position (sources, targets, reference
+column) advances by the same ``step`` and whose weights are equal become one row with
+``runs[r] = (count, step)``; row ``r`` then stands for the ``count`` cells at positions
+``p + j * step`` for ``j < count``, each merged as above, and never leaves the view it starts
+in. A strip's plan has ``runs = None`` (every row one cell): its rows already carry
+``outer * inner`` elements each, a grid's cell only the channels.
 """
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS = 0, 1, 2
 class Plan(NamedTuple):
     index: torch.Tensor   # int32 (P, 1 + K + T)
     weight: torch.Tensor  # float64 (P, K)
+    runs: Optional[torch.Tensor] = None  # int32 (P, 2): (count, step) per row; None: every row one cell
 
 
 def _odd(offset: int, swap_interval: int) -> bool:
@@ -159,6 +168,60 @@ def _grid_merges(grid: GridLayout, mode: str, swap_interval: int, ref: int, gath
                 yield col, cells, ref_col, cells, [x / total for x in raw]
 
 
+def _follows(first, row, shift: int, src_long: int, out_long: int) -> bool:
+    """Whether ``row`` is ``first`` with every position advanced by ``shift`` in the same view."""
+    ref_col, sources, weights, targets = first
+    if row[2] != weights or len(row[1]) != len(sources) or len(row[3]) != len(targets):
+        return False
+    if row[0] != (ref_col + shift if ref_col >= 0 else -1):
+        return False
+    for long_size, old, new in ((src_long, sources, row[1]), (out_long, targets, row[3])):
+        for p, q in zip(old, new):
+            if q != p + shift or q // long_size != p // long_size:
+                return False
+    return True
+
+
+def _group_runs(rows, src_long: int, out_long: int):
+    """Per-cell rows grouped into runs: ``(ref_col, sources, weights, targets, count, step)``.
+
+    First consecutive rows advancing by one cell (a tile's span of a canvas row); then, among
+    the rows left single, every other row advancing by two (the alternating overlap columns
+    of a swap at ``swap_interval`` 1, where the owner changes at every column).
+    """
+    rows = list(rows)
+    count = [1] * len(rows)
+    step = [1] * len(rows)
+    head = [True] * len(rows)  # False: the row is part of an earlier row's run
+
+    def extend(i: int, stride: int, shift: int) -> int:
+        n = 1
+        while (i + n * stride < len(rows) and head[i + n * stride] and count[i + n * stride] == 1
+               and _follows(rows[i], rows[i + n * stride], n * shift, src_long, out_long)):
+            head[i + n * stride] = False
+            n += 1
+        count[i], step[i] = n, shift
+        return n
+
+    i = 0
+    while i < len(rows):  # runs of consecutive cells
+        i += extend(i, 1, 1)
+    for i in range(len(rows)):  # the cells left single, two apart: next in the list, or every other one
+        if head[i] and count[i] == 1 and extend(i, 1, 2) == 1:
+            extend(i, 2, 2)
+    for i, row in enumerate(rows):
+        if head[i]:
+            yield row + (count[i], step[i] if count[i] > 1 else 1)
+
+
+def _long_sizes(grid: GridLayout, op: str):
+    """The long sizes of ``(src, out)`` of a grid plan's operands (the merged axis: cells)."""
+    tile, canvas = grid.view_cells, grid.canvas_cells
+    return {"gather": (canvas, tile), "stitch": (tile, canvas), "sync": (tile, tile),
+            "gather_adjoint": (tile, canvas), "stitch_adjoint": (canvas, tile),
+            "reference_adjoint": (canvas, tile)}[op]
+
+
 def _rows(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int):
     """Yield ``(ref_col, sources, weights, targets)`` per row, in column order."""
     merges = _grid_merges if isinstance(layout, GridLayout) else _strip_merges
@@ -200,26 +263,34 @@ def _reference_adjoint_rows(rows):
         yield -1, into[ref_col], [1.0] * len(into[ref_col]), [ref_col]
 
 
-def build_plan(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
+def cell_rows(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int) -> list:
+    """The plan's rows one cell each, ``(ref_col, sources, weights, targets)``, before any grouping."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if op == "gather_adjoint":
-        rows = list(_adjoint_rows(_rows(layout, "gather", mode, swap_interval, REF_NONE), REF_NONE))
-    elif op == "stitch_adjoint":
-        rows = list(_adjoint_rows(_rows(layout, "stitch", mode, swap_interval, ref), ref))
-    elif op == "reference_adjoint":
-        rows = list(_reference_adjoint_rows(_rows(layout, "stitch", mode, swap_interval, ref)))
-    else:
-        rows = list(_rows(layout, op, mode, swap_interval, ref))
+        return list(_adjoint_rows(_rows(layout, "gather", mode, swap_interval, REF_NONE), REF_NONE))
+    if op == "stitch_adjoint":
+        return list(_adjoint_rows(_rows(layout, "stitch", mode, swap_interval, ref), ref))
+    if op == "reference_adjoint":
+        return list(_reference_adjoint_rows(_rows(layout, "stitch", mode, swap_interval, ref)))
+    return list(_rows(layout, op, mode, swap_interval, ref))
+
+
+def build_plan(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int) -> Plan:
+    rows = cell_rows(layout, op, mode, swap_interval, ref)
+    runs = None
+    if isinstance(layout, GridLayout):
+        rows = list(_group_runs(rows, *_long_sizes(layout, op)))
+        runs = torch.tensor([r[4:] for r in rows], dtype=torch.int32).reshape(len(rows), 2)
     K = max([len(r[1]) for r in rows] + [1])
     T = max([len(r[3]) for r in rows] + [1])
     index: List[List[int]] = []
     weight: List[List[float]] = []
-    for ref_col, sources, weights, targets in rows:
+    for ref_col, sources, weights, targets, *_ in rows:
         index.append([ref_col] + sources + [-1] * (K - len(sources)) + targets + [-1] * (T - len(targets)))
         weight.append(list(weights[: len(sources)]) + [0.0] * (K - len(sources)))
     return Plan(torch.tensor(index, dtype=torch.int32).reshape(len(rows), 1 + K + T),
-                torch.tensor(weight, dtype=torch.float64).reshape(len(rows), K))
+                torch.tensor(weight, dtype=torch.float64).reshape(len(rows), K), runs)
 
 
 # torch.compile calls this eagerly while tracing and treats the plan as a constant
@@ -244,5 +315,6 @@ def get_plan(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: int
         host = plans.get(host_key)
         if host is None:
             host = plans[host_key] = build_plan(layout, op, mode, swap_interval, ref)
-        plan = plans[key] = Plan(host.index.to(device), host.weight.to(device))
+        plan = plans[key] = Plan(host.index.to(device), host.weight.to(device),
+                                 None if host.runs is None else host.runs.to(device))
     return plan

@@ -15,7 +15,10 @@ AudioLDM layout ``(B, 8, T, 16)`` (long axis -2, inner 16) and the image layout
 memory. Each lane reads its row's plan entries (``K`` sources, ``T`` targets, both
 constexpr, unrolled with ``tl.static_range``), reads all its sources, and only then writes
 its targets; rows write disjoint cells and a lane's reads and writes are of the same
-``(outer, column, inner)`` element, so the in-place ``sync`` is race-free.
+``(outer, column, inner)`` element, so the in-place ``sync`` is race-free. A grid's plan
+has runs (a row stands for ``count`` cells ``step`` apart): its space is then
+``(outer, row, lane, inner)`` with ``RUN_LANES`` lanes per row, and lane ``l`` merges the
+run's cells ``l, l + RUN_LANES, ...`` in turn.
 """
 from __future__ import annotations
 
@@ -57,8 +60,80 @@ LAUNCH_OPTIONS = {"num_warps": GPU_WARPS, "enable_fp_fusion": False}
 # it gets few, large programs (capped so one program's temporaries stay small).
 INTERPRET_MAX_BLOCK = 1 << 16
 
+# Lanes per row of a grid's plan (rows with runs): lane l merges the run's cells l, l + lanes,
+# ...; a run spans up to a tile's width, so neighbouring lanes read neighbouring cells.
+RUN_LANES = 32
 _INT32_MAX = 2**31 - 1
 _kernel = None  # the @triton.jit function, built on first use
+merge_cells = larger = None  # its @jit helpers, also built on first use (globals: see _define_helpers)
+
+
+def _define_helpers(triton, tl) -> None:
+    """The @jit functions the kernel calls, as globals of this module: Triton resolves a called
+    @jit function among the caller's globals."""
+    global merge_cells, larger
+
+    @triton.jit
+    def larger(a, b):
+        # The combine of the builtin tl.reduce: tl.max is itself a @jit function of
+        # triton.language, which a test compiling this kernel under the interpreter cannot lower.
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, shift, live, Ls, Ld,
+                    os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2, xs1, ws1,
+                    par_div, par_size, par_interval,
+                    K: tl.constexpr, T: tl.constexpr, HAS_REF: tl.constexpr, AXIS_PART: tl.constexpr,
+                    ACC: tl.constexpr):
+        """The cells ``shift`` positions into each lane's row (0 without runs), where ``live``."""
+        if HAS_REF:
+            ref_col = tl.load(row, mask=live, other=-1).to(tl.int64)
+            take = ref_col >= 0
+            ref_col = ref_col + shift
+            if AXIS_PART == 1:
+                h = (o64 // par_div) % par_size
+                take = take & ((h // par_interval) % 2 == 1)
+            elif AXIS_PART == 2:
+                h = (i // par_div) % par_size
+                take = take & ((h // par_interval) % 2 == 1)
+        else:
+            take = shift < 0  # all False
+
+        s0 = tl.load(row + xs1, mask=live, other=-1).to(tl.int64)
+        has_src = s0 >= 0
+        s0 = s0 + shift
+        # Where the reference wins the source is not needed: skip its bytes.
+        x0 = tl.load(src_base + (s0 // Ls) * ss0 + o64 * ss1 + (s0 % Ls) * ss2 + i64 * ss3,
+                     mask=has_src & (take == 0))
+        # float64 weights rounded once to the accumulation type (plan.py): float32 weights for
+        # float32/16/bf16, exact ones for float64.
+        w0 = tl.load(wrow, mask=has_src, other=1.0).to(ACC)
+        acc = x0.to(ACC) * w0
+        weighted = has_src & (w0 != 1.0)  # one source of another weight: an adjoint plan's scatter
+        for k in tl.static_range(1, K):
+            sk = tl.load(row + (1 + k) * xs1, mask=live, other=-1).to(tl.int64)
+            vk = has_src & (sk >= 0) & (take == 0)
+            sk = sk + shift
+            # Masked load, not 0 * x: a padding slot may point nowhere, and x may be inf/nan.
+            xk = tl.load(src_base + (sk // Ls) * ss0 + o64 * ss1 + (sk % Ls) * ss2 + i64 * ss3,
+                         mask=vk, other=0.0)
+            wk = tl.load(wrow + k * ws1, mask=vk, other=0.0).to(ACC)
+            acc = tl.where(vk, acc + xk.to(ACC) * wk, acc)
+            weighted = weighted | vk
+        # A row with one live source of weight 1 is a pure copy (bitwise, -0.0 and nan payloads
+        # included).
+        value = tl.where(weighted, acc.to(x0.dtype), x0)
+        write = live & has_src
+        if HAS_REF:
+            rv = tl.load(ref_ptr + o64 * rs0 + ref_col * rs1 + i64 * rs2, mask=live & take)
+            value = tl.where(take, rv, value)
+            write = live & (has_src | take)
+        value = value.to(out_ptr.dtype.element_ty)
+        for t in tl.static_range(T):
+            tt = tl.load(row + (1 + K + t) * xs1, mask=write, other=-1).to(tl.int64)
+            written = write & (tt >= 0)
+            tt = tt + shift
+            tl.store(out_ptr + (tt // Ld) * os0 + o64 * os1 + (tt % Ld) * os2 + i64 * os3, value, mask=written)
 
 
 def _build_kernel():
@@ -71,8 +146,10 @@ def _build_kernel():
     except Exception as exc:  # find_spec saw a package that does not import (broken install)
         raise RuntimeError(f"safa_kernels: the 'triton' backend needs an importable triton: {exc}") from exc
 
+    _define_helpers(triton, tl)
+
     @triton.jit
-    def merge_kernel(out_ptr, src_ptr, ref_ptr, index_ptr, weight_ptr,
+    def merge_kernel(out_ptr, src_ptr, ref_ptr, index_ptr, weight_ptr, runs_ptr,
                      N, P, I, Ls, Ld,
                      os0, os1, os2, os3,
                      ss0, ss1, ss2, ss3,
@@ -81,6 +158,7 @@ def _build_kernel():
                      par_div, par_size, par_interval,
                      K: tl.constexpr, T: tl.constexpr,
                      IN_PLACE: tl.constexpr, HAS_REF: tl.constexpr, AXIS_PART: tl.constexpr,
+                     HAS_RUNS: tl.constexpr, LANES: tl.constexpr,
                      ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         if WIDE:  # the flattened element count does not fit int32
@@ -90,6 +168,8 @@ def _build_kernel():
         mask = offs < N
         i = offs % I
         rest = offs // I
+        lane = rest % LANES
+        rest = rest // LANES
         r = rest % P
         o = rest // P
         # Address arithmetic in int64 always: view * stride overflows int32 long before N does.
@@ -101,58 +181,26 @@ def _build_kernel():
             src_base = out_ptr
         else:
             src_base = src_ptr
-
-        if HAS_REF:
-            ref_col = tl.load(row, mask=mask, other=-1).to(tl.int64)
-            take = ref_col >= 0
-            if AXIS_PART == 1:
-                h = (o // par_div) % par_size
-                take = take & ((h // par_interval) % 2 == 1)
-            elif AXIS_PART == 2:
-                h = (i // par_div) % par_size
-                take = take & ((h // par_interval) % 2 == 1)
+        if HAS_RUNS:  # lane l of a row merges its run's cells l, l + LANES, ...
+            count = tl.load(runs_ptr + r.to(tl.int64) * 2, mask=mask, other=0)
+            step = tl.load(runs_ptr + r.to(tl.int64) * 2 + 1, mask=mask, other=0).to(tl.int64)
+            rounds = tl.reduce((count + LANES - 1) // LANES, 0, larger)
+            for k in range(0, rounds):
+                j = lane + k * LANES
+                merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, j.to(tl.int64) * step,
+                            mask & (j < count), Ls, Ld, os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2,
+                            xs1, ws1, par_div, par_size, par_interval, K, T, HAS_REF, AXIS_PART, ACC)
         else:
-            take = offs < 0  # all False
-
-        s0 = tl.load(row + xs1, mask=mask, other=-1).to(tl.int64)
-        has_src = s0 >= 0
-        # Where the reference wins the source is not needed: skip its bytes.
-        x0 = tl.load(src_base + (s0 // Ls) * ss0 + o64 * ss1 + (s0 % Ls) * ss2 + i64 * ss3,
-                     mask=has_src & (take == 0))
-        # float64 weights rounded once to the accumulation type (plan.py): float32 weights for
-        # float32/16/bf16, exact ones for float64.
-        w0 = tl.load(wrow, mask=has_src, other=1.0).to(ACC)
-        acc = x0.to(ACC) * w0
-        weighted = has_src & (w0 != 1.0)  # one source of another weight: an adjoint plan's scatter
-        for k in tl.static_range(1, K):
-            sk = tl.load(row + (1 + k) * xs1, mask=mask, other=-1).to(tl.int64)
-            vk = has_src & (sk >= 0) & (take == 0)
-            # Masked load, not 0 * x: a padding slot may point nowhere, and x may be inf/nan.
-            xk = tl.load(src_base + (sk // Ls) * ss0 + o64 * ss1 + (sk % Ls) * ss2 + i64 * ss3,
-                         mask=vk, other=0.0)
-            wk = tl.load(wrow + k * ws1, mask=vk, other=0.0).to(ACC)
-            acc = tl.where(vk, acc + xk.to(ACC) * wk, acc)
-            weighted = weighted | vk
-        # A row with one live source of weight 1 is a pure copy (bitwise, -0.0 and nan payloads
-        # included).
-        value = tl.where(weighted, acc.to(x0.dtype), x0)
-        write = mask & has_src
-        if HAS_REF:
-            rv = tl.load(ref_ptr + o64 * rs0 + ref_col * rs1 + i64 * rs2, mask=mask & take)
-            value = tl.where(take, rv, value)
-            write = mask & (has_src | take)
-        value = value.to(out_ptr.dtype.element_ty)
-        for t in tl.static_range(T):
-            tt = tl.load(row + (1 + K + t) * xs1, mask=write, other=-1).to(tl.int64)
-            tl.store(out_ptr + (tt // Ld) * os0 + o64 * os1 + (tt % Ld) * os2 + i64 * os3, value,
-                     mask=write & (tt >= 0))
+            merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, i64 * 0, mask, Ls, Ld,
+                        os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2, xs1, ws1,
+                        par_div, par_size, par_interval, K, T, HAS_REF, AXIS_PART, ACC)
 
     _kernel = (merge_kernel, tl)
     return _kernel
 
 
 def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[torch.Tensor],
-           index: torch.Tensor, weight: torch.Tensor, parity: List[int]) -> None:
+           index: torch.Tensor, weight: torch.Tensor, parity: List[int], runs: Optional[torch.Tensor]) -> None:
     def fail(msg: str):
         raise RuntimeError(f"safa::merge_triton_: {msg}")
 
@@ -178,6 +226,10 @@ def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
         fail(f"index {tuple(index.shape)} and weight {tuple(weight.shape)} do not form a plan with K, T >= 1")
     if index.device != out.device or weight.device != out.device:
         fail("index and weight must be on out's device")
+    if runs is not None and (runs.dtype != torch.int32 or tuple(runs.shape) != (index.shape[0], 2)
+                             or not runs.is_contiguous() or runs.device != out.device):
+        fail(f"runs must be a contiguous int32 (P, 2) = ({index.shape[0]}, 2) tensor on out's device, "
+             f"got {runs.dtype} {tuple(runs.shape)} on {runs.device}")
     if len(parity) != 4 or parity[0] not in (0, 1, 2) or (parity[0] and min(parity[1:]) < 1):
         fail(f"parity must be [axis_part in 0..2, div >= 1, size >= 1, swap_interval >= 1], got {list(parity)}")
     if has_internal_overlap(out):
@@ -194,18 +246,20 @@ def _block(n: int) -> int:
 
 
 def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[torch.Tensor],
-           index: torch.Tensor, weight: torch.Tensor, parity: List[int], *, wide: Optional[bool] = None) -> None:
-    """Execute the plan ``(index, weight)`` (see ``plan.py``) writing into ``out``.
+           index: torch.Tensor, weight: torch.Tensor, parity: List[int], runs: Optional[torch.Tensor] = None, *,
+           wide: Optional[bool] = None) -> None:
+    """Execute the plan ``(index, weight, runs)`` (see ``plan.py``) writing into ``out``.
 
     ``wide`` forces (True) or forbids (False) int64 element numbering; by default it is
     used exactly when the flattened element count does not fit int32 (tests force it).
     """
-    _check(out, src, reference, index, weight, parity)
+    _check(out, src, reference, index, weight, parity, runs)
     torch.autograd.graph.increment_version(out)  # as PyTorch's in-place ops do (see merge_checks.h)
     P, K = weight.shape
     T = index.shape[1] - 1 - K
     _, O, Ld, I = out.shape
-    n = O * P * I
+    lanes = RUN_LANES if runs is not None else 1
+    n = O * P * lanes * I
     if n == 0:
         return
     source = out if src is None else src
@@ -223,18 +277,19 @@ def merge_(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
     kwargs = {} if INTERPRET else LAUNCH_OPTIONS
     # Triton launches on the current device's stream: make that out's device.
     with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
-        kernel[grid](out, source, ref, index, weight,
+        kernel[grid](out, source, ref, index, weight, runs if runs is not None else index,
                      n, P, I, max(source.shape[2], 1), max(Ld, 1),  # never a zero divisor, even masked
                      *out.stride(), *source.stride(), *rstr,
                      *index.stride(), *weight.stride(),
                      div, size, interval,
                      K=K, T=T, IN_PLACE=src is None, HAS_REF=reference is not None,
                      AXIS_PART=axis_part if reference is not None else 0,
+                     HAS_RUNS=runs is not None, LANES=lanes,
                      ACC=acc, WIDE=bool(wide), BLOCK=block, **kwargs)
 
 
-def _merge_impl(out, src, reference, index, weight, parity) -> None:
-    merge_(out, src, reference, index, weight, parity)
+def _merge_impl(out, src, reference, index, weight, parity, runs=None) -> None:
+    merge_(out, src, reference, index, weight, parity, runs)
 
 
 if AVAILABLE:

@@ -33,7 +33,7 @@ def op_args(mode: str, in_place: bool, with_reference: bool, device: torch.devic
     views = torch.randn(layout.num_views, 6, 10, 5, generator=g).to(device)
     ref = torch.randn(6, 10, 5, generator=g).to(device) if with_reference else None
     kind, parity_arg = parity([6, 10, 5], 1, 0 if with_reference else None, 1)
-    index, weight = get_plan(layout, "sync" if in_place else "stitch", mode, 1, kind, device)
+    index, weight, _ = get_plan(layout, "sync" if in_place else "stitch", mode, 1, kind, device)  # a strip: no runs
     src = canonical(views, 1, True)
     ref3 = None if ref is None else canonical(ref, 1, False)[0]
     if in_place:

@@ -11,6 +11,8 @@
 namespace safa {
 namespace {
 
+constexpr int64_t kRunLanes = 32;
+
 cuda::MergeDType merge_dtype(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return cuda::MergeDType::kFloat32;
@@ -27,9 +29,9 @@ void copy_strides(int64_t* to, const at::Tensor& t) {
 
 void merge_cuda(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
                 const std::optional<at::Tensor>& reference_opt, const at::Tensor& index, const at::Tensor& weight,
-                at::IntArrayRef parity) {
+                at::IntArrayRef parity, const std::optional<at::Tensor>& runs_opt) {
   const MergeOperands operands =
-      check_merge_args("merge_cuda_", at::kCUDA, out, src_opt, reference_opt, index, weight, parity);
+      check_merge_args("merge_cuda_", at::kCUDA, out, src_opt, reference_opt, index, weight, parity, runs_opt);
   const at::Tensor& src = operands.src.defined() ? operands.src : out;  // in-place: read from out
   const at::Tensor& reference = operands.reference;
   TORCH_CHECK(src.device() == out.device() && (!reference.defined() || reference.device() == out.device()),
@@ -41,6 +43,10 @@ void merge_cuda(const at::Tensor& out, const std::optional<at::Tensor>& src_opt,
   args.ref = reference.defined() ? reference.data_ptr() : nullptr;
   args.index = index.data_ptr<int32_t>();
   args.weight = weight.data_ptr<double>();
+  // A grid's run rows get a warp's worth of threads each (merge_kernel.cu): a run spans up
+  // to a tile's width, and the lanes then read consecutive cells of it.
+  args.runs = operands.runs.defined() ? operands.runs.data_ptr<int32_t>() : nullptr;
+  args.run_lanes = operands.runs.defined() ? kRunLanes : 1;
   args.rows = index.size(0);
   args.outer = out.size(1);
   args.inner = out.size(3);

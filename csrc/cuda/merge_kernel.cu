@@ -6,6 +6,10 @@
 // I = 16: a warp covers 2 rows x 16 inner elements) and for image latents (long axis
 // dim -1, I = 1: a warp covers 32 consecutive columns). Every thread reads all its sources
 // before writing its targets, and rows write disjoint cells, so in-place sync is race-free.
+// A grid's plan has runs (a row stands for `count` cells, `step` apart): there each
+// (o, r, i) gets `run_lanes` threads, the lane after i, and lane l merges the run's cells
+// l, l + run_lanes, ...; so a warp walks consecutive cells of one run (an image latent's
+// inner is 1) rather than 32 runs at once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -47,65 +51,77 @@ __device__ __forceinline__ bool takes_reference(const int64_t* parity, int64_t o
   return ((x / parity[1]) % parity[2] / parity[3]) % 2 == 1;
 }
 
-// `Index` is the type of the flattened thread index: 32-bit when the grid fits, because
-// 64-bit division is several times slower on the GPU.
+// Cell `shift` columns into row r's run (0 without runs), at (o, i): read every source, then write.
 template <typename T, typename Index>
-__global__ void merge_kernel(const MergeArgs a) {
+__device__ __forceinline__ void merge_cell(const MergeArgs& a, const int32_t* entry, Index r, Index o, Index i,
+                                           int64_t shift) {
   using Acc = typename Accumulate<T>::type;
   T* out = static_cast<T*>(a.out);
   const T* src = static_cast<const T*>(a.src);
   const T* ref = static_cast<const T*>(a.ref);
+  const int32_t* sources = entry + 1;
+  const int64_t ref_col = entry[0] >= 0 ? entry[0] + shift : -1;
+
+  T value;
+  if (ref != nullptr && ref_col >= 0 && ref_col < a.ref_window && takes_reference(a.parity, o, i)) {
+    value = ref[o * a.ref_stride[0] + ref_col * a.ref_stride[1] + i * a.ref_stride[2]];
+  } else {
+    // Positions are checked against the operand sizes so that a malformed plan cannot
+    // write out of bounds (the host does not inspect device-resident plans: no sync).
+    const double* weight = a.weight + static_cast<int64_t>(r) * a.num_sources;
+    int64_t count = 0, first = -1;
+    for (int64_t k = 0; k < a.num_sources; ++k) {
+      if (sources[k] >= 0 && sources[k] + shift < a.src_cells) {
+        if (count++ == 0) first = k;
+      }
+    }
+    if (count == 0) return;  // nothing to write: the cells keep their values
+    if (count == 1 && static_cast<Acc>(weight[first]) == Acc(1)) {
+      value = src[cell<int64_t>(a.src_stride, a.src_long, sources[first] + shift, o, i)];  // a copy, bitwise
+    } else {
+      Acc acc = 0;
+      for (int64_t k = 0; k < a.num_sources; ++k) {
+        const int64_t pos = sources[k] < 0 ? -1 : sources[k] + shift;
+        if (pos < 0 || pos >= a.src_cells) continue;
+        acc += static_cast<Acc>(weight[k]) *
+               to_acc(src[cell<int64_t>(a.src_stride, a.src_long, pos, o, i)]);
+      }
+      value = from_acc<T>(acc);
+    }
+  }
+  const int32_t* targets = sources + a.num_sources;
+  for (int64_t t = 0; t < a.num_targets; ++t) {
+    const int64_t pos = targets[t] < 0 ? -1 : targets[t] + shift;
+    if (pos >= 0 && pos < a.out_cells) out[cell<int64_t>(a.out_stride, a.out_long, pos, o, i)] = value;
+  }
+}
+
+// `Index` is the type of the flattened thread index: 32-bit when the grid fits, because
+// 64-bit division is several times slower on the GPU.
+template <typename T, typename Index>
+__global__ void merge_kernel(const MergeArgs a) {
   const Index inner = static_cast<Index>(a.inner), rows = static_cast<Index>(a.rows);
-  const Index total = static_cast<Index>(a.outer) * rows * inner;
+  const Index lanes = static_cast<Index>(a.run_lanes);
+  const Index total = static_cast<Index>(a.outer) * rows * lanes * inner;
   const int64_t width = 1 + a.num_sources + a.num_targets;
   for (Index tid = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; tid < total;
        tid += static_cast<Index>(gridDim.x) * blockDim.x) {
     const Index i = tid % inner;
-    const Index rest = tid / inner;
+    Index rest = tid / inner;
+    const Index lane = rest % lanes;
+    rest /= lanes;
     const Index r = rest % rows;
     const Index o = rest / rows;
     const int32_t* entry = a.index + static_cast<int64_t>(r) * width;
-    const int32_t* sources = entry + 1;
-    const int32_t ref_col = entry[0];
-
-    T value;
-    if (ref != nullptr && ref_col >= 0 && ref_col < a.ref_window && takes_reference(a.parity, o, i)) {
-      value = ref[o * a.ref_stride[0] + static_cast<int64_t>(ref_col) * a.ref_stride[1] + i * a.ref_stride[2]];
-    } else {
-      // Positions are checked against the operand sizes so that a malformed plan cannot
-      // write out of bounds (the host does not inspect device-resident plans: no sync).
-      const double* weight = a.weight + static_cast<int64_t>(r) * a.num_sources;
-      int64_t count = 0, first = -1;
-      for (int64_t k = 0; k < a.num_sources; ++k) {
-        if (sources[k] >= 0 && sources[k] < a.src_cells) {
-          if (count++ == 0) first = k;
-        }
-      }
-      if (count == 0) continue;  // nothing to write: the cells keep their values
-      if (count == 1 && static_cast<Acc>(weight[first]) == Acc(1)) {
-        value = src[cell<int64_t>(a.src_stride, a.src_long, sources[first], o, i)];  // a copy, bitwise
-      } else {
-        Acc acc = 0;
-        for (int64_t k = 0; k < a.num_sources; ++k) {
-          const int32_t pos = sources[k];
-          if (pos < 0 || pos >= a.src_cells) continue;
-          acc += static_cast<Acc>(weight[k]) *
-                 to_acc(src[cell<int64_t>(a.src_stride, a.src_long, pos, o, i)]);
-        }
-        value = from_acc<T>(acc);
-      }
-    }
-    const int32_t* targets = sources + a.num_sources;
-    for (int64_t t = 0; t < a.num_targets; ++t) {
-      const int32_t pos = targets[t];
-      if (pos >= 0 && pos < a.out_cells) out[cell<int64_t>(a.out_stride, a.out_long, pos, o, i)] = value;
-    }
+    const int64_t count = a.runs != nullptr ? a.runs[2 * static_cast<int64_t>(r)] : 1;
+    const int64_t step = a.runs != nullptr ? a.runs[2 * static_cast<int64_t>(r) + 1] : 1;
+    for (int64_t j = lane; j < count; j += lanes) merge_cell<T, Index>(a, entry, r, o, i, j * step);
   }
 }
 
 template <typename T>
 cudaError_t launch_typed(const MergeArgs& a, cudaStream_t stream) {
-  const int64_t total = a.outer * a.rows * a.inner;
+  const int64_t total = a.outer * a.rows * a.run_lanes * a.inner;
   if (total == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   // Grid-stride loop: a bounded grid still covers any size.

@@ -19,6 +19,8 @@ struct MergeArgs {
   const void* ref;      // (O, window, I) or nullptr
   const int32_t* index; // (P, 1 + K + T), contiguous
   const double* weight; // (P, K), contiguous, float64
+  const int32_t* runs;  // (P, 2) count and step per row (a grid's plan), or nullptr: every row one cell
+  int64_t run_lanes;    // threads per (outer, row, inner) stepping through a run: 1 without runs
   int64_t rows, outer, inner, num_sources, num_targets;  // P, O, I, K, T
   int64_t out_cells, src_cells, ref_window;  // D * Ld and S * Ls (valid flat positions), window
   int64_t out_long, src_long;                // Ld, Ls

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import safa_kernels as sk
-from safa_kernels import ViewLayout, gather, reference, stitch, sync_
+from safa_kernels import GridLayout, ViewLayout, gather, reference, stitch, sync_
 from op_args import op_args
 
 HAS_CUDA = torch.cuda.is_available()
@@ -78,6 +78,30 @@ def test_every_path_matches_the_reference(backend, dtype, mode, loop):
                 assert_merged(stitch(v, layout, -2, mode, interval, r, axis, backend=backend), expected, mode)
                 synced = sync_(v.clone(), layout, -2, mode, interval, r, axis, backend=backend)
                 assert_merged(synced, reference.sync_(v.clone(), layout, 2, mode, interval, r, axis), mode)
+
+
+@pytest.mark.parametrize("grid", [GridLayout(ViewLayout(11, 5, 2), ViewLayout(12, 6, 2, loop=True)),
+                                  GridLayout.covering(112, 112, 64, 16)], ids=["small-cylinder", "image-tiles"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_grid_path_matches_the_reference(backend, dtype, grid):
+    """2-D grids (plan rows that are runs of cells, docs/kernels.md section 8): gather, stitch and
+    sync_ in every mode, no reference / one alternating along the rows or along the channels,
+    swap_interval 1 (the overlaps alternate cell by cell: runs two apart) and 2."""
+    need(backend)
+    shape = (1, 3, grid.rows.length, grid.cols.length)
+    latent = randn(*shape, dtype=dtype, seed=4)
+    views = randn(grid.num_views, 1, 3, grid.rows.window, grid.cols.window, dtype=dtype, seed=1)
+    ref = randn(1, 3, grid.rows.window, grid.cols.window, dtype=dtype, seed=3)
+    assert_merged(gather(latent, grid, backend=backend), gather(latent, grid, backend="reference"), "swap")
+    for mode in sk.MODES:
+        for r, axis in ((None, None), (ref, None), (ref, 1)):
+            for interval in (1, 2):
+                kw = dict(mode=mode, swap_interval=interval, reference=r, reference_axis=axis)
+                expected = stitch(views, grid, backend="reference", **kw)
+                assert_merged(stitch(views, grid, backend=backend, **kw), expected, mode)
+                assert_merged(sync_(views.clone(), grid, backend=backend, **kw),
+                              gather(expected, grid, backend="reference"), mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import safa_kernels as sk
 from safa_kernels import GridLayout, ViewLayout, gather, naive, stitch, sync_
-from safa_kernels.plan import get_plan, REF_NONE
+from safa_kernels.plan import get_plan, REF_LONG_AXIS, REF_NONE
 from op_args import DTYPES, assert_merged_equal
 
 KERNELS = [b for b in sk.available_backends("cpu") if b != "reference"]
@@ -157,6 +157,8 @@ AWKWARD = {
     "loop-cols": GridLayout(ViewLayout(7, 3, 1), ViewLayout(12, 6, 2, loop=True)),
     "torus": GridLayout(ViewLayout(8, 4, 2, loop=True), ViewLayout(9, 5, 2, loop=True)),
     "spaced": GridLayout(ViewLayout.spaced(14, 5, 3), ViewLayout.spaced(17, 6, 3, loop=True)),
+    # one wide column: a run continues across canvas rows, 2 x 70 cells (past the C++ kernel's 64-cell tiles)
+    "wide-column": GridLayout(ViewLayout(14, 5, 2), ViewLayout(70, 70, 0)),
 }
 
 
@@ -178,12 +180,14 @@ def test_awkward_grids_every_dtype(name, dtype, backend):
     for mode in sk.MODES:
         if mode == "swap" and not grid.swappable:
             continue
-        for ref, axis in ((None, None), (reference, None), (reference, 1)):
-            kw = dict(mode=mode, swap_interval=2, reference=ref, reference_axis=axis)
-            expected = stitch(views, grid, backend="reference", **kw)
-            assert_merged_equal(stitch(views, grid, backend=backend, **kw), expected, mode)
-            assert_merged_equal(sync_(views.clone(), grid, backend=backend, **kw),
-                                gather(expected, grid, backend="reference"), mode)
+        # swap_interval 1: the overlaps alternate cell by cell (runs two apart); 2: in pairs
+        for interval in ((1, 2) if backend == "cpp" else (1,)):
+            for ref, axis in ((None, None), (reference, None), (reference, 1)):
+                kw = dict(mode=mode, swap_interval=interval, reference=ref, reference_axis=axis)
+                expected = stitch(views, grid, backend="reference", **kw)
+                assert_merged_equal(stitch(views, grid, backend=backend, **kw), expected, mode)
+                assert_merged_equal(sync_(views.clone(), grid, backend=backend, **kw),
+                                    gather(expected, grid, backend="reference"), mode)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,6 +200,85 @@ def test_float64_means_of_four_tiles_are_exact(backend):
     corner = np.mean([views[0, 0, 3, 3].item(), views[1, 0, 3, 0].item(), views[nc, 0, 0, 3].item(),
                       views[nc + 1, 0, 0, 0].item()], dtype=np.float64)
     assert abs(out[3, 3].item() - corner) <= 1e-15 * abs(corner)
+
+
+# -- the plan's runs ---------------------------------------------------------------------------
+def expanded(plan, K):
+    """A run plan's rows one cell each: {(ref_col, sources, weights, targets)} with padding dropped."""
+    cells = set()
+    for row, weights, (count, step) in zip(plan.index.tolist(), plan.weight.tolist(), plan.runs.tolist()):
+        sources = [(p, w) for p, w in zip(row[1:1 + K], weights) if p >= 0]
+        targets = [p for p in row[1 + K:] if p >= 0]
+        for j in range(0, count * step, step):
+            cells.add((row[0] + j if row[0] >= 0 else -1, tuple(p + j for p, _ in sources),
+                       tuple(w for _, w in sources), tuple(t + j for t in targets)))
+    return cells
+
+
+@pytest.mark.parametrize("name", AWKWARD)
+def test_the_runs_are_the_cell_plan_grouped(name):
+    """Expanding every run gives back the per-cell plan exactly (each cell once), and no run
+    leaves the view it starts in (what the kernels step through by strides)."""
+    grid = AWKWARD[name]
+    longs = {"gather": (grid.canvas_cells, grid.view_cells), "stitch": (grid.view_cells, grid.canvas_cells),
+             "sync": (grid.view_cells, grid.view_cells), "gather_adjoint": (grid.view_cells, grid.canvas_cells),
+             "stitch_adjoint": (grid.canvas_cells, grid.view_cells),
+             "reference_adjoint": (grid.canvas_cells, grid.view_cells)}
+    for op in sk.plan.OPS:
+        for mode in sk.MODES if op not in ("gather", "gather_adjoint", "reference_adjoint") else ["mean"]:
+            if mode == "swap" and not grid.swappable:
+                continue
+            for ref in (REF_NONE, REF_LONG_AXIS, sk.plan.REF_OTHER_AXIS):
+                for interval in (1, 2):
+                    plan = sk.plan.build_plan(grid, op, mode, interval, ref)
+                    K = plan.weight.shape[1]
+                    cells = sk.plan.cell_rows(grid, op, mode, interval, ref)
+                    want = {(r, tuple(s), tuple(w[:len(s)]), tuple(t)) for r, s, w, t in cells}
+                    assert int(plan.runs[:, 0].sum()) == len(cells) == len(want)
+                    assert expanded(plan, K) == want
+                    src_long, out_long = longs[op]
+                    span = ((plan.runs[:, 0] - 1) * plan.runs[:, 1]).view(-1, 1)
+                    pos, long_size = plan.index[:, 1:], torch.tensor([src_long] * K + [out_long] *
+                                                                      (plan.index.shape[1] - 1 - K))
+                    assert ((pos < 0) | (pos % long_size + span < long_size)).all()
+
+
+def test_an_image_grid_plan_is_a_few_runs_per_canvas_row():
+    """SD at 2048 x 2048 px (docs/kernels.md section 8): 25 tiles of 64 x 64 overlapping by 16."""
+    grid = GridLayout.covering(256, 256, 64, 16)
+    stitch_swap = sk.plan.build_plan(grid, "stitch", "swap", 1, REF_NONE)
+    # per canvas row: the 5 spans one tile owns, and each of 4 column overlaps as 2 runs two apart
+    assert stitch_swap.index.shape[0] == 256 * (5 + 4 * 2)
+    assert sorted(set(stitch_swap.runs[:, 1].tolist())) == [1, 2]
+    sync_mean = sk.plan.build_plan(grid, "sync", "mean", 1, REF_NONE)
+    # the cells of the 4 row and 4 column overlap bands (16 x 256 each), their crossings once
+    assert int(sync_mean.runs[:, 0].sum()) == 2 * 4 * 16 * 256 - (4 * 16) ** 2
+    assert sync_mean.index.shape[0] == 1344
+    assert sk.plan.build_plan(ViewLayout(26, 10, 2), "stitch", "swap", 1, REF_NONE).runs is None  # strips: none
+
+
+def test_bad_runs_are_refused_before_any_write():
+    grid = AWKWARD["one-column"]
+    plan = get_plan(grid, "sync", "mean", 1, REF_NONE, torch.device("cpu"))
+    views = torch.randn(grid.num_views, 2, grid.view_cells, 3)
+    before = views.clone()
+    long_run = plan.runs.clone()
+    long_run[0, 0] = grid.view_cells  # past the end of its view
+    kernels = [sk.library.merge_op(b) for b in KERNELS]
+    for runs, message in [(plan.runs[:, :1].contiguous(), "runs must be a contiguous int32 .P, 2."),
+                          (plan.runs.long(), "runs must be a contiguous int32"),
+                          (plan.runs[1:], "runs must be a contiguous int32")]:
+        for kernel in kernels:
+            with pytest.raises(RuntimeError, match=message):
+                kernel(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], runs)
+    cpp = sk.library.merge_op("cpp")
+    zero = plan.runs.clone()
+    zero[0, 0] = 0
+    with pytest.raises(RuntimeError, match=r"merge_cpp_: runs\[0\] is \(0, 1\), expected a count and a step >= 1"):
+        cpp(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], zero)
+    with pytest.raises(RuntimeError, match=r"merge_cpp_: runs\[0\] = .* past the end of its view"):
+        cpp(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], long_run)
+    assert torch.equal(views, before)
 
 
 # -- what section 8 states ------------------------------------------------------------------
@@ -239,8 +322,9 @@ def test_the_in_place_sync_touches_only_the_overlap_cells(name):
     for mode in sk.MODES:
         if mode == "swap" and not grid.swappable:
             continue
-        index, _ = get_plan(grid, "sync", mode, 1, REF_NONE, torch.device("cpu"))
-        assert index.shape[0] == shared  # one row per canvas cell covered by two tiles or more, nothing else
+        index, _, runs = get_plan(grid, "sync", mode, 1, REF_NONE, torch.device("cpu"))
+        assert runs[:, 0].sum() == shared  # a cell per canvas cell covered by two tiles or more, nothing else
+        assert index.shape[0] <= shared  # in runs of cells
     views = torch.randn(grid.num_views, 1, grid.rows.window, grid.cols.window)
     middles = views.clone()
     sync_(views, grid, mode="mean", backend=KERNELS[0])
@@ -324,9 +408,20 @@ def test_opcheck_grid_ops(backend):
                      ("stitch_adjoint", (latent, geometry, 1, "mean", 2, 1, backend)),
                      ("reference_adjoint", (latent, geometry, 1, 2, 0, backend))]:
         torch.library.opcheck(getattr(torch.ops.safa, op).default, args)
-    index, weight = get_plan(grid, "sync", "mean", 1, REF_NONE, torch.device("cpu"))
-    out = views.clone().view(grid.num_views, 2, grid.view_cells, 3)
-    torch.library.opcheck(sk.library.merge_op(backend), (out, None, None, index, weight, [0, 1, 1, 1]))
+    # The plan executor itself, with every grid plan's runs: in place, and from latent / views.
+    canonical_latent, canonical_views = latent[None], views.clone()
+    for op, src, out, ref_kind, ref in [
+            ("sync", None, canonical_views, REF_NONE, None),
+            ("sync", None, canonical_views, REF_LONG_AXIS, reference),
+            ("gather", canonical_latent, canonical_views, REF_NONE, None),
+            ("stitch", canonical_views.clone(), canonical_latent.clone(), REF_LONG_AXIS, reference),
+            ("gather_adjoint", canonical_views.clone(), canonical_latent.clone(), REF_NONE, None),
+            ("stitch_adjoint", canonical_latent.clone(), canonical_views, REF_NONE, None),
+            ("reference_adjoint", canonical_latent.clone(), reference.clone()[None], REF_LONG_AXIS, None)]:
+        plan = get_plan(grid, op, "triangular", 1, ref_kind, torch.device("cpu"))
+        assert plan.runs is not None and plan.runs[:, 0].max() > 1
+        torch.library.opcheck(sk.library.merge_op(backend),
+                              (out, src, ref, plan.index, plan.weight, [0, 1, 1, 1], plan.runs))
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -107,7 +107,7 @@ def test_without_triton_nothing_is_registered():
 
 
 @pytest.mark.skipif(not triton_merge.AVAILABLE, reason="needs triton")
-def test_kernel_lowers_for_sm90_without_a_gpu():
+def test_kernel_lowers_for_sm90_without_a_gpu(monkeypatch):
     # The interpreter accepts code the compiler rejects (dtype mixing, int1 arithmetic):
     # compile a few specialisations to PTX and cubin for an H100 target, which needs
     # triton's bundled ptxas but no GPU. Uses triton internals, hence the skips.
@@ -121,22 +121,28 @@ def test_kernel_lowers_for_sm90_without_a_gpu():
         pytest.skip(f"triton compiler internals moved: {exc}")
     kernel, _ = triton_merge._build_kernel()
     kernel = JITFunction(getattr(kernel, "fn", kernel)) if triton_merge.INTERPRET else kernel
+    if triton_merge.INTERPRET:  # the helpers it calls, compiled too (found among the module's globals)
+        for name in ("merge_cells", "larger"):
+            helper = getattr(triton_merge, name)
+            monkeypatch.setattr(triton_merge, name, JITFunction(getattr(helper, "fn", helper)))
     names = kernel.arg_names
-    meta = ("K", "T", "IN_PLACE", "HAS_REF", "AXIS_PART", "ACC", "WIDE", "BLOCK")
-    cases = [("*bf16", tl.float32, 1, 2, False, False, 0, False),
-             ("*fp16", tl.float32, 3, 3, True, True, 1, True),
-             ("*fp64", tl.float64, 2, 1, False, True, 2, False)]
-    for ptr, acc, K, T, in_place, has_ref, axis, wide in cases:
+    meta = ("K", "T", "IN_PLACE", "HAS_REF", "AXIS_PART", "HAS_RUNS", "LANES", "ACC", "WIDE", "BLOCK")
+    cases = [("*bf16", tl.float32, 1, 2, False, False, 0, False, False),
+             ("*fp16", tl.float32, 3, 3, True, True, 1, True, False),
+             ("*fp64", tl.float64, 2, 1, False, True, 2, False, False),
+             ("*fp32", tl.float32, 4, 4, True, True, 0, False, True),   # a grid's plan: rows are runs
+             ("*bf16", tl.float32, 1, 1, False, False, 0, True, True)]
+    for ptr, acc, K, T, in_place, has_ref, axis, wide, runs in cases:
         sig = {}
         for n in names:
             if n in meta:
                 sig[n] = "constexpr"
             elif n.endswith("_ptr"):
-                sig[n] = {"index_ptr": "*i32", "weight_ptr": "*fp32"}.get(n, ptr)
+                sig[n] = {"index_ptr": "*i32", "weight_ptr": "*fp32", "runs_ptr": "*i32"}.get(n, ptr)
             else:  # a stride or size past int32 arrives as i64
                 sig[n] = "i64" if wide and n in ("N", "os0") else "i32"
-        values = dict(K=K, T=T, IN_PLACE=in_place, HAS_REF=has_ref, AXIS_PART=axis, ACC=acc, WIDE=wide,
-                      BLOCK=triton_merge.GPU_BLOCK)
+        values = dict(K=K, T=T, IN_PLACE=in_place, HAS_REF=has_ref, AXIS_PART=axis, HAS_RUNS=runs,
+                      LANES=triton_merge.RUN_LANES if runs else 1, ACC=acc, WIDE=wide, BLOCK=triton_merge.GPU_BLOCK)
         constexprs = {(names.index(n),): v for n, v in values.items()}
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
