@@ -121,6 +121,19 @@ class LongCatAudioAdapter(AudioAdapter):
         unconditional = self._denoise(latents, t, cond.negative, cond.extra)
         return unconditional + (prediction - unconditional) * guidance_scale
 
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
+        """The DiT's block peak over a window's frames
+        (:func:`~safa.adapters.working_memory.longcat_dit_maps`); guidance runs the two branches
+        as two calls (:meth:`predict`), so it does not double the batch; unknown under ``grad``."""
+        from .working_memory import dit_forward_bytes, longcat_dit_maps
+        if window_shape is None or grad:
+            return None
+        cfg = self.pipe.transformer.config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return rows * dit_forward_bytes(int(window_shape[-2]), int(cfg.dit_dim), itemsize,
+                                        longcat_dit_maps(float(cfg.ff_mult)))
+
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
                  extra: Dict[str, Any]) -> torch.Tensor:
         from diffusers.pipelines.longcat_audio_dit.pipeline_longcat_audio_dit import _lens_to_mask

@@ -133,6 +133,19 @@ class StableAudio3Adapter(AudioAdapter):
         return self.pipe.transformer(x, t.expand(n), encoder_hidden_states=context, global_hidden_states=global_states,
                                      encoder_attention_mask=mask, return_dict=False)[0]
 
+    def denoiser_memory(self, rows: int, guidance: bool, window_shape: Optional[Tuple[int, ...]] = None,
+                        grad: bool = False) -> Optional[int]:
+        """The DiT's block peak over a window's frames plus its memory tokens
+        (:func:`~safa.adapters.working_memory.glu_dit_maps`); unknown under ``grad``."""
+        from .working_memory import dit_forward_bytes, glu_dit_maps
+        if window_shape is None or grad:
+            return None
+        cfg = self.pipe.transformer.config
+        tokens = int(window_shape[-1]) // int(cfg.patch_size) + int(cfg.num_memory_tokens)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_row = dit_forward_bytes(tokens, int(cfg.embed_dim), itemsize, glu_dit_maps(float(cfg.ff_mult)))
+        return rows * (2 if guidance else 1) * per_row
+
     # -- decoding -------------------------------------------------------------------------------
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.pipe.vae.decode(latent.to(device=self.device, dtype=self.pipe.vae.dtype)).sample

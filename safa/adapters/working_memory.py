@@ -38,7 +38,8 @@ from __future__ import annotations
 import math
 from typing import Any, List, Sequence, Tuple
 
-__all__ = ["unet_forward_bytes", "dit_forward_bytes", "mmdit_forward_bytes", "vae_decode_bytes", "GEGLU_MAPS",
+__all__ = ["unet_forward_bytes", "dit_forward_bytes", "mmdit_forward_bytes", "vae_decode_bytes", "glu_dit_maps",
+           "longcat_dit_maps", "GEGLU_MAPS",
            "GELU_MAPS", "MMDIT_IMAGE_MAPS", "MMDIT_TEXT_MAPS", "FLUX_SINGLE_MAPS", "GLU_DIT_MAPS",
            "RESNET_SAVED_MAPS"]
 
@@ -59,6 +60,20 @@ FLUX_SINGLE_MAPS = 1 + 1 + 1 + 4 + 4 + 5
 # Stable Audio's DiT: a GLU feed-forward (GEGLU_MAPS: 2 x 4D projection, activation, product) plus
 # the AdaLN-free pre-norm block's attention output and the summed residual (measured 20.1).
 GLU_DIT_MAPS = GEGLU_MAPS + 2
+# Stable Audio 3's DiT: the GLU block of Stable Audio Open's, with its feed-forward ``ff_mult`` wide
+# (2 + 2 per unit of ff_mult: 2 x ff projection, activation, product; 20 at ff_mult 4, measured
+# 20.0 per token at width 1536), over the frames plus its memory tokens.
+def glu_dit_maps(ff_mult: float) -> int:
+    return 4 + math.ceil(4 * ff_mult)
+
+
+# LongCat-AudioDiT's block: residual, norm, AdaLN-modulated norm, attention output, long-skip
+# state and a GELU feed-forward ``ff_mult`` wide (projection and activation): 14 at ff_mult 4,
+# measured 14.0 per frame at width 1536.
+def longcat_dit_maps(ff_mult: float) -> int:
+    return 6 + math.ceil(2 * ff_mult)
+
+
 # What a ResNet block saves for the backward pass, in maps of its input (Cin) and output (Cout)
 # channels: GroupNorm-1 input, SiLU-1 output (conv-1 input) -> 2 Cin; conv-1 output (GroupNorm-2
 # input), SiLU-2 output (conv-2 input) -> 2 Cout.

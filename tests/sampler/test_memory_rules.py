@@ -111,7 +111,19 @@ def test_shares_memory_matches_brute_force(a, b):
 
 
 # -- the denoisers' working memory against measured live peaks (tiny pipelines) -------------------
-def _wider_stable_audio_dit(config, heads):
+def _wider_stable_audio_3_dit(config):
+    from diffusers import StableAudio3DiTModel
+    kept = ("io_channels", "cond_token_dim", "global_cond_dim", "local_add_cond_dim", "timestep_features_dim")
+    return StableAudio3DiTModel(embed_dim=256, depth=1, num_heads=4, **{k: config[k] for k in kept}).eval()
+
+
+def _wider_longcat_dit(config):
+    from diffusers import LongCatAudioDiTTransformer
+    return LongCatAudioDiTTransformer(dit_dim=256, dit_depth=2, dit_heads=4, dit_text_dim=config["dit_text_dim"],
+                                      latent_dim=config["latent_dim"]).eval()
+
+
+def _wider_stable_audio_dit(config, heads=4):
     from diffusers import StableAudioDiTModel
     kept = ("sample_size", "in_channels", "out_channels", "cross_attention_dim", "cross_attention_input_dim",
             "global_states_input_dim", "time_proj_dim")
@@ -119,9 +131,14 @@ def _wider_stable_audio_dit(config, heads):
                                num_key_value_attention_heads=heads // 2, **{k: config[k] for k in kept}).eval()
 
 
+_WIDER = {"tiny_stable_audio_pipeline": _wider_stable_audio_dit, "tiny_stable_audio_3_pipeline": _wider_stable_audio_3_dit,
+          "tiny_longcat_audio_pipeline": _wider_longcat_dit}
+
+
 @pytest.mark.parametrize("factory", ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_audioldm_pipeline",
                                      "tiny_audioldm2_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline",
-                                     "tiny_stable_audio_pipeline:wide"])
+                                     "tiny_stable_audio_pipeline:wide", "tiny_stable_audio_3_pipeline:wide",
+                                     "tiny_longcat_audio_pipeline:wide"])
 def test_denoiser_memory_within_1_3x_of_the_measured_live_peak(factory):
     """The adapters' estimate (a walk of the UNet's config, the DiT families' maps per token)
     against the live tensor bytes of predict()."""
@@ -131,9 +148,9 @@ def test_denoiser_memory_within_1_3x_of_the_measured_live_peak(factory):
     name, _, variant = factory.partition(":")
     pipe = getattr(pipelines, name)()
     if variant == "wide":
-        # The tiny DiT is 16 channels wide under 64-channel latents, so its in / out projections
+        # The tiny DiTs are 16-32 channels wide, so their in / out projections and conditioning
         # (outside the blocks the estimate counts) dominate; at 256 channels they no longer do.
-        pipe.transformer = _wider_stable_audio_dit(pipe.transformer.config, heads=4)
+        pipe.transformer = _WIDER[name](pipe.transformer.config)
     adapter = safa.adapters.get_adapter(pipe)
     shape = tuple(adapter.latent_shape(1, adapter.native_window(), None))
     cond = adapter.encode_prompts(["a"] * 4, None, 3.0)
