@@ -120,7 +120,20 @@ def _row_from_latent(name: str, model, latent: torch.Tensor, layout, cw: torch.T
     return row
 
 
-def _prompts_for(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
+def ready_pipeline(pipe: Any, scheduler: Optional[str], device: Any) -> Any:
+    """Set up a built-in analytic pipeline for an evaluation (its scheduler, device, no progress
+    bars); return the model the statistics use: on the CPU (exact model, whitening), a CPU copy
+    when the pipeline samples elsewhere."""
+    if scheduler is not None:
+        from .schedulers import set_scheduler
+        set_scheduler(pipe, scheduler)
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.model if pipe.model.device.type == "cpu" else copy.deepcopy(pipe.model).cpu()
+
+
+def prompts_for(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
     """Round-robin ``samples`` over ``prompts``: ``[(prompt, count)]`` with counts > 0."""
     counts = [samples // len(prompts) + (i < samples % len(prompts)) for i in range(len(prompts))]
     return [(p, c) for p, c in zip(prompts, counts) if c > 0]
@@ -147,18 +160,10 @@ def evaluate(methods: Sequence[str] = ALL_METHODS, samples: int = 8, seconds: fl
     check_int_range("samples", samples, 2)  # the intervals need two samples per row
     if pipe is None:
         pipe = make_texture_pipeline() if window is None else make_texture_pipeline(window_frames=window_frames(window))
-    if scheduler is not None:
-        from .schedulers import set_scheduler
-        set_scheduler(pipe, scheduler)
-    if device is not None:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    # The statistics (exact model, whitening) run on the CPU: a CPU copy of the analytic model
-    # when the pipeline samples elsewhere.
-    model = pipe.model if pipe.model.device.type == "cpu" else copy.deepcopy(pipe.model).cpu()
+    model = ready_pipeline(pipe, scheduler, device)
     prompts = list(prompts) if prompts else list(model.class_names)
     model.encode_prompt(prompts)  # unknown prompt names fail here, before any sampling
-    plan = _prompts_for(prompts, samples)
+    plan = prompts_for(prompts, samples)
     cw = model.encode_prompt([p for p, c in plan for _ in range(c)])
     jd = JointDiffusion(pipe)
     # Every sample's latent is held at once (the 'true' row, then each method's samples): checked

@@ -72,11 +72,6 @@ class Seams2DResult:
     example_prompt: str = ""
 
 
-def _plan(prompts: Sequence[str], samples: int) -> List[Tuple[str, int]]:
-    counts = [samples // len(prompts) + (i < samples % len(prompts)) for i in range(len(prompts))]
-    return [(p, c) for p, c in zip(prompts, counts) if c > 0]
-
-
 def _one_window_row(pipe, model, plan, cw, tiles: int, steps: int, guidance_scale: float, probe: int, seed: int,
                     min_eigenvalue: float) -> Seams2DRow:
     """The pipeline's own tiles, ``tiles`` per canvas; interior probes centred, pooled per sample."""
@@ -109,7 +104,7 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
     seed, so rows are paired on the same noise. ``device``: where the pipeline samples (default where
     it is); the noise is drawn and the statistics computed on the CPU.
     """
-    import copy
+    from .evaluate import prompts_for, ready_pipeline
     from .sampler import JointDiffusion
     from .texture.pipeline2d import make_texture2d_pipeline
     parsed = [(spec, parse_method_spec(spec)) for spec in methods]
@@ -119,17 +114,10 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
     check_int_range("tiles", tiles, 2, 16)
     if pipe is None:
         pipe = make_texture2d_pipeline(window=window)
-    if scheduler is not None:
-        from .schedulers import set_scheduler
-        set_scheduler(pipe, scheduler)
-    if device is not None:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    # The statistics (exact model, whitening) run on the CPU: a CPU copy of the model when the pipeline is elsewhere.
-    model = pipe.model if pipe.model.device.type == "cpu" else copy.deepcopy(pipe.model).cpu()
+    model = ready_pipeline(pipe, scheduler, device)
     prompts = list(prompts) if prompts else list(model.class_names)
     model.encode_prompt(prompts)  # unknown names fail before any sampling
-    plan = _plan(prompts, samples)
+    plan = prompts_for(prompts, samples)
     cw = model.encode_prompt([p for p, c in plan for _ in range(c)])  # sample i's class weights
     ordered = [p for p, c in plan for _ in range(c)]
     # The pictured canvas: a smooth class where there is one (seams show on smooth textures).

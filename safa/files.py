@@ -19,7 +19,7 @@ import stat
 import tempfile
 from typing import Dict, Iterator, Sequence, Tuple
 
-__all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "OUTPUT_EXTENSIONS", "AtomicFile", "atomic_path",
+__all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "OUTPUT_EXTENSIONS", "AtomicFile", "atomic_path", "write_text",
            "check_writable", "check_output_path", "check_free_space"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -136,3 +136,10 @@ def atomic_path(path: str) -> Iterator[str]:
     except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
         file.discard()
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` (and a final newline) written to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text + "\n")

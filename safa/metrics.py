@@ -242,19 +242,25 @@ def whitened_band_variances(model, windows: torch.Tensor, class_weights: torch.T
         comp = ll.argmax(-1)
         w2 = w2[torch.arange(x.shape[0]), comp].reshape(x.shape[0], -1)   # (b, CF*P)
         bo = band_of[comp].reshape(x.shape[0], -1)
-        per_band = []
-        for k in range(bands):
-            sel = (bo == k).to(w2.dtype)
-            cnt = sel.sum(-1)
-            per_band.append(torch.where(cnt > 0, (w2 * sel).sum(-1) / cnt.clamp_min(1),
-                                        torch.full_like(cnt, float("nan"))))
-        band_sq.append(torch.stack(per_band, -1))
+        band_sq.append(_band_means(w2, bo, bands))
         comps.append(comp)
     return torch.cat(band_sq), torch.cat(comps)
 
 
+def _band_means(w2: torch.Tensor, band: torch.Tensor, bands: int) -> torch.Tensor:
+    """``(b, bands)``: per row, the mean of the whitened squares ``w2`` ``(b, M)`` over the
+    coefficients in each band (``band`` ``(b, M)``, each coefficient's band); NaN for an empty band."""
+    per_band = []
+    for k in range(bands):
+        sel = (band == k).to(w2.dtype)
+        cnt = sel.sum(-1)
+        per_band.append(torch.where(cnt > 0, (w2 * sel).sum(-1) / cnt.clamp_min(1), torch.full_like(cnt, float("nan"))))
+    return torch.stack(per_band, -1)
+
+
 def most_likely_components(model, windows: torch.Tensor, class_weights: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """``(N,)`` most likely component of full model windows ``(N, C, window, F)`` (exact likelihood)."""
+    """``(N,)`` most likely component of full model windows (exact likelihood): ``(N, C, window, F)``
+    for the 1-D model, ``(N, C, window, window)`` tiles for the 2-D one."""
     out = []
     for r in range(0, windows.shape[0], chunk):
         ll = model.log_likelihoods(windows[r:r + chunk].to(torch.float64))
@@ -608,13 +614,7 @@ def whitened_band_variances_2d(model, patches: torch.Tensor, class_weights: torc
         comp = ll.argmax(-1)
         w2 = w2[torch.arange(b), comp].reshape(b, -1)
         bo = band_of[comp].reshape(b, -1)
-        per_band = []
-        for k in range(bands):
-            sel = (bo == k).to(w2.dtype)
-            cnt = sel.sum(-1)
-            per_band.append(torch.where(cnt > 0, (w2 * sel).sum(-1) / cnt.clamp_min(1),
-                                        torch.full_like(cnt, float("nan"))))
-        band_sq.append(torch.stack(per_band, -1))
+        band_sq.append(_band_means(w2, bo, bands))
         comps.append(comp)
     return torch.cat(band_sq), torch.cat(comps)
 
@@ -675,6 +675,6 @@ def grid_seam_statistics(model, latent: torch.Tensor, layout, class_weights: tor
         wrap_excess = single(wrapped) - single(inner)
     tiles = gather(latent, layout, (-2, -1))                               # (tiles, B, C, w, w)
     n = tiles.shape[0]
-    comps = model.tile_components(tiles.reshape(n * b, *tiles.shape[2:]), cw.repeat(n, 1)).reshape(n, b).T
+    comps = most_likely_components(model, tiles.reshape(n * b, *tiles.shape[2:]), cw.repeat(n, 1)).reshape(n, b).T
     consistent = (comps == comps[:, :1]).all(1).numpy()
     return GridSeamStatistics(grid_hf_energies(latent, layout), kl, wrap_excess, consistent, comps.numpy(), probe)

@@ -17,8 +17,30 @@ from .base import AudioAdapter, Conditions, register_adapter
 __all__ = ["TextureAdapter"]
 
 
+class AnalyticConditions:
+    """Prompts and denoiser of the built-in analytic pipelines (1-D and 2-D): a prompt is class
+    weights, the denoiser the pipeline's exact one. Mixed into their adapters."""
+
+    pipe: Any
+    device: torch.device
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
+                       guidance_scale: float) -> Conditions:
+        prompts = list(prompts)
+        pos = {"class_weights": self.pipe.encode_prompt(prompts).to(self.device)}
+        if guidance_scale > 1.0:  # the pipeline's own rule for classifier-free guidance
+            neg = self.pipe.encode_prompt(list(negative_prompts) if negative_prompts is not None
+                                          else [""] * len(prompts)).to(self.device)
+            return Conditions(pos, {"class_weights": neg})
+        return Conditions(pos)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
+                 extra: Dict[str, Any]) -> torch.Tensor:
+        return self.pipe.denoise(x, t, c["class_weights"])
+
+
 @register_adapter
-class TextureAdapter(AudioAdapter):
+class TextureAdapter(AnalyticConditions, AudioAdapter):
     """The texture model behind the adapter protocol; the model acts where a UNet does."""
 
     pipeline_classes = ("TexturePipeline",)
@@ -66,19 +88,6 @@ class TextureAdapter(AudioAdapter):
         # The pipeline only samples its own window: a shorter output is that window, cropped.
         return self.native_window()
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
-                       guidance_scale: float) -> Conditions:
-        prompts = list(prompts)
-        pos = {"class_weights": self.pipe.encode_prompt(prompts).to(self.device)}
-        if guidance_scale > 1.0:  # the pipeline's own rule for classifier-free guidance
-            neg = self.pipe.encode_prompt(list(negative_prompts) if negative_prompts is not None
-                                          else [""] * len(prompts)).to(self.device)
-            return Conditions(pos, {"class_weights": neg})
-        return Conditions(pos)
-
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
-                 extra: Dict[str, Any]) -> torch.Tensor:
-        return self.pipe.denoise(x, t, c["class_weights"])
 
     # Memory (safa.memory). The denoiser rotates every row into each mixture component's
     # eigenbasis: per row about 5 (components, C*F, T) coefficient tensors plus part of a

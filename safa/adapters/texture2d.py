@@ -9,17 +9,18 @@ has no smaller tile).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .base import Conditions, ImageAdapter, register_adapter
+from .base import ImageAdapter, register_adapter
+from .texture import AnalyticConditions
 
 __all__ = ["TextureImageAdapter"]
 
 
 @register_adapter
-class TextureImageAdapter(ImageAdapter):
+class TextureImageAdapter(AnalyticConditions, ImageAdapter):
     """The 2-D texture model behind the image adapter protocol; the model acts where a UNet does."""
 
     pipeline_classes = ("TexturePipeline2D",)
@@ -60,19 +61,6 @@ class TextureImageAdapter(ImageAdapter):
         # The pipeline only samples its own tile: a narrower output is that tile, cropped.
         return self.native_window()
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]],
-                       guidance_scale: float) -> Conditions:
-        prompts = list(prompts)
-        pos = {"class_weights": self.pipe.encode_prompt(prompts).to(self.device)}
-        if guidance_scale > 1.0:  # the pipeline's own rule for classifier-free guidance
-            neg = self.pipe.encode_prompt(list(negative_prompts) if negative_prompts is not None
-                                          else [""] * len(prompts)).to(self.device)
-            return Conditions(pos, {"class_weights": neg})
-        return Conditions(pos)
-
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, c: Dict[str, torch.Tensor],
-                 extra: Dict[str, Any]) -> torch.Tensor:
-        return self.pipe.denoise(x, t, c["class_weights"])
 
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.pipe.decode(latent.to(self.device, torch.float32))

@@ -13,6 +13,7 @@ from typing import Any
 
 from .._checks import check_int_range
 from ..errors import CLIError
+from ..files import write_text
 from ..methods import METHODS
 from .common import (NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, SEED, add_device_arguments,
                      add_guidance_argument, add_layout_arguments, arg_type)
@@ -83,7 +84,7 @@ def _description() -> str:
 def run(args: argparse.Namespace) -> int:
     """``safa evaluate``: print the table and write it with the plot (atomically)."""
     from ..evaluate import evaluate, format_table, write_plot
-    from ..files import atomic_path, check_output_path, check_writable
+    from ..files import check_output_path, check_writable
     from .common import check_backend, overlap_notice, resolve_device, setup_logging, use_backend
 
     setup_logging(args.quiet)
@@ -123,31 +124,31 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate(methods, samples=args.samples, seconds=args.seconds, steps=args.steps, prompts=prompts,
                        loop=args.loop, overlap=args.overlap, guidance_scale=args.guidance_scale, seed=args.seed,
                        window=args.window, min_eigenvalue=args.min_eigenvalue, scheduler=args.scheduler,
-                       device=device, log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+                       device=device, log=_log(args))
     table = format_table(res)
     print(table)
-    with atomic_path(table_path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
+    write_text(table_path, table)
     write_plot(res, plot)
     print(f"wrote {table_path}, {plot}")
     return 0
+
+
+def _log(args: argparse.Namespace) -> Any:
+    """Progress lines to stderr, or None with --quiet."""
+    return None if args.quiet else (lambda m: print(m, file=sys.stderr))
 
 
 def _run_continue(args: argparse.Namespace, prompts: Any, table_path: str) -> int:
     """``safa evaluate --task continue``: the continuation table (safa.evaluate.evaluate_continuation), printed and
     written."""
     from ..evaluate import evaluate_continuation, format_continuation_table
-    from ..files import atomic_path
     res = evaluate_continuation(prompts or ("rain", "wind", "surf"), samples=args.samples,
                                 clip_seconds=args.clip_seconds, seconds=args.seconds, steps=args.steps,
                                 scheduler=args.scheduler, seed=args.seed, min_eigenvalue=args.min_eigenvalue,
-                                log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+                                log=_log(args))
     table = format_continuation_table(res)
     print(table)
-    with atomic_path(table_path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
+    write_text(table_path, table)
     print(f"wrote {table_path}")
     return 0
 
@@ -167,14 +168,13 @@ def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any, device: A
     torus; the tables printed and written, the figure written."""
     from ..evaluate2d import (GRID_METHODS, QUICK_SETTINGS, SEAMS2D_SETTINGS, evaluate_seams2d, format_seams2d_table,
                               write_seams2d_plot)
-    from ..files import atomic_path
     if args.methods == ",".join(ALL_METHODS):  # the default: the methods that have a grid form
         methods = list(GRID_METHODS)
     settings = QUICK_SETTINGS if args.quick else SEAMS2D_SETTINGS
     if args.scheduler is not None:
         settings = ((args.scheduler, args.steps),)
     samples = 2 if args.quick else args.samples
-    log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
+    log = _log(args)
     results, tables = [], []
     for scheduler, steps in settings:
         for loop in (False, True):
@@ -187,9 +187,7 @@ def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any, device: A
             print(tables[-1] + "\n")
     table_path = os.path.join(args.out, "seams2d.txt")
     plot = args.plot or os.path.join(args.out, "seams2d.png")
-    with atomic_path(table_path) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n\n".join(tables) + "\n")
+    write_text(table_path, "\n\n".join(tables))
     write_seams2d_plot(results, plot)
     print(f"wrote {table_path}, {plot}")
     return 0
@@ -197,16 +195,13 @@ def _run_seams2d(args: argparse.Namespace, methods: Any, prompts: Any, device: A
 
 def _run_timeline(args: argparse.Namespace, prompts: Any, table_path: str, plot: str) -> int:
     """``safa evaluate --task timeline``: the table and plot of safa.timeline_eval, printed and written."""
-    from ..files import atomic_path
     from ..timeline_eval import evaluate_timeline, format_timeline_table, write_timeline_plot
     res = evaluate_timeline(prompts or ("rain", "wind", "surf"), seconds=args.seconds, transition=args.transition,
                             samples=args.samples, steps=args.steps, scheduler=args.scheduler, seed=args.seed,
-                            log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+                            log=_log(args))
     table = format_timeline_table(res)
     print(table)
-    with atomic_path(table_path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
+    write_text(table_path, table)
     write_timeline_plot(res, plot)
     print(f"wrote {table_path}, {plot}")
     return 0

@@ -266,11 +266,3 @@ class TextureModel2D(KroneckerMixture):
         return max(max(wrapped_kernel_error(cls.rows, height, self.window),
                        wrapped_kernel_error(cls.cols, width, self.window)) for cls in self.classes)
 
-    def tile_components(self, tiles: torch.Tensor, class_weights: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """``(N,)`` most likely component of each window ``(N, C, window, window)`` (exact likelihood)."""
-        out = []
-        for r in range(0, tiles.shape[0], chunk):
-            ll = self.log_likelihoods(tiles[r:r + chunk].to(torch.float64))
-            out.append((ll + self.component_logprior(class_weights[r:r + chunk].to(torch.float64))).argmax(-1))
-        return torch.cat(out)
-

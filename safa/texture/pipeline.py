@@ -25,9 +25,10 @@ from .model import MAX_WINDOW, TextureModel
 __all__ = ["TexturePipeline", "make_texture_pipeline", "window_frames"]
 
 
-class ConfigOnlyPersistence:
-    """``save_pretrained`` / ``from_pretrained`` for the analytic pipelines: the model is its config
-    (no weights), so only configs are saved: the model's (class ``model_class``) and the scheduler's."""
+class AnalyticPipeline:
+    """What the built-in analytic pipelines (1-D and 2-D) share: ``save_pretrained`` of configs
+    only (the model is its config, no weights: the model's, of class ``model_class``, and the
+    scheduler's), the denoiser call, and sampling one window as diffusers' pipelines do."""
 
     model_class: Any = None
 
@@ -50,8 +51,42 @@ class ConfigOnlyPersistence:
         scheduler = sched_cls.from_config(sched_cls.load_config(os.path.join(path, "scheduler")))
         return cls(model, scheduler)
 
+    def denoise(self, sample: torch.Tensor, t: Union[int, float, torch.Tensor], class_weights: torch.Tensor) -> torch.Tensor:
+        """The model output the current scheduler expects (the UNet call of a real pipeline)."""
+        self.model.bind_scheduler(self.scheduler)
+        return self.model(sample, t, class_weights)[0]
 
-class TexturePipeline(ConfigOnlyPersistence, DiffusionPipeline):
+    def sample_window(self, prompts: List[str], window_shape: tuple, num_inference_steps: int,
+                      guidance_scale: float, negative_prompt: Optional[str], generator: Optional[torch.Generator],
+                      latents: Optional[torch.Tensor], eta: float) -> torch.Tensor:
+        """One window per prompt, sampled as diffusers' pipelines do (noise initialisation,
+        classifier-free guidance as one ``[uncond; cond]`` batch, the scheduler's calls): the
+        latents ``(len(prompts), *window_shape)``."""
+        from diffusers.utils.torch_utils import randn_tensor
+        device = self._execution_device
+        cfg = guidance_scale > 1.0
+        cond = self.encode_prompt(prompts).to(device)
+        if cfg:
+            neg = self.encode_prompt([negative_prompt or ""] * len(prompts)).to(device)
+            cond = torch.cat([neg, cond])
+        if latents is None:
+            latents = randn_tensor((len(prompts), *window_shape), generator=generator, device=device, dtype=self.dtype)
+        latents = latents.to(device, self.dtype) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            out = self.denoise(model_in, t, cond)
+            if cfg:
+                uncond, text = out.chunk(2)
+                out = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(out, t, latents, **extra).prev_sample
+        return latents
+
+
+class TexturePipeline(AnalyticPipeline, DiffusionPipeline):
     """Diffusers-style pipeline around the analytic texture model.
 
     >>> pipe = make_texture_pipeline()                        # doctest: +SKIP
@@ -83,11 +118,6 @@ class TexturePipeline(ConfigOnlyPersistence, DiffusionPipeline):
         """``(B, num_classes)`` float32 class weights (see :meth:`TextureModel.encode_prompt`)."""
         return self.model.encode_prompt(prompt).to(torch.float32)
 
-    def denoise(self, sample: torch.Tensor, t: Union[int, float, torch.Tensor], class_weights: torch.Tensor) -> torch.Tensor:
-        """The model output the current scheduler expects (the UNet call of a real pipeline)."""
-        self.model.bind_scheduler(self.scheduler)
-        return self.model(sample, t, class_weights)[0]
-
     # -- sampling one window ----------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]] = "", num_inference_steps: int = 50,
@@ -96,30 +126,10 @@ class TexturePipeline(ConfigOnlyPersistence, DiffusionPipeline):
                  latents: Optional[torch.Tensor] = None, eta: float = 0.0, output_type: str = "np",
                  return_dict: bool = True):
         """Sample ``window`` frames per waveform; ``output_type`` in ``np``, ``pt``, ``latent``."""
-        from diffusers.utils.torch_utils import randn_tensor
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_waveforms_per_prompt)]
-        device = self._execution_device
-        cfg = guidance_scale > 1.0
-        cond = self.encode_prompt(prompts).to(device)
-        if cfg:
-            neg = self.encode_prompt([negative_prompt or ""] * len(prompts)).to(device)
-            cond = torch.cat([neg, cond])
-        shape = (len(prompts), self.model.channels, self.model.window, self.model.freq_bins)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
-        latents = latents.to(device, self.dtype) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([latents] * 2) if cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.denoise(model_in, t, cond)
-            if cfg:
-                uncond, text = out.chunk(2)
-                out = uncond + guidance_scale * (text - uncond)
-            latents = self.scheduler.step(out, t, latents, **extra).prev_sample
+        latents = self.sample_window(prompts, (self.model.channels, self.model.window, self.model.freq_bins),
+                                     num_inference_steps, guidance_scale, negative_prompt, generator, latents, eta)
         if output_type == "latent":
             audio = latents
         else:

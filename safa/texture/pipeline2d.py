@@ -11,7 +11,6 @@ The sampler adapter is :mod:`safa.adapters.texture2d`; :func:`make_texture2d_pip
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, List, Optional, Union
 
 import numpy as np
@@ -21,12 +20,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .model2d import MAX_WINDOW_2D, TextureModel2D
-from .pipeline import ConfigOnlyPersistence
+from .pipeline import AnalyticPipeline
 
 __all__ = ["TexturePipeline2D", "make_texture2d_pipeline"]
 
 
-class TexturePipeline2D(ConfigOnlyPersistence, DiffusionPipeline):
+class TexturePipeline2D(AnalyticPipeline, DiffusionPipeline):
     """Diffusers-style image pipeline around the 2-D analytic texture model.
 
     >>> pipe = make_texture2d_pipeline()                              # doctest: +SKIP
@@ -54,11 +53,6 @@ class TexturePipeline2D(ConfigOnlyPersistence, DiffusionPipeline):
         """``(B, num_classes)`` float32 class weights (see :meth:`KroneckerMixture.encode_prompt`)."""
         return self.model.encode_prompt(prompt).to(torch.float32)
 
-    def denoise(self, sample: torch.Tensor, t: Union[int, float, torch.Tensor], class_weights: torch.Tensor) -> torch.Tensor:
-        """The model output the current scheduler expects (the UNet call of a real pipeline)."""
-        self.model.bind_scheduler(self.scheduler)
-        return self.model(sample, t, class_weights)[0]
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` latent -> ``(B, 3, H, W)`` pixels, about [-1, 1] (linear, per cell)."""
         m = self.colour_matrix.to(latents.device, latents.dtype)
@@ -80,35 +74,12 @@ class TexturePipeline2D(ConfigOnlyPersistence, DiffusionPipeline):
                  latents: Optional[torch.Tensor] = None, eta: float = 0.0, output_type: str = "pil",
                  return_dict: bool = True):
         """Sample one ``window x window`` tile per image; ``output_type`` in ``pil``, ``np``, ``pt``, ``latent``."""
-        from diffusers.utils.torch_utils import randn_tensor
         self.check_inputs(height, width, output_type)
-        # 1. prompts and conditions
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        device = self._execution_device
-        cfg = guidance_scale > 1.0
-        cond = self.encode_prompt(prompts).to(device)
-        if cfg:
-            neg = self.encode_prompt([negative_prompt or ""] * len(prompts)).to(device)
-            cond = torch.cat([neg, cond])
-        # 2. latents and timesteps
-        shape = (len(prompts), self.model.channels, self.model.window, self.model.window)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
-        latents = latents.to(device, self.dtype) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
-        # 3. the denoising loop
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([latents] * 2) if cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.denoise(model_in, t, cond)
-            if cfg:
-                uncond, text = out.chunk(2)
-                out = uncond + guidance_scale * (text - uncond)
-            latents = self.scheduler.step(out, t, latents, **extra).prev_sample
-        # 4. decode: pixels in [0, 1], then the image processor (as the adapter's output stage)
+        latents = self.sample_window(prompts, (self.model.channels, self.model.window, self.model.window),
+                                     num_inference_steps, guidance_scale, negative_prompt, generator, latents, eta)
+        # decode: pixels in [0, 1], then the image processor (as the adapter's output stage)
         if output_type == "latent":
             images = latents
         else:
