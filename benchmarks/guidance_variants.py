@@ -375,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         set_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=True)
     model = pipe.model
-    plan = E._prompts_for(prompts, args.samples)
+    plan = E.prompts_for(prompts, args.samples)
     cw = model.encode_prompt([pr for pr, c in plan for _ in range(c)])
     guided_of: Dict[str, Optional[int]] = {}
     for var in variants:

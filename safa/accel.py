@@ -231,7 +231,7 @@ class StepRunner:
             return self._predict_rows(model_in, i, with_reference)
         # Prompts over the canvas: every view row's branches (its prompts), then the reference's rows.
         views = int(self.config.view_rows.shape[0])
-        branch_in = model_in[:views].index_select(0, mix.source.to(model_in.device))
+        branch_in = model_in[:views].index_select(0, mix.source)
         if self.config.bootstrap is not None:
             branch_in = self.config.bootstrap.apply(branch_in, i)
         out = self._predict_rows(torch.cat([branch_in, model_in[views:]]), i, with_reference)

@@ -58,8 +58,6 @@ from .methods import METHODS, NotApplicable, parse_method_spec
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .methods import Method
-
 __all__ = ["evaluate", "EvalResult", "format_table", "format_summary", "evaluation_figure", "write_plot",
            "ALL_METHODS", "parse_method_spec", "evaluate_continuation", "format_continuation_table", "ContinueResult"]
 

@@ -233,15 +233,15 @@ class KnownAudio:
         local_idx = torch.tensor(local, device=device)
         src_idx = torch.tensor([c - self.first_column for c in run], device=device)
         noise = reference_t.index_select(self.dim, local_idx) / init_noise_sigma
-        self._reference = (local_idx, src_idx, noise)
+        self._reference = (local_idx, self.latent.index_select(self.dim, src_idx), noise)
 
     def impose_reference(self, reference: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, i: int) -> None:
         """Write the clip into the reference window at step ``i``'s output noise level, in place
         (``scheduler``: the reference's own copy)."""
         if self._reference is None:
             return
-        local_idx, src_idx, noise = self._reference
-        value = noised_known(scheduler, self.latent.index_select(self.dim, src_idx), noise, timesteps, i)
+        local_idx, clip, noise = self._reference
+        value = noised_known(scheduler, clip, noise, timesteps, i)
         reference.index_copy_(self.dim % reference.dim(), local_idx, value.to(reference.dtype))
 
     # -- the output: the user's samples back, crossfaded into the generation ----------------

@@ -220,13 +220,11 @@ def region_prompts(adapter: Any, regions: Any, background: Any, height: int, wid
     masks = np.stack(region_masks(regions, height, width, scale))
     total = masks.sum(0)
     masks = masks / np.maximum(total, 1.0)  # overlapping regions share a cell
-    fg = masks
-    weights = np.concatenate([np.clip(1.0 - fg.sum(0), 0, 1)[None], fg])
+    weights = np.concatenate([np.clip(1.0 - masks.sum(0), 0, 1)[None], masks])
     weights[np.abs(weights) < _SNAP] = 0.0
     weights[np.abs(weights - 1) < _SNAP] = 1.0
     rows, cols = weights.shape[1:]
     padded = np.pad(weights, ((0, 0), (0, max(0, canvas_rows - rows)), (0, max(0, canvas_cols - cols))), mode="edge")
-    k = len(entries) + 1
     return CanvasPrompts((background,) + tuple(e[1] for e in entries), (None,) + tuple(e[2] for e in entries),
                          (None,) + tuple(e[3] for e in entries),
                          torch.from_numpy(padded[:, :canvas_rows, :canvas_cols].copy()),
@@ -313,8 +311,9 @@ def build_mix(canvas: CanvasPrompts, layout: Any, batch_size: int, window_shape:
     stacked = torch.stack(weights).to(device=device, dtype=dtype)
     steps = round(canvas.bootstrap_fraction * num_steps) if boot else 0
     picked = torch.tensor(boot, dtype=torch.long)
-    mix = PromptMix(torch.tensor(source), torch.zeros(len(source), dtype=torch.long), stacked, tuple(scales),
-                    stacked[picked] if steps else None, picked if steps else None, steps)
+    # source on the denoiser's device: the per-step gather and index_add_ copy nothing from the host
+    mix = PromptMix(torch.tensor(source, device=device), torch.zeros(len(source), dtype=torch.long), stacked,
+                    tuple(scales), stacked[picked] if steps else None, picked if steps else None, steps)
     return mix, keys
 
 
@@ -367,7 +366,7 @@ def combine_branches(branch_out: torch.Tensor, mix: PromptMix, rows: int) -> tor
     affine step this is MultiDiffusion's combine of the per-branch steps).
     """
     out = branch_out.new_zeros((rows, *branch_out.shape[1:]))
-    out.index_add_(0, mix.source.to(branch_out.device), branch_out * mix.weights)
+    out.index_add_(0, mix.source, branch_out * mix.weights)
     return out
 
 
