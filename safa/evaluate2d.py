@@ -1,8 +1,10 @@
 """``safa evaluate --task seams2d``: exact 2-D seam evaluation of the grid methods.
 
 Every grid method (SaFa, SaFa* = ``safa_selfloop``, MD = ``multidiffusion``, MD* =
-``multidiffusion_triangular``, and Mixture of Diffusers' Gaussian-weighted mean,
-``multidiffusion_gaussian``) samples canvases of ``tiles x tiles`` tiles from the 2-D texture model
+``multidiffusion_triangular``, Mixture of Diffusers' Gaussian-weighted mean,
+``multidiffusion_gaussian``, and SyncDiffusion with the weight-free
+:func:`~safa.methods.syncdiffusion.style_distance` as its loss unless one is given; MAD is listed
+not applicable: the texture model has no attention to merge) samples canvases of ``tiles x tiles`` tiles from the 2-D texture model
 (:class:`~safa.texture.model2d.TextureModel2D`, whose denoiser is exact) with the same prompts,
 seeds, scheduler and steps; :func:`safa.metrics.grid_seam_statistics` measures per canvas:
 
@@ -27,6 +29,7 @@ sample as a method's (the sampler's own error with no seam).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 import time
@@ -38,7 +41,8 @@ import torch
 
 from . import metrics as M
 from ._checks import check_int_range
-from .methods import parse_method_spec
+from .methods import Method, NotApplicable, SyncDiffusion, parse_method_spec
+from .methods.syncdiffusion import style_distance
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -46,7 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["GRID_METHODS", "SEAMS2D_SETTINGS", "QUICK_SETTINGS", "Seams2DRow", "Seams2DResult", "evaluate_seams2d",
            "format_seams2d_table", "seams2d_figure", "write_seams2d_plot"]
 
-GRID_METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular", "multidiffusion_gaussian")
+GRID_METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular", "multidiffusion_gaussian",
+                "syncdiffusion", "mad")
 # (scheduler, steps) of the full table: the paper's DDIM 200 and the few-step DPM-Solver++ 25.
 SEAMS2D_SETTINGS: Tuple[Tuple[str, int], ...] = (("DDIM", 200), ("DPMSolverMultistep", 25))
 QUICK_SETTINGS: Tuple[Tuple[str, int], ...] = (("DDIM", 20), ("DPMSolverMultistep", 10))
@@ -68,6 +73,7 @@ class Seams2DResult:
     layout: Any
     settings: Dict[str, Any]
     not_applicable: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
     example: Dict[str, np.ndarray] = field(default_factory=dict)  # row -> one decoded canvas (H, W, 3) in [0, 1]
     example_prompt: str = ""
 
@@ -145,11 +151,17 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
     say(f"reference rows done ({rows[-1].seconds:.1f} s for the single tiles)")
 
     not_applicable: Dict[str, str] = {}
+    notes: List[str] = []
     for spec, method in parsed:
-        if method.grid_refusal is not None:
-            not_applicable[spec] = f"no grid form ({method.grid_refusal})"
-            say(f"{spec}: not applicable ({method.grid_refusal})")
+        why = _not_applicable(method, jd.adapter)
+        if why is not None:
+            not_applicable[spec] = why
+            say(f"{spec}: not applicable ({why})")
             continue
+        if isinstance(method, SyncDiffusion) and method.loss is None:
+            method = dataclasses.replace(method, loss=style_distance)
+            notes.append(f"{spec}: loss style_distance (colour mean and spread at 1-8 cell scales; weight-free: "
+                         f"LPIPS is for natural images and needs VGG weights this machine lacks)")
         t0 = time.perf_counter()
         latents = []
         for i, (p, c) in enumerate(plan):
@@ -169,7 +181,19 @@ def evaluate_seams2d(methods: Sequence[str] = GRID_METHODS, samples: int = 8, ti
                     window=model.window, min_eigenvalue=min_eigenvalue, probe=rows[0].stats.probe,
                     layout=jd.describe_layout(layout),
                     wrapped_error=model.periodic_error(side, side) if loop else 0.0)
-    return Seams2DResult(rows, layout, settings, not_applicable, example, ordered[shown])
+    return Seams2DResult(rows, layout, settings, not_applicable, example=example, example_prompt=ordered[shown],
+                         notes=notes)
+
+
+def _not_applicable(method: Method, adapter: Any) -> Optional[str]:
+    """Why ``method`` cannot run on the texture model's grids (None: it can)."""
+    if method.grid_refusal is not None:
+        return f"no grid form ({method.grid_refusal})"
+    try:
+        method.check_pipeline(adapter)
+    except NotApplicable as exc:  # MAD: the texture model has no attention to merge
+        return str(exc)
+    return None
 
 
 def _decoded(pipe, latent: torch.Tensor) -> np.ndarray:
@@ -231,6 +255,7 @@ def format_seams2d_table(res: Seams2DResult) -> str:
     lines = [settings_line(res), fmt.format(*head), fmt.format(*["-" * w for w in widths])]
     lines += [fmt.format(*c).rstrip() for c in table]
     lines += [f"{name}: not applicable: {why}" for name, why in res.not_applicable.items()]
+    lines += [f"note: {note}" for note in res.notes]
     lines.append(textwrap.fill(
         "HF: seam cells' / interior cells' high-frequency energy across the seam (v: vertical seams, h: horizontal, "
         "c: corners; 1 = as the interior, < 1 = smoothed; geometric mean [95% interval]); KL x1e3: whitened probe "

@@ -302,7 +302,7 @@ def _check_grid(adapter: Adapter, method: Method, width: Optional[int], window: 
     if method.grid_refusal is not None:
         raise ValueError(f"method {method.name!r} runs on strips only ({method.grid_refusal}): an image beyond one "
                          f"window in height (or loop on its height) needs safa, safa_selfloop, multidiffusion, "
-                         f"multidiffusion_triangular or multidiffusion_gaussian")
+                         f"multidiffusion_triangular, multidiffusion_gaussian, mad or syncdiffusion")
 
 
 # image=: what the call's image is to each role, and the option each role takes (docs/conditions.md).

@@ -13,7 +13,11 @@ MAD lets the views meet inside the UNet, in two ways, as in its authors' code
 
 The placing and cutting are ``safa_kernels``' own ``stitch`` in mean mode and ``gather``, on
 the call's layout scaled down by the layer's downsampling factor, so the layout's window and
-overlap must be multiples of every such factor. Two limits of the authors' code are
+overlap must be multiples of every such factor. On a 2-D grid of tiles (an image beyond the
+window in height too) the canvas is the 2-D latent at the layer's resolution, each token the
+mean over the tiles covering it, both axes scaled: the authors' own geometry, whose
+``get_views`` lays views out over height and width, row-major as a ``GridLayout``; a grid of
+one row is the strip, bitwise. Two limits of the authors' code are
 generalised, reducing to it where it applies: their factor is read as ``64 / sqrt(tokens)``,
 so views must be square, and their views are a fixed stride that may leave the last columns
 uncovered; here each layer's token grid is the view's own ``(H / f, W / f)`` and the layout
@@ -38,12 +42,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from safa_kernels import ViewLayout, gather, stitch
+from safa_kernels import GridLayout, ViewLayout, gather, stitch
 
 from .._checks import check_range
 from ..adapters import Adapter, Conditions
@@ -65,8 +69,9 @@ class MAD(Method):
     self-attention layer also averages the views' queries, keys and values onto the long
     latent and attends over all of its tokens (see the module docstring). After every step
     the overlaps are averaged as in MultiDiffusion. UNet pipelines only; every view must be in
-    one model call, and the layout's window and overlap must be multiples of the UNet's
-    deepest attention downsampling factor (the default layout rounds the overlap to one).
+    one model call, and the layout's window and overlap (each axis of a grid) must be multiples
+    of the UNet's deepest attention downsampling factor (the default layout rounds the overlap
+    to one). Strips and 2-D grids of tiles, open or looping on either axis.
 
     Args:
         steps: fraction of the steps with merged self-attention, the first ``round(steps * T)``
@@ -83,7 +88,6 @@ class MAD(Method):
     max_overlap_rate: ClassVar[float] = 1.0
     all_views_in_one_call: ClassVar[bool] = True
     couples_views: ClassVar[bool] = True  # the views attend to each other
-    grid_refusal: ClassVar[Optional[str]] = "its merged self-attention canvas is laid out along the width only"
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 0.0, 1.0)
@@ -226,23 +230,26 @@ class AttentionCanvas:
         groups: which views share a text (None: in every branch and item, all views do).
     """
 
-    def __init__(self, layout: ViewLayout, window_shape: Tuple[int, ...], long_dim: int,
-                 groups: Optional[TextGroups] = None) -> None:
+    def __init__(self, layout: Union[ViewLayout, GridLayout], window_shape: Tuple[int, ...],
+                 long_dim: Union[int, Tuple[int, int]], groups: Optional[TextGroups] = None) -> None:
         self.layout, self.batch = layout, int(window_shape[0])
         self.height, self.width = int(window_shape[-2]), int(window_shape[-1])
-        # long axis among (..., rows, cols, channels) of the token grid
-        self.dim = long_dim - 1
+        # The latent's long axis (a strip) or (rows, cols) axes (a grid), as axes of the token
+        # grid (..., rows, cols, channels): one place further left.
+        self.dim: Union[int, Tuple[int, int]] = (long_dim - 1 if isinstance(long_dim, int)
+                                                 else (long_dim[0] - 1, long_dim[1] - 1))
         self.merge_self = False
         self.merge_cross = False
         self.groups = groups
-        self._scaled: Dict[int, ViewLayout] = {}
+        self._scaled: Dict[int, Union[ViewLayout, GridLayout]] = {}
 
-    def scaled_layout(self, factor: int) -> ViewLayout:
-        """The layout at ``factor`` times lower resolution (exact: the caller checked divisibility)."""
+    def scaled_layout(self, factor: int) -> Union[ViewLayout, GridLayout]:
+        """The layout at ``factor`` times lower resolution (exact: the caller checked divisibility);
+        a grid's two axes each scaled."""
         if factor not in self._scaled:
             lay = self.layout
-            self._scaled[factor] = ViewLayout(lay.length // factor, lay.window // factor, lay.overlap // factor,
-                                              loop=lay.loop)
+            self._scaled[factor] = (GridLayout(_scaled_axis(lay.rows, factor), _scaled_axis(lay.cols, factor))
+                                    if isinstance(lay, GridLayout) else _scaled_axis(lay, factor))
         return self._scaled[factor]
 
     def branches(self, x: torch.Tensor, factor: int) -> int:
@@ -301,9 +308,16 @@ class AttentionCanvas:
         h, w = self.height // factor, self.width // factor
         g = canvas.shape[0] // b
         shape = [g, b, h, w, canvas.shape[-1]]
-        shape[self.dim] = lay.length
+        if isinstance(lay, GridLayout):
+            shape[self.dim[0]], shape[self.dim[1]] = lay.rows.length, lay.cols.length
+        else:
+            shape[self.dim] = lay.length
         views = gather(canvas.reshape(shape), lay, self.dim)  # (n, g, B, h, w, C)
         return views.movedim(0, 1).reshape(g * n * b, h * w, -1)
+
+
+def _scaled_axis(axis: ViewLayout, factor: int) -> ViewLayout:
+    return ViewLayout(axis.length // factor, axis.window // factor, axis.overlap // factor, loop=axis.loop)
 
 
 def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -426,11 +440,11 @@ class MergedAttentionHooks(MethodHooks):
         if len(context.window_shape) != 4:
             raise ValueError(f"MAD needs (B, C, H, W) latents, got windows of {tuple(context.window_shape)}")
         self.factors = attention_factors(context.adapter)
+        axes = (self.layout.rows, self.layout.cols) if isinstance(self.layout, GridLayout) else (self.layout,)
         for factor in sorted(set(self.factors.values())):
-            lay = self.layout
-            if lay.window % factor or lay.overlap % factor or lay.length % factor:
-                raise ValueError(f"MAD needs the layout's window, overlap and length to be multiples of every "
-                                 f"attention downsampling factor ({factor}); got {lay}")
+            if any(lay.window % factor or lay.overlap % factor or lay.length % factor for lay in axes):
+                raise ValueError(f"MAD needs the layout's window, overlap and length (on each axis of a grid) to be "
+                                 f"multiples of every attention downsampling factor ({factor}); got {self.layout}")
         self.unet = _unet(context.adapter)
         groups = TextGroups.of(step.conditions, step.view_rows, n, batch) if merge_cross_attention else None
         self.canvas = AttentionCanvas(self.layout, tuple(context.window_shape), step.dim, groups)

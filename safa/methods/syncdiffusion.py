@@ -4,7 +4,8 @@ At step ``i`` of the first ``round(steps * T)`` steps, every ``sync_freq``-th of
 ``(i + 1) % sync_freq == 0``, as the authors' code), before the model call
 (:meth:`SyncDiffusionHooks.before_model`, the loop's 7.1):
 
-1. the anchor view (the middle one by default) goes through the model with classifier-free
+1. the anchor view (the middle one by default; on a 2-D grid of tiles the middle tile,
+   :func:`middle_view`) goes through the model with classifier-free
    guidance, without gradients; its clean prediction ``x0`` is decoded once;
 2. for every other view, one at a time: its noisy latent ``x_t`` becomes a leaf with a
    gradient, goes through the model with guidance, ``x0`` is computed by hand from the
@@ -20,7 +21,8 @@ the anchor and discards the result; we skip that work).
 Losses take the decoded outputs of a view and of the anchor and return a scalar (per-item
 values are summed, so each batch item gets its own loss's gradient): LPIPS (VGG) for images
 when the ``lpips`` package and torchvision's VGG16 weights are available locally
-(:func:`lpips_loss`), and :func:`spectral_distance`, weight-free, for audio.
+(:func:`lpips_loss`), and :func:`spectral_distance`, weight-free, for audio;
+:func:`style_distance` is a weight-free one for images (not perceptual).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from ..adapters import Adapter, Conditions
 from ..schedulers import predict_x0, scale_model_input, x0_family
 from .base import Method, MethodContext, MethodHooks, NotApplicable, leading_steps
 
-__all__ = ["SyncDiffusion", "spectral_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
+__all__ = ["SyncDiffusion", "middle_view", "spectral_distance", "style_distance", "lpips_loss", "default_loss", "SyncDiffusionHooks"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,7 +66,8 @@ class SyncDiffusion(Method):
             anchor's (images ``(B, 3, H, W)`` in ``[0, 1]``; audio: what the adapter's first
             decoding stage gives, a mel spectrogram for the AudioLDM family). Default: LPIPS
             (VGG) for images, :func:`spectral_distance` for audio.
-        anchor: index of the anchor view (default: the middle one, ``num_views // 2``).
+        anchor: index of the anchor view (default: the middle one, ``num_views // 2``; on a grid of
+            tiles the middle tile, row ``rows // 2`` and column ``cols // 2``: :func:`middle_view`).
     """
 
     weight: float = 20.0
@@ -76,7 +79,6 @@ class SyncDiffusion(Method):
     merge_mode: ClassVar[str] = "mean"
     max_overlap_rate: ClassVar[float] = 1.0
     couples_views: ClassVar[bool] = True  # every view is pulled towards the anchor view
-    grid_refusal: ClassVar[Optional[str]] = "its anchor view and gradient step are defined on a strip of views"
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
@@ -102,6 +104,20 @@ class SyncDiffusion(Method):
 
     def hooks(self, context: MethodContext) -> MethodHooks:
         return SyncDiffusionHooks(self, context)
+
+
+def middle_view(layout: Any) -> int:
+    """The default anchor: the middle view of a strip (``num_views // 2``, the authors' ``len(views) // 2``),
+    the middle tile of a grid (row ``rows // 2``, column ``cols // 2``; tiles are numbered row-major).
+
+    On a grid the authors' ``len(views) // 2`` of their row-major views is that tile for an odd
+    number of rows, and the first tile of the row below the middle for an even number: an edge
+    tile, not the middle view their choice means. A grid of one row is the strip's choice.
+    """
+    rows = getattr(layout, "rows", None)
+    if rows is None:
+        return layout.num_views // 2
+    return (rows.num_views // 2) * layout.cols.num_views + layout.cols.num_views // 2
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -148,6 +164,32 @@ def spectral_distance(a: torch.Tensor, b: torch.Tensor, scales: Sequence[int] = 
     for sa, sb in zip(_log_spectrograms(a, scales), _log_spectrograms(b, scales)):
         mean_gap = (sa.mean(1) - sb.mean(1)).abs().mean(-1)
         spread_gap = (sa.std(1) - sb.std(1)).abs().mean(-1) if sa.shape[1] > 1 else 0.0
+        total = total + (mean_gap + spread_gap).sum()
+    return total
+
+
+def style_distance(a: torch.Tensor, b: torch.Tensor, scales: Sequence[int] = (1, 2, 4, 8)) -> torch.Tensor:
+    """Multi-resolution colour statistics distance between two batches of images; a scalar, weight-free.
+
+    ``a``, ``b``: ``(B, channels, H, W)``. At every scale ``s`` (the images average-pooled over
+    ``s x s`` cells, as far as they are that large): every channel's mean over the image (colour,
+    level) and its standard deviation over the image (contrast at that scale), compared by mean
+    absolute difference over channels; summed over scales and batch items. The image analogue of
+    :func:`spectral_distance`: statistics over the image rather than a cell-by-cell difference,
+    since the views show other places than the anchor. Not a perceptual metric (LPIPS is the
+    authors'); ``safa evaluate --task seams2d`` uses it on the texture model, whose decoded
+    pictures are its latent through a fixed linear map, not natural images.
+    """
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"style_distance needs two equal shapes (B, channels, H, W), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    total = a.new_zeros((), dtype=torch.float32)
+    for s in scales:
+        if s > min(a.shape[-2:]):
+            continue
+        pa, pb = (F.avg_pool2d(x.float(), s, s) if s > 1 else x.float() for x in (a, b))
+        mean_gap = (pa.mean((-2, -1)) - pb.mean((-2, -1))).abs().mean(-1)
+        spread_gap = (pa.std((-2, -1)) - pb.std((-2, -1))).abs().mean(-1) if pa[0, 0].numel() > 1 else 0.0
         total = total + (mean_gap + spread_gap).sum()
     return total
 
@@ -206,7 +248,7 @@ class SyncDiffusionHooks(MethodHooks):
     def __init__(self, method: SyncDiffusion, context: MethodContext) -> None:
         step = context.step
         n = step.layout.num_views
-        anchor = n // 2 if method.anchor is None else method.anchor
+        anchor = middle_view(step.layout) if method.anchor is None else method.anchor
         if not 0 <= anchor < n:
             raise ValueError(f"anchor must be in [0, {n - 1}] for this layout of {n} views, got {anchor}")
         self.context, self.anchor = context, anchor

@@ -17,7 +17,7 @@ def _one_line(code, err, pattern):
 
 def test_seams2d_writes_the_open_and_torus_tables_and_the_figure(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["evaluate", "--task", "seams2d", "--methods", "safa,multidiffusion_gaussian,syncdiffusion",
+    code = main(["evaluate", "--task", "seams2d", "--methods", "safa,multidiffusion_gaussian,syncdiffusion,mad",
                  "--tiles", "2", "--scheduler", "DDIM", "--steps", "2", "--samples", "2", "--overlap", "0.25",
                  "--prompts", "marble,clouds", "--out", str(out), "--quiet"])
     assert code == 0
@@ -30,8 +30,9 @@ def test_seams2d_writes_the_open_and_torus_tables_and_the_figure(tmp_path, capsy
         lines = table.splitlines()
         assert "2 canvases/row" in lines[0] and "2 steps DDIMScheduler" in lines[0]
         names = [ln.split()[0] for ln in lines[3:] if ln.split() and ln[0] != " "]
-        assert names[:4] == ["true", "one", "safa", "multidiffusion_gaussian"]
-        assert "syncdiffusion: not applicable: no grid form" in table
+        assert names[:5] == ["true", "one", "safa", "multidiffusion_gaussian", "syncdiffusion"]
+        assert "note: syncdiffusion: loss style_distance" in table
+        assert "mad: not applicable: MAD merges a UNet's self-attention layers; TexturePipeline2D" in table
     assert "HF wrap" in tables[1] and "HF wrap" not in tables[0]
     assert "wrote" in printed and str(out / "seams2d.txt") in printed
 

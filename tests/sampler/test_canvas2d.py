@@ -134,8 +134,6 @@ def test_the_memory_estimate_counts_every_tile(jd):
     (dict(loop="yes"), r"loop must be a bool \(the width\), 'both' or a pair of bools \(height, width\)"),
     (dict(loop=(True,)), r"loop must be a bool \(the width\), 'both' or a pair"),
     (dict(loop=(1, 0)), r"loop must be a bool \(the width\), 'both' or a pair"),
-    (dict(method="mad"), r"method 'mad' runs on strips only \(its merged self-attention canvas is laid out"),
-    (dict(method="syncdiffusion"), r"method 'syncdiffusion' runs on strips only \(its anchor view"),
     (dict(method="safa_stats"), r"method 'safa_stats' runs on strips only"),
     (dict(width=100), r"width must be at least one window \(128 px\) when the height exceeds one window"),
     (dict(decode="views"), r"decode='views' decodes a strip along the width; .* use decode='auto', 'full' or 'tiled'"),
