@@ -14,6 +14,7 @@ building a layout.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -31,7 +32,7 @@ from .layouts import LoopLengthError, loop_layout, open_layout
 from .methods import Method, get_method
 
 __all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layout", "model_windows",
-           "check_generator", "check_image", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
+           "check_generator", "check_image", "DEFAULT_IMAGE_CROSSFADE", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
 
 # view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
 # set by the window and not by the output's length (hours of audio are thousands of windows);
@@ -311,36 +312,111 @@ _IMAGE_MEANING = {"init": "the image to transform (img2img)", "control": "the co
                   "low_res": "the low-resolution image to upscale"}
 # The img2img pipelines' own default strength.
 DEFAULT_STRENGTH = 0.8
+# Outpainting: pixel columns of the crossfade at each junction of the user's image with the generation.
+DEFAULT_IMAGE_CROSSFADE = 16
+
+
+def _given(value: Any, default: Any) -> bool:
+    """An option was given: anything but its default (of the default's type)."""
+    return not (type(value) is type(default) and value == default)
+
+
+def _check_outpaint(adapter: Adapter, pixels: torch.Tensor, *, strength: Any, width: Any, height: Any, window: Any,
+                    image_start: Any, image_crossfade: Any, paste_image: Any, loop: Any) -> CanvasImage:
+    """An image narrower than ``width`` on SD / SDXL: outpainted, every bad input one ValueError."""
+    w, h = int(pixels.shape[-1]), int(pixels.shape[-2])
+    m = adapter.decoded_scale
+    if width is None:
+        raise ValueError(f"image_start={image_start!r} places an image narrower than the canvas (outpainting): "
+                         f"give width (pixels of the output, more than the image's {w})")
+    if isinstance(width, bool) or not isinstance(width, int):
+        raise ValueError(f"width must be an int (pixels), got {width!r}")
+    if w > width:
+        raise ValueError(f"image is {w} px wide, wider than the canvas (width={width}): outpainting extends an "
+                         f"image narrower than width; give a larger width (or leave it out for img2img)")
+    if strength is not None:
+        raise ValueError(f"strength is img2img's, whose image covers the canvas ({width} px wide); an image narrower "
+                         f"than width ({w} px) is outpainted: leave strength out (or give an image of {width} px)")
+    if isinstance(image_start, (tuple, list)):
+        raise ValueError(f"image_start must be one int (pixel column of the image's left edge): a 2-D placement "
+                         f"(top, left) is not supported; the image has the output's height, got {image_start!r}")
+    if isinstance(image_start, bool) or not isinstance(image_start, numbers.Integral) or image_start % m:
+        raise ValueError(f"image_start must be an int multiple of {m} (the VAE's factor), pixels from the left, "
+                         f"got {image_start!r}")
+    image_start = int(image_start)
+    if not isinstance(loop, bool):
+        raise ValueError(f"loop must be a bool when outpainting (the width loops: a 360-degree panorama), got {loop!r}")
+    last = width if loop else width - w
+    if not 0 <= image_start <= last - (1 if loop else 0):
+        raise ValueError(f"image_start must be in [0, {last - 1 if loop else last}] for an image {w} px wide in a "
+                         f"{'loop' if loop else 'canvas'} of {width} px, got {image_start}")
+    if height is not None and height != h:
+        raise ValueError(f"image is {h} px high but height={height}: outpainting extends the width only; give an "
+                         f"image of the output's height (or leave height out)")
+    if w % m or h % m:
+        raise ValueError(f"image must be a multiple of {m} px on both sides (the VAE's factor), got {w} x {h} px")
+    try:
+        rows = adapter.latent_rows(h)
+    except ValueError as exc:
+        raise ValueError(f"image: {w} x {h} px gives an output {h} px high, and {exc}") from None
+    if rows > _window_columns(adapter, window):
+        raise ValueError(f"image is {h} px high, more than one window ({_window_columns(adapter, window) * m} px): "
+                         f"outpainting runs on a strip of one window's height (a grid is not supported yet)")
+    if isinstance(image_crossfade, bool) or not isinstance(image_crossfade, int) or image_crossfade < 0:
+        raise ValueError(f"image_crossfade must be an int >= 0 (pixel columns), got {image_crossfade!r}")
+    if not isinstance(paste_image, bool):
+        raise ValueError(f"paste_image must be a bool, got {paste_image!r}")
+    return CanvasImage(pixels, "outpaint", image_start=image_start, crossfade=image_crossfade, paste=paste_image)
 
 
 def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlnet_conditioning_scale: Any = None,
                 noise_level: Any = None, width: Optional[int] = None, height: Optional[int] = None,
-                window: Optional[float] = None) -> Tuple[Optional[CanvasImage], Optional[int], Optional[int]]:
+                window: Optional[float] = None, image_start: Any = 0, image_crossfade: Any = DEFAULT_IMAGE_CROSSFADE,
+                paste_image: Any = True, loop: Any = False
+                ) -> Tuple[Optional[CanvasImage], Optional[int], Optional[int]]:
     """The call's ``image=`` read and checked for the family's role (:attr:`Adapter.image_role`),
     with the option of that role; returns it with the output ``(width, height)`` it sets (the
-    image is never resized: a ``width`` / ``height`` that disagrees with it is an error)."""
+    image is never resized: a ``width`` / ``height`` that disagrees with it is an error).
+
+    On SD / SDXL an image narrower than ``width`` (and no ``strength``) is outpainted
+    (:func:`_check_outpaint`): role ``"outpaint"``, placed at ``image_start``."""
     role = adapter.image_role
     options = {"strength": strength, "controlnet_conditioning_scale": controlnet_conditioning_scale,
                "noise_level": noise_level}
     name = type(adapter.pipe).__name__
+    outpaint_options = {"image_start": (image_start, 0), "image_crossfade": (image_crossfade, DEFAULT_IMAGE_CROSSFADE),
+                        "paste_image": (paste_image, True)}
     if image is None:
         if role in ("control", "low_res"):
             raise ValueError(f"image is required for {name}: {_IMAGE_MEANING[role]}")
         for option, value in options.items():
             if value is not None:
                 raise ValueError(f"{option} is given without image")
+        for option, (value, default) in outpaint_options.items():
+            if _given(value, default):
+                raise ValueError(f"{option} places the user's image (outpainting): give image= with it")
         return None, width, height
     if adapter.kind != "image":
         raise ValueError(f"image is for image pipelines; {name} takes audio= (your own audio to continue, fill "
                          f"or loop)")
     if role is None:
-        raise ValueError(f"image is not supported for {name} (img2img runs on SD 1.x/2.x and SDXL)")
+        raise ValueError(f"image is not supported for {name}: img2img and outpainting (an image narrower than "
+                         f"width) run on SD 1.x/2.x and SDXL")
     for option, value in options.items():
         if value is not None and option != _IMAGE_OPTIONS[role]:
             raise ValueError(f"{option} is not an option of {name} (its image is {_IMAGE_MEANING[role]})")
     pixels = read_image(image)
     scale = adapter.decoded_scale // adapter.image_pixels_per_column
     size = (int(pixels.shape[-1]) * scale, int(pixels.shape[-2]) * scale)
+    if role == "init" and (width is not None and width != size[0] or _given(image_start, 0)):
+        out = _check_outpaint(adapter, pixels, strength=strength, width=width, height=height, window=window,
+                              image_start=image_start, image_crossfade=image_crossfade, paste_image=paste_image,
+                              loop=loop)
+        return out, width, int(pixels.shape[-2])
+    for option, (value, default) in outpaint_options.items():
+        if _given(value, default):
+            raise ValueError(f"{option} is for outpainting (an image narrower than width); this image "
+                             f"({size[0]} x {size[1]} px) covers the canvas{' (img2img)' if role == 'init' else ''}")
     for option, given, own in (("width", width, size[0]), ("height", height, size[1])):
         if given is not None and given != own:
             raise ValueError(f"{option}={given!r} disagrees with the image ({pixels.shape[-1]} x {pixels.shape[-2]} px, "
