@@ -326,14 +326,11 @@ def _check_outpaint(adapter: Adapter, pixels: torch.Tensor, *, strength: Any, wi
     """An image narrower than ``width`` on SD / SDXL: outpainted, every bad input one ValueError."""
     w, h = int(pixels.shape[-1]), int(pixels.shape[-2])
     m = adapter.decoded_scale
-    if width is None:
-        raise ValueError(f"image_start={image_start!r} places an image narrower than the canvas (outpainting): "
-                         f"give width (pixels of the output, more than the image's {w})")
-    if isinstance(width, bool) or not isinstance(width, int):
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral):
         raise ValueError(f"width must be an int (pixels), got {width!r}")
     if w > width:
-        raise ValueError(f"image is {w} px wide, wider than the canvas (width={width}): outpainting extends an "
-                         f"image narrower than width; give a larger width (or leave it out for img2img)")
+        raise ValueError(f"image is {w} px wide, wider than the canvas (width={width}), and it is never resized: "
+                         f"give a larger width to outpaint it (or leave width out for img2img)")
     if strength is not None:
         raise ValueError(f"strength is img2img's, whose image covers the canvas ({width} px wide); an image narrower "
                          f"than width ({w} px) is outpainted: leave strength out (or give an image of {width} px)")
@@ -408,7 +405,7 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
     pixels = read_image(image)
     scale = adapter.decoded_scale // adapter.image_pixels_per_column
     size = (int(pixels.shape[-1]) * scale, int(pixels.shape[-2]) * scale)
-    if role == "init" and (width is not None and width != size[0] or _given(image_start, 0)):
+    if role == "init" and width is not None and width != size[0]:
         out = _check_outpaint(adapter, pixels, strength=strength, width=width, height=height, window=window,
                               image_start=image_start, image_crossfade=image_crossfade, paste_image=paste_image,
                               loop=loop)
@@ -416,7 +413,8 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
     for option, (value, default) in outpaint_options.items():
         if _given(value, default):
             raise ValueError(f"{option} is for outpainting (an image narrower than width); this image "
-                             f"({size[0]} x {size[1]} px) covers the canvas{' (img2img)' if role == 'init' else ''}")
+                             f"({size[0]} x {size[1]} px) covers the canvas{' (img2img)' if role == 'init' else ''}: "
+                             f"give a larger width to outpaint it")
     for option, given, own in (("width", width, size[0]), ("height", height, size[1])):
         if given is not None and given != own:
             raise ValueError(f"{option}={given!r} disagrees with the image ({pixels.shape[-1]} x {pixels.shape[-2]} px, "
@@ -437,7 +435,7 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
                              f"{size[0]} x {size[1]} px")
         if min(size) < w:
             raise ValueError(f"image must be at least one window ({w} x {w} px) for img2img, got "
-                             f"{size[0]} x {size[1]} px")
+                             f"{size[0]} x {size[1]} px (an image narrower than width is outpainted: give width)")
     elif role == "control":
         scale_value = 1.0 if controlnet_conditioning_scale is None else controlnet_conditioning_scale
         if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)) \
