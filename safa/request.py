@@ -32,7 +32,7 @@ from .layouts import LoopLengthError, loop_layout, open_layout
 from .methods import Method, get_method
 
 __all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layout", "model_windows",
-           "check_generator", "check_image", "DEFAULT_IMAGE_CROSSFADE", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
+           "check_generator", "check_image", "split_outpaint", "DEFAULT_IMAGE_CROSSFADE", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
 
 # view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
 # set by the window and not by the output's length (hours of audio are thousands of windows);
@@ -452,6 +452,14 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
     return CanvasImage(pixels, role, **values), size[0], size[1]
 
 
+def split_outpaint(image: Optional[CanvasImage]) -> Tuple[Optional[CanvasImage], Optional[CanvasImage]]:
+    """``(image to outpaint, canvas image)`` of the call's checked image: at most one of them is not None
+    (an outpainted image is known columns, :mod:`safa.known`, not a canvas condition)."""
+    if image is not None and image.role == "outpaint":
+        return image, None
+    return None, image
+
+
 def check_canvas_method(image: Optional[CanvasImage], method: Method, guide: Optional[float]) -> None:
     """A canvas image gives every view its own crop, so no reference window runs (it has no place
     on the canvas): an explicit ``guide`` > 0 is refused, and MAD (whose merged attention groups
@@ -729,6 +737,21 @@ CALL_ARGUMENTS_DOC = """
                 upscaler's low-resolution input (required for both), or on SD / SDXL the image of
                 img2img. It sets the output's size (4x for the upscaler) and is never resized.
                 No reference window runs with it (``guide`` > 0 and MAD are refused).
+                Outpainting (SD 1.x/2.x / SDXL): an image NARROWER than ``width``, of the output's
+                height (at most one window; ``height`` defaults to it), without ``strength``, is kept
+                and the rest of the canvas generated around it (:mod:`safa.known`,
+                docs/own-audio.md): encoded once (the VAE posterior's mode), the latent columns it
+                covers imposed in every view at every step at that step's noise level, and in
+                SaFa's reference window; ``loop=True`` makes a 360-degree panorama containing it.
+                The rule: an image as wide as the canvas (or no ``width``) is img2img; ``strength``
+                with a narrower image, an image wider than ``width`` or of another height is an error.
+            image_start: outpainting: the pixel column of the image's left edge (default 0), a
+                multiple of the VAE factor (8); in a loop it may run across the seam.
+            image_crossfade: outpainting: pixel columns of the raised-cosine crossfade at each
+                junction of the user's pixels with the generation (default 16).
+            paste_image: outpainting: the output holds the user's pixels exactly (default; their
+                ``uint8`` values come back in ``"pil"`` and PNG files); False returns the decoded
+                generation there instead.
             strength: img2img (SD / SDXL): in ``[0, 1]`` (default 0.8): the last
                 ``int(num_inference_steps * strength)`` steps run, from the image encoded and
                 noised to the first of them; ``latents`` is then that noise.

@@ -315,10 +315,10 @@ class JointDiffusion:
                  keep: Optional[Sequence[Tuple[float, float]]] = None, audio_latents: Optional[torch.Tensor] = None,
                  audio_crossfade: float = 0.05, paste_audio: bool = True, image: Any = None,
                  image_start: int = 0, image_crossfade: int = _request.DEFAULT_IMAGE_CROSSFADE,
-                 paste_image: bool = True, strength: Optional[float] = None, controlnet_conditioning_scale: Optional[float] = None,
-                 noise_level: Optional[int] = None, timeline: Optional[Sequence[Any]] = None,
-                 transition: Optional[float] = None, regions: Optional[Sequence[Any]] = None,
-                 bootstrap: Optional[float] = None) -> Any:
+                 paste_image: bool = True, strength: Optional[float] = None,
+                 controlnet_conditioning_scale: Optional[float] = None, noise_level: Optional[int] = None,
+                 timeline: Optional[Sequence[Any]] = None, transition: Optional[float] = None,
+                 regions: Optional[Sequence[Any]] = None, bootstrap: Optional[float] = None) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
         # alone checks and writes the output files). A canvas image sets the output's size; an
@@ -327,8 +327,7 @@ class JointDiffusion:
             adapter, image, strength=strength, controlnet_conditioning_scale=controlnet_conditioning_scale,
             noise_level=noise_level, width=width, height=height, window=window, image_start=image_start,
             image_crossfade=image_crossfade, paste_image=paste_image, loop=loop)
-        outpaint, canvas_image = (canvas_image, None) if canvas_image is not None and canvas_image.role == "outpaint" \
-            else (None, canvas_image)
+        outpaint, canvas_image = _request.split_outpaint(canvas_image)
         request = _request.build_request(
             adapter, method=method, guide=guide, swap_interval=swap_interval, seconds=seconds,
             audio_length_in_s=audio_length_in_s, width=width, height=height, window=window, overlap=overlap,
