@@ -1,4 +1,4 @@
-"""The user's own audio in a call: continue it, extend it on both sides, fill its gaps, loop it.
+"""The user's own audio or image in a call: continue it, extend it on both sides, fill its gaps, loop it.
 
 ``jd(prompt, audio=clip, sample_rate=sr, seconds=300)`` places ``clip`` at ``audio_start``
 seconds (default 0: a continuation) and generates the rest of the ``seconds``; ``keep=[(start,
@@ -16,16 +16,24 @@ Mechanism (docs/own-audio.md):
    (``adapter.encode_audio``: AudioLDM's mel + VAE, Stable Audio's Oobleck VAE, the texture
    model's inverse decoder) into latent columns, and the latent columns of the long latent
    ``J`` that the keep-ranges cover whole.
-3. Every step, after the merge (loop block 7.6), :meth:`KnownAudio.impose` writes into every
+3. Every step, after the merge (loop block 7.6), :meth:`KnownColumns.impose` writes into every
    view the known latent brought to the noise level of the step's output by the scheduler's own
    forward process (:func:`noised_known`), one ``index_put_`` over all views; at the last step
    the clean known latent. This is diffusers' inpainting rule (``StableDiffusionInpaintPipeline``:
    ``add_noise(image_latents, noise, timesteps[i + 1])``), with the same fixed noise (the
    columns of ``J_T``) at every step.
-4. :meth:`KnownAudio.paste` puts the user's samples back into the decoded output over each
+4. :meth:`KnownColumns.paste` puts the user's samples back into the decoded output over each
    keep-range, with a raised-cosine crossfade of ``audio_crossfade`` seconds inside each end
    that joins generated audio, so the clip never loses its samples to the VAE round trip
    (``paste_audio=False``: the decoded version).
+
+Images (outpainting, SD 1.x/2.x and SDXL): ``jd(prompt, image=img, width=4096)`` with ``img``
+narrower than ``width`` and no ``strength`` places it at pixel column ``image_start`` and
+generates the rest around it (``loop=True``: a 360-degree panorama containing it). The same
+:class:`KnownColumns` does it: :func:`prepare_known_image` encodes the image once into the latent
+columns it covers, imposed every step as above, and its pixels are pasted back with a
+raised-cosine crossfade of ``image_crossfade`` pixel columns (``paste_image=False``: the decoded
+version).
 """
 from __future__ import annotations
 
@@ -33,14 +41,15 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from safa_kernels import ViewLayout
 
-__all__ = ["KnownAudio", "read_audio", "prepare_known", "noised_known", "keep_ranges", "paste_then"]
+__all__ = ["KnownColumns", "KnownAudio", "read_audio", "prepare_known", "prepare_known_image", "noised_known",
+           "keep_ranges"]
 
 
 def read_audio(audio: Any, sample_rate: Optional[int], target_rate: int, channels: int,
@@ -145,17 +154,20 @@ def noised_known(scheduler: Any, known: torch.Tensor, noise: torch.Tensor, times
 
 
 @dataclass
-class KnownAudio:
-    """The known part of a call: latent columns to impose every step, and samples to paste at the end.
+class KnownColumns:
+    """The known part of a call, for audio and images alike: a span of latent columns on the long
+    axis to impose every step, and the user's own output (samples, pixel columns) to paste at the end.
 
     Attributes:
         latent: the clean known latent ``(B, ..., K)`` on the long axis ``dim`` (``K`` columns
             from long-latent column ``first_column``; for a loop modulo the layout's length).
         columns: the long-latent columns imposed (sorted), a subset of the ``K``.
-        waveform: the clip at the model's rate ``(channels, samples)`` placed at sample
-            ``start_sample`` of the output (None when only latents were given: nothing to paste).
-        sample_ranges: the keep-ranges in output samples.
-        crossfade: samples of each crossfade (0: none).
+        given: the user's output, its long axis last: a clip at the model's rate ``(channels,
+            samples)`` (numpy), or an image ``(1 or B, 3, H, w)`` in ``[0, 1]`` (a tensor); placed at
+            output sample / pixel column ``given_start`` (None: nothing to paste).
+        output_ranges: the kept ranges in output samples / pixel columns (a loop's may run past
+            ``out_len``: they wrap).
+        crossfade: samples / pixel columns of each crossfade (0: none).
         loop: the output is a loop (the junction at its end joins its start).
     """
 
@@ -163,9 +175,9 @@ class KnownAudio:
     first_column: int
     columns: List[int]
     dim: int
-    waveform: Optional[np.ndarray] = None
-    start_sample: int = 0
-    sample_ranges: Tuple[Tuple[int, int], ...] = ()
+    given: Any = None
+    given_start: int = 0
+    output_ranges: Tuple[Tuple[int, int], ...] = ()
     crossfade: int = 0
     loop: bool = False
     out_len: int = 0
@@ -246,21 +258,24 @@ class KnownAudio:
 
     # -- the output: the user's samples back, crossfaded into the generation ----------------
     def paste(self, start: int, piece: torch.Tensor) -> None:
-        """Paste the clip's samples into ``piece`` (output samples ``[start, start + len)``, long axis
-        last, ``(B, S)`` or ``(B, C, S)``) in place, crossfading at every end that joins generated audio."""
-        if self.waveform is None:
+        """Paste the user's output into ``piece`` (output samples / pixel columns ``[start, start +
+        len)``, long axis last: audio ``(B, S)`` or ``(B, C, S)``, an image ``(B, 3, H, S)``) in place,
+        crossfading at every end that joins generated output. In a loop a range that runs past the
+        output's end wraps to its start."""
+        if self.given is None:
             return
         stop = start + piece.shape[-1]
-        for a, b in self.sample_ranges:
-            lo, hi = max(a, start), min(b, stop)
-            if lo >= hi:
-                continue
-            user = torch.from_numpy(self.waveform[:, lo - self.start_sample:hi - self.start_sample]).to(piece.device)
-            if piece.dim() == 2:
-                user = user[0]
-            weight = torch.from_numpy(self._weights(a, b, lo, hi)).to(piece.device, piece.dtype)
-            region = piece[..., lo - start:hi - start]
-            region.copy_(region * (1 - weight) + user.to(piece.dtype) * weight)
+        for shift in ((0, self.out_len) if self.loop else (0,)):
+            for a, b in self.output_ranges:
+                lo, hi = max(a, start + shift), min(b, stop + shift)
+                if lo >= hi:
+                    continue
+                user = torch.as_tensor(self.given[..., lo - self.given_start:hi - self.given_start]).to(piece.device)
+                if piece.dim() == 2:
+                    user = user[0]
+                weight = torch.from_numpy(self._weights(a, b, lo, hi)).to(piece.device, piece.dtype)
+                region = piece[..., lo - shift - start:hi - shift - start]
+                region.copy_(region * (1 - weight) + user.to(piece.dtype) * weight)
 
     def _weights(self, a: int, b: int, lo: int, hi: int) -> np.ndarray:
         """The clip's weight at output samples ``[lo, hi)`` of keep-range ``[a, b)``: 1 inside, a
@@ -277,10 +292,14 @@ class KnownAudio:
         return w.astype(np.float32)
 
 
+# The audio name of the known columns (the class was written for audio first).
+KnownAudio = KnownColumns
+
+
 def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio_latents: Optional[torch.Tensor],
                   audio_start: float, keep: Optional[Sequence[Tuple[float, float]]], seconds: float,
                   loop: bool, audio_crossfade: float, paste_audio: bool, batch_size: int,
-                  layout: Any) -> Optional[KnownAudio]:
+                  layout: Any) -> Optional[KnownColumns]:
     """Check the known-audio arguments of a call and encode the clip once (None: no clip given)."""
     if audio is None and audio_latents is None:
         for name, value, default in (("keep", keep, None), ("audio_start", audio_start, 0.0)):
@@ -336,21 +355,30 @@ def prepare_known(adapter: Any, *, audio: Any, sample_rate: Optional[int], audio
     if latent.shape[0] not in (1, batch_size):
         raise ValueError(f"audio_latents has {latent.shape[0]} rows; give 1 or one per output ({batch_size})")
     latent = latent.expand(batch_size, *latent.shape[1:]).contiguous()
-    return KnownAudio(latent=latent, first_column=first_column, columns=columns, dim=adapter.long_dim,
-                      waveform=wave if paste_audio else None, start_sample=start_sample,
-                      sample_ranges=sample_ranges, crossfade=int(round(audio_crossfade * rate)), loop=loop,
-                      out_len=adapter.output_length(seconds=seconds))
+    return KnownColumns(latent=latent, first_column=first_column, columns=columns, dim=adapter.long_dim,
+                        given=wave if paste_audio else None, given_start=start_sample,
+                        output_ranges=sample_ranges, crossfade=int(round(audio_crossfade * rate)), loop=loop,
+                        out_len=adapter.output_length(seconds=seconds))
 
 
-def paste_then(known: Optional[KnownAudio], on_chunk: Optional[Callable[[int, torch.Tensor], None]]
-               ) -> Optional[Callable[[int, torch.Tensor], None]]:
-    """The output stage's per-piece hook: the user's samples pasted into each decoded piece (before it
-    is returned or written), then ``on_chunk``; ``on_chunk`` itself when there is nothing to paste."""
-    if known is None or known.waveform is None:
-        return on_chunk
-
-    def paste_and_call(start: int, piece: torch.Tensor) -> None:
-        known.paste(start, piece)
-        if on_chunk is not None:
-            on_chunk(start, piece)
-    return paste_and_call
+def prepare_known_image(adapter: Any, image: Any, *, width: int, loop: bool, batch_size: int) -> KnownColumns:
+    """Outpainting: the user's image (a :class:`~safa.adapters.canvas.CanvasImage` of role
+    ``"outpaint"``: pixels ``(1 or B, 3, H, w)`` in ``[0, 1]``, ``H`` the output's height, placed at
+    pixel column ``image_start`` of a ``width`` px output, all checked by
+    :func:`safa.request.check_image`) encoded ONCE with the img2img path's VAE encode (the
+    posterior's mode, so that the call's generator draws ``J_T`` as it does without an image)
+    into the known latent columns it covers: ``image_start / f`` to ``(image_start + w) / f``
+    (``f`` the VAE factor), modulo the loop's length in a 360-degree panorama."""
+    from .adapters.canvas import encode_canvas_image
+    pixels = image.pixels
+    if pixels.shape[0] not in (1, batch_size):
+        raise ValueError(f"image has {pixels.shape[0]} images but this call makes {batch_size} output(s): give one "
+                         f"image for all of them, or one per output")
+    latent = encode_canvas_image(adapter, pixels, None, sample_mode="argmax")
+    first_column = image.image_start // adapter.decoded_scale
+    columns = list(range(first_column, first_column + latent.shape[adapter.long_dim]))
+    latent = latent.expand(batch_size, *latent.shape[1:]).contiguous()
+    return KnownColumns(latent=latent, first_column=first_column, columns=columns, dim=adapter.long_dim,
+                        given=pixels.to(adapter.device) if image.paste else None, given_start=image.image_start,
+                        output_ranges=((image.image_start, image.image_start + int(pixels.shape[-1])),),
+                        crossfade=image.crossfade, loop=loop, out_len=width)

@@ -123,10 +123,11 @@ class PngRows:
 
 
 def _stream_images(adapter: Adapter, latent: torch.Tensor, layout: Any, tile: int, out_len: int,
-                   paths: List[str]) -> None:
+                   paths: List[str], paste: Optional[ChunkCallback] = None) -> None:
     """Decode exactly over tiles (:func:`safa.decode.image_tiles`) and write each band of tile
     rows to its PNG as soon as the row is complete, cropped to ``out_len`` columns; the pixels
-    are the pipeline's (``round(x * 255)``)."""
+    are the pipeline's (``round(x * 255)``). ``paste(first column, tile)``: the user's pixels into
+    every tile of a strip before its band is written."""
     loops = (layout.rows.loop, layout.cols.loop) if isinstance(layout, GridLayout) else (False, layout.loop)
     height = latent.shape[-2] * adapter.decoded_scale
     writers = [PngRows(p, out_len, height) for p in paths]
@@ -136,6 +137,8 @@ def _stream_images(adapter: Adapter, latent: torch.Tensor, layout: Any, tile: in
             if c == 0 and band:
                 _write_band(writers, band, out_len)
                 band = []
+            if paste is not None:
+                paste(c, piece)
             band.append(piece)
         _write_band(writers, band, out_len)
         for writer in writers:
@@ -195,18 +198,20 @@ def _progress(pipe: Any, out_len: int, sample_rate: Optional[int], unit: str = "
 def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *, mode: str, tile: int,
                    view_batch_size: Optional[int], out_len: int, output_type: str, paths: Optional[List[str]],
                    on_chunk: Optional[ChunkCallback] = None,
-                   pieces: Optional[Iterator[Tuple[int, torch.Tensor]]] = None) -> Any:
+                   pieces: Optional[Iterator[Tuple[int, torch.Tensor]]] = None,
+                   paste: Optional[ChunkCallback] = None) -> Any:
     """Decode ``latent`` (``layout.length`` columns) and return the output, or write it to ``paths``.
 
     Without ``paths``: the output cropped to ``out_len`` in ``output_type``. With ``paths`` (one
     per output): audio is written piece by piece as it is decoded, images whole, or band by band
     for an exact tiled decode without ``on_chunk``; returns None.
-    ``on_chunk(start, piece)`` sees every piece before it is written. ``pieces``: see
-    :func:`decoded_chunks`.
+    ``paste(start, piece)`` changes every piece in place first (the user's own samples / pixels,
+    :meth:`safa.known.KnownColumns.paste`), then ``on_chunk(start, piece)`` sees it, before it is
+    written. ``pieces``: see :func:`decoded_chunks`.
     """
     if paths is not None and mode == "tiled" and exact_tiled(adapter) and pieces is None and on_chunk is None:
         with _progress(adapter.pipe, out_len, adapter.sample_rate) as progress:
-            _stream_images(adapter, latent, layout, tile, out_len, paths)
+            _stream_images(adapter, latent, layout, tile, out_len, paths, paste)
             progress.update(out_len)
         return None
     chunks = decoded_chunks(adapter, latent, layout, mode, tile, view_batch_size, out_len, pieces)
@@ -215,6 +220,8 @@ def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *
         writers: Optional[List[Any]] = None
         out: Optional[torch.Tensor] = None
         for start, piece in chunks:
+            if paste is not None:
+                paste(start, piece)
             if on_chunk is not None:
                 on_chunk(start, piece)
             if paths is not None and adapter.streams_files:

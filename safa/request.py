@@ -14,6 +14,7 @@ building a layout.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -31,7 +32,7 @@ from .layouts import LoopLengthError, loop_layout, open_layout
 from .methods import Method, get_method
 
 __all__ = ["GenerationRequest", "build_request", "prepare_layout", "planned_layout", "model_windows",
-           "check_generator", "check_image", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
+           "check_generator", "check_image", "split_outpaint", "DEFAULT_IMAGE_CROSSFADE", "check_canvas_method", "strength_timesteps", "is_grid", "merge_dims", "canvas_shape", "window_shape", "planned_tile_height", "DEFAULT_VIEW_BATCH_SIZE", "CALL_ARGUMENTS_DOC"]
 
 # view_batch_size=None: windows per model call. Bounded, so that the model's working memory is
 # set by the window and not by the output's length (hours of audio are thousands of windows);
@@ -311,36 +312,109 @@ _IMAGE_MEANING = {"init": "the image to transform (img2img)", "control": "the co
                   "low_res": "the low-resolution image to upscale"}
 # The img2img pipelines' own default strength.
 DEFAULT_STRENGTH = 0.8
+# Outpainting: pixel columns of the crossfade at each junction of the user's image with the generation.
+DEFAULT_IMAGE_CROSSFADE = 16
+
+
+def _given(value: Any, default: Any) -> bool:
+    """An option was given: anything but its default (of the default's type)."""
+    return not (type(value) is type(default) and value == default)
+
+
+def _check_outpaint(adapter: Adapter, pixels: torch.Tensor, *, strength: Any, width: Any, height: Any, window: Any,
+                    image_start: Any, image_crossfade: Any, paste_image: Any, loop: Any) -> CanvasImage:
+    """An image narrower than ``width`` on SD / SDXL: outpainted, every bad input one ValueError."""
+    w, h = int(pixels.shape[-1]), int(pixels.shape[-2])
+    m = adapter.decoded_scale
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral):
+        raise ValueError(f"width must be an int (pixels), got {width!r}")
+    if w > width:
+        raise ValueError(f"image is {w} px wide, wider than the canvas (width={width}), and it is never resized: "
+                         f"give a larger width to outpaint it (or leave width out for img2img)")
+    if strength is not None:
+        raise ValueError(f"strength is img2img's, whose image covers the canvas ({width} px wide); an image narrower "
+                         f"than width ({w} px) is outpainted: leave strength out (or give an image of {width} px)")
+    if isinstance(image_start, (tuple, list)):
+        raise ValueError(f"image_start must be one int (pixel column of the image's left edge): a 2-D placement "
+                         f"(top, left) is not supported; the image has the output's height, got {image_start!r}")
+    if isinstance(image_start, bool) or not isinstance(image_start, numbers.Integral) or image_start % m:
+        raise ValueError(f"image_start must be an int multiple of {m} (the VAE's factor), pixels from the left, "
+                         f"got {image_start!r}")
+    image_start = int(image_start)
+    if not isinstance(loop, bool):
+        raise ValueError(f"loop must be a bool when outpainting (the width loops: a 360-degree panorama), got {loop!r}")
+    last = width if loop else width - w
+    if not 0 <= image_start <= last - (1 if loop else 0):
+        raise ValueError(f"image_start must be in [0, {last - 1 if loop else last}] for an image {w} px wide in a "
+                         f"{'loop' if loop else 'canvas'} of {width} px, got {image_start}")
+    if height is not None and height != h:
+        raise ValueError(f"image is {h} px high but height={height}: outpainting extends the width only; give an "
+                         f"image of the output's height (or leave height out)")
+    if w % m or h % m:
+        raise ValueError(f"image must be a multiple of {m} px on both sides (the VAE's factor), got {w} x {h} px")
+    try:
+        rows = adapter.latent_rows(h)
+    except ValueError as exc:
+        raise ValueError(f"image: {w} x {h} px gives an output {h} px high, and {exc}") from None
+    if rows > _window_columns(adapter, window):
+        raise ValueError(f"image is {h} px high, more than one window ({_window_columns(adapter, window) * m} px): "
+                         f"outpainting runs on a strip of one window's height (a grid is not supported yet)")
+    if isinstance(image_crossfade, bool) or not isinstance(image_crossfade, int) or image_crossfade < 0:
+        raise ValueError(f"image_crossfade must be an int >= 0 (pixel columns), got {image_crossfade!r}")
+    if not isinstance(paste_image, bool):
+        raise ValueError(f"paste_image must be a bool, got {paste_image!r}")
+    return CanvasImage(pixels, "outpaint", image_start=image_start, crossfade=image_crossfade, paste=paste_image)
 
 
 def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlnet_conditioning_scale: Any = None,
                 noise_level: Any = None, width: Optional[int] = None, height: Optional[int] = None,
-                window: Optional[float] = None) -> Tuple[Optional[CanvasImage], Optional[int], Optional[int]]:
+                window: Optional[float] = None, image_start: Any = 0, image_crossfade: Any = DEFAULT_IMAGE_CROSSFADE,
+                paste_image: Any = True, loop: Any = False
+                ) -> Tuple[Optional[CanvasImage], Optional[int], Optional[int]]:
     """The call's ``image=`` read and checked for the family's role (:attr:`Adapter.image_role`),
     with the option of that role; returns it with the output ``(width, height)`` it sets (the
-    image is never resized: a ``width`` / ``height`` that disagrees with it is an error)."""
+    image is never resized: a ``width`` / ``height`` that disagrees with it is an error).
+
+    On SD / SDXL an image narrower than ``width`` (and no ``strength``) is outpainted
+    (:func:`_check_outpaint`): role ``"outpaint"``, placed at ``image_start``."""
     role = adapter.image_role
     options = {"strength": strength, "controlnet_conditioning_scale": controlnet_conditioning_scale,
                "noise_level": noise_level}
     name = type(adapter.pipe).__name__
+    outpaint_options = {"image_start": (image_start, 0), "image_crossfade": (image_crossfade, DEFAULT_IMAGE_CROSSFADE),
+                        "paste_image": (paste_image, True)}
     if image is None:
         if role in ("control", "low_res"):
             raise ValueError(f"image is required for {name}: {_IMAGE_MEANING[role]}")
         for option, value in options.items():
             if value is not None:
                 raise ValueError(f"{option} is given without image")
+        for option, (value, default) in outpaint_options.items():
+            if _given(value, default):
+                raise ValueError(f"{option} places the user's image (outpainting): give image= with it")
         return None, width, height
     if adapter.kind != "image":
         raise ValueError(f"image is for image pipelines; {name} takes audio= (your own audio to continue, fill "
                          f"or loop)")
     if role is None:
-        raise ValueError(f"image is not supported for {name} (img2img runs on SD 1.x/2.x and SDXL)")
+        raise ValueError(f"image is not supported for {name}: img2img and outpainting (an image narrower than "
+                         f"width) run on SD 1.x/2.x and SDXL")
     for option, value in options.items():
         if value is not None and option != _IMAGE_OPTIONS[role]:
             raise ValueError(f"{option} is not an option of {name} (its image is {_IMAGE_MEANING[role]})")
     pixels = read_image(image)
     scale = adapter.decoded_scale // adapter.image_pixels_per_column
     size = (int(pixels.shape[-1]) * scale, int(pixels.shape[-2]) * scale)
+    if role == "init" and width is not None and width != size[0]:
+        out = _check_outpaint(adapter, pixels, strength=strength, width=width, height=height, window=window,
+                              image_start=image_start, image_crossfade=image_crossfade, paste_image=paste_image,
+                              loop=loop)
+        return out, width, int(pixels.shape[-2])
+    for option, (value, default) in outpaint_options.items():
+        if _given(value, default):
+            raise ValueError(f"{option} is for outpainting (an image narrower than width); this image "
+                             f"({size[0]} x {size[1]} px) covers the canvas{' (img2img)' if role == 'init' else ''}: "
+                             f"give a larger width to outpaint it")
     for option, given, own in (("width", width, size[0]), ("height", height, size[1])):
         if given is not None and given != own:
             raise ValueError(f"{option}={given!r} disagrees with the image ({pixels.shape[-1]} x {pixels.shape[-2]} px, "
@@ -361,7 +435,7 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
                              f"{size[0]} x {size[1]} px")
         if min(size) < w:
             raise ValueError(f"image must be at least one window ({w} x {w} px) for img2img, got "
-                             f"{size[0]} x {size[1]} px")
+                             f"{size[0]} x {size[1]} px (an image narrower than width is outpainted: give width)")
     elif role == "control":
         scale_value = 1.0 if controlnet_conditioning_scale is None else controlnet_conditioning_scale
         if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)) \
@@ -376,6 +450,14 @@ def check_image(adapter: Adapter, image: Any, *, strength: Any = None, controlne
                              f"got {level!r}")
         values["noise_level"] = level
     return CanvasImage(pixels, role, **values), size[0], size[1]
+
+
+def split_outpaint(image: Optional[CanvasImage]) -> Tuple[Optional[CanvasImage], Optional[CanvasImage]]:
+    """``(image to outpaint, canvas image)`` of the call's checked image: at most one of them is not None
+    (an outpainted image is known columns, :mod:`safa.known`, not a canvas condition)."""
+    if image is not None and image.role == "outpaint":
+        return image, None
+    return None, image
 
 
 def check_canvas_method(image: Optional[CanvasImage], method: Method, guide: Optional[float]) -> None:
@@ -655,6 +737,21 @@ CALL_ARGUMENTS_DOC = """
                 upscaler's low-resolution input (required for both), or on SD / SDXL the image of
                 img2img. It sets the output's size (4x for the upscaler) and is never resized.
                 No reference window runs with it (``guide`` > 0 and MAD are refused).
+                Outpainting (SD 1.x/2.x / SDXL): an image NARROWER than ``width``, of the output's
+                height (at most one window; ``height`` defaults to it), without ``strength``, is kept
+                and the rest of the canvas generated around it (:mod:`safa.known`,
+                docs/own-audio.md): encoded once (the VAE posterior's mode), the latent columns it
+                covers imposed in every view at every step at that step's noise level, and in
+                SaFa's reference window; ``loop=True`` makes a 360-degree panorama containing it.
+                The rule: an image as wide as the canvas (or no ``width``) is img2img; ``strength``
+                with a narrower image, an image wider than ``width`` or of another height is an error.
+            image_start: outpainting: the pixel column of the image's left edge (default 0), a
+                multiple of the VAE factor (8); in a loop it may run across the seam.
+            image_crossfade: outpainting: pixel columns of the raised-cosine crossfade at each
+                junction of the user's pixels with the generation (default 16).
+            paste_image: outpainting: the output holds the user's pixels exactly (default; their
+                ``uint8`` values come back in ``"pil"`` and PNG files); False returns the decoded
+                generation there instead.
             strength: img2img (SD / SDXL): in ``[0, 1]`` (default 0.8): the last
                 ``int(num_inference_steps * strength)`` steps run, from the image encoded and
                 noised to the first of them; ``latents`` is then that noise.

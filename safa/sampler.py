@@ -237,7 +237,7 @@ class JointDiffusion:
 
     def prepare_latents(self, layout: Union[ViewLayout, GridLayout], batch_size: int, height: Optional[int],
                         generator: Any, latents: Optional[torch.Tensor],
-                        known: Optional[_known.KnownAudio] = None, init: Optional[_canvas.CanvasImage] = None,
+                        known: Optional[_known.KnownColumns] = None, init: Optional[_canvas.CanvasImage] = None,
                         first_timestep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The views of the initial long noise ``J_T``: ``(num_views, B, *window)``.
 
@@ -273,14 +273,14 @@ class JointDiffusion:
                                       method.swap_interval, batch_size)
 
     def prepare_reference(self, window_shape: Tuple[int, ...], generator: Any,
-                          reference_latents: Optional[torch.Tensor], known: Optional[_known.KnownAudio] = None,
+                          reference_latents: Optional[torch.Tensor], known: Optional[_known.KnownColumns] = None,
                           columns: int = 0) -> Tuple[torch.Tensor, Any]:
         """The reference window ``X^0`` (its own noise) and its own copy of the scheduler.
 
         The copy is taken after ``set_timesteps`` and before the first step: ``X^0`` is
         stepped only while it guides, so sharing the views' scheduler would leave its
         multistep history and step counter out of step with theirs. With the user's audio
-        (``known``) and no ``reference_latents``, ``X^0`` holds the clip (:meth:`KnownAudio.bind_reference`).
+        (``known``) and no ``reference_latents``, ``X^0`` holds the clip (:meth:`KnownColumns.bind_reference`).
         """
         reference = self.adapter.init_noise(window_shape, generator, reference_latents)
         if known is not None and reference_latents is None:
@@ -314,16 +314,20 @@ class JointDiffusion:
                  audio: Any = None, sample_rate: Optional[int] = None, audio_start: float = 0.0,
                  keep: Optional[Sequence[Tuple[float, float]]] = None, audio_latents: Optional[torch.Tensor] = None,
                  audio_crossfade: float = 0.05, paste_audio: bool = True, image: Any = None,
-                 strength: Optional[float] = None, controlnet_conditioning_scale: Optional[float] = None,
-                 noise_level: Optional[int] = None, timeline: Optional[Sequence[Any]] = None,
-                 transition: Optional[float] = None, regions: Optional[Sequence[Any]] = None,
-                 bootstrap: Optional[float] = None) -> Any:
+                 image_start: int = 0, image_crossfade: int = _request.DEFAULT_IMAGE_CROSSFADE,
+                 paste_image: bool = True, strength: Optional[float] = None,
+                 controlnet_conditioning_scale: Optional[float] = None, noise_level: Optional[int] = None,
+                 timeline: Optional[Sequence[Any]] = None, transition: Optional[float] = None,
+                 regions: Optional[Sequence[Any]] = None, bootstrap: Optional[float] = None) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
-        # alone checks and writes the output files). A canvas image sets the output's size.
+        # alone checks and writes the output files). A canvas image sets the output's size; an
+        # image narrower than width on SD / SDXL is outpainted (known columns, safa.known).
         canvas_image, width, height = _request.check_image(
             adapter, image, strength=strength, controlnet_conditioning_scale=controlnet_conditioning_scale,
-            noise_level=noise_level, width=width, height=height, window=window)
+            noise_level=noise_level, width=width, height=height, window=window, image_start=image_start,
+            image_crossfade=image_crossfade, paste_image=paste_image, loop=loop)
+        outpaint, canvas_image = _request.split_outpaint(canvas_image)
         request = _request.build_request(
             adapter, method=method, guide=guide, swap_interval=swap_interval, seconds=seconds,
             audio_length_in_s=audio_length_in_s, width=width, height=height, window=window, overlap=overlap,
@@ -362,6 +366,9 @@ class JointDiffusion:
                                      audio_start=audio_start, keep=keep, seconds=request.seconds, loop=request.loop,
                                      audio_crossfade=audio_crossfade, paste_audio=paste_audio,
                                      batch_size=prompts.batch_size, layout=layout)
+        if outpaint is not None:  # the user's image, encoded once into known latent columns
+            known = _known.prepare_known_image(adapter, outpaint, width=request.width, loop=request.loop,
+                                               batch_size=prompts.batch_size)
         window_shape = _request.window_shape(adapter, prompts.batch_size, layout, request.height)
         # 4. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1, with
         # the guidance window of the paper's text: docs/method.md section 5).
@@ -440,13 +447,15 @@ class JointDiffusion:
             if shard.rank != 0:
                 collections.deque(pieces, maxlen=0)  # run this rank's rounds: its tiles go to rank 0
                 return nothing if return_dict else adapter.pipeline_tuple(None)
-            on_chunk = _known.paste_then(plan.known, None if callback_on_output_chunk is None
-                                         else lambda start, chunk: callback_on_output_chunk(self, start, chunk))
+            on_chunk = None if callback_on_output_chunk is None \
+                else lambda start, chunk: callback_on_output_chunk(self, start, chunk)
+            # The user's own samples / pixels back into every decoded piece, before it is seen or written.
+            paste = plan.known.paste if plan.known is not None and plan.known.given is not None else None
             shown = latent.narrow(-2, 0, adapter.latent_rows(request.height)) if grid else latent
             result = _output.produce_output(adapter, shown, layout, mode=mode, tile=tile,
                                             view_batch_size=request.view_batch_size, out_len=out_len,
                                             output_type=request.output_type, paths=request.paths,
-                                            on_chunk=on_chunk, pieces=pieces)
+                                            on_chunk=on_chunk, paste=paste, pieces=pieces)
             timings["decode"] = time.perf_counter() - started
         if not return_dict:  # what the wrapped pipeline returns; its output is the latent for "latent"
             return adapter.pipeline_tuple(latent if request.output_type == "latent" else result)

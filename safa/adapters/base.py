@@ -612,20 +612,20 @@ class ImageAdapter(Adapter):
         by the denoiser's argument names (cropped per view by the sampler); none for img2img."""
         return {}
 
-    def encode_image(self, pixels: torch.Tensor, generator: Any) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, generator: Any, sample_mode: str = "sample") -> torch.Tensor:
         """img2img: ``pixels`` ``(B, 3, H, W)`` in ``[0, 1]`` -> the latent, as the pipeline's img2img
         ``prepare_latents`` encodes it (a sample of the VAE's posterior drawn from ``generator``,
-        one generator per row for a list, times ``scaling_factor``)."""
+        one generator per row for a list, times ``scaling_factor``; ``sample_mode="argmax"``: its mode)."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
         vae = self.pipe.vae
         x = (pixels * 2.0 - 1.0).to(device=self.device, dtype=vae.dtype)  # VaeImageProcessor.normalize
         if isinstance(generator, list):
             if x.shape[0] < len(generator):
                 x = x.repeat(len(generator) // x.shape[0], 1, 1, 1)
-            latent = torch.cat([retrieve_latents(vae.encode(x[i:i + 1]), generator=generator[i])
-                                for i in range(x.shape[0])])
+            latent = torch.cat([retrieve_latents(vae.encode(x[i:i + 1]), generator=generator[i],
+                                                 sample_mode=sample_mode) for i in range(x.shape[0])])
         else:
-            latent = retrieve_latents(vae.encode(x), generator=generator)
+            latent = retrieve_latents(vae.encode(x), generator=generator, sample_mode=sample_mode)
         return vae.config.scaling_factor * latent.to(self.dtype)
 
     # -- conditions: the pipeline's own encode_prompt, from prompts or from embeddings -------

@@ -38,10 +38,12 @@ AnyLayout = Union[ViewLayout, GridLayout]
 class CanvasImage:
     """The call's ``image=``, read: ``pixels`` ``(B, 3, H, W)`` float32 in ``[0, 1]`` (B: 1, or one per output).
 
-    ``role``: what the wrapped pipeline takes it for (``"init"``: img2img, ``"control"``: a
-    ControlNet's condition, ``"low_res"``: the upscaler's input); ``strength`` (img2img),
-    ``conditioning_scale`` (ControlNet) and ``noise_level`` (upscaler) are the call's values
-    for that role, checked.
+    ``role``: what the wrapped pipeline takes it for (``"init"``: img2img, ``"outpaint"``: an
+    image narrower than the canvas, kept and generated around (:mod:`safa.known`), ``"control"``:
+    a ControlNet's condition, ``"low_res"``: the upscaler's input); ``strength`` (img2img),
+    ``image_start`` / ``crossfade`` / ``paste`` (outpainting: pixel column of its left edge,
+    crossfade pixel columns, paste it back), ``conditioning_scale`` (ControlNet) and
+    ``noise_level`` (upscaler) are the call's values for that role, checked.
     """
 
     pixels: torch.Tensor
@@ -49,6 +51,9 @@ class CanvasImage:
     strength: float = 1.0
     conditioning_scale: float = 1.0
     noise_level: int = 20
+    image_start: int = 0
+    crossfade: int = 0
+    paste: bool = True
 
     @property
     def size(self) -> Tuple[int, int]:
@@ -157,10 +162,14 @@ def add_view_crops(adapter: Any, conditions: Any, view_rows: torch.Tensor, image
     return conditions.row(view_rows, view * per_image + (item if per_image > 1 else 0))
 
 
-def encode_canvas_image(adapter: Any, pixels: torch.Tensor, generator: Any) -> torch.Tensor:
-    """img2img's encode of the whole canvas image: the one place the sampler encodes an image, so
-    that a tiled encode can take its place (today the adapter's whole-image VAE encode)."""
-    return adapter.encode_image(pixels, generator)
+def encode_canvas_image(adapter: Any, pixels: torch.Tensor, generator: Any,
+                        sample_mode: str = "sample") -> torch.Tensor:
+    """img2img's (and outpainting's, ``sample_mode="argmax"``: the posterior's mode) encode of the
+    user's image: the one place the sampler encodes an image, so that a tiled encode can take its
+    place (today the adapter's whole-image VAE encode)."""
+    if sample_mode == "sample":  # img2img's call, as it always was
+        return adapter.encode_image(pixels, generator)
+    return adapter.encode_image(pixels, generator, sample_mode=sample_mode)
 
 
 def noised_init_latents(adapter: Any, scheduler: Any, image: CanvasImage, shape: Tuple[int, ...],

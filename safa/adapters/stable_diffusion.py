@@ -90,13 +90,13 @@ class StableDiffusionXLAdapter(ImageAdapter):
         return self.denoiser(x, t, encoder_hidden_states=c["encoder_hidden_states"],
                              added_cond_kwargs=self._added_cond(x, c), return_dict=False)[0]
 
-    def encode_image(self, pixels: torch.Tensor, generator: Any) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, generator: Any, sample_mode: str = "sample") -> torch.Tensor:
         # As SDXL's img2img prepare_latents: the VAE's own normalisation (latents_mean / std) when it has one.
         vae = self.pipe.vae
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is None or std is None:
-            return super().encode_image(pixels, generator)
-        latent = super().encode_image(pixels, generator) / vae.config.scaling_factor
+            return super().encode_image(pixels, generator, sample_mode)
+        latent = super().encode_image(pixels, generator, sample_mode) / vae.config.scaling_factor
         shape = (1, -1) + (1,) * (latent.dim() - 2)
         mean_t = torch.tensor(mean, device=latent.device, dtype=latent.dtype).view(shape)
         std_t = torch.tensor(std, device=latent.device, dtype=latent.dtype).view(shape)

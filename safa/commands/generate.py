@@ -4,6 +4,7 @@
         --method safa --loop --steps 200 --guidance-scale 2.5 --seed 0 --out rain.wav
     safa generate --view-prompt rain --view-prompt wind --view-prompt calm --seconds 24 ...
     safa generate --model DIR --prompt "a castle" --image wide.png --strength 0.3 --out castle.png
+    safa generate --model DIR --prompt "a castle" --image photo.png --width 4096 --at 1024 --loop --out pano.png
     safa generate --model CONTROLNET_DIR --prompt "a castle" --control-image edges.png --out castle.png
     safa generate --model X4_UPSCALER_DIR --prompt "a castle" --image small.png --out castle_x4.png
     safa generate --model WAN_DIR --prompt "waves" --frames 241 --width 832 --height 480 --out waves.mp4
@@ -83,14 +84,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--audio", default=None, help="your own WAV/FLAC clip to continue / extend / fill / loop "
                                                  "(resampled to the model's rate; its samples kept exactly)")
     p.add_argument("--at", type=NONNEGATIVE_NUMBER, default=0.0,
-                   help="--audio: where the clip starts, seconds (default 0)")
+                   help="--audio: where the clip starts, seconds; --image narrower than --width (outpainting): "
+                        "its left edge, pixels, a multiple of 8 (default 0)")
     p.add_argument("--keep", action="append", default=None, metavar="START:END",
                    help="--audio: a range of the output (seconds) to keep from the clip (repeat; default all of it)")
-    p.add_argument("--crossfade", type=NONNEGATIVE_NUMBER, default=0.05,
-                   help="--audio: crossfade at each junction with the clip, seconds (default 0.05)")
+    p.add_argument("--crossfade", type=NONNEGATIVE_NUMBER, default=None,
+                   help="crossfade at each junction with your clip (--audio: seconds, default 0.05) or image "
+                        "(outpainting: pixels, default 16)")
     p.add_argument("--image", default=None,
                    help="an RGB image for the whole canvas: img2img's input (SD, SDXL; with --strength) or the x4 "
-                        "upscaler's low-resolution input; it sets the output size (never resized)")
+                        "upscaler's low-resolution input; it sets the output size (never resized). On SD / SDXL "
+                        "an image narrower than --width (no --strength) is outpainted: kept at --at px, the rest "
+                        "generated around it (--loop: a 360-degree panorama)")
     p.add_argument("--strength", type=NONNEGATIVE_NUMBER, default=None,
                    help="--image on SD / SDXL: how much of the image is regenerated, in [0, 1] (default 0.8)")
     p.add_argument("--control-image", default=None,
@@ -344,8 +349,9 @@ def _prompt_arguments(args: argparse.Namespace) -> Dict[str, Any]:
 def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:
     """``--audio`` / ``--at`` / ``--keep`` / ``--crossfade`` as the call's ``audio=`` arguments (safa.known)."""
     if args.audio is None:
-        if args.keep or args.at:
-            raise CLIError("--at and --keep place your audio: give --audio with them")
+        if args.keep or (args.at and args.image is None):
+            raise CLIError("--at and --keep place your audio (--at also your --image): give --audio (or --image) "
+                           "with them")
         return {}
     keep = None
     if args.keep:
@@ -355,7 +361,8 @@ def _known_arguments(args: argparse.Namespace) -> Dict[str, Any]:
             raise CLIError(f"--keep takes START:END in seconds, got {args.keep}") from None
         if any(len(k) != 2 for k in keep):
             raise CLIError(f"--keep takes START:END in seconds, got {args.keep}")
-    return dict(audio=args.audio, audio_start=args.at, keep=keep, audio_crossfade=args.crossfade)
+    return dict(audio=args.audio, audio_start=args.at, keep=keep,
+                audio_crossfade=0.05 if args.crossfade is None else args.crossfade)
 
 
 def _given_spans(args: argparse.Namespace) -> List[Tuple[float, float]]:
@@ -371,7 +378,7 @@ def _given_spans(args: argparse.Namespace) -> List[Tuple[float, float]]:
 
 
 # The call's image arguments (not the memory estimate's).
-_IMAGE_CALL = ("image", "strength", "controlnet_conditioning_scale", "noise_level")
+_IMAGE_CALL = ("image", "strength", "controlnet_conditioning_scale", "noise_level", "image_start", "image_crossfade")
 
 
 def _image_arguments(args: argparse.Namespace, adapter: Any, call: Dict[str, Any]) -> Dict[str, Any]:
@@ -380,6 +387,10 @@ def _image_arguments(args: argparse.Namespace, adapter: Any, call: Dict[str, Any
     from ..request import check_image
     options = dict(strength=args.strength, controlnet_conditioning_scale=args.control_scale,
                    noise_level=args.noise_level)
+    # Outpainting (an --image narrower than --width): --at and --crossfade in pixels.
+    outpaint = {} if args.image is None or args.audio is not None else dict(
+        image_start=_pixels("--at", args.at),
+        **({} if args.crossfade is None else {"image_crossfade": _pixels("--crossfade", args.crossfade)}))
     if args.image is not None and args.control_image is not None:
         raise CLIError("give --image or --control-image, not both")
     path, flag = (args.control_image, "--control-image") if args.control_image is not None else (args.image, "--image")
@@ -399,9 +410,17 @@ def _image_arguments(args: argparse.Namespace, adapter: Any, call: Dict[str, Any
             raise CLIError(f"{flag}: cannot read an image from {path} ({exc})") from None
     try:
         checked, width, height = check_image(adapter, image, width=call["width"], height=call["height"],
-                                             window=call["window"], **options)
+                                             window=call["window"], loop=call["loop"], **options, **outpaint)
     except ValueError as exc:
         raise CLIError(f"{flag} {path}: {exc}" if path is not None else str(exc)) from None
     if checked is None:
         return {}
-    return dict(image=image, width=width, height=height, **{k: v for k, v in options.items() if v is not None})
+    return dict(image=image, width=width, height=height, **{k: v for k, v in options.items() if v is not None},
+                **outpaint)
+
+
+def _pixels(flag: str, value: float) -> int:
+    """``--at`` / ``--crossfade`` with an ``--image``: a whole number of pixels."""
+    if not float(value).is_integer():
+        raise CLIError(f"{flag} with --image takes pixels (an int), got {value:g}")
+    return int(value)
