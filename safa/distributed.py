@@ -124,19 +124,22 @@ def _plan_cells(layout: AnyLayout, mode: str, swap_interval: int) -> Tuple[torch
     return expand(sources), expand(targets)
 
 
-def cells_read(layout: AnyLayout, mode: str, swap_interval: int, views: range) -> torch.Tensor:
+def cells_read(layout: AnyLayout, mode: str, swap_interval: int, views: Sequence[int]) -> torch.Tensor:
     """The cells outside ``views`` that the merge of ``views``' cells reads (sorted flat ``v * cells + k``,
     ``cells`` = :func:`view_cells`; a grid tile's cell ``k = kr * cols.window + kc``).
 
-    Read off the ``sync_`` plan itself (docs/kernels.md section 5): the sources of every row
-    that writes a cell of ``views``. The reference swap reads only the cell it writes (or
-    none), so the plan without a reference gives the same set.
+    ``views``: a rank's block (a ``range``), or any set of view indices (the benchmark counts
+    other splits with it). Read off the ``sync_`` plan itself (docs/kernels.md section 5):
+    the sources of every row that writes a cell of ``views``. The reference swap reads only
+    the cell it writes (or none), so the plan without a reference gives the same set.
     """
     sources, targets = _plan_cells(layout, mode, swap_interval)
     w = view_cells(layout)
+    own = torch.zeros(layout.num_views + 1, dtype=torch.bool)  # the last entry: padding (-1)
+    own[torch.as_tensor(list(views), dtype=torch.long)] = True
 
     def inside(cells: torch.Tensor) -> torch.Tensor:
-        return (cells >= views.start * w) & (cells < views.stop * w)  # padding (-1) is outside
+        return own[torch.where(cells >= 0, cells // w, -1)]  # padding (-1) is outside
 
     read = sources[inside(targets).any(dim=1)]
     return torch.unique(read[(read >= 0) & ~inside(read)])

@@ -105,6 +105,8 @@ def _cases():
         ("flux", "safa", False, {}),
         ("stable_audio_3", "multidiffusion", False, {}),
         ("longcat", "safa", True, {}),
+        # Mixture of Diffusers' Gaussian weights on a strip (on grids: test_distributed_grid.py)
+        ("sd", "multidiffusion_gaussian", True, {}),
     ]
     return cases
 
@@ -182,7 +184,8 @@ def test_bitwise_equal_to_one_process(one_process, world_size):
 
 # -- the exchange set, in one process: a rank's merge reads only its cells and those it receives
 @pytest.mark.parametrize("loop", [False, True])
-@pytest.mark.parametrize("mode,overlap", [("swap", 5), ("swap", 8), ("mean", 5), ("mean", 12), ("triangular", 13)])
+@pytest.mark.parametrize("mode,overlap", [("swap", 5), ("swap", 8), ("mean", 5), ("mean", 12), ("triangular", 13),
+                                          ("gaussian", 10)])
 @pytest.mark.parametrize("world_size", [2, 3, 6])
 def test_a_rank_merge_needs_only_the_exchanged_cells(mode, overlap, loop, world_size):
     # Every cell a rank neither owns nor receives is poisoned with NaN (what the merge of
@@ -223,7 +226,8 @@ def test_exchange_is_what_the_merge_reads():
 def test_every_other_method_is_one_that_couples_the_views():
     # MAD and SyncDiffusion read every view inside a step; SaFaStats averages its corrections
     # over the overlaps inside a step (a second exchange the distributed step does not make).
-    # (multidiffusion_gaussian does not couple them but is not yet run distributed here.)
+    # (multidiffusion_gaussian does not couple them: it runs distributed in one case of _cases
+    # and in the grid tests, test_distributed_grid.py.)
     assert set(METHODS) - set(DISTRIBUTED_METHODS) == {"mad", "syncdiffusion", "safa_stats", "multidiffusion_gaussian"}
 
 
