@@ -1,29 +1,19 @@
-"""2-D grids of tiles over several processes (torch.distributed, gloo on CPU) against one process.
+"""The exchange of a 2-D grid of tiles over several processes, in one process.
 
 A grid's tiles are sharded like a strip's views: contiguous blocks in row-major order
 (``view_blocks``), so a block is whole rows of tiles plus, where the ranks do not divide the
 rows, a run of the next row's tiles. The exchange is read off the grid's ``sync_`` plan (its
-runs expanded), exactly as for strips. The claim (docs/distributed.md, "Grids"): bitwise the
-one-process output, for SaFa, SaFa*, MD, MD*, Gaussian-weighted MD, loops on either or both
-axes, 2 and 3 ranks, even and uneven blocks.
+runs expanded), exactly as for strips (docs/distributed.md, "Grids"). The generations over 2
+and 3 gloo processes, bitwise against one process, are in test_distributed.py (they share its
+processes: spawning them is most of the cost).
 """
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
-import safa.testing.pipelines as tp
-from safa import JointDiffusion
 from safa.distributed import cells_read, exchange_cells, view_blocks, view_cells
-from safa.testing.distributed import RankError, run_processes
 from safa_kernels import GridLayout, ViewLayout, sync_
-
-WINDOW = 16  # latent cells per tile side of the tiny SD pipeline (128 px)
-GRID_METHODS = ("safa", "safa_selfloop", "multidiffusion", "multidiffusion_triangular", "multidiffusion_gaussian")
 
 
 # -- the exchange set, in one process ----------------------------------------------------------
@@ -84,88 +74,3 @@ def test_a_grid_exchange_is_what_the_2d_swap_reads():
         sends, receives = exchange_cells(layout, "swap", 1, blocks, rank)
         for peer, cells in receives.items():
             assert torch.equal(cells, exchange_cells(layout, "swap", 1, blocks, peer)[0][rank])
-
-
-# -- the sampler over 2 and 3 processes --------------------------------------------------------
-# (method, call options): 3 x 3 tiles (232 x 232 px: 29 x 29 latent cells) on 2 ranks is an
-# uneven split inside a tile row (5 + 4), on 3 ranks whole rows (3 + 3 + 3); 2 x 3 tiles
-# (200 px high) on 2 ranks whole rows, on 3 ranks every block inside a tile row (2 + 2 + 2).
-SQUARE, WIDE = dict(width=232, height=232), dict(width=232, height=200)
-CASES = [(method, SQUARE) for method in GRID_METHODS] + [
-    ("safa", dict(WIDE, loop="both", width=272)),                    # a torus: 25 x 34 cells, 2 x 3 tiles
-    ("multidiffusion", dict(WIDE, loop=(True, False))),              # the rows loop
-    ("multidiffusion_gaussian", dict(SQUARE, loop=(False, True), width=272)),  # the cols loop
-    ("safa_selfloop", dict(WIDE, loop="both", width=272, overlap=0.5)),  # the swap's largest overlap
-    ("multidiffusion_triangular", dict(SQUARE, overlap=0.75)),       # ranks two tile rows away
-    ("safa", dict(WIDE, scheduler="DDPM")),                          # stochastic: noise over the whole batch
-    ("safa", dict(WIDE, num_images_per_prompt=2)),                   # two scheduler rows per tile
-    ("safa", dict(SQUARE, output_type="np")),                        # decoded (on rank 0)
-]
-
-
-def _generate(jd: JointDiffusion, method: str, options: dict):
-    options = dict(options)
-    scheduler = options.pop("scheduler", None)
-    default_scheduler = jd.pipe.scheduler
-    if scheduler == "DDPM":
-        jd.pipe.scheduler = DDPMScheduler.from_config(default_scheduler.config)
-    kw = dict(method=method, overlap=0.25, num_inference_steps=3, view_batch_size=1, output_type="latent",
-              generator=torch.Generator().manual_seed(7))
-    kw.update(options)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecation notices of the tiny pipeline
-            out = jd("a stone wall", **kw)
-    finally:
-        jd.pipe.scheduler = default_scheduler
-    images = None if out.images is None else np.stack([np.asarray(im) for im in out.images])
-    return {"latent": out.latent, "images": images, "tiles": out.layout.num_views}
-
-
-def _pipeline():
-    return tp.tiny_sd_pipeline(seed=0, sample_size=WINDOW)
-
-
-def _ranks_generate(group):
-    import torch.distributed as dist
-    pair = dist.new_group([0, 1])  # every rank of the world takes part in creating it
-    results = {}
-    for world_size, sub in ((3, group), (2, pair)):
-        if dist.get_rank() >= world_size:
-            continue
-        jd = JointDiffusion(_pipeline(), process_group=sub)
-        decode_latents = jd.adapter.decode_latents
-        calls = []
-        jd.adapter.decode_latents = lambda z: (calls.append(1), decode_latents(z))[1]
-        results[world_size] = []
-        for method, options in CASES:
-            calls.clear()
-            results[world_size].append(dict(_generate(jd, method, options), decoder_calls=len(calls)))
-    return results
-
-
-@pytest.fixture(scope="module")
-def one_process():
-    jd = JointDiffusion(_pipeline())
-    return [_generate(jd, method, options) for method, options in CASES]
-
-
-def test_a_grid_over_2_and_3_ranks_is_bitwise_one_process(one_process):
-    results = run_processes(_ranks_generate, 3, timeout_s=240)
-    for rank, res in enumerate(results):
-        assert not isinstance(res, RankError), f"rank {rank}: {res.traceback}"
-    for world_size in (2, 3):
-        for case, single, distributed in zip(CASES, one_process, results[0][world_size]):
-            assert single["tiles"] >= 6 and isinstance(single["latent"], torch.Tensor)
-            for key in ("latent", "images"):
-                if single[key] is None:
-                    assert distributed[key] is None, (world_size, case, key)
-                    continue
-                expected = single[key].numpy() if isinstance(single[key], torch.Tensor) else single[key]
-                assert np.array_equal(distributed[key], expected), \
-                    (world_size, case, key, float(np.abs(distributed[key].astype(np.float64) - expected).max()))
-        for rank in range(1, world_size):  # the result, and the decode, are rank 0's alone
-            for (method, options), res in zip(CASES, results[rank][world_size]):
-                assert res["latent"] is None and res["images"] is None and res["decoder_calls"] == 0
-        decoded = [res["decoder_calls"] for res in results[0][world_size]]
-        assert decoded[-1] >= 1 and sum(decoded[:-1]) == 0
