@@ -7,6 +7,8 @@ design and the exactness argument are in docs/distributed.md; in short:
 - **Views.** Rank ``r`` owns a contiguous block of views (:func:`view_blocks`; the larger
   blocks first, so the last rank, which holds the reference window, has the fewest).
   ``J_T`` is drawn whole on every rank from the same generator, exactly as in one process.
+  A 2-D grid's tiles are views numbered row-major, so a block is whole rows of tiles plus,
+  where the ranks do not divide the rows, a run of the next row's tiles.
 - **Model: sharded.** Each rank runs the model on its own views' rows only (plus the
   reference window ``X^0`` on :attr:`ViewShard.reference_rank` while it guides).
 - **Scheduler: replicated.** Every rank steps the *whole* batch, with zeros as the model
@@ -23,16 +25,18 @@ design and the exactness argument are in docs/distributed.md; in short:
   the merge of its own cells reads, and sends the cells of its views that theirs read.
   These are taken from the merge's own plan (docs/kernels.md section 5), so they are exactly
   right for every mode: the winning half of each overlap in swap mode, every covering cell
-  (deeper neighbours included) when averaging, the ring across the seam of a loop.
+  (deeper neighbours included) when averaging, the ring across the seam of a loop; for a
+  grid the same over its merged axis of canvas cells (the plan's runs expanded).
 - **Merge: the ordinary one.** With its own cells and the received ones current, a rank
   runs the same ``sync_`` with the same plan as one process; every row of that plan reads
   and writes the cells of one column only, so its own cells get the same operations, in
   the same summation order, with the same weights: bitwise the one-process result. (Cells
   of other ranks' views are computed from stale values and discarded.)
-- **End.** The views are gathered to rank 0, which stitches and decodes; when the decode is
-  tiled (``decode="tiled"``, or ``"auto"`` beyond a few windows) every rank gets every view
-  and the ranks decode the tiles round-robin, rank 0 receiving each round's tiles in order
-  (and writing them to ``output_path`` as they come, so memory stays one round's tiles).
+- **End.** The views are gathered to rank 0, which stitches and decodes (a grid always: it
+  is decoded whole); when a strip's decode is tiled (``decode="tiled"``, or ``"auto"``
+  beyond a few windows) every rank gets every view and the ranks decode the tiles
+  round-robin, rank 0 receiving each round's tiles in order (and writing them to
+  ``output_path`` as they come, so memory stays one round's tiles).
 
 Failures: the call begins with one ``all_gather_object`` of argument digests (different
 arguments on different ranks are an error on every rank, before any work); every step's
