@@ -117,6 +117,8 @@ def _plan_cells(layout: AnyLayout, mode: str, swap_interval: int) -> Tuple[torch
     sources, targets = index[:, 1:1 + k].long(), index[:, 1 + k:].long()
     if runs is None:
         return sources, targets
+    if runs.dim() != 2 or runs.shape[1] != 2:  # the contract this expansion reads (safa_kernels/plan.py)
+        raise RuntimeError(f"a grid plan's runs must be (rows, 2) = (count, step), got shape {tuple(runs.shape)}")
     count, step = runs[:, 0].long(), runs[:, 1].long()
     row = torch.repeat_interleave(torch.arange(count.numel()), count)
     first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
