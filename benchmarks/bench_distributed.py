@@ -33,6 +33,10 @@ benchmarks/README.md). What it measures, every number labelled measured / counte
    512 x 16384 SD panorama: per step, the slowest rank's windows x the per-window model time,
    plus the replicated scheduler and merge, plus communication; ``ASSUMED`` below holds the
    hardware figures, which are not measured here (this task had no GPU).
+5. **Counted, grids.** For SD 1.x at 2048 x 2048 px and SDXL at 4096 x 4096 px (5 x 5
+   tiles each), the bytes a rank receives per step and its largest block, under the split
+   the shard uses (row-major tile blocks) and two others it does not (whole tile rows per
+   rank, a 2-D block split): docs/distributed.md, "Grids".
 
 The step timing is the one function ``_step_times`` (a callback's wall and CPU timestamps of
 every step, both needed: the wall time is the speed-up, the CPU time the critical path);
@@ -324,6 +328,58 @@ def modelled(flops: Dict[str, float]) -> List[Dict[str, Any]]:
     return rows
 
 
+# -- 5. grids: bytes per step of a tile split (counted) ---------------------------------------
+GRID_WORKLOADS = [
+    # name, latent side (cells), tile window, as the sampler lays them out at overlap 0.2 (SD 1.x, SDXL)
+    ("SD 1.x, 2048 x 2048 px", 256, 64),
+    ("SDXL, 4096 x 4096 px", 512, 128),
+]
+
+
+def _grid_splits(layout, world: int) -> Dict[str, List[List[int]]]:
+    """The tiles of each rank under three splits: the row-major blocks the shard uses
+    (``view_blocks``), whole tile rows per rank, and the 2-D block split ``pr x pc = world``
+    with the smallest largest block (whole tile rows when ``world`` is prime)."""
+    from safa.distributed import view_blocks
+    R, C = layout.rows.num_views, layout.cols.num_views
+
+    def parts(n: int, k: int) -> List[range]:
+        return view_blocks(n, k)
+    splits = {"row-major tile blocks (used)": [list(b) for b in view_blocks(R * C, world)]}
+    if world <= R:
+        splits["whole tile rows"] = [[a * C + b for a in rows for b in range(C)] for rows in parts(R, world)]
+    best = None
+    for pr in range(1, world + 1):
+        if world % pr or pr > R or world // pr > C:
+            continue
+        blocks = [[a * C + b for a in rows for b in cols] for rows in parts(R, pr) for cols in parts(C, world // pr)]
+        if best is None or max(map(len, blocks)) < max(map(len, best)):
+            best = blocks
+    if best is not None:
+        splits["2-D blocks"] = best
+    return splits
+
+
+def grid_exchange() -> List[Dict[str, Any]]:
+    """Per workload, split, mode and world size: the largest block (tiles) and the bytes a rank
+    receives per step (fp16, 4 channels, one image), counted from the exchange sets."""
+    from safa.distributed import cells_read
+    from safa_kernels import GridLayout
+    cell_bytes = 4 * ASSUMED["dtype_bytes"]
+    rows = []
+    for name, side, window in GRID_WORKLOADS:
+        layout = GridLayout.covering(side, side, window, int(round(0.2 * window)))
+        for mode in ("swap", "mean"):
+            for world in (2, 3, 4, 8):
+                for split, blocks in _grid_splits(layout, world).items():
+                    received = [cells_read(layout, mode, 1, block).numel() * cell_bytes for block in blocks]
+                    rows.append({"workload": name, "tiles": f"{layout.rows.num_views} x {layout.cols.num_views}",
+                                 "mode": mode, "gpus": world, "split": split,
+                                 "largest_block": max(map(len, blocks)), "max_bytes_per_step_rank": max(received),
+                                 "total_bytes_per_step": sum(received)})
+    return rows
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = harness.argument_parser(__doc__, device=False)
     ap.add_argument("--seconds", type=float, default=None, help="seconds of audio of the measured run")
@@ -350,11 +406,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     meas = measured(args.seconds, args.steps, args.rounds)
     flops = full_size_flops()
+    grid_exchange_rows = grid_exchange()
     path = harness.record("distributed", torch.device("cpu"), [], args.threads,
                           clock="wall time per step (rank 0) and process CPU time per rank",
-                          measured=meas, flops=flops, modelled=modelled(flops), assumed=ASSUMED,
+                          measured=meas, flops=flops, modelled=modelled(flops), grid_exchange=grid_exchange_rows,
+                          assumed=ASSUMED,
                           distrifusion={str(k): v for k, v in DISTRIFUSION.items()})
     print(report.render_file_section("distributed", path))
+    print("\nGrids: bytes a rank receives per step (counted; fp16, 4 channels, one image)")
+    for row in grid_exchange_rows:
+        print(f"  {row['workload']:24} {row['tiles']} {row['mode']:5} {row['gpus']} GPUs  {row['split']:29} "
+              f"largest block {row['largest_block']:2} tiles  max {row['max_bytes_per_step_rank'] / 1e3:6.1f} KB  "
+              f"total {row['total_bytes_per_step'] / 1e3:7.1f} KB")
     return 0
 
 

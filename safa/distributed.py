@@ -7,6 +7,8 @@ design and the exactness argument are in docs/distributed.md; in short:
 - **Views.** Rank ``r`` owns a contiguous block of views (:func:`view_blocks`; the larger
   blocks first, so the last rank, which holds the reference window, has the fewest).
   ``J_T`` is drawn whole on every rank from the same generator, exactly as in one process.
+  A 2-D grid's tiles are views numbered row-major, so a block is whole rows of tiles plus,
+  where the ranks do not divide the rows, a run of the next row's tiles.
 - **Model: sharded.** Each rank runs the model on its own views' rows only (plus the
   reference window ``X^0`` on :attr:`ViewShard.reference_rank` while it guides).
 - **Scheduler: replicated.** Every rank steps the *whole* batch, with zeros as the model
@@ -23,16 +25,18 @@ design and the exactness argument are in docs/distributed.md; in short:
   the merge of its own cells reads, and sends the cells of its views that theirs read.
   These are taken from the merge's own plan (docs/kernels.md section 5), so they are exactly
   right for every mode: the winning half of each overlap in swap mode, every covering cell
-  (deeper neighbours included) when averaging, the ring across the seam of a loop.
+  (deeper neighbours included) when averaging, the ring across the seam of a loop; for a
+  grid the same over its merged axis of canvas cells (the plan's runs expanded).
 - **Merge: the ordinary one.** With its own cells and the received ones current, a rank
   runs the same ``sync_`` with the same plan as one process; every row of that plan reads
   and writes the cells of one column only, so its own cells get the same operations, in
   the same summation order, with the same weights: bitwise the one-process result. (Cells
   of other ranks' views are computed from stale values and discarded.)
-- **End.** The views are gathered to rank 0, which stitches and decodes; when the decode is
-  tiled (``decode="tiled"``, or ``"auto"`` beyond a few windows) every rank gets every view
-  and the ranks decode the tiles round-robin, rank 0 receiving each round's tiles in order
-  (and writing them to ``output_path`` as they come, so memory stays one round's tiles).
+- **End.** The views are gathered to rank 0, which stitches and decodes (a grid always: it
+  is decoded whole); when a strip's decode is tiled (``decode="tiled"``, or ``"auto"``
+  beyond a few windows) every rank gets every view and the ranks decode the tiles
+  round-robin, rank 0 receiving each round's tiles in order (and writing them to
+  ``output_path`` as they come, so memory stays one round's tiles).
 
 Failures: the call begins with one ``all_gather_object`` of argument digests (different
 arguments on different ranks are an error on every rank, before any work); every step's
@@ -50,18 +54,19 @@ import hashlib
 import inspect
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from safa_kernels import ViewLayout
+from safa_kernels import GridLayout
+from safa_kernels.layout import AnyLayout
 from safa_kernels.plan import REF_NONE, get_plan
 
 from .errors import one_line
 
-__all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "cells_read", "exchange_cells",
-           "collective", "agree", "init_from_environment", "rank_of"]
+__all__ = ["ViewShard", "PeerFailure", "CommunicationError", "view_blocks", "view_cells", "cells_read",
+           "exchange_cells", "collective", "agree", "init_from_environment", "rank_of"]
 
 
 class PeerFailure(RuntimeError):
@@ -95,31 +100,63 @@ def view_blocks(num_views: int, world_size: int) -> List[range]:
     return [range(starts[r], starts[r + 1]) for r in range(world_size)]
 
 
-def cells_read(layout: ViewLayout, mode: str, swap_interval: int, views: range) -> torch.Tensor:
-    """The cells outside ``views`` that the merge of ``views``' cells reads (sorted flat ``v * window + k``).
+def view_cells(layout: AnyLayout) -> int:
+    """Cells of one view on the merge's axis: a strip's window, a grid tile's ``rows.window * cols.window``
+    (the kernels merge a grid's two axes into one, row-major: docs/kernels.md section 8)."""
+    return layout.view_cells if isinstance(layout, GridLayout) else layout.window
 
-    Read off the ``sync_`` plan itself (docs/kernels.md section 5): the sources of every row
-    that writes a cell of ``views``. The reference swap reads only the cell it writes (or
-    none), so the plan without a reference gives the same set.
-    """
-    index, weight, _ = get_plan(layout, "sync", mode, swap_interval, REF_NONE, torch.device("cpu"))
+
+def _plan_cells(layout: AnyLayout, mode: str, swap_interval: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sources, targets)`` of the ``sync_`` plan, one row per cell (padding -1).
+
+    A grid's plan rows are runs (docs/kernels.md section 8): row ``r`` stands for ``runs[r, 0]``
+    cells at positions ``p + j * runs[r, 1]``; they are expanded here, so a grid's exchange
+    is read off its plan exactly as a strip's is."""
+    index, weight, runs = get_plan(layout, "sync", mode, swap_interval, REF_NONE, torch.device("cpu"))
     k = weight.shape[1]
     sources, targets = index[:, 1:1 + k].long(), index[:, 1 + k:].long()
-    w = layout.window
+    if runs is None:
+        return sources, targets
+    if runs.dim() != 2 or runs.shape[1] != 2:  # the contract this expansion reads (safa_kernels/plan.py)
+        raise RuntimeError(f"a grid plan's runs must be (rows, 2) = (count, step), got shape {tuple(runs.shape)}")
+    count, step = runs[:, 0].long(), runs[:, 1].long()
+    row = torch.repeat_interleave(torch.arange(count.numel()), count)
+    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    shift = ((torch.arange(row.numel()) - first) * step[row]).unsqueeze(1)
+
+    def expand(positions: torch.Tensor) -> torch.Tensor:
+        positions = positions[row]
+        return torch.where(positions >= 0, positions + shift, positions)
+    return expand(sources), expand(targets)
+
+
+def cells_read(layout: AnyLayout, mode: str, swap_interval: int, views: Sequence[int]) -> torch.Tensor:
+    """The cells outside ``views`` that the merge of ``views``' cells reads (sorted flat ``v * cells + k``,
+    ``cells`` = :func:`view_cells`; a grid tile's cell ``k = kr * cols.window + kc``).
+
+    ``views``: a rank's block (a ``range``), or any set of view indices (the benchmark counts
+    other splits with it). Read off the ``sync_`` plan itself (docs/kernels.md section 5):
+    the sources of every row that writes a cell of ``views``. The reference swap reads only
+    the cell it writes (or none), so the plan without a reference gives the same set.
+    """
+    sources, targets = _plan_cells(layout, mode, swap_interval)
+    w = view_cells(layout)
+    own = torch.zeros(layout.num_views + 1, dtype=torch.bool)  # the last entry: padding (-1)
+    own[torch.as_tensor(list(views), dtype=torch.long)] = True
 
     def inside(cells: torch.Tensor) -> torch.Tensor:
-        return (cells >= views.start * w) & (cells < views.stop * w)  # padding (-1) is outside
+        return own[torch.where(cells >= 0, cells // w, -1)]  # padding (-1) is outside
 
     read = sources[inside(targets).any(dim=1)]
     return torch.unique(read[(read >= 0) & ~inside(read)])
 
 
-def exchange_cells(layout: ViewLayout, mode: str, swap_interval: int, blocks: Sequence[range],
+def exchange_cells(layout: AnyLayout, mode: str, swap_interval: int, blocks: Sequence[range],
                    rank: int) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
-    """``(sends, receives)`` of ``rank`` per step: peer -> the cells (sorted flat ``v * window + k``)
+    """``(sends, receives)`` of ``rank`` per step: peer -> the cells (sorted flat ``v * cells + k``)
     it sends to / receives from that peer. Both sides derive a transfer from the same
     :func:`cells_read`, in the same order, so the buffers match without any handshake."""
-    w = layout.window
+    w = view_cells(layout)
     owner = torch.empty(layout.num_views, dtype=torch.long)
     for r, block in enumerate(blocks):
         owner[block.start:block.stop] = r
@@ -314,16 +351,25 @@ class ViewShard:
     With ``group=None`` it is the whole layout in one process and every method is the
     identity: the sampler's loop reads the same either way.
 
+    A grid's tiles are sharded the same way: :func:`view_blocks` over the tiles in row-major
+    order, so a rank owns whole rows of tiles plus, where the blocks do not divide the rows,
+    a run of the next row's tiles (docs/distributed.md, "Grids").
+
     Args:
         group: the process group (None: one process).
-        layout: the views' layout; ``dim`` its long axis in latent coordinates.
+        layout: the views' layout; ``dim`` its long axis in latent coordinates (a grid's
+            ``(rows axis, cols axis)``, as the ops take them).
         mode, swap_interval: the merge (what the exchange must carry depends on it).
         rows_per_view: scheduler rows per view (the batch size).
     """
 
-    def __init__(self, group: Any, layout: ViewLayout, dim: int, mode: str, swap_interval: int,
-                 rows_per_view: int) -> None:
-        self.group, self.layout, self.dim, self.rows_per_view = group, layout, dim, rows_per_view
+    def __init__(self, group: Any, layout: AnyLayout, dim: Union[int, Tuple[int, int]], mode: str,
+                 swap_interval: int, rows_per_view: int) -> None:
+        self.group, self.layout, self.rows_per_view = group, layout, rows_per_view
+        # The view axes a cell spans, and how a flat cell index splits over them.
+        self.dim: Tuple[int, ...] = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+        self._cell_axes: Tuple[int, ...] = ((layout.rows.window, layout.cols.window) if isinstance(layout, GridLayout)
+                                            else (layout.window,))
         self.rank = rank_of(group)
         self.world_size = 1 if group is None else dist.get_world_size(group)
         self.blocks = view_blocks(layout.num_views, self.world_size)
@@ -333,14 +379,22 @@ class ViewShard:
         self.bytes_sent = 0  # by exchange() (strips and reference), for measurements
         # Inside a JointDiffusion call, the call's failure protocol; standalone (benchmarks), its own.
         self._protocol = None if group is None else (_ACTIVE.get() or _Protocol(group))
-        self._sends: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # peer -> (views, local columns)
-        self._recvs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # peer -> (views, local index per cell axis): a strip's (views, columns), a grid's (views, rows, cols)
+        self._sends: Dict[int, Tuple[torch.Tensor, ...]] = {}
+        self._recvs: Dict[int, Tuple[torch.Tensor, ...]] = {}
         self._index_device = torch.device("cpu")
         if group is not None:
-            w = layout.window
             sends, receives = exchange_cells(layout, mode, swap_interval, self.blocks, self.rank)
-            self._sends = {peer: (cells // w, cells % w) for peer, cells in sends.items()}
-            self._recvs = {peer: (cells // w, cells % w) for peer, cells in receives.items()}
+            self._sends = {peer: self._split(cells) for peer, cells in sends.items()}
+            self._recvs = {peer: self._split(cells) for peer, cells in receives.items()}
+
+    def _split(self, cells: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Flat cells ``v * view_cells + k`` as ``(v, k)`` (a strip) or ``(v, kr, kc)`` (a grid, row-major)."""
+        parts = []
+        for size in reversed(self._cell_axes):
+            parts.append(cells % size)
+            cells = cells // size
+        return (cells, *reversed(parts))
 
     @property
     def has_reference(self) -> bool:
@@ -392,30 +446,31 @@ class ViewShard:
             if self.has_reference:
                 self.bytes_sent += buf.numel() * buf.element_size() * (self.world_size - 1)
             reference_output = buf.to(views.device)
-        cells = views.movedim(self.dim, 1)  # (views, window, rest...): cells[v, k] is one cell
+        # (views, window..., rest...): cells[v, k] (a strip) or cells[v, kr, kc] (a grid) is one cell
+        axes = len(self.dim)
+        cells = views.movedim(self.dim, tuple(range(1, 1 + axes)))
         if self._index_device != views.device:  # index on the views' device: no copy per step
-            self._sends = {p: (v.to(views.device), k.to(views.device)) for p, (v, k) in self._sends.items()}
-            self._recvs = {p: (v.to(views.device), k.to(views.device)) for p, (v, k) in self._recvs.items()}
+            self._sends = {p: tuple(x.to(views.device) for x in at) for p, at in self._sends.items()}
+            self._recvs = {p: tuple(x.to(views.device) for x in at) for p, at in self._recvs.items()}
             self._index_device = views.device
         ops, received = [], []
         for peer in self.peers:
             if peer in self._sends:
-                v, k = self._sends[peer]
-                out = cells[v, k].to(device)
+                out = cells[self._sends[peer]].to(device)
                 self.bytes_sent += out.numel() * out.element_size()
                 ops.append(dist.P2POp(dist.isend, out, dist.get_global_rank(self.group, peer), self.group))
             if peer in self._recvs:
-                v, k = self._recvs[peer]
-                buf = torch.empty((v.numel(), *cells.shape[2:]), dtype=views.dtype, device=device)
-                received.append((v, k, buf))
+                at = self._recvs[peer]
+                buf = torch.empty((at[0].numel(), *cells.shape[1 + axes:]), dtype=views.dtype, device=device)
+                received.append((at, buf))
                 ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(self.group, peer), self.group))
         if ops:
             def run() -> None:
                 for request in dist.batch_isend_irecv(ops):
                     request.wait()
             _communicate("overlap exchange", run)
-        for v, k, buf in received:
-            cells[v, k] = buf.to(views.device)
+        for at, buf in received:
+            cells[at] = buf.to(views.device)
         return reference_output
 
     def gather(self, views: torch.Tensor, everywhere: bool = False) -> Optional[torch.Tensor]:

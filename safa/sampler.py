@@ -260,17 +260,16 @@ class JointDiffusion:
             known.bind(layout, views, float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)))
         return views
 
-    def prepare_shard(self, layout: ViewLayout, method: Method, batch_size: int) -> _distributed.ViewShard:
+    def prepare_shard(self, layout: Union[ViewLayout, GridLayout], method: Method,
+                      batch_size: int) -> _distributed.ViewShard:
         """This process's part of the call: every view in one process, a block of them per rank
-        with ``process_group`` (an error on every rank when there are more ranks than views)."""
-        if self.process_group is not None and isinstance(layout, GridLayout):
-            raise ValueError("process_group: a 2-D grid of tiles (an image beyond one window in height) runs in one "
-                             "process only for now: call it without process_group")
+        with ``process_group`` (a grid's tiles in row-major blocks; an error on every rank when
+        there are more ranks than views)."""
         if self.process_group is not None and method.couples_views:
             raise ValueError(f"method {method.name!r} couples the views inside each step (its hooks see every "
                              f"view at once), so it runs in one process only: call it without process_group")
-        return _distributed.ViewShard(self.process_group, layout, self.adapter.long_dim, method.merge_mode,
-                                      method.swap_interval, batch_size)
+        return _distributed.ViewShard(self.process_group, layout, _request.merge_dims(self.adapter, layout),
+                                      method.merge_mode, method.swap_interval, batch_size)
 
     def prepare_reference(self, window_shape: Tuple[int, ...], generator: Any,
                           reference_latents: Optional[torch.Tensor], known: Optional[_known.KnownColumns] = None,

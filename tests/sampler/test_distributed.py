@@ -105,6 +105,8 @@ def _cases():
         ("flux", "safa", False, {}),
         ("stable_audio_3", "multidiffusion", False, {}),
         ("longcat", "safa", True, {}),
+        # Mixture of Diffusers' Gaussian weights on a strip (on grids: test_distributed_grid.py)
+        ("sd", "multidiffusion_gaussian", True, {}),
     ]
     return cases
 
@@ -139,8 +141,65 @@ def _generate_all(group, cases):
     return results
 
 
+# -- 2-D grids of tiles (docs/distributed.md, "Grids"; the exchange alone: test_distributed_grid.py)
+# (method, call options) on the tiny SD pipeline with 16 x 16 latent tiles: 3 x 3 tiles (232 x
+# 232 px: 29 x 29 latent cells) on 2 ranks is an uneven split inside a tile row (5 + 4), on 3
+# ranks whole rows (3 + 3 + 3); 2 x 3 tiles (200 px high) on 2 ranks whole rows, on 3 ranks
+# every block inside a tile row (2 + 2 + 2).
+GRID_WINDOW = 16
+SQUARE, WIDE = dict(width=232, height=232), dict(width=232, height=200)
+GRID_CASES = [(method, SQUARE) for method in DISTRIBUTED_METHODS + ("multidiffusion_gaussian",)] + [
+    ("safa", dict(WIDE, loop="both", width=272)),                    # a torus: 25 x 34 cells, 2 x 3 tiles
+    ("multidiffusion", dict(WIDE, loop=(True, False))),              # the rows loop
+    ("multidiffusion_gaussian", dict(SQUARE, loop=(False, True), width=272)),  # the cols loop
+    ("safa_selfloop", dict(WIDE, loop="both", width=272, overlap=0.5)),  # the swap's largest overlap
+    ("multidiffusion_triangular", dict(SQUARE, overlap=0.75)),       # ranks two tile rows away
+    ("safa", dict(WIDE, scheduler="DDPM")),                          # stochastic: noise over the whole batch
+    ("safa", dict(WIDE, num_images_per_prompt=2)),                   # two scheduler rows per tile
+    ("safa", dict(SQUARE, output_type="np")),                        # decoded (on rank 0)
+]
+
+
+def _generate_grid(jd: JointDiffusion, method: str, options: dict) -> dict:
+    options = dict(options)
+    scheduler = options.pop("scheduler", None)
+    default_scheduler = jd.pipe.scheduler
+    if scheduler is not None:
+        jd.pipe.scheduler = SCHEDULERS[scheduler].from_config(default_scheduler.config)
+    kw = dict(method=method, overlap=0.25, num_inference_steps=STEPS, view_batch_size=1, output_type="latent",
+              generator=torch.Generator().manual_seed(7))
+    kw.update(options)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices of the tiny pipeline
+            out = jd("a stone wall", **kw)
+    finally:
+        jd.pipe.scheduler = default_scheduler
+    images = None if out.images is None else np.stack([np.asarray(im) for im in out.images])
+    return {"latent": out.latent, "images": images, "tiles": out.layout.num_views}
+
+
+def _generate_grids(group) -> list:
+    jd = JointDiffusion(tp.tiny_sd_pipeline(seed=0, sample_size=GRID_WINDOW), process_group=group)
+    decode_latents = jd.adapter.decode_latents
+    calls = []
+    jd.adapter.decode_latents = lambda z: (calls.append(1), decode_latents(z))[1]
+    results = []
+    for method, options in GRID_CASES:
+        calls.clear()
+        results.append(dict(_generate_grid(jd, method, options), decoder_calls=len(calls)))
+    return results
+
+
 def _rank_generates(group, cases):
-    return _generate_all(group, cases)
+    """This rank's strip cases on the 3 ranks, then the grid cases on 3 ranks and on 2 (a
+    subgroup: every rank takes part in creating it, ranks 0 and 1 run it)."""
+    import torch.distributed as dist
+    pair = dist.new_group([0, 1])
+    results = {"strips": _generate_all(group, cases), "grids": {3: _generate_grids(group)}}
+    if group.rank() < 2:
+        results["grids"][2] = _generate_grids(pair)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +212,20 @@ def _check_ranks(results):
         assert not isinstance(res, RankError), f"rank {rank}: {res.traceback}"
 
 
-# Three ranks: a first, a middle and a last rank, each exchanging with its neighbours (two ranks
-# are covered by test_torchrun_writes_the_one_process_file and the Wan test).
-@pytest.mark.parametrize("world_size", [3])
-def test_bitwise_equal_to_one_process(one_process, world_size):
-    cases = _cases()
-    results = run_processes(_rank_generates, world_size, cases)
+@pytest.fixture(scope="module")
+def three_ranks():
+    """Every case of _cases and GRID_CASES over 3 processes (and the grids over 2 of them):
+    one spawn for both tests (starting the processes is a large part of their time)."""
+    results = run_processes(_rank_generates, 3, _cases(), timeout_s=480)
     _check_ranks(results)
+    return results
+
+
+# Three ranks: a first, a middle and a last rank, each exchanging with its neighbours (two ranks
+# are covered by test_torchrun_writes_the_one_process_file, the Wan test and the grids).
+def test_bitwise_equal_to_one_process(one_process, three_ranks):
+    cases, world_size = _cases(), 3
+    results = [res["strips"] for res in three_ranks]
     for case, single, distributed in zip(cases, one_process, results[0]):
         assert single["views"] >= world_size
         for key in ("latent", "audio", "images"):
@@ -180,9 +246,33 @@ def test_bitwise_equal_to_one_process(one_process, world_size):
             assert calls[0] >= 1 and sum(calls[1:]) == 0, (cases[i], calls)
 
 
+def test_a_grid_over_2_and_3_ranks_is_bitwise_one_process(three_ranks):
+    # SaFa, SaFa*, MD, MD*, Gaussian MD; loops on the rows, the cols, both; blocks that are whole
+    # tile rows and blocks that cut one; the decode on rank 0 alone.
+    jd = JointDiffusion(tp.tiny_sd_pipeline(seed=0, sample_size=GRID_WINDOW))
+    one_process = [_generate_grid(jd, method, options) for method, options in GRID_CASES]
+    for world_size in (2, 3):
+        ranks = [res["grids"][world_size] for res in three_ranks[:world_size]]
+        for case, single, distributed in zip(GRID_CASES, one_process, ranks[0]):
+            assert single["tiles"] >= 6 and single["latent"] is not None
+            for key in ("latent", "images"):
+                if single[key] is None:
+                    assert distributed[key] is None, (world_size, case, key)
+                    continue
+                expected = single[key].numpy() if isinstance(single[key], torch.Tensor) else single[key]
+                assert np.array_equal(distributed[key], expected), \
+                    (world_size, case, key, float(np.abs(distributed[key].astype(np.float64) - expected).max()))
+        for rank in range(1, world_size):  # the result, and the decode, are rank 0's alone
+            for res in ranks[rank]:
+                assert res["latent"] is None and res["images"] is None and res["decoder_calls"] == 0
+        decoded = [res["decoder_calls"] for res in ranks[0]]
+        assert decoded[-1] >= 1 and sum(decoded[:-1]) == 0
+
+
 # -- the exchange set, in one process: a rank's merge reads only its cells and those it receives
 @pytest.mark.parametrize("loop", [False, True])
-@pytest.mark.parametrize("mode,overlap", [("swap", 5), ("swap", 8), ("mean", 5), ("mean", 12), ("triangular", 13)])
+@pytest.mark.parametrize("mode,overlap", [("swap", 5), ("swap", 8), ("mean", 5), ("mean", 12), ("triangular", 13),
+                                          ("gaussian", 10)])
 @pytest.mark.parametrize("world_size", [2, 3, 6])
 def test_a_rank_merge_needs_only_the_exchanged_cells(mode, overlap, loop, world_size):
     # Every cell a rank neither owns nor receives is poisoned with NaN (what the merge of
@@ -223,7 +313,8 @@ def test_exchange_is_what_the_merge_reads():
 def test_every_other_method_is_one_that_couples_the_views():
     # MAD and SyncDiffusion read every view inside a step; SaFaStats averages its corrections
     # over the overlaps inside a step (a second exchange the distributed step does not make).
-    # (multidiffusion_gaussian does not couple them but is not yet run distributed here.)
+    # (multidiffusion_gaussian does not couple them: it runs distributed in one case of _cases
+    # and in the grid tests, test_distributed_grid.py.)
     assert set(METHODS) - set(DISTRIBUTED_METHODS) == {"mad", "syncdiffusion", "safa_stats", "multidiffusion_gaussian"}
 
 
