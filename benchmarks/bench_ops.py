@@ -141,7 +141,7 @@ def plan_bytes(case: Case, op: str, mode: str, with_reference: bool, itemsize: i
     cell written once (counted from the plan, so sync_ swap counts only the losing halves)."""
     plan = build_plan(case.layout, op, mode, 1, REF_LONG_AXIS if with_reference else REF_NONE)
     entries = (plan.index[:, 1:] >= 0).sum(dim=1) + (plan.index[:, 0] >= 0)
-    count = plan.runs[:, 0] if plan.runs is not None else 1  # a grid's row stands for a run of cells
+    count = plan.runs[:, 0] * plan.runs[:, 2] if plan.runs is not None else 1  # a grid's row: count x rows cells
     return int((entries * count).sum()) * case.cells_per_column * itemsize
 
 

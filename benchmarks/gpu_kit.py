@@ -20,7 +20,8 @@ installed torch and triton pinned). Stages, each with its own time limit inside
   "error", one launch per call), the Triton CUDA tests, and, with diffusers, the pipeline
   GPU tests (no host sync in the step loop, eager and CUDA graphs; one launch per step);
 - ``sanitizer``: compute-sanitizer memcheck and racecheck over the small-size kernel tests
-  (``test_every_path_matches_the_reference``), with PyTorch's caching allocator off so that
+  (``test_every_path_matches_the_reference``, and ``test_every_grid_path_matches_the_reference``
+  for the grids' runs), with PyTorch's caching allocator off so that
   an out-of-bounds access is one;
 - ``ops``: the op microbenchmarks on CUDA against device-to-device copy_ bandwidth
   (benchmarks/bench_ops.py, quick mode);
@@ -66,7 +67,7 @@ WANTED = {"diffusers": "diffusers", "transformers": "transformers", "pytest": "p
 LIMITS = {"wheels": 120, "build": 300, "tests": 240, "sanitizer": 150, "ops": 150, "pipeline": 400, "report": 60}
 REPORT_RESERVE = 20  # seconds of the budget kept for the report stage
 TEST_FILES = ["tests/kernels/test_gpu.py", "tests/kernels/test_triton_backend.py::TestCUDA", "tests/cli/test_perf_tooling.py"]
-SANITIZED = ["tests/kernels/test_gpu.py", "-k", "every_path"]
+SANITIZED = ["tests/kernels/test_gpu.py", "-k", "every_path or every_grid_path"]  # strips' rows and grids' runs
 
 PROBE = r"""
 import importlib, json, sys

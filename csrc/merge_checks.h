@@ -64,11 +64,11 @@ inline MergeOperands check_merge_args(const char* op, at::DeviceType device, con
   TORCH_CHECK(weight.size(0) == P, op, ": weight must have one row per index row (", P, "), got ", weight.size(0));
   TORCH_CHECK(K >= 1 && index.size(1) >= 1 + K, op, ": index must have 1 + K + T columns for weight's K = ", K,
               " (K >= 1), got ", index.size(1));
-  if (runs_opt.has_value() && runs_opt->defined()) {  // a grid's plan: (count, step) per row
+  if (runs_opt.has_value() && runs_opt->defined()) {  // a grid's plan: plan.RUN_COLUMNS per row
     operands.runs = *runs_opt;
     TORCH_CHECK(operands.runs.scalar_type() == at::kInt && operands.runs.dim() == 2 && operands.runs.size(0) == P &&
-                    operands.runs.size(1) == 2 && operands.runs.is_contiguous(),
-                op, ": runs must be a contiguous int32 (P, 2) = (", P, ", 2) tensor, got ", operands.runs.scalar_type(),
+                    operands.runs.size(1) == 6 && operands.runs.is_contiguous(),
+                op, ": runs must be a contiguous int32 (P, 6) = (", P, ", 6) tensor, got ", operands.runs.scalar_type(),
                 " ", operands.runs.sizes());
     TORCH_CHECK(operands.runs.device() == out.device(), op, ": runs must be on out's device ", out.device(), ", got ",
                 operands.runs.device());

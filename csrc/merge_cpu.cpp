@@ -4,8 +4,10 @@
 // file only executes it. Tensors arrive canonical and 4-D with arbitrary strides:
 //   out (D, O, Ld, I), src (S, O, Ls, I) or undefined (= out, in-place sync),
 //   reference (O, window, I), index int32 (P, 1 + K + T), weight float64 (P, K),
-//   runs int32 (P, 2) or undefined: row r stands for runs[r, 0] cells at positions p + j * runs[r, 1]
-//   (a grid's plan; undefined: every row one cell, a strip's plan).
+//   runs int32 (P, 6) or undefined: row r stands for the count x rows cells at positions
+//   p + j * step + i * row_stride (j < count, i < rows; each operand has its own row stride:
+//   runs[r] = (count, step, rows, src_row_stride, out_row_stride, ref_row_stride)), a grid's plan;
+//   undefined: every row one cell, a strip's plan.
 //
 // The work is memory-bound, so the loop is shaped around memory traffic:
 //  * plan rows are decoded once per call, a block at a time, and the block is then
@@ -19,9 +21,10 @@
 //    never x * 1.0; one source of another weight (an adjoint plan) is multiplied; a lone
 //    column (the alternating overlap columns of swap_interval 1) is one move of a size
 //    known at compile time, not a general memcpy;
-//  * a run row (a grid's plan: a tile's span of one canvas row) is one copy job, or one
-//    weighted sum over the run's cells vectorised along the run when inner is 1 (an image
-//    latent, where a cell is one element per channel);
+//  * a run row (a grid's plan: a tile's span of one canvas row, repeated over a band of canvas
+//    rows) is one copy job, or one weighted sum per canvas row over the run's cells,
+//    vectorised along the run when inner is 1 (an image latent: a cell is one element per
+//    channel); a swap's two alternating runs over a column overlap are one interleave job;
 //  * rows are independent (they write disjoint cells, and every row reads only cells of
 //    its own column of J), so chunks of rows run in parallel with no synchronisation.
 //
@@ -36,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "merge_checks.h"
@@ -43,11 +47,35 @@
 namespace safa {
 namespace {
 
+
 // Half and bfloat16 accumulate in float, float64 in double (the contract of plan.py). The
 // plan's float64 weights are rounded once to this type: float32 weights for every dtype
 // but float64, whose means are then exact to float64.
 template <typename T> struct Accumulate { using type = float; };
 template <> struct Accumulate<double> { using type = double; };
+
+constexpr int64_t kRunColumns = 6;  // a grid plan's runs row: plan.RUN_COLUMNS
+
+// Division of a plan position (an int32 >= 0) by a long size, by a multiplication (Lemire's
+// fastmod, exact for every 32-bit dividend and divisor): a hardware 64-bit divide takes tens
+// of cycles, and decoding a grid's run row divides twice per operand; that was a third of a
+// stitch swap's time on the SD 2048 x 2048 grid (docs/kernels.md, section 8).
+class PositionDivider {
+ public:
+  explicit PositionDivider(int64_t divisor)
+      : divisor_(divisor), multiplier_(divisor > 1 && divisor < (int64_t{1} << 32)
+                                           ? UINT64_MAX / static_cast<uint64_t>(divisor) + 1 : 0) {}
+  // pos / divisor for 0 <= pos < 2^31 (divisor >= 1).
+  int64_t quotient(int64_t pos) const {
+    if (multiplier_ == 0) return divisor_ == 1 ? pos : 0;  // 1, or >= 2^32: past every int32 position
+    return static_cast<int64_t>((static_cast<unsigned __int128>(multiplier_) * static_cast<uint64_t>(pos)) >> 64);
+  }
+  int64_t remainder(int64_t pos) const { return pos - quotient(pos) * divisor_; }
+
+ private:
+  int64_t divisor_;
+  uint64_t multiplier_;
+};
 
 // A canonical 4-D operand: base pointer and element strides.
 template <typename T>
@@ -55,16 +83,19 @@ struct Operand {
   T* data;
   int64_t long_size;  // columns per view: a flat plan position p is view p / long_size, column p % long_size
   int64_t view_stride, outer_stride, long_stride, inner_stride;
+  PositionDivider by_long;
 
-  // The cell of flat plan position `pos` at outer index 0, inner index 0.
+  // The cell of flat plan position `pos` (a valid one: checked) at outer index 0, inner index 0.
   T* cell(int64_t pos) const {
-    return data + (pos / long_size) * view_stride + (pos % long_size) * long_stride;
+    const int64_t view = by_long.quotient(pos);
+    return data + view * view_stride + (pos - view * long_size) * long_stride;
   }
 };
 
 template <typename T>
 Operand<T> operand(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.size(2), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  return {t.data_ptr<T>(), t.size(2), t.stride(0), t.stride(1), t.stride(2), t.stride(3),
+          PositionDivider(std::max<int64_t>(1, t.size(2)))};
 }
 
 // Runtime parity of a reference swap along an axis inside O (axis_part 1) or I (axis_part 2);
@@ -81,14 +112,16 @@ struct Row {
   int32_t ref_col;
   bool copy;                // one source of weight exactly 1: a bitwise copy (the plan contract, plan.py)
   int64_t num_sources = 0, num_targets = 0;
-  int64_t count = 1, step = 1;  // the row's cells: positions p + j * step, j < count (plan.py, runs)
+  // The row's cells (plan.py, runs): positions p + j * step + i * row stride, j < count, i < rows.
+  int64_t count = 1, step = 1, rows = 1, src_row = 0, out_row = 0, ref_row = 0;
   const T** sources;        // cell(pos) of each valid source (length num_sources)
   Acc* weights;             // their weights, in the accumulation type
   T** targets;              // cell(pos) of each valid target
 };
 
-// A run of `columns` copy rows (see copy_run_length) or one run row, for one target, at
-// outer index 0: column c is at from + c * step long-axis strides.
+// A run of `columns` copy rows (see copy_run_length), for one target, at outer index 0:
+// column c is at from + c * step long-axis strides. (Kept to 32 bytes: a strip's block of
+// jobs is walked once per outer index, 2,048 times per call for an SD panorama.)
 template <typename T>
 struct CopyJob {
   const T* from;
@@ -96,10 +129,24 @@ struct CopyJob {
   int64_t columns, step;
 };
 
+// A grid's run row, for one target, at outer index 0: column c of canvas row i is at
+// from + c * step long-axis strides + i * from_row elements (to + ... + i * to_row likewise).
+template <typename T>
+struct RunJob {
+  const T* from;
+  T* to;
+  int64_t columns, step, rows, from_row, to_row;
+  // Set: an interleave of two runs of step 2 whose targets alternate (a swap's overlap at
+  // swap_interval 1): target column c (< columns, contiguous, step 1) takes from + c when c is
+  // even and from_odd + (c - 1) when odd, in long-axis strides.
+  const T* from_odd = nullptr;
+};
+
 template <typename T>
 class PlanExecutor {
   using Acc = typename Accumulate<T>::type;
   using CopyJob = safa::CopyJob<T>;
+  using RunJob = safa::RunJob<T>;
   // Inner elements handled per accumulation tile: a stack array the compiler keeps in
   // vector registers / L1, so the k-loop of a weighted row vectorises over i.
   static constexpr int64_t kTile = 64;
@@ -147,7 +194,8 @@ class PlanExecutor {
     std::vector<T*> targets(capacity * T_);
     std::vector<int64_t> target_pos(T_);
     std::vector<CopyJob> copies;
-    copies.reserve(capacity * T_);
+    std::vector<RunJob> run_jobs;  // a grid's plan: its copy rows
+    (runs_ != nullptr ? run_jobs.reserve(capacity * T_) : copies.reserve(capacity * T_));
     for (int64_t b = 0; b < capacity; ++b) {
       block[b].sources = sources.data() + b * K_;
       block[b].weights = weights.data() + b * K_;
@@ -157,21 +205,35 @@ class PlanExecutor {
       // Decode: copy rows become flat (from, to, columns) jobs; other rows stay rows.
       int64_t rows = 0, columns_in_block = 0;
       copies.clear();
+      run_jobs.clear();
       while (columns_in_block < block_rows_ && r < end) {
         Row<T>& row = block[rows];
         const int32_t* entry = index_ + r * (1 + K_ + T_);
         if (runs_ != nullptr) {  // a grid's plan: the plan grouped the runs, one job or row each
+          const int32_t* run = runs_ + kRunColumns * r;
+          if (K_ == 1 && T_ == 1 && entry[0] < 0 && entry[1] >= 0 && entry[2] >= 0 && weight(r) == Acc(1)) {
+            queue_run(entry[1], entry[2], run, run_jobs);
+            ++r;
+            columns_in_block += int64_t{run[0]} * run[2];
+            continue;
+          }
           decode(r, entry, row, target_pos.data());
-          row.count = runs_[2 * r];
-          row.step = runs_[2 * r + 1];
+          row.count = run[0];
+          row.step = run[1];
+          row.rows = run[2];
+          row.src_row = run[3];
+          row.out_row = run[4];
+          row.ref_row = run[5];
           if (row.ref_col < 0 && row.copy) {
             for (int64_t t = 0; t < row.num_targets; ++t)
-              if (row.targets[t] != row.sources[0]) copies.push_back({row.sources[0], row.targets[t], row.count, row.step});
+              if (row.targets[t] != row.sources[0])
+                run_jobs.push_back({row.sources[0], row.targets[t], row.count, row.step, row.rows,
+                                    row.src_row * src_.long_stride, row.out_row * out_.long_stride});
           } else {
             ++rows;
           }
           ++r;
-          columns_in_block += row.count;
+          columns_in_block += row.count * row.rows;
           continue;
         }
         if (const int64_t columns = single_copy_run(entry, r, end, copies)) {
@@ -194,7 +256,11 @@ class PlanExecutor {
         }
       }
       for (int64_t o = 0; o < outer_; ++o) {
-        copy_jobs(copies, o);
+        if (runs_ != nullptr) {
+          copy_jobs(run_jobs, o);
+        } else {
+          copy_jobs(copies, o);
+        }
         for (int64_t b = 0; b < rows; ++b) apply_row(block[b], o);
       }
     }
@@ -224,9 +290,33 @@ class PlanExecutor {
     return n;
   }
 
+  // Queue the copy of a grid's run row with one source and one target (stitch and the
+  // in-place swap of a grid without a corner: K = T = 1). The two runs of step 2 that a swap's
+  // overlap splits into at swap_interval 1 come one after the other in the plan (the heads of
+  // two neighbouring cells); their targets interleave, so they merge into one job that writes
+  // the overlap's span of the canvas row in one pass instead of two strided ones.
+  void queue_run(int32_t source, int32_t target, const int32_t* run, std::vector<RunJob>& copies) const {
+    const T* from = src_.cell(source);
+    T* to = out_.cell(target);
+    if (from == to) return;  // a copy onto itself changes nothing
+    const RunJob job{from, to, run[0], run[1], run[2], run[3] * src_.long_stride, run[4] * out_.long_stride};
+    if (job.step == 2 && !copies.empty()) {
+      RunJob& even = copies.back();
+      if (even.step == 2 && even.from_odd == nullptr && to == even.to + out_.long_stride &&
+          (even.columns == job.columns || even.columns == job.columns + 1) && even.rows == job.rows &&
+          (job.rows == 1 || (even.from_row == job.from_row && even.to_row == job.to_row))) {
+        even.from_odd = from;
+        even.columns += job.columns;
+        return;
+      }
+    }
+    copies.push_back(job);
+  }
+
   void decode(int64_t r, const int32_t* entry, Row<T>& row, int64_t* target_pos) const {
     row.ref_col = entry[0];
-    row.count = row.step = 1;
+    row.count = row.step = row.rows = 1;
+    row.src_row = row.out_row = row.ref_row = 0;
     row.num_sources = 0;
     for (int64_t k = 0; k < K_; ++k) {
       const int32_t pos = entry[1 + k];
@@ -282,7 +372,8 @@ class PlanExecutor {
   }
 
   // Every copy job of a block at outer index o: the hot loop of swap, gather and stitch.
-  void copy_jobs(const std::vector<CopyJob>& jobs, int64_t o) const {
+  template <typename Job>
+  void copy_jobs(const std::vector<Job>& jobs, int64_t o) const {
     const int64_t from_offset = o * src_.outer_stride, to_offset = o * out_.outer_stride;
     const bool dense_column = src_inner_ == 1 && out_inner_ == 1;
     if (dense_column) {
@@ -298,14 +389,31 @@ class PlanExecutor {
       }
     }
     const bool dense_run = dense_column && src_.long_stride == inner_ && out_.long_stride == inner_;
-    for (const CopyJob& job : jobs) {
-      const T* from = job.from + from_offset;
-      T* to = job.to + to_offset;
-      if (dense_column && (job.columns == 1 || (dense_run && job.step == 1))) {
-        copy_bytes(to, from, sizeof(T) * job.columns * inner_);
-      } else {
-        for (int64_t c = 0; c < job.columns; ++c)
-          copy_inner(to + c * job.step * out_.long_stride, from + c * job.step * src_.long_stride, src_inner_);
+    if constexpr (std::is_same_v<Job, RunJob>) {
+      for (const RunJob& job : jobs)
+        for (int64_t i = 0; i < job.rows; ++i) {
+          const T* from = job.from + from_offset + i * job.from_row;
+          T* to = job.to + to_offset + i * job.to_row;
+          if (job.from_odd != nullptr) {
+            const T* odd = job.from_odd + from_offset + i * job.from_row;
+            for (int64_t c = 0; c < job.columns; ++c)
+              copy_inner(to + c * out_.long_stride,
+                         c % 2 ? odd + (c - 1) * src_.long_stride : from + c * src_.long_stride, src_inner_);
+          } else {
+            for (int64_t c = 0; c < job.columns; ++c)
+              copy_inner(to + c * job.step * out_.long_stride, from + c * job.step * src_.long_stride, src_inner_);
+          }
+        }
+    } else {
+      for (const CopyJob& job : jobs) {
+        const T* from = job.from + from_offset;
+        T* to = job.to + to_offset;
+        if (dense_column && (job.columns == 1 || (dense_run && job.step == 1))) {
+          copy_bytes(to, from, sizeof(T) * job.columns * inner_);
+        } else {
+          for (int64_t c = 0; c < job.columns; ++c)
+            copy_inner(to + c * job.step * out_.long_stride, from + c * job.step * src_.long_stride, src_inner_);
+        }
       }
     }
   }
@@ -331,6 +439,53 @@ class PlanExecutor {
         for (int64_t c = 0; c < columns; ++c) std::memcpy(to + c * to_step, from + c * from_step, kColumnBytes);
       }
     }
+  }
+
+  // copy_dense_jobs of a grid's run jobs.
+  template <size_t kColumnBytes>
+  void copy_dense_jobs(const std::vector<RunJob>& jobs, int64_t from_offset, int64_t to_offset) const {
+    // A grid's jobs side by side over the same band of canvas rows (as the plan lists them: a
+    // band's runs left to right) run canvas row by canvas row, so the latent is written as one
+    // sequential stream: band by band, tile by tile it took 1.4x as long (40 against 28 us for the
+    // SD 2048 x 2048 grid's stitch at swap_interval 64, docs/kernels.md section 8).
+    for (size_t first = 0; first < jobs.size();) {
+      size_t last = first + 1;
+      while (last < jobs.size() && jobs[last].rows == jobs[first].rows) ++last;
+      for (int64_t i = 0; i < jobs[first].rows; ++i)
+        for (size_t j = first; j < last; ++j) copy_dense_row<kColumnBytes>(jobs[j], i, from_offset, to_offset);
+      first = last;
+    }
+  }
+
+  // Row i of a grid's copy job, at the given outer offsets.
+  template <size_t kColumnBytes>
+  void copy_dense_row(const RunJob& job, int64_t i, int64_t from_offset, int64_t to_offset) const {
+    // Strides in locals: memcpy may alias any memory, so members would be reloaded per column.
+    const int64_t from_long = src_.long_stride, to_long = out_.long_stride, columns = job.columns;
+    const T* from = job.from + from_offset + i * job.from_row;
+    T* to = job.to + to_offset + i * job.to_row;
+    if (job.from_odd != nullptr) {
+      interleave<kColumnBytes>(to, from, job.from_odd + from_offset + i * job.from_row, columns, from_long, to_long);
+    } else if (columns == 1) {
+      std::memcpy(to, from, kColumnBytes);
+    } else if (job.step == 1 && from_long == inner_ && to_long == inner_) {
+      std::memcpy(to, from, kColumnBytes * columns);
+    } else {
+      const int64_t from_step = job.step * from_long, to_step = job.step * to_long;
+      for (int64_t c = 0; c < columns; ++c) std::memcpy(to + c * to_step, from + c * from_step, kColumnBytes);
+    }
+  }
+
+  // One canvas row of an interleave job (RunJob::from_odd) of kColumnBytes columns: `columns`
+  // target columns, the even ones from `even`, the odd ones from `odd`, each source read at step 2.
+  template <size_t kColumnBytes>
+  static void interleave(T* to, const T* even, const T* odd, int64_t columns, int64_t from_long, int64_t to_long) {
+    const int64_t from_step = 2 * from_long, pairs = columns / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      std::memcpy(to + 2 * j * to_long, even + j * from_step, kColumnBytes);
+      std::memcpy(to + (2 * j + 1) * to_long, odd + j * from_step, kColumnBytes);
+    }
+    if (columns % 2) std::memcpy(to + 2 * pairs * to_long, even + pairs * from_step, kColumnBytes);
   }
 
   // memcpy, with the short copies (one column of AudioLDM's 16 floats is 64 bytes, of an
@@ -363,10 +518,11 @@ class PlanExecutor {
   }
 
   // A span of n elements of a row at outer index o: element e lies at the row's cells (shifted
-  // by `shift` columns) + e * stride. Either one cell's inner segment, or, when inner is 1, the
-  // run's cells themselves (stride = step long-axis strides).
+  // by src_shift, out_shift, ref_shift positions in each operand) + e * stride. Either one cell's
+  // inner segment, or, when inner is 1, one canvas row of the run's cells (stride = step
+  // long-axis strides).
   struct Span {
-    int64_t shift, n, src_stride, out_stride, ref_stride;
+    int64_t src_shift, out_shift, ref_shift, n, src_stride, out_stride, ref_stride;
   };
 
   // The weighted mean of the row's sources over the span, written to every target, tile by tile.
@@ -409,23 +565,28 @@ class PlanExecutor {
   // A row with a reference column, or with several sources, at outer index o: the whole run as
   // one span when inner is 1, else cell by cell.
   void apply_row(const Row<T>& row, int64_t o) const {
-    if (inner_ == 1 && parity_.axis_part != 2) {
-      const int64_t step = row.step;
-      apply_span(row, o, {0, row.count, step * src_.long_stride, step * out_.long_stride, step * ref_long_stride_});
-    } else {
-      for (int64_t j = 0; j < row.count; ++j)
-        apply_span(row, o, {j * row.step, inner_, src_inner_, out_inner_, ref_inner_});
+    const int64_t step = row.step;
+    for (int64_t i = 0; i < row.rows; ++i) {
+      const int64_t src_shift = i * row.src_row, out_shift = i * row.out_row, ref_shift = i * row.ref_row;
+      if (inner_ == 1 && parity_.axis_part != 2) {
+        apply_span(row, o, {src_shift, out_shift, ref_shift, row.count, step * src_.long_stride,
+                            step * out_.long_stride, step * ref_long_stride_});
+      } else {
+        for (int64_t j = 0; j < row.count; ++j)
+          apply_span(row, o, {src_shift + j * step, out_shift + j * step, ref_shift + j * step, inner_, src_inner_,
+                              out_inner_, ref_inner_});
+      }
     }
   }
 
   void apply_span(const Row<T>& row, int64_t o, const Span& span) const {
-    const int64_t src_offset = o * src_.outer_stride + span.shift * src_.long_stride;
-    const int64_t out_offset = o * out_.outer_stride + span.shift * out_.long_stride;
+    const int64_t src_offset = o * src_.outer_stride + span.src_shift * src_.long_stride;
+    const int64_t out_offset = o * out_.outer_stride + span.out_shift * out_.long_stride;
     if (row.ref_col < 0) {
       own_span(row, src_offset, out_offset, span);
       return;
     }
-    const T* ref = ref_ + (row.ref_col + span.shift) * ref_long_stride_ + o * ref_outer_stride_;
+    const T* ref = ref_ + (row.ref_col + span.ref_shift) * ref_long_stride_ + o * ref_outer_stride_;
     if (parity_.axis_part == 0 || (parity_.axis_part == 1 && parity_.takes(o))) {
       for (int64_t t = 0; t < row.num_targets; ++t)
         copy_span(row.targets[t] + out_offset, ref, span.n, span.out_stride, span.ref_stride);
@@ -461,7 +622,7 @@ class PlanExecutor {
   const int32_t* index_;
   const double* weight_;
   Parity parity_;
-  const int32_t* runs_;  // (P, 2) count and step per row, or nullptr: every row one cell
+  const int32_t* runs_;  // (P, kRunColumns) per row, or nullptr: every row one cell
   const T* ref_ = nullptr;
   int64_t ref_outer_stride_ = 0, ref_long_stride_ = 0, ref_inner_stride_ = 0;
   int64_t src_inner_, out_inner_, ref_inner_;
@@ -512,22 +673,25 @@ int64_t check_plan_runs(const at::Tensor& index, const at::Tensor& runs, int64_t
   const int32_t* entry = index.data_ptr<int32_t>();
   const int32_t* run = runs.data_ptr<int32_t>();
   const int64_t P = index.size(0), width = index.size(1);
+  const PositionDivider by_src(std::max<int64_t>(1, src_long)), by_out(std::max<int64_t>(1, out_long));
   int64_t cells = 0;
-  for (int64_t r = 0; r < P; ++r, entry += width) {
-    const int64_t count = run[2 * r], step = run[2 * r + 1];
-    TORCH_CHECK(count >= 1 && step >= 1, "merge_cpp_: runs[", r, "] is (", count, ", ", step,
-                "), expected a count and a step >= 1");
-    const int64_t span = (count - 1) * step;
-    cells += count;
-    if (span == 0) continue;  // one cell: check_plan_indices has checked it
-    TORCH_CHECK(entry[0] < 0 || entry[0] + span < window, "merge_cpp_: runs[", r, "] = (", count, ", ", step,
-                ") takes reference column ", entry[0], " past the reference's window ", window);
+  for (int64_t r = 0; r < P; ++r, entry += width, run += kRunColumns) {
+    const int64_t count = run[0], step = run[1], rows = run[2];
+    TORCH_CHECK(count >= 1 && step >= 1 && rows >= 1 && run[3] >= 0 && run[4] >= 0 && run[5] >= 0,
+                "merge_cpp_: runs[", r, "] is (", count, ", ", step, ", ", rows, ", ", run[3], ", ", run[4], ", ",
+                run[5], "), expected a count, a step and rows >= 1 and row strides >= 0");
+    cells += count * rows;
+    const int64_t span = (count - 1) * step;  // the last cell's shift, before the rows'
+    if (span == 0 && rows == 1) continue;  // one cell: check_plan_indices has checked it
+    const int64_t src_last = span + (rows - 1) * run[3], out_last = span + (rows - 1) * run[4];
+    TORCH_CHECK(entry[0] < 0 || entry[0] + span + (rows - 1) * run[5] < window, "merge_cpp_: runs[", r,
+                "] takes reference column ", entry[0], " past the reference's window ", window);
     for (int64_t k = 1; k < width; ++k) {
-      const int64_t long_size = k <= K ? src_long : out_long;
-      TORCH_CHECK(entry[k] < 0 || entry[k] % long_size + span < long_size,
-                  "merge_cpp_: runs[", r, "] = (", count,
-                  ", ", step, ") takes index[", r, ", ", k, "] = ", entry[k], " past the end of its view (",
-                  long_size, " cells)");
+      const bool source = k <= K;
+      TORCH_CHECK(entry[k] < 0 || (source ? by_src : by_out).remainder(entry[k]) + (source ? src_last : out_last) <
+                                      (source ? src_long : out_long),
+                  "merge_cpp_: runs[", r, "] takes index[", r, ", ", k, "] = ", entry[k],
+                  " past the end of its view (", source ? src_long : out_long, " cells)");
     }
   }
   return cells;

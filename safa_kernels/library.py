@@ -61,7 +61,7 @@ def axis_weights(mode: str, window: int) -> List[float]:
 # One schema for every kernel backend. `src` is None for an in-place sync (sources are read
 # from `out`); tensors are canonical 4-D (views, outer, long axis, inner); `index` int32 and
 # `weight` float64 are a plan of plan.py; `parity` the runtime reference parity; `runs` int32
-# (P, 2) the (count, step) of each row of a grid's plan (None: every row one cell).
+# (P, 6) the plan.RUN_COLUMNS of each row of a grid's plan (None: every row one cell).
 MERGE_SCHEMA = ("(Tensor(a!) out, Tensor? src, Tensor? reference, Tensor index, Tensor weight, "
                 "int[] parity, Tensor? runs=None) -> ()")
 

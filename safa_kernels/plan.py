@@ -53,11 +53,15 @@ Only cells a plan targets are written: the caller zero-fills the outputs of the 
 
 Runs (grids). A grid's plan rows are built per canvas cell as above, then grouped into runs
 (:func:`_group_runs`): consecutive rows whose every position (sources, targets, reference
-column) advances by the same ``step`` and whose weights are equal become one row with
-``runs[r] = (count, step)``; row ``r`` then stands for the ``count`` cells at positions
-``p + j * step`` for ``j < count``, each merged as above, and never leaves the view it starts
-in. A strip's plan has ``runs = None`` (every row one cell): its rows already carry
-``outer * inner`` elements each, a grid's cell only the channels.
+column) advances by the same ``step`` and whose weights are equal become one row; then the
+runs that repeat on the canvas rows below, every ``d`` rows, are stacked into one
+(:func:`_stack_runs`). ``runs[r] = (count, step, rows, src_row_stride, out_row_stride,
+ref_row_stride)`` (``RUN_COLUMNS``): row ``r`` stands for the ``rows x count`` cells at
+positions ``p + j * step + i * row_stride`` for ``j < count``, ``i < rows``, with the row
+stride of the operand ``p`` addresses (``src``, ``out``, or the reference column's), each
+merged as above, and never leaves the view it starts in. A strip's plan has ``runs = None``
+(every row one cell): its rows already carry ``outer * inner`` elements each, a grid's cell
+only the channels.
 """
 from __future__ import annotations
 
@@ -77,10 +81,13 @@ OPS = ("gather", "stitch", "sync") + ADJOINTS
 REF_NONE, REF_LONG_AXIS, REF_OTHER_AXIS = 0, 1, 2
 
 
+RUN_COLUMNS = ("count", "step", "rows", "src_row_stride", "out_row_stride", "ref_row_stride")
+
+
 class Plan(NamedTuple):
     index: torch.Tensor   # int32 (P, 1 + K + T)
     weight: torch.Tensor  # float64 (P, K)
-    runs: Optional[torch.Tensor] = None  # int32 (P, 2): (count, step) per row; None: every row one cell
+    runs: Optional[torch.Tensor] = None  # int32 (P, 6), RUN_COLUMNS per row; None: every row one cell
 
 
 def _odd(offset: int, swap_interval: int) -> bool:
@@ -214,6 +221,55 @@ def _group_runs(rows, src_long: int, out_long: int):
             yield row + (count[i], step[i] if count[i] > 1 else 1)
 
 
+def _stack_runs(runs, longs, widths):
+    """Runs of :func:`_group_runs` stacked into rectangles: ``(ref_col, sources, weights, targets,
+    count, step, rows, src_row_stride, out_row_stride, ref_row_stride)``.
+
+    Runs that are the same run moved down by ``d`` canvas rows (every position ``d`` rows of its
+    own operand further, ``d * width`` positions: a tile's span of one canvas row repeated on the
+    rows below) become one row standing for ``rows`` of them: first ``d = 1`` (a middle, a span of
+    a column overlap one tile owns), then among the runs left single ``d = 2`` (the rows of a row
+    overlap, whose owner alternates row by row at ``swap_interval`` 1). ``longs`` and ``widths``:
+    ``(src, out, reference)`` long sizes and row widths, in cells.
+    """
+    runs = list(runs)
+
+    def split(pos: int, which: int):
+        view, local = divmod(pos, longs[which])
+        return (view, local % widths[which]), local // widths[which]
+
+    by_shape = {}  # (what stays, relative rows) -> {first row: index}
+    tops = []
+    for n, (ref_col, sources, weights, targets, count, step) in enumerate(runs):
+        parts = [split(p, 0) for p in sources] + [split(p, 1) for p in targets]
+        parts += [split(ref_col, 2)] if ref_col >= 0 else []
+        top = parts[0][1]
+        shape = (tuple(x for x, _ in parts), tuple(y - top for _, y in parts), ref_col >= 0, len(sources),
+                 tuple(weights), count, step)
+        by_shape.setdefault(shape, {})[top] = n
+        tops.append((shape, top))
+    height = [1] * len(runs)
+    row_step = [1] * len(runs)
+    taken = [False] * len(runs)
+    for d in (1, 2):
+        for n in range(len(runs)):
+            if taken[n] or height[n] > 1:
+                continue
+            shape, top = tops[n]
+            same = by_shape[shape]
+            while True:
+                below = same.get(top + height[n] * d)
+                if below is None or taken[below] or height[below] > 1 or below == n:
+                    break
+                taken[below] = True
+                height[n] += 1
+            row_step[n] = d
+    for n, run in enumerate(runs):
+        if not taken[n]:
+            strides = [row_step[n] * w if height[n] > 1 else 0 for w in widths]
+            yield run + (height[n], *strides)
+
+
 def _long_sizes(grid: GridLayout, op: str):
     """The long sizes of ``(src, out)`` of a grid plan's operands (the merged axis: cells)."""
     tile, canvas = grid.view_cells, grid.canvas_cells
@@ -280,8 +336,11 @@ def build_plan(layout: AnyLayout, op: str, mode: str, swap_interval: int, ref: i
     rows = cell_rows(layout, op, mode, swap_interval, ref)
     runs = None
     if isinstance(layout, GridLayout):
-        rows = list(_group_runs(rows, *_long_sizes(layout, op)))
-        runs = torch.tensor([r[4:] for r in rows], dtype=torch.int32).reshape(len(rows), 2)
+        longs = _long_sizes(layout, op)
+        widths = [layout.cols.length if n == layout.canvas_cells else layout.cols.window for n in longs]
+        rows = list(_stack_runs(_group_runs(rows, *longs), longs + (layout.view_cells,),
+                                widths + [layout.cols.window]))
+        runs = torch.tensor([r[4:] for r in rows], dtype=torch.int32).reshape(len(rows), len(RUN_COLUMNS))
     K = max([len(r[1]) for r in rows] + [1])
     T = max([len(r[3]) for r in rows] + [1])
     index: List[List[int]] = []

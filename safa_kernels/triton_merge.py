@@ -16,9 +16,10 @@ memory. Each lane reads its row's plan entries (``K`` sources, ``T`` targets, bo
 constexpr, unrolled with ``tl.static_range``), reads all its sources, and only then writes
 its targets; rows write disjoint cells and a lane's reads and writes are of the same
 ``(outer, column, inner)`` element, so the in-place ``sync`` is race-free. A grid's plan
-has runs (a row stands for ``count`` cells ``step`` apart): its space is then
+has runs (a row stands for ``rows`` x ``count`` cells: ``count`` cells ``step`` apart on each of
+``rows`` canvas rows, each operand with its own row stride): its space is then
 ``(outer, row, lane, inner)`` with ``RUN_LANES`` lanes per row, and lane ``l`` merges the
-run's cells ``l, l + RUN_LANES, ...`` in turn.
+run's cells ``l, l + RUN_LANES, ...`` (numbered canvas row by canvas row) in turn.
 """
 from __future__ import annotations
 
@@ -80,16 +81,17 @@ def _define_helpers(triton, tl) -> None:
         return tl.maximum(a, b)
 
     @triton.jit
-    def merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, shift, live, Ls, Ld,
+    def merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, src_shift, out_shift, ref_shift, live,
+                    Ls, Ld,
                     os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2, xs1, ws1,
                     par_div, par_size, par_interval,
                     K: tl.constexpr, T: tl.constexpr, HAS_REF: tl.constexpr, AXIS_PART: tl.constexpr,
                     ACC: tl.constexpr):
-        """The cells ``shift`` positions into each lane's row (0 without runs), where ``live``."""
+        """The cells ``*_shift`` positions into each lane's row in each operand (0 without runs), where ``live``."""
         if HAS_REF:
             ref_col = tl.load(row, mask=live, other=-1).to(tl.int64)
             take = ref_col >= 0
-            ref_col = ref_col + shift
+            ref_col = ref_col + ref_shift
             if AXIS_PART == 1:
                 h = (o64 // par_div) % par_size
                 take = take & ((h // par_interval) % 2 == 1)
@@ -97,11 +99,11 @@ def _define_helpers(triton, tl) -> None:
                 h = (i // par_div) % par_size
                 take = take & ((h // par_interval) % 2 == 1)
         else:
-            take = shift < 0  # all False
+            take = ref_shift < 0  # all False
 
         s0 = tl.load(row + xs1, mask=live, other=-1).to(tl.int64)
         has_src = s0 >= 0
-        s0 = s0 + shift
+        s0 = s0 + src_shift
         # Where the reference wins the source is not needed: skip its bytes.
         x0 = tl.load(src_base + (s0 // Ls) * ss0 + o64 * ss1 + (s0 % Ls) * ss2 + i64 * ss3,
                      mask=has_src & (take == 0))
@@ -113,7 +115,7 @@ def _define_helpers(triton, tl) -> None:
         for k in tl.static_range(1, K):
             sk = tl.load(row + (1 + k) * xs1, mask=live, other=-1).to(tl.int64)
             vk = has_src & (sk >= 0) & (take == 0)
-            sk = sk + shift
+            sk = sk + src_shift
             # Masked load, not 0 * x: a padding slot may point nowhere, and x may be inf/nan.
             xk = tl.load(src_base + (sk // Ls) * ss0 + o64 * ss1 + (sk % Ls) * ss2 + i64 * ss3,
                          mask=vk, other=0.0)
@@ -132,7 +134,7 @@ def _define_helpers(triton, tl) -> None:
         for t in tl.static_range(T):
             tt = tl.load(row + (1 + K + t) * xs1, mask=write, other=-1).to(tl.int64)
             written = write & (tt >= 0)
-            tt = tt + shift
+            tt = tt + out_shift
             tl.store(out_ptr + (tt // Ld) * os0 + o64 * os1 + (tt % Ld) * os2 + i64 * os3, value, mask=written)
 
 
@@ -182,16 +184,25 @@ def _build_kernel():
         else:
             src_base = src_ptr
         if HAS_RUNS:  # lane l of a row merges its run's cells l, l + LANES, ...
-            count = tl.load(runs_ptr + r.to(tl.int64) * 2, mask=mask, other=0)
-            step = tl.load(runs_ptr + r.to(tl.int64) * 2 + 1, mask=mask, other=0).to(tl.int64)
-            rounds = tl.reduce((count + LANES - 1) // LANES, 0, larger)
+            run = runs_ptr + r.to(tl.int64) * 6  # plan.RUN_COLUMNS
+            count = tl.load(run, mask=mask, other=1)
+            step = tl.load(run + 1, mask=mask, other=0).to(tl.int64)
+            cells = count * tl.load(run + 2, mask=mask, other=0)
+            src_row = tl.load(run + 3, mask=mask, other=0).to(tl.int64)
+            out_row = tl.load(run + 4, mask=mask, other=0).to(tl.int64)
+            ref_row = tl.load(run + 5, mask=mask, other=0).to(tl.int64)
+            rounds = tl.reduce((cells + LANES - 1) // LANES, 0, larger)
             for k in range(0, rounds):
-                j = lane + k * LANES
-                merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, j.to(tl.int64) * step,
-                            mask & (j < count), Ls, Ld, os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2,
-                            xs1, ws1, par_div, par_size, par_interval, K, T, HAS_REF, AXIS_PART, ACC)
+                m = lane + k * LANES
+                band = (m // count).to(tl.int64)
+                j = (m % count).to(tl.int64) * step
+                merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, j + band * src_row,
+                            j + band * out_row, j + band * ref_row, mask & (m < cells), Ls, Ld,
+                            os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2, xs1, ws1,
+                            par_div, par_size, par_interval, K, T, HAS_REF, AXIS_PART, ACC)
         else:
-            merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, i64 * 0, mask, Ls, Ld,
+            merge_cells(out_ptr, src_base, ref_ptr, row, wrow, o64, i, i64, i64 * 0, i64 * 0, i64 * 0, mask,
+                        Ls, Ld,
                         os0, os1, os2, os3, ss0, ss1, ss2, ss3, rs0, rs1, rs2, xs1, ws1,
                         par_div, par_size, par_interval, K, T, HAS_REF, AXIS_PART, ACC)
 
@@ -226,9 +237,9 @@ def _check(out: torch.Tensor, src: Optional[torch.Tensor], reference: Optional[t
         fail(f"index {tuple(index.shape)} and weight {tuple(weight.shape)} do not form a plan with K, T >= 1")
     if index.device != out.device or weight.device != out.device:
         fail("index and weight must be on out's device")
-    if runs is not None and (runs.dtype != torch.int32 or tuple(runs.shape) != (index.shape[0], 2)
+    if runs is not None and (runs.dtype != torch.int32 or tuple(runs.shape) != (index.shape[0], 6)
                              or not runs.is_contiguous() or runs.device != out.device):
-        fail(f"runs must be a contiguous int32 (P, 2) = ({index.shape[0]}, 2) tensor on out's device, "
+        fail(f"runs must be a contiguous int32 (P, 6) = ({index.shape[0]}, 6) tensor on out's device, "
              f"got {runs.dtype} {tuple(runs.shape)} on {runs.device}")
     if len(parity) != 4 or parity[0] not in (0, 1, 2) or (parity[0] and min(parity[1:]) < 1):
         fail(f"parity must be [axis_part in 0..2, div >= 1, size >= 1, swap_interval >= 1], got {list(parity)}")

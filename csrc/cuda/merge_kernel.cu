@@ -6,10 +6,11 @@
 // I = 16: a warp covers 2 rows x 16 inner elements) and for image latents (long axis
 // dim -1, I = 1: a warp covers 32 consecutive columns). Every thread reads all its sources
 // before writing its targets, and rows write disjoint cells, so in-place sync is race-free.
-// A grid's plan has runs (a row stands for `count` cells, `step` apart): there each
-// (o, r, i) gets `run_lanes` threads, the lane after i, and lane l merges the run's cells
-// l, l + run_lanes, ...; so a warp walks consecutive cells of one run (an image latent's
-// inner is 1) rather than 32 runs at once.
+// A grid's plan has runs (a row stands for `rows` x `count` cells: `count` cells `step` apart
+// on each of `rows` canvas rows, each operand with its own row stride): there each (o, r, i)
+// gets `run_lanes` threads, the lane after i, and lane l merges the run's cells l,
+// l + run_lanes, ... (numbered canvas row by canvas row); so a warp walks consecutive cells
+// of one run (an image latent's inner is 1) rather than 32 runs at once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -51,16 +52,17 @@ __device__ __forceinline__ bool takes_reference(const int64_t* parity, int64_t o
   return ((x / parity[1]) % parity[2] / parity[3]) % 2 == 1;
 }
 
-// Cell `shift` columns into row r's run (0 without runs), at (o, i): read every source, then write.
+// The cell `*_shift` positions into row r's run in each operand (0 without runs), at (o, i):
+// read every source, then write.
 template <typename T, typename Index>
 __device__ __forceinline__ void merge_cell(const MergeArgs& a, const int32_t* entry, Index r, Index o, Index i,
-                                           int64_t shift) {
+                                           int64_t src_shift, int64_t out_shift, int64_t ref_shift) {
   using Acc = typename Accumulate<T>::type;
   T* out = static_cast<T*>(a.out);
   const T* src = static_cast<const T*>(a.src);
   const T* ref = static_cast<const T*>(a.ref);
   const int32_t* sources = entry + 1;
-  const int64_t ref_col = entry[0] >= 0 ? entry[0] + shift : -1;
+  const int64_t ref_col = entry[0] >= 0 ? entry[0] + ref_shift : -1;
 
   T value;
   if (ref != nullptr && ref_col >= 0 && ref_col < a.ref_window && takes_reference(a.parity, o, i)) {
@@ -71,17 +73,17 @@ __device__ __forceinline__ void merge_cell(const MergeArgs& a, const int32_t* en
     const double* weight = a.weight + static_cast<int64_t>(r) * a.num_sources;
     int64_t count = 0, first = -1;
     for (int64_t k = 0; k < a.num_sources; ++k) {
-      if (sources[k] >= 0 && sources[k] + shift < a.src_cells) {
+      if (sources[k] >= 0 && sources[k] + src_shift < a.src_cells) {
         if (count++ == 0) first = k;
       }
     }
     if (count == 0) return;  // nothing to write: the cells keep their values
     if (count == 1 && static_cast<Acc>(weight[first]) == Acc(1)) {
-      value = src[cell<int64_t>(a.src_stride, a.src_long, sources[first] + shift, o, i)];  // a copy, bitwise
+      value = src[cell<int64_t>(a.src_stride, a.src_long, sources[first] + src_shift, o, i)];  // a copy, bitwise
     } else {
       Acc acc = 0;
       for (int64_t k = 0; k < a.num_sources; ++k) {
-        const int64_t pos = sources[k] < 0 ? -1 : sources[k] + shift;
+        const int64_t pos = sources[k] < 0 ? -1 : sources[k] + src_shift;
         if (pos < 0 || pos >= a.src_cells) continue;
         acc += static_cast<Acc>(weight[k]) *
                to_acc(src[cell<int64_t>(a.src_stride, a.src_long, pos, o, i)]);
@@ -91,7 +93,7 @@ __device__ __forceinline__ void merge_cell(const MergeArgs& a, const int32_t* en
   }
   const int32_t* targets = sources + a.num_sources;
   for (int64_t t = 0; t < a.num_targets; ++t) {
-    const int64_t pos = targets[t] < 0 ? -1 : targets[t] + shift;
+    const int64_t pos = targets[t] < 0 ? -1 : targets[t] + out_shift;
     if (pos >= 0 && pos < a.out_cells) out[cell<int64_t>(a.out_stride, a.out_long, pos, o, i)] = value;
   }
 }
@@ -113,9 +115,16 @@ __global__ void merge_kernel(const MergeArgs a) {
     const Index r = rest % rows;
     const Index o = rest / rows;
     const int32_t* entry = a.index + static_cast<int64_t>(r) * width;
-    const int64_t count = a.runs != nullptr ? a.runs[2 * static_cast<int64_t>(r)] : 1;
-    const int64_t step = a.runs != nullptr ? a.runs[2 * static_cast<int64_t>(r) + 1] : 1;
-    for (int64_t j = lane; j < count; j += lanes) merge_cell<T, Index>(a, entry, r, o, i, j * step);
+    if (a.runs == nullptr) {
+      merge_cell<T, Index>(a, entry, r, o, i, 0, 0, 0);
+      continue;
+    }
+    const int32_t* run = a.runs + kRunColumns * static_cast<int64_t>(r);
+    const int64_t count = run[0], step = run[1], cells = count * run[2];
+    for (int64_t m = lane; m < cells; m += lanes) {
+      const int64_t band = m / count, shift = (m % count) * step;
+      merge_cell<T, Index>(a, entry, r, o, i, shift + band * run[3], shift + band * run[4], shift + band * run[5]);
+    }
   }
 }
 

@@ -12,6 +12,9 @@ namespace cuda {
 
 enum class MergeDType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
+// A grid plan's runs row: count, step, rows, src_row_stride, out_row_stride, ref_row_stride.
+constexpr int64_t kRunColumns = 6;
+
 // One `safa::merge_cuda_` call: canonical 4-D operands, element strides (see plan.py).
 struct MergeArgs {
   void* out;            // (D, O, Ld, I)
@@ -19,7 +22,7 @@ struct MergeArgs {
   const void* ref;      // (O, window, I) or nullptr
   const int32_t* index; // (P, 1 + K + T), contiguous
   const double* weight; // (P, K), contiguous, float64
-  const int32_t* runs;  // (P, 2) count and step per row (a grid's plan), or nullptr: every row one cell
+  const int32_t* runs;  // (P, kRunColumns) per row (a grid's plan: plan.RUN_COLUMNS), or nullptr: every row one cell
   int64_t run_lanes;    // threads per (outer, row, inner) stepping through a run: 1 without runs
   int64_t rows, outer, inner, num_sources, num_targets;  // P, O, I, K, T
   int64_t out_cells, src_cells, ref_window;  // D * Ld and S * Ls (valid flat positions), window

@@ -96,7 +96,7 @@ def test_plan_for_a_bare_offline_gpu_machine(tmp_path):
     sanitizer = stages["sanitizer"]
     assert [c[2] for c in sanitizer.commands] == ["memcheck", "racecheck"]
     assert sanitizer.env == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
-    assert all("every_path" in c for c in sanitizer.commands)
+    assert all("every_path or every_grid_path" in c for c in sanitizer.commands)
     ops = stages["ops"].commands[0]
     assert ops[ops.index("--bench-devices") + 1] == "cuda" and ops[ops.index("--bench-mode") + 1] == "quick"
     assert not stages["pipeline"].run and "diffusers is not installed" in stages["pipeline"].reason
@@ -186,3 +186,23 @@ def test_rehearsal_without_diffusers_soundfile_or_registry(tmp_path):
     assert checks["facts"]["modules"]["diffusers"] is False and checks["facts"]["modules"]["soundfile"] is False
     assert {r["name"]: r["status"] for r in checks["records"] if r["ran"]}["ops"] == "passed"
     assert data["benchmarks"]["ops"]["mode"] == "smoke" and data["benchmarks"]["ops"]["records"]
+    # the 2-D grid cases, every op beside copy_ of its bytes (on a GPU with the cuda and triton backends)
+    grid_ops = {r["op"] for r in data["benchmarks"]["ops"]["records"] if r.get("case", "").startswith("grid")}
+    assert grid_ops >= {"gather", "stitch swap", "stitch mean", "sync_ swap", "sync_ swap+ref", "sync_ mean", "copy_"}
+
+
+def test_the_ops_stage_measures_the_grid_ops_with_both_gpu_backends(monkeypatch):
+    """What the ops stage runs on a GPU (bench_ops.py, quick mode, --bench-devices cuda): the SD grid
+    beside the strips, gather, stitch and sync_ each on the cuda and triton kernels."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_ops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(bench_ops, "MODE", "quick")
+    monkeypatch.setattr(bench_ops.sk, "available_backends", lambda device: ["cuda", "triton", "reference"])
+    cuda = bench_ops.torch.device("cuda")
+    grids = [c for c in bench_ops.cases(cuda) if isinstance(c, bench_ops.GridCase)]
+    assert [c.name for c in grids] == ["grid SD 2048x2048 px"]
+    for op, *_ in bench_ops.OPS:
+        assert {"cuda", "triton"} <= set(bench_ops.impls(cuda, op, grid=True)), op

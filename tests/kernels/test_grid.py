@@ -214,12 +214,15 @@ def test_float64_means_of_four_tiles_are_exact(backend):
 def expanded(plan, K):
     """A run plan's rows one cell each: {(ref_col, sources, weights, targets)} with padding dropped."""
     cells = set()
-    for row, weights, (count, step) in zip(plan.index.tolist(), plan.weight.tolist(), plan.runs.tolist()):
+    for row, weights, run in zip(plan.index.tolist(), plan.weight.tolist(), plan.runs.tolist()):
+        count, step, rows, src_row, out_row, ref_row = run
         sources = [(p, w) for p, w in zip(row[1:1 + K], weights) if p >= 0]
         targets = [p for p in row[1 + K:] if p >= 0]
-        for j in range(0, count * step, step):
-            cells.add((row[0] + j if row[0] >= 0 else -1, tuple(p + j for p, _ in sources),
-                       tuple(w for _, w in sources), tuple(t + j for t in targets)))
+        for i in range(rows):
+            for j in range(0, count * step, step):
+                cells.add((row[0] + j + i * ref_row if row[0] >= 0 else -1,
+                           tuple(p + j + i * src_row for p, _ in sources), tuple(w for _, w in sources),
+                           tuple(t + j + i * out_row for t in targets)))
     return cells
 
 
@@ -242,26 +245,35 @@ def test_the_runs_are_the_cell_plan_grouped(name):
                     K = plan.weight.shape[1]
                     cells = sk.plan.cell_rows(grid, op, mode, interval, ref)
                     want = {(r, tuple(s), tuple(w[:len(s)]), tuple(t)) for r, s, w, t in cells}
-                    assert int(plan.runs[:, 0].sum()) == len(cells) == len(want)
+                    count, step, rows, src_row, out_row, ref_row = plan.runs.T
+                    assert int((count * rows).sum()) == len(cells) == len(want)
                     assert expanded(plan, K) == want
                     src_long, out_long = longs[op]
-                    span = ((plan.runs[:, 0] - 1) * plan.runs[:, 1]).view(-1, 1)
-                    pos, long_size = plan.index[:, 1:], torch.tensor([src_long] * K + [out_long] *
-                                                                      (plan.index.shape[1] - 1 - K))
-                    assert ((pos < 0) | (pos % long_size + span < long_size)).all()
+                    last = ((count - 1) * step).view(-1, 1)  # the last cell's shift, per operand
+                    T = plan.index.shape[1] - 1 - K
+                    last = last + ((rows - 1) * torch.stack([src_row] * K + [out_row] * T, 1).T).T
+                    pos, long_size = plan.index[:, 1:], torch.tensor([src_long] * K + [out_long] * T)
+                    assert ((pos < 0) | (pos % long_size + last < long_size)).all()
+                    ref_last = plan.index[:, 0] + (count - 1) * step + (rows - 1) * ref_row
+                    assert ((plan.index[:, 0] < 0) | (ref_last < grid.view_cells)).all()
 
 
 def test_an_image_grid_plan_is_a_few_runs_per_canvas_row():
     """SD at 2048 x 2048 px (docs/kernels.md section 8): 25 tiles of 64 x 64 overlapping by 16."""
     grid = GridLayout.covering(256, 256, 64, 16)
     stitch_swap = sk.plan.build_plan(grid, "stitch", "swap", 1, REF_NONE)
-    # per canvas row: the 5 spans one tile owns, and each of 4 column overlaps as 2 runs two apart
-    assert stitch_swap.index.shape[0] == 256 * (5 + 4 * 2)
-    assert sorted(set(stitch_swap.runs[:, 1].tolist())) == [1, 2]
+    # per canvas row: the 5 spans one tile owns, and each of 4 column overlaps as 2 runs two apart;
+    # stacked over 13 bands of canvas rows: 5 row middles, and each of 4 row overlaps as 2 bands of
+    # every other row
+    assert stitch_swap.index.shape[0] == (5 + 4 * 2) * (5 + 4 * 2)
+    count, step, rows, src_row, out_row, ref_row = stitch_swap.runs.T
+    assert sorted(set(step.tolist())) == [1, 2] and int((count * rows).sum()) == 256 * 256
+    assert set(zip(rows.tolist(), src_row.tolist(), out_row.tolist())) == {(49, 64, 256), (34, 64, 256),
+                                                                          (7, 128, 512)}
     sync_mean = sk.plan.build_plan(grid, "sync", "mean", 1, REF_NONE)
     # the cells of the 4 row and 4 column overlap bands (16 x 256 each), their crossings once
-    assert int(sync_mean.runs[:, 0].sum()) == 2 * 4 * 16 * 256 - (4 * 16) ** 2
-    assert sync_mean.index.shape[0] == 1344
+    assert int((sync_mean.runs[:, 0] * sync_mean.runs[:, 2]).sum()) == 2 * 4 * 16 * 256 - (4 * 16) ** 2
+    assert sync_mean.index.shape[0] == 56
     assert sk.plan.build_plan(ViewLayout(26, 10, 2), "stitch", "swap", 1, REF_NONE).runs is None  # strips: none
 
 
@@ -273,7 +285,7 @@ def test_bad_runs_are_refused_before_any_write():
     long_run = plan.runs.clone()
     long_run[0, 0] = grid.view_cells  # past the end of its view
     kernels = [sk.library.merge_op(b) for b in KERNELS]
-    for runs, message in [(plan.runs[:, :1].contiguous(), "runs must be a contiguous int32 .P, 2."),
+    for runs, message in [(plan.runs[:, :2].contiguous(), "runs must be a contiguous int32 .P, 6."),
                           (plan.runs.long(), "runs must be a contiguous int32"),
                           (plan.runs[1:], "runs must be a contiguous int32")]:
         for kernel in kernels:
@@ -282,10 +294,18 @@ def test_bad_runs_are_refused_before_any_write():
     cpp = sk.library.merge_op("cpp")
     zero = plan.runs.clone()
     zero[0, 0] = 0
-    with pytest.raises(RuntimeError, match=r"merge_cpp_: runs\[0\] is \(0, 1\), expected a count and a step >= 1"):
-        cpp(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], zero)
-    with pytest.raises(RuntimeError, match=r"merge_cpp_: runs\[0\] = .* past the end of its view"):
-        cpp(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], long_run)
+    negative = plan.runs.clone()
+    negative[0, 3] = -1
+    tall = plan.runs.clone()
+    tall[0, 2:] = torch.tensor([grid.view_cells, 1, 1, 1])  # its rows past the end of its view
+    for runs in (zero, negative):
+        with pytest.raises(RuntimeError, match=r"merge_cpp_: runs\[0\] is \(.*\), expected a count, a step and "
+                                               r"rows >= 1 and row strides >= 0"):
+            cpp(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], runs)
+    for runs in (long_run, tall):
+        with pytest.raises(RuntimeError, match=r"merge_cpp_: runs\[0\] takes index\[0, \d\] = .* past the end of "
+                                               r"its view"):
+            cpp(views, None, None, plan.index, plan.weight, [0, 1, 1, 1], runs)
     assert torch.equal(views, before)
 
 
@@ -331,7 +351,8 @@ def test_the_in_place_sync_touches_only_the_overlap_cells(name):
         if mode == "swap" and not grid.swappable:
             continue
         index, _, runs = get_plan(grid, "sync", mode, 1, REF_NONE, torch.device("cpu"))
-        assert runs[:, 0].sum() == shared  # a cell per canvas cell covered by two tiles or more, nothing else
+        # a cell per canvas cell covered by two tiles or more, nothing else
+        assert (runs[:, 0] * runs[:, 2]).sum() == shared
         assert index.shape[0] <= shared  # in runs of cells
     views = torch.randn(grid.num_views, 1, grid.rows.window, grid.cols.window)
     middles = views.clone()
