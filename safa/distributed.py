@@ -61,7 +61,7 @@ import torch.distributed as dist
 
 from safa_kernels import GridLayout
 from safa_kernels.layout import AnyLayout
-from safa_kernels.plan import REF_NONE, get_plan
+from safa_kernels.plan import REF_NONE, RUN_COLUMNS, get_plan
 
 from .errors import one_line
 
@@ -109,25 +109,30 @@ def view_cells(layout: AnyLayout) -> int:
 def _plan_cells(layout: AnyLayout, mode: str, swap_interval: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(sources, targets)`` of the ``sync_`` plan, one row per cell (padding -1).
 
-    A grid's plan rows are runs (docs/kernels.md section 8): row ``r`` stands for ``runs[r, 0]``
-    cells at positions ``p + j * runs[r, 1]``; they are expanded here, so a grid's exchange
+    A grid's plan rows are runs (docs/kernels.md section 8, ``plan.RUN_COLUMNS``): row ``r`` stands
+    for the ``rows x count`` cells at ``p + j * step + i * row_stride`` (``j < count``, ``i < rows``,
+    the row stride of the operand ``p`` addresses); they are expanded here, so a grid's exchange
     is read off its plan exactly as a strip's is."""
     index, weight, runs = get_plan(layout, "sync", mode, swap_interval, REF_NONE, torch.device("cpu"))
     k = weight.shape[1]
     sources, targets = index[:, 1:1 + k].long(), index[:, 1 + k:].long()
     if runs is None:
         return sources, targets
-    if runs.dim() != 2 or runs.shape[1] != 2:  # the contract this expansion reads (safa_kernels/plan.py)
-        raise RuntimeError(f"a grid plan's runs must be (rows, 2) = (count, step), got shape {tuple(runs.shape)}")
-    count, step = runs[:, 0].long(), runs[:, 1].long()
-    row = torch.repeat_interleave(torch.arange(count.numel()), count)
-    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-    shift = ((torch.arange(row.numel()) - first) * step[row]).unsqueeze(1)
+    if runs.dim() != 2 or runs.shape[1] != len(RUN_COLUMNS):  # the contract this expansion reads
+        raise RuntimeError(f"a grid plan's runs must be (rows, {len(RUN_COLUMNS)}) = {RUN_COLUMNS}, "
+                           f"got shape {tuple(runs.shape)}")
+    runs = runs.long()
+    count, step, rows, src_row, out_row = (runs[:, c] for c in range(5))
+    cells = count * rows
+    row = torch.repeat_interleave(torch.arange(cells.numel()), cells)
+    local = torch.arange(row.numel()) - torch.repeat_interleave(torch.cumsum(cells, 0) - cells, cells)
+    i, j = local // count[row], local % count[row]  # the cell's canvas row and place in its run
 
-    def expand(positions: torch.Tensor) -> torch.Tensor:
+    def expand(positions: torch.Tensor, row_stride: torch.Tensor) -> torch.Tensor:
+        shift = (j * step[row] + i * row_stride[row]).unsqueeze(1)
         positions = positions[row]
         return torch.where(positions >= 0, positions + shift, positions)
-    return expand(sources), expand(targets)
+    return expand(sources, src_row), expand(targets, out_row)
 
 
 def cells_read(layout: AnyLayout, mode: str, swap_interval: int, views: Sequence[int]) -> torch.Tensor:
