@@ -317,7 +317,7 @@ class JointDiffusion:
                  strength: Optional[float] = None, controlnet_conditioning_scale: Optional[float] = None,
                  noise_level: Optional[int] = None, timeline: Optional[Sequence[Any]] = None,
                  transition: Optional[float] = None, regions: Optional[Sequence[Any]] = None,
-                 bootstrap: Optional[float] = None) -> Any:
+                 bootstrap: Optional[float] = None, resample_steps: int = 1, resample_until: float = 1.0) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
         # alone checks and writes the output files). A canvas image sets the output's size.
@@ -372,6 +372,10 @@ class JointDiffusion:
         # A canvas image gives every view its own crop: a reference window has no place on it.
         guide_steps = (method.reference_steps(len(timesteps), self.pipe.scheduler)
                        if layout.num_views > 1 and canvas_image is None else 0)
+        resample = _known.check_resample(  # RePaint's jumps back (safa.known.Resampling)
+            self.pipe.scheduler, resample_steps, resample_until, len(timesteps), seed=_regions.seed_of(generator),
+            noise_shape=_request.canvas_shape(adapter, prompts.batch_size, layout, request.height),
+            gather=lambda j: gather(j, layout, _request.merge_dims(adapter, layout)), device=adapter.device)
         if reference_latents is not None and guide_steps == 0:
             raise ValueError(f"reference_latents given but method {method.name!r} with {layout.num_views} view(s) "
                              f"and {len(timesteps)} steps uses no reference window")
@@ -391,7 +395,7 @@ class JointDiffusion:
         # 6. This process's views; the views of J_T (the same on every rank); X^0 with its own scheduler.
         plan = _loop.LoopPlan(layout, window_shape, timesteps, guide_steps, cond, view_rows, reference_rows,
                               self.prepare_shard(layout, method, prompts.batch_size), known, mix,
-                              _regions.seed_of(generator))
+                              _regions.seed_of(generator), resample)
         # 7. The denoising loop (safa.loop, blocks 7.1-7.7). The initial latents are passed, not
         # held here, so that the loop frees them at its first step.
         views, started = _loop.denoise(
@@ -452,6 +456,9 @@ class JointDiffusion:
             return adapter.pipeline_tuple(latent if request.output_type == "latent" else result)
         evaluations, extra = _regions.window_evaluations(plan.mix, layout.num_views, len(plan.timesteps),
                                                          plan.guide_steps, request.batch_size)
+        if plan.resample is not None:  # every redone step is a model evaluation of each window again
+            evaluations += plan.resample.extra_evaluations((evaluations - plan.guide_steps) // len(plan.timesteps),
+                                                           plan.guide_steps)
         return JointDiffusionOutput(**{adapter.output_field: result}, latent=latent, layout=layout, columns=columns,
                                     sample_rate=adapter.sample_rate, method=method, output_paths=request.paths,
                                     output_length=out_len if request.output_type != "latent" else 0,
