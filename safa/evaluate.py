@@ -520,7 +520,8 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     resampling (``resample_steps`` runs of the first ``resample_until`` of the steps), and ``one
     window`` (the plain pipeline, one view, continuing the clip's last half window within one window:
     the one-window sampler's own error; its interior probes lie in the generated half, fewer than
-    the other rows'). ``rows`` picks rows (``true`` always runs: the posterior is its draw's).
+    the other rows'). ``rows`` picks rows (``true`` always runs up to ``4 * MAX_WINDOW`` frames, the exact
+    conditional's dense limit; beyond it the rows are measured against the model alone).
     ``guide``: SaFa's guidance window (default the method's). Every row draws the same noise.
     Columns: the junction probes' KL (``probe`` frames centred
     on the clip's end), the interior probes' KL (non-overlapping probes from one window after the
@@ -530,6 +531,7 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     from .sampler import JointDiffusion
     from .schedulers import set_scheduler
     from .texture import make_texture_pipeline
+    from .texture.model import MAX_WINDOW
     pipe = make_texture_pipeline()
     if scheduler:
         set_scheduler(pipe, scheduler)
@@ -539,7 +541,10 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     unknown = [r for r in rows if r not in CONTINUE_ROWS]
     if unknown:
         raise ValueError(f"rows: unknown {unknown}; choose from {', '.join(CONTINUE_ROWS)}")
-    rows = ["true"] + [r for r in CONTINUE_ROWS if r in rows and r != "true"]
+    # The exact continuation is dense in time: beyond its length (a 10-minute run) the rows are measured
+    # against the model alone (the posterior is exact at any length).
+    exact = n <= 4 * MAX_WINDOW
+    rows = ["true"] * exact + [r for r in CONTINUE_ROWS if r in rows and r != "true"]
     res = ContinueResult(dict(prompts=list(prompts), samples=samples, clip_seconds=clip_seconds, seconds=seconds,
                               steps=steps, scheduler=type(pipe.scheduler).__name__, probe=probe,
                               resample_steps=resample_steps, resample_until=resample_until, guide=guide))
@@ -555,7 +560,7 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
             comp = model.sample_components(cw, g)
             prefix = model.sample(comp, length=p, generator=g)
             post = model.substyle_posterior(prefix, cw)[0]
-            outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]}
+            outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]} if exact else {}
             # Every row draws its noise from the same seed (common random numbers: the rows differ
             # by method, not by the generator's position after the rows before them).
             call_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
@@ -582,9 +587,10 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     return res
 
 
-def _continuation_rows(jd: Any, prompt: str, prefix: torch.Tensor, rows: Sequence[str], kw: Callable[[], Dict[str, Any]],
-                       n: int, seconds: float, model_window_shape: Tuple[int, ...], call_seed: int,
-                       resample_steps: int, resample_until: float, guide: Optional[float]) -> Dict[str, torch.Tensor]:
+def _continuation_rows(jd: Any, prompt: str, prefix: torch.Tensor, rows: Sequence[str],
+                       kw: Callable[[], Dict[str, Any]], n: int, seconds: float,
+                       model_window_shape: Tuple[int, ...], call_seed: int, resample_steps: int,
+                       resample_until: float, guide: Optional[float]) -> Dict[str, torch.Tensor]:
     """The generated rows of one sample of :func:`evaluate_continuation`: ``(1, C, n, F)`` latents, the
     clip ``prefix`` first (the ``one window`` row: the clip's first half window, then one window)."""
     fps, p, window = jd.adapter.frames_per_second, prefix.shape[-2], jd.adapter.native_window()

@@ -45,7 +45,8 @@ def test_jump_is_the_forward_transition_of_the_scheduler(name):
         a, s = float(_forward(scheduler, one, zero, t)), float(_forward(scheduler, zero, one, t))
         if i + 1 < len(timesteps):
             t_next = timesteps[i + 1:i + 2]
-            a_next, s_next = float(_forward(scheduler, one, zero, t_next)), float(_forward(scheduler, zero, one, t_next))
+            a_next = float(_forward(scheduler, one, zero, t_next))
+            s_next = float(_forward(scheduler, zero, one, t_next))
         else:
             a_next, s_next = 1.0, 0.0
         ratio = float(renoise(one, scheduler, timesteps, i, zero))
@@ -126,7 +127,8 @@ def test_every_run_is_an_evaluation_and_one_merge(texture, method, monkeypatch):
     original_impose = known_module.KnownAudio.impose
     original_predict, original_merge = accel.StepRunner.predict, accel.StepRunner.merge
     monkeypatch.setattr(accel.StepRunner, "predict",
-                        lambda self, x, i, ref: (runs.append((i, x.shape[0], ref)), original_predict(self, x, i, ref))[1])
+                        lambda self, x, i, ref: (runs.append((i, x.shape[0], ref)),
+                                                 original_predict(self, x, i, ref))[1])
     monkeypatch.setattr(accel.StepRunner, "merge", lambda self, *a: (merges.append(1), original_merge(self, *a))[1])
     monkeypatch.setattr(known_module.KnownAudio, "impose", lambda self, *a: (impose.append(a[-1]),
                                                                                original_impose(self, *a))[1])
