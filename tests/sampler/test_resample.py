@@ -3,6 +3,8 @@ bitwise off, every redone step is counted and merged once, multistep history is 
 a one-line ValueError."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
@@ -181,3 +183,14 @@ def test_unsupported_scheduler_is_refused_with_the_ones_that_work():
         _run(jd, resample_steps=2)
     assert "\n" not in str(info.value)
     assert torch.isfinite(_run(jd).latent).all()
+
+
+@pytest.mark.parametrize("flag, message", [("--resample=0", "--resample: must be an int >= 1"),
+                                           ("--resample=1.5", "--resample: must be an int >= 1"),
+                                           ("--resample-until=0", r"--resample-until: must be in \(0, 1\]")])
+def test_cli_flags_are_checked_in_one_line(flag, message, capsys):
+    """``safa generate --resample`` / ``--resample-until``: a one-line error, exit status 2, no work."""
+    from safa.cli import main
+    assert main(["generate", "rain", flag]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0])
