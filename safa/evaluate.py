@@ -46,7 +46,7 @@ import math
 import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -472,7 +472,8 @@ def write_plot(res: EvalResult, path: str) -> None:
 
 
 # -- the user's own audio: continuation against the exact conditional (safa.known) -----------------
-CONTINUE_ROWS = ("true", "crossfade", "multidiffusion", "safa", "safa, own X^0")
+CONTINUE_ROWS = ("true", "one window", "crossfade", "multidiffusion", "safa", "safa, own X^0",
+                 "multidiffusion + resample", "safa + resample")
 
 
 @dataclass
@@ -505,7 +506,9 @@ def _crossfaded(prefix: torch.Tensor, generated: torch.Tensor, fade: int) -> tor
 def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), samples: int = 2,
                           clip_seconds: float = 10.0, seconds: float = 40.0, steps: int = 25,
                           scheduler: Optional[str] = None, seed: int = 0, probe: int = 32,
-                          min_eigenvalue: float = 1.0, log: Optional[Any] = None) -> ContinueResult:
+                          min_eigenvalue: float = 1.0, rows: Sequence[str] = CONTINUE_ROWS, resample_steps: int = 3,
+                          resample_until: float = 0.5, guide: Optional[float] = None,
+                          log: Optional[Any] = None) -> ContinueResult:
     """Continue a clip drawn from the model with each row; measure against the exact conditional.
 
     Per sample: a clip of ``clip_seconds`` drawn exactly from a component of the prompt's class,
@@ -513,7 +516,14 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     ``seconds``: ``true`` (:meth:`TextureModel.sample_conditional`), ``crossfade`` (an independent
     generation crossfaded 1 s after the clip), ``multidiffusion`` / ``safa`` with the clip as known
     latent columns (``audio_latents``; SaFa's reference window holds the clip), and ``safa, own
-    X^0`` (the reference its own noise, as without a clip). Every row draws the same noise. Columns: the junction probes' KL (``probe`` frames centred
+    X^0`` (the reference its own noise, as without a clip), ``... + resample`` with RePaint's
+    resampling (``resample_steps`` runs of the first ``resample_until`` of the steps), and ``one
+    window`` (the plain pipeline, one view, continuing the clip's last half window within one window:
+    the one-window sampler's own error; its interior probes lie in the generated half, fewer than
+    the other rows'). ``rows`` picks rows (``true`` always runs up to ``4 * MAX_WINDOW`` frames, the exact
+    conditional's dense limit; beyond it the rows are measured against the model alone).
+    ``guide``: SaFa's guidance window (default the method's). Every row draws the same noise.
+    Columns: the junction probes' KL (``probe`` frames centred
     on the clip's end), the interior probes' KL (non-overlapping probes from one window after the
     clip), the fraction whose interior sub-style is the posterior's choice where it is confident
     (>= 0.9), and the correlation of the clip with what follows it (repetition).
@@ -521,17 +531,27 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     from .sampler import JointDiffusion
     from .schedulers import set_scheduler
     from .texture import make_texture_pipeline
+    from .texture.model import MAX_WINDOW
     pipe = make_texture_pipeline()
     if scheduler:
         set_scheduler(pipe, scheduler)
     model, jd = pipe.model, JointDiffusion(pipe)
     fps = pipe.frames_per_second
     p, n, window = round(clip_seconds * fps), round(seconds * fps), model.window
+    unknown = [r for r in rows if r not in CONTINUE_ROWS]
+    if unknown:
+        raise ValueError(f"rows: unknown {unknown}; choose from {', '.join(CONTINUE_ROWS)}")
+    # The exact continuation is dense in time: beyond its length (a 10-minute run) the rows are measured
+    # against the model alone (the posterior is exact at any length).
+    exact = n <= 4 * MAX_WINDOW
+    rows = ["true"] * exact + [r for r in CONTINUE_ROWS if r in rows and r != "true"]
     res = ContinueResult(dict(prompts=list(prompts), samples=samples, clip_seconds=clip_seconds, seconds=seconds,
-                              steps=steps, scheduler=type(pipe.scheduler).__name__, probe=probe))
-    for row in CONTINUE_ROWS:
+                              steps=steps, scheduler=type(pipe.scheduler).__name__, probe=probe,
+                              resample_steps=resample_steps, resample_until=resample_until, guide=guide))
+    for row in rows:
         res.rows[row] = {"junction": [], "interior": [], "agree": [], "repeat": []}
     interior = list(range(p + window, n - probe + 1, probe))
+    one_window_probes = list(range(p, p + window - window // 2 - probe + 1, probe))  # its generated half
     model_window_shape = tuple(jd.adapter.latent_shape(1, window))
     for prompt in prompts:
         cw = model.encode_prompt([prompt]).double()
@@ -540,7 +560,7 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
             comp = model.sample_components(cw, g)
             prefix = model.sample(comp, length=p, generator=g)
             post = model.substyle_posterior(prefix, cw)[0]
-            outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]}
+            outs = {"true": model.sample_conditional(prefix, cw, n, generator=g)[0]} if exact else {}
             # Every row draws its noise from the same seed (common random numbers: the rows differ
             # by method, not by the generator's position after the rows before them).
             call_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
@@ -548,20 +568,13 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
             def kw() -> Dict[str, Any]:
                 return dict(num_inference_steps=steps, output_type="latent",
                             generator=torch.Generator().manual_seed(call_seed))
-            fade = min(round(fps), p // 2)
-            free = jd(prompt, seconds=(n - p + fade) / fps, **kw()).latent
-            outs["crossfade"] = _crossfaded(prefix, free, fade)[:, :, :n]
-            for method in ("multidiffusion", "safa"):
-                outs[method] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix, **kw()).latent[:, :, :n]
-            # SaFa with its reference X^0 its own noise, as without a clip (given reference_latents,
-            # X^0 does not hold the clip): what the clip in X^0 adds.
-            own = jd.adapter.init_noise(model_window_shape, torch.Generator().manual_seed(call_seed + 1))
-            outs["safa, own X^0"] = jd(prompt, seconds=seconds, method="safa", audio_latents=prefix,
-                                      reference_latents=own, **kw()).latent[:, :, :n]
+            outs.update(_continuation_rows(jd, prompt, prefix, rows, kw, n, seconds, model_window_shape, call_seed,
+                                           resample_steps, resample_until, guide))
             for row, latent in outs.items():
                 stats = res.rows[row]
                 stats["junction"].append(_probe_kl(model, latent, [p - probe // 2], probe, cw, min_eigenvalue)[0])
-                kl, comps = _probe_kl(model, latent, interior, probe, cw, min_eigenvalue)
+                kl, comps = _probe_kl(model, latent, one_window_probes if row == "one window" else interior, probe,
+                                      cw, min_eigenvalue)
                 stats["interior"].append(kl)
                 if float(post.max()) >= 0.9:
                     stats["agree"].append(float(max(set(comps), key=comps.count) == int(post.argmax())))
@@ -574,13 +587,49 @@ def evaluate_continuation(prompts: Sequence[str] = ("rain", "wind", "surf"), sam
     return res
 
 
+def _continuation_rows(jd: Any, prompt: str, prefix: torch.Tensor, rows: Sequence[str],
+                       kw: Callable[[], Dict[str, Any]], n: int, seconds: float,
+                       model_window_shape: Tuple[int, ...], call_seed: int, resample_steps: int,
+                       resample_until: float, guide: Optional[float]) -> Dict[str, torch.Tensor]:
+    """The generated rows of one sample of :func:`evaluate_continuation`: ``(1, C, n, F)`` latents, the
+    clip ``prefix`` first (the ``one window`` row: the clip's first half window, then one window)."""
+    fps, p, window = jd.adapter.frames_per_second, prefix.shape[-2], jd.adapter.native_window()
+    outs: Dict[str, torch.Tensor] = {}
+    safa = {} if guide is None else {"guide": guide}
+    if "one window" in rows:  # the plain pipeline (one view) continuing the clip's last half window
+        half = window // 2
+        last = jd(prompt, seconds=window / fps, audio_latents=prefix[:, :, p - half:], **kw()).latent
+        outs["one window"] = torch.cat([prefix[:, :, :p - half], last], dim=-2)
+    if "crossfade" in rows:
+        fade = min(round(fps), p // 2)
+        free = jd(prompt, seconds=(n - p + fade) / fps, **kw()).latent
+        outs["crossfade"] = _crossfaded(prefix, free, fade)[:, :, :n]
+    for method in ("multidiffusion", "safa"):
+        extra = safa if method == "safa" else {}
+        if method in rows:
+            outs[method] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix, **extra,
+                              **kw()).latent[:, :, :n]
+        if f"{method} + resample" in rows:
+            outs[f"{method} + resample"] = jd(prompt, seconds=seconds, method=method, audio_latents=prefix,
+                                              resample_steps=resample_steps, resample_until=resample_until,
+                                              **extra, **kw()).latent[:, :, :n]
+    if "safa, own X^0" in rows:
+        # SaFa with its reference X^0 its own noise, as without a clip (given reference_latents,
+        # X^0 does not hold the clip): what the clip in X^0 adds.
+        own = jd.adapter.init_noise(model_window_shape, torch.Generator().manual_seed(call_seed + 1))
+        outs["safa, own X^0"] = jd(prompt, seconds=seconds, method="safa", audio_latents=prefix,
+                                  reference_latents=own, **safa, **kw()).latent[:, :, :n]
+    return outs
+
+
 def format_continuation_table(res: ContinueResult) -> str:
     """The continuation table: mean [95% interval] over samples per column."""
     st = res.settings
     lines = [f"continue a {st['clip_seconds']:g} s clip to {st['seconds']:g} s, {st['steps']} steps "
              f"{st['scheduler']}, prompts {','.join(st['prompts'])}, {st['samples']} samples each, probes of "
-             f"{st['probe']} frames",
-             f"{'row':<16}{'junction KL':>22}{'interior KL':>22} {'sub-style agrees':>20} {'repeat corr':>20}"]
+             f"{st['probe']} frames; resample: {st['resample_steps']} runs of the first {st['resample_until']:g} "
+             f"of the steps" + ("" if st.get("guide") is None else f"; safa guide {st['guide']:g}"),
+             f"{'row':<26}{'junction KL':>22}{'interior KL':>22} {'sub-style agrees':>20} {'repeat corr':>20}"]
     for row, stats in res.rows.items():
         cells = []
         for key in ("junction", "interior", "agree", "repeat"):
@@ -590,5 +639,5 @@ def format_continuation_table(res: ContinueResult) -> str:
                 continue
             mean, half = M.mean_ci(x)
             cells.append(f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]")
-        lines.append(f"{row:<16}{cells[0]:>22}{cells[1]:>22} {cells[2]:>20} {cells[3]:>20}")
+        lines.append(f"{row:<26}{cells[0]:>22}{cells[1]:>22} {cells[2]:>20} {cells[3]:>20}")
     return "\n".join(lines)

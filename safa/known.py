@@ -41,7 +41,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,7 +49,8 @@ import torch
 from safa_kernels import ViewLayout
 
 __all__ = ["KnownColumns", "KnownAudio", "read_audio", "prepare_known", "prepare_known_image", "noised_known",
-           "keep_ranges"]
+           "keep_ranges", "Resampling", "check_resample", "step_runs", "noise_level", "renoise",
+           "RESAMPLE_SCHEDULERS"]
 
 
 def read_audio(audio: Any, sample_rate: Optional[int], target_rate: int, channels: int,
@@ -382,3 +383,161 @@ def prepare_known_image(adapter: Any, image: Any, *, width: int, loop: bool, bat
                         given=pixels.to(adapter.device) if image.paste else None, given_start=image.image_start,
                         output_ranges=((image.image_start, image.image_start + int(pixels.shape[-1])),),
                         crossfade=image.crossfade, loop=loop, out_len=width)
+# -- RePaint's resampling (jumps back), for the known columns to harmonise with the rest -----------
+# Schedulers whose step can be redone from a renoised sample: the single-step ones (their only state
+# is the step index) and DPM-Solver++'s multistep history (restored around each jump: the redo sees
+# the history the first pass saw). UniPC is not: its corrector recomputes x_t from the previous
+# sample, which throws the jump's renoised x_t away; PNDM's and Heun's multi-stage states neither.
+RESAMPLE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                       "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+                       "DPMSolverMultistepScheduler")
+
+
+def noise_level(scheduler: Any, timesteps: torch.Tensor, i: int) -> Tuple[float, float]:
+    """``(alpha, sigma)`` of the sample that step ``i`` reads, ``x = alpha x0 + sigma noise`` (``i ==
+    len(timesteps)``: what the last step returns), in the scheduler's own parametrisation.
+
+    DDIM / DDPM: ``alpha^2 = alphas_cumprod[t]`` and ``sigma^2 = 1 - alpha^2`` (DDIM's last step
+    lands on ``final_alpha_cumprod``, DDPM's on the clean sample); Euler: ``(1, sigmas[k])`` (its
+    unscaled ``x = x0 + sigma noise``); flow matching: ``(1 - sigmas[k], sigmas[k])``; DPM-Solver:
+    ``_sigma_to_alpha_sigma_t(sigmas[k])``. ``k`` counts the scheduler's own steps, so an
+    img2img call (``timesteps`` a suffix of the scheduler's) is offset by the steps it skips.
+    """
+    name = type(scheduler).__name__
+    if name in ("DDIMScheduler", "DDPMScheduler"):
+        if i < len(timesteps):
+            a = float(scheduler.alphas_cumprod[int(timesteps[i])])
+        elif name == "DDIMScheduler":
+            a = float(scheduler.final_alpha_cumprod)
+        else:
+            a = 1.0
+        return math.sqrt(a), math.sqrt(1.0 - a)
+    k = len(scheduler.timesteps) - len(timesteps) + i
+    sigma = scheduler.sigmas[k]
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return 1.0 - float(sigma), float(sigma)
+    if name == "DPMSolverMultistepScheduler":
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma)
+        return float(alpha_t), float(sigma_t)
+    return 1.0, float(sigma)
+
+
+def renoise(sample: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, i: int,
+            noise: torch.Tensor) -> torch.Tensor:
+    """RePaint's jump back: ``sample`` (what step ``i`` returned) brought back to the noise level step
+    ``i`` read, by the forward transition ``q(x_t | x_t')`` of the scheduler's process.
+
+    With ``x_t' = a' x0 + s' e`` and ``x_t = a x0 + s e`` (:func:`noise_level`), the transition that
+    keeps every marginal is ``x_t = (a / a') x_t' + sqrt(s^2 - (a / a')^2 s'^2) e_new``: for a
+    variance-preserving process (DDIM, DPM-Solver) ``sqrt(abar_t / abar_t') x_t' + sqrt(1 - abar_t /
+    abar_t') e`` (Lugmayr et al. 2022, Eq. 1 over one jump); for Euler's ``x0 + sigma e``, ``x_t' +
+    sqrt(sigma^2 - sigma'^2) e``; for flow matching ``((1 - s) / (1 - s')) x_t' + sqrt(s^2 - ((1 - s)
+    s' / (1 - s'))^2) e``.
+    """
+    a, s = noise_level(scheduler, timesteps, i)
+    a_next, s_next = noise_level(scheduler, timesteps, i + 1)
+    ratio = a / a_next
+    spread = math.sqrt(max(s * s - (ratio * s_next) ** 2, 0.0))
+    return (sample * ratio + noise.to(sample.dtype) * spread).to(sample.dtype)
+
+
+def scheduler_state(scheduler: Any) -> Dict[str, Any]:
+    """What ``scheduler.step`` changes (its step index, DPM-Solver's model-output history and
+    lower-order count): its attributes, lists copied (the history is shifted in place)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(scheduler).items()}
+
+
+def restore_scheduler(scheduler: Any, state: Dict[str, Any]) -> None:
+    """Put back what :func:`scheduler_state` saved (before a step is redone)."""
+    scheduler.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in state.items()})
+
+
+@dataclass
+class Resampling:
+    """RePaint's resampling in a call: every step ``i < round(until * T)`` runs ``steps`` times; between
+    two runs the merged views (and ``X^0`` while it guides) jump back to the step's input noise level
+    (:func:`renoise`), with the schedulers' state restored, and the step is redone.
+
+    Attributes:
+        steps: runs of each resampled step (``r``; 1 is off).
+        until: fraction of the steps, from the first, that are resampled.
+        num_steps: steps of the call.
+        generator: the jumps' noise (its own: the call's generator stream is untouched).
+        noise_shape: the long latent's shape (the jump's noise is drawn on it and gathered into
+            the views, so overlapping views stay equal).
+        gather: ``J -> views`` for that noise.
+    """
+
+    steps: int
+    until: float
+    num_steps: int
+    generator: Optional[torch.Generator] = None
+    noise_shape: Tuple[int, ...] = ()
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def resampled_steps(self) -> int:
+        """How many steps (the first ones) are resampled."""
+        return min(self.num_steps, int(round(self.until * self.num_steps))) if self.steps > 1 else 0
+
+    def passes(self, i: int) -> int:
+        """Runs of step ``i``."""
+        return self.steps if i < self.resampled_steps else 1
+
+    def extra_evaluations(self, views: int, guide_steps: int) -> int:
+        """Window evaluations per output that the redone steps add (``views`` per step, plus ``X^0``
+        on the guided ones)."""
+        k = self.resampled_steps
+        return (self.steps - 1) * (views * k + min(k, guide_steps))
+
+    def save(self, scheduler: Any, ref_scheduler: Any) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+        """The schedulers' state before a resampled step's first run (``ref_scheduler``: ``X^0``'s, or None)."""
+        return scheduler_state(scheduler), None if ref_scheduler is None else scheduler_state(ref_scheduler)
+
+    def jump(self, views: torch.Tensor, reference: Optional[torch.Tensor], scheduler: Any, ref_scheduler: Any,
+             timesteps: torch.Tensor, i: int, states: Tuple[Dict[str, Any], Optional[Dict[str, Any]]],
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The views (and ``X^0`` while it guides) that step ``i`` returned, renoised to the level step
+        ``i`` read, and the schedulers put back as they were before its first run."""
+        noise = torch.randn(self.noise_shape, generator=self.generator, device=self.generator.device,
+                            dtype=torch.float32).to(views.device, views.dtype)
+        views = renoise(views, scheduler, timesteps, i, self.gather(noise)).contiguous()
+        restore_scheduler(scheduler, states[0])
+        if reference is not None:
+            ref_noise = torch.randn(reference.shape, generator=self.generator, device=self.generator.device,
+                                    dtype=torch.float32).to(reference.device)
+            reference = renoise(reference, ref_scheduler, timesteps, i, ref_noise)
+            restore_scheduler(ref_scheduler, states[1])
+        return views, reference
+
+
+def step_runs(timesteps: torch.Tensor, resample: Optional[Resampling]) -> Iterator[Tuple[int, Any, int, bool]]:
+    """``(i, t, run, last)`` for every run of every step: one run per step without resampling."""
+    for i, t in enumerate(timesteps):
+        passes = resample.passes(i) if resample is not None else 1
+        for run in range(passes):
+            yield i, t, run, run == passes - 1
+
+
+def check_resample(scheduler: Any, resample_steps: Any, resample_until: Any, num_steps: int, *, seed: int = 0,
+                   noise_shape: Tuple[int, ...] = (), gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   device: Any = "cpu") -> Resampling:
+    """``resample_steps`` / ``resample_until`` checked (one-line ValueErrors) into a :class:`Resampling`
+    whose jumps draw their noise (``noise_shape``: the long latent, ``gather``: into the views) from a
+    generator of their own seeded from ``seed`` (the call's generator stream is untouched)."""
+    if isinstance(resample_steps, bool) or not isinstance(resample_steps, (int, np.integer)) or resample_steps < 1:
+        raise ValueError(f"resample_steps must be an int >= 1 (runs of each resampled step; 1: no resampling), "
+                         f"got {resample_steps!r}")
+    if isinstance(resample_until, bool) or not isinstance(resample_until, (int, float)) \
+            or not 0.0 < resample_until <= 1.0:
+        raise ValueError(f"resample_until must be a fraction of the steps in (0, 1], got {resample_until!r}")
+    name = type(scheduler).__name__
+    if resample_steps > 1 and name not in RESAMPLE_SCHEDULERS:
+        raise ValueError(f"resample_steps > 1 needs a scheduler whose step can be redone from a renoised sample: "
+                         f"{', '.join(s.replace('Scheduler', '') for s in RESAMPLE_SCHEDULERS)}; "
+                         f"{name} is not one (set pipe.scheduler, e.g. DDIM)")
+    resample = Resampling(int(resample_steps), float(resample_until), num_steps, noise_shape=tuple(noise_shape),
+                          gather=gather)
+    if resample.resampled_steps:
+        resample.generator = torch.Generator(device=device).manual_seed(seed + 0x5EED)
+    return resample

@@ -18,6 +18,10 @@ hooks and docs/method.md cite these numbers):
   the step's noise level, into every view;
 - 7.7 the user's ``callback_on_step_end``.
 
+With RePaint's resampling (``resample_steps`` r > 1, :class:`safa.known.Resampling`) a step
+runs r times: between runs its merged output jumps back to the step's input noise level by the
+scheduler's forward transition and the step (7.1-7.6) is redone; 7.7 follows its last run.
+
 ``X^0`` is read only while it guides, so it is denoised only then and freed after: a SaFa call
 costs ``n T + round(guide T)`` window evaluations, not ``(n + 1) T``.
 """
@@ -36,7 +40,8 @@ from safa_kernels import GridLayout, ViewLayout
 from . import accel as _accel
 from .adapters.base import Conditions
 from .distributed import ViewShard
-from .known import KnownAudio
+from . import known as _known
+from .known import KnownAudio, Resampling
 from .regions import Bootstrap, PromptMix
 from .methods import MethodContext
 from .request import GenerationRequest, merge_dims, model_windows
@@ -60,6 +65,7 @@ class LoopPlan:
         known: the user's audio (:mod:`safa.known`): its latent columns, imposed every step.
         mix: a timeline's / regions' model branches (:mod:`safa.regions`), or None.
         seed: seeds the generator of the mix's bootstrapping (its own: the call's stream is untouched).
+        resample: RePaint's resampling (:class:`safa.known.Resampling`), or None: one run per step.
     """
 
     layout: Union[ViewLayout, GridLayout]
@@ -73,6 +79,7 @@ class LoopPlan:
     known: Optional[KnownAudio] = None
     mix: Optional[PromptMix] = None
     seed: int = 0
+    resample: Optional[Resampling] = None
 
 
 def _step_runner(jd: Any, request: GenerationRequest, plan: LoopPlan) -> _accel.StepRunner:
@@ -128,10 +135,18 @@ def denoise(jd: Any, request: GenerationRequest, plan: LoopPlan, views: torch.Te
     with hooks, progress_bar as progress:
         if shard.rank == 0 and "desc" not in (getattr(pipe, "_progress_bar_config", None) or {}):
             progress.set_description("denoising", refresh=False)
-        for i, t in enumerate(plan.timesteps):
+        # RePaint's resampling (safa.known.Resampling) runs a step more than once: between runs the
+        # merged views (and X^0) jump back to the step's input noise level, with the schedulers'
+        # state (step index, multistep history) as the first run found it. Off: one run per step.
+        for i, t, run, last in _known.step_runs(plan.timesteps, plan.resample):
             guiding = i < guide_steps
             with_reference = guiding and shard.has_reference
-            shard.begin_step(i, num_steps)
+            if run == 0:
+                shard.begin_step(i, num_steps)
+                states = plan.resample.save(scheduler, ref_scheduler if guiding else None) if not last else None
+            else:
+                views, reference = plan.resample.jump(views, reference if guiding else None, scheduler,
+                                                      ref_scheduler if guiding else None, plan.timesteps, i, states)
             with record_function("safa.step"):
                 t_sched = runner.scheduler_timestep(i)  # a host copy on CUDA: see safa/accel.py
                 # 7.1 The method's pre-model hook: SyncDiffusion's gradient step on the views' x_t.
@@ -181,8 +196,8 @@ def denoise(jd: Any, request: GenerationRequest, plan: LoopPlan, views: torch.Te
                 if plan.known is not None:
                     with record_function("safa.known"):
                         plan.known.impose(views, scheduler, plan.timesteps, i)
-                # 7.7 Callback: may replace this process's views / the reference.
-                if callback_on_step_end is not None:
+                # 7.7 Callback (after a step's last run): may replace this process's views / the reference.
+                if callback_on_step_end is not None and last:
                     got = callback_on_step_end(jd, i, t, {"views": views[own.start:own.stop], "view_range": own,
                                                           "reference": reference if guiding else None,
                                                           "layout": layout})
@@ -191,6 +206,8 @@ def denoise(jd: Any, request: GenerationRequest, plan: LoopPlan, views: torch.Te
                             views[own.start:own.stop].copy_(got["views"])
                         if guiding and got.get("reference") is not None:
                             reference = got["reference"]
+            if not last:
+                continue
             if i + 1 == guide_steps:  # X^0 has guided its last step: free it and its scheduler
                 reference = ref_scheduler = None
             progress.update()

@@ -730,6 +730,17 @@ CALL_ARGUMENTS_DOC = """
                 user's samples and the generation (default 0.05).
             paste_audio: the output holds the user's samples exactly over ``keep`` (default);
                 False returns the decoded generation there instead.
+            resample_steps: RePaint's resampling (Lugmayr et al. 2022), for the known columns to
+                harmonise with what is generated around them: each resampled step runs this many
+                times (default 1: off, bitwise the call without it); between runs the merged views
+                (and ``X^0`` while it guides) jump back to the step's input noise level by the
+                scheduler's forward transition, with its state (step index, DPM-Solver++'s history)
+                restored (:class:`safa.known.Resampling`). Every run is a model evaluation of every
+                window (``window_evaluations`` counts them) and one merge. DDIM, DDPM, Euler, Euler
+                ancestral, flow-matching Euler and DPM-Solver++ only (UniPC's corrector would discard
+                the jump): another scheduler is a ValueError.
+            resample_until: the fraction of the steps, from the first, that are resampled, in
+                ``(0, 1]`` (default 1: all).
             image: an image for the whole canvas, cropped per view (docs/conditions.md): a PIL RGB
                 image, a list of them, an ``(H, W, 3)`` array or a ``(3, H, W)`` / ``(B, 3, H, W)``
                 tensor in ``[0, 1]``; one for every output or one per output. What it is follows

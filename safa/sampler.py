@@ -211,6 +211,17 @@ class JointDiffusion:
         return _memory.estimate_request(self.adapter, self.pipe.scheduler, request)
 
     # -- preparation (steps 5 and 6) ------------------------------------------------------
+    def prepare_known(self, request: GenerationRequest, layout: Any, batch_size: int, outpaint: Any,
+                      **audio_args: Any) -> Optional[_known.KnownColumns]:
+        """The user's audio (checked, resampled) or image to outpaint, encoded once into known latent
+        columns (:mod:`safa.known`); None when the call has neither."""
+        known = _known.prepare_known(self.adapter, seconds=request.seconds, loop=request.loop, batch_size=batch_size,
+                                     layout=layout, **audio_args)
+        if outpaint is not None:
+            known = _known.prepare_known_image(self.adapter, outpaint, width=request.width, loop=request.loop,
+                                               batch_size=batch_size)
+        return known
+
     def prepare_conditions(self, prompts: PromptBatch, embeds: Dict[str, torch.Tensor], with_reference: bool,
                            guidance_scale: float, seconds: Optional[float]
                            ) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
@@ -317,7 +328,8 @@ class JointDiffusion:
                  paste_image: bool = True, strength: Optional[float] = None,
                  controlnet_conditioning_scale: Optional[float] = None, noise_level: Optional[int] = None,
                  timeline: Optional[Sequence[Any]] = None, transition: Optional[float] = None,
-                 regions: Optional[Sequence[Any]] = None, bootstrap: Optional[float] = None) -> Any:
+                 regions: Optional[Sequence[Any]] = None, bootstrap: Optional[float] = None,
+                 resample_steps: int = 1, resample_until: float = 1.0) -> Any:
         adapter = self.adapter
         # 1. Check inputs: every argument once, into the request (in a distributed call rank 0
         # alone checks and writes the output files). A canvas image sets the output's size; an
@@ -360,14 +372,9 @@ class JointDiffusion:
             reference_prompt if canvas is None or reference_prompt is not None else _regions.dominant_prompt(canvas, layout),
             request.per_prompt, layout.num_views, embeds_rows=int(prompt_embeds.shape[0]) if request.embeds else None)
         _request.check_generator(generator, prompts.batch_size)
-        # The user's audio (safa.known): checked, resampled and encoded once into known latent columns.
-        known = _known.prepare_known(adapter, audio=audio, sample_rate=sample_rate, audio_latents=audio_latents,
-                                     audio_start=audio_start, keep=keep, seconds=request.seconds, loop=request.loop,
-                                     audio_crossfade=audio_crossfade, paste_audio=paste_audio,
-                                     batch_size=prompts.batch_size, layout=layout)
-        if outpaint is not None:  # the user's image, encoded once into known latent columns
-            known = _known.prepare_known_image(adapter, outpaint, width=request.width, loop=request.loop,
-                                               batch_size=prompts.batch_size)
+        known = self.prepare_known(request, layout, prompts.batch_size, outpaint, audio=audio, sample_rate=sample_rate,
+                                   audio_latents=audio_latents, audio_start=audio_start, keep=keep,
+                                   audio_crossfade=audio_crossfade, paste_audio=paste_audio)
         window_shape = _request.window_shape(adapter, prompts.batch_size, layout, request.height)
         # 4. Timesteps; the reference guides the first round(guide * T) of them (Algorithm 1, with
         # the guidance window of the paper's text: docs/method.md section 5).
@@ -378,6 +385,10 @@ class JointDiffusion:
         # A canvas image gives every view its own crop: a reference window has no place on it.
         guide_steps = (method.reference_steps(len(timesteps), self.pipe.scheduler)
                        if layout.num_views > 1 and canvas_image is None else 0)
+        resample = _known.check_resample(  # RePaint's jumps back (safa.known.Resampling)
+            self.pipe.scheduler, resample_steps, resample_until, len(timesteps), seed=_regions.seed_of(generator),
+            noise_shape=_request.canvas_shape(adapter, prompts.batch_size, layout, request.height),
+            gather=lambda j: gather(j, layout, _request.merge_dims(adapter, layout)), device=adapter.device)
         if reference_latents is not None and guide_steps == 0:
             raise ValueError(f"reference_latents given but method {method.name!r} with {layout.num_views} view(s) "
                              f"and {len(timesteps)} steps uses no reference window")
@@ -397,7 +408,7 @@ class JointDiffusion:
         # 6. This process's views; the views of J_T (the same on every rank); X^0 with its own scheduler.
         plan = _loop.LoopPlan(layout, window_shape, timesteps, guide_steps, cond, view_rows, reference_rows,
                               self.prepare_shard(layout, method, prompts.batch_size), known, mix,
-                              _regions.seed_of(generator))
+                              _regions.seed_of(generator), resample)
         # 7. The denoising loop (safa.loop, blocks 7.1-7.7). The initial latents are passed, not
         # held here, so that the loop frees them at its first step.
         views, started = _loop.denoise(
@@ -460,6 +471,9 @@ class JointDiffusion:
             return adapter.pipeline_tuple(latent if request.output_type == "latent" else result)
         evaluations, extra = _regions.window_evaluations(plan.mix, layout.num_views, len(plan.timesteps),
                                                          plan.guide_steps, request.batch_size)
+        if plan.resample is not None:  # every redone step is a model evaluation of each window again
+            evaluations += plan.resample.extra_evaluations((evaluations - plan.guide_steps) // len(plan.timesteps),
+                                                           plan.guide_steps)
         return JointDiffusionOutput(**{adapter.output_field: result}, latent=latent, layout=layout, columns=columns,
                                     sample_rate=adapter.sample_rate, method=method, output_paths=request.paths,
                                     output_length=out_len if request.output_type != "latent" else 0,

@@ -63,6 +63,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="--task timeline: seconds of each transition (default 4)")
     p.add_argument("--clip-seconds", type=POSITIVE_NUMBER, default=10.0,
                    help="--task continue: the clip's length in seconds (default 10)")
+    p.add_argument("--rows", default=None,
+                   help="--task continue: comma-separated rows (default all: true, one window, crossfade, "
+                        "multidiffusion, safa, 'safa, own X^0' as own-x0, multidiffusion + resample as "
+                        "multidiffusion+resample, safa + resample as safa+resample)")
+    p.add_argument("--resample", type=POSITIVE_INT, default=3, metavar="N",
+                   help="--task continue: the resample rows' runs of each resampled step (default 3)")
+    p.add_argument("--resample-until", type=POSITIVE_NUMBER, default=0.5,
+                   help="--task continue: the fraction of the steps, from the first, that are resampled (default 0.5)")
+    p.add_argument("--guide", type=POSITIVE_NUMBER, default=None,
+                   help="--task continue: SaFa's guidance window, a fraction of the steps (default the method's)")
     p.add_argument("--out", default="out", help="output directory for evaluate.txt and evaluate.png (default out/)")
     p.add_argument("--plot", default=None, help="the plot's path, a .png (default: evaluate.png in --out)")
     add_device_arguments(p)
@@ -142,10 +152,25 @@ def _run_continue(args: argparse.Namespace, prompts: Any, table_path: str) -> in
     """``safa evaluate --task continue``: the continuation table (safa.evaluate.evaluate_continuation), printed and
     written."""
     from ..evaluate import evaluate_continuation, format_continuation_table
-    res = evaluate_continuation(prompts or ("rain", "wind", "surf"), samples=args.samples,
-                                clip_seconds=args.clip_seconds, seconds=args.seconds, steps=args.steps,
-                                scheduler=args.scheduler, seed=args.seed, min_eigenvalue=args.min_eigenvalue,
-                                log=_log(args))
+    from ..evaluate import CONTINUE_ROWS
+    names = {r: r for r in CONTINUE_ROWS if "," not in r}
+    names.update({"own-x0": "safa, own X^0", "multidiffusion+resample": "multidiffusion + resample",
+                  "safa+resample": "safa + resample"})
+    rows = CONTINUE_ROWS
+    if args.rows is not None:
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in rows if r not in names]
+        if unknown:
+            raise CLIError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+        rows = [names[r] for r in rows]
+    try:
+        res = evaluate_continuation(prompts or ("rain", "wind", "surf"), samples=args.samples,
+                                    clip_seconds=args.clip_seconds, seconds=args.seconds, steps=args.steps,
+                                    scheduler=args.scheduler, seed=args.seed, min_eigenvalue=args.min_eigenvalue,
+                                    rows=rows, resample_steps=args.resample, resample_until=args.resample_until,
+                                    guide=args.guide, log=_log(args))
+    except ValueError as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
     table = format_continuation_table(res)
     print(table)
     write_text(table_path, table)

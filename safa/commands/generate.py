@@ -36,11 +36,21 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import CLIError
 from ..methods import METHODS
 from .common import (BUILTIN_MODEL, NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, add_device_arguments,
-                     add_layout_arguments, add_model_arguments, add_sampling_arguments, check_backend,
+                     add_layout_arguments, add_model_arguments, add_sampling_arguments, arg_type, check_backend,
                      load_pipeline, overlap_notice, resolve_device, set_scheduler, setup_logging, use_backend)
 
 __all__ = ["add_parser", "run", "BUILTIN_MODEL", "DECODE_CHOICES"]
 
+
+
+def _unit_fraction(name: str, value: float) -> float:
+    """A fraction in (0, 1] (--resample-until), else ValueError."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return value
+
+
+UNIT_FRACTION = arg_type(float, _unit_fraction, "a number in (0, 1]")
 # safa.decode.DECODE_MODES, named here so that --help does not import torch (a test keeps them equal).
 DECODE_CHOICES = ("auto", "full", "views", "tiled")
 
@@ -91,6 +101,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--crossfade", type=NONNEGATIVE_NUMBER, default=None,
                    help="crossfade at each junction with your clip (--audio: seconds, default 0.05) or image "
                         "(outpainting: pixels, default 16)")
+    p.add_argument("--resample", type=POSITIVE_INT, default=1, metavar="N",
+                   help="RePaint's resampling: each of the first --resample-until of the steps runs N times, jumping "
+                        "back to its noise level between runs (default 1: off; DDIM, DDPM, Euler, DPM-Solver++)")
+    p.add_argument("--resample-until", type=UNIT_FRACTION, default=1.0,
+                   help="--resample: the fraction of the steps, from the first, that are resampled (default 1)")
     p.add_argument("--image", default=None,
                    help="an RGB image for the whole canvas: img2img's input (SD, SDXL; with --strength) or the x4 "
                         "upscaler's low-resolution input; it sets the output size (never resized). On SD / SDXL "
@@ -257,7 +272,8 @@ def _generate_and_write(args: argparse.Namespace, jd: Any, out: str, device: Any
     started = time.perf_counter()
     result = jd(**call, num_inference_steps=steps, negative_prompt=args.negative_prompt,
                 reference_prompt=args.reference_prompt, generator=torch.Generator(device=device).manual_seed(args.seed),
-                output_path=out, **_known_arguments(args),
+                output_path=out, **_known_arguments(args), resample_steps=args.resample,
+                resample_until=args.resample_until,
                 callback_on_output_chunk=(None if spectrogram is None
                                           else lambda _, start, chunk: spectrogram.add(chunk[0].numpy())),
                 **prompt_args)

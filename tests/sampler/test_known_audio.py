@@ -277,6 +277,7 @@ def test_continuation_task_runs_at_a_tiny_size(monkeypatch):
     monkeypatch.setattr(safa.texture, "make_texture_pipeline", lambda: make(window_frames=16))
     res = evaluate_continuation(prompts=("rain",), samples=1, clip_seconds=0.64, seconds=2.56, steps=3, probe=8)
     table = format_continuation_table(res)
-    for row in ("true", "crossfade", "multidiffusion", "safa"):
+    for row in ("true", "one window", "crossfade", "multidiffusion", "safa", "multidiffusion + resample",
+                "safa + resample"):
         assert row in table and len(res.rows[row]["junction"]) == 1
     assert res.rows["true"]["interior"][0] >= 0
