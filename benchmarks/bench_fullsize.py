@@ -210,12 +210,19 @@ def _sizes(kind: str, st: Dict[str, Any]) -> List[Dict[str, Any]]:
             else [dict(seconds=s) for s in st["seconds"]])
 
 
+def _key(record: Dict[str, Any]) -> tuple:
+    return (record["kind"], record.get("dtype", "fp32"), record["threads"], record.get("width"),
+            record.get("seconds"), record["name"])
+
+
 def measure(device: torch.device, st: Dict[str, Any], threads_given: Optional[int],
-            keep: Callable[[List[Dict[str, Any]]], Any]) -> List[Dict[str, Any]]:
+            keep: Callable[[List[Dict[str, Any]]], Any], done: Sequence[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
     """Every configuration of the settings ``st``; ``keep(records)`` after each one, so that a
-    run cut short (a full-size step takes minutes on a CPU) leaves the rows it measured."""
+    run cut short (a full-size step takes minutes on a CPU) leaves the rows it measured.
+    ``done``: rows measured already (``--resume``), kept and not measured again."""
     thread_counts = (threads_given,) if threads_given else st["threads"]
-    records: List[Dict[str, Any]] = []
+    records: List[Dict[str, Any]] = list(done)
+    measured = {_key(r) for r in done}
     # AudioLDM in fp32 first (every method in a few minutes of CPU), then SD 2.0 (about 20 s a
     # window), then AudioLDM in bf16 (a CPU's slowest dtype), so a run cut short loses the least.
     builders: Dict[str, Callable[[str], Any]] = {"audio": fullsize.audioldm_pipeline, "image": fullsize.sd2_pipeline}
@@ -227,7 +234,9 @@ def measure(device: torch.device, st: Dict[str, Any], threads_given: Optional[in
             harness.set_threads(threads)
             for size in _sizes(kind, st):
                 print(f"fullsize: {kind}, {size}, {dtype}, {threads} thread(s)", flush=True)
-                for config in configurations(kind, pipe, size, st["steps"], st[kind], device):
+                names = [n for n in st[kind] if (kind, dtype, threads, size.get("width"), size.get("seconds"), n)
+                         not in measured]
+                for config in configurations(kind, pipe, size, st["steps"], names, device):
                     records.append(dict(measure_one(config, pipe.unet, device, st["steps"]), kind=kind,
                                         model=MODELS[kind], weights=st["kind"], unet_parameters=params,
                                         dtype=dtype, threads=threads, clock=harness.clock_name(device), **size))
@@ -350,6 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--configs", choices=("paper",), default=None,
                    help="paper: the side-by-side table (every configuration at 512x1024 and 60 s, fp32 and bf16 "
                         "audio, one step, one thread) whatever the mode")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of this machine's recorded fullsize section and measure only the missing ones")
     p.add_argument("--reestimate", action="store_true",
                    help="recompute the recorded rows' memory estimates with this checkout's estimate, then exit")
     args = p.parse_args(argv)
@@ -368,7 +379,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def keep(records: List[Dict[str, Any]]) -> Any:
         return harness.record("fullsize", device, records, threads, configs=args.configs or mode,
                               paper_seconds=bench_methods.PAPER_SECONDS["SD 2.0"])
-    measure(device, st, given, keep)
+    done = []
+    if args.resume and path.exists():
+        import json
+        done = json.loads(path.read_text())["benchmarks"].get("fullsize", {}).get("records", [])
+    measure(device, st, given, keep, done)
     print(report.render_file_section("fullsize", path))
     return 0
 
