@@ -1,6 +1,8 @@
 """Every method on full-size architectures (random weights): time per step, window evaluations, peak memory.
 
-    python benchmarks/bench_fullsize.py [--mode smoke|quick|full] [--device cpu|cuda] [--threads N]
+    python benchmarks/bench_fullsize.py [--mode smoke|quick|full] [--configs paper] [--resume]
+                                        [--device cpu|cuda] [--threads N]
+    python benchmarks/bench_fullsize.py --reestimate | --memory
 
 The pipelines of benchmarks/fullsize.py: Stable Diffusion 2.0 base (UNet 866 M parameters,
 VAE) and AudioLDM-S full v2 (UNet, VAE, HiFi-GAN), built from their published configs with
@@ -19,14 +21,20 @@ configurations run once, side by side, instead of in rounds), each measured for:
 = the call's time (harness clock) / steps (prompt encoding with the one-layer encoder and the
 set-up are inside it), **model s** = the denoiser's forward calls inside the call
 (harness.ModelClock), **window evals** (denoiser batch rows / 2 under classifier-free
-guidance), and the **peak memory** of the call above the memory before it (CPU: resident set
-size sampled every 2 ms by a thread, after ``malloc_trim``; CUDA: ``max_memory_allocated``)
-against ``JointDiffusion.estimate_memory(...).peak`` for the same request.
+guidance), and the **peak memory** of the call above the memory before it, weights excluded
+(they are loaded before): on the CPU the resident set size sampled every 2 ms by a thread,
+after ``malloc_trim``, and the live tensor bytes (``safa.profiling.memory.LiveTensorPeak``);
+on CUDA ``max_memory_allocated`` (live tensors too), against the estimate the sampler checks
+before the same call (``safa.memory.estimate_request``), which models live tensors.
 
 Modes: ``smoke`` runs the same code on safa.testing's tiny pipelines (CI); ``quick`` the
 full-size models, one thread, one step, 512x1024 px with SaFa, MD and the diffusers pipeline
 (all views in one batch), and 60 s of audio with every method but SyncDiffusion; ``full``
-every configuration, 512x1024 and 512x2048 px, 60 s and 10 min, 2 steps, 1 and 2 threads.
+every configuration, 512x1024 and 512x2048 px, 60 s and 10 min, 2 steps, 1 and 2 threads,
+AudioLDM in fp32 and bf16. ``--configs paper`` (any mode): the side-by-side table of
+benchmarks/README.md, every configuration at 512x1024 and 60 s (fp32 and bf16), one step,
+one thread. ``--resume`` keeps the recorded rows and measures the missing ones;
+``--reestimate`` recomputes the recorded rows' estimates with this checkout's estimate.
 On CUDA (the GPU kit), quick and full mode run full mode's configurations at 512x1024,
 512x2048 and the paper's 512x3200 px.
 
