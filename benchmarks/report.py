@@ -350,17 +350,18 @@ def fullsize_table(records: List[Dict[str, Any]], paper: Dict[str, float]) -> Li
     by_name = {r["name"]: r for r in records}
     safa = by_name.get("safa")
     head = ["configuration", "overlap", "views", "window evals / step", "step s", "model s", "not the model",
-            "step / SaFa", "paper / SaFa", "peak MiB", "estimate MiB", "estimate / peak"]
+            "step / SaFa", "paper / SaFa", "peak RSS MiB", "live MiB", "estimate MiB", "estimate / live"]
     body = []
     for r in records:
         steps = r["steps"]
         ratio = f"{r['step_s'] / safa['step_s']:.2f}" if safa else "-"
         paper_ratio = f"{paper[r['name']] / paper['safa']:.2f}" if r["kind"] == "image" and r["name"] in paper else "-"
         est = r.get("estimate_bytes")
+        live = r.get("live_bytes", r["peak_bytes"])  # CUDA: the allocator's peak is the live peak
         body.append([FULLSIZE_NAMES.get(r["name"], r["name"]), f"{r['overlap']:.3g}", r["views"],
                      f"{r['window_evals'] / steps:g}", f"{r['step_s']:.2f}", f"{r['model_s'] / steps:.2f}",
-                     f"{100 * (1 - r['model_s'] / r['call_s']):.1f}%", ratio, paper_ratio, _mib(r["peak_bytes"]), _mib(est),
-                     f"{est / r['peak_bytes']:.2f}" if est and r["peak_bytes"] > 0 else "-"])
+                     f"{100 * (1 - r['model_s'] / r['call_s']):.1f}%", ratio, paper_ratio, _mib(r["peak_bytes"]),
+                     _mib(live), _mib(est), f"{est / live:.2f}" if est and live > 0 else "-"])
     lines = [table(head, body), ""]
     sync, md = by_name.get("syncdiffusion"), by_name.get("multidiffusion")
     if sync and md and safa and r["kind"] == "image":
@@ -373,15 +374,16 @@ def fullsize_table(records: List[Dict[str, Any]], paper: Dict[str, float]) -> Li
 
 def render_fullsize(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     paper: Dict[str, float] = section.get("paper_seconds", {})
-    groups: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = defaultdict(list)
+    groups: Dict[Tuple[str, str, str, int], List[Dict[str, Any]]] = defaultdict(list)
     for r in section["records"]:
-        groups[r["kind"], _size(r), r["threads"]].append(r)
+        groups[r["kind"], _size(r), r.get("dtype", "fp32"), r["threads"]].append(r)
     out = []
-    for (kind, size, threads), records in sorted(groups.items(), key=lambda g: (g[0][0] != "image", g[0][2])):
+    for (kind, size, dtype, threads), records in sorted(groups.items(),
+                                                        key=lambda g: (g[0][0] != "image", g[0][3], g[0][2] != "fp32")):
         r0 = records[0]
         weights = "full-size, random weights" if r0["weights"] == "full" else "tiny stand-ins (smoke)"
         out += [f"**{r0['model']}**, {size}, {weights} (denoiser {r0['unet_parameters'] / 1e6:.0f} M parameters), "
-                f"fp32, CFG, DDIM, {r0['steps']} step(s) per call, one call per configuration, {threads} thread(s), "
+                f"{dtype}, CFG, DDIM, {r0['steps']} step(s) per call, one call per configuration, {threads} thread(s), "
                 f"clock: {r0['clock']}", "", *fullsize_table(records, paper)]
     if paper:
         out.append("paper / SaFa: the paper's Tab. 3 times (SD 2.0, 512x3200, A100, whole generations) over its SaFa: "

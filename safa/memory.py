@@ -319,7 +319,13 @@ def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -
     """The :class:`MemoryEstimate` of ``request``, from its geometry alone (no layout is built)."""
     length, w, n = planned_layout(adapter, request)
     method = request.method
-    with_reference = n > 1 and method.has_reference  # one window, however many steps it guides
+    # One window, however many steps it guides; none when it guides no step (SaFa's r_guide x a
+    # few steps rounds to 0). A window set by noise level needs the scheduler's timesteps: counted.
+    with_reference = n > 1 and method.has_reference
+    try:
+        with_reference = with_reference and method.reference_steps(request.num_inference_steps) > 0
+    except ValueError:
+        pass
     # A grid is counted as the strip of its tiles' height with as many cells, decoded whole.
     height, grid = planned_tile_height(adapter, request), is_grid(adapter, request)
     output_columns = adapter.output_length(seconds=request.seconds, width=request.width)

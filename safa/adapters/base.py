@@ -364,15 +364,17 @@ class Adapter:
         Beyond the input and the weights; ``guidance``: classifier-free guidance doubles the
         denoiser's batch; ``window_shape``: one window's latent shape ``(1, C, ...)``; ``grad``:
         the call records the graph for a backward pass (SyncDiffusion). The default walks a
-        UNet's config (:func:`~safa.adapters.working_memory.unet_forward_bytes`); a UNet under
-        ``grad`` and other denoisers are unknown unless the family overrides this.
+        UNet's config (:func:`~safa.adapters.working_memory.unet_forward_bytes`, under ``grad``
+        :func:`~safa.adapters.working_memory.unet_graph_bytes`); other denoisers are unknown
+        unless the family overrides this.
         """
-        from .working_memory import unet_forward_bytes
+        from .working_memory import unet_forward_bytes, unet_graph_bytes
         config = getattr(getattr(self.pipe, "unet", None), "config", None)
-        if config is None or window_shape is None or grad or _get_config(config, "down_block_types") is None:
+        if config is None or window_shape is None or _get_config(config, "down_block_types") is None:
             return None
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return rows * (2 if guidance else 1) * unet_forward_bytes(config, window_shape, itemsize)
+        walk = unet_graph_bytes if grad else unet_forward_bytes
+        return rows * (2 if guidance else 1) * walk(config, window_shape, itemsize)
 
     def decoder_memory(self, columns: int, batch_size: int, grad: bool = False,
                        height: Optional[int] = None) -> Optional[int]:

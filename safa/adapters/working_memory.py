@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Sequence, Tuple
 
-__all__ = ["unet_forward_bytes", "dit_forward_bytes", "mmdit_forward_bytes", "vae_decode_bytes", "glu_dit_maps",
+__all__ = ["unet_forward_bytes", "unet_graph_bytes", "UNET_TRANSFORMER_SAVED_MAPS", "dit_forward_bytes", "mmdit_forward_bytes", "vae_decode_bytes", "glu_dit_maps",
            "longcat_dit_maps", "GEGLU_MAPS",
            "GELU_MAPS", "MMDIT_IMAGE_MAPS", "MMDIT_TEXT_MAPS", "FLUX_SINGLE_MAPS", "GLU_DIT_MAPS",
            "RESNET_SAVED_MAPS"]
@@ -46,6 +46,10 @@ __all__ = ["unet_forward_bytes", "dit_forward_bytes", "mmdit_forward_bytes", "va
 # Maps of width D alive at a transformer block's feed-forward peak: the residual stream, its
 # LayerNorm, the GEGLU projection (2 x 4D), GELU(gate) (4D) and the product (4D).
 GEGLU_MAPS = 1 + 1 + 8 + 4 + 4
+# ... in a UNet's BasicTransformerBlock: plus the cross-attention's output, which its forward
+# still holds while the feed-forward runs, and one more map of the block's state (SD 2.0's UNet
+# peaks there at 64 x 64: 8 maps of the width besides the feed-forward's 16, with its skips).
+UNET_FF_MAPS = GEGLU_MAPS + 2
 # ... with a plain GELU feed-forward (SD3, DiTs): residual, LayerNorm, projection 4D, GELU 4D.
 GELU_MAPS = 1 + 1 + 4 + 4
 # SD3's joint (MMDiT) block at the image stream's feed-forward: GELU_MAPS plus the AdaLN-modulated
@@ -75,9 +79,11 @@ def longcat_dit_maps(ff_mult: float) -> int:
 
 
 # What a ResNet block saves for the backward pass, in maps of its input (Cin) and output (Cout)
-# channels: GroupNorm-1 input, SiLU-1 output (conv-1 input) -> 2 Cin; conv-1 output (GroupNorm-2
-# input), SiLU-2 output (conv-2 input) -> 2 Cout.
-RESNET_SAVED_MAPS = (2, 2)
+# channels: GroupNorm-1's input, SiLU-1's input (the GroupNorm's output) and conv-1's input (the
+# SiLU's output: a convolution saves its input even when its weight needs no gradient) -> 3 Cin;
+# the same three of GroupNorm-2, SiLU-2 and conv-2 -> 3 Cout (counted with autograd's saved
+# tensors on SD 2.0's UNet and VAE decoder).
+RESNET_SAVED_MAPS = (3, 3)
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -121,26 +127,29 @@ def unet_forward_bytes(config: Any, window_shape: Sequence[int], itemsize: int) 
             held = sum(skips)
             peak = max(peak, held + _resnet(c_in if i == 0 else c, c) * n)
             if "CrossAttn" in kind:
-                peak = max(peak, held + _transformer(c, GEGLU_MAPS) * n)
+                peak = max(peak, held + _transformer(c, UNET_FF_MAPS) * n)
             skips.append(c * n)
         if level < levels - 1:  # the downsampling convolution: its input and its output
             peak = max(peak, sum(skips) + c * tokens[level + 1])
             skips.append(c * tokens[level + 1])
     bottom = channels[-1] * tokens[-1]
-    peak = max(peak, sum(skips) + _transformer(channels[-1], GEGLU_MAPS) * tokens[-1])
+    peak = max(peak, sum(skips) + _transformer(channels[-1], UNET_FF_MAPS) * tokens[-1])
     up_channels = channels[::-1]
     for level, kind in enumerate(up_types):
         n, c = tokens[levels - 1 - level], up_channels[level]
         count = layers[::-1][level] + 1
         held = sum(skips)  # the block's skips stay alive for its whole call
-        prev = bottom if level == 0 else up_channels[level - 1] * n
+        # ... and so does its input: the UNet's forward holds it while the block runs
+        block_input = prev = bottom if level == 0 else up_channels[level - 1] * n
         for i in range(count):
             c_prev = up_channels[max(level - 1, 0)] if i == 0 else c
             c_skip = skips[-1 - i] // n
             concat = (c_prev + c_skip) * n
-            peak = max(peak, held + prev + _resnet(c_prev + c_skip, c) * n, held + prev + concat)
+            earlier = prev if i else 0  # the previous layer's output, freed once concatenated
+            peak = max(peak, held + block_input + _resnet(c_prev + c_skip, c) * n,
+                       held + block_input + earlier + concat)
             if "CrossAttn" in kind:
-                peak = max(peak, held + _transformer(c, GEGLU_MAPS) * n)
+                peak = max(peak, held + block_input + _transformer(c, UNET_FF_MAPS) * n)
             prev = c * n
         del skips[len(skips) - count:]
         if level < levels - 1:  # nearest upsampling x2, then a convolution at the finer level
@@ -148,6 +157,61 @@ def unet_forward_bytes(config: Any, window_shape: Sequence[int], itemsize: int) 
             peak = max(peak, sum(skips) + c * n + 2 * c * finer)
             bottom = c * finer
     return int(peak * itemsize)
+
+
+# What a UNet transformer (Transformer2DModel with one BasicTransformerBlock) saves for the
+# backward pass when only its input needs a gradient (frozen weights: linear layers and
+# convolutions save nothing), in maps of its width: the GroupNorm's input, LayerNorm 1's input,
+# self-attention's q, k, v and output (SDPA's fused kernel: no score matrix), LayerNorm 2's
+# input, cross-attention's q and output, LayerNorm 3's input, the GEGLU projection (8: GELU
+# keeps the gate, which is a view of it) and the GELU output (4) the product keeps.
+UNET_TRANSFORMER_SAVED_MAPS = 1 + 1 + 4 + 1 + 2 + 1 + 8 + 4
+
+
+def unet_graph_bytes(config: Any, window_shape: Sequence[int], itemsize: int) -> int:
+    """Peak bytes of one batch row's forward of a UNet with ``config`` recording the graph for a
+    backward pass to its input (SyncDiffusion's gradient; the weights frozen): what the
+    ResNets (:data:`RESNET_SAVED_MAPS`), the transformers
+    (:data:`UNET_TRANSFORMER_SAVED_MAPS`; AudioLDM's cross-attention attends to the hidden
+    states themselves, two more maps) and the output's GroupNorm / SiLU save, all alive at the
+    end of the forward (the downsampling and upsampling convolutions' inputs too), plus the
+    no-grad forward's peak (the block at work and the skips)."""
+    channels = [int(c) for c in _get(config, "block_out_channels")]
+    down_types = list(_get(config, "down_block_types"))
+    up_types = list(_get(config, "up_block_types"))
+    levels = len(channels)
+    layers = [int(n) for n in _per_level(_get(config, "layers_per_block", 2), levels)]
+    h, w = int(window_shape[-2]), int(window_shape[-1])
+    tokens = []
+    for _ in range(levels):
+        tokens.append(h * w)
+        h, w = -(-h // 2), -(-w // 2)
+    self_context = _get(config, "class_embed_type") == "simple_projection"  # AudioLDM: no text tokens
+    attention = UNET_TRANSFORMER_SAVED_MAPS + (2 if self_context else 0)
+    resnet_in, resnet_out = RESNET_SAVED_MAPS
+    saved = 0
+    for level, kind in enumerate(down_types):
+        c, n = channels[level], tokens[level]
+        for i in range(layers[level]):
+            saved += (resnet_in * (channels[max(level - 1, 0)] if i == 0 else c) + resnet_out * c) * n
+            saved += attention * c * n if "CrossAttn" in kind else 0
+        if level < levels - 1:  # the downsampling convolution's input
+            saved += c * n
+    c, n = channels[-1], tokens[-1]
+    saved += (2 * (resnet_in + resnet_out) + attention) * c * n  # the mid block: ResNet, transformer, ResNet
+    up_channels = channels[::-1]
+    for level, kind in enumerate(up_types):
+        c, n = up_channels[level], tokens[levels - 1 - level]
+        down_level = levels - 1 - level
+        skip_channels = [channels[down_level]] * layers[down_level] + [channels[max(down_level - 1, 0)]]
+        for i, c_skip in enumerate(skip_channels):
+            c_prev = up_channels[max(level - 1, 0)] if i == 0 else c
+            saved += (resnet_in * (c_prev + c_skip) + resnet_out * c) * n
+            saved += attention * c * n if "CrossAttn" in kind else 0
+        if level < levels - 1:  # the upsampling convolution's input, at the finer level
+            saved += c * tokens[levels - 2 - level]
+    saved += 3 * channels[0] * tokens[0]  # conv_norm_out's input, its SiLU's input, conv_out's input
+    return int(saved * itemsize) + unet_forward_bytes(config, window_shape, itemsize)
 
 
 def dit_forward_bytes(tokens: int, width: int, itemsize: int, maps: int) -> int:
@@ -193,7 +257,7 @@ def vae_decode_bytes(config: Any, latent_shape: Sequence[int], itemsize: int, gr
     # GroupNorm, SiLU and the output convolution at full resolution.
     c, n = channels[-1], tokens[-1]
     peak = max(peak, 3 * c * n + out_channels * n)
-    saved += 2 * c * n + out_channels * n
+    saved += 3 * c * n + out_channels * n
     return int((saved + peak if grad else peak) * itemsize)
 
 

@@ -214,13 +214,16 @@ def _fullsize_record(name, step_s, estimate, peak, evals):
 def test_fullsize_table_ratios_estimate_and_syncdiffusion_generation():
     mib = 2**20
     section = {"paper_seconds": {"safa": 35.2, "multidiffusion": 40.1, "syncdiffusion": 401.0}, "records": [
-        _fullsize_record("safa", 10.0, 260 * mib, 200 * mib, 4),
+        dict(_fullsize_record("safa", 10.0, 260 * mib, 300 * mib, 4), live_bytes=200 * mib),
         _fullsize_record("multidiffusion", 15.0, 300 * mib, 400 * mib, 6),
         _fullsize_record("syncdiffusion", 60.0, None, 1000 * mib, 12),
-        _fullsize_record("panorama vbs all", 22.0, None, 500 * mib, 9)]}
+        _fullsize_record("panorama vbs all", 22.0, None, 500 * mib, 9),
+        dict(_fullsize_record("safa", 30.0, 100 * mib, 150 * mib, 4), kind="audio", seconds=60.0, dtype="bf16")]}
     text = report.render_fullsize(section, {})
-    assert "| SaFa | 0.2 | 3 | 4 | 10.00 | 9.00 | 10.0% | 1.00 | 1.00 | 200 | 260 | 1.30 |" in text
-    assert "| MD | 0.2 | 3 | 6 | 15.00 | 13.50 | 10.0% | 1.50 | 1.14 | 400 | 300 | 0.75 |" in text
+    # estimate / live: the live tensor peak (live_bytes) where recorded, else the allocator's peak (CUDA)
+    assert "| SaFa | 0.2 | 3 | 4 | 10.00 | 9.00 | 10.0% | 1.00 | 1.00 | 300 | 200 | 260 | 1.30 |" in text
+    assert "| MD | 0.2 | 3 | 6 | 15.00 | 13.50 | 10.0% | 1.50 | 1.14 | 400 | 400 | 300 | 0.75 |" in text
+    assert ", fp32, CFG, DDIM" in text and ", bf16, CFG, DDIM" in text
     assert "| diffusers panorama, stride 8, view_batch_size all | 0.2 | 3 | 9 | 22.00 |" in text
     # 0.2 x 60 + 0.8 x 15 = 24 s per step on average: 2.4x SaFa; the paper's 401.0 / 35.2 = 11.39x
     assert "= 24.0 s per step on average, 2.40x SaFa (paper: 11.39x)" in text
