@@ -226,10 +226,12 @@ def measure_one(kind: str, method: str, side: int, device: torch.device) -> Dict
     return row
 
 
-def cost(device: torch.device, cases: Sequence[Any], threads: int, cache: Optional[str] = None) -> List[Dict[str, Any]]:
+def cost(device: torch.device, cases: Sequence[Any], threads: int, cache: Optional[str] = None,
+         cached_only: bool = False) -> List[Dict[str, Any]]:
     """``cases``: (side, methods, trace) with trace "measured" (run) or "meta" (allocation trace on
     the meta device). Each decode runs in a fresh process (its peak RSS is its own); ``cache``: a
-    JSON-lines file of rows already measured, reused and appended to (a long run can resume)."""
+    JSON-lines file of rows already measured, reused and appended to (a long run can resume);
+    ``cached_only``: leave out the cases it does not have."""
     import json
     import subprocess
     import sys
@@ -250,6 +252,8 @@ def cost(device: torch.device, cases: Sequence[Any], threads: int, cache: Option
                      "safa tiled+disk": tiled_disk_decode_bytes(config, shape, 4, tile)}
         for method in methods:
             row = done.get((kind, method, side * 8, trace))
+            if row is None and cached_only:
+                continue
             if row is None:
                 dev = "meta" if trace == "meta" else str(device)
                 out = subprocess.run([sys.executable, __file__, "--one", kind, method, str(side), "--device", dev,
@@ -265,23 +269,42 @@ def cost(device: torch.device, cases: Sequence[Any], threads: int, cache: Option
 
 
 def plot(records: Sequence[Dict[str, Any]], path: str) -> None:
-    """Peak tensor memory against the image's pixels, one line per decode (log-log)."""
+    """Left: peak tensor memory against the image's pixels, one line per decode (log-log; hollow
+    markers: meta-device allocation traces). Right: time over the whole decode's, where measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in records if r["part"] == "cost"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["pixels"])
-        ax.plot([r["pixels"] / 1e6 for r in mine], [r["peak_bytes"] / 2 ** 30 for r in mine], "o-", label=method)
+    fig, (ax, at) = plt.subplots(1, 2, figsize=(11, 4.2))
+    whole = {r["side_px"]: r["seconds"] for r in rows if r["method"] == "whole" and r.get("seconds")}
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        colour = f"C{k}"
+        # one value per size: the measurement where there is one, else the trace
+        by_side: Dict[int, Dict[str, Any]] = {}
+        for r in sorted((r for r in rows if r["method"] == method), key=lambda r: r.get("trace") != "meta"):
+            by_side[r["side_px"]] = r
+        mine = sorted(by_side.values(), key=lambda r: r["pixels"])
+        ax.plot([r["pixels"] / 1e6 for r in mine], [r["peak_bytes"] / 2 ** 30 for r in mine], "-", color=colour,
+                label=method)
         for r in mine:
-            ax.annotate(f"{r['side_px']}²", (r["pixels"] / 1e6, r["peak_bytes"] / 2 ** 30), fontsize=7)
+            traced = r.get("trace") == "meta"
+            ax.plot(r["pixels"] / 1e6, r["peak_bytes"] / 2 ** 30, "o", color=colour, mfc="none" if traced else colour)
+        timed = [r for r in mine if r.get("seconds") and r["side_px"] in whole]
+        if timed:
+            at.plot([r["pixels"] / 1e6 for r in timed], [r["seconds"] / whole[r["side_px"]] for r in timed], "o-",
+                    color=colour, label=method)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("image (megapixels)")
     ax.set_ylabel("peak tensor memory (GiB)")
-    ax.set_title(f"VAE decode, {rows[0]['vae']} architecture (random weights)" if rows else "VAE decode")
-    ax.legend()
+    ax.set_title("peak memory (hollow: meta-device allocation trace)", fontsize=9)
+    ax.legend(fontsize=8)
+    at.axhline(1.3, color="grey", ls=":", lw=1)
+    at.set_xscale("log")
+    at.set_xlabel("image (megapixels)")
+    at.set_ylabel("CPU time / whole decode's")
+    at.set_title("time, where measured (dotted: the 1.3x goal)", fontsize=9)
+    fig.suptitle(f"VAE decode, {rows[0]['vae']} architecture (random weights, float32, CPU)" if rows else "VAE decode")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -294,6 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--from-results", default=None, help="plot the vae section of this results file, measure nothing")
     p.add_argument("--cache", default=None, help="JSON-lines file of cost rows: reused, and new rows appended")
     p.add_argument("--only-cost", action="store_true", help="measure the cost part only (nothing recorded)")
+    p.add_argument("--cached-only", action="store_true", help="record only the cost rows --cache has")
+    p.add_argument("--reuse-fidelity", action="store_true",
+                   help="keep the fidelity rows of this machine's results file instead of measuring them again")
     p.add_argument("--one", nargs=3, metavar=("VAE", "METHOD", "SIDE"), default=None,
                    help="measure one decode in this process and print its row as JSON (used by the cost part)")
     args = p.parse_args(argv)
@@ -312,8 +338,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.only_cost:
         cost(device, st["cost"], threads, args.cache)
         return 0
-    records = [dict(part="fidelity", **r) for r in fidelity(device, st["fidelity"])] + \
-        [dict(part="cost", **r) for r in cost(device, st["cost"], threads, args.cache)]
+    if args.reuse_fidelity:
+        saved = json.loads(harness.results_path(device).read_text())["benchmarks"]["vae"]["records"]
+        kept = [r for r in saved if r["part"] == "fidelity"]
+    else:
+        kept = [dict(part="fidelity", **r) for r in fidelity(device, st["fidelity"])]
+    records = kept + \
+        [dict(part="cost", **r) for r in cost(device, st["cost"], threads, args.cache, args.cached_only)]
     path = harness.record("vae", device, records, threads, wall_seconds=time.perf_counter() - started)
     print(report.render_file_section("vae", path))
     if args.plot:
