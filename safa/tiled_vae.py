@@ -15,13 +15,15 @@ measures it). Here the network runs *layer by layer* over a grid of tiles instea
   then attends per tile of queries, in chunks, over all keys.
 
 The activations of a layer live as a grid of tiles (:class:`TiledTensor`) in the model dtype,
-optionally on the host (``offload=True``: the device then holds one tile's work at a time).
+optionally on the host (``offload=True``: the device then holds one tile's work at a time)
+or in memory-mapped temporary files (``offload="disk"``, :class:`DiskStore`: resident memory is
+one tile's work, whatever the image size).
 Memory: the input and the output of one block (a resnet block also its middle
 activation), i.e. about 2-3 activations of the widest layer, never the whole decode's
 several plus the upsampled copy: nearest upsampling is folded into the next convolution
 per tile, GroupNorm + SiLU into the convolution that reads them, and the final pixels are
 produced tile by tile (:func:`decode_tiles`), never as one float image. This is not flat in
-the image size (the activations of one layer are); docs/tiled-vae.md has the measured peaks.
+the image size in memory (the activations of one layer are); docs/tiled-vae.md has the measured peaks.
 
 Public: :func:`decode` (``vae.decode(z).sample``), :func:`decode_tiles` (the output tile by
 tile), :func:`encode` (``vae.encode(x).latent_dist``).
