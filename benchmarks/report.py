@@ -522,11 +522,18 @@ def render_vae(section: Dict[str, Any], machine: Dict[str, Any]) -> str:
     for r in (r for r in rows if r["part"] == "fidelity"):
         out.append(f"| {r['vae']} | {r['method']} | {r['tile_px']} px | {r['width']} x {r['height']} | "
                    f"{r['max_abs']:.3g} | {r['max_abs_clamped']:.3g} | {r['psnr_db']:.1f} | {r['colour_shift']:.3g} |")
-    out += ["", "| VAE | decode | image | tile | peak tensor memory | estimate | time |", "|---|---|---|---:|---:|---:|---:|"]
+    out += ["", "| VAE | decode | image | tile | peak tensor memory | estimate | peak RSS (over start) | disk | time | how |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def mib(v: Any) -> str:
+        return f"{v / 2 ** 20:.0f} MiB" if v else "-"
     for r in (r for r in rows if r["part"] == "cost"):
-        est = f"{r['estimate_bytes'] / 2 ** 20:.0f} MiB" if r.get("estimate_bytes") else "-"
-        out.append(f"| {r['vae']} | {r['method']} | {r['side_px']}² | {r['tile_px']} px | "
-                   f"{r['peak_bytes'] / 2 ** 20:.0f} MiB | {est} | {r['seconds']:.3g} s |")
+        rss = f"{mib(r['peak_rss_bytes'])} (+{mib(r['peak_rss_bytes'] - r['base_rss_bytes'])})" \
+            if r.get("peak_rss_bytes") else "-"
+        seconds = f"{r['seconds']:.3g} s" if r.get("seconds") is not None else "-"
+        how = "meta-device allocation trace" if r.get("trace") == "meta" else "measured"
+        out.append(f"| {r['vae']} | {r['method']} | {r['side_px']}² | {r['tile_px']} px | {mib(r['peak_bytes'])} | "
+                   f"{mib(r.get('estimate_bytes'))} | {rss} | {mib(r.get('disk_bytes'))} | {seconds} | {how} |")
     return "\n".join(out)
 
 

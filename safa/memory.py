@@ -39,7 +39,7 @@ from .request import GenerationRequest, is_grid, model_windows, planned_layout, 
 
 __all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "estimate_request", "require_memory",
            "check_disk_space", "available_memory", "scheduler_history", "shortfall", "format_bytes",
-           "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES", "tiled_decode_bytes", "resolve_decode",
+           "STEP_STATE_COPIES", "MODEL_CALL_STATE_COPIES", "tiled_decode_bytes", "tiled_disk_decode_bytes", "resolve_decode",
            "WHOLE_DECODE_SHARE"]
 
 # Views-sized tensors alive at the peak of scheduler.step besides the scheduler's history: the
@@ -294,6 +294,40 @@ def tiled_decode_bytes(config: Any, latent_shape: Sequence[int], itemsize: int, 
     del per_level
     peak = max(peak, (channels[-1] + out_channels) * tokens[-1])
     return int(batch * (peak + work) * itemsize)
+
+
+def tiled_disk_decode_bytes(config: Any, latent_shape: Sequence[int], itemsize: int, tile: int) -> int:
+    """Peak bytes of live tensors of :func:`safa.tiled_vae.decode_tiles` with ``offload="disk"``,
+    its tiles consumed one tile row at a time (``output_path=``): every layer's tiles and the
+    attention's keys and values are in files, so what is resident is one tile's work.
+
+    The largest of: a convolution's tile (its input region with a 1-pixel halo, then the
+    normalised piece or the output tile; an upsampling convolution's region, its x2 copy and the
+    output), the float64 copy of a few groups for the GroupNorm sums, the attention's query tile
+    and one chunk of scores; plus the consumer's band of one tile row of output pixels. Only the
+    band grows with the image (with its width).
+    """
+    from .adapters.working_memory import _decoder_levels
+    from .tiled_vae import ATTENTION_SCORES, STATS_ELEMENTS, DiskStore
+    batch = int(latent_shape[0]) if len(latent_shape) == 4 else 1
+    channels, tokens, _ = _decoder_levels(config, latent_shape)
+    out_channels = int(getattr(config, "out_channels", None) or 3)
+    h, w = min(tile, int(latent_shape[-2])), min(tile, int(latent_shape[-1]))
+    work = 0
+    for level, c_out in enumerate(channels):
+        c_in, f = channels[max(level - 1, 0)], 2 ** level
+        region = c_in * (h * f + 2) * (w * f + 2)
+        work = max(work, region + max(c_in, c_out) * h * f * w * f)
+        if level:  # the upsampling convolution into this level: its region, the x2 copy, the output
+            work = max(work, c_in * (h * f // 2 + 2) * (w * f // 2 + 2) + 2 * c_in * (h * f + 4) * (w * f + 4))
+        work = max(work, 2 * min(c_in * h * f * w * f, STATS_ELEMENTS) * 8 // itemsize)
+    attention = 3 * channels[0] * h * w
+    key_chunk = DiskStore.key_chunk
+    if tokens[0] > key_chunk:  # the keys in passes: a chunk of scores and its product with the values
+        attention += 2 * min(ATTENTION_SCORES, h * w * key_chunk) * max(4, itemsize) // itemsize
+    scale = 2 ** (len(channels) - 1)
+    band = out_channels * h * scale * int(latent_shape[-1]) * scale
+    return int(batch * (max(work, attention) + band) * itemsize)
 
 
 def resolve_decode(adapter: Any, mode: str, length: int, window: int, batch_size: int,

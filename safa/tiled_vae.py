@@ -15,13 +15,15 @@ measures it). Here the network runs *layer by layer* over a grid of tiles instea
   then attends per tile of queries, in chunks, over all keys.
 
 The activations of a layer live as a grid of tiles (:class:`TiledTensor`) in the model dtype,
-optionally on the host (``offload=True``: the device then holds one tile's work at a time).
+optionally on the host (``offload=True``: the device then holds one tile's work at a time)
+or in memory-mapped temporary files (``offload="disk"``, :class:`DiskStore`: resident memory is
+one tile's work, whatever the image size).
 Memory: the input and the output of one block (a resnet block also its middle
 activation), i.e. about 2-3 activations of the widest layer, never the whole decode's
 several plus the upsampled copy: nearest upsampling is folded into the next convolution
 per tile, GroupNorm + SiLU into the convolution that reads them, and the final pixels are
 produced tile by tile (:func:`decode_tiles`), never as one float image. This is not flat in
-the image size (the activations of one layer are); docs/tiled-vae.md has the measured peaks.
+the image size in memory (the activations of one layer are); docs/tiled-vae.md has the measured peaks.
 
 Public: :func:`decode` (``vae.decode(z).sample``), :func:`decode_tiles` (the output tile by
 tile), :func:`encode` (``vae.encode(x).latent_dist``).
@@ -30,7 +32,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
+import mmap
+import tempfile
+import weakref
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +43,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-__all__ = ["TiledTensor", "decode", "decode_tiles", "encode", "supports", "MIN_TILE", "DEFAULT_TILE", "tile_bounds"]
+__all__ = ["TiledTensor", "TileStore", "DiskStore", "tile_store", "decode", "decode_tiles", "encode", "supports",
+           "MIN_TILE", "DEFAULT_TILE", "tile_bounds"]
 
 # Smallest tile side in latent pixels (decode) / latent pixels times the VAE factor (encode).
 # Every 3x3 convolution reads one pixel of halo per side; below this the halos are more than a
@@ -48,6 +54,9 @@ MIN_TILE = 8
 DEFAULT_TILE = 64
 # Attention queries per chunk: bounds the (queries x keys) score matrix of a math-path sdpa.
 ATTENTION_SCORES = 1 << 22
+# Elements of a tile's float64 copy for the GroupNorm sums, a few groups at a time: a float64
+# copy of the whole tile would be twice the tile (the peak of the decode kept on disk).
+STATS_ELEMENTS = 1 << 21
 
 Bounds = Tuple[int, ...]
 Pointwise = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -77,53 +86,205 @@ def _segments(bounds: Bounds, lo: int, hi: int, loop: bool) -> List[Tuple[Option
     return out
 
 
+# -- where a layer's tiles are kept -----------------------------------------------------------
+class TileStore:
+    """Where the tiles of a layer's activation are kept between layers: on the device that
+    computed them (``device`` None) or copied to ``device`` (the host, for ``offload=True``).
+
+    The exact decode needs every layer's activation whole somewhere (its GroupNorm statistics
+    are the whole image's); a store decides where. :class:`DiskStore` keeps it in a file.
+    """
+
+    # Keys per pass of the attention: None, all at once (one fused call per chunk of queries).
+    key_chunk: Optional[int] = None
+
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        self.device = device
+
+    def buffer(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An empty tensor filled piece by piece and read whole (the attention's keys and values),
+        on ``device`` (the device computing: it reads them at every query)."""
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def layer(self, rows: Bounds, cols: Bounds) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+        """A function keeping tile ``(i, j)`` of a new layer cut at ``rows`` x ``cols``, returning
+        the kept tensor (the tiles of one layer share batch, channels and dtype)."""
+        return lambda i, j, t: t if self.device is None else t.to(self.device)
+
+    def trim(self) -> None:
+        """Give back resident memory the store can re-read later (nothing, for memory)."""
+
+
+class DiskStore(TileStore):
+    """Tiles kept in memory-mapped temporary files, one per layer, in the model dtype.
+
+    Each layer's file is created without a name (``tempfile.TemporaryFile`` in ``directory``,
+    default the system's temporary directory), so it is removed when its tiles die, on error,
+    interrupt or a killed process alike. Reads come from the page cache; after each tile the
+    store drops its pages from the process (``madvise(MADV_DONTNEED)``: the data stays in the
+    file), so the process keeps one tile's work resident, not the layer: the kernel writes the
+    pages back and evicts them under memory pressure. On the meta device (shape-only runs that
+    trace allocations) no file is made; the bytes are counted all the same.
+
+    ``live_bytes`` / ``peak_bytes``: the bytes of the files alive now / at most at once.
+    """
+
+    PAGE = mmap.PAGESIZE
+    key_chunk = 4096  # keys' pages resident at once in the attention, whatever the image size
+
+    def __init__(self, directory: Optional[str] = None) -> None:
+        super().__init__(None)
+        self.directory = directory
+        self.live_bytes = self.peak_bytes = 0
+        self._maps: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()
+
+    def layer(self, rows: Bounds, cols: Bounds) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+        tiles: List[List[Optional[torch.Tensor]]] = []
+
+        def put(i: int, j: int, t: torch.Tensor) -> torch.Tensor:
+            if not tiles:
+                tiles.extend(self._allocate(rows, cols, t))
+            kept = tiles[i][j]
+            assert kept is not None and kept.shape == t.shape and kept.dtype == t.dtype, (kept, t.shape)
+            tiles[i][j] = None  # the layer's TiledTensor holds it from now on
+            if not t.is_meta:
+                kept.copy_(t)
+                self.trim()
+            return kept
+        return put
+
+    def _allocate(self, rows: Bounds, cols: Bounds, first: torch.Tensor) -> List[List[Optional[torch.Tensor]]]:
+        """Empty tiles of a layer cut at ``rows`` x ``cols`` with ``first``'s batch, channels and
+        dtype, each page-aligned in one new file (or shape-only, for a meta ``first``)."""
+        lead, itemsize = tuple(first.shape[:-2]), first.element_size()
+        shapes = [[lead + (r1 - r0, c1 - c0) for c0, c1 in zip(cols, cols[1:])] for r0, r1 in zip(rows, rows[1:])]
+        sizes = [[-(-math.prod(shape) * itemsize // self.PAGE) * self.PAGE for shape in row] for row in shapes]
+        total = sum(map(sum, sizes))
+        if first.is_meta:
+            tiles = self._placeholders(shapes, first.dtype, total)
+            return tiles  # type: ignore[return-value]
+        mapped = self._map(total)
+        tiles, offset = [], 0
+        for shape_row, size_row in zip(shapes, sizes):
+            tiles.append([])
+            for shape, size in zip(shape_row, size_row):
+                count = math.prod(shape)
+                tiles[-1].append(torch.frombuffer(mapped, dtype=first.dtype, count=count, offset=offset).view(shape))
+                offset += size
+        return tiles
+
+    def buffer(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+        total = -(-math.prod(shape) * itemsize // self.PAGE) * self.PAGE
+        if device.type == "meta":
+            return self._placeholders([[shape]], dtype, total)[0][0]
+        return torch.frombuffer(self._map(total), dtype=dtype, count=math.prod(shape)).view(shape)
+
+    def _map(self, total: int) -> mmap.mmap:
+        """``total`` bytes of a new unnamed file in :attr:`directory`, mapped (gone with its last mapping)."""
+        with tempfile.TemporaryFile(dir=self.directory) as f:
+            f.truncate(total)
+            mapped = mmap.mmap(f.fileno(), total)
+        self._maps.add(mapped)
+        self._count(total)
+        weakref.finalize(mapped, self._free, total)
+        return mapped
+
+    def _placeholders(self, shapes: List[List[Tuple[int, ...]]], dtype: torch.dtype,
+                      total: int) -> List[List[torch.Tensor]]:
+        """Meta tensors standing for ``total`` bytes of file: counted here, not as an allocation
+        by allocation traces (made outside any dispatch mode)."""
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            tiles = [[torch.empty(shape, dtype=dtype, device="meta") for shape in row] for row in shapes]
+        self._count(total)
+        weakref.finalize(tiles[0][0], self._free, total)
+        return tiles
+
+    def _count(self, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _free(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+
+    def trim(self) -> None:
+        for m in list(self._maps):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
+Offload = Union[bool, str, TileStore]
+
+
+def tile_store(offload: Offload) -> TileStore:
+    """The :class:`TileStore` an ``offload`` argument names: ``False`` (the device computing),
+    ``True`` or ``"host"`` (host memory), ``"disk"`` (a :class:`DiskStore` in the system's
+    temporary directory), or a store itself (a :class:`DiskStore` in a directory of your choice)."""
+    if isinstance(offload, TileStore):
+        return offload
+    if offload is False or offload is None:
+        return TileStore()
+    if offload is True or offload == "host":
+        return TileStore(torch.device("cpu"))
+    if offload == "disk":
+        return DiskStore()
+    raise ValueError(f"offload must be False, True / 'host', 'disk' or a TileStore, got {offload!r}")
+
+
 class TiledTensor:
     """A ``(B, C, H, W)`` activation held as a grid of tiles cut at ``rows`` x ``cols``.
 
     ``loops`` (rows, cols): the axes that wrap around (a cylinder or a torus), whose halos come
-    from the other side. ``store``: where tiles are kept (None: where they were computed).
+    from the other side. ``store``: where the tiles are kept (:class:`TileStore`), and where the
+    layers made from this one keep theirs.
     """
 
     def __init__(self, tiles: List[List[torch.Tensor]], rows: Bounds, cols: Bounds, loops: Tuple[bool, bool],
-                 store: Optional[torch.device] = None) -> None:
+                 store: TileStore) -> None:
         self.tiles, self.rows, self.cols, self.loops, self.store = tiles, rows, cols, loops, store
 
     @classmethod
-    def split(cls, x: torch.Tensor, rows: Bounds, cols: Bounds, loops: Tuple[bool, bool],
-              store: Optional[torch.device] = None) -> "TiledTensor":
-        tiles = [[x[..., r0:r1, c0:c1].to(store or x.device, copy=True) for c0, c1 in zip(cols, cols[1:])]
-                 for r0, r1 in zip(rows, rows[1:])]
+    def build(cls, rows: Bounds, cols: Bounds, loops: Tuple[bool, bool], store: TileStore,
+              fn: Callable[[int, int], torch.Tensor]) -> "TiledTensor":
+        """The tiled tensor of tile ``(i, j)`` = ``fn(i, j)``, made in row-major order and kept in ``store``."""
+        put = store.layer(rows, cols)
+        tiles = [[put(i, j, fn(i, j)) for j in range(len(cols) - 1)] for i in range(len(rows) - 1)]
         return cls(tiles, rows, cols, loops, store)
+
+    @classmethod
+    def split(cls, x: torch.Tensor, rows: Bounds, cols: Bounds, loops: Tuple[bool, bool],
+              store: TileStore) -> "TiledTensor":
+        return cls.build(rows, cols, loops, store,
+                         lambda i, j: x[..., rows[i]:rows[i + 1], cols[j]:cols[j + 1]].clone())
 
     @property
     def grid(self) -> Iterator[Tuple[int, int]]:
         return ((i, j) for i in range(len(self.rows) - 1) for j in range(len(self.cols) - 1))
 
-    def keep(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.store is None else t.to(self.store)
-
     def like(self, fn: Callable[[int, int], torch.Tensor]) -> "TiledTensor":
         """A new tiled tensor on the same grid, of tile ``(i, j)`` = ``fn(i, j)`` (a per-tile layer)."""
-        tiles = [[self.keep(fn(i, j)) for j in range(len(self.cols) - 1)] for i in range(len(self.rows) - 1)]
-        return TiledTensor(tiles, self.rows, self.cols, self.loops, self.store)
+        return TiledTensor.build(self.rows, self.cols, self.loops, self.store, fn)
 
     def region(self, r0: int, r1: int, c0: int, c1: int, device: torch.device, pre: Pointwise = None) -> torch.Tensor:
         """Rows ``[r0, r1)`` x cols ``[c0, c1)`` on ``device``, ``pre`` applied to the image's pixels
         (before the zero padding outside it, as a layer applied before a padded convolution)."""
         ref = self.tiles[0][0]
-        lines = []
+        self.store.trim()
+        # filled piece by piece: never the pieces and their concatenation at once
+        out = torch.zeros(*ref.shape[:2], r1 - r0, c1 - c0, dtype=ref.dtype, device=device)
+        top = 0
         for ti, a, b in _segments(self.rows, r0, r1, self.loops[0]):
-            pieces = []
+            left = 0
             for tj, c, d in _segments(self.cols, c0, c1, self.loops[1]):
-                if ti is None or tj is None:  # ``pre`` keeps channels and dtype
-                    pieces.append(torch.zeros(*ref.shape[:2], b - a, d - c, dtype=ref.dtype, device=device))
-                    continue
-                piece = self.tiles[ti][tj][..., a:b, c:d].to(device)
-                pieces.append(piece if pre is None else pre(piece))
-            lines.append(torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0])
-        return torch.cat(lines, -2) if len(lines) > 1 else lines[0]
+                if ti is not None and tj is not None:  # else zeros (``pre`` keeps channels and dtype)
+                    piece = self.tiles[ti][tj][..., a:b, c:d].to(device)
+                    out[..., top:top + b - a, left:left + d - c] = piece if pre is None else pre(piece)
+                left += d - c
+            top += b - a
+        return out
 
     def tile(self, i: int, j: int, device: torch.device) -> torch.Tensor:
+        self.store.trim()
         return self.tiles[i][j].to(device)
 
     def assemble(self) -> torch.Tensor:
@@ -163,8 +324,7 @@ def _conv(x: TiledTensor, conv: torch.nn.Conv2d, device: torch.device, pre: Poin
             region = F.interpolate(region, scale_factor=float(up), mode="nearest")[..., roff:roff + h, coff:coff + w]
         return F.conv2d(region.to(conv.weight.dtype), conv.weight, conv.bias, stride=s)
 
-    return TiledTensor([[x.keep(tile(i, j)) for j in range(len(out_cols) - 1)] for i in range(len(out_rows) - 1)],
-                       out_rows, out_cols, x.loops, x.store)
+    return TiledTensor.build(out_rows, out_cols, x.loops, x.store, tile)
 
 
 def _norm_stats(x: TiledTensor, norm: torch.nn.GroupNorm, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +334,10 @@ def _norm_stats(x: TiledTensor, norm: torch.nn.GroupNorm, device: torch.device) 
     total = sq = None
     for i, j in x.grid:
         t = x.tile(i, j, device)
-        t = t.reshape(t.shape[0], g, -1).double()
-        s1, s2 = t.sum(-1), (t * t).sum(-1)
+        t = t.reshape(t.shape[0], g, -1)
+        step = max(1, STATS_ELEMENTS // max(1, t.shape[0] * t.shape[2]))  # groups per float64 copy
+        s1 = torch.cat([t[:, k:k + step].double().sum(-1) for k in range(0, g, step)], 1)
+        s2 = torch.cat([t[:, k:k + step].double().square().sum(-1) for k in range(0, g, step)], 1)
         total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
     b, c = x.tiles[0][0].shape[:2]
     count = (c // g) * (x.rows[-1] - x.rows[0]) * (x.cols[-1] - x.cols[0])
@@ -202,7 +364,7 @@ def _normalizer(x: TiledTensor, norm: torch.nn.Module, device: torch.device, act
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         y = torch.addcmul(shift, t.to(work), scale)
-        return (F.silu(y) if act else y).to(t.dtype)
+        return (F.silu(y, inplace=True) if act else y).to(t.dtype)  # in place: one copy of the piece
     return apply
 
 
@@ -241,25 +403,61 @@ def _attention(x: TiledTensor, attn: torch.nn.Module, device: torch.device) -> T
     def split_heads(t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
-    keys, values = [], []
-    for i, j in x.grid:
+    key = value = None
+    start = 0
+    for i, j in x.grid:  # projected into one buffer each, never a list of tiles and its concatenation
         t = tokens(i, j)
-        keys.append(attn.to_k(t))
-        values.append(attn.to_v(t))
-    key, value = split_heads(torch.cat(keys, 1)), split_heads(torch.cat(values, 1))
-    del keys, values
-    chunk = max(1, ATTENTION_SCORES // key.shape[2])
+        k, v = attn.to_k(t), attn.to_v(t)
+        if key is None:
+            n = (x.rows[-1] - x.rows[0]) * (x.cols[-1] - x.cols[0])
+            key = x.store.buffer((k.shape[0], n, k.shape[2]), k.dtype, k.device)
+            value = x.store.buffer((v.shape[0], n, v.shape[2]), v.dtype, v.device)
+        key[:, start:start + k.shape[1]], value[:, start:start + v.shape[1]] = k, v
+        start += k.shape[1]
+        del t, k, v
+    key, value = split_heads(key), split_heads(value)
+    key_chunk = x.store.key_chunk or key.shape[2]
+    chunk = max(1, ATTENTION_SCORES // min(key_chunk, key.shape[2]))
+
+    def attend(query: torch.Tensor) -> torch.Tensor:
+        if key_chunk >= key.shape[2]:
+            return F.scaled_dot_product_attention(query, key.to(device), value.to(device))
+        return _attend_in_chunks(query, key, value, key_chunk, x.store.trim)
 
     def tile(i: int, j: int) -> torch.Tensor:
         residual = x.tile(i, j, device)
         query = split_heads(attn.to_q(tokens(i, j)))
-        out = torch.cat([F.scaled_dot_product_attention(query[:, :, q:q + chunk], key, value)
-                         for q in range(0, query.shape[2], chunk)], 2)
+        out = torch.cat([attend(query[:, :, q:q + chunk]) for q in range(0, query.shape[2], chunk)], 2)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         out = out.transpose(1, 2).reshape(residual.shape)
         return (out + residual) / attn.rescale_output_factor
     return x.like(tile)
+
+
+def _attend_in_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_chunk: int,
+                      trim: Callable[[], None]) -> torch.Tensor:
+    """``scaled_dot_product_attention(query, key, value)`` reading ``key_chunk`` keys at a time
+    (keys and values in a file: only those pages are resident), with the running maximum and sum
+    of the softmax (the online softmax of flash attention), in float32 at least."""
+    work = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(work) * query.shape[-1] ** -0.5
+    top = total = acc = None
+    for start in range(0, key.shape[2], key_chunk):
+        trim()
+        k = key[:, :, start:start + key_chunk].to(query.device, work)
+        v = value[:, :, start:start + key_chunk].to(query.device, work)
+        scores = q @ k.transpose(-1, -2)
+        new_top = scores.amax(-1, keepdim=True) if top is None else torch.maximum(top, scores.amax(-1, keepdim=True))
+        weights = scores.sub_(new_top).exp_()  # in place: one score matrix alive
+        if acc is None:
+            total, acc = weights.sum(-1, keepdim=True), weights @ v
+        else:
+            decay = torch.exp(top - new_top)
+            total, acc = total * decay + weights.sum(-1, keepdim=True), acc * decay + weights @ v
+        top = new_top
+        del weights, k, v  # before the next pass's scores
+    return (acc / total).to(query.dtype)
 
 
 def _mid_block(x: TiledTensor, mid: torch.nn.Module, device: torch.device) -> TiledTensor:
@@ -298,11 +496,10 @@ def _check_tile(tile: int, name: str = "tile") -> int:
 
 
 def _decoder_tiles(vae: torch.nn.Module, z: torch.Tensor, tile: int, loops: Tuple[bool, bool],
-                   offload: bool) -> Tuple[TiledTensor, Callable[[int, int], torch.Tensor]]:
+                   store: TileStore) -> Tuple[TiledTensor, Callable[[int, int], torch.Tensor]]:
     """Run the decoder up to its last GroupNorm over tiles; returns that activation and the
     function giving output tile ``(i, j)`` (last norm, SiLU and conv_out of that tile alone)."""
     dec, device = vae.decoder, z.device
-    store = torch.device("cpu") if offload else None
     x = TiledTensor.split(z, tile_bounds(z.shape[-2], tile), tile_bounds(z.shape[-1], tile), loops, store)
     if getattr(vae, "post_quant_conv", None) is not None:
         x = _conv(x, vae.post_quant_conv, device)
@@ -329,7 +526,7 @@ class _Window(TiledTensor):
     """One tile ``(i, j)`` of ``x`` seen as a one-tile grid whose region reads ``x`` (halos included)."""
 
     def __init__(self, x: TiledTensor, i: int, j: int) -> None:
-        super().__init__(x.tiles, (x.rows[i], x.rows[i + 1]), (x.cols[j], x.cols[j + 1]), x.loops, None)
+        super().__init__(x.tiles, (x.rows[i], x.rows[i + 1]), (x.cols[j], x.cols[j + 1]), x.loops, TileStore())
         self.full = x
 
     def region(self, r0: int, r1: int, c0: int, c1: int, device: torch.device, pre: Pointwise = None) -> torch.Tensor:
@@ -345,7 +542,7 @@ def _check_latent(vae: torch.nn.Module, z: torch.Tensor) -> None:
 
 def decode_tiles(vae: torch.nn.Module, z: torch.Tensor, tile: int = DEFAULT_TILE,
                  loops: Tuple[bool, bool] = (False, False),
-                 offload: bool = False) -> Iterator[Tuple[int, int, torch.Tensor]]:
+                 offload: Offload = False) -> Iterator[Tuple[int, int, torch.Tensor]]:
     """``vae.decode(z).sample`` as ``(first row, first column, tile)`` in row-major order, lazily.
 
     Args:
@@ -354,7 +551,10 @@ def decode_tiles(vae: torch.nn.Module, z: torch.Tensor, tile: int = DEFAULT_TILE
         tile: tile side in latent pixels (>= :data:`MIN_TILE`); output tiles are ``scale x`` that.
         loops: (rows, cols) axes that wrap around: every convolution reads its halo from the
             other side, so the image tiles seamlessly as a cylinder (cols) or a torus (both).
-        offload: keep the tiled activations in host memory (device memory: one tile's work).
+        offload: where the tiled activations are kept between layers (:func:`tile_store`):
+            ``False`` where they are computed; ``True`` / ``"host"`` in host memory (device
+            memory: one tile's work plus the attention's keys and values); ``"disk"`` in
+            memory-mapped temporary files (resident memory: the same, whatever the image size).
 
     Every layer but the last convolution runs over all tiles before the first tile comes out
     (GroupNorm statistics are global); each output tile is then made when it is asked for.
@@ -362,14 +562,15 @@ def decode_tiles(vae: torch.nn.Module, z: torch.Tensor, tile: int = DEFAULT_TILE
     _check_vae(vae)
     _check_latent(vae, z)
     _check_tile(tile)
+    store = tile_store(offload)
     with torch.no_grad():
-        final, output_tile = _decoder_tiles(vae, z, tile, loops, offload)
+        final, output_tile = _decoder_tiles(vae, z, tile, loops, store)
         for i, j in final.grid:
             yield final.rows[i], final.cols[j], output_tile(i, j)
 
 
 def decode(vae: torch.nn.Module, z: torch.Tensor, tile: int = DEFAULT_TILE, loops: Tuple[bool, bool] = (False, False),
-           offload: bool = False) -> torch.Tensor:
+           offload: Offload = False) -> torch.Tensor:
     """``vae.decode(z).sample`` computed over tiles (:func:`decode_tiles`), assembled in one tensor."""
     out: Optional[torch.Tensor] = None
     for r, c, piece in decode_tiles(vae, z, tile, loops, offload):
@@ -382,7 +583,7 @@ def decode(vae: torch.nn.Module, z: torch.Tensor, tile: int = DEFAULT_TILE, loop
 
 
 def encode(vae: torch.nn.Module, pixels: torch.Tensor, tile: int = DEFAULT_TILE * 8,
-           offload: bool = False) -> "DiagonalGaussianDistribution":
+           offload: Offload = False) -> "DiagonalGaussianDistribution":
     """``vae.encode(pixels).latent_dist`` computed over tiles, within float rounding of the whole encode.
 
     Args:
@@ -390,7 +591,7 @@ def encode(vae: torch.nn.Module, pixels: torch.Tensor, tile: int = DEFAULT_TILE 
         pixels: ``(B, in_channels, H, W)`` in ``[-1, 1]`` (what ``vae.encode`` takes), ``H`` and
             ``W`` multiples of the VAE's factor (8 for SD).
         tile: tile side in pixels, a multiple of the VAE's factor, at least ``MIN_TILE`` latent pixels.
-        offload: keep the tiled activations in host memory.
+        offload: where the tiled activations are kept (:func:`tile_store`, as for :func:`decode_tiles`).
 
     Returns the latent distribution (``.mean``, ``.sample(generator)``, ``.mode()``); scale it
     as the pipeline does (``* vae.config.scaling_factor``).
@@ -408,7 +609,7 @@ def encode(vae: torch.nn.Module, pixels: torch.Tensor, tile: int = DEFAULT_TILE 
                          f"got {tuple(pixels.shape[-2:])}")
     if isinstance(tile, bool) or not isinstance(tile, int) or tile % factor or tile // factor < MIN_TILE:
         raise ValueError(f"tile must be an int multiple of {factor} >= {MIN_TILE * factor} (pixels), got {tile!r}")
-    device, store = pixels.device, (torch.device("cpu") if offload else None)
+    device, store = pixels.device, tile_store(offload)
     with torch.no_grad():
         x = TiledTensor.split(pixels.to(enc.conv_in.weight.dtype), tile_bounds(pixels.shape[-2], tile, factor),
                               tile_bounds(pixels.shape[-1], tile, factor), (False, False), store)

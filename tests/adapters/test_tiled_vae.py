@@ -123,6 +123,72 @@ def test_offload_gives_the_same_tiles(vae64):
                                rtol=0, atol=0)
 
 
+# -- the disk store: every layer's tiles in memory-mapped unnamed files --------------------------
+@pytest.mark.parametrize("shape,tile,key_chunk", [((1, 4, 24, 40), 11, 7), ((2, 4, 13, 29), 9, 4096),
+                                                  ((1, 4, 16, 16), 64, 100)])
+def test_disk_store_decode_equals_full_decode_in_float64(vae64, tmp_path, shape, tile, key_chunk):
+    # key_chunk below the token count: the attention reads the keys in passes (online softmax)
+    z = _latent(shape)
+    with torch.no_grad():
+        full = vae64.decode(z).sample
+    store = tiled_vae.DiskStore(str(tmp_path))
+    store.key_chunk = key_chunk
+    out = tiled_vae.decode(vae64, z, tile=tile, offload=store)
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-10)
+    layer = vae64.config.block_out_channels[0] * shape[0] * shape[2] * shape[3] * 64 * 8
+    assert store.peak_bytes >= layer  # at least one full-resolution layer was on disk
+    assert store.live_bytes == 0 and list(tmp_path.iterdir()) == []  # files unnamed, and gone with their tiles
+
+
+def test_disk_store_keeps_no_layer_in_memory(vae64):
+    # the live tensors of the disk decode are one tile's work: far below one full-resolution layer
+    from safa.profiling.memory import LiveTensorPeak
+    vae = _vae(torch.float32)
+    z = _latent((1, 4, 48, 48), torch.float32)
+    with LiveTensorPeak() as in_memory:
+        for _ in tiled_vae.decode_tiles(vae, z, tile=8):
+            pass
+    store = tiled_vae.DiskStore()
+    with LiveTensorPeak() as on_disk:
+        for _ in tiled_vae.decode_tiles(vae, z, tile=8, offload=store):
+            pass
+    assert on_disk.peak * 3 < in_memory.peak, (on_disk.peak, in_memory.peak)
+    assert store.peak_bytes > in_memory.peak / 2
+
+
+def test_disk_store_files_go_on_error(tmp_path, monkeypatch):
+    vae = _vae(torch.float32)
+    z = _latent((1, 4, 16, 16), torch.float32)
+    store = tiled_vae.DiskStore(str(tmp_path))
+    calls, norm_stats = [], tiled_vae._norm_stats
+
+    def interrupted(*args):  # an interrupt half-way through the decoder, layers on disk
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return norm_stats(*args)
+    monkeypatch.setattr(tiled_vae, "_norm_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiled_vae.decode(vae, z, tile=8, offload=store)
+    import gc
+    gc.collect()
+    assert store.peak_bytes > 0 and store.live_bytes == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_encode_with_disk_store_equals_full_encode(vae64):
+    x = _latent((1, 3, 136, 200)).clamp(-1, 1)
+    with torch.no_grad():
+        full = vae64.encode(x).latent_dist
+    torch.testing.assert_close(tiled_vae.encode(vae64, x, tile=72, offload="disk").mean, full.mean, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("offload,match", [("ram", "offload must be False, True / 'host', 'disk'"),
+                                           (3, "offload must be False")])
+def test_bad_offload_is_a_value_error(vae64, offload, match):
+    with pytest.raises(ValueError, match=match):
+        tiled_vae.decode(vae64, _latent((1, 4, 16, 16)), tile=8, offload=offload)
+
+
 @pytest.mark.parametrize("size,tile", [((192, 256), 64), ((136, 200), 72), ((64, 64), 512), ((2, 120, 328), 96)])
 def test_encode_equals_full_encode_in_float64(vae64, size, tile):
     batch = size[0] if len(size) == 3 else 1
@@ -178,6 +244,23 @@ def test_tiled_decode_bytes_bounds_the_measured_peak(shape, tile):
     with LiveTensorPeak() as peak:
         tiled_vae.decode(vae, z, tile=tile)
     estimate = tiled_decode_bytes(vae.config, z.shape, 4, tile)
+    assert peak.peak <= estimate <= 1.6 * peak.peak, (peak.peak, estimate)
+
+
+@pytest.mark.parametrize("shape,tile", [((1, 4, 32, 48), 16), ((2, 4, 24, 24), 8), ((1, 4, 64, 64), 64),
+                                        ((1, 4, 96, 96), 16)])
+def test_tiled_disk_decode_bytes_bounds_the_measured_peak(shape, tile):
+    # decode_tiles on disk, consumed one tile row at a time (as the streamed PNG is written)
+    from safa.memory import tiled_disk_decode_bytes
+    from safa.profiling.memory import LiveTensorPeak
+    vae = _vae(torch.float32)
+    z = _latent(shape, torch.float32)
+    with LiveTensorPeak() as peak:
+        band, row = [], 0
+        for r, _, piece in tiled_vae.decode_tiles(vae, z, tile=tile, offload="disk"):
+            band = [piece] if r != row else band + [piece]
+            row = r
+    estimate = tiled_disk_decode_bytes(vae.config, z.shape, 4, tile)
     assert peak.peak <= estimate <= 1.6 * peak.peak, (peak.peak, estimate)
 
 
