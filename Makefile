@@ -47,6 +47,8 @@ bench-full: install
 
 bench-smoke: install
 	$(PY) benchmarks/run.py --mode smoke
+	# the GPU kit's pipeline stage, rehearsed on CPU: bench_fullsize.py runs in it unchanged
+	bash benchmarks/gpu.sh --python $(PY) --rehearse --only pipeline --out out/bench-smoke/gpu-kit
 
 cuda-check:
 	bash tools/check_cuda_compile.sh
