@@ -29,7 +29,6 @@ import contextlib
 import math
 import os
 import time
-import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -114,27 +113,8 @@ class AllocationTrace(LiveTensorPeak):
     itself (a meta storage has no address). Run on the meta device, it gives the peak of a
     computation too slow to run, from its allocations alone."""
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        import torch.utils._pytree as pytree
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage()._cdata for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, size = storage._cdata, storage.nbytes()
-            if not size:
-                continue
-            entry = self._storages.get(key)
-            if entry is None:
-                if key in inputs:
-                    continue
-                entry = self._storages[key] = [size, 0]
-                self.live += size
-                self.peak = max(self.peak, self.live)
-            entry[1] += 1
-            weakref.finalize(t, self._release, key)
-        return out
+    def storage_key(self, t: torch.Tensor) -> Optional[int]:
+        return t.untyped_storage()._cdata
 
 
 class _CpuAttention:

@@ -105,19 +105,25 @@ def _transformer(c: int, ff_maps: int) -> int:
     return c + ff_maps * c
 
 
+def _unet_levels(config: Any, window_shape: Sequence[int]) -> Tuple[List[int], List[str], List[str], List[int], List[int]]:
+    """A UNet's levels: ``(channels, down block types, up block types, layers per block, tokens)``,
+    ``tokens[level]`` the latent cells at that level (halved per level, rounded up, as its
+    downsamplers do) of a ``window_shape = (..., H, W)`` window."""
+    channels = [int(c) for c in _get(config, "block_out_channels")]
+    layers = [int(n) for n in _per_level(_get(config, "layers_per_block", 2), len(channels))]
+    h, w = int(window_shape[-2]), int(window_shape[-1])
+    tokens = []
+    for _ in channels:
+        tokens.append(h * w)
+        h, w = -(-h // 2), -(-w // 2)
+    return channels, list(_get(config, "down_block_types")), list(_get(config, "up_block_types")), layers, tokens
+
+
 def unet_forward_bytes(config: Any, window_shape: Sequence[int], itemsize: int) -> int:
     """Peak bytes of one batch row's no-grad forward of a UNet with ``config`` on a
     ``window_shape = (..., C, H, W)`` latent (activations only: not the weights, not the input)."""
-    channels = [int(c) for c in _get(config, "block_out_channels")]
-    down_types = list(_get(config, "down_block_types"))
-    up_types = list(_get(config, "up_block_types"))
+    channels, down_types, up_types, layers, tokens = _unet_levels(config, window_shape)
     levels = len(channels)
-    layers = [int(n) for n in _per_level(_get(config, "layers_per_block", 2), levels)]
-    h, w = int(window_shape[-2]), int(window_shape[-1])
-    tokens = []
-    for _ in range(levels):
-        tokens.append(h * w)
-        h, w = -(-h // 2), -(-w // 2)
     peak = 0
     skips: List[int] = [channels[0] * tokens[0]]  # conv_in's output
     for level, kind in enumerate(down_types):
@@ -176,16 +182,8 @@ def unet_graph_bytes(config: Any, window_shape: Sequence[int], itemsize: int) ->
     states themselves, two more maps) and the output's GroupNorm / SiLU save, all alive at the
     end of the forward (the downsampling and upsampling convolutions' inputs too), plus the
     no-grad forward's peak (the block at work and the skips)."""
-    channels = [int(c) for c in _get(config, "block_out_channels")]
-    down_types = list(_get(config, "down_block_types"))
-    up_types = list(_get(config, "up_block_types"))
+    channels, down_types, up_types, layers, tokens = _unet_levels(config, window_shape)
     levels = len(channels)
-    layers = [int(n) for n in _per_level(_get(config, "layers_per_block", 2), levels)]
-    h, w = int(window_shape[-2]), int(window_shape[-1])
-    tokens = []
-    for _ in range(levels):
-        tokens.append(h * w)
-        h, w = -(-h // 2), -(-w // 2)
     self_context = _get(config, "class_embed_type") == "simple_projection"  # AudioLDM: no text tokens
     attention = UNET_TRANSFORMER_SAVED_MAPS + (2 if self_context else 0)
     resnet_in, resnet_out = RESNET_SAVED_MAPS

@@ -11,7 +11,7 @@ views of them made inside it (a crop of a positional-embedding buffer costs no m
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -27,19 +27,22 @@ class LiveTensorPeak(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.live = self.peak = 0
-        self._storages: Dict[int, List[int]] = {}  # data_ptr -> [bytes, tensors alive]
+        self._storages: Dict[int, List[int]] = {}  # storage key -> [bytes, tensors alive]
+
+    def storage_key(self, t: torch.Tensor) -> Optional[int]:
+        """The key of ``t``'s storage, or None for a tensor that holds no memory (meta)."""
+        return None if t.is_meta else t.untyped_storage().data_ptr()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         # Storages the op's inputs already had: an output on one of them that is not counted
         # yet is a view (or an in-place result) of a tensor made before the block.
-        inputs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor) and not a.is_meta}
+        inputs = {self.storage_key(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if not isinstance(t, torch.Tensor) or t.is_meta:
+            key = self.storage_key(t) if isinstance(t, torch.Tensor) else None
+            if key is None:
                 continue
-            storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
+            size = t.untyped_storage().nbytes()
             if not size:
                 continue
             entry = self._storages.get(key)
