@@ -30,11 +30,15 @@ from safa_kernels import GridLayout, ViewLayout, gather, stitch
 from . import tiled_vae
 from .adapters.base import Adapter
 
-__all__ = ["DECODE_MODES", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "decode_full", "decode_views",
+__all__ = ["DECODE_MODES", "TILED_DISK", "TILED_MODES", "offload_of", "AUTO_WHOLE_WINDOWS", "resolve_mode", "decode", "decode_full", "decode_views",
            "decode_tiles", "decode_tiled", "decode_grid", "tile_count", "exact_tiled", "vae_input", "image_tiles",
            "decode_image_tiled"]
 
-DECODE_MODES = ("auto", "full", "views", "tiled")
+DECODE_MODES = ("auto", "full", "views", "tiled", "tiled-disk")
+# The exact tiled image decode with its tiles in temporary files (tiled_vae.DiskStore): resident
+# memory is one tile's work whatever the image's size, at the cost of disk space and some time.
+TILED_DISK = "tiled-disk"
+TILED_MODES = ("tiled", TILED_DISK)
 # decode="auto" decodes the whole latent up to this many windows, in one-window tiles beyond.
 # Whole decoding grows in time per second and in memory with the length, one-window tiles do
 # not (measured in docs/long-audio.md, section decode="auto"). Up to this length (41 s for the
@@ -52,6 +56,12 @@ def resolve_mode(mode: str, length: int, window: int) -> str:
     if mode != "auto":
         return mode
     return "full" if length <= AUTO_WHOLE_WINDOWS * window else "tiled"
+
+
+def offload_of(mode: str) -> Union[bool, str]:
+    """Where the exact tiled image decode of a resolved ``mode`` keeps its tiles between layers
+    (:func:`safa.tiled_vae.tile_store`): ``"disk"`` for ``"tiled-disk"``, else in memory."""
+    return "disk" if mode == TILED_DISK else False
 
 
 def _window(x: torch.Tensor, dim: int, start: int, stop: int, circular: bool) -> torch.Tensor:
@@ -95,8 +105,8 @@ def decode_grid(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool]
     context on each axis in ``loops`` (rows, cols) so that a cylinder or a torus tiles without a
     seam; ``"tiled"`` exactly over ``tile`` latent tiles (default one window of the pipeline) with
     circular halos (:func:`decode_image_tiled`)."""
-    if mode == "tiled" and exact_tiled(adapter):
-        return decode_image_tiled(adapter, latent, loops, tile or tiled_vae.DEFAULT_TILE)
+    if mode in TILED_MODES and exact_tiled(adapter):
+        return decode_image_tiled(adapter, latent, loops, tile or tiled_vae.DEFAULT_TILE, offload_of(mode))
     scale = adapter.decoded_scale * adapter.finalize_scale
 
     def both(z: torch.Tensor) -> torch.Tensor:
@@ -150,29 +160,31 @@ class _Sample:
 
 
 def image_tiles(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool],
-                tile: int) -> Iterator[Tuple[int, int, torch.Tensor]]:
+                tile: int, offload: Union[bool, str] = False) -> Iterator[Tuple[int, int, torch.Tensor]]:
     """The image of ``latent`` as ``(first row, first column, tile)`` in row-major order (pixels in
     ``[0, 1]``, ``adapter.finalize`` applied), decoded exactly over ``tile x tile`` latent tiles;
     ``loops`` (rows, cols) wrap. The VAE decodes in the dtype the family asks for (upcast as the
-    pipeline does when it hands the VAE float32)."""
+    pipeline does when it hands the VAE float32). ``offload``: where the tiles are kept between
+    layers (:func:`offload_of`; ``"disk"``: temporary files)."""
     vae = adapter.pipe.vae
     z = vae_input(adapter, latent)
     dtype = vae.dtype
     if z.dtype != dtype:
         vae.to(z.dtype)
     try:
-        for r, c, piece in tiled_vae.decode_tiles(vae, z, tile, loops):
+        for r, c, piece in tiled_vae.decode_tiles(vae, z, tile, loops, offload):
             yield r, c, adapter.finalize(piece)
     finally:
         if z.dtype != dtype:
             vae.to(dtype)
 
 
-def decode_image_tiled(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool], tile: int) -> torch.Tensor:
+def decode_image_tiled(adapter: Adapter, latent: torch.Tensor, loops: Tuple[bool, bool], tile: int,
+                       offload: Union[bool, str] = False) -> torch.Tensor:
     """:func:`image_tiles` assembled: the whole decode's image up to float rounding."""
     out: Optional[torch.Tensor] = None
     scale = adapter.decoded_scale * adapter.finalize_scale
-    for r, c, piece in image_tiles(adapter, latent, loops, tile):
+    for r, c, piece in image_tiles(adapter, latent, loops, tile, offload):
         if out is None:
             out = piece.new_empty(*piece.shape[:2], latent.shape[-2] * scale, latent.shape[-1] * scale)
         out[..., r:r + piece.shape[-2], c:c + piece.shape[-1]] = piece
@@ -214,7 +226,7 @@ def decode_views(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout,
 
 
 def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int, stop: Optional[int] = None,
-                 tiles: Optional[range] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+                 tiles: Optional[range] = None, offload: Union[bool, str] = False) -> Iterator[Tuple[int, torch.Tensor]]:
     """Decode ``tile`` latent columns at a time (plus ``adapter.decode_context`` each side), lazily.
 
     Yields ``(first output column, piece)`` for consecutive tiles, the output's long axis last;
@@ -225,12 +237,13 @@ def decode_tiles(adapter: Adapter, latent: torch.Tensor, loop: bool, tile: int, 
     whatever the length. Tiles see only local context, so decoders with global statistics
     (GroupNorm) or a global phase estimate (Griffin-Lim) differ slightly from
     :func:`decode_full`; with ``tile >= length`` the one piece is ``decode_full``. Images with an
-    ``AutoencoderKL`` (:func:`exact_tiled`) are the exception: one piece, :func:`decode_image_tiled`.
+    ``AutoencoderKL`` (:func:`exact_tiled`) are the exception: one piece, :func:`decode_image_tiled`
+    (its tiles kept per ``offload``, :func:`offload_of`).
     """
     dim = adapter.long_dim
     n = latent.shape[dim]
     if exact_tiled(adapter):  # the exact tiled decode: one piece (tiles share GroupNorm statistics)
-        yield 0, decode_image_tiled(adapter, latent, (False, loop), tile)
+        yield 0, decode_image_tiled(adapter, latent, (False, loop), tile, offload)
         return
     if tile >= n:
         yield 0, decode_full(adapter, latent, loop)
@@ -291,4 +304,6 @@ def decode(adapter: Adapter, latent: torch.Tensor, layout: Union[ViewLayout, Gri
         return decode_views(adapter, latent, layout, view_batch_size)
     if mode == "tiled":
         return decode_tiled(adapter, latent, layout.loop, tile or layout.window)
+    if mode == TILED_DISK and exact_tiled(adapter):
+        return decode_image_tiled(adapter, latent, (False, layout.loop), tile or layout.window, "disk")
     raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")

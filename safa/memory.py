@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .decode import exact_tiled, resolve_mode
+from .decode import TILED_DISK, TILED_MODES, exact_tiled, resolve_mode
 from .request import GenerationRequest, is_grid, model_windows, planned_layout, planned_tile_height
 
 __all__ = ["MemoryEstimate", "InsufficientMemoryError", "estimate_memory", "estimate_request", "require_memory",
@@ -86,12 +86,15 @@ class MemoryEstimate:
             and ``"decode"`` (not for ``output_type="latent"``).
         host: parts held in host memory even when ``device`` is a GPU (the decoded audio).
         not_estimated: parts this pipeline cannot estimate (not included above).
+        decode: the decode mode counted, as the call will run it (``"full"``, ``"views"``,
+            ``"tiled"`` or ``"tiled-disk"``: :func:`resolve_decode`); None without a decode.
     """
 
     device: torch.device
     phases: Dict[str, Dict[str, int]]
     host: Dict[str, Dict[str, int]] = field(default_factory=dict)
     not_estimated: Tuple[str, ...] = ()
+    decode: Optional[str] = None
 
     def _total(self, phase: str, device_only: bool) -> int:
         parts = sum(self.phases[phase].values())
@@ -144,7 +147,8 @@ def scheduler_history(scheduler: Any) -> int:
 def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, num_views: int, batch_size: int,
                     height: Optional[int], model_windows: int, guidance: bool, with_reference: bool,
                     decode_columns: int, output_columns: int, streamed: bool, output_type: str,
-                    gradient_steps: bool = False, decoding: Optional[int] = None) -> MemoryEstimate:
+                    gradient_steps: bool = False, decoding: Optional[int] = None,
+                    decode: Optional[str] = None) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of a call with this geometry (pure arithmetic: nothing is allocated).
 
     Args:
@@ -163,7 +167,9 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
             view at a time (SyncDiffusion): a ``"gradient step"`` phase with both graphs' saved
             activations.
         decoding: the decode's working memory when it is not ``decode_columns`` decoded at once
-            (the exact tiled image decode: :func:`tiled_decode_bytes`).
+            (the exact tiled image decode: :func:`tiled_decode_bytes`, :func:`tiled_disk_decode_bytes`).
+        decode: the resolved decode mode counted (:func:`resolve_decode`), reported as
+            :attr:`MemoryEstimate.decode`.
     """
     itemsize = torch.empty((), dtype=adapter.dtype).element_size()
     window_bytes = math.prod(adapter.latent_shape(batch_size, window, height)) * itemsize
@@ -201,7 +207,8 @@ def estimate_memory(adapter: Any, scheduler: Any, *, length: int, window: int, n
         phases["decode"] = {"latent": latent, "scheduler history": history * state, "decoding": decoding or 0}
         if not streamed:
             host["decode"] = {"output": batch_size * output_columns * adapter.output_elements_per_column(height) * 4}
-    return MemoryEstimate(torch.device(adapter.device), phases, host, tuple(not_estimated))
+    return MemoryEstimate(torch.device(adapter.device), phases, host, tuple(not_estimated),
+                          decode if output_type != "latent" else None)
 
 
 def _meminfo_available() -> Optional[int]:
@@ -331,20 +338,31 @@ def tiled_disk_decode_bytes(config: Any, latent_shape: Sequence[int], itemsize: 
 
 
 def resolve_decode(adapter: Any, mode: str, length: int, window: int, batch_size: int,
-                   height: Optional[int], grid: bool = False) -> str:
-    """The decode mode a request runs: ``"full"`` / ``"tiled"`` / ``"views"``.
+                   height: Optional[int], grid: bool = False, tile: Optional[int] = None) -> str:
+    """The decode mode a request runs: ``"full"`` / ``"tiled"`` / ``"tiled-disk"`` / ``"views"``.
 
     :func:`~safa.decode.resolve_mode`, except for images with the exact tiled decode
     (:func:`~safa.decode.exact_tiled`), where ``"auto"`` is the whole decode while its estimate
     (:meth:`~safa.adapters.base.Adapter.decoder_memory`) is at most :data:`WHOLE_DECODE_SHARE` of
-    the available memory, else tiled. A grid (``grid``) decodes ``"tiled"`` or whole.
+    the available memory, else tiled in memory while :func:`tiled_decode_bytes` (``tile`` latent
+    pixels a side, default one window) is, else ``"tiled-disk"`` (the tiles in temporary files)
+    where :func:`tiled_disk_decode_bytes` is smaller. A grid (``grid``) decodes tiled or whole.
     """
     if mode == "auto" and exact_tiled(adapter):
+        budget = WHOLE_DECODE_SHARE * available_memory(adapter.device)
         whole = adapter.decoder_memory(length, batch_size, height=height)
-        fits = whole is None or whole <= WHOLE_DECODE_SHARE * available_memory(adapter.device)
-        return "full" if fits else "tiled"
+        if whole is None or whole <= budget:
+            return "full"
+        vae = adapter.pipe.vae
+        shape = adapter.latent_shape(batch_size, length, height)
+        itemsize = torch.empty((), dtype=vae.dtype).element_size()
+        tiled = tiled_decode_bytes(vae.config, shape, itemsize, tile or window)
+        # on disk when the tiles in memory do not fit, unless the disk store's estimate is no smaller
+        # (a small image: its band of output rows and one tile's work are then most of the decode)
+        on_disk = tiled > budget and tiled_disk_decode_bytes(vae.config, shape, itemsize, tile or window) < tiled
+        return TILED_DISK if on_disk else "tiled"
     if grid:
-        return "tiled" if mode == "tiled" else "full"
+        return mode if mode in TILED_MODES else "full"
     return resolve_mode(mode, length, window)
 
 
@@ -367,22 +385,23 @@ def estimate_request(adapter: Any, scheduler: Any, request: GenerationRequest) -
         output_columns = math.ceil(output_columns * adapter.latent_rows(request.height) * adapter.decoded_scale / height)
     # the decoded canvas: a grid's full height and width, a strip's length at its height
     columns, rows_px = (adapter.columns_for(width=request.width), request.height) if grid else (length, height)
-    mode = resolve_decode(adapter, request.decode, columns, w, request.batch_size, rows_px, grid)
+    mode = resolve_decode(adapter, request.decode, columns, w, request.batch_size, rows_px, grid, request.decode_tile)
     tile = min(request.decode_tile or w, length)
-    decode_columns = tile + 2 * min(adapter.decode_context, length) if mode == "tiled" and tile < length \
+    decode_columns = tile + 2 * min(adapter.decode_context, length) if mode in TILED_MODES and tile < length \
         else length
     decoding = None
-    if mode == "tiled" and exact_tiled(adapter):
+    if mode in TILED_MODES and exact_tiled(adapter):
         vae = adapter.pipe.vae
         shape = adapter.latent_shape(request.batch_size, columns, rows_px)
-        decoding = tiled_decode_bytes(vae.config, shape, torch.empty((), dtype=vae.dtype).element_size(),
-                                      request.decode_tile or w)
+        rule = tiled_disk_decode_bytes if mode == TILED_DISK else tiled_decode_bytes
+        decoding = rule(vae.config, shape, torch.empty((), dtype=vae.dtype).element_size(), request.decode_tile or w)
     return estimate_memory(
         adapter, scheduler, length=length, window=w, num_views=n, batch_size=request.batch_size,
         height=height, model_windows=model_windows(request.view_batch_size, n + with_reference, method),
         guidance=request.guidance, with_reference=with_reference, decode_columns=decode_columns,
-        output_columns=output_columns, streamed=request.to_files and mode == "tiled" and adapter.streams_files, output_type=request.output_type,
-        gradient_steps=method.name == "syncdiffusion" and n > 1, decoding=decoding)
+        output_columns=output_columns, streamed=request.to_files and mode in TILED_MODES and adapter.streams_files,
+        output_type=request.output_type, gradient_steps=method.name == "syncdiffusion" and n > 1, decoding=decoding,
+        decode=mode)
 
 
 def _advice(adapter: Any, scheduler: Any, request: GenerationRequest) -> List[str]:
@@ -401,6 +420,8 @@ def _advice(adapter: Any, scheduler: Any, request: GenerationRequest) -> List[st
             advice.append(f"view_batch_size={k} (windows per model call) fits")
     if adapter.streams_files and not request.to_files and fits(replace(request, to_files=True)):
         advice.append("output_path= (write the audio to a file tile by tile instead of returning it) fits")
+    if request.decode in ("full", "tiled") and exact_tiled(adapter) and fits(replace(request, decode=TILED_DISK)):
+        advice.append("decode='tiled-disk' (the tiled VAE decode with its tiles in temporary files) fits")
     if advice:
         return advice
     continuous = adapter.length_argument == "seconds"  # seconds are a float, pixels an int
@@ -427,8 +448,10 @@ def require_memory(adapter: Any, scheduler: Any, request: GenerationRequest) -> 
     length = f"{request.seconds:g}" if request.seconds is not None else str(request.width)
     what = f"{adapter.length_argument}={length}" + \
         (f" with {request.batch_size} outputs" if request.batch_size > 1 else "")
-    raise InsufficientMemoryError(f"{what} needs {found.describe()}, but {format_bytes(available)} of {where} is "
-                                  f"available: " + "; ".join(_advice(adapter, scheduler, request)), found, available)
+    disk = " (even with the decode's tiles kept on disk, decode='tiled-disk')" \
+        if found.decode == TILED_DISK else ""
+    raise InsufficientMemoryError(f"{what} needs {found.describe()}{disk}, but {format_bytes(available)} of {where} "
+                                  f"is available: " + "; ".join(_advice(adapter, scheduler, request)), found, available)
 
 
 def check_disk_space(adapter: Any, paths: Optional[Sequence[str]], columns: int) -> None:

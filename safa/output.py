@@ -35,7 +35,7 @@ from .adapters.base import Adapter
 from .audio_io import AudioWriter
 from .files import AtomicFile, check_output_path
 from .plots import write_image
-from .decode import decode, decode_tiles, exact_tiled, image_tiles
+from .decode import TILED_MODES, decode, decode_tiles, exact_tiled, image_tiles, offload_of
 
 __all__ = ["decoded_chunks", "produce_output", "check_output_paths", "PngRows"]
 
@@ -123,17 +123,18 @@ class PngRows:
 
 
 def _stream_images(adapter: Adapter, latent: torch.Tensor, layout: Any, tile: int, out_len: int,
-                   paths: List[str], paste: Optional[ChunkCallback] = None) -> None:
+                   paths: List[str], paste: Optional[ChunkCallback] = None, offload: Union[bool, str] = False) -> None:
     """Decode exactly over tiles (:func:`safa.decode.image_tiles`) and write each band of tile
     rows to its PNG as soon as the row is complete, cropped to ``out_len`` columns; the pixels
     are the pipeline's (``round(x * 255)``). ``paste(first column, tile)``: the user's pixels into
-    every tile of a strip before its band is written."""
+    every tile of a strip before its band is written. ``offload``: where the tiled decode keeps its
+    tiles (:func:`safa.decode.offload_of`)."""
     loops = (layout.rows.loop, layout.cols.loop) if isinstance(layout, GridLayout) else (False, layout.loop)
     height = latent.shape[-2] * adapter.decoded_scale
     writers = [PngRows(p, out_len, height) for p in paths]
     try:
         band: List[torch.Tensor] = []
-        for _, c, piece in image_tiles(adapter, latent, loops, tile):
+        for _, c, piece in image_tiles(adapter, latent, loops, tile, offload):
             if c == 0 and band:
                 _write_band(writers, band, out_len)
                 band = []
@@ -167,8 +168,8 @@ def decoded_chunks(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, m
     """
     if pieces is None and adapter.kind == "video":  # the causal VAE decodes the frames in order, with its cache
         pieces = adapter.decode_frames(latent, layout.loop, mode, tile)  # type: ignore[attr-defined]
-    elif pieces is None and mode == "tiled" and not isinstance(layout, GridLayout):
-        pieces = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len)
+    elif pieces is None and mode in TILED_MODES and not isinstance(layout, GridLayout):
+        pieces = decode_tiles(adapter, latent, layout.loop, tile, stop=out_len, offload=offload_of(mode))
     elif pieces is None:
         pieces = iter([(0, decode(adapter, latent, layout, mode, view_batch_size))])
     for start, piece in pieces:
@@ -209,9 +210,9 @@ def produce_output(adapter: Adapter, latent: torch.Tensor, layout: ViewLayout, *
     :meth:`safa.known.KnownColumns.paste`), then ``on_chunk(start, piece)`` sees it, before it is
     written. ``pieces``: see :func:`decoded_chunks`.
     """
-    if paths is not None and mode == "tiled" and exact_tiled(adapter) and pieces is None and on_chunk is None:
+    if paths is not None and mode in TILED_MODES and exact_tiled(adapter) and pieces is None and on_chunk is None:
         with _progress(adapter.pipe, out_len, adapter.sample_rate) as progress:
-            _stream_images(adapter, latent, layout, tile, out_len, paths, paste)
+            _stream_images(adapter, latent, layout, tile, out_len, paths, paste, offload_of(mode))
             progress.update(out_len)
         return None
     chunks = decoded_chunks(adapter, latent, layout, mode, tile, view_batch_size, out_len, pieces)

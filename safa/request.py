@@ -27,7 +27,7 @@ from . import prompts as _prompts
 from ._checks import check_positive_int, check_range
 from .adapters.base import Adapter
 from .adapters.canvas import CanvasImage, read_image
-from .decode import DECODE_MODES
+from .decode import DECODE_MODES, TILED_DISK, exact_tiled
 from .layouts import LoopLengthError, loop_layout, open_layout
 from .methods import Method, get_method
 
@@ -158,6 +158,9 @@ def _check_scalars(adapter: Adapter, num_inference_steps: Any, view_batch_size: 
     check_positive_int("decode_tile", decode_tile, allow_none=True)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    if decode == TILED_DISK and not exact_tiled(adapter):
+        raise ValueError(f"decode={TILED_DISK!r} (the exact tiled VAE decode with its tiles on disk) is for image "
+                         f"pipelines with an AutoencoderKL; use decode='auto', 'full', 'views' or 'tiled'")
     adapter.check_decode(decode)
     if output_type is None:
         return adapter.output_types[0]
@@ -297,9 +300,9 @@ def _check_grid(adapter: Adapter, method: Method, width: Optional[int], window: 
     if width is not None and width < window * adapter.decoded_scale:
         raise ValueError(f"width must be at least one window ({window * adapter.decoded_scale} px) when the height "
                          f"exceeds one window or loops (the tiles are {window} x {window} latent cells), got {width}")
-    if decode not in ("auto", "full", "tiled"):
+    if decode not in ("auto", "full", "tiled", TILED_DISK):
         raise ValueError(f"decode={decode!r} decodes a strip along the width; an image beyond one window in height "
-                         f"is decoded whole or tiled: use decode='auto', 'full' or 'tiled'")
+                         f"is decoded whole or tiled: use decode='auto', 'full', 'tiled' or 'tiled-disk'")
     if method.grid_refusal is not None:
         raise ValueError(f"method {method.name!r} runs on strips only ({method.grid_refusal}): an image beyond one "
                          f"window in height (or loop on its height) needs safa, safa_selfloop, multidiffusion, "
@@ -694,7 +697,12 @@ CALL_ARGUMENTS_DOC = """
                 windows, ``"tiled"`` beyond), ``"full"`` (the whole latent at once: the
                 pipeline's own decode), ``"views"`` (decode each view, stitch at the mel / pixel
                 level) or ``"tiled"`` (bounded memory; ``decode_tile`` latent columns per tile,
-                default one window).
+                default one window). Images with an ``AutoencoderKL`` tile exactly (the whole
+                decode's image to float rounding); there ``"auto"`` decodes whole while the whole
+                decode's estimate is at most ``safa.memory.WHOLE_DECODE_SHARE`` of the available
+                memory, tiled in memory while the tiled decode's is, else ``"tiled-disk"``: tiled
+                with every layer's tiles in temporary files (resident memory one tile's work,
+                disk space growing with the image), which can also be asked for.
             callback_on_step_end: ``f(jd, step, timestep, callback_kwargs)`` after each step's
                 merge, ``callback_kwargs = {"views", "view_range", "reference", "layout"}``:
                 ``views`` are this process's views, ``view_range`` their indices in the layout

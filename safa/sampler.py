@@ -48,7 +48,7 @@ from . import regions as _regions
 from . import request as _request
 from .adapters import Adapter, get_adapter
 from .adapters import canvas as _canvas
-from .decode import tile_count
+from .decode import TILED_MODES, tile_count
 from .memory import MemoryEstimate
 from .methods import METHODS, Method
 from .prompts import PromptBatch
@@ -354,7 +354,8 @@ class JointDiffusion:
         _request.check_canvas_method(canvas_image, method, guide)
         # 2. What the request needs against what the device (and the disk) has, before anything is
         # allocated: a clear error (what to change) rather than an allocator failure later.
-        _memory.require_memory(adapter, self.pipe.scheduler, request)
+        # The decode mode is decided here, once, by the estimate (whole / tiled / tiled with its tiles on disk).
+        decode_mode = _memory.require_memory(adapter, self.pipe.scheduler, request).decode
         _memory.check_disk_space(adapter, request.paths, adapter.output_length(seconds=request.seconds,
                                                                                  width=request.width))
         # 3. Layout of the views over the long latent J, and the prompt of every window.
@@ -418,27 +419,26 @@ class JointDiffusion:
             generator, callback_on_step_end)
         # 8. J = stitch(views), decoded, cropped, returned or written (safa.output).
         return self._output_stage(request, plan, columns, out_len, views, started, callback_on_output_chunk,
-                                  return_dict)
+                                  return_dict, decode_mode)
 
     __call__.__doc__ = """Generate ``seconds`` of audio (or a panorama ``width`` x ``height`` pixels).
 """ + _request.CALL_ARGUMENTS_DOC
 
     def _output_stage(self, request: GenerationRequest, plan: _loop.LoopPlan, columns: int, out_len: int,
                       views: torch.Tensor, started: float, callback_on_output_chunk: Optional[Callable[..., None]],
-                      return_dict: bool) -> Any:
+                      return_dict: bool, decode_mode: Optional[str]) -> Any:
         """Step 8: every view on rank 0 (on every rank when the ranks share a tiled decode), ``J =
         stitch(views)``, then the output stage (:mod:`safa.output`): the whole layout decoded (a
         loop as a loop, with circular context; the covering layout's extra columns only cost
-        compute), cropped, and returned or written to ``output_path`` tile by tile."""
+        compute), cropped, and returned or written to ``output_path`` tile by tile. ``decode_mode``:
+        the resolved decode mode (:attr:`safa.memory.MemoryEstimate.decode`; None without a decode)."""
         adapter, layout, shard, method = self.adapter, plan.layout, plan.shard, request.method
         grid = isinstance(layout, GridLayout)  # decoded whole (checked in build_request), rows cropped
-        mode = _memory.resolve_decode(adapter, request.decode, layout.cols.length if grid else layout.length,
-                                      layout.window if not grid else layout.cols.window, request.batch_size,
-                                      request.height, grid)
+        mode = decode_mode or "full"
         tile = request.decode_tile or (layout.cols.window if grid else layout.window)
         tiles = 1 if grid else tile_count(adapter, layout.length, tile, out_len)
         # (a video's causal VAE decodes its frames in order, carrying its cache: on rank 0 alone)
-        shared_decode = request.output_type != "latent" and mode == "tiled" and adapter.kind != "video" \
+        shared_decode = request.output_type != "latent" and mode in TILED_MODES and adapter.kind != "video" \
             and shard.can_share_decode(tiles)
         views = shard.gather(views, everywhere=shared_decode)
         nothing = JointDiffusionOutput(layout=layout, columns=columns, sample_rate=adapter.sample_rate, method=method)

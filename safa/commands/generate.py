@@ -52,7 +52,7 @@ def _unit_fraction(name: str, value: float) -> float:
 
 UNIT_FRACTION = arg_type(float, _unit_fraction, "a number in (0, 1]")
 # safa.decode.DECODE_MODES, named here so that --help does not import torch (a test keeps them equal).
-DECODE_CHOICES = ("auto", "full", "views", "tiled")
+DECODE_CHOICES = ("auto", "full", "views", "tiled", "tiled-disk")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -124,7 +124,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--guide", type=float, default=None,
                    help="SaFa's reference guidance step rate r_guide (default: the method's, 0.3)")
     p.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
-                   help="decoding (default auto: the whole latent up to 4 windows, in tiles beyond, streamed to --out)")
+                   help="decoding (default auto: the whole latent up to 4 windows, in tiles beyond, streamed to --out; "
+                        "images: tiled-disk, the tiles in temporary files, when even the in-memory tiles do not fit)")
     p.add_argument("--out", default=None, help="output file: .wav/.flac for audio, .png for images, .mp4 for video "
                                                "(default out.wav / out.png / out.mp4)")
     p.add_argument("--no-spectrogram", action="store_true", help="do not write the spectrogram PNG")

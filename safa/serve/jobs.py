@@ -29,7 +29,7 @@ _PARAMETER_FIELDS = {"seconds": "length", "width": "length", "overlap": "overlap
                      "view_batch_size": "view_batch_size", "decode": "decode", "height": "height",
                      "num_inference_steps": "steps", "loop": "length",
                      "no": "length"}  # "no seamless loop of exactly 12 s ...": the length field
-DECODE_CHOICES = ("auto", "full", "views", "tiled")
+DECODE_CHOICES = ("auto", "full", "views", "tiled", "tiled-disk")
 
 
 class Cancelled(Exception):

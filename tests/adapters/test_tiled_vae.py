@@ -292,15 +292,97 @@ def test_sampler_tiled_decode_of_a_torus_is_the_wrapped_decode(jd):
     assert seam < 3 * interior
 
 
+def _tiled_bytes(adapter, columns, tile, disk=False):
+    from safa import memory
+    vae = adapter.pipe.vae
+    rule = memory.tiled_disk_decode_bytes if disk else memory.tiled_decode_bytes
+    return rule(vae.config, adapter.latent_shape(1, columns, 256), torch.empty((), dtype=vae.dtype).element_size(), tile)
+
+
 def test_auto_decodes_tiled_when_the_whole_decode_does_not_fit(jd, monkeypatch):
     from safa import memory
     adapter = jd.adapter
-    whole = adapter.decoder_memory(65, 1, height=256)
+    whole = adapter.decoder_memory(130, 1, height=256)
+    tiled = _tiled_bytes(adapter, 130, 8)
+    assert tiled < whole  # at 130 columns in tiles of 8 the tiled decode is the smaller (the rule's premise here)
     monkeypatch.setattr(memory, "available_memory", lambda device: int(whole / memory.WHOLE_DECODE_SHARE))
-    assert memory.resolve_decode(adapter, "auto", 65, 32, 1, 256) == "full"
+    assert memory.resolve_decode(adapter, "auto", 130, 32, 1, 256, tile=8) == "full"
     monkeypatch.setattr(memory, "available_memory", lambda device: int(whole / memory.WHOLE_DECODE_SHARE) - 1)
-    assert memory.resolve_decode(adapter, "auto", 65, 32, 1, 256) == "tiled"
-    assert memory.resolve_decode(adapter, "views", 65, 32, 1, 256, grid=True) == "full"
+    assert memory.resolve_decode(adapter, "auto", 130, 32, 1, 256, tile=8) == "tiled"
+    assert memory.resolve_decode(adapter, "views", 130, 32, 1, 256, grid=True) == "full"
+    assert memory.resolve_decode(adapter, "tiled-disk", 130, 32, 1, 256, grid=True) == "tiled-disk"
+
+
+def test_auto_decodes_on_disk_when_the_tiled_decode_does_not_fit(jd, monkeypatch):
+    from safa import memory
+    adapter = jd.adapter
+    tiled, disk = _tiled_bytes(adapter, 130, 8), _tiled_bytes(adapter, 130, 8, disk=True)
+    assert disk < tiled
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(tiled / memory.WHOLE_DECODE_SHARE))
+    assert memory.resolve_decode(adapter, "auto", 130, 32, 1, 256, tile=8) == "tiled"
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(tiled / memory.WHOLE_DECODE_SHARE) - 1)
+    assert memory.resolve_decode(adapter, "auto", 130, 32, 1, 256, tile=8) == "tiled-disk"
+    # where the disk store's estimate is no smaller (tiles as high as the image: its band dominates), in memory
+    assert _tiled_bytes(adapter, 130, 32, disk=True) >= _tiled_bytes(adapter, 130, 32)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1)
+    assert memory.resolve_decode(adapter, "auto", 130, 32, 1, 256, tile=32) == "tiled"
+
+
+class _StoreSpy:
+    """Records the ``offload`` of every tiled decode (``tiled_vae.tile_store``'s argument)."""
+
+    def __init__(self, monkeypatch):
+        self.offloads = []
+        store = tiled_vae.tile_store
+
+        def spy(offload):
+            self.offloads.append(offload)
+            return store(offload)
+        monkeypatch.setattr(tiled_vae, "tile_store", spy)
+
+
+def test_auto_with_little_memory_decodes_on_disk_as_the_whole_decode(jd, monkeypatch):
+    from safa import memory
+    full = jd("a lake", decode="full", generator=torch.Generator().manual_seed(3), **CALL).images
+    whole = jd.adapter.decoder_memory(65, 1, height=256)
+    assert _tiled_bytes(jd.adapter, 65, 32) > whole  # so auto goes from whole to the disk store
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(whole / memory.WHOLE_DECODE_SHARE) - 1)
+    assert jd.estimate_memory(width=520, height=256, overlap=0.25, output_type="pt").decode == "tiled-disk"
+    spy = _StoreSpy(monkeypatch)
+    auto = jd("a lake", generator=torch.Generator().manual_seed(3), **CALL).images
+    assert spy.offloads == ["disk"]
+    assert auto.shape == full.shape == (1, 3, 256, 520)
+    torch.testing.assert_close(auto, full, rtol=0, atol=1e-5)
+
+
+def test_forced_disk_decode_equals_the_whole_decode(jd, monkeypatch):
+    full = jd("a lake", decode="full", generator=torch.Generator().manual_seed(3), **CALL).images
+    spy = _StoreSpy(monkeypatch)
+    disk = jd("a lake", decode="tiled-disk", decode_tile=12, generator=torch.Generator().manual_seed(3),
+              **CALL).images
+    assert spy.offloads == ["disk"]
+    torch.testing.assert_close(disk, full, rtol=0, atol=1e-5)
+    assert jd.estimate_memory(width=520, height=256, overlap=0.25, decode="tiled-disk").decode == "tiled-disk"
+
+
+def test_refusal_names_the_disk_store_when_even_it_does_not_fit(jd, monkeypatch):
+    from safa import memory
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)
+    with pytest.raises(memory.InsufficientMemoryError, match="even with the decode's tiles kept on disk"):
+        jd.estimate_memory(width=520, height=256, overlap=0.25, output_type="pt", check=True)
+    # forced whole, where the disk store fits: the advice names it
+    found = jd.estimate_memory(width=520, height=256, overlap=0.25, output_type="pt", decode="tiled-disk")
+    monkeypatch.setattr(memory, "available_memory", lambda device: found.peak)
+    with pytest.raises(memory.InsufficientMemoryError, match="decode='tiled-disk' .* fits"):
+        jd.estimate_memory(width=520, height=256, overlap=0.25, output_type="pt", decode="full", check=True)
+
+
+def test_disk_decode_is_refused_without_an_exact_tiled_vae():
+    from types import SimpleNamespace
+    from safa.request import _check_scalars
+    audio = SimpleNamespace(kind="audio", pipe=SimpleNamespace(vae=None), check_decode=lambda decode: None)
+    with pytest.raises(ValueError, match="decode='tiled-disk'.* image pipelines"):
+        _check_scalars(audio, 1, None, "tiled-disk", None, None)
 
 
 def test_streamed_png_is_the_in_memory_image(jd, tmp_path):
@@ -316,6 +398,15 @@ def test_streamed_png_is_the_in_memory_image(jd, tmp_path):
     assert written.shape == (256, 520, 3)
     assert np.array_equal(written, (image * 255).round().astype(np.uint8))
     assert [p.name for p in tmp_path.iterdir()] == ["lake.png"]  # no temporary file left
+    # the same with the tiles on disk: the disk decode's own image, exactly (the in-memory one to float rounding)
+    on_disk = tmp_path / "lake-disk.png"
+    image = jd("a lake", decode="tiled-disk", decode_tile=12, generator=torch.Generator().manual_seed(3), **kw).images[0]
+    assert jd("a lake", decode="tiled-disk", decode_tile=12, generator=torch.Generator().manual_seed(3),
+              output_path=str(on_disk), **CALL) is not None
+    with Image.open(on_disk) as png:
+        written_on_disk = np.asarray(png.convert("RGB"))
+    assert np.array_equal(written_on_disk, (image * 255).round().astype(np.uint8))
+    assert np.abs(written_on_disk.astype(int) - written).max() <= 1
 
 
 def test_png_rows_round_trip_and_refuse_a_short_image(tmp_path):

@@ -136,7 +136,7 @@ def test_the_memory_estimate_counts_every_tile(jd):
     (dict(loop=(1, 0)), r"loop must be a bool \(the width\), 'both' or a pair"),
     (dict(method="safa_stats"), r"method 'safa_stats' runs on strips only"),
     (dict(width=100), r"width must be at least one window \(128 px\) when the height exceeds one window"),
-    (dict(decode="views"), r"decode='views' decodes a strip along the width; .* use decode='auto', 'full' or 'tiled'"),
+    (dict(decode="views"), r"decode='views' decodes a strip along the width; .* use decode='auto', 'full', 'tiled' or 'tiled-disk'"),
     (dict(loop="both", height=224), r"loop on the height: no seamless loop of exactly 224 px .*nearest loopable"),
     (dict(method="safa", overlap=0.6), r"overlap must be"),
 ])
