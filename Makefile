@@ -30,7 +30,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -n auto --dist worksteal tests
+	$(PY) -m pytest -q -n 3 --dist worksteal tests
 
 demo: install
 	$(PY) -m safa.demo --out out

@@ -148,7 +148,9 @@ def _generate_all(group, cases):
 # every block inside a tile row (2 + 2 + 2).
 GRID_WINDOW = 16
 SQUARE, WIDE = dict(width=232, height=232), dict(width=232, height=200)
-GRID_CASES = [(method, SQUARE) for method in DISTRIBUTED_METHODS + ("multidiffusion_gaussian",)] + [
+# Every method appears (the swap, the swap without a reference, mean, triangular and Gaussian
+# weights), each on an awkward case of its own.
+GRID_CASES = [
     ("safa", dict(WIDE, loop="both", width=272)),                    # a torus: 25 x 34 cells, 2 x 3 tiles
     ("multidiffusion", dict(WIDE, loop=(True, False))),              # the rows loop
     ("multidiffusion_gaussian", dict(SQUARE, loop=(False, True), width=272)),  # the cols loop
