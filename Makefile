@@ -29,8 +29,12 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
+# One worker per core, at least 3: the subprocess tests (distributed, CLI, GPU kit) wait on the
+# processes they start, and a third worker keeps both cores of a small machine busy meanwhile.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -lt 3 ] && n=3; echo $$n)
+
 test: install
-	$(PY) -m pytest -q -n 3 --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 demo: install
 	$(PY) -m safa.demo --out out
