@@ -48,6 +48,8 @@ import torch
 
 from safa_kernels import ViewLayout
 
+from .methods.base import leading_steps
+
 __all__ = ["KnownColumns", "KnownAudio", "read_audio", "prepare_known", "prepare_known_image", "noised_known",
            "keep_ranges", "Resampling", "check_resample", "step_runs", "noise_level", "renoise",
            "RESAMPLE_SCHEDULERS"]
@@ -478,7 +480,7 @@ class Resampling:
     @property
     def resampled_steps(self) -> int:
         """How many steps (the first ones) are resampled."""
-        return min(self.num_steps, int(round(self.until * self.num_steps))) if self.steps > 1 else 0
+        return min(self.num_steps, leading_steps(self.until, self.num_steps)) if self.steps > 1 else 0
 
     def passes(self, i: int) -> int:
         """Runs of step ``i``."""
@@ -505,7 +507,7 @@ class Resampling:
         restore_scheduler(scheduler, states[0])
         if reference is not None:
             ref_noise = torch.randn(reference.shape, generator=self.generator, device=self.generator.device,
-                                    dtype=torch.float32).to(reference.device)
+                                    dtype=torch.float32).to(reference.device, reference.dtype)
             reference = renoise(reference, ref_scheduler, timesteps, i, ref_noise)
             restore_scheduler(ref_scheduler, states[1])
         return views, reference

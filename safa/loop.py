@@ -41,7 +41,7 @@ from . import accel as _accel
 from .adapters.base import Conditions
 from .distributed import ViewShard
 from . import known as _known
-from .known import KnownAudio, Resampling
+from .known import KnownColumns, Resampling
 from .regions import Bootstrap, PromptMix
 from .methods import MethodContext
 from .request import GenerationRequest, merge_dims, model_windows
@@ -62,7 +62,7 @@ class LoopPlan:
         conditions, view_rows, reference_rows: the encoded prompts and the prompt of every
             scheduler row of the views (all of them) and of ``X^0`` (None without one).
         shard: this process's views (all of them in one process).
-        known: the user's audio (:mod:`safa.known`): its latent columns, imposed every step.
+        known: the user's audio or image (:mod:`safa.known`): its latent columns, imposed every step.
         mix: a timeline's / regions' model branches (:mod:`safa.regions`), or None.
         seed: seeds the generator of the mix's bootstrapping (its own: the call's stream is untouched).
         resample: RePaint's resampling (:class:`safa.known.Resampling`), or None: one run per step.
@@ -76,7 +76,7 @@ class LoopPlan:
     view_rows: torch.Tensor
     reference_rows: Optional[torch.Tensor]
     shard: ViewShard
-    known: Optional[KnownAudio] = None
+    known: Optional[KnownColumns] = None
     mix: Optional[PromptMix] = None
     seed: int = 0
     resample: Optional[Resampling] = None
